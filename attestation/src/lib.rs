@@ -1,0 +1,11 @@
+//! Device and service credentials, without I/O: SAS tokens, symmetric keys and the
+//! group-to-device key derivation, and facts read from X.509 certificates.
+
+pub mod connection_string;
+pub mod keys;
+pub mod sas;
+pub mod x509;
+
+pub use connection_string::{ConnectionString, ConnectionStringError};
+pub use keys::{KeyError, SymmetricKey};
+pub use sas::{SasError, SasToken};

@@ -1,0 +1,152 @@
+//! Our admin API extensions: what Azure keeps in its control plane (instances, linked hubs,
+//! shared access policies). Same JSON conventions as the Azure part: camelCase, etags.
+
+use serde::{Deserialize, Serialize};
+
+/// A provisioning service instance (an Azure "DPS resource").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    /// Unique name.
+    pub name: String,
+    /// What devices send to select this instance; generated when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_scope: Option<String>,
+    /// Host names admins use for this instance (the connection string's `HostName`). Requests
+    /// whose Host matches one of them are served by this instance.
+    #[serde(default)]
+    pub host_names: Vec<String>,
+    /// Policy for enrollments that name none; `hashed` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_allocation_policy: Option<String>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Set by the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_date_time_utc: Option<String>,
+    /// Set by the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<String>,
+    /// Only in the answer to a create: the generated owner policy, with its keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_policy: Option<AccessPolicy>,
+}
+
+/// A hub instance devices can be assigned to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkedHub {
+    /// What devices are told to connect to.
+    pub host_name: String,
+    /// Region name used by latency-based allocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Latitude in degrees, -90 to 90.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latitude: Option<f64>,
+    /// Longitude in degrees, -180 to 180.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longitude: Option<f64>,
+    /// 1 to 1000; 1 when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_weight: Option<u32>,
+    /// Whether policies may choose this hub on their own; true when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apply_allocation_policy: Option<bool>,
+    /// How device identities are created in the hub; `none` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector: Option<HubConnector>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// How the service creates device identities in a hub. Secrets are hidden on reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum HubConnector {
+    /// Record the assignment only.
+    None,
+    /// The IoT Hub registry REST API with a SAS policy key.
+    #[serde(rename_all = "camelCase")]
+    AzureIotHub {
+        /// `HostName=...;SharedAccessKeyName=...;SharedAccessKey=...`; hidden on reads.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        connection_string: Option<String>,
+    },
+    /// POST the device identity to an HTTPS endpoint.
+    #[serde(rename_all = "camelCase")]
+    Webhook {
+        /// The endpoint.
+        url: String,
+    },
+}
+
+/// One right a shared access policy can grant (the Azure names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Right {
+    /// Instances, linked hubs, access policies.
+    ServiceConfig,
+    /// Read enrollments and groups.
+    EnrollmentRead,
+    /// Change enrollments and groups, and read their keys.
+    EnrollmentWrite,
+    /// Device connect (kept for compatibility; devices use their own credentials).
+    DeviceConnect,
+    /// Read registration states.
+    RegistrationStatusRead,
+    /// Delete registration states.
+    RegistrationStatusWrite,
+}
+
+impl Right {
+    /// Every right, in a stable order.
+    pub const ALL: [Right; 6] = [
+        Right::ServiceConfig,
+        Right::EnrollmentRead,
+        Right::EnrollmentWrite,
+        Right::DeviceConnect,
+        Right::RegistrationStatusRead,
+        Right::RegistrationStatusWrite,
+    ];
+
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Right::ServiceConfig => "ServiceConfig",
+            Right::EnrollmentRead => "EnrollmentRead",
+            Right::EnrollmentWrite => "EnrollmentWrite",
+            Right::DeviceConnect => "DeviceConnect",
+            Right::RegistrationStatusRead => "RegistrationStatusRead",
+            Right::RegistrationStatusWrite => "RegistrationStatusWrite",
+        }
+    }
+
+    /// Parses a right, ignoring case.
+    pub fn parse(value: &str) -> Option<Right> {
+        Right::ALL
+            .into_iter()
+            .find(|r| r.as_str().eq_ignore_ascii_case(value))
+    }
+}
+
+/// A shared access policy: a key name, two keys and the rights a token signed with them has.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicy {
+    /// The `SharedAccessKeyName`.
+    pub key_name: String,
+    /// Rights by their Azure names (`ServiceConfig`, `EnrollmentRead`, ...).
+    #[serde(default)]
+    pub rights: Vec<String>,
+    /// Base64 key; generated when omitted, hidden on reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_key: Option<String>,
+    /// Base64 key; generated when omitted, hidden on reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secondary_key: Option<String>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}

@@ -1,0 +1,301 @@
+//! Instances (`/instances`): one server serves many. Managing them needs `ServiceConfig` on
+//! the admin instance. An instance's ID scope and host names are unique across the server;
+//! creating an instance creates its owner policy, whose keys the answer shows once.
+
+use allocation_policies::PolicyName;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::get;
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::{AccessPolicy, Instance};
+use dps_protocol::ids::{IdScope, check_host_name, check_resource_name};
+
+use super::access_policies::owner_policy;
+use super::resource::{Resource, render};
+use super::validate::field_error;
+use super::{AppState, PageRequest, ServerAdmin, delete_precondition, put_precondition, to_doc};
+use crate::error::{ApiError, not_found};
+use crate::json::{Json, JsonBody};
+use crate::store::{Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
+
+/// Routes of `/instances`.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/instances", get(list)).route(
+        "/instances/{instance}",
+        get(get_one).put(put_one).delete(delete_one),
+    )
+}
+
+/// A stored instance with its etag and timestamps.
+pub fn from_stored(stored: &Stored) -> Result<Instance, ApiError> {
+    let mut instance: Instance = stored.doc_json()?;
+    instance.etag = Some(stored.etag.clone());
+    instance.created_date_time_utc = Some(stored.created.clone());
+    instance.last_updated_date_time_utc = Some(stored.updated.clone());
+    Ok(instance)
+}
+
+fn instance_key(name: &str) -> Result<String, ApiError> {
+    check_resource_name("instance name", name)
+        .map(|()| name.to_ascii_lowercase())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+}
+
+/// A new ID scope in the Azure shape: `0ne` and eight upper-case hex digits.
+fn generate_id_scope() -> Result<String, ApiError> {
+    let bytes: [u8; 4] = attestation::keys::random_bytes()
+        .map_err(|e| ApiError::internal("generating an ID scope", &e))?;
+    Ok(format!("0ne{}", attestation::x509::upper_hex(&bytes)))
+}
+
+/// Creates or updates an instance under `precondition`, with its ID scope and host-name
+/// records, in one transaction. Returns the stored instance and, on creation, the new owner
+/// policy (with keys).
+pub async fn save(
+    store: &dyn Store,
+    mut instance: Instance,
+    precondition: Precondition,
+) -> Result<Instance, ApiError> {
+    let key = instance_key(&instance.name)?;
+    let existing = store.get(SERVER_NS, Kind::Instance, &key).await?;
+    let previous = existing.as_ref().map(from_stored).transpose()?;
+
+    let scope = match (&instance.id_scope, &previous) {
+        (Some(scope), _) => IdScope::parse(scope)
+            .map_err(|e| field_error("idScope", e.to_string()))?
+            .as_str()
+            .to_owned(),
+        (None, Some(previous)) => previous.id_scope.clone().unwrap_or_default(),
+        (None, None) => generate_id_scope()?,
+    };
+    instance.id_scope = Some(scope.clone());
+    let mut hosts = Vec::new();
+    for host in &instance.host_names {
+        check_host_name(host).map_err(|e| field_error("hostNames", e.to_string()))?;
+        let host = host.to_ascii_lowercase();
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    instance.host_names = hosts;
+    let policy = match &instance.default_allocation_policy {
+        None => PolicyName::Hashed,
+        Some(name) => PolicyName::parse(name)
+            .filter(|p| p.can_be_instance_default())
+            .ok_or_else(|| {
+                field_error(
+                    "defaultAllocationPolicy",
+                    format!("'{name}' cannot be an instance default; use hashed or geoLatency"),
+                )
+            })?,
+    };
+    instance.default_allocation_policy = Some(policy.as_str().to_owned());
+    instance.etag = None;
+    instance.created_date_time_utc = None;
+    instance.last_updated_date_time_utc = None;
+    instance.owner_policy = None;
+
+    let effective = match (&precondition, &existing) {
+        (Precondition::Always, Some(found)) => Precondition::IfMatch(found.etag.clone()),
+        (Precondition::Always, None) => Precondition::MustNotExist,
+        (other, _) => other.clone(),
+    };
+    let name_doc = to_doc(&instance.name)?;
+    let mut writes = vec![Write::Put {
+        ns: SERVER_NS.to_owned(),
+        kind: Kind::Instance,
+        key: key.clone(),
+        parent: None,
+        doc: to_doc(&instance)?,
+        precondition: effective,
+    }];
+    let old_scope = previous
+        .as_ref()
+        .and_then(|p| p.id_scope.as_ref())
+        .map(|s| s.to_ascii_lowercase());
+    let new_scope = scope.to_ascii_lowercase();
+    if old_scope.as_deref() != Some(new_scope.as_str()) {
+        if let Some(old) = old_scope {
+            writes.push(purge(Kind::IdScope, old));
+        }
+        writes.push(claim(Kind::IdScope, new_scope, &name_doc));
+    }
+    let old_hosts = previous
+        .as_ref()
+        .map(|p| p.host_names.clone())
+        .unwrap_or_default();
+    for gone in old_hosts
+        .iter()
+        .filter(|h| !instance.host_names.contains(h))
+    {
+        writes.push(purge(Kind::HostName, gone.clone()));
+    }
+    for added in instance
+        .host_names
+        .iter()
+        .filter(|h| !old_hosts.contains(h))
+    {
+        writes.push(claim(Kind::HostName, added.clone(), &name_doc));
+    }
+    let created_policy = match previous {
+        None => {
+            let policy = owner_policy()?;
+            writes.push(Write::Put {
+                ns: instance.name.clone(),
+                kind: Kind::AccessPolicy,
+                key: AccessPolicy::key_of(&policy.key_name)?,
+                parent: None,
+                doc: to_doc(&policy)?,
+                precondition: Precondition::Always,
+            });
+            Some(policy)
+        }
+        Some(_) => None,
+    };
+    let written = store.write(&writes).await.map_err(|e| match e {
+        StoreError::Exists {
+            kind: Kind::IdScope,
+            key,
+        } => ApiError::new(
+            ErrorCode::Conflict,
+            format!("ID scope '{key}' belongs to another instance"),
+        ),
+        StoreError::Exists {
+            kind: Kind::HostName,
+            key,
+        } => ApiError::new(
+            ErrorCode::Conflict,
+            format!("host name '{key}' belongs to another instance"),
+        ),
+        other => other.into(),
+    })?;
+    let stored = written
+        .first()
+        .cloned()
+        .flatten()
+        .ok_or_else(|| ApiError::internal("storing an instance", &"no result"))?;
+    let mut saved = from_stored(&stored)?;
+    saved.owner_policy = created_policy;
+    Ok(saved)
+}
+
+fn purge(kind: Kind, key: String) -> Write {
+    Write::Purge {
+        ns: SERVER_NS.to_owned(),
+        kind,
+        key,
+    }
+}
+
+fn claim(kind: Kind, key: String, doc: &str) -> Write {
+    Write::Put {
+        ns: SERVER_NS.to_owned(),
+        kind,
+        key,
+        parent: None,
+        doc: doc.to_owned(),
+        precondition: Precondition::MustNotExist,
+    }
+}
+
+async fn list(
+    _admin: ServerAdmin,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let page = PageRequest::from_headers(&headers, &state.limits)?;
+    let rows = state
+        .store
+        .list(
+            SERVER_NS,
+            Kind::Instance,
+            Page {
+                parent: None,
+                after: page.after.as_deref(),
+                limit: page.fetch_limit(),
+            },
+        )
+        .await?;
+    page.respond(rows, "Instance", from_stored)
+}
+
+async fn get_one(
+    _admin: ServerAdmin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Instance>, ApiError> {
+    Ok(Json(
+        super::load_instance(state.store.as_ref(), &name).await?,
+    ))
+}
+
+async fn put_one(
+    _admin: ServerAdmin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    JsonBody(instance): JsonBody<Instance>,
+) -> Result<Json<Instance>, ApiError> {
+    if instance_key(&instance.name)? != instance_key(&name)? {
+        return Err(ApiError::new(
+            ErrorCode::IdMismatch,
+            format!(
+                "the body names '{}' but the path names '{name}'",
+                instance.name
+            ),
+        ));
+    }
+    let saved = save(state.store.as_ref(), instance, put_precondition(&headers)?).await?;
+    Ok(Json(saved))
+}
+
+async fn delete_one(
+    _admin: ServerAdmin,
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let key = instance_key(&name)?;
+    if key == state.admin_instance.to_ascii_lowercase() {
+        return Err(ApiError::new(
+            ErrorCode::ConflictWithState,
+            "the admin instance cannot be deleted",
+        ));
+    }
+    let instance = super::load_instance(state.store.as_ref(), &name).await?;
+    let mut writes = vec![Write::Delete {
+        ns: SERVER_NS.to_owned(),
+        kind: Kind::Instance,
+        key,
+        precondition: delete_precondition(&headers)?,
+    }];
+    if let Some(scope) = &instance.id_scope {
+        writes.push(purge(Kind::IdScope, scope.to_ascii_lowercase()));
+    }
+    for host in &instance.host_names {
+        writes.push(purge(Kind::HostName, host.clone()));
+    }
+    writes.push(Write::DeleteNamespace {
+        ns: instance.name.clone(),
+    });
+    state.store.write(&writes).await.map_err(|e| match e {
+        StoreError::NotFound { kind, .. } => not_found(kind, &name),
+        other => other.into(),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The owner policy of an instance with its keys, for the start-up connection string.
+pub async fn owner_keys(
+    store: &dyn Store,
+    instance: &str,
+) -> Result<Option<AccessPolicy>, ApiError> {
+    let key = AccessPolicy::key_of(super::access_policies::OWNER_POLICY)?;
+    let stored = store.get(instance, Kind::AccessPolicy, &key).await?;
+    stored
+        .as_ref()
+        .map(|s| render::<AccessPolicy>(s, true))
+        .transpose()
+}

@@ -1,0 +1,119 @@
+//! Linked hubs (`/linkedHubs`): the hubs an instance assigns devices to, with their weight,
+//! location and connector. Connector secrets are hidden on reads.
+
+use attestation::ConnectionString;
+use axum::Router;
+use axum::routing::get;
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::{HubConnector, LinkedHub};
+use dps_protocol::ids::{check_host_name, check_resource_name};
+
+use super::AppState;
+use super::resource::{Resource, delete_one, get_one, list, put_one};
+use super::validate::field_error;
+use crate::error::ApiError;
+use crate::store::Kind;
+
+impl Resource for LinkedHub {
+    const KIND: Kind = Kind::LinkedHub;
+    const ITEM_TYPE: &'static str = "LinkedHub";
+
+    fn key_of(id: &str) -> Result<String, ApiError> {
+        check_host_name(id)
+            .map(|()| id.to_ascii_lowercase())
+            .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+    }
+
+    fn id(&self) -> &str {
+        &self.host_name
+    }
+
+    fn set_etag(&mut self, etag: String) {
+        self.etag = Some(etag);
+    }
+
+    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError> {
+        self.host_name = self.host_name.to_ascii_lowercase();
+        self.etag = None;
+        let weight = self.allocation_weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            return Err(field_error(
+                "allocationWeight",
+                "allocationWeight must be 1 to 1000",
+            ));
+        }
+        self.allocation_weight = Some(weight);
+        self.apply_allocation_policy = Some(self.apply_allocation_policy.unwrap_or(true));
+        if let Some(region) = &self.region {
+            check_resource_name("region", region)
+                .map_err(|e| field_error("region", e.to_string()))?;
+        }
+        match (self.latitude, self.longitude) {
+            (None, None) => {}
+            (Some(lat), Some(lon))
+                if (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon) => {}
+            (Some(_), Some(_)) => {
+                return Err(field_error(
+                    "latitude",
+                    "latitude must be -90 to 90 and longitude -180 to 180",
+                ));
+            }
+            _ => {
+                return Err(field_error(
+                    "latitude",
+                    "give latitude and longitude together",
+                ));
+            }
+        }
+        let previous_secret = previous.and_then(|p| match &p.connector {
+            Some(HubConnector::AzureIotHub { connection_string }) => connection_string.clone(),
+            _ => None,
+        });
+        match self.connector.get_or_insert(HubConnector::None) {
+            HubConnector::None => {}
+            HubConnector::AzureIotHub { connection_string } => {
+                let text = connection_string
+                    .clone()
+                    .or(previous_secret)
+                    .ok_or_else(|| {
+                        field_error(
+                            "connector.connectionString",
+                            "the azure-iot-hub connector needs the hub's connection string",
+                        )
+                    })?;
+                let parsed = ConnectionString::parse(&text)
+                    .map_err(|e| field_error("connector.connectionString", e.to_string()))?;
+                *connection_string = Some(parsed.reveal());
+            }
+            HubConnector::Webhook { url } => {
+                let ok = reqwest::Url::parse(url)
+                    .is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some());
+                if !ok {
+                    return Err(field_error(
+                        "connector.url",
+                        "the webhook connector needs an absolute https:// URL",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn hide_secrets(&mut self) {
+        if let Some(HubConnector::AzureIotHub { connection_string }) = &mut self.connector {
+            *connection_string = None;
+        }
+    }
+}
+
+/// Routes of `/linkedHubs`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/linkedHubs", get(list::<LinkedHub>))
+        .route(
+            "/linkedHubs/{hostName}",
+            get(get_one::<LinkedHub>)
+                .put(put_one::<LinkedHub>)
+                .delete(delete_one::<LinkedHub>),
+        )
+}

@@ -1,0 +1,103 @@
+//! Registration states (`/registrations`): read, delete (so that a device registers afresh),
+//! and list the states of an enrollment group's devices.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::Right;
+use dps_protocol::enrollment::DeviceRegistrationState;
+use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
+
+use super::{Admin, AppState, PageRequest, delete_precondition};
+use crate::error::{ApiError, not_found};
+use crate::json::Json;
+use crate::store::{Kind, Page, StoreError, Stored, Write};
+
+/// Routes of `/registrations`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/registrations/{id}", get(get_one).delete(delete_one))
+        .route("/registrations/{id}/query", post(query_group))
+}
+
+/// A stored registration state with its etag and timestamps.
+pub fn render(stored: &Stored) -> Result<DeviceRegistrationState, ApiError> {
+    let mut state: DeviceRegistrationState = stored.doc_json()?;
+    state.etag = Some(stored.etag.clone());
+    state.created_date_time_utc = Some(stored.created.clone());
+    state.last_updated_date_time_utc = Some(stored.updated.clone());
+    Ok(state)
+}
+
+fn registration_key(id: &str) -> Result<String, ApiError> {
+    RegistrationId::parse(id)
+        .map(|r| r.key())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+}
+
+async fn get_one(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeviceRegistrationState>, ApiError> {
+    admin.require(Right::RegistrationStatusRead)?;
+    tracing::Span::current().record("registration_id", id.as_str());
+    let stored = state
+        .store
+        .get(admin.ns(), Kind::RegistrationState, &registration_key(&id)?)
+        .await?
+        .ok_or_else(|| not_found(Kind::RegistrationState, &id))?;
+    Ok(Json(render(&stored)?))
+}
+
+async fn delete_one(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    admin.require(Right::RegistrationStatusWrite)?;
+    tracing::Span::current().record("registration_id", id.as_str());
+    let delete = Write::Delete {
+        ns: admin.ns().to_owned(),
+        kind: Kind::RegistrationState,
+        key: registration_key(&id)?,
+        precondition: delete_precondition(&headers)?,
+    };
+    state.store.write(&[delete]).await.map_err(|e| match e {
+        StoreError::NotFound { kind, .. } => not_found(kind, &id),
+        other => other.into(),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /registrations/{groupId}/query`. The Node client sends a query specification as the
+/// body; the spec has none. Either is accepted and the body is ignored.
+async fn query_group(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(group_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin.require(Right::RegistrationStatusRead)?;
+    let group = EnrollmentGroupId::parse(&group_id)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))?
+        .key();
+    let page = PageRequest::from_headers(&headers, &state.limits)?;
+    let rows = state
+        .store
+        .list(
+            admin.ns(),
+            Kind::RegistrationState,
+            Page {
+                parent: Some(&group),
+                after: page.after.as_deref(),
+                limit: page.fetch_limit(),
+            },
+        )
+        .await?;
+    page.respond(rows, "DeviceRegistration", render)
+}

@@ -1,0 +1,190 @@
+//! Handlers for an instance's configuration documents (linked hubs, shared access policies):
+//! PUT under the etag rules, GET without secrets, DELETE, list. All need `ServiceConfig`.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::Right;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Admin, AppState, PageRequest, delete_precondition, put_precondition, to_doc};
+use crate::error::{ApiError, not_found};
+use crate::json::{Json, JsonBody};
+use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
+
+/// A configuration document of an instance.
+pub trait Resource: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    /// Storage kind.
+    const KIND: Kind;
+    /// `x-ms-item-type` of listings.
+    const ITEM_TYPE: &'static str;
+
+    /// Checks an id from the path and returns its storage key.
+    fn key_of(id: &str) -> Result<String, ApiError>;
+    /// The id in the body.
+    fn id(&self) -> &str;
+    /// Sets the etag shown to clients.
+    fn set_etag(&mut self, etag: String);
+    /// Validates and normalises; secrets the request omits are taken from `previous`, or
+    /// generated.
+    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError>;
+    /// Removes secrets for reads.
+    fn hide_secrets(&mut self);
+    /// Refuses a change (`new` is `None` for a delete) that would leave the instance unusable.
+    fn check_change(_others: &[Self], _new: Option<&Self>) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+/// The stored document with its etag, secrets hidden unless `reveal`.
+pub fn render<R: Resource>(stored: &Stored, reveal: bool) -> Result<R, ApiError> {
+    let mut resource: R = stored.doc_json()?;
+    resource.set_etag(stored.etag.clone());
+    if !reveal {
+        resource.hide_secrets();
+    }
+    Ok(resource)
+}
+
+/// Loads every document of the kind except `key` (configuration lists are small).
+async fn others<R: Resource>(state: &AppState, ns: &str, key: &str) -> Result<Vec<R>, ApiError> {
+    let rows = state
+        .store
+        .list(
+            ns,
+            R::KIND,
+            Page {
+                limit: usize::MAX,
+                ..Page::default()
+            },
+        )
+        .await?;
+    rows.iter()
+        .filter(|row| row.key != key)
+        .map(|row| row.doc_json())
+        .collect()
+}
+
+/// Stores `resource` in `ns` under the etag rules; shared with the configuration file.
+pub async fn store_resource<R: Resource>(
+    state: &AppState,
+    ns: &str,
+    mut resource: R,
+    precondition: Precondition,
+) -> Result<Stored, ApiError> {
+    let key = R::key_of(resource.id())?;
+    let existing = state.store.get(ns, R::KIND, &key).await?;
+    let previous: Option<R> = existing.as_ref().map(|s| s.doc_json()).transpose()?;
+    resource.prepare(previous.as_ref())?;
+    R::check_change(&others::<R>(state, ns, &key).await?, Some(&resource))?;
+    let effective = match (&precondition, &existing) {
+        (Precondition::Always, Some(found)) => Precondition::IfMatch(found.etag.clone()),
+        (Precondition::Always, None) => Precondition::MustNotExist,
+        (other, _) => other.clone(),
+    };
+    let put = Write::Put {
+        ns: ns.to_owned(),
+        kind: R::KIND,
+        key,
+        parent: None,
+        doc: to_doc(&resource)?,
+        precondition: effective,
+    };
+    state
+        .store
+        .write(&[put])
+        .await?
+        .pop()
+        .flatten()
+        .ok_or_else(|| ApiError::internal("storing a resource", &"no result"))
+}
+
+/// `PUT /{kind}/{id}`. The answer shows generated secrets once.
+pub async fn put_one<R: Resource>(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(resource): JsonBody<R>,
+) -> Result<Json<R>, ApiError> {
+    admin.require(Right::ServiceConfig)?;
+    if R::key_of(resource.id())? != R::key_of(&id)? {
+        return Err(ApiError::new(
+            ErrorCode::IdMismatch,
+            format!(
+                "the body names '{}' but the path names '{id}'",
+                resource.id()
+            ),
+        ));
+    }
+    let stored = store_resource(&state, admin.ns(), resource, put_precondition(&headers)?).await?;
+    Ok(Json(render(&stored, true)?))
+}
+
+/// `GET /{kind}/{id}`.
+pub async fn get_one<R: Resource>(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<R>, ApiError> {
+    admin.require(Right::ServiceConfig)?;
+    let stored = load::<R>(&state, admin.ns(), &id).await?;
+    Ok(Json(render(&stored, false)?))
+}
+
+/// Loads one document or 404.
+pub async fn load<R: Resource>(state: &AppState, ns: &str, id: &str) -> Result<Stored, ApiError> {
+    state
+        .store
+        .get(ns, R::KIND, &R::key_of(id)?)
+        .await?
+        .ok_or_else(|| not_found(R::KIND, id))
+}
+
+/// `DELETE /{kind}/{id}`.
+pub async fn delete_one<R: Resource>(
+    admin: Admin,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    admin.require(Right::ServiceConfig)?;
+    let key = R::key_of(&id)?;
+    R::check_change(&others::<R>(&state, admin.ns(), &key).await?, None)?;
+    let delete = Write::Delete {
+        ns: admin.ns().to_owned(),
+        kind: R::KIND,
+        key,
+        precondition: delete_precondition(&headers)?,
+    };
+    state.store.write(&[delete]).await.map_err(|e| match e {
+        StoreError::NotFound { kind, .. } => not_found(kind, &id),
+        other => other.into(),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /{kind}`: paged with `x-ms-max-item-count` / `x-ms-continuation`.
+pub async fn list<R: Resource>(
+    admin: Admin,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin.require(Right::ServiceConfig)?;
+    let page = PageRequest::from_headers(&headers, &state.limits)?;
+    let rows = state
+        .store
+        .list(
+            admin.ns(),
+            R::KIND,
+            Page {
+                parent: None,
+                after: page.after.as_deref(),
+                limit: page.fetch_limit(),
+            },
+        )
+        .await?;
+    page.respond(rows, R::ITEM_TYPE, |stored| render::<R>(stored, false))
+}

@@ -1,0 +1,549 @@
+//! Checks and normalises enrollments before they are stored: every field gets a clear 400,
+//! omitted symmetric keys are generated (or kept from the stored version on update), and
+//! certificates are parsed so that reads can show their facts.
+
+use std::collections::HashMap;
+
+use allocation_policies::PolicyName;
+use attestation::SymmetricKey;
+use attestation::x509::parse_certificate;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use dps_protocol::enrollment::{
+    AttestationMechanism, AttestationType, EnrollmentSettings, ProvisioningStatus,
+    ReprovisionPolicy, SymmetricKeyAttestation, TpmAttestation, X509Attestation,
+    X509CertificateInfo, X509CertificateWithInfo, X509Certificates,
+};
+use dps_protocol::ids::check_host_name;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::store::{Kind, Store};
+
+/// Largest TPM2B_PUBLIC accepted (an RSA-4096 key with a policy is well under this).
+const MAX_TPM_PUBLIC_BYTES: usize = 1024;
+
+/// Whether the enrollment describes one device or a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// An individual enrollment.
+    Individual,
+    /// An enrollment group.
+    Group,
+}
+
+/// Validates enrollments of one instance, remembering which hubs are linked.
+#[derive(Debug)]
+pub struct Validator<'a> {
+    store: &'a dyn Store,
+    instance: &'a str,
+    linked: HashMap<String, bool>,
+}
+
+impl<'a> Validator<'a> {
+    /// A validator for `instance`.
+    pub fn new(store: &'a dyn Store, instance: &'a str) -> Self {
+        Self {
+            store,
+            instance,
+            linked: HashMap::new(),
+        }
+    }
+
+    async fn is_linked(&mut self, host: &str) -> Result<bool, ApiError> {
+        let key = host.to_ascii_lowercase();
+        if let Some(known) = self.linked.get(&key) {
+            return Ok(*known);
+        }
+        let found = self
+            .store
+            .get(self.instance, Kind::LinkedHub, &key)
+            .await?
+            .is_some();
+        self.linked.insert(key, found);
+        Ok(found)
+    }
+
+    /// Checks and normalises the settings shared by enrollments and groups.
+    pub async fn settings(&mut self, settings: &mut EnrollmentSettings) -> Result<(), ApiError> {
+        settings.etag = None;
+        settings.created_date_time_utc = None;
+        settings.last_updated_date_time_utc = None;
+
+        let policy = match settings.allocation_policy.as_deref() {
+            Some(name) => {
+                let policy = PolicyName::parse(name).ok_or_else(|| {
+                    field_error(
+                        "allocationPolicy",
+                        format!(
+                            "unknown allocation policy '{name}'; use one of {}",
+                            PolicyName::ALL.map(PolicyName::as_str).join(", ")
+                        ),
+                    )
+                })?;
+                settings.allocation_policy = Some(policy.as_str().to_owned());
+                Some(policy)
+            }
+            None => None,
+        };
+
+        let mut hubs: Vec<String> = Vec::new();
+        if let Some(list) = &settings.iot_hubs {
+            hubs.extend(list.iter().cloned());
+        }
+        if let Some(single) = &settings.iot_hub_host_name {
+            hubs.push(single.clone());
+        }
+        for hub in &hubs {
+            check_host_name(hub).map_err(|e| field_error("iotHubs", e.to_string()))?;
+            if !self.is_linked(hub).await? {
+                return Err(field_error(
+                    "iotHubs",
+                    format!("'{hub}' is not a linked hub of this instance; link it first"),
+                ));
+            }
+        }
+        if let Some(list) = &mut settings.iot_hubs {
+            for hub in list.iter_mut() {
+                *hub = hub.to_ascii_lowercase();
+            }
+            list.dedup();
+        }
+
+        if policy == Some(PolicyName::Static) {
+            let distinct: std::collections::BTreeSet<String> =
+                hubs.iter().map(|h| h.to_ascii_lowercase()).collect();
+            if distinct.len() != 1 {
+                return Err(field_error(
+                    "iotHubs",
+                    "the static allocation policy needs exactly one hub in iotHubs or iotHubHostName",
+                ));
+            }
+        }
+        if policy == Some(PolicyName::Custom) {
+            let definition = settings
+                .custom_allocation_definition
+                .as_ref()
+                .ok_or_else(|| {
+                    field_error(
+                        "customAllocationDefinition",
+                        "the custom allocation policy needs customAllocationDefinition",
+                    )
+                })?;
+            check_webhook_url(&definition.webhook_url)?;
+            if !is_api_version(&definition.api_version) {
+                return Err(field_error(
+                    "customAllocationDefinition.apiVersion",
+                    "apiVersion must look like 2021-10-01 or 2019-03-31-preview",
+                ));
+            }
+        }
+
+        if let Some(twin) = &settings.initial_twin {
+            check_initial_twin(twin)?;
+        }
+        settings.provisioning_status = Some(
+            settings
+                .provisioning_status
+                .unwrap_or(ProvisioningStatus::Enabled),
+        );
+        if settings.reprovision_policy.is_none() {
+            settings.reprovision_policy = Some(ReprovisionPolicy::default());
+        }
+        Ok(())
+    }
+}
+
+/// Checks and normalises an attestation. Omitted symmetric keys are taken from `existing` (the
+/// stored version, on update) or generated.
+pub fn attestation(
+    scope: Scope,
+    attestation: &mut AttestationMechanism,
+    existing: Option<&AttestationMechanism>,
+) -> Result<(), ApiError> {
+    let only = |present: bool, name: &str| {
+        if present {
+            Err(field_error(
+                "attestation",
+                format!(
+                    "attestation type '{}' cannot carry '{name}'",
+                    attestation.kind.as_str()
+                ),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    match attestation.kind {
+        AttestationType::None => Err(field_error(
+            "attestation.type",
+            "attestation type must be tpm, x509 or symmetricKey",
+        )),
+        AttestationType::SymmetricKey => {
+            only(attestation.tpm.is_some(), "tpm")?;
+            only(attestation.x509.is_some(), "x509")?;
+            let previous = existing
+                .filter(|e| e.kind == AttestationType::SymmetricKey)
+                .and_then(|e| e.symmetric_key.as_ref());
+            let keys = attestation
+                .symmetric_key
+                .get_or_insert_with(SymmetricKeyAttestation::default);
+            keys.primary_key = Some(key_or_generate(
+                "attestation.symmetricKey.primaryKey",
+                keys.primary_key.as_deref(),
+                previous.and_then(|p| p.primary_key.as_deref()),
+            )?);
+            keys.secondary_key = Some(key_or_generate(
+                "attestation.symmetricKey.secondaryKey",
+                keys.secondary_key.as_deref(),
+                previous.and_then(|p| p.secondary_key.as_deref()),
+            )?);
+            Ok(())
+        }
+        AttestationType::Tpm => {
+            only(attestation.x509.is_some(), "x509")?;
+            only(attestation.symmetric_key.is_some(), "symmetricKey")?;
+            if scope == Scope::Group {
+                return Err(field_error(
+                    "attestation.type",
+                    "TPM attestation is only available for individual enrollments",
+                ));
+            }
+            let tpm = attestation.tpm.as_ref().ok_or_else(|| {
+                missing("attestation.tpm", "TPM attestation needs attestation.tpm")
+            })?;
+            check_tpm(tpm)
+        }
+        AttestationType::X509 => {
+            only(attestation.tpm.is_some(), "tpm")?;
+            only(attestation.symmetric_key.is_some(), "symmetricKey")?;
+            let x509 = attestation.x509.as_mut().ok_or_else(|| {
+                missing(
+                    "attestation.x509",
+                    "X.509 attestation needs attestation.x509",
+                )
+            })?;
+            check_x509(scope, x509, existing.and_then(|e| e.x509.as_ref()))
+        }
+    }
+}
+
+/// A base64 key: the one sent, else the stored one, else a new one; normalised.
+pub fn key_or_generate(
+    field: &str,
+    sent: Option<&str>,
+    previous: Option<&str>,
+) -> Result<String, ApiError> {
+    match sent.filter(|k| !k.is_empty()).or(previous) {
+        Some(key) => SymmetricKey::from_base64(key)
+            .map(|k| k.to_base64())
+            .map_err(|e| field_error(field, e.to_string())),
+        None => SymmetricKey::generate()
+            .map(|k| k.to_base64())
+            .map_err(|e| ApiError::internal("generating a key", &e)),
+    }
+}
+
+fn check_tpm(tpm: &TpmAttestation) -> Result<(), ApiError> {
+    check_tpm2b_public("attestation.tpm.endorsementKey", &tpm.endorsement_key)?;
+    if let Some(srk) = &tpm.storage_root_key {
+        check_tpm2b_public("attestation.tpm.storageRootKey", srk)?;
+    }
+    Ok(())
+}
+
+fn check_tpm2b_public(field: &str, value: &str) -> Result<(), ApiError> {
+    let bad = || field_error(field, "must be base64 of a marshalled TPM2B_PUBLIC");
+    let bytes = STANDARD.decode(value.trim()).map_err(|_| bad())?;
+    if bytes.len() < 4 || bytes.len() > MAX_TPM_PUBLIC_BYTES {
+        return Err(bad());
+    }
+    let declared = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
+    if declared != bytes.len() - 2 {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn check_x509(
+    scope: Scope,
+    x509: &mut X509Attestation,
+    existing: Option<&X509Attestation>,
+) -> Result<(), ApiError> {
+    match scope {
+        Scope::Individual => {
+            if x509.signing_certificates.is_some() || x509.ca_references.is_some() {
+                return Err(field_error(
+                    "attestation.x509",
+                    "individual enrollments use clientCertificates, not signingCertificates or caReferences",
+                ));
+            }
+            let certs = x509.client_certificates.as_mut().ok_or_else(|| {
+                missing(
+                    "attestation.x509.clientCertificates",
+                    "an X.509 individual enrollment needs clientCertificates",
+                )
+            })?;
+            let previous = existing.and_then(|e| e.client_certificates.as_ref());
+            certificates(
+                "attestation.x509.clientCertificates",
+                certs,
+                previous,
+                false,
+            )
+        }
+        Scope::Group => {
+            if x509.client_certificates.is_some() {
+                return Err(field_error(
+                    "attestation.x509",
+                    "enrollment groups use signingCertificates or caReferences, not clientCertificates",
+                ));
+            }
+            match (&mut x509.signing_certificates, &x509.ca_references) {
+                (Some(certs), None) => {
+                    let previous = existing.and_then(|e| e.signing_certificates.as_ref());
+                    certificates(
+                        "attestation.x509.signingCertificates",
+                        certs,
+                        previous,
+                        true,
+                    )
+                }
+                (None, Some(refs)) => {
+                    let name = refs.primary.as_deref().ok_or_else(|| {
+                        missing(
+                            "attestation.x509.caReferences.primary",
+                            "caReferences needs a primary CA name",
+                        )
+                    })?;
+                    // CA certificates (with proof of possession) are not part of this release,
+                    // so no reference can resolve yet.
+                    Err(field_error(
+                        "attestation.x509.caReferences",
+                        format!("CA certificate '{name}' does not exist in this instance"),
+                    ))
+                }
+                (Some(_), Some(_)) => Err(field_error(
+                    "attestation.x509",
+                    "give signingCertificates or caReferences, not both",
+                )),
+                (None, None) => Err(missing(
+                    "attestation.x509.signingCertificates",
+                    "an X.509 enrollment group needs signingCertificates or caReferences",
+                )),
+            }
+        }
+    }
+}
+
+/// Parses the primary and secondary certificate, keeping a stored one when only its info is
+/// sent back (what a client does after reading the enrollment).
+fn certificates(
+    field: &str,
+    certs: &mut X509Certificates,
+    previous: Option<&X509Certificates>,
+    must_be_ca: bool,
+) -> Result<(), ApiError> {
+    let slots = [
+        (
+            "primary",
+            &mut certs.primary,
+            previous.and_then(|p| p.primary.as_ref()),
+        ),
+        (
+            "secondary",
+            &mut certs.secondary,
+            previous.and_then(|p| p.secondary.as_ref()),
+        ),
+    ];
+    for (name, slot, before) in slots {
+        let Some(cert) = slot.as_mut() else { continue };
+        let text = match (&cert.certificate, before) {
+            (Some(text), _) => text.clone(),
+            (
+                None,
+                Some(X509CertificateWithInfo {
+                    certificate: Some(text),
+                    ..
+                }),
+            ) => text.clone(),
+            (None, _) => {
+                return Err(missing(
+                    &format!("{field}.{name}.certificate"),
+                    "the certificate is missing",
+                ));
+            }
+        };
+        let parsed = parse_certificate(&text)
+            .map_err(|e| field_error(&format!("{field}.{name}.certificate"), e.to_string()))?;
+        if must_be_ca && !parsed.facts.is_ca {
+            return Err(field_error(
+                &format!("{field}.{name}.certificate"),
+                "a signing certificate must be a CA certificate (basic constraints CA:true)",
+            ));
+        }
+        let facts = parsed.facts;
+        *cert = X509CertificateWithInfo {
+            certificate: Some(text),
+            info: Some(X509CertificateInfo {
+                subject_name: facts.subject_name,
+                sha1_thumbprint: facts.sha1_thumbprint,
+                sha256_thumbprint: facts.sha256_thumbprint,
+                issuer_name: facts.issuer_name,
+                not_before_utc: facts.not_before_utc,
+                not_after_utc: facts.not_after_utc,
+                serial_number: facts.serial_number,
+                version: facts.version,
+            }),
+        };
+    }
+    if certs.primary.is_none() {
+        return Err(missing(
+            &format!("{field}.primary"),
+            "a primary certificate is required",
+        ));
+    }
+    Ok(())
+}
+
+/// Removes what reads must not show: symmetric keys and certificate bodies (their facts stay).
+pub fn hide_secrets(attestation: &mut AttestationMechanism) {
+    if let Some(keys) = &mut attestation.symmetric_key {
+        keys.primary_key = None;
+        keys.secondary_key = None;
+    }
+    if let Some(x509) = &mut attestation.x509 {
+        for certs in [
+            &mut x509.client_certificates,
+            &mut x509.signing_certificates,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            for cert in [&mut certs.primary, &mut certs.secondary]
+                .into_iter()
+                .flatten()
+            {
+                cert.certificate = None;
+            }
+        }
+    }
+}
+
+fn check_initial_twin(twin: &Value) -> Result<(), ApiError> {
+    let Value::Object(map) = twin else {
+        return Err(field_error("initialTwin", "initialTwin must be an object"));
+    };
+    if let Some(tags) = map.get("tags")
+        && !(tags.is_object() || tags.is_null())
+    {
+        return Err(field_error("initialTwin.tags", "tags must be an object"));
+    }
+    if let Some(properties) = map.get("properties") {
+        let desired_ok = match properties {
+            Value::Null => true,
+            Value::Object(p) => p
+                .get("desired")
+                .is_none_or(|d| d.is_object() || d.is_null()),
+            _ => false,
+        };
+        if !desired_ok {
+            return Err(field_error(
+                "initialTwin.properties",
+                "properties must be an object whose 'desired' is an object",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a webhook URL: absolute HTTPS with a host.
+pub fn check_webhook_url(url: &str) -> Result<(), ApiError> {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if parsed.scheme() == "https" && parsed.host_str().is_some() => Ok(()),
+        _ => Err(field_error(
+            "customAllocationDefinition.webhookUrl",
+            "webhookUrl must be an absolute https:// URL",
+        )),
+    }
+}
+
+fn is_api_version(value: &str) -> bool {
+    let date = value.strip_suffix("-preview").unwrap_or(value).as_bytes();
+    date.len() == 10
+        && date.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// A 400 naming the field at fault.
+pub fn field_error(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid(format!("{field}: {}", message.into())).with_info("field", field)
+}
+
+fn missing(field: &str, message: &str) -> ApiError {
+    ApiError::new(
+        dps_protocol::ErrorCode::ArgumentNull,
+        format!("{field}: {message}"),
+    )
+    .with_info("field", field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_versions_are_dates_with_an_optional_preview_suffix() {
+        for ok in ["2021-10-01", "2019-03-31", "2018-09-01-preview"] {
+            assert!(is_api_version(ok), "{ok}");
+        }
+        for bad in ["", "2021", "2021-10-1", "2021-10-01-beta", "abcd-ef-gh"] {
+            assert!(!is_api_version(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn symmetric_keys_are_generated_kept_or_refused() {
+        let mut fresh = AttestationMechanism {
+            kind: AttestationType::SymmetricKey,
+            tpm: None,
+            x509: None,
+            symmetric_key: None,
+        };
+        attestation(Scope::Individual, &mut fresh, None).unwrap();
+        let keys = fresh.symmetric_key.clone().unwrap();
+        assert_eq!(
+            STANDARD.decode(keys.primary_key.unwrap()).unwrap().len(),
+            64
+        );
+
+        let mut update = AttestationMechanism {
+            symmetric_key: Some(SymmetricKeyAttestation::default()),
+            ..fresh.clone()
+        };
+        attestation(Scope::Individual, &mut update, Some(&fresh)).unwrap();
+        assert_eq!(
+            update.symmetric_key, fresh.symmetric_key,
+            "keys kept on update"
+        );
+
+        let mut bad = AttestationMechanism {
+            symmetric_key: Some(SymmetricKeyAttestation {
+                primary_key: Some("not base64!".into()),
+                secondary_key: None,
+            }),
+            ..fresh
+        };
+        let err = attestation(Scope::Individual, &mut bad, None).unwrap_err();
+        assert!(err.message().contains("primaryKey"), "{}", err.message());
+    }
+
+    #[test]
+    fn tpm_keys_must_be_a_sized_tpm2b() {
+        assert!(check_tpm2b_public("ek", &STANDARD.encode([0, 2, 1, 2])).is_ok());
+        assert!(check_tpm2b_public("ek", &STANDARD.encode([0, 9, 1, 2])).is_err());
+        assert!(check_tpm2b_public("ek", "***").is_err());
+    }
+}

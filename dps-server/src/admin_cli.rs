@@ -1,0 +1,929 @@
+//! `dps-server admin ...`: the admin API from the shell. It signs a SAS token from a connection
+//! string (never printing the key), prints tables for people and `--output json` for scripts.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use attestation::ConnectionString;
+use attestation::sas::{encode_uri_component, sign};
+use clap::{Args, Subcommand};
+use dps_protocol::ErrorBody;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::cli::Output;
+
+/// Lifetime of the tokens the CLI signs.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Connection and output options, then the command.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// Service connection string (`HostName=...;SharedAccessKeyName=...;SharedAccessKey=...`).
+    #[arg(long, env = "DPS_CONNECTION_STRING", hide_env_values = true)]
+    pub connection_string: String,
+    /// Base URL of the server, when it differs from `https://{HostName}`.
+    #[arg(long, env = "DPS_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// PEM file of the CA that issued the server's certificate (the one `serve` prints).
+    #[arg(long, env = "DPS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Act on this instance (`/instances/{name}/...`) instead of the one the host name selects.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table", env = "DPS_OUTPUT")]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// Admin commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Individual enrollments.
+    #[command(subcommand)]
+    Enrollment(EnrollmentCommand),
+    /// Enrollment groups.
+    #[command(subcommand)]
+    Group(EnrollmentCommand),
+    /// Registration states.
+    #[command(subcommand)]
+    Registration(RegistrationCommand),
+    /// Linked hubs.
+    #[command(subcommand)]
+    Hub(HubCommand),
+    /// Instances (needs ServiceConfig on the admin instance).
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Shared access policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Print the connection string of a policy (it contains the key).
+    ConnectionString {
+        /// The policy.
+        #[arg(long, default_value = "provisioningserviceowner")]
+        policy: String,
+    },
+}
+
+/// Commands on enrollments and groups.
+#[derive(Debug, Subcommand)]
+pub enum EnrollmentCommand {
+    /// List all.
+    List,
+    /// Show one (without keys).
+    Show {
+        /// Registration id or group id.
+        id: String,
+    },
+    /// Show the attestation with its keys.
+    Keys {
+        /// Registration id or group id.
+        id: String,
+    },
+    /// Create one (fails if it exists unless --force).
+    Create(CreateEnrollment),
+    /// Delete one.
+    Delete {
+        /// Registration id or group id.
+        id: String,
+    },
+}
+
+/// What to enroll.
+#[derive(Debug, Args)]
+pub struct CreateEnrollment {
+    /// Registration id (enrollments) or group id (groups).
+    pub id: String,
+    /// Symmetric-key attestation (the default); keys are generated unless given.
+    #[arg(long, conflicts_with_all = ["certificate", "endorsement_key"])]
+    pub symmetric_key: bool,
+    /// Base64 primary key.
+    #[arg(long)]
+    pub primary_key: Option<String>,
+    /// Base64 secondary key.
+    #[arg(long)]
+    pub secondary_key: Option<String>,
+    /// X.509 attestation: the device certificate (enrollment) or signing CA (group), PEM file.
+    #[arg(long)]
+    pub certificate: Option<PathBuf>,
+    /// TPM attestation: base64 TPM2B_PUBLIC of the endorsement key.
+    #[arg(long)]
+    pub endorsement_key: Option<String>,
+    /// Device id in the hub (enrollments only).
+    #[arg(long)]
+    pub device_id: Option<String>,
+    /// Candidate hub (repeat for several).
+    #[arg(long = "hub")]
+    pub hubs: Vec<String>,
+    /// hashed, geoLatency, static or custom.
+    #[arg(long)]
+    pub allocation_policy: Option<String>,
+    /// Create it disabled.
+    #[arg(long)]
+    pub disabled: bool,
+    /// Take the whole JSON body from this file instead (other options are ignored).
+    #[arg(long)]
+    pub from_file: Option<PathBuf>,
+    /// Overwrite an existing one (`If-Match: *`).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Commands on registration states.
+#[derive(Debug, Subcommand)]
+pub enum RegistrationCommand {
+    /// List the registrations of an enrollment group.
+    List {
+        /// The group.
+        #[arg(long)]
+        group: String,
+    },
+    /// Show one.
+    Show {
+        /// Registration id.
+        id: String,
+    },
+    /// Delete one, so the device registers afresh.
+    Delete {
+        /// Registration id.
+        id: String,
+    },
+}
+
+/// Commands on linked hubs.
+#[derive(Debug, Subcommand)]
+pub enum HubCommand {
+    /// List all.
+    List,
+    /// Show one.
+    Show {
+        /// Host name.
+        host_name: String,
+    },
+    /// Create or replace one.
+    Set {
+        /// Host name devices connect to.
+        host_name: String,
+        /// Allocation weight, 1 to 1000.
+        #[arg(long)]
+        weight: Option<u32>,
+        /// Region name.
+        #[arg(long)]
+        region: Option<String>,
+        /// Latitude in degrees.
+        #[arg(long, requires = "longitude", allow_negative_numbers = true)]
+        latitude: Option<f64>,
+        /// Longitude in degrees.
+        #[arg(long, requires = "latitude", allow_negative_numbers = true)]
+        longitude: Option<f64>,
+        /// Keep the hub out of automatic allocation (enrollments may still name it).
+        #[arg(long)]
+        no_apply_allocation_policy: bool,
+    },
+    /// Unlink one.
+    Delete {
+        /// Host name.
+        host_name: String,
+    },
+}
+
+/// Commands on instances.
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// List all.
+    List,
+    /// Show one.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Create one; prints its owner policy's connection string.
+    Create {
+        /// Name.
+        name: String,
+        /// Host name admins use for it (repeat for several).
+        #[arg(long = "host-name")]
+        host_names: Vec<String>,
+        /// Fixed ID scope (generated when absent).
+        #[arg(long)]
+        id_scope: Option<String>,
+    },
+    /// Delete one and everything in it.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// Commands on shared access policies.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// List all.
+    List,
+    /// Show one (without keys).
+    Show {
+        /// Key name.
+        name: String,
+    },
+    /// Create or replace one; keys are generated unless it exists.
+    Set {
+        /// Key name.
+        name: String,
+        /// Rights, comma-separated (ServiceConfig, EnrollmentRead, EnrollmentWrite,
+        /// RegistrationStatusRead, RegistrationStatusWrite).
+        #[arg(long, value_delimiter = ',', required = true)]
+        rights: Vec<String>,
+    },
+    /// Delete one.
+    Delete {
+        /// Key name.
+        name: String,
+    },
+}
+
+/// An authenticated client of the admin API.
+#[derive(Debug)]
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    prefix: String,
+    credentials: ConnectionString,
+}
+
+impl Client {
+    fn new(args: &AdminArgs) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let credentials = ConnectionString::parse(&args.connection_string)
+            .context("invalid --connection-string")?;
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        if let Some(ca) = &args.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
+            builder = builder.tls_certs_only([cert]);
+        }
+        let base = args
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", credentials.host_name));
+        let prefix = args
+            .instance
+            .as_ref()
+            .map(|i| format!("/instances/{}", encode_uri_component(i)))
+            .unwrap_or_default();
+        Ok(Self {
+            http: builder.build().context("building the HTTP client")?,
+            base: base.trim_end_matches('/').to_owned(),
+            prefix,
+            credentials,
+        })
+    }
+
+    fn token(&self) -> String {
+        let expiry = SystemTime::now()
+            .checked_add(TOKEN_LIFETIME)
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        sign(
+            &self.credentials.host_name,
+            &self.credentials.key,
+            expiry,
+            Some(&self.credentials.key_name),
+        )
+    }
+
+    /// Sends a request to an instance-scoped path (or a server path when `scoped` is false).
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        scoped: bool,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> anyhow::Result<Option<Value>> {
+        let prefix = if scoped { self.prefix.as_str() } else { "" };
+        let url = format!("{}{prefix}{path}?api-version=2021-10-01", self.base);
+        let mut request = self
+            .http
+            .request(method, &url)
+            .header("Authorization", self.token());
+        if let Some(tag) = if_match {
+            request = request.header("If-Match", tag);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("calling {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await.context("reading the answer")?;
+        if !status.is_success() {
+            let detail = serde_json::from_str::<ErrorBody>(&text)
+                .map(|e| format!("{} ({}): {}", status, e.error_code, e.message))
+                .unwrap_or_else(|_| format!("{status}: {text}"));
+            bail!("{detail}");
+        }
+        if status == StatusCode::NO_CONTENT || text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            serde_json::from_str(&text).context("the answer is not JSON")?,
+        ))
+    }
+
+    /// Follows `x-ms-continuation` through every page of a query or listing.
+    async fn all_pages(
+        &self,
+        method: Method,
+        path: &str,
+        scoped: bool,
+    ) -> anyhow::Result<Vec<Value>> {
+        let prefix = if scoped { self.prefix.as_str() } else { "" };
+        let url = format!("{}{prefix}{path}?api-version=2021-10-01", self.base);
+        let mut items = Vec::new();
+        let mut continuation: Option<String> = None;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), &url)
+                .header("Authorization", self.token())
+                .header("x-ms-max-item-count", "1000");
+            if method == Method::POST {
+                request = request.json(&json!({ "query": "*" }));
+            }
+            if let Some(token) = &continuation {
+                request = request.header("x-ms-continuation", token);
+            }
+            let response = request
+                .send()
+                .await
+                .with_context(|| format!("calling {}", self.base))?;
+            let status = response.status();
+            continuation = response
+                .headers()
+                .get("x-ms-continuation")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let text = response.text().await?;
+            if !status.is_success() {
+                let detail = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|e| format!("{} ({}): {}", status, e.error_code, e.message))
+                    .unwrap_or_else(|_| format!("{status}: {text}"));
+                bail!("{detail}");
+            }
+            let page: Vec<Value> =
+                serde_json::from_str(&text).context("the answer is not a JSON array")?;
+            items.extend(page);
+            if continuation.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+}
+
+fn segment(id: &str) -> String {
+    encode_uri_component(id)
+}
+
+/// Runs an admin command.
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args)?;
+    let output = args.output;
+    match &args.command {
+        AdminCommand::Enrollment(command) => {
+            enrollment_command(&client, output, command, "enrollments", "registrationId").await
+        }
+        AdminCommand::Group(command) => {
+            enrollment_command(
+                &client,
+                output,
+                command,
+                "enrollmentGroups",
+                "enrollmentGroupId",
+            )
+            .await
+        }
+        AdminCommand::Registration(command) => match command {
+            RegistrationCommand::List { group } => {
+                let items = client
+                    .all_pages(
+                        Method::POST,
+                        &format!("/registrations/{}/query", segment(group)),
+                        true,
+                    )
+                    .await?;
+                print_list(
+                    output,
+                    &items,
+                    &[
+                        "registrationId",
+                        "status",
+                        "assignedHub",
+                        "deviceId",
+                        "lastUpdatedDateTimeUtc",
+                    ],
+                );
+                Ok(())
+            }
+            RegistrationCommand::Show { id } => {
+                let value = client
+                    .call(
+                        Method::GET,
+                        &format!("/registrations/{}", segment(id)),
+                        true,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_one(output, value);
+                Ok(())
+            }
+            RegistrationCommand::Delete { id } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/registrations/{}", segment(id)),
+                        true,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_done(output, "deleted", id);
+                Ok(())
+            }
+        },
+        AdminCommand::Hub(command) => match command {
+            HubCommand::List => {
+                let items = client.all_pages(Method::GET, "/linkedHubs", true).await?;
+                print_list(
+                    output,
+                    &items,
+                    &[
+                        "hostName",
+                        "allocationWeight",
+                        "applyAllocationPolicy",
+                        "region",
+                        "connector.type",
+                    ],
+                );
+                Ok(())
+            }
+            HubCommand::Show { host_name } => {
+                let value = client
+                    .call(
+                        Method::GET,
+                        &format!("/linkedHubs/{}", segment(host_name)),
+                        true,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_one(output, value);
+                Ok(())
+            }
+            HubCommand::Set {
+                host_name,
+                weight,
+                region,
+                latitude,
+                longitude,
+                no_apply_allocation_policy,
+            } => {
+                let mut body = json!({
+                    "hostName": host_name,
+                    "applyAllocationPolicy": !no_apply_allocation_policy,
+                });
+                set_opt(&mut body, "allocationWeight", weight.map(Value::from));
+                set_opt(&mut body, "region", region.clone().map(Value::from));
+                set_opt(&mut body, "latitude", latitude.map(Value::from));
+                set_opt(&mut body, "longitude", longitude.map(Value::from));
+                let value = client
+                    .call(
+                        Method::PUT,
+                        &format!("/linkedHubs/{}", segment(host_name)),
+                        true,
+                        Some(&body),
+                        Some("*"),
+                    )
+                    .await?;
+                print_one(output, value);
+                Ok(())
+            }
+            HubCommand::Delete { host_name } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/linkedHubs/{}", segment(host_name)),
+                        true,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_done(output, "deleted", host_name);
+                Ok(())
+            }
+        },
+        AdminCommand::Instance(command) => match command {
+            InstanceCommand::List => {
+                let items = client.all_pages(Method::GET, "/instances", false).await?;
+                print_list(
+                    output,
+                    &items,
+                    &["name", "idScope", "hostNames", "defaultAllocationPolicy"],
+                );
+                Ok(())
+            }
+            InstanceCommand::Show { name } => {
+                let value = client
+                    .call(
+                        Method::GET,
+                        &format!("/instances/{}", segment(name)),
+                        false,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_one(output, value);
+                Ok(())
+            }
+            InstanceCommand::Create {
+                name,
+                host_names,
+                id_scope,
+            } => {
+                let mut body = json!({ "name": name, "hostNames": host_names });
+                set_opt(&mut body, "idScope", id_scope.clone().map(Value::from));
+                let value = client
+                    .call(
+                        Method::PUT,
+                        &format!("/instances/{}", segment(name)),
+                        false,
+                        Some(&body),
+                        None,
+                    )
+                    .await?
+                    .context("the server returned no instance")?;
+                match output {
+                    Output::Json => println!("{}", pretty(&value)),
+                    Output::Table => {
+                        println!("id-scope: {}", str_at(&value, "idScope"));
+                        if let (Some(host), Some(key)) = (
+                            value.pointer("/hostNames/0").and_then(Value::as_str),
+                            value
+                                .pointer("/ownerPolicy/primaryKey")
+                                .and_then(Value::as_str),
+                        ) {
+                            println!(
+                                "service-connection-string: HostName={host};SharedAccessKeyName={};SharedAccessKey={key}",
+                                str_at(&value, "ownerPolicy.keyName")
+                            );
+                        }
+                    }
+                }
+                Ok(())
+            }
+            InstanceCommand::Delete { name } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/instances/{}", segment(name)),
+                        false,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_done(output, "deleted", name);
+                Ok(())
+            }
+        },
+        AdminCommand::Policy(command) => match command {
+            PolicyCommand::List => {
+                let items = client
+                    .all_pages(Method::GET, "/accessPolicies", true)
+                    .await?;
+                print_list(output, &items, &["keyName", "rights"]);
+                Ok(())
+            }
+            PolicyCommand::Show { name } => {
+                let value = client
+                    .call(
+                        Method::GET,
+                        &format!("/accessPolicies/{}", segment(name)),
+                        true,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_one(output, value);
+                Ok(())
+            }
+            PolicyCommand::Set { name, rights } => {
+                let body = json!({ "keyName": name, "rights": rights });
+                let value = client
+                    .call(
+                        Method::PUT,
+                        &format!("/accessPolicies/{}", segment(name)),
+                        true,
+                        Some(&body),
+                        Some("*"),
+                    )
+                    .await?;
+                print_one(
+                    output,
+                    value.map(|mut v| {
+                        hide_keys(&mut v);
+                        v
+                    }),
+                );
+                Ok(())
+            }
+            PolicyCommand::Delete { name } => {
+                client
+                    .call(
+                        Method::DELETE,
+                        &format!("/accessPolicies/{}", segment(name)),
+                        true,
+                        None,
+                        None,
+                    )
+                    .await?;
+                print_done(output, "deleted", name);
+                Ok(())
+            }
+        },
+        AdminCommand::ConnectionString { policy } => {
+            let value = client
+                .call(
+                    Method::POST,
+                    &format!("/accessPolicies/{}/listKeys", segment(policy)),
+                    true,
+                    None,
+                    None,
+                )
+                .await?
+                .context("the server returned no keys")?;
+            let text = format!(
+                "HostName={};SharedAccessKeyName={};SharedAccessKey={}",
+                client.credentials.host_name,
+                str_at(&value, "keyName"),
+                str_at(&value, "primaryKey")
+            );
+            match output {
+                Output::Json => println!("{}", pretty(&json!({ "connectionString": text }))),
+                Output::Table => println!("{text}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn enrollment_command(
+    client: &Client,
+    output: Output,
+    command: &EnrollmentCommand,
+    collection: &str,
+    id_field: &str,
+) -> anyhow::Result<()> {
+    match command {
+        EnrollmentCommand::List => {
+            let items = client
+                .all_pages(Method::POST, &format!("/{collection}/query"), true)
+                .await?;
+            print_list(
+                output,
+                &items,
+                &[
+                    id_field,
+                    "attestation.type",
+                    "provisioningStatus",
+                    "allocationPolicy",
+                    "iotHubs",
+                    "lastUpdatedDateTimeUtc",
+                ],
+            );
+        }
+        EnrollmentCommand::Show { id } => {
+            let value = client
+                .call(
+                    Method::GET,
+                    &format!("/{collection}/{}", segment(id)),
+                    true,
+                    None,
+                    None,
+                )
+                .await?;
+            print_one(output, value);
+        }
+        EnrollmentCommand::Keys { id } => {
+            let value = client
+                .call(
+                    Method::POST,
+                    &format!("/{collection}/{}/attestationmechanism", segment(id)),
+                    true,
+                    None,
+                    None,
+                )
+                .await?;
+            print_one(output, value);
+        }
+        EnrollmentCommand::Create(create) => {
+            let body = enrollment_body(create, id_field)?;
+            let if_match = create.force.then_some("*");
+            let value = client
+                .call(
+                    Method::PUT,
+                    &format!("/{collection}/{}", segment(&create.id)),
+                    true,
+                    Some(&body),
+                    if_match,
+                )
+                .await?;
+            print_one(output, value);
+        }
+        EnrollmentCommand::Delete { id } => {
+            client
+                .call(
+                    Method::DELETE,
+                    &format!("/{collection}/{}", segment(id)),
+                    true,
+                    None,
+                    None,
+                )
+                .await?;
+            print_done(output, "deleted", id);
+        }
+    }
+    Ok(())
+}
+
+fn enrollment_body(create: &CreateEnrollment, id_field: &str) -> anyhow::Result<Value> {
+    if let Some(file) = &create.from_file {
+        return read_json(file);
+    }
+    let is_group = id_field == "enrollmentGroupId";
+    let attestation = if let Some(path) = &create.certificate {
+        let pem =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let slot = if is_group {
+            "signingCertificates"
+        } else {
+            "clientCertificates"
+        };
+        json!({ "type": "x509", "x509": { slot: { "primary": { "certificate": pem } } } })
+    } else if let Some(ek) = &create.endorsement_key {
+        json!({ "type": "tpm", "tpm": { "endorsementKey": ek } })
+    } else {
+        let mut keys = json!({});
+        set_opt(
+            &mut keys,
+            "primaryKey",
+            create.primary_key.clone().map(Value::from),
+        );
+        set_opt(
+            &mut keys,
+            "secondaryKey",
+            create.secondary_key.clone().map(Value::from),
+        );
+        json!({ "type": "symmetricKey", "symmetricKey": keys })
+    };
+    let mut body = json!({ id_field: create.id, "attestation": attestation });
+    set_opt(
+        &mut body,
+        "deviceId",
+        create.device_id.clone().map(Value::from),
+    );
+    if !create.hubs.is_empty() {
+        body["iotHubs"] = json!(create.hubs);
+    }
+    set_opt(
+        &mut body,
+        "allocationPolicy",
+        create.allocation_policy.clone().map(Value::from),
+    );
+    if create.disabled {
+        body["provisioningStatus"] = json!("disabled");
+    }
+    Ok(body)
+}
+
+fn read_json(path: &Path) -> anyhow::Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+fn set_opt(body: &mut Value, key: &str, value: Option<Value>) {
+    if let (Some(value), Value::Object(map)) = (value, body) {
+        map.insert(key.to_owned(), value);
+    }
+}
+
+fn hide_keys(value: &mut Value) {
+    if let Value::Object(map) = value {
+        map.remove("primaryKey");
+        map.remove("secondaryKey");
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// A field by dotted path, as text for a table cell.
+fn str_at(value: &Value, path: &str) -> String {
+    let pointer = format!("/{}", path.replace('.', "/"));
+    match value.pointer(&pointer) {
+        None | Some(Value::Null) => String::from("-"),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn print_list(output: Output, items: &[Value], columns: &[&str]) {
+    if output == Output::Json {
+        println!("{}", pretty(&Value::Array(items.to_vec())));
+        return;
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|item| columns.iter().map(|c| str_at(item, c)).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    println!(
+        "{}",
+        line(columns.iter().map(|c| c.to_uppercase()).collect())
+    );
+    for row in rows {
+        println!("{}", line(row));
+    }
+}
+
+fn print_one(output: Output, value: Option<Value>) {
+    let value = value.unwrap_or(Value::Null);
+    match output {
+        Output::Json => println!("{}", pretty(&value)),
+        Output::Table => {
+            let mut lines = Vec::new();
+            flatten("", &value, &mut lines);
+            let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+            for (key, text) in lines {
+                println!("{key:<width$}  {text}");
+            }
+        }
+    }
+}
+
+fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, String)>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (key, inner) in map {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                flatten(&name, inner, out);
+            }
+        }
+        Value::String(s) => out.push((prefix.to_owned(), s.clone())),
+        other => out.push((prefix.to_owned(), other.to_string())),
+    }
+}
+
+fn print_done(output: Output, what: &str, id: &str) {
+    match output {
+        Output::Json => println!("{}", json!({ "result": what, "id": id })),
+        Output::Table => println!("{what} {id}"),
+    }
+}

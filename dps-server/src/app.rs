@@ -1,0 +1,168 @@
+//! The whole HTTP application: admin routes, health, metrics and the OpenAPI document, behind
+//! request tracking, a body limit and path canonicalisation.
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dps_protocol::ErrorCode;
+use serde_json::json;
+
+use crate::admin_api::{self, AppState};
+use crate::error::ApiError;
+use crate::json::Json;
+use crate::observability;
+
+/// The admin API's OpenAPI document, checked in beside the code.
+pub const OPENAPI_YAML: &str = include_str!("../openapi/admin.yaml");
+
+/// Path segments matched without regard to case, in their canonical spelling. The Node
+/// service client sends `/enrollmentgroups/...` in lower case.
+const KEYWORDS: &[&str] = &[
+    "enrollments",
+    "enrollmentGroups",
+    "registrations",
+    "query",
+    "attestationmechanism",
+    "instances",
+    "linkedHubs",
+    "accessPolicies",
+    "listKeys",
+    "healthz",
+    "readyz",
+    "metrics",
+    "openapi.yaml",
+];
+
+/// Rewrites keyword segments of the path to their canonical case, so routing ignores case.
+pub fn canonicalize_path(mut req: Request) -> Request {
+    let uri = req.uri();
+    let path = uri.path();
+    let canonical: Vec<&str> = path
+        .split('/')
+        .map(|segment| {
+            KEYWORDS
+                .iter()
+                .find(|k| k.eq_ignore_ascii_case(segment))
+                .copied()
+                .unwrap_or(segment)
+        })
+        .collect();
+    let canonical = canonical.join("/");
+    if canonical != path {
+        let rebuilt = match uri.query() {
+            Some(query) => format!("{canonical}?{query}"),
+            None => canonical,
+        };
+        if let Ok(path_and_query) = rebuilt.parse() {
+            let mut parts = uri.clone().into_parts();
+            parts.path_and_query = Some(path_and_query);
+            if let Ok(new_uri) = Uri::from_parts(parts) {
+                *req.uri_mut() = new_uri;
+            }
+        }
+    }
+    req
+}
+
+/// The application router.
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.limits.max_body_bytes;
+    let metrics = state.metrics.clone();
+    Router::new()
+        .merge(admin_api::routes())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.yaml", get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            observability::track,
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    state.store.ping().await.map_err(|e| {
+        tracing::warn!(error = %e, "readiness check failed");
+        ApiError::new(ErrorCode::ServiceUnavailable, "the database is unavailable")
+    })?;
+    Ok(Json(
+        json!({ "status": "ready", "storage": state.store.backend() }),
+    ))
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => ApiError::internal("encoding metrics", &e).into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        )],
+        OPENAPI_YAML,
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, "no such route")
+}
+
+async fn method_not_allowed() -> Response {
+    let mut response = ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "the route does not accept this method",
+    )
+    .into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canonical(path: &str) -> String {
+        let req = Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        canonicalize_path(req).uri().to_string()
+    }
+
+    #[test]
+    fn keyword_segments_ignore_case_and_ids_keep_theirs() {
+        assert_eq!(
+            canonical("/EnrollmentGroups/MyGroup?api-version=2021-10-01"),
+            "/enrollmentGroups/MyGroup?api-version=2021-10-01"
+        );
+        assert_eq!(
+            canonical("/enrollmentgroups/g/AttestationMechanism"),
+            "/enrollmentGroups/g/attestationmechanism"
+        );
+        assert_eq!(canonical("/enrollments/Dev-01"), "/enrollments/Dev-01");
+    }
+}

@@ -1,0 +1,269 @@
+//! Configuration: built-in defaults, then a TOML file, then `DPS_*` environment variables
+//! (`__` separates nested keys: `DPS_TLS__CERT`), then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use dps_protocol::admin::{AccessPolicy, LinkedHub};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The instance created when the configuration declares none.
+pub const DEFAULT_INSTANCE: &str = "default";
+
+/// Environment variables with the `DPS_` prefix that are not configuration keys.
+const NOT_CONFIG_ENV: &[&str] = &["config", "connection_string", "ca_cert", "output"];
+
+/// The whole server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the one HTTPS listener (devices and admins).
+    pub listen: SocketAddr,
+    /// Directory for the SQLite database and the development certificates.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; a SQLite file in `data_dir` when absent.
+    pub database_url: Option<String>,
+    /// The server certificate.
+    pub tls: TlsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Request and authentication limits.
+    pub limits: Limits,
+    /// The instance whose `ServiceConfig` policies manage all instances, and whose connection
+    /// string is printed at start: the first configured instance, or `default`, when absent.
+    pub admin_instance: Option<String>,
+    /// Instances to create or update at start. When empty and the database holds no instance,
+    /// one instance named `default` is created.
+    pub instances: Vec<InstanceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            data_dir: PathBuf::from("./dps-data"),
+            database_url: None,
+            tls: TlsConfig::default(),
+            log: LogConfig::default(),
+            limits: Limits::default(),
+            admin_instance: None,
+            instances: Vec::new(),
+        }
+    }
+}
+
+/// The server certificate; both `cert` and `key`, or neither for a generated development one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// The CA clients should trust, printed at start (the certificate itself when absent).
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `dps_server=debug` (`RUST_LOG` wins when set).
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Limits on what clients may send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Largest page a query may ask for (`x-ms-max-item-count`).
+    pub max_page_size: usize,
+    /// Page size when the client asks for none.
+    pub default_page_size: usize,
+    /// Most items in one bulk request (Azure allows 10; we allow more).
+    pub max_bulk_items: usize,
+    /// Longest lifetime of a SAS token the service accepts, seconds.
+    pub max_token_lifetime_secs: u64,
+    /// Clock skew allowed when checking a token's expiry, seconds.
+    pub clock_skew_secs: u64,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_page_size: 1000,
+            default_page_size: 100,
+            max_bulk_items: 1000,
+            max_token_lifetime_secs: 30 * 24 * 3600,
+            clock_skew_secs: 300,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// An instance declared in the configuration file. What it declares is applied at every start;
+/// whatever the admin API added beside it is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    /// Unique name.
+    pub name: String,
+    /// Fixed ID scope; generated once when absent.
+    #[serde(default)]
+    pub id_scope: Option<String>,
+    /// Host names for this instance's admin API and connection string.
+    #[serde(default)]
+    pub host_names: Vec<String>,
+    /// `hashed` when absent.
+    #[serde(default)]
+    pub default_allocation_policy: Option<String>,
+    /// Linked hubs (JSON field names in camelCase, as in the admin API).
+    #[serde(default)]
+    pub linked_hubs: Vec<LinkedHub>,
+    /// Shared access policies; an owner policy is generated when none is declared.
+    #[serde(default)]
+    pub access_policies: Vec<AccessPolicy>,
+}
+
+/// Values given on the command line; each overrides the file and the environment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    /// `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// `--database-url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then the environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                anyhow::bail!("configuration file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment
+            .merge(
+                Env::prefixed("DPS_")
+                    .ignore(NOT_CONFIG_ENV)
+                    .filter(|key| !key.as_str().starts_with("test_"))
+                    .split("__"),
+            )
+            .merge(Serialized::defaults(overrides));
+        figment.extract().context("invalid configuration")
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("dps.sqlite").display()
+            ),
+        }
+    }
+
+    /// The admin instance's name.
+    pub fn admin_instance(&self) -> String {
+        self.admin_instance
+            .clone()
+            .or_else(|| self.instances.first().map(|i| i.name.clone()))
+            .unwrap_or_else(|| DEFAULT_INSTANCE.to_owned())
+    }
+
+    /// The host name admins reach the listener by when the configuration names none:
+    /// `localhost`, with the port unless it is 443.
+    pub fn default_host_name(&self) -> String {
+        match self.listen.port() {
+            443 => "localhost".into(),
+            port => format!("localhost:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dps.toml");
+        std::fs::write(
+            &file,
+            r#"
+listen = "127.0.0.1:9000"
+[limits]
+max_page_size = 7
+[[instances]]
+name = "factory"
+host_names = ["dps.example.com"]
+linked_hubs = [{ hostName = "hub-a.example.com", allocationWeight = 3 }]
+"#,
+        )
+        .unwrap();
+        let overrides = Overrides {
+            data_dir: Some("/tmp/x".into()),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&file), &overrides).unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.limits.max_page_size, 7);
+        assert_eq!(
+            config.limits.max_bulk_items,
+            Limits::default().max_bulk_items
+        );
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(
+            config.instances[0].linked_hubs[0].allocation_weight,
+            Some(3)
+        );
+        assert_eq!(config.default_host_name(), "localhost:9000");
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("dps.toml");
+        std::fs::write(&file, "lisen = \"127.0.0.1:1\"\n").unwrap();
+        assert!(Config::load(Some(&file), &Overrides::default()).is_err());
+        assert!(Config::load(Some(&dir.path().join("nope.toml")), &Overrides::default()).is_err());
+    }
+}

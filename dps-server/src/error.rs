@@ -1,0 +1,139 @@
+//! The one error type at the HTTP edge. Every 4xx/5xx answer carries the Azure error body
+//! `{errorCode, trackingId, message, timestampUtc}` and the `x-ms-error-code` header; internal
+//! details go to the log, never to the client.
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dps_protocol::{ErrorBody, ErrorCode};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::observability::current_request_id;
+use crate::store::{Kind, StoreError};
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+    info: BTreeMap<String, String>,
+}
+
+impl ApiError {
+    /// An error with a code and a message for the client.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            info: BTreeMap::new(),
+        }
+    }
+
+    /// 400 ArgumentInvalid.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::ArgumentInvalid, message)
+    }
+
+    /// 401 Unauthorized.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unauthorized, message)
+    }
+
+    /// Adds a fact to `info` (for example the field that failed).
+    pub fn with_info(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.info.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// The error code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// A 500 whose cause is logged but not shown.
+    pub fn internal(context: &str, cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "{context}");
+        Self::new(
+            ErrorCode::InternalServerError,
+            "internal error; the server log has the details under this trackingId",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Exists { kind, key } => Self::new(
+                ErrorCode::Conflict,
+                format!(
+                    "{} '{key}' already exists; send If-Match with its etag, or '*', to replace it",
+                    noun(kind)
+                ),
+            ),
+            StoreError::EtagMismatch { kind, key } => Self::new(
+                ErrorCode::PreconditionFailed,
+                format!("{} '{key}' has a different etag than If-Match", noun(kind)),
+            ),
+            StoreError::NotFound { kind, key } => not_found(kind, &key),
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+                tracing::error!(error = %error, "database unavailable");
+                Self::new(ErrorCode::ServiceUnavailable, "the database is unavailable")
+            }
+            other => Self::internal("storage failed", &other),
+        }
+    }
+}
+
+/// The 404 for a missing document of `kind`.
+pub fn not_found(kind: Kind, key: &str) -> ApiError {
+    let code = match kind {
+        Kind::Instance | Kind::IdScope | Kind::HostName => ErrorCode::InstanceNotFound,
+        Kind::AccessPolicy => ErrorCode::AccessPolicyNotFound,
+        Kind::LinkedHub => ErrorCode::LinkedHubNotFound,
+        Kind::IndividualEnrollment => ErrorCode::EnrollmentNotFound,
+        Kind::EnrollmentGroup => ErrorCode::EnrollmentGroupNotFound,
+        Kind::RegistrationState => ErrorCode::RegistrationNotFound,
+    };
+    ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
+}
+
+fn noun(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Instance => "instance",
+        Kind::IdScope => "ID scope",
+        Kind::HostName => "host name",
+        Kind::AccessPolicy => "shared access policy",
+        Kind::LinkedHub => "linked hub",
+        Kind::IndividualEnrollment => "enrollment",
+        Kind::EnrollmentGroup => "enrollment group",
+        Kind::RegistrationState => "registration",
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error_code: self.code.number(),
+            tracking_id: current_request_id().unwrap_or_default(),
+            message: self.message,
+            timestamp_utc: OffsetDateTime::now_utc()
+                .format(&Rfc3339)
+                .unwrap_or_default(),
+            info: self.info,
+        };
+        let mut response = (status, crate::json::Json(body)).into_response();
+        response
+            .headers_mut()
+            .insert("x-ms-error-code", HeaderValue::from(self.code.number()));
+        response
+    }
+}

@@ -1,0 +1,16 @@
+//! A self-hostable device provisioning service, wire-compatible with Azure IoT Hub DPS.
+//!
+//! The library holds everything; `main.rs` is a thin command line on top.
+
+pub mod admin_api;
+pub mod admin_cli;
+pub mod app;
+pub mod bootstrap;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod json;
+pub mod observability;
+pub mod server;
+pub mod store;
+pub mod tls;

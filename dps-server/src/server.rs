@@ -1,0 +1,229 @@
+//! The server process: storage, bootstrap, TLS and the one HTTPS listener, with graceful
+//! shutdown that lets in-flight requests finish.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::Request;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
+
+use crate::admin_api::{AppState, load_instance};
+use crate::app;
+use crate::bootstrap::{AdminAccess, bootstrap};
+use crate::config::Config;
+use crate::observability::Metrics;
+use crate::store::{SqlStore, Store};
+use crate::tls::TlsMaterial;
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The address of the peer, added to every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// A started server.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The bound address (useful with port 0).
+    pub local_addr: SocketAddr,
+    /// Access to the admin instance.
+    pub admin: AdminAccess,
+    /// The CA certificate clients should trust.
+    pub ca_certificate: PathBuf,
+    store: Arc<dyn Store>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// The storage the server uses (tests arrange data through it).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
+    /// Stops accepting, waits for in-flight requests (up to the grace period) and returns.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Connects storage, applies the configuration, prepares TLS and starts listening.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqlStore::connect(&config.database_url())
+            .await
+            .context("opening the database")?,
+    );
+    let state = AppState {
+        store: store.clone(),
+        limits: Arc::new(config.limits.clone()),
+        admin_instance: config.admin_instance().into(),
+        metrics: Arc::new(Metrics::new(store.backend())),
+    };
+    let admin = bootstrap(&state, &config).await?;
+
+    let host_names = all_host_names(&state).await?;
+    let tls = TlsMaterial::load(&config.tls, &config.data_dir, &host_names)?;
+    let acceptor = TlsAcceptor::from(tls.server_config()?);
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    let grace = Duration::from_secs(config.limits.shutdown_grace_secs);
+    let router = app::router(state);
+    let task = tokio::spawn(serve(listener, acceptor, router, stopped, grace));
+    tracing::info!(%local_addr, storage = store.backend(), "listening");
+    Ok(RunningServer {
+        local_addr,
+        admin,
+        ca_certificate: tls.ca_certificate,
+        store,
+        stop,
+        task,
+    })
+}
+
+async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {
+    let rows = state
+        .store
+        .list(
+            crate::store::SERVER_NS,
+            crate::store::Kind::Instance,
+            crate::store::Page {
+                limit: usize::MAX,
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut names = Vec::new();
+    for row in rows {
+        let instance = load_instance(state.store.as_ref(), &row.key)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        names.extend(instance.host_names);
+    }
+    Ok(names)
+}
+
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let builder = Arc::new(builder);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => break,
+        };
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let router = router.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                let req = app::canonicalize_path(req.map(axum::body::Body::new));
+                router.clone().oneshot(req)
+            });
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "in-flight requests did not finish within the grace period"
+        );
+    }
+}
+
+/// Runs the server until SIGINT or SIGTERM, printing what an operator needs first.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let server = start(config).await?;
+    println!("id-scope: {}", server.admin.id_scope);
+    println!(
+        "service-connection-string: {}",
+        server.admin.connection_string.reveal()
+    );
+    println!("ca-certificate: {}", server.ca_certificate.display());
+    println!("listening: https://{}", server.local_addr);
+    shutdown_signal().await;
+    server.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
