@@ -23,7 +23,7 @@ pub enum Command {
     /// Run the service.
     Serve(ServeArgs),
     /// Manage a running service through its admin API.
-    Admin(crate::admin_cli::AdminArgs),
+    Admin(Box<crate::admin_cli::AdminArgs>),
 }
 
 /// `serve` flags; each overrides the configuration file and `DPS_*` variables.
@@ -68,7 +68,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            Command::Admin(args) => crate::admin_cli::run(args).await,
+            Command::Admin(args) => crate::admin_cli::run(*args).await,
         }
     });
     match result {

@@ -182,7 +182,7 @@ impl Config {
             .merge(
                 Env::prefixed("DPS_")
                     .ignore(NOT_CONFIG_ENV)
-                    .filter(|key| !key.as_str().starts_with("test_"))
+                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                     .split("__"),
             )
             .merge(Serialized::defaults(overrides));
@@ -209,10 +209,10 @@ impl Config {
     }
 
     /// The host name admins reach the listener by when the configuration names none:
-    /// `localhost`, with the port unless it is 443.
+    /// `localhost`, with the port unless it is 443 (or 0, an ephemeral port).
     pub fn default_host_name(&self) -> String {
         match self.listen.port() {
-            443 => "localhost".into(),
+            0 | 443 => "localhost".into(),
             port => format!("localhost:{port}"),
         }
     }

@@ -3,7 +3,7 @@
 //! The last policy with `ServiceConfig` cannot be removed, so an instance cannot lock itself out.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{AccessPolicy, Right};
@@ -11,7 +11,7 @@ use dps_protocol::ids::check_resource_name;
 
 use super::resource::{Resource, delete_one, get_one, list, load, put_one, render};
 use super::validate::{field_error, key_or_generate};
-use super::{Admin, AppState};
+use super::{Admin, AppState, Id};
 use crate::error::ApiError;
 use crate::json::Json;
 use crate::store::Kind;
@@ -110,7 +110,7 @@ pub fn owner_policy() -> Result<AccessPolicy, ApiError> {
 async fn list_keys(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Json<AccessPolicy>, ApiError> {
     admin.require(Right::ServiceConfig)?;
     let stored = load::<AccessPolicy>(&state, admin.ns(), &id).await?;

@@ -3,7 +3,7 @@
 //! operations and `attestationmechanism` (the one call that reveals keys).
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::validate::{self, Scope, Validator, field_error};
-use super::{Admin, AppState, PageRequest, delete_precondition, put_precondition, to_doc};
+use super::{Admin, AppState, Id, PageRequest, delete_precondition, put_precondition, to_doc};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
@@ -246,7 +246,7 @@ fn check_path_id<E: Enrollment>(path_id: &str, enrollment: &E) -> Result<(), Api
 pub async fn put_one<E: Enrollment>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
     JsonBody(enrollment): JsonBody<E>,
 ) -> Result<Json<E>, ApiError> {
@@ -261,7 +261,7 @@ pub async fn put_one<E: Enrollment>(
 pub async fn get_one<E: Enrollment>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Json<E>, ApiError> {
     admin.require(Right::EnrollmentRead)?;
     let key = E::key_of(&id)?;
@@ -279,7 +279,7 @@ pub async fn get_one<E: Enrollment>(
 pub async fn delete_one<E: Enrollment>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     admin.require(Right::EnrollmentWrite)?;
@@ -321,7 +321,7 @@ async fn delete_key<E: Enrollment>(
 pub async fn attestation_mechanism<E: Enrollment>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Json<AttestationMechanism>, ApiError> {
     admin.require(Right::EnrollmentWrite)?;
     let key = E::key_of(&id)?;

@@ -4,7 +4,7 @@
 
 use allocation_policies::PolicyName;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::get;
@@ -15,7 +15,9 @@ use dps_protocol::ids::{IdScope, check_host_name, check_resource_name};
 use super::access_policies::owner_policy;
 use super::resource::{Resource, render};
 use super::validate::field_error;
-use super::{AppState, PageRequest, ServerAdmin, delete_precondition, put_precondition, to_doc};
+use super::{
+    AppState, Id, PageRequest, ServerAdmin, delete_precondition, put_precondition, to_doc,
+};
 use crate::error::{ApiError, not_found};
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
@@ -224,7 +226,7 @@ async fn list(
 async fn get_one(
     _admin: ServerAdmin,
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Id(name): Id,
 ) -> Result<Json<Instance>, ApiError> {
     Ok(Json(
         super::load_instance(state.store.as_ref(), &name).await?,
@@ -234,7 +236,7 @@ async fn get_one(
 async fn put_one(
     _admin: ServerAdmin,
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Id(name): Id,
     headers: HeaderMap,
     JsonBody(instance): JsonBody<Instance>,
 ) -> Result<Json<Instance>, ApiError> {
@@ -254,7 +256,7 @@ async fn put_one(
 async fn delete_one(
     _admin: ServerAdmin,
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Id(name): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let key = instance_key(&name)?;

@@ -120,6 +120,27 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+/// The route's last path parameter (the resource id), percent-decoded. Routes nested under
+/// `/instances/{instance}` have the instance first.
+#[derive(Debug)]
+pub struct Id(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let invalid = |message: String| ApiError::new(ErrorCode::InvalidPathParameter, message);
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| invalid(e.to_string()))?;
+        params
+            .iter()
+            .last()
+            .map(|(_, value)| Id(value.to_owned()))
+            .ok_or_else(|| invalid("the route has no id".into()))
+    }
+}
+
 /// A caller allowed to manage every instance: `ServiceConfig` on the admin instance.
 #[derive(Debug)]
 pub struct ServerAdmin;

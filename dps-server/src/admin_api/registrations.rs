@@ -2,7 +2,7 @@
 //! and list the states of an enrollment group's devices.
 
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -11,7 +11,7 @@ use dps_protocol::admin::Right;
 use dps_protocol::enrollment::DeviceRegistrationState;
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
 
-use super::{Admin, AppState, PageRequest, delete_precondition};
+use super::{Admin, AppState, Id, PageRequest, delete_precondition};
 use crate::error::{ApiError, not_found};
 use crate::json::Json;
 use crate::store::{Kind, Page, StoreError, Stored, Write};
@@ -41,7 +41,7 @@ fn registration_key(id: &str) -> Result<String, ApiError> {
 async fn get_one(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Json<DeviceRegistrationState>, ApiError> {
     admin.require(Right::RegistrationStatusRead)?;
     tracing::Span::current().record("registration_id", id.as_str());
@@ -56,7 +56,7 @@ async fn get_one(
 async fn delete_one(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     admin.require(Right::RegistrationStatusWrite)?;
@@ -79,7 +79,7 @@ async fn delete_one(
 async fn query_group(
     admin: Admin,
     State(state): State<AppState>,
-    Path(group_id): Path<String>,
+    Id(group_id): Id,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admin.require(Right::RegistrationStatusRead)?;

@@ -1,7 +1,7 @@
 //! Handlers for an instance's configuration documents (linked hubs, shared access policies):
 //! PUT under the etag rules, GET without secrets, DELETE, list. All need `ServiceConfig`.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use dps_protocol::ErrorCode;
@@ -9,7 +9,7 @@ use dps_protocol::admin::Right;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Admin, AppState, PageRequest, delete_precondition, put_precondition, to_doc};
+use super::{Admin, AppState, Id, PageRequest, delete_precondition, put_precondition, to_doc};
 use crate::error::{ApiError, not_found};
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
@@ -105,7 +105,7 @@ pub async fn store_resource<R: Resource>(
 pub async fn put_one<R: Resource>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
     JsonBody(resource): JsonBody<R>,
 ) -> Result<Json<R>, ApiError> {
@@ -127,7 +127,7 @@ pub async fn put_one<R: Resource>(
 pub async fn get_one<R: Resource>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
 ) -> Result<Json<R>, ApiError> {
     admin.require(Right::ServiceConfig)?;
     let stored = load::<R>(&state, admin.ns(), &id).await?;
@@ -147,7 +147,7 @@ pub async fn load<R: Resource>(state: &AppState, ns: &str, id: &str) -> Result<S
 pub async fn delete_one<R: Resource>(
     admin: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Id(id): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     admin.require(Right::ServiceConfig)?;

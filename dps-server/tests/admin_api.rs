@@ -1,0 +1,1286 @@
+//! The admin API end to end over HTTPS, on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{Backend, TestServer, expect_error, expect_json, token};
+use dps_server::store::{Kind, Precondition, Write};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn symmetric_enrollment(id: &str) -> Value {
+    json!({ "registrationId": id, "attestation": { "type": "symmetricKey" } })
+}
+
+fn ca_certificate_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Test Root");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.self_signed(&key).unwrap().pem()
+}
+
+async fn enrollment_lifecycle(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let created = expect_json(
+        t.owner(Method::PUT, "/enrollments/Dev-01")
+            .json(&symmetric_enrollment("Dev-01"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let primary = created["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .expect("generated keys are shown on create")
+        .to_owned();
+    assert_eq!(created["provisioningStatus"], "enabled");
+    assert_eq!(created["reprovisionPolicy"]["updateHubAssignment"], true);
+    let etag = created["etag"].as_str().unwrap().to_owned();
+
+    // Reads hide keys; ids are case-insensitive.
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollments/dev-01")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["registrationId"], "Dev-01");
+    assert_eq!(read["etag"], etag.as_str());
+    assert!(
+        read["attestation"]["symmetricKey"]
+            .get("primaryKey")
+            .is_none(),
+        "{read}"
+    );
+
+    // PUT over an existing id without If-Match is a conflict; a stale etag fails.
+    expect_error(
+        t.owner(Method::PUT, "/enrollments/Dev-01")
+            .json(&symmetric_enrollment("Dev-01"))
+            .send()
+            .await
+            .unwrap(),
+        409,
+        409001,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::PUT, "/enrollments/Dev-01")
+            .header("If-Match", "\"stale\"")
+            .json(&symmetric_enrollment("Dev-01"))
+            .send()
+            .await
+            .unwrap(),
+        412,
+        412001,
+    )
+    .await;
+
+    // Updating with the etag (as the Node client does with the object it read) keeps the keys.
+    let mut update = read.clone();
+    update["provisioningStatus"] = json!("disabled");
+    let updated = expect_json(
+        t.owner(Method::PUT, "/enrollments/Dev-01")
+            .header("If-Match", etag.as_str())
+            .json(&update)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(updated["provisioningStatus"], "disabled");
+    assert_eq!(
+        updated["attestation"]["symmetricKey"]["primaryKey"],
+        primary.as_str()
+    );
+    assert_ne!(updated["etag"], etag.as_str());
+
+    // `*` overwrites unconditionally.
+    let forced = expect_json(
+        t.owner(Method::PUT, "/enrollments/Dev-01")
+            .header("If-Match", "*")
+            .json(&json!({
+                "registrationId": "Dev-01",
+                "deviceId": "device-one",
+                "attestation": { "type": "symmetricKey", "symmetricKey": { "primaryKey": primary } },
+                "initialTwin": { "tags": { "site": "a" }, "properties": { "desired": { "rate": 5 } } }
+            }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(forced["deviceId"], "device-one");
+    assert_eq!(forced["provisioningStatus"], "enabled");
+
+    let mechanism = expect_json(
+        t.owner(Method::POST, "/enrollments/Dev-01/attestationMechanism")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(mechanism["symmetricKey"]["primaryKey"], primary.as_str());
+    assert!(mechanism["symmetricKey"]["secondaryKey"].is_string());
+
+    expect_error(
+        t.owner(Method::DELETE, "/enrollments/Dev-01")
+            .header("If-Match", "\"stale\"")
+            .send()
+            .await
+            .unwrap(),
+        412,
+        412001,
+    )
+    .await;
+    let current = forced["etag"].as_str().unwrap();
+    let deleted = t
+        .owner(Method::DELETE, "/enrollments/Dev-01")
+        .header("If-Match", current)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    expect_error(
+        t.owner(Method::GET, "/enrollments/Dev-01")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404201,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::DELETE, "/enrollments/Dev-01")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404201,
+    )
+    .await;
+}
+
+async fn group_lifecycle_and_registrations(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let group = expect_json(
+        t.owner(Method::PUT, "/enrollmentgroups/Line-7")
+            .json(&json!({
+                "enrollmentGroupId": "Line-7",
+                "attestation": { "type": "symmetricKey" },
+                "iotHubs": ["HUB-A.example.com"],
+                "allocationPolicy": "Static"
+            }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(group["allocationPolicy"], "static");
+    assert_eq!(group["iotHubs"], json!(["hub-a.example.com"]));
+    assert!(group["attestation"]["symmetricKey"]["secondaryKey"].is_string());
+
+    let x509 = expect_json(
+        t.owner(Method::PUT, "/enrollmentGroups/x509-group")
+            .json(&json!({
+                "enrollmentGroupId": "x509-group",
+                "attestation": { "type": "x509", "x509": { "signingCertificates": {
+                    "primary": { "certificate": ca_certificate_pem() } } } }
+            }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollmentGroups/x509-group")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let primary = &read["attestation"]["x509"]["signingCertificates"]["primary"];
+    assert!(
+        primary.get("certificate").is_none(),
+        "certificate bodies are not returned"
+    );
+    assert_eq!(primary["info"]["subjectName"], "CN=Test Root");
+    assert_eq!(
+        primary["info"]["sha256Thumbprint"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(x509["etag"], read["etag"]);
+
+    // Registration states are written by device registration; arrange two directly.
+    let store = t.running().store();
+    for id in ["dev-a", "dev-b"] {
+        let doc = json!({ "registrationId": id, "status": "assigned", "assignedHub": "hub-a.example.com",
+                          "deviceId": id, "enrollmentGroupId": "Line-7" });
+        store
+            .write(&[Write::Put {
+                ns: "default".into(),
+                kind: Kind::RegistrationState,
+                key: id.into(),
+                parent: Some("line-7".into()),
+                doc: doc.to_string(),
+                precondition: Precondition::MustNotExist,
+            }])
+            .await
+            .unwrap();
+    }
+    let listed = expect_json(
+        t.owner(Method::POST, "/registrations/line-7/query")
+            .json(&json!({"query": "*"}))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["registrationId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["dev-a", "dev-b"]);
+    let one = expect_json(
+        t.owner(Method::GET, "/registrations/DEV-A")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(one["assignedHub"], "hub-a.example.com");
+    assert!(one["etag"].is_string());
+    let deleted = t
+        .owner(Method::DELETE, "/registrations/dev-a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    expect_error(
+        t.owner(Method::GET, "/registrations/dev-a")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404203,
+    )
+    .await;
+
+    let deleted = t
+        .owner(Method::DELETE, "/enrollmentGroups/line-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    expect_error(
+        t.owner(Method::GET, "/enrollmentGroups/line-7")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404202,
+    )
+    .await;
+}
+
+async fn queries_page_with_continuation(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let items: Vec<Value> = (0..5)
+        .map(|i| symmetric_enrollment(&format!("dev-{i}")))
+        .collect();
+    let result = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": items }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(result["isSuccessful"], true, "{result}");
+
+    let mut seen = Vec::new();
+    let mut continuation: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut request = t
+            .owner(Method::POST, "/enrollments/query")
+            .header("x-ms-max-item-count", "2")
+            .json(&json!({ "query": "SELECT * FROM enrollments" }));
+        if let Some(token) = &continuation {
+            request = request.header("x-ms-continuation", token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.headers()["x-ms-item-type"], "Enrollment");
+        continuation = response
+            .headers()
+            .get("x-ms-continuation")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let page = expect_json(response, 200).await;
+        let page = page.as_array().unwrap();
+        assert!(page.len() <= 2);
+        for item in page {
+            assert!(
+                item["attestation"]["symmetricKey"]
+                    .get("primaryKey")
+                    .is_none()
+            );
+            seen.push(item["registrationId"].as_str().unwrap().to_owned());
+        }
+        pages += 1;
+        if continuation.is_none() {
+            break;
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, ["dev-0", "dev-1", "dev-2", "dev-3", "dev-4"]);
+
+    expect_error(
+        t.owner(Method::POST, "/enrollments/query")
+            .header("x-ms-max-item-count", "0")
+            .json(&json!({"query": "*"}))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400009,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::POST, "/enrollments/query")
+            .header("x-ms-continuation", "!!")
+            .json(&json!({"query": "*"}))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400009,
+    )
+    .await;
+}
+
+async fn bulk_operations(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.max_bulk_items = 3).await;
+    let items = json!([symmetric_enrollment("b-1"), symmetric_enrollment("b-2")]);
+    let ok = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": items }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(ok, json!({ "isSuccessful": true, "errors": [] }));
+
+    let again = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": items }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(again["isSuccessful"], false);
+    assert_eq!(again["errors"][0]["registrationId"], "b-1");
+    assert_eq!(again["errors"][0]["errorCode"], 409001);
+    assert_eq!(again["errors"].as_array().unwrap().len(), 2);
+
+    // The Node client spells the mode updateIfMatchEtag; an item without etag fails alone.
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollments/b-1")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let mut with_etag = read.clone();
+    with_etag["provisioningStatus"] = json!("disabled");
+    let mixed = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "updateIfMatchEtag", "enrollments": [with_etag, symmetric_enrollment("b-2")] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(mixed["errors"].as_array().unwrap().len(), 1, "{mixed}");
+    assert_eq!(mixed["errors"][0]["registrationId"], "b-2");
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollments/b-1")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["provisioningStatus"], "disabled");
+
+    let deleted = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "delete", "enrollments": items }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(deleted["isSuccessful"], true, "{deleted}");
+
+    let groups = expect_json(
+        t.owner(Method::POST, "/enrollmentGroups")
+            .json(&json!({ "mode": "CREATE", "enrollmentGroups": [
+                { "enrollmentGroupId": "g-1", "attestation": { "type": "symmetricKey" } },
+                { "enrollmentGroupId": "g 2", "attestation": { "type": "symmetricKey" } } ] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(groups["errors"][0]["enrollmentGroupId"], "g 2");
+    assert_eq!(groups["errors"][0]["errorCode"], 400007);
+
+    let four: Vec<Value> = (0..4)
+        .map(|i| symmetric_enrollment(&format!("c-{i}")))
+        .collect();
+    expect_error(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": four }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400010,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "upsert", "enrollments": items }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400010,
+    )
+    .await;
+}
+
+async fn credentials_are_checked(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let path = "/enrollments/dev-1";
+    let host = t.owner.host_name.clone();
+    let key = t.owner.key.to_base64();
+
+    let missing = expect_error(
+        t.anonymous(Method::GET, path).send().await.unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    assert!(
+        missing["message"]
+            .as_str()
+            .unwrap()
+            .contains("Authorization")
+    );
+    let wrong_key = attestation::SymmetricKey::generate().unwrap().to_base64();
+    expect_error(
+        t.signed(Method::GET, path, "provisioningserviceowner", &wrong_key)
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    let expired = expect_error(
+        t.anonymous(Method::GET, path)
+            .header(
+                "Authorization",
+                token(&host, "provisioningserviceowner", &key, -3600),
+            )
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    assert!(
+        expired["message"].as_str().unwrap().contains("expired"),
+        "{expired}"
+    );
+    expect_error(
+        t.anonymous(Method::GET, path)
+            .header(
+                "Authorization",
+                token("other.example.com", "provisioningserviceowner", &key, 3600),
+            )
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    expect_error(
+        t.anonymous(Method::GET, path)
+            .header(
+                "Authorization",
+                token(&host, "provisioningserviceowner", &key, 400 * 24 * 3600),
+            )
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    expect_error(
+        t.signed(Method::GET, path, "nobody", &key)
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    expect_error(
+        t.anonymous(Method::GET, path)
+            .header("Authorization", "SharedAccessSignature garbage")
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+
+    // A read-only policy reads but cannot write, reveal keys or configure.
+    let policy = expect_json(
+        t.owner(Method::PUT, "/accessPolicies/reader")
+            .json(&json!({ "keyName": "reader", "rights": ["EnrollmentRead", "RegistrationStatusRead"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let reader_key = policy["primaryKey"].as_str().unwrap().to_owned();
+    let secondary = policy["secondaryKey"].as_str().unwrap().to_owned();
+    t.owner(Method::PUT, path)
+        .json(&symmetric_enrollment("dev-1"))
+        .send()
+        .await
+        .unwrap();
+    expect_json(
+        t.signed(Method::GET, path, "reader", &reader_key)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    expect_json(
+        t.signed(Method::GET, path, "reader", &secondary)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    expect_error(
+        t.signed(Method::PUT, "/enrollments/dev-2", "reader", &reader_key)
+            .json(&symmetric_enrollment("dev-2"))
+            .send()
+            .await
+            .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+    expect_error(
+        t.signed(
+            Method::POST,
+            "/enrollments/dev-1/attestationmechanism",
+            "reader",
+            &reader_key,
+        )
+        .send()
+        .await
+        .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+    expect_error(
+        t.signed(Method::GET, "/linkedHubs", "reader", &reader_key)
+            .send()
+            .await
+            .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+    expect_error(
+        t.signed(Method::GET, "/instances", "reader", &reader_key)
+            .send()
+            .await
+            .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+    expect_error(
+        t.signed(
+            Method::DELETE,
+            "/registrations/dev-1",
+            "reader",
+            &reader_key,
+        )
+        .send()
+        .await
+        .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+}
+
+async fn bad_input_gets_clear_400s(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.max_body_bytes = 64 * 1024).await;
+    let put = |id: &str, body: &str| {
+        t.owner(Method::PUT, &format!("/enrollments/{id}"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+    };
+    expect_error(
+        put("d", "{\"registrationId\": ").send().await.unwrap(),
+        400,
+        400006,
+    )
+    .await;
+    expect_error(
+        put("d", "{\"registrationId\": 5, \"attestation\": {}}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400006,
+    )
+    .await;
+    expect_error(
+        put("d", "{\"registrationId\": \"d\"}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400006,
+    )
+    .await;
+    expect_error(put("d", "").send().await.unwrap(), 400, 400005).await;
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    expect_error(put("d", &deep).send().await.unwrap(), 400, 400006).await;
+    let huge = json!({ "registrationId": "d", "attestation": { "type": "symmetricKey" }, "pad": "x".repeat(100 * 1024) });
+    expect_error(
+        put("d", &huge.to_string()).send().await.unwrap(),
+        413,
+        413001,
+    )
+    .await;
+    expect_error(
+        put("bad%20id", &symmetric_enrollment("bad id").to_string())
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400007,
+    )
+    .await;
+    expect_error(
+        put("d", &symmetric_enrollment("e").to_string())
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400008,
+    )
+    .await;
+
+    let cases = [
+        (
+            json!({ "type": "symmetricKey", "symmetricKey": { "primaryKey": "not base64!" } }),
+            "primaryKey",
+        ),
+        (
+            json!({ "type": "symmetricKey", "symmetricKey": { "primaryKey": "AAAA" } }),
+            "primaryKey",
+        ),
+        (
+            json!({ "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----" } } } }),
+            "certificate",
+        ),
+        (
+            json!({ "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": "bm90IGEgY2VydA==" } } } }),
+            "certificate",
+        ),
+        (
+            json!({ "type": "tpm", "tpm": { "endorsementKey": "AAEC" } }),
+            "endorsementKey",
+        ),
+        (json!({ "type": "none" }), "attestation.type"),
+        (json!({ "type": "x509", "symmetricKey": {} }), "attestation"),
+    ];
+    for (attestation, field) in cases {
+        let body = json!({ "registrationId": "d", "attestation": attestation });
+        let error = expect_error(
+            put("d", &body.to_string()).send().await.unwrap(),
+            400,
+            400004,
+        )
+        .await;
+        assert!(
+            error["message"].as_str().unwrap().contains(field),
+            "{field}: {error}"
+        );
+    }
+    let settings = [
+        (
+            json!({ "allocationPolicy": "roundRobin" }),
+            "allocationPolicy",
+        ),
+        (
+            json!({ "iotHubs": ["not-linked.example.com"] }),
+            "not a linked hub",
+        ),
+        (json!({ "iotHubs": ["bad host!"] }), "iotHubs"),
+        (json!({ "allocationPolicy": "static" }), "exactly one hub"),
+        (
+            json!({ "allocationPolicy": "custom" }),
+            "customAllocationDefinition",
+        ),
+        (
+            json!({ "allocationPolicy": "custom", "customAllocationDefinition": { "webhookUrl": "http://x.example.com", "apiVersion": "2021-10-01" } }),
+            "https",
+        ),
+        (json!({ "initialTwin": "twin" }), "initialTwin"),
+        (json!({ "deviceId": "a/b" }), "deviceId"),
+    ];
+    for (extra, needle) in settings {
+        let mut body = symmetric_enrollment("d");
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let error = expect_error(
+            put("d", &body.to_string()).send().await.unwrap(),
+            400,
+            400004,
+        )
+        .await;
+        assert!(
+            error["message"].as_str().unwrap().contains(needle),
+            "{needle}: {error}"
+        );
+    }
+    let group = |attestation: Value| {
+        t.owner(Method::PUT, "/enrollmentGroups/g")
+            .json(&json!({ "enrollmentGroupId": "g", "attestation": attestation }))
+    };
+    expect_error(
+        group(json!({ "type": "tpm", "tpm": { "endorsementKey": "AAIBAg==" } }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    expect_error(
+        group(json!({ "type": "x509", "x509": { "caReferences": { "primary": "my-ca" } } }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    let leaf = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(vec!["leaf".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem()
+    };
+    expect_error(group(json!({ "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": leaf } } } })).send().await.unwrap(), 400, 400004).await;
+
+    expect_error(
+        t.owner(Method::GET, "/nowhere").send().await.unwrap(),
+        404,
+        404001,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::PATCH, "/enrollments/d")
+            .send()
+            .await
+            .unwrap(),
+        405,
+        405001,
+    )
+    .await;
+
+    // Nothing was stored by any of the refused requests.
+    let all = expect_json(
+        t.owner(Method::POST, "/enrollments/query")
+            .json(&json!({"query": "*"}))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(all, json!([]));
+}
+
+async fn linked_hubs_and_access_policies(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let connection = "HostName=hub-b.example.com;SharedAccessKeyName=registryReadWrite;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==";
+    let hub = expect_json(
+        t.owner(Method::PUT, "/linkedHubs/hub-b.example.com")
+            .json(&json!({ "hostName": "hub-b.example.com", "allocationWeight": 3, "region": "eu-west",
+                           "latitude": 52.37, "longitude": 4.9,
+                           "connector": { "type": "azure-iot-hub", "connectionString": connection } }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(hub["applyAllocationPolicy"], true);
+    let read = expect_json(
+        t.owner(Method::GET, "/linkedHubs/HUB-B.example.com")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        read["connector"],
+        json!({ "type": "azure-iot-hub" }),
+        "secrets hidden"
+    );
+    assert_eq!(read["allocationWeight"], 3);
+    // Updating without the secret keeps it (checked through a second update that must validate it).
+    let mut update = read.clone();
+    update["allocationWeight"] = json!(5);
+    expect_json(
+        t.owner(Method::PUT, "/linkedHubs/hub-b.example.com")
+            .header("If-Match", read["etag"].as_str().unwrap())
+            .json(&update)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    for bad in [
+        json!({ "hostName": "hub-c.example.com", "allocationWeight": 0 }),
+        json!({ "hostName": "hub-c.example.com", "allocationWeight": 1001 }),
+        json!({ "hostName": "hub-c.example.com", "latitude": 91, "longitude": 0 }),
+        json!({ "hostName": "hub-c.example.com", "latitude": 10 }),
+        json!({ "hostName": "hub-c.example.com", "connector": { "type": "azure-iot-hub" } }),
+        json!({ "hostName": "hub-c.example.com", "connector": { "type": "webhook", "url": "ftp://x" } }),
+    ] {
+        expect_error(
+            t.owner(Method::PUT, "/linkedHubs/hub-c.example.com")
+                .json(&bad)
+                .send()
+                .await
+                .unwrap(),
+            400,
+            400004,
+        )
+        .await;
+    }
+    expect_error(
+        t.owner(Method::PUT, "/linkedHubs/hub-c.example.com").json(&json!({ "hostName": "hub-c.example.com", "connector": { "type": "carrier-pigeon" } })).send().await.unwrap(),
+        400,
+        400006,
+    )
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    let hubs = expect_json(
+        t.owner(Method::GET, "/linkedHubs").send().await.unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(hubs.as_array().unwrap().len(), 2);
+    assert_eq!(
+        t.owner(Method::DELETE, "/linkedHubs/hub-a.example.com")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+
+    let policies = expect_json(
+        t.owner(Method::GET, "/accessPolicies")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(policies[0]["keyName"], "provisioningserviceowner");
+    assert!(policies[0].get("primaryKey").is_none());
+    let keys = expect_json(
+        t.owner(
+            Method::POST,
+            "/accessPolicies/provisioningserviceowner/listKeys",
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(keys["primaryKey"], t.owner.key.to_base64());
+    expect_error(
+        t.owner(Method::PUT, "/accessPolicies/x")
+            .json(&json!({ "keyName": "x", "rights": ["Everything"] }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    // The last policy holding ServiceConfig cannot go.
+    expect_error(
+        t.owner(Method::DELETE, "/accessPolicies/provisioningserviceowner")
+            .send()
+            .await
+            .unwrap(),
+        409,
+        409002,
+    )
+    .await;
+}
+
+async fn instances_are_separate_tenants(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let created = expect_json(
+        t.owner(Method::PUT, "/instances/factory")
+            .json(&json!({ "name": "factory", "hostNames": ["factory.example.com"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let scope = created["idScope"].as_str().unwrap();
+    assert!(scope.starts_with("0ne") && scope.len() == 11, "{scope}");
+    let factory_key = created["ownerPolicy"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    expect_error(
+        t.owner(Method::PUT, "/instances/other")
+            .json(&json!({ "name": "other", "hostNames": ["FACTORY.example.com"] }))
+            .send()
+            .await
+            .unwrap(),
+        409,
+        409001,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::PUT, "/instances/other")
+            .json(&json!({ "name": "other", "idScope": scope }))
+            .send()
+            .await
+            .unwrap(),
+        409,
+        409001,
+    )
+    .await;
+
+    // The factory instance's own keys work on its explicit path; the default owner's do not.
+    let path = "/instances/factory/enrollments/dev-9";
+    let as_factory = |m: Method, p: &str| {
+        t.anonymous(m, p).header(
+            "Authorization",
+            token(
+                "factory.example.com",
+                "provisioningserviceowner",
+                &factory_key,
+                3600,
+            ),
+        )
+    };
+    expect_json(
+        as_factory(Method::PUT, path)
+            .json(&symmetric_enrollment("dev-9"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::GET, path).send().await.unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::GET, "/enrollments/dev-9")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404201,
+    )
+    .await;
+    expect_json(as_factory(Method::GET, path).send().await.unwrap(), 200).await;
+
+    let listed = expect_json(
+        t.owner(Method::GET, "/instances").send().await.unwrap(),
+        200,
+    )
+    .await;
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default", "factory"]);
+    expect_error(
+        t.owner(Method::GET, "/instances/nope/enrollments/x")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404002,
+    )
+    .await;
+    expect_error(
+        t.owner(Method::DELETE, "/instances/default")
+            .send()
+            .await
+            .unwrap(),
+        409,
+        409002,
+    )
+    .await;
+    assert_eq!(
+        t.owner(Method::DELETE, "/instances/factory")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    expect_error(
+        as_factory(Method::GET, path).send().await.unwrap(),
+        404,
+        404002,
+    )
+    .await;
+    // Its host name is free again.
+    expect_json(
+        t.owner(Method::PUT, "/instances/other")
+            .json(&json!({ "name": "other", "hostNames": ["factory.example.com"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+}
+
+async fn restart_keeps_all_data(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = expect_json(
+        t.owner(Method::PUT, "/enrollments/keep-me")
+            .json(&symmetric_enrollment("keep-me"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let scope = t.running().admin.id_scope.clone();
+    let key = t.owner.key.to_base64();
+
+    let t = t.restart().await;
+    assert_eq!(t.running().admin.id_scope, scope, "the ID scope survives");
+    assert_eq!(t.owner.key.to_base64(), key, "the owner key survives");
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollments/keep-me")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["etag"], enrollment["etag"]);
+    let keys = expect_json(
+        t.owner(Method::POST, "/enrollments/keep-me/attestationmechanism")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        keys["symmetricKey"],
+        enrollment["attestation"]["symmetricKey"]
+    );
+    expect_json(
+        t.owner(Method::GET, "/linkedHubs/hub-a.example.com")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+}
+
+async fn concurrent_writers_cannot_both_win(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let store = t.running().store();
+    let put = |precondition: Precondition, n: usize| Write::Put {
+        ns: "default".into(),
+        kind: Kind::IndividualEnrollment,
+        key: "race".into(),
+        parent: None,
+        doc: json!({ "writer": n }).to_string(),
+        precondition,
+    };
+    let creates = (0..16).map(|n| {
+        let store = store.clone();
+        let write = put(Precondition::MustNotExist, n);
+        tokio::spawn(async move { store.write(&[write]).await.is_ok() })
+    });
+    let won: usize = futures_count(creates).await;
+    assert_eq!(won, 1, "exactly one create wins");
+
+    let etag = store
+        .get("default", Kind::IndividualEnrollment, "race")
+        .await
+        .unwrap()
+        .unwrap()
+        .etag;
+    let updates = (0..16).map(|n| {
+        let store = store.clone();
+        let write = put(Precondition::IfMatch(etag.clone()), n);
+        tokio::spawn(async move { store.write(&[write]).await.is_ok() })
+    });
+    assert_eq!(
+        futures_count(updates).await,
+        1,
+        "exactly one update with the same etag wins"
+    );
+}
+
+async fn futures_count(tasks: impl Iterator<Item = tokio::task::JoinHandle<bool>>) -> usize {
+    let mut won = 0;
+    for task in tasks.collect::<Vec<_>>() {
+        if task.await.unwrap() {
+            won += 1;
+        }
+    }
+    won
+}
+
+async fn health_metrics_and_openapi(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let health = expect_json(
+        t.anonymous(Method::GET, "/healthz").send().await.unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(health["status"], "ok");
+    let ready = expect_json(
+        t.anonymous(Method::GET, "/readyz").send().await.unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        ready["storage"],
+        if backend == Backend::Sqlite {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    );
+    t.owner(Method::GET, "/enrollments/none")
+        .send()
+        .await
+        .unwrap();
+    let metrics = t
+        .anonymous(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "dps_http_requests_total{method=\"GET\",route=\"/enrollments/{id}\",status=\"404\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("dps_http_request_duration_seconds_bucket"));
+    let openapi = t
+        .anonymous(Method::GET, "/openapi.yaml")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(openapi.starts_with("openapi: 3"));
+}
+
+on_both_backends!(
+    enrollment_lifecycle,
+    group_lifecycle_and_registrations,
+    queries_page_with_continuation,
+    bulk_operations,
+    credentials_are_checked,
+    bad_input_gets_clear_400s,
+    linked_hubs_and_access_policies,
+    instances_are_separate_tenants,
+    restart_keeps_all_data,
+    concurrent_writers_cannot_both_win,
+    health_metrics_and_openapi,
+);

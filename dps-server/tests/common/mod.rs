@@ -1,0 +1,209 @@
+//! Test harness: a real server (in process) on an ephemeral port, with a temporary data
+//! directory, on SQLite or on a fresh PostgreSQL database, and an HTTPS client that trusts
+//! its generated CA and signs SAS tokens like the Azure service clients do.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use attestation::ConnectionString;
+use attestation::sas::sign;
+use dps_server::config::Config;
+use dps_server::server::{self, RunningServer};
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+use sqlx::{AssertSqlSafe, Connection};
+use tempfile::TempDir;
+
+/// The two storage backends every storage-touching test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs an async scenario `fn(Backend)` once per backend, as two tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$scenario($crate::common::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$scenario($crate::common::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+/// The PostgreSQL server URL tests create their databases on.
+pub fn postgres_admin_url() -> String {
+    std::env::var("DPS_TEST_DATABASE_URL").expect(
+        "DPS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh, which starts \
+         PostgreSQL, or point it at a PostgreSQL server where you may create databases",
+    )
+}
+
+/// A database URL for a fresh, empty database on `backend`.
+pub async fn fresh_database(backend: Backend, dir: &TempDir) -> String {
+    match backend {
+        Backend::Sqlite => format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("test.sqlite").display()
+        ),
+        Backend::Postgres => {
+            sqlx::any::install_default_drivers();
+            let admin = postgres_admin_url();
+            let name = format!("dps_test_{}", uuid::Uuid::new_v4().simple());
+            let mut conn = sqlx::AnyConnection::connect(&admin).await.unwrap();
+            sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let base = admin.rsplit_once('/').unwrap().0;
+            format!("{base}/{name}")
+        }
+    }
+}
+
+/// A running server and a client for it.
+pub struct TestServer {
+    pub server: Option<RunningServer>,
+    pub dir: TempDir,
+    pub config: Config,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub owner: ConnectionString,
+}
+
+impl TestServer {
+    /// A server with the embedded defaults on `backend`.
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    /// A server whose configuration `adjust` may change first.
+    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.data_dir = dir.path().join("data");
+        config.database_url = Some(fresh_database(backend, &dir).await);
+        config.limits.shutdown_grace_secs = 5;
+        adjust(&mut config);
+        Self::launch(dir, config).await
+    }
+
+    async fn launch(dir: TempDir, config: Config) -> Self {
+        let server = server::start(config.clone()).await.unwrap();
+        let ca = std::fs::read(&server.ca_certificate).unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .build()
+            .unwrap();
+        let base = format!("https://localhost:{}", server.local_addr.port());
+        let owner = server.admin.connection_string.clone();
+        Self {
+            server: Some(server),
+            dir,
+            config,
+            http,
+            base,
+            owner,
+        }
+    }
+
+    /// Stops the server and starts it again on the same data (and database).
+    pub async fn restart(mut self) -> Self {
+        self.server.take().unwrap().shutdown().await;
+        let config = self.config.clone();
+        Self::launch(self.dir, config).await
+    }
+
+    pub fn running(&self) -> &RunningServer {
+        self.server.as_ref().unwrap()
+    }
+
+    /// A request without credentials.
+    pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(
+            method,
+            format!("{}{path}?api-version=2021-10-01", self.base),
+        )
+    }
+
+    /// A request signed with the owner policy.
+    pub fn owner(&self, method: Method, path: &str) -> RequestBuilder {
+        self.signed(
+            method,
+            path,
+            &self.owner.key_name,
+            &self.owner.key.to_base64(),
+        )
+    }
+
+    /// A request signed with the named policy's base64 key.
+    pub fn signed(&self, method: Method, path: &str, policy: &str, key: &str) -> RequestBuilder {
+        self.anonymous(method, path).header(
+            "Authorization",
+            token(&self.owner.host_name, policy, key, 3600),
+        )
+    }
+
+    /// Creates a linked hub through the API.
+    pub async fn link_hub(&self, host: &str) {
+        let response = self
+            .owner(Method::PUT, &format!("/linkedHubs/{host}"))
+            .json(&serde_json::json!({ "hostName": host }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+}
+
+/// A SAS token for `resource`, valid `lifetime` seconds from now (negative: expired).
+pub fn token(resource: &str, policy: &str, key_b64: &str, lifetime: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let key = attestation::SymmetricKey::from_base64(key_b64).unwrap();
+    sign(resource, &key, (now + lifetime) as u64, Some(policy))
+}
+
+/// The JSON body of a response, after checking its status.
+pub async fn expect_json(response: Response, status: u16) -> Value {
+    let actual = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let text = response.text().await.unwrap();
+    assert_eq!(actual, status, "unexpected status; body: {text}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "content type {content_type:?}"
+    );
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Checks an error answer: status, error code in body and header, a message and tracking id.
+pub async fn expect_error(response: Response, status: u16, code: u32) -> Value {
+    let header = response
+        .headers()
+        .get("x-ms-error-code")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = expect_json(response, status).await;
+    assert_eq!(body["errorCode"], code, "{body}");
+    assert_eq!(header.as_deref(), Some(code.to_string().as_str()));
+    assert!(!body["message"].as_str().unwrap().is_empty());
+    assert!(!body["trackingId"].as_str().unwrap().is_empty());
+    body
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
+# PostgreSQL (a local cluster with a `dps` superuser), Node.js with the npm packages of the
+# interop tests. Safe to run again. Prints the exports the tests read.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+command -v pg_ctlcluster >/dev/null 2>&1 || packages+=(postgresql)
+command -v node >/dev/null 2>&1 || packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+if [ "${#packages[@]}" -gt 0 ]; then
+    echo "installing: ${packages[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >&2
+fi
+
+# PostgreSQL: start the packaged cluster and make sure our role exists.
+version=$(ls /etc/postgresql | sort -V | tail -n 1)
+if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
+    pg_ctlcluster "$version" main start >&2
+fi
+for _ in $(seq 1 50); do
+    su postgres -c "pg_isready -q -h 127.0.0.1 -p 5432" && break
+    sleep 0.2
+done
+su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'dps'\"" | grep -q 1 ||
+    su postgres -c "psql -qc \"CREATE ROLE dps LOGIN SUPERUSER PASSWORD 'dps'\"" >&2
+
+# Node packages of the interop tests (versions pinned by package-lock.json).
+if [ -f interop/node/package.json ]; then
+    (cd interop/node && npm ci --no-audit --no-fund --loglevel=error) >&2
+fi
+
+echo "export DPS_TEST_DATABASE_URL=postgres://dps:dps@127.0.0.1:5432/postgres"
