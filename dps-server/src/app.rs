@@ -35,11 +35,17 @@ const KEYWORDS: &[&str] = &[
     "openapi.yaml",
 ];
 
-/// Rewrites keyword segments of the path to their canonical case, so routing ignores case.
+/// Rewrites keyword segments of the path to their canonical case, so routing ignores case,
+/// and drops a trailing slash (the Node service client posts bulk operations to
+/// `/enrollments/`).
 pub fn canonicalize_path(mut req: Request) -> Request {
     let uri = req.uri();
     let path = uri.path();
-    let canonical: Vec<&str> = path
+    let trimmed = match path.strip_suffix('/') {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => path,
+    };
+    let canonical: Vec<&str> = trimmed
         .split('/')
         .map(|segment| {
             KEYWORDS
@@ -164,5 +170,7 @@ mod tests {
             "/enrollmentGroups/g/attestationmechanism"
         );
         assert_eq!(canonical("/enrollments/Dev-01"), "/enrollments/Dev-01");
+        assert_eq!(canonical("/enrollments/?api-version=1"), "/enrollments?api-version=1");
+        assert_eq!(canonical("/"), "/");
     }
 }

@@ -94,7 +94,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     Ok(RunningServer {
         local_addr,
         admin,
-        ca_certificate: tls.ca_certificate,
+        ca_certificate: std::fs::canonicalize(&tls.ca_certificate).unwrap_or(tls.ca_certificate),
         store,
         stop,
         task,

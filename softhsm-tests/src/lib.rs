@@ -1,1 +1,168 @@
-//! placeholder
+//! Black-box test harness: starts the real `dps-server` binary, waits until it prints what an
+//! operator needs (`id-scope`, `service-connection-string`, `ca-certificate`, `listening`),
+//! and stops it on drop.
+//!
+//! The binary is `DPS_SERVER_BIN` when set, else `dps-server` in the same target directory as
+//! the test executable (`cargo test --workspace` builds it).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// How long a server may take to print its start-up lines.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `dps-server` binary under test.
+pub fn server_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("DPS_SERVER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target directory")?;
+    let candidate = dir.join("dps-server");
+    if !candidate.exists() {
+        bail!(
+            "{} does not exist: build it (cargo build -p dps-server) or set DPS_SERVER_BIN",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running `dps-server serve` and what it printed.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Child,
+    /// The admin instance's ID scope.
+    pub id_scope: String,
+    /// The printed service connection string.
+    pub connection_string: String,
+    /// The printed CA certificate path.
+    pub ca_certificate: PathBuf,
+    /// The printed listening URL (`https://127.0.0.1:PORT`).
+    pub listening: String,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl ServerProcess {
+    /// Runs `dps-server serve ARGS` in `cwd` with `env`, and waits for its start-up lines.
+    pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut command = Command::new(server_binary()?);
+        command
+            .arg("serve")
+            .args(args)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().context("starting dps-server")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if err_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        let (mut id_scope, mut connection_string, mut ca_certificate) = (None, None, None);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let log: Vec<String> = err_rx.try_iter().collect();
+                    bail!("dps-server did not start; its log:\n{}", log.join("\n"));
+                }
+            };
+            if let Some(v) = line.strip_prefix("id-scope: ") {
+                id_scope = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("service-connection-string: ") {
+                connection_string = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("ca-certificate: ") {
+                ca_certificate = Some(PathBuf::from(v));
+            } else if let Some(v) = line.strip_prefix("listening: ") {
+                return Ok(Self {
+                    child,
+                    id_scope: id_scope.context("no id-scope line")?,
+                    connection_string: connection_string.context("no connection string line")?,
+                    ca_certificate: ca_certificate.context("no ca-certificate line")?,
+                    listening: v.to_owned(),
+                    stderr: err_rx,
+                });
+            }
+        }
+    }
+
+    /// The server's log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+
+    /// Sends SIGTERM and waits for the exit status (killing it after `timeout`).
+    pub fn terminate(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("dps-server did not stop within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `dps-server admin ARGS` and returns (exit success, stdout, stderr).
+pub fn admin(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(bool, String, String)> {
+    let mut command = Command::new(server_binary()?);
+    command.arg("admin").args(args).stdin(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().context("running dps-server admin")?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
