@@ -170,7 +170,10 @@ mod tests {
             "/enrollmentGroups/g/attestationmechanism"
         );
         assert_eq!(canonical("/enrollments/Dev-01"), "/enrollments/Dev-01");
-        assert_eq!(canonical("/enrollments/?api-version=1"), "/enrollments?api-version=1");
+        assert_eq!(
+            canonical("/enrollments/?api-version=1"),
+            "/enrollments?api-version=1"
+        );
         assert_eq!(canonical("/"), "/");
     }
 }

@@ -13,12 +13,18 @@ use softhsm_tests::ServerProcess;
 fn node_service_client_manages_enrollments_and_groups() {
     let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/node");
     assert!(
-        interop.join("node_modules/azure-iot-provisioning-service").exists(),
+        interop
+            .join("node_modules/azure-iot-provisioning-service")
+            .exists(),
         "npm packages missing: run scripts/test-deps.sh (or npm ci in interop/node)"
     );
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &["--listen", "127.0.0.1:443"], &[]).unwrap();
-    assert!(server.connection_string.starts_with("HostName=localhost;"), "{}", server.connection_string);
+    assert!(
+        server.connection_string.starts_with("HostName=localhost;"),
+        "{}",
+        server.connection_string
+    );
 
     // A client call that never answers must fail the test, not stall the suite.
     let output = Command::new("timeout")
