@@ -61,6 +61,12 @@ pub enum AdminCommand {
     /// Shared access policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Print a SAS token for the connection string's policy, for curl and other HTTP clients.
+    Token {
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        lifetime: u64,
+    },
     /// Print the connection string of a policy (it contains the key).
     ConnectionString {
         /// The policy.
@@ -284,8 +290,12 @@ impl Client {
     }
 
     fn token(&self) -> String {
+        self.token_for(TOKEN_LIFETIME)
+    }
+
+    fn token_for(&self, lifetime: Duration) -> String {
         let expiry = SystemTime::now()
-            .checked_add(TOKEN_LIFETIME)
+            .checked_add(lifetime)
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_secs());
         sign(
@@ -657,6 +667,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        AdminCommand::Token { lifetime } => {
+            let token = client.token_for(Duration::from_secs(*lifetime));
+            match output {
+                Output::Json => println!("{}", pretty(&json!({ "authorization": token }))),
+                Output::Table => println!("{token}"),
+            }
+            Ok(())
+        }
         AdminCommand::ConnectionString { policy } => {
             let value = client
                 .call(

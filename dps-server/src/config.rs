@@ -259,6 +259,21 @@ linked_hubs = [{ hostName = "hub-a.example.com", allocationWeight = 3 }]
     }
 
     #[test]
+    fn the_documented_example_loads() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/dps.example.toml");
+        let config = Config::load(Some(Path::new(example)), &Overrides::default()).unwrap();
+        assert_eq!(
+            config.instances[0].linked_hubs[0].allocation_weight,
+            Some(2)
+        );
+        assert_eq!(config.admin_instance(), "plant");
+        assert_eq!(
+            config.limits.max_bulk_items,
+            Limits::default().max_bulk_items
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_missing_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("dps.toml");

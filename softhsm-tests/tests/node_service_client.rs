@@ -2,7 +2,7 @@
 //! connection string the server prints, manages enrollments and groups. The client builds
 //! `https://{HostName}/...` on port 443, so the server listens on 127.0.0.1:443 with the host
 //! name `localhost`, and Node trusts the generated CA through `NODE_EXTRA_CA_CERTS`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! The real `dps-server` binary: start-up on the embedded default, configuration layering,
 //! graceful shutdown, PostgreSQL by flag, and the admin CLI.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::process::Command;
@@ -135,6 +135,27 @@ linked_hubs = [{{ hostName = "hub-a.example.com", allocationWeight = 7 }}]
     let hubs: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(hubs[0]["hostName"], "hub-a.example.com");
     assert_eq!(hubs[0]["allocationWeight"], 7);
+}
+
+#[test]
+fn instances_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--listen", &listen],
+        &[(
+            "DPS_INSTANCES",
+            r#"[{name = "edge", host_names = ["edge.example.com"], id_scope = "0ne0000E0E0"}]"#,
+        )],
+    )
+    .unwrap();
+    assert_eq!(server.id_scope, "0ne0000E0E0");
+    assert!(
+        server
+            .connection_string
+            .starts_with("HostName=edge.example.com;")
+    );
 }
 
 #[test]
@@ -346,6 +367,33 @@ fn admin_cli_manages_enrollments_hubs_policies_and_instances() {
         !ok && err.contains("403001"),
         "the reader may not delete: {err}"
     );
+    // A token for curl: it authenticates a plain HTTPS request.
+    let (ok, token, _) = cli(&server, &["token", "--lifetime", "600"]);
+    assert!(
+        ok && token.starts_with("SharedAccessSignature sr=localhost"),
+        "{token}"
+    );
+    let curl = Command::new("curl")
+        .args([
+            "-sf",
+            "--cacert",
+            server.ca_certificate.to_str().unwrap(),
+            "-H",
+        ])
+        .arg(format!("Authorization: {}", token.trim()))
+        .arg(format!(
+            "{}/enrollments/dev-1",
+            server.listening.replace("127.0.0.1", "localhost")
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        curl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&curl.stderr)
+    );
+    let via_curl: Value = serde_json::from_slice(&curl.stdout).unwrap();
+    assert_eq!(via_curl["registrationId"], "dev-1");
     let owner = cli_json(&server, &["connection-string"]);
     assert_eq!(owner["connectionString"], server.connection_string.as_str());
 

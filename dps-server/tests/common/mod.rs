@@ -1,7 +1,7 @@
 //! Test harness: a real server (in process) on an ephemeral port, with a temporary data
 //! directory, on SQLite or on a fresh PostgreSQL database, and an HTTPS client that trusts
 //! its generated CA and signs SAS tokens like the Azure service clients do.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -89,10 +89,12 @@ impl TestServer {
     /// A server whose configuration `adjust` may change first.
     pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.data_dir = dir.path().join("data");
-        config.database_url = Some(fresh_database(backend, &dir).await);
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join("data"),
+            database_url: Some(fresh_database(backend, &dir).await),
+            ..Config::default()
+        };
         config.limits.shutdown_grace_secs = 5;
         adjust(&mut config);
         Self::launch(dir, config).await
