@@ -306,7 +306,39 @@ impl Client {
         )
     }
 
-    /// Sends a request to an instance-scoped path (or a server path when `scoped` is false).
+    fn url(&self, path: &str, scoped: bool) -> String {
+        let prefix = if scoped { self.prefix.as_str() } else { "" };
+        format!("{}{prefix}{path}?api-version=2021-10-01", self.base)
+    }
+
+    /// Sends a request and returns its status, continuation header and body text; a non-2xx
+    /// answer becomes an error carrying the server's error code and message.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<(StatusCode, Option<String>, String)> {
+        let response = request
+            .header("Authorization", self.token())
+            .send()
+            .await
+            .with_context(|| format!("calling {}", self.base))?;
+        let status = response.status();
+        let continuation = response
+            .headers()
+            .get("x-ms-continuation")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let text = response.text().await.context("reading the answer")?;
+        if !status.is_success() {
+            let detail = serde_json::from_str::<ErrorBody>(&text)
+                .map(|e| format!("{status} ({}): {}", e.error_code, e.message))
+                .unwrap_or_else(|_| format!("{status}: {text}"));
+            bail!("{detail}");
+        }
+        Ok((status, continuation, text))
+    }
+
+    /// Calls a path (instance-scoped unless `scoped` is false) and returns its JSON answer.
     async fn call(
         &self,
         method: Method,
@@ -315,30 +347,14 @@ impl Client {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> anyhow::Result<Option<Value>> {
-        let prefix = if scoped { self.prefix.as_str() } else { "" };
-        let url = format!("{}{prefix}{path}?api-version=2021-10-01", self.base);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .header("Authorization", self.token());
+        let mut request = self.http.request(method, self.url(path, scoped));
         if let Some(tag) = if_match {
             request = request.header("If-Match", tag);
         }
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .with_context(|| format!("calling {}", self.base))?;
-        let status = response.status();
-        let text = response.text().await.context("reading the answer")?;
-        if !status.is_success() {
-            let detail = serde_json::from_str::<ErrorBody>(&text)
-                .map(|e| format!("{} ({}): {}", status, e.error_code, e.message))
-                .unwrap_or_else(|_| format!("{status}: {text}"));
-            bail!("{detail}");
-        }
+        let (status, _, text) = self.send(request).await?;
         if status == StatusCode::NO_CONTENT || text.is_empty() {
             return Ok(None);
         }
@@ -347,22 +363,19 @@ impl Client {
         ))
     }
 
-    /// Follows `x-ms-continuation` through every page of a query or listing.
+    /// Follows `x-ms-continuation` through every page of a query (POST) or listing (GET).
     async fn all_pages(
         &self,
         method: Method,
         path: &str,
         scoped: bool,
     ) -> anyhow::Result<Vec<Value>> {
-        let prefix = if scoped { self.prefix.as_str() } else { "" };
-        let url = format!("{}{prefix}{path}?api-version=2021-10-01", self.base);
         let mut items = Vec::new();
         let mut continuation: Option<String> = None;
         loop {
             let mut request = self
                 .http
-                .request(method.clone(), &url)
-                .header("Authorization", self.token())
+                .request(method.clone(), self.url(path, scoped))
                 .header("x-ms-max-item-count", "1000");
             if method == Method::POST {
                 request = request.json(&json!({ "query": "*" }));
@@ -370,30 +383,51 @@ impl Client {
             if let Some(token) = &continuation {
                 request = request.header("x-ms-continuation", token);
             }
-            let response = request
-                .send()
-                .await
-                .with_context(|| format!("calling {}", self.base))?;
-            let status = response.status();
-            continuation = response
-                .headers()
-                .get("x-ms-continuation")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let text = response.text().await?;
-            if !status.is_success() {
-                let detail = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|e| format!("{} ({}): {}", status, e.error_code, e.message))
-                    .unwrap_or_else(|_| format!("{status}: {text}"));
-                bail!("{detail}");
-            }
+            let (_, next, text) = self.send(request).await?;
             let page: Vec<Value> =
                 serde_json::from_str(&text).context("the answer is not a JSON array")?;
             items.extend(page);
+            continuation = next;
             if continuation.is_none() {
                 return Ok(items);
             }
         }
+    }
+
+    /// GET one resource and print it.
+    async fn show(&self, output: Output, path: &str, scoped: bool) -> anyhow::Result<()> {
+        print_one(
+            output,
+            self.call(Method::GET, path, scoped, None, None).await?,
+        );
+        Ok(())
+    }
+
+    /// DELETE one resource and say so.
+    async fn delete(
+        &self,
+        output: Output,
+        path: &str,
+        scoped: bool,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        self.call(Method::DELETE, path, scoped, None, None).await?;
+        print_done(output, "deleted", id);
+        Ok(())
+    }
+
+    /// Every item of a listing, printed with `columns`.
+    async fn list(
+        &self,
+        output: Output,
+        method: Method,
+        path: &str,
+        scoped: bool,
+        columns: &[&str],
+    ) -> anyhow::Result<()> {
+        let items = self.all_pages(method, path, scoped).await?;
+        print_list(output, &items, columns);
+        Ok(())
     }
 }
 
@@ -419,254 +453,134 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             )
             .await
         }
-        AdminCommand::Registration(command) => match command {
-            RegistrationCommand::List { group } => {
-                let items = client
-                    .all_pages(
-                        Method::POST,
-                        &format!("/registrations/{}/query", segment(group)),
-                        true,
-                    )
-                    .await?;
-                print_list(
-                    output,
-                    &items,
-                    &[
+        AdminCommand::Registration(command) => {
+            let one = |id: &str| format!("/registrations/{}", segment(id));
+            match command {
+                RegistrationCommand::List { group } => {
+                    let path = format!("/registrations/{}/query", segment(group));
+                    let columns = [
                         "registrationId",
                         "status",
                         "assignedHub",
                         "deviceId",
                         "lastUpdatedDateTimeUtc",
-                    ],
-                );
-                Ok(())
+                    ];
+                    client
+                        .list(output, Method::POST, &path, true, &columns)
+                        .await
+                }
+                RegistrationCommand::Show { id } => client.show(output, &one(id), true).await,
+                RegistrationCommand::Delete { id } => {
+                    client.delete(output, &one(id), true, id).await
+                }
             }
-            RegistrationCommand::Show { id } => {
-                let value = client
-                    .call(
-                        Method::GET,
-                        &format!("/registrations/{}", segment(id)),
-                        true,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_one(output, value);
-                Ok(())
-            }
-            RegistrationCommand::Delete { id } => {
-                client
-                    .call(
-                        Method::DELETE,
-                        &format!("/registrations/{}", segment(id)),
-                        true,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_done(output, "deleted", id);
-                Ok(())
-            }
-        },
-        AdminCommand::Hub(command) => match command {
-            HubCommand::List => {
-                let items = client.all_pages(Method::GET, "/linkedHubs", true).await?;
-                print_list(
-                    output,
-                    &items,
-                    &[
+        }
+        AdminCommand::Hub(command) => {
+            let one = |host: &str| format!("/linkedHubs/{}", segment(host));
+            match command {
+                HubCommand::List => {
+                    let columns = [
                         "hostName",
                         "allocationWeight",
                         "applyAllocationPolicy",
                         "region",
                         "connector.type",
-                    ],
-                );
-                Ok(())
-            }
-            HubCommand::Show { host_name } => {
-                let value = client
-                    .call(
-                        Method::GET,
-                        &format!("/linkedHubs/{}", segment(host_name)),
-                        true,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_one(output, value);
-                Ok(())
-            }
-            HubCommand::Set {
-                host_name,
-                weight,
-                region,
-                latitude,
-                longitude,
-                no_apply_allocation_policy,
-            } => {
-                let mut body = json!({
-                    "hostName": host_name,
-                    "applyAllocationPolicy": !no_apply_allocation_policy,
-                });
-                set_opt(&mut body, "allocationWeight", weight.map(Value::from));
-                set_opt(&mut body, "region", region.clone().map(Value::from));
-                set_opt(&mut body, "latitude", latitude.map(Value::from));
-                set_opt(&mut body, "longitude", longitude.map(Value::from));
-                let value = client
-                    .call(
-                        Method::PUT,
-                        &format!("/linkedHubs/{}", segment(host_name)),
-                        true,
-                        Some(&body),
-                        Some("*"),
-                    )
-                    .await?;
-                print_one(output, value);
-                Ok(())
-            }
-            HubCommand::Delete { host_name } => {
-                client
-                    .call(
-                        Method::DELETE,
-                        &format!("/linkedHubs/{}", segment(host_name)),
-                        true,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_done(output, "deleted", host_name);
-                Ok(())
-            }
-        },
-        AdminCommand::Instance(command) => match command {
-            InstanceCommand::List => {
-                let items = client.all_pages(Method::GET, "/instances", false).await?;
-                print_list(
-                    output,
-                    &items,
-                    &["name", "idScope", "hostNames", "defaultAllocationPolicy"],
-                );
-                Ok(())
-            }
-            InstanceCommand::Show { name } => {
-                let value = client
-                    .call(
-                        Method::GET,
-                        &format!("/instances/{}", segment(name)),
-                        false,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_one(output, value);
-                Ok(())
-            }
-            InstanceCommand::Create {
-                name,
-                host_names,
-                id_scope,
-            } => {
-                let mut body = json!({ "name": name, "hostNames": host_names });
-                set_opt(&mut body, "idScope", id_scope.clone().map(Value::from));
-                let value = client
-                    .call(
-                        Method::PUT,
-                        &format!("/instances/{}", segment(name)),
-                        false,
-                        Some(&body),
-                        None,
-                    )
-                    .await?
-                    .context("the server returned no instance")?;
-                match output {
-                    Output::Json => println!("{}", pretty(&value)),
-                    Output::Table => {
-                        println!("id-scope: {}", str_at(&value, "idScope"));
-                        if let (Some(host), Some(key)) = (
-                            value.pointer("/hostNames/0").and_then(Value::as_str),
-                            value
-                                .pointer("/ownerPolicy/primaryKey")
-                                .and_then(Value::as_str),
-                        ) {
-                            println!(
-                                "service-connection-string: HostName={host};SharedAccessKeyName={};SharedAccessKey={key}",
-                                str_at(&value, "ownerPolicy.keyName")
-                            );
-                        }
-                    }
+                    ];
+                    client
+                        .list(output, Method::GET, "/linkedHubs", true, &columns)
+                        .await
                 }
-                Ok(())
+                HubCommand::Show { host_name } => client.show(output, &one(host_name), true).await,
+                HubCommand::Set {
+                    host_name,
+                    weight,
+                    region,
+                    latitude,
+                    longitude,
+                    no_apply_allocation_policy,
+                } => {
+                    let mut body = json!({
+                        "hostName": host_name,
+                        "applyAllocationPolicy": !no_apply_allocation_policy,
+                    });
+                    set_opt(&mut body, "allocationWeight", weight.map(Value::from));
+                    set_opt(&mut body, "region", region.clone().map(Value::from));
+                    set_opt(&mut body, "latitude", latitude.map(Value::from));
+                    set_opt(&mut body, "longitude", longitude.map(Value::from));
+                    let value = client
+                        .call(Method::PUT, &one(host_name), true, Some(&body), Some("*"))
+                        .await?;
+                    print_one(output, value);
+                    Ok(())
+                }
+                HubCommand::Delete { host_name } => {
+                    client
+                        .delete(output, &one(host_name), true, host_name)
+                        .await
+                }
             }
-            InstanceCommand::Delete { name } => {
-                client
-                    .call(
-                        Method::DELETE,
-                        &format!("/instances/{}", segment(name)),
-                        false,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_done(output, "deleted", name);
-                Ok(())
+        }
+        AdminCommand::Instance(command) => {
+            let one = |name: &str| format!("/instances/{}", segment(name));
+            match command {
+                InstanceCommand::List => {
+                    let columns = ["name", "idScope", "hostNames", "defaultAllocationPolicy"];
+                    client
+                        .list(output, Method::GET, "/instances", false, &columns)
+                        .await
+                }
+                InstanceCommand::Show { name } => client.show(output, &one(name), false).await,
+                InstanceCommand::Create {
+                    name,
+                    host_names,
+                    id_scope,
+                } => {
+                    let mut body = json!({ "name": name, "hostNames": host_names });
+                    set_opt(&mut body, "idScope", id_scope.clone().map(Value::from));
+                    let value = client
+                        .call(Method::PUT, &one(name), false, Some(&body), None)
+                        .await?
+                        .context("the server returned no instance")?;
+                    print_created_instance(output, &value);
+                    Ok(())
+                }
+                InstanceCommand::Delete { name } => {
+                    client.delete(output, &one(name), false, name).await
+                }
             }
-        },
-        AdminCommand::Policy(command) => match command {
-            PolicyCommand::List => {
-                let items = client
-                    .all_pages(Method::GET, "/accessPolicies", true)
-                    .await?;
-                print_list(output, &items, &["keyName", "rights"]);
-                Ok(())
+        }
+        AdminCommand::Policy(command) => {
+            let one = |name: &str| format!("/accessPolicies/{}", segment(name));
+            match command {
+                PolicyCommand::List => {
+                    client
+                        .list(
+                            output,
+                            Method::GET,
+                            "/accessPolicies",
+                            true,
+                            &["keyName", "rights"],
+                        )
+                        .await
+                }
+                PolicyCommand::Show { name } => client.show(output, &one(name), true).await,
+                PolicyCommand::Set { name, rights } => {
+                    let body = json!({ "keyName": name, "rights": rights });
+                    let mut value = client
+                        .call(Method::PUT, &one(name), true, Some(&body), Some("*"))
+                        .await?;
+                    if let Some(Value::Object(map)) = &mut value {
+                        map.remove("primaryKey");
+                        map.remove("secondaryKey");
+                    }
+                    print_one(output, value);
+                    Ok(())
+                }
+                PolicyCommand::Delete { name } => {
+                    client.delete(output, &one(name), true, name).await
+                }
             }
-            PolicyCommand::Show { name } => {
-                let value = client
-                    .call(
-                        Method::GET,
-                        &format!("/accessPolicies/{}", segment(name)),
-                        true,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_one(output, value);
-                Ok(())
-            }
-            PolicyCommand::Set { name, rights } => {
-                let body = json!({ "keyName": name, "rights": rights });
-                let value = client
-                    .call(
-                        Method::PUT,
-                        &format!("/accessPolicies/{}", segment(name)),
-                        true,
-                        Some(&body),
-                        Some("*"),
-                    )
-                    .await?;
-                print_one(
-                    output,
-                    value.map(|mut v| {
-                        hide_keys(&mut v);
-                        v
-                    }),
-                );
-                Ok(())
-            }
-            PolicyCommand::Delete { name } => {
-                client
-                    .call(
-                        Method::DELETE,
-                        &format!("/accessPolicies/{}", segment(name)),
-                        true,
-                        None,
-                        None,
-                    )
-                    .await?;
-                print_done(output, "deleted", name);
-                Ok(())
-            }
-        },
+        }
         AdminCommand::Token { lifetime } => {
             let token = client.token_for(Duration::from_secs(*lifetime));
             match output {
@@ -676,14 +590,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             Ok(())
         }
         AdminCommand::ConnectionString { policy } => {
+            let path = format!("/accessPolicies/{}/listKeys", segment(policy));
             let value = client
-                .call(
-                    Method::POST,
-                    &format!("/accessPolicies/{}/listKeys", segment(policy)),
-                    true,
-                    None,
-                    None,
-                )
+                .call(Method::POST, &path, true, None, None)
                 .await?
                 .context("the server returned no keys")?;
             let text = format!(
@@ -701,6 +610,26 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     }
 }
 
+/// A new instance: its ID scope and owner connection string (shown once), or the JSON.
+fn print_created_instance(output: Output, value: &Value) {
+    if output == Output::Json {
+        println!("{}", pretty(value));
+        return;
+    }
+    println!("id-scope: {}", str_at(value, "idScope"));
+    if let (Some(host), Some(key)) = (
+        value.pointer("/hostNames/0").and_then(Value::as_str),
+        value
+            .pointer("/ownerPolicy/primaryKey")
+            .and_then(Value::as_str),
+    ) {
+        println!(
+            "service-connection-string: HostName={host};SharedAccessKeyName={};SharedAccessKey={key}",
+            str_at(value, "ownerPolicy.keyName")
+        );
+    }
+}
+
 async fn enrollment_command(
     client: &Client,
     output: Output,
@@ -708,76 +637,47 @@ async fn enrollment_command(
     collection: &str,
     id_field: &str,
 ) -> anyhow::Result<()> {
+    let one = |id: &str| format!("/{collection}/{}", segment(id));
     match command {
         EnrollmentCommand::List => {
-            let items = client
-                .all_pages(Method::POST, &format!("/{collection}/query"), true)
-                .await?;
-            print_list(
-                output,
-                &items,
-                &[
-                    id_field,
-                    "attestation.type",
-                    "provisioningStatus",
-                    "allocationPolicy",
-                    "iotHubs",
-                    "lastUpdatedDateTimeUtc",
-                ],
-            );
-        }
-        EnrollmentCommand::Show { id } => {
-            let value = client
-                .call(
-                    Method::GET,
-                    &format!("/{collection}/{}", segment(id)),
-                    true,
-                    None,
-                    None,
-                )
-                .await?;
-            print_one(output, value);
-        }
-        EnrollmentCommand::Keys { id } => {
-            let value = client
-                .call(
+            let columns = [
+                id_field,
+                "attestation.type",
+                "provisioningStatus",
+                "allocationPolicy",
+                "iotHubs",
+                "lastUpdatedDateTimeUtc",
+            ];
+            client
+                .list(
+                    output,
                     Method::POST,
-                    &format!("/{collection}/{}/attestationmechanism", segment(id)),
+                    &format!("/{collection}/query"),
                     true,
-                    None,
-                    None,
+                    &columns,
                 )
-                .await?;
-            print_one(output, value);
+                .await
+        }
+        EnrollmentCommand::Show { id } => client.show(output, &one(id), true).await,
+        EnrollmentCommand::Keys { id } => {
+            let path = format!("{}/attestationmechanism", one(id));
+            print_one(
+                output,
+                client.call(Method::POST, &path, true, None, None).await?,
+            );
+            Ok(())
         }
         EnrollmentCommand::Create(create) => {
             let body = enrollment_body(create, id_field)?;
             let if_match = create.force.then_some("*");
             let value = client
-                .call(
-                    Method::PUT,
-                    &format!("/{collection}/{}", segment(&create.id)),
-                    true,
-                    Some(&body),
-                    if_match,
-                )
+                .call(Method::PUT, &one(&create.id), true, Some(&body), if_match)
                 .await?;
             print_one(output, value);
+            Ok(())
         }
-        EnrollmentCommand::Delete { id } => {
-            client
-                .call(
-                    Method::DELETE,
-                    &format!("/{collection}/{}", segment(id)),
-                    true,
-                    None,
-                    None,
-                )
-                .await?;
-            print_done(output, "deleted", id);
-        }
+        EnrollmentCommand::Delete { id } => client.delete(output, &one(id), true, id).await,
     }
-    Ok(())
 }
 
 fn enrollment_body(create: &CreateEnrollment, id_field: &str) -> anyhow::Result<Value> {
@@ -839,13 +739,6 @@ fn read_json(path: &Path) -> anyhow::Result<Value> {
 fn set_opt(body: &mut Value, key: &str, value: Option<Value>) {
     if let (Some(value), Value::Object(map)) = (value, body) {
         map.insert(key.to_owned(), value);
-    }
-}
-
-fn hide_keys(value: &mut Value) {
-    if let Value::Object(map) = value {
-        map.remove("primaryKey");
-        map.remove("secondaryKey");
     }
 }
 

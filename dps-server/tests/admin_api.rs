@@ -979,6 +979,44 @@ async fn linked_hubs_and_access_policies(backend: Backend) {
         400004,
     )
     .await;
+    let writer = expect_json(
+        t.owner(Method::PUT, "/accessPolicies/writer")
+            .json(&json!({ "keyName": "writer", "rights": ["enrollmentwrite", "EnrollmentRead"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        writer["rights"],
+        json!(["EnrollmentRead", "EnrollmentWrite"])
+    );
+    let read = expect_json(
+        t.owner(Method::GET, "/accessPolicies/Writer")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["keyName"], "writer");
+    assert!(read.get("primaryKey").is_none());
+    let gone = t
+        .owner(Method::DELETE, "/accessPolicies/writer")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    expect_error(
+        t.owner(Method::GET, "/accessPolicies/writer")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404205,
+    )
+    .await;
     // The last policy holding ServiceConfig cannot go.
     expect_error(
         t.owner(Method::DELETE, "/accessPolicies/provisioningserviceowner")
@@ -1068,6 +1106,20 @@ async fn instances_are_separate_tenants(backend: Backend) {
     .await;
     expect_json(as_factory(Method::GET, path).send().await.unwrap(), 200).await;
 
+    let one = expect_json(
+        t.owner(Method::GET, "/instances/Factory")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(one["idScope"], scope);
+    assert_eq!(one["hostNames"], json!(["factory.example.com"]));
+    assert!(
+        one.get("ownerPolicy").is_none(),
+        "keys are shown only on create"
+    );
     let listed = expect_json(
         t.owner(Method::GET, "/instances").send().await.unwrap(),
         200,

@@ -265,11 +265,7 @@ pub async fn get_one<E: Enrollment>(
 ) -> Result<Json<E>, ApiError> {
     admin.require(Right::EnrollmentRead)?;
     let key = E::key_of(&id)?;
-    let stored = state
-        .store
-        .get(admin.ns(), E::KIND, &key)
-        .await?
-        .ok_or_else(|| crate::error::not_found(E::KIND, &id))?;
+    let stored = super::load(state.store.as_ref(), admin.ns(), E::KIND, &key).await?;
     let mut enrollment: E = render(&stored, false)?;
     enrollment.decorate(&state, admin.ns()).await?;
     Ok(Json(enrollment))
@@ -284,21 +280,13 @@ pub async fn delete_one<E: Enrollment>(
 ) -> Result<StatusCode, ApiError> {
     admin.require(Right::EnrollmentWrite)?;
     let key = E::key_of(&id)?;
-    delete_key::<E>(
-        &state,
-        admin.ns(),
-        &id,
-        &key,
-        delete_precondition(&headers)?,
-    )
-    .await?;
+    delete_key::<E>(&state, admin.ns(), &key, delete_precondition(&headers)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 async fn delete_key<E: Enrollment>(
     state: &AppState,
     ns: &str,
-    id: &str,
     key: &str,
     precondition: Precondition,
 ) -> Result<(), ApiError> {
@@ -309,10 +297,7 @@ async fn delete_key<E: Enrollment>(
         precondition,
     }];
     writes.extend(E::cascade_delete(ns, key));
-    state.store.write(&writes).await.map_err(|e| match e {
-        StoreError::NotFound { kind, .. } => crate::error::not_found(kind, id),
-        other => other.into(),
-    })?;
+    state.store.write(&writes).await?;
     Ok(())
 }
 
@@ -325,11 +310,7 @@ pub async fn attestation_mechanism<E: Enrollment>(
 ) -> Result<Json<AttestationMechanism>, ApiError> {
     admin.require(Right::EnrollmentWrite)?;
     let key = E::key_of(&id)?;
-    let stored = state
-        .store
-        .get(admin.ns(), E::KIND, &key)
-        .await?
-        .ok_or_else(|| crate::error::not_found(E::KIND, &id))?;
+    let stored = super::load(state.store.as_ref(), admin.ns(), E::KIND, &key).await?;
     let enrollment: E = render(&stored, true)?;
     Ok(Json(enrollment.attestation().clone()))
 }
@@ -435,7 +416,7 @@ async fn bulk_item<E: Enrollment>(
         BulkMode::Delete => {
             let key = E::key_of(enrollment.id())?;
             let precondition = etag.map_or(Precondition::Always, Precondition::IfMatch);
-            delete_key::<E>(state, ns, enrollment.id(), &key, precondition).await?;
+            delete_key::<E>(state, ns, &key, precondition).await?;
             return Ok(());
         }
     };

@@ -18,7 +18,7 @@ use super::validate::field_error;
 use super::{
     AppState, Id, PageRequest, ServerAdmin, delete_precondition, put_precondition, to_doc,
 };
-use crate::error::{ApiError, not_found};
+use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
 
@@ -282,10 +282,7 @@ async fn delete_one(
     writes.push(Write::DeleteNamespace {
         ns: instance.name.clone(),
     });
-    state.store.write(&writes).await.map_err(|e| match e {
-        StoreError::NotFound { kind, .. } => not_found(kind, &name),
-        other => other.into(),
-    })?;
+    state.store.write(&writes).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

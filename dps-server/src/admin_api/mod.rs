@@ -166,12 +166,17 @@ fn request_host(parts: &Parts) -> Option<String> {
         .map(|h| h.to_ascii_lowercase())
 }
 
+/// Loads a document, or answers 404.
+pub async fn load(store: &dyn Store, ns: &str, kind: Kind, key: &str) -> Result<Stored, ApiError> {
+    store
+        .get(ns, kind, key)
+        .await?
+        .ok_or_else(|| crate::error::not_found(kind, key))
+}
+
 /// Loads an instance by name, or 404.
 pub async fn load_instance(store: &dyn Store, name: &str) -> Result<Instance, ApiError> {
-    let stored = store
-        .get(SERVER_NS, Kind::Instance, &name.to_ascii_lowercase())
-        .await?
-        .ok_or_else(|| crate::error::not_found(Kind::Instance, name))?;
+    let stored = load(store, SERVER_NS, Kind::Instance, &name.to_ascii_lowercase()).await?;
     instances::from_stored(&stored)
 }
 

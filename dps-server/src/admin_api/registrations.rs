@@ -12,9 +12,9 @@ use dps_protocol::enrollment::DeviceRegistrationState;
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
 
 use super::{Admin, AppState, Id, PageRequest, delete_precondition};
-use crate::error::{ApiError, not_found};
+use crate::error::ApiError;
 use crate::json::Json;
-use crate::store::{Kind, Page, StoreError, Stored, Write};
+use crate::store::{Kind, Page, Stored, Write};
 
 /// Routes of `/registrations`.
 pub fn routes() -> Router<AppState> {
@@ -45,11 +45,14 @@ async fn get_one(
 ) -> Result<Json<DeviceRegistrationState>, ApiError> {
     admin.require(Right::RegistrationStatusRead)?;
     tracing::Span::current().record("registration_id", id.as_str());
-    let stored = state
-        .store
-        .get(admin.ns(), Kind::RegistrationState, &registration_key(&id)?)
-        .await?
-        .ok_or_else(|| not_found(Kind::RegistrationState, &id))?;
+    let key = registration_key(&id)?;
+    let stored = super::load(
+        state.store.as_ref(),
+        admin.ns(),
+        Kind::RegistrationState,
+        &key,
+    )
+    .await?;
     Ok(Json(render(&stored)?))
 }
 
@@ -67,10 +70,7 @@ async fn delete_one(
         key: registration_key(&id)?,
         precondition: delete_precondition(&headers)?,
     };
-    state.store.write(&[delete]).await.map_err(|e| match e {
-        StoreError::NotFound { kind, .. } => not_found(kind, &id),
-        other => other.into(),
-    })?;
+    state.store.write(&[delete]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

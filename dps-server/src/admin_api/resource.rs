@@ -10,9 +10,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{Admin, AppState, Id, PageRequest, delete_precondition, put_precondition, to_doc};
-use crate::error::{ApiError, not_found};
+use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
-use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
+use crate::store::{Kind, Page, Precondition, Stored, Write};
 
 /// A configuration document of an instance.
 pub trait Resource: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
@@ -136,11 +136,7 @@ pub async fn get_one<R: Resource>(
 
 /// Loads one document or 404.
 pub async fn load<R: Resource>(state: &AppState, ns: &str, id: &str) -> Result<Stored, ApiError> {
-    state
-        .store
-        .get(ns, R::KIND, &R::key_of(id)?)
-        .await?
-        .ok_or_else(|| not_found(R::KIND, id))
+    super::load(state.store.as_ref(), ns, R::KIND, &R::key_of(id)?).await
 }
 
 /// `DELETE /{kind}/{id}`.
@@ -159,10 +155,7 @@ pub async fn delete_one<R: Resource>(
         key,
         precondition: delete_precondition(&headers)?,
     };
-    state.store.write(&[delete]).await.map_err(|e| match e {
-        StoreError::NotFound { kind, .. } => not_found(kind, &id),
-        other => other.into(),
-    })?;
+    state.store.write(&[delete]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
