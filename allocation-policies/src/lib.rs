@@ -1,7 +1,10 @@
 //! Allocation policies: how a device is assigned to one of an instance's linked hubs.
 //!
-//! This release names the policies (so enrollments and instances can be validated); the
-//! policies themselves and the `AllocationPolicy` trait come with allocation.
+//! This release names the policies (so enrollments and instances can be validated) and has
+//! the weighted hash that `hashed` uses; the `AllocationPolicy` trait and the other policies
+//! come with allocation.
+
+pub mod hashed;
 
 use std::fmt;
 

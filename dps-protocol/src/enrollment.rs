@@ -312,6 +312,18 @@ pub struct DeviceRegistrationState {
     /// The group the device came through, when it did (our extension, used for group queries).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enrollment_group_id: Option<String>,
+    /// Symmetric-key devices: the group they came through, if any (device answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
+}
+
+/// `SymmetricKeyRegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKeyRegistrationResult {
+    /// The enrollment group, for group members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
 }
 
 /// A bulk operation's mode. Compared case-insensitively because the Node client spells

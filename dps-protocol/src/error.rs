@@ -39,8 +39,12 @@ pub enum ErrorCode {
     InvalidHeader,
     /// A bulk request holds too many items or an unknown mode.
     InvalidBulkOperation,
+    /// No linked hub can take the device (the C SDK maps 400208 to "hub not specified").
+    NoHubAvailable,
     /// No credentials, or credentials that do not verify.
     Unauthorized,
+    /// The device's enrollment or group is disabled.
+    EnrollmentDisabled,
     /// The credentials verify but lack the right this route needs.
     Forbidden,
     /// No route at this path.
@@ -53,6 +57,8 @@ pub enum ErrorCode {
     EnrollmentGroupNotFound,
     /// No such registration state.
     RegistrationNotFound,
+    /// No such registration operation.
+    OperationNotFound,
     /// No such linked hub.
     LinkedHubNotFound,
     /// No such shared access policy.
@@ -86,13 +92,16 @@ impl ErrorCode {
             Self::IdMismatch => 400008,
             Self::InvalidHeader => 400009,
             Self::InvalidBulkOperation => 400010,
+            Self::NoHubAvailable => 400208,
             Self::Unauthorized => 401002,
+            Self::EnrollmentDisabled => 403002,
             Self::Forbidden => 403001,
             Self::RouteNotFound => 404001,
             Self::InstanceNotFound => 404002,
             Self::EnrollmentNotFound => 404201,
             Self::EnrollmentGroupNotFound => 404202,
             Self::RegistrationNotFound => 404203,
+            Self::OperationNotFound => 404206,
             Self::LinkedHubNotFound => 404204,
             Self::AccessPolicyNotFound => 404205,
             Self::MethodNotAllowed => 405001,

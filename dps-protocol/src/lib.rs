@@ -4,6 +4,7 @@
 //! admin extensions (instances, linked hubs, access policies) follow the same conventions.
 
 pub mod admin;
+pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod ids;

@@ -10,6 +10,7 @@ use dps_protocol::ErrorCode;
 use serde_json::json;
 
 use crate::admin_api::{self, AppState};
+use crate::device_api;
 use crate::error::ApiError;
 use crate::json::Json;
 use crate::observability;
@@ -33,6 +34,8 @@ const KEYWORDS: &[&str] = &[
     "readyz",
     "metrics",
     "openapi.yaml",
+    "register",
+    "operations",
 ];
 
 /// Rewrites keyword segments of the path to their canonical case, so routing ignores case,
@@ -76,8 +79,10 @@ pub fn canonicalize_path(mut req: Request) -> Request {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let metrics = state.metrics.clone();
+    let device_body_limit = state.limits.max_device_body_bytes;
     Router::new()
         .merge(admin_api::routes())
+        .merge(device_api::routes().layer(DefaultBodyLimit::max(device_body_limit)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -32,6 +32,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Request and authentication limits.
     pub limits: Limits,
+    /// Device API throttling.
+    pub throttle: crate::throttle::ThrottleConfig,
     /// The instance whose `ServiceConfig` policies manage all instances, and whose connection
     /// string is printed at start: the first configured instance, or `default`, when absent.
     pub admin_instance: Option<String>,
@@ -49,6 +51,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             log: LogConfig::default(),
             limits: Limits::default(),
+            throttle: crate::throttle::ThrottleConfig::default(),
             admin_instance: None,
             instances: Vec::new(),
         }
@@ -102,6 +105,10 @@ pub enum LogFormat {
 pub struct Limits {
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
+    /// Largest body of a device request, bytes (Azure: 96 KB).
+    pub max_device_body_bytes: usize,
+    /// `Retry-After` sent with 202 answers to devices, seconds (1 to 300).
+    pub retry_after_secs: u64,
     /// Largest page a query may ask for (`x-ms-max-item-count`).
     pub max_page_size: usize,
     /// Page size when the client asks for none.
@@ -120,6 +127,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
+            max_device_body_bytes: 96 * 1024,
+            retry_after_secs: 1,
             max_page_size: 1000,
             default_page_size: 100,
             max_bulk_items: 1000,

@@ -100,6 +100,7 @@ pub fn not_found(kind: Kind, key: &str) -> ApiError {
         Kind::IndividualEnrollment => ErrorCode::EnrollmentNotFound,
         Kind::EnrollmentGroup => ErrorCode::EnrollmentGroupNotFound,
         Kind::RegistrationState => ErrorCode::RegistrationNotFound,
+        Kind::Operation => ErrorCode::OperationNotFound,
     };
     ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
 }
@@ -114,6 +115,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::IndividualEnrollment => "enrollment",
         Kind::EnrollmentGroup => "enrollment group",
         Kind::RegistrationState => "registration",
+        Kind::Operation => "operation",
     }
 }
 

@@ -24,6 +24,7 @@ use crate::bootstrap::{AdminAccess, bootstrap};
 use crate::config::Config;
 use crate::observability::Metrics;
 use crate::store::{SqlStore, Store};
+use crate::throttle::Throttle;
 use crate::tls::TlsMaterial;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,7 +76,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         limits: Arc::new(config.limits.clone()),
         admin_instance: config.admin_instance().into(),
         metrics: Arc::new(Metrics::new(store.backend())),
+        throttle: Arc::new(Throttle::new(&config.throttle)),
     };
+
     let admin = bootstrap(&state, &config).await?;
 
     let host_names = all_host_names(&state).await?;
@@ -87,6 +90,16 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", config.listen))?;
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
+    let (throttle, mut stopping) = (state.throttle.clone(), stopped.clone());
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = every.tick() => throttle.forget_idle(),
+                _ = stopping.changed() => break,
+            }
+        }
+    });
     let grace = Duration::from_secs(config.limits.shutdown_grace_secs);
     let router = app::router(state);
     let task = tokio::spawn(serve(listener, acceptor, router, stopped, grace));

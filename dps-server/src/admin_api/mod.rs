@@ -47,6 +47,8 @@ pub struct AppState {
     pub admin_instance: Arc<str>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Device API throttling.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// Routes that act on one instance.
@@ -211,7 +213,8 @@ async fn instance_for_host(store: &dyn Store, host: Option<String>) -> Result<In
     }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

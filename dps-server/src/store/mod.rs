@@ -32,6 +32,8 @@ pub enum Kind {
     EnrollmentGroup,
     /// A device's registration state (keyed by lower-case registration id, parent = group key).
     RegistrationState,
+    /// A registration attempt (keyed by lower-case operation id, parent = registration key).
+    Operation,
 }
 
 impl Kind {
@@ -45,6 +47,7 @@ impl Kind {
             Kind::IndividualEnrollment => "enrollment",
             Kind::EnrollmentGroup => "enrollment-group",
             Kind::RegistrationState => "registration",
+            Kind::Operation => "operation",
         }
     }
 }

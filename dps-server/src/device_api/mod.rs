@@ -1,0 +1,278 @@
+//! The device registration API, wire-compatible with Azure DPS (reference section 1):
+//! `PUT /{idScope}/registrations/{id}/register` answers 202 `assigning` with an operation id,
+//! `GET .../operations/{operationId}` answers 202 while assigning and 200 when done, and
+//! `POST /{idScope}/registrations/{id}` looks up the registration state.
+
+pub mod auth;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, RawPathParams, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use dps_protocol::ErrorCode;
+use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOperationStatus};
+use dps_protocol::enrollment::DeviceRegistrationState;
+use dps_protocol::ids::{IdScope, RegistrationId};
+
+use crate::admin_api::AppState;
+use crate::error::ApiError;
+use crate::json::{Json, RawBody};
+use crate::registration::{self, RegistrationRecord};
+use crate::server::PeerAddr;
+use crate::store::{Kind, SERVER_NS};
+use crate::throttle::{Action, Throttled};
+
+/// Routes of the device API.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/{scope}/registrations/{id}/register", put(register))
+        .route(
+            "/{scope}/registrations/{id}/operations/{operation}",
+            get(operation_status),
+        )
+        .route("/{scope}/registrations/{id}", post(status_lookup))
+}
+
+/// An error answer of the device API.
+#[derive(Debug)]
+pub enum DeviceError {
+    /// A 4xx/5xx with an error body.
+    Api(ApiError),
+    /// A 429 with `Retry-After`.
+    Throttled(Throttled),
+}
+
+impl From<ApiError> for DeviceError {
+    fn from(e: ApiError) -> Self {
+        DeviceError::Api(e)
+    }
+}
+
+impl From<Throttled> for DeviceError {
+    fn from(t: Throttled) -> Self {
+        DeviceError::Throttled(t)
+    }
+}
+
+impl From<crate::store::StoreError> for DeviceError {
+    fn from(e: crate::store::StoreError) -> Self {
+        DeviceError::Api(e.into())
+    }
+}
+
+impl IntoResponse for DeviceError {
+    fn into_response(self) -> Response {
+        match self {
+            DeviceError::Api(e) => e.into_response(),
+            DeviceError::Throttled(t) => t.into_response(),
+        }
+    }
+}
+
+/// The ID scope, registration id and (for polls) operation id of a device request.
+#[derive(Debug)]
+pub struct DevicePath {
+    scope: IdScope,
+    id: RegistrationId,
+    operation: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| auth::bad_path(e.to_string()))?;
+        let find = |name: &str| {
+            params
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_owned())
+        };
+        let scope = IdScope::parse(&find("scope").unwrap_or_default())
+            .map_err(|e| auth::bad_path(e.to_string()))?;
+        let id = RegistrationId::parse(&find("id").unwrap_or_default())
+            .map_err(|e| auth::bad_path(e.to_string()))?;
+        tracing::Span::current().record("registration_id", id.as_str());
+        Ok(DevicePath {
+            scope,
+            id,
+            operation: find("operation"),
+        })
+    }
+}
+
+impl DevicePath {
+    fn throttle_key(&self) -> String {
+        format!("{}/{}", self.scope.key(), self.id.key())
+    }
+}
+
+/// The instance an ID scope selects; an unknown scope is answered like a failed proof.
+async fn instance_of(state: &AppState, scope: &IdScope) -> Result<String, ApiError> {
+    let stored = state
+        .store
+        .get(SERVER_NS, Kind::IdScope, &scope.key())
+        .await?
+        .ok_or_else(auth::unknown_scope)?;
+    let name: String = stored.doc_json()?;
+    tracing::Span::current().record("instance", name.as_str());
+    Ok(name)
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn retry_after(state: &AppState) -> HeaderValue {
+    HeaderValue::from(state.limits.retry_after_secs.clamp(1, 300))
+}
+
+fn throttle(
+    state: &AppState,
+    action: Action,
+    path: &DevicePath,
+    peer: Option<&PeerAddr>,
+) -> Result<(), Throttled> {
+    state
+        .throttle
+        .check(action, &path.throttle_key(), peer.map(|p| p.0.ip()))
+}
+
+/// `PUT /{idScope}/registrations/{id}/register`.
+async fn register(
+    State(state): State<AppState>,
+    path: DevicePath,
+    peer: Option<axum::Extension<PeerAddr>>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, DeviceError> {
+    throttle(&state, Action::Register, &path, peer.as_deref())?;
+    let request: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
+        DeviceRegistration::default()
+    } else {
+        crate::json::parse(&body)?
+    };
+    if let Some(sent) = &request.registration_id
+        && !sent.eq_ignore_ascii_case(path.id.as_str())
+    {
+        return Err(ApiError::new(
+            ErrorCode::IdMismatch,
+            format!(
+                "the body's registrationId '{sent}' differs from the URL's '{}'",
+                path.id
+            ),
+        )
+        .into());
+    }
+    let instance = instance_of(&state, &path.scope).await?;
+    let attested = auth::authenticate(
+        &state,
+        &instance,
+        &path.scope,
+        &path.id,
+        authorization(&headers),
+        true,
+    )
+    .await?;
+    let operation =
+        registration::start(&state, &instance, &path.id, &attested, request.payload).await?;
+    // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even
+    // `disabled`) is read by polling.
+    let answer = RegistrationOperationStatus {
+        operation_id: operation.operation_id,
+        status: OperationStatus::Assigning,
+        registration_state: None,
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, retry_after(&state));
+    Ok(response)
+}
+
+/// `GET /{idScope}/registrations/{id}/operations/{operationId}`. The Node client sends a body
+/// (`{}`) with it; it is ignored.
+async fn operation_status(
+    State(state): State<AppState>,
+    path: DevicePath,
+    peer: Option<axum::Extension<PeerAddr>>,
+    headers: HeaderMap,
+) -> Result<Response, DeviceError> {
+    throttle(&state, Action::Poll, &path, peer.as_deref())?;
+    let instance = instance_of(&state, &path.scope).await?;
+    // aziot reuses one 30-second token for every poll: check the signature, not the expiry.
+    auth::authenticate(
+        &state,
+        &instance,
+        &path.scope,
+        &path.id,
+        authorization(&headers),
+        false,
+    )
+    .await?;
+    let operation_id = path.operation.clone().unwrap_or_default();
+    let operation =
+        registration::load_operation(&state, &instance, &path.id, &operation_id).await?;
+    if operation.status.is_terminal() {
+        let answer = RegistrationOperationStatus {
+            operation_id: operation.operation_id,
+            status: operation.status,
+            registration_state: operation.registration_state,
+        };
+        return Ok(Json(answer).into_response());
+    }
+    // aziot's parser needs registrationState.registrationId even while assigning.
+    let answer = RegistrationOperationStatus {
+        operation_id: operation.operation_id,
+        status: OperationStatus::Assigning,
+        registration_state: Some(DeviceRegistrationState {
+            registration_id: path.id.as_str().to_owned(),
+            status: Some(OperationStatus::Assigning.as_str().to_owned()),
+            ..DeviceRegistrationState::default()
+        }),
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, retry_after(&state));
+    Ok(response)
+}
+
+/// `POST /{idScope}/registrations/{id}`: the device's registration state.
+async fn status_lookup(
+    State(state): State<AppState>,
+    path: DevicePath,
+    peer: Option<axum::Extension<PeerAddr>>,
+    headers: HeaderMap,
+) -> Result<Response, DeviceError> {
+    throttle(&state, Action::Poll, &path, peer.as_deref())?;
+    let instance = instance_of(&state, &path.scope).await?;
+    auth::authenticate(
+        &state,
+        &instance,
+        &path.scope,
+        &path.id,
+        authorization(&headers),
+        true,
+    )
+    .await?;
+    let stored = crate::admin_api::load(
+        state.store.as_ref(),
+        &instance,
+        Kind::RegistrationState,
+        &path.id.key(),
+    )
+    .await?;
+    let record: RegistrationRecord = stored.doc_json()?;
+    let mut answer = record.state;
+    answer.etag = Some(stored.etag.clone());
+    answer.created_date_time_utc = Some(stored.created.clone());
+    answer.last_updated_date_time_utc = Some(stored.updated.clone());
+    Ok(Json(answer).into_response())
+}

@@ -1,0 +1,611 @@
+//! The registration state machine (DESIGN.md section 4).
+//!
+//! `start` stores an operation (`assigning`) and hands assignment to a task, so the device gets
+//! its 202 at once. `assign` chooses a hub, applies the reprovision policy against the previous
+//! registration state, tells the hub, and commits the new registration state and the
+//! operation's result in one transaction, conditional on both etags: a device that retries, or
+//! two replicas racing on one registration id, end in one consistent state. An operation still
+//! `assigning` after a restart is finished by the next poll (`resume_if_stale`).
+
+use allocation_policies::PolicyName;
+use allocation_policies::hashed::{WeightedHub, rank};
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::{Instance, LinkedHub};
+use dps_protocol::device::OperationStatus;
+use dps_protocol::enrollment::{
+    DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment, SymmetricKeyRegistrationResult,
+};
+use dps_protocol::ids::RegistrationId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::admin_api::{AppState, load_instance, to_doc};
+use crate::device_api::auth::{Attested, Source};
+use crate::error::ApiError;
+use crate::hubs::{self, DeviceIdentity};
+use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
+
+/// How long an operation may stay `assigning` before a poll finishes it itself.
+const STALE_AFTER_SECS: i64 = 10;
+/// How long a finished operation stays pollable.
+const KEEP_FINISHED_SECS: i64 = 300;
+/// How often `assign` re-reads and retries when a concurrent registration of the same id wins.
+const ATTEMPTS: usize = 5;
+
+/// Which enrollment a registration came through (stored, so a resumed operation finds it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "camelCase")]
+pub enum EnrollmentRef {
+    /// An individual enrollment (by registration id).
+    Individual(String),
+    /// An enrollment group (by group id).
+    Group(String),
+}
+
+/// A registration attempt, polled by the device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRecord {
+    /// What the device polls with.
+    pub operation_id: String,
+    /// The device, as it sent its id.
+    pub registration_id: String,
+    /// Where the attempt is.
+    pub status: OperationStatus,
+    /// The enrollment it came through.
+    pub enrollment: EnrollmentRef,
+    /// The payload the device sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_payload: Option<Value>,
+    /// The result, once terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_state: Option<DeviceRegistrationState>,
+}
+
+/// A device's registration state as stored: the wire state plus what reprovisioning needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistrationRecord {
+    /// What the admin API and the device see.
+    #[serde(flatten)]
+    pub state: DeviceRegistrationState,
+    /// The hub of the first assignment (for `reprovisionedToInitialAssignment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_hub: Option<String>,
+    /// The payload the device sent last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_payload: Option<Value>,
+}
+
+fn new_operation_id() -> String {
+    // Azure's shape, `<digit>.<16 hex>.<uuid>`: only [A-Za-z0-9.-], safe in MQTT topics.
+    let bytes: [u8; 8] = attestation::keys::random_bytes().unwrap_or_default();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("5.{hex}.{}", uuid::Uuid::new_v4())
+}
+
+/// The case-folded storage key of an operation id.
+pub fn operation_key(operation_id: &str) -> String {
+    operation_id.to_ascii_lowercase()
+}
+
+/// Stores a new operation for an authenticated device and starts assigning it. A disabled
+/// enrollment ends the operation at once (`disabled`), leaving the registration state as it is.
+pub async fn start(
+    state: &AppState,
+    ns: &str,
+    id: &RegistrationId,
+    attested: &Attested,
+    device_payload: Option<Value>,
+) -> Result<OperationRecord, ApiError> {
+    let enrollment = match &attested.source {
+        Source::Individual(e) => EnrollmentRef::Individual(e.registration_id.clone()),
+        Source::Group(g) => EnrollmentRef::Group(g.enrollment_group_id.clone()),
+    };
+    let mut record = OperationRecord {
+        operation_id: new_operation_id(),
+        registration_id: id.as_str().to_owned(),
+        status: OperationStatus::Assigning,
+        enrollment,
+        device_payload,
+        registration_state: None,
+    };
+    if let Some(reason) = &attested.disabled {
+        record.status = OperationStatus::Disabled;
+        record.registration_state = Some(DeviceRegistrationState {
+            registration_id: id.as_str().to_owned(),
+            status: Some(OperationStatus::Disabled.as_str().to_owned()),
+            error_code: Some(i64::from(ErrorCode::EnrollmentDisabled.number())),
+            error_message: Some(reason.clone()),
+            ..DeviceRegistrationState::default()
+        });
+    }
+    // Finished operations of this device older than KEEP_FINISHED_SECS go with each new attempt,
+    // so storage stays bounded while a device that retries can still poll its earlier attempt.
+    let older = state
+        .store
+        .list(
+            ns,
+            Kind::Operation,
+            Page {
+                parent: Some(&id.key()),
+                after: None,
+                limit: 100,
+            },
+        )
+        .await?;
+    let mut writes: Vec<Write> = older
+        .into_iter()
+        .filter(|old| {
+            let finished = old
+                .doc_json::<OperationRecord>()
+                .is_ok_and(|op| op.status.is_terminal());
+            finished && age_secs(old) >= KEEP_FINISHED_SECS
+        })
+        .map(|old| Write::Purge {
+            ns: ns.to_owned(),
+            kind: Kind::Operation,
+            key: old.key,
+        })
+        .collect();
+    writes.push(Write::Put {
+        ns: ns.to_owned(),
+        kind: Kind::Operation,
+        key: operation_key(&record.operation_id),
+        parent: Some(id.key()),
+        doc: to_doc(&record)?,
+        precondition: Precondition::MustNotExist,
+    });
+    state.store.write(&writes).await?;
+    if record.status == OperationStatus::Assigning {
+        let state = state.clone();
+        let (ns, key) = (ns.to_owned(), operation_key(&record.operation_id));
+        tokio::spawn(async move {
+            if let Err(e) = assign(&state, &ns, &key).await {
+                tracing::warn!(operation = %key, error = %e.message(), "assignment did not finish; the next poll retries it");
+            }
+        });
+    }
+    Ok(record)
+}
+
+/// Loads an operation of `id`, finishing it first if it has been `assigning` for too long
+/// (the server that started it may have stopped).
+pub async fn load_operation(
+    state: &AppState,
+    ns: &str,
+    id: &RegistrationId,
+    operation_id: &str,
+) -> Result<OperationRecord, ApiError> {
+    let key = operation_key(operation_id);
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::OperationNotFound,
+            format!("operation '{operation_id}' does not exist for this device"),
+        )
+    };
+    let stored = state
+        .store
+        .get(ns, Kind::Operation, &key)
+        .await?
+        .ok_or_else(not_found)?;
+    let record: OperationRecord = stored.doc_json()?;
+    if !record.registration_id.eq_ignore_ascii_case(id.as_str()) {
+        return Err(not_found());
+    }
+    if record.status == OperationStatus::Assigning && is_stale(&stored) {
+        assign(state, ns, &key).await?;
+        let stored = state
+            .store
+            .get(ns, Kind::Operation, &key)
+            .await?
+            .ok_or_else(not_found)?;
+        return stored.doc_json();
+    }
+    Ok(record)
+}
+
+fn is_stale(stored: &Stored) -> bool {
+    age_secs(stored) >= STALE_AFTER_SECS
+}
+
+/// Seconds since the document was last written (unreadable timestamps count as old).
+fn age_secs(stored: &Stored) -> i64 {
+    OffsetDateTime::parse(&stored.updated, &Rfc3339).map_or(i64::MAX, |at| {
+        (OffsetDateTime::now_utc() - at).whole_seconds()
+    })
+}
+
+/// The outcome of choosing a hub.
+struct Decision {
+    hub: LinkedHub,
+    substatus: Option<String>,
+    initial_hub: String,
+    moved_from: Option<String>,
+}
+
+/// Finishes an `assigning` operation (no-op when another task already did).
+pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(), ApiError> {
+    for _ in 0..ATTEMPTS {
+        let Some(op_stored) = state.store.get(ns, Kind::Operation, operation_key).await? else {
+            return Ok(());
+        };
+        let mut op: OperationRecord = op_stored.doc_json()?;
+        if op.status.is_terminal() {
+            return Ok(());
+        }
+        let id = RegistrationId::parse(&op.registration_id)
+            .map_err(|e| ApiError::internal("a stored operation is corrupt", &e))?;
+        let previous_stored = state
+            .store
+            .get(ns, Kind::RegistrationState, &id.key())
+            .await?;
+        let previous: Option<RegistrationRecord> =
+            previous_stored.as_ref().map(|s| s.doc_json()).transpose()?;
+
+        let (mut record, status) = match outcome(state, ns, &id, &op, previous.as_ref()).await {
+            Ok(record) => (record, OperationStatus::Assigned),
+            Err(failure) => (
+                failed(&id, &op, previous.as_ref(), failure),
+                OperationStatus::Failed,
+            ),
+        };
+        // The timestamps live in the store's bookkeeping; the device's answer shows them too.
+        let now = OffsetDateTime::now_utc()
+            .format(&Rfc3339)
+            .unwrap_or_default();
+        record.state.created_date_time_utc = Some(
+            previous_stored
+                .as_ref()
+                .map_or_else(|| now.clone(), |s| s.created.clone()),
+        );
+        record.state.last_updated_date_time_utc = Some(now);
+        op.status = status;
+        op.registration_state = Some(record.state.clone());
+        let group_key = record
+            .state
+            .enrollment_group_id
+            .as_ref()
+            .map(|g| g.to_ascii_lowercase());
+        let writes = [
+            Write::Put {
+                ns: ns.to_owned(),
+                kind: Kind::RegistrationState,
+                key: id.key(),
+                parent: group_key,
+                doc: to_doc(&record)?,
+                precondition: previous_stored
+                    .as_ref()
+                    .map_or(Precondition::MustNotExist, |s| {
+                        Precondition::IfMatch(s.etag.clone())
+                    }),
+            },
+            Write::Put {
+                ns: ns.to_owned(),
+                kind: Kind::Operation,
+                key: operation_key.to_owned(),
+                parent: Some(id.key()),
+                doc: to_doc(&op)?,
+                precondition: Precondition::IfMatch(op_stored.etag.clone()),
+            },
+        ];
+        match state.store.write(&writes).await {
+            Ok(_) => {
+                tracing::info!(
+                    registration_id = %id,
+                    status = status.as_str(),
+                    hub = record.state.assigned_hub.as_deref().unwrap_or("-"),
+                    "registration finished"
+                );
+                return Ok(());
+            }
+            // Another task finished this operation: its answer stands.
+            Err(
+                StoreError::EtagMismatch {
+                    kind: Kind::Operation,
+                    ..
+                }
+                | StoreError::NotFound {
+                    kind: Kind::Operation,
+                    ..
+                },
+            ) => {
+                return Ok(());
+            }
+            // A concurrent registration of the same device committed first: decide again on
+            // top of its result.
+            Err(
+                StoreError::EtagMismatch {
+                    kind: Kind::RegistrationState,
+                    ..
+                }
+                | StoreError::Exists {
+                    kind: Kind::RegistrationState,
+                    ..
+                }
+                | StoreError::NotFound {
+                    kind: Kind::RegistrationState,
+                    ..
+                },
+            ) => {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        ErrorCode::Conflict,
+        "the registration kept changing under concurrent attempts",
+    ))
+}
+
+/// Why an assignment failed: a code and a message for the device.
+struct Failure(ErrorCode, String);
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure(e.code(), e.message().to_owned())
+    }
+}
+
+fn failed(
+    id: &RegistrationId,
+    op: &OperationRecord,
+    previous: Option<&RegistrationRecord>,
+    Failure(code, message): Failure,
+) -> RegistrationRecord {
+    let mut record = previous.cloned().unwrap_or_default();
+    record.state.registration_id = id.as_str().to_owned();
+    record.state.status = Some(OperationStatus::Failed.as_str().to_owned());
+    record.state.error_code = Some(i64::from(code.number()));
+    record.state.error_message = Some(message);
+    if let EnrollmentRef::Group(group) = &op.enrollment {
+        record.state.enrollment_group_id = Some(group.clone());
+    }
+    record.device_payload = op.device_payload.clone();
+    record
+}
+
+async fn outcome(
+    state: &AppState,
+    ns: &str,
+    id: &RegistrationId,
+    op: &OperationRecord,
+    previous: Option<&RegistrationRecord>,
+) -> Result<RegistrationRecord, Failure> {
+    let instance = load_instance(state.store.as_ref(), ns).await?;
+    let (settings, device_id, keys, group_id) = match &op.enrollment {
+        EnrollmentRef::Individual(reg) => {
+            let stored = crate::admin_api::load(
+                state.store.as_ref(),
+                ns,
+                Kind::IndividualEnrollment,
+                &reg.to_ascii_lowercase(),
+            )
+            .await?;
+            let e: IndividualEnrollment = stored.doc_json()?;
+            let keys = e
+                .attestation
+                .symmetric_key
+                .as_ref()
+                .and_then(|k| Some((k.primary_key.clone()?, k.secondary_key.clone()?)));
+            let device_id = e
+                .device_id
+                .clone()
+                .unwrap_or_else(|| id.as_str().to_owned());
+            (e.settings, device_id, keys, None)
+        }
+        EnrollmentRef::Group(group) => {
+            let stored = crate::admin_api::load(
+                state.store.as_ref(),
+                ns,
+                Kind::EnrollmentGroup,
+                &group.to_ascii_lowercase(),
+            )
+            .await?;
+            let g: EnrollmentGroup = stored.doc_json()?;
+            let keys = g.attestation.symmetric_key.as_ref().and_then(|k| {
+                let derive = |key: &Option<String>| {
+                    attestation::SymmetricKey::from_base64(key.as_deref()?)
+                        .ok()
+                        .map(|k| k.derive_device_key(id.as_str()).to_base64())
+                };
+                Some((derive(&k.primary_key)?, derive(&k.secondary_key)?))
+            });
+            (
+                g.settings,
+                id.as_str().to_owned(),
+                keys,
+                Some(g.enrollment_group_id),
+            )
+        }
+    };
+    let decision = decide(state, ns, &instance, id, &settings, previous).await?;
+    let identity = DeviceIdentity {
+        device_id: device_id.clone(),
+        symmetric_keys: keys,
+        iot_edge: settings.capabilities.as_ref().is_some_and(|c| c.iot_edge),
+        initial_twin: settings.initial_twin.clone(),
+    };
+    hubs::upsert(&decision.hub, &identity)
+        .await
+        .map_err(|e| Failure(ErrorCode::ServiceUnavailable, e.to_string()))?;
+    if let Some(old) = &decision.moved_from
+        && let Ok(stored) =
+            crate::admin_api::load(state.store.as_ref(), ns, Kind::LinkedHub, old).await
+        && let Ok(old_hub) = stored.doc_json::<LinkedHub>()
+        && let Err(e) = hubs::remove(
+            &old_hub,
+            &previous
+                .and_then(|p| p.state.device_id.clone())
+                .unwrap_or(device_id.clone()),
+        )
+        .await
+    {
+        tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
+    }
+    Ok(RegistrationRecord {
+        state: DeviceRegistrationState {
+            registration_id: id.as_str().to_owned(),
+            assigned_hub: Some(decision.hub.host_name.clone()),
+            device_id: Some(device_id),
+            status: Some(OperationStatus::Assigned.as_str().to_owned()),
+            substatus: decision.substatus,
+            enrollment_group_id: group_id.clone(),
+            symmetric_key: Some(SymmetricKeyRegistrationResult {
+                enrollment_group_id: group_id,
+            }),
+            ..DeviceRegistrationState::default()
+        },
+        initial_hub: Some(decision.initial_hub),
+        device_payload: op.device_payload.clone(),
+    })
+}
+
+/// Chooses the hub and the substatus under the reprovision policy.
+async fn decide(
+    state: &AppState,
+    ns: &str,
+    instance: &Instance,
+    id: &RegistrationId,
+    settings: &dps_protocol::enrollment::EnrollmentSettings,
+    previous: Option<&RegistrationRecord>,
+) -> Result<Decision, Failure> {
+    let candidates = candidate_hubs(state, ns, settings).await?;
+    let policy_name = settings
+        .allocation_policy
+        .as_deref()
+        .or(instance.default_allocation_policy.as_deref())
+        .and_then(PolicyName::parse)
+        .unwrap_or(PolicyName::Hashed);
+    let weighted: Vec<WeightedHub<'_>> = candidates
+        .iter()
+        .map(|h| WeightedHub {
+            host_name: &h.host_name,
+            weight: h.allocation_weight.unwrap_or(1),
+        })
+        .collect();
+    let chosen = match policy_name {
+        PolicyName::Custom => {
+            return Err(Failure(
+                ErrorCode::NoHubAvailable,
+                "the custom allocation policy (webhook) is not supported by this server version"
+                    .into(),
+            ));
+        }
+        // geoLatency falls back to the weighted hash until location data is supported.
+        PolicyName::Hashed | PolicyName::GeoLatency | PolicyName::Static => {
+            rank(id.as_str(), &weighted)
+        }
+    };
+    let first = chosen.first().ok_or_else(|| {
+        Failure(
+            ErrorCode::NoHubAvailable,
+            "no linked hub is available for this device: link a hub, or name one on the enrollment"
+                .into(),
+        )
+    })?;
+    let target = candidates
+        .iter()
+        .find(|h| h.host_name == *first)
+        .cloned()
+        .ok_or_else(|| Failure(ErrorCode::NoHubAvailable, "the chosen hub vanished".into()))?;
+
+    let policy = settings.reprovision_policy.clone().unwrap_or_default();
+    let previous_hub = previous
+        .filter(|p| p.state.status.as_deref() == Some("assigned") || p.state.assigned_hub.is_some())
+        .and_then(|p| p.state.assigned_hub.clone());
+    let Some(old) = previous_hub else {
+        return Ok(Decision {
+            initial_hub: target.host_name.clone(),
+            hub: target,
+            substatus: Some("initialAssignment".into()),
+            moved_from: None,
+        });
+    };
+    let initial_hub = previous
+        .and_then(|p| p.initial_hub.clone())
+        .unwrap_or_else(|| old.clone());
+    let kept_substatus = previous.and_then(|p| p.state.substatus.clone());
+    if !policy.update_hub_assignment || target.host_name.eq_ignore_ascii_case(&old) {
+        // Sticky, or re-evaluated to the same hub: the device stays where it is.
+        let hub = match candidates
+            .iter()
+            .find(|h| h.host_name.eq_ignore_ascii_case(&old))
+        {
+            Some(hub) => hub.clone(),
+            None => load_hub(state, ns, &old).await.unwrap_or(target),
+        };
+        return Ok(Decision {
+            hub,
+            substatus: kept_substatus,
+            initial_hub,
+            moved_from: None,
+        });
+    }
+    let substatus = if target.host_name.eq_ignore_ascii_case(&initial_hub) {
+        "reprovisionedToInitialAssignment"
+    } else if policy.migrate_device_data {
+        "deviceDataMigrated"
+    } else {
+        "deviceDataReset"
+    };
+    Ok(Decision {
+        hub: target,
+        substatus: Some(substatus.into()),
+        initial_hub,
+        moved_from: Some(old),
+    })
+}
+
+async fn load_hub(state: &AppState, ns: &str, host: &str) -> Option<LinkedHub> {
+    let stored = state
+        .store
+        .get(ns, Kind::LinkedHub, &host.to_ascii_lowercase())
+        .await
+        .ok()??;
+    stored.doc_json().ok()
+}
+
+/// The enrollment's hubs if it names any, else every linked hub that takes part in allocation.
+async fn candidate_hubs(
+    state: &AppState,
+    ns: &str,
+    settings: &dps_protocol::enrollment::EnrollmentSettings,
+) -> Result<Vec<LinkedHub>, ApiError> {
+    let mut named: Vec<String> = settings.iot_hubs.clone().unwrap_or_default();
+    if let Some(single) = &settings.iot_hub_host_name {
+        named.push(single.clone());
+    }
+    if !named.is_empty() {
+        let mut hubs = Vec::new();
+        for host in named {
+            if let Some(hub) = load_hub(state, ns, &host).await
+                && !hubs
+                    .iter()
+                    .any(|h: &LinkedHub| h.host_name == hub.host_name)
+            {
+                hubs.push(hub);
+            }
+        }
+        return Ok(hubs);
+    }
+    let rows = state
+        .store
+        .list(
+            ns,
+            Kind::LinkedHub,
+            Page {
+                limit: usize::MAX,
+                ..Page::default()
+            },
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.doc_json::<LinkedHub>().ok())
+        .filter(|hub| hub.apply_allocation_policy.unwrap_or(true))
+        .collect())
+}

@@ -1,0 +1,716 @@
+//! The device registration API with symmetric keys, end to end over HTTPS, on SQLite and on
+//! PostgreSQL: the Azure wire behaviour, every SAS variant clients send, the reprovision
+//! policies, and the failures, each leaving the stored state unchanged.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use attestation::SymmetricKey;
+use attestation::sas::{encode_uri_component, sign};
+use common::{Backend, TestServer, expect_error, expect_json};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A device token as the Node symmetric-key client builds it: raw `sr`, `skn=registration`.
+fn device_token(scope: &str, id: &str, key: &SymmetricKey) -> String {
+    sign(
+        &format!("{scope}/registrations/{id}"),
+        key,
+        now() + 3600,
+        Some("registration"),
+    )
+}
+
+struct Device<'a> {
+    t: &'a TestServer,
+    scope: String,
+    id: String,
+}
+
+impl<'a> Device<'a> {
+    fn new(t: &'a TestServer, id: &str) -> Self {
+        Self {
+            t,
+            scope: t.running().admin.id_scope.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    fn put(&self, token: &str) -> reqwest::RequestBuilder {
+        self.t
+            .anonymous(
+                Method::PUT,
+                &format!("/{}/registrations/{}/register", self.scope, self.id),
+            )
+            .header("Authorization", token)
+            .json(&json!({ "registrationId": self.id }))
+    }
+
+    /// Registers and polls until the operation ends; returns the final operation status body.
+    async fn register(&self, token: &str) -> Value {
+        let response = self.put(token).send().await.unwrap();
+        assert_eq!(response.headers()["retry-after"], "1");
+        let accepted = expect_json(response, 202).await;
+        assert_eq!(accepted["status"], "assigning");
+        let operation = accepted["operationId"].as_str().unwrap().to_owned();
+        assert!(
+            operation
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        );
+        for _ in 0..100 {
+            let response = self
+                .t
+                .anonymous(
+                    Method::GET,
+                    &format!(
+                        "/{}/registrations/{}/operations/{operation}",
+                        self.scope, self.id
+                    ),
+                )
+                .header("Authorization", token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                202 => {
+                    let body = expect_json(response, 202).await;
+                    assert_eq!(
+                        body["registrationState"]["registrationId"],
+                        self.id.as_str()
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => return expect_json(response, 200).await,
+            }
+        }
+        panic!("the operation did not finish");
+    }
+}
+
+async fn enroll(t: &TestServer, body: Value) -> Value {
+    let (path, id) = match body.get("registrationId") {
+        Some(id) => ("enrollments", id.as_str().unwrap().to_owned()),
+        None => (
+            "enrollmentGroups",
+            body["enrollmentGroupId"].as_str().unwrap().to_owned(),
+        ),
+    };
+    expect_json(
+        t.owner(Method::PUT, &format!("/{path}/{id}"))
+            .header("If-Match", "*")
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await
+}
+
+fn keys_of(enrollment: &Value) -> (SymmetricKey, SymmetricKey) {
+    let keys = &enrollment["attestation"]["symmetricKey"];
+    (
+        SymmetricKey::from_base64(keys["primaryKey"].as_str().unwrap()).unwrap(),
+        SymmetricKey::from_base64(keys["secondaryKey"].as_str().unwrap()).unwrap(),
+    )
+}
+
+async fn registration_state(t: &TestServer, id: &str) -> Option<Value> {
+    let response = t
+        .owner(Method::GET, &format!("/registrations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    match response.status().as_u16() {
+        404 => None,
+        _ => Some(expect_json(response, 200).await),
+    }
+}
+
+async fn individual_enrollment_registers_and_rolls_keys(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "dev-1", "deviceId": "device-one",
+        "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (primary, secondary) = keys_of(&enrollment);
+    let device = Device::new(&t, "dev-1");
+
+    let done = device
+        .register(&device_token(&device.scope, "dev-1", &primary))
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let state = &done["registrationState"];
+    assert_eq!(state["assignedHub"], "hub-a.example.com");
+    assert_eq!(state["deviceId"], "device-one");
+    assert_eq!(state["substatus"], "initialAssignment");
+    assert_eq!(state["registrationId"], "dev-1");
+    assert!(state["symmetricKey"].is_object());
+    assert!(state["createdDateTimeUtc"].is_string());
+
+    // The admin API sees the same state.
+    let stored = registration_state(&t, "dev-1").await.unwrap();
+    assert_eq!(stored["assignedHub"], "hub-a.example.com");
+    assert_eq!(stored["status"], "assigned");
+
+    // Rolling to the secondary key keeps the registration.
+    let again = device
+        .register(&device_token(&device.scope, "dev-1", &secondary))
+        .await;
+    assert_eq!(again["status"], "assigned");
+    assert_eq!(
+        again["registrationState"]["assignedHub"],
+        "hub-a.example.com"
+    );
+    assert_eq!(again["registrationState"]["substatus"], "initialAssignment");
+    assert_eq!(
+        registration_state(&t, "dev-1").await.unwrap()["createdDateTimeUtc"],
+        stored["createdDateTimeUtc"]
+    );
+
+    // The status lookup returns the registration state.
+    let lookup = expect_json(
+        t.anonymous(
+            Method::POST,
+            &format!("/{}/registrations/dev-1", device.scope),
+        )
+        .header(
+            "Authorization",
+            device_token(&device.scope, "dev-1", &primary),
+        )
+        .json(&json!({ "registrationId": "dev-1" }))
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(lookup["assignedHub"], "hub-a.example.com");
+}
+
+async fn group_members_register_with_derived_keys(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    t.link_hub("hub-b.example.com").await;
+    let group = enroll(
+        &t,
+        json!({ "enrollmentGroupId": "line-7", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (primary, secondary) = keys_of(&group);
+    let device = Device::new(&t, "Sensor-42");
+    let derived = primary.derive_device_key("Sensor-42");
+
+    let done = device
+        .register(&device_token(&device.scope, "Sensor-42", &derived))
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["symmetricKey"]["enrollmentGroupId"],
+        "line-7"
+    );
+    assert_eq!(done["registrationState"]["deviceId"], "Sensor-42");
+    let hub = done["registrationState"]["assignedHub"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // The secondary group key works too; the hashed choice is stable.
+    let rolled = device
+        .register(&device_token(
+            &device.scope,
+            "Sensor-42",
+            &secondary.derive_device_key("Sensor-42"),
+        ))
+        .await;
+    assert_eq!(rolled["registrationState"]["assignedHub"], hub.as_str());
+
+    // The group key itself is not the device key.
+    let wrong = device
+        .put(&device_token(&device.scope, "Sensor-42", &primary))
+        .send()
+        .await
+        .unwrap();
+    expect_error(wrong, 401, 401002).await;
+
+    let members = expect_json(
+        t.owner(Method::POST, "/registrations/line-7/query")
+            .json(&json!({"query": "*"}))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(members[0]["registrationId"], "Sensor-42");
+    assert_eq!(members[0]["enrollmentGroupId"], "line-7");
+}
+
+async fn every_client_token_variant_is_accepted(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "dev-v", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (key, _) = keys_of(&enrollment);
+    let scope = t.running().admin.id_scope.clone();
+    let device = Device::new(&t, "dev-v");
+    let raw = format!("{scope}/registrations/dev-v");
+    let encoded = encode_uri_component(&raw);
+    let expiry = now() + 3600;
+    let variants = [
+        // Node symmetric: raw sr, skn.
+        sign(&raw, &key, expiry, Some("registration")),
+        // Python: encoded sr, no skn.
+        sign(&encoded, &key, expiry, None),
+        // C: lower-case percent-encoding in sr and sig.
+        sign(
+            &encoded.replace("%2F", "%2f"),
+            &key,
+            expiry,
+            Some("registration"),
+        )
+        .replace("%2B", "%2b")
+        .replace("%3D", "%3d"),
+        // aziot: lower-cased audience, 30-second lifetime.
+        sign(
+            &encode_uri_component(&raw.to_ascii_lowercase()),
+            &key,
+            now() + 30,
+            Some("registration"),
+        ),
+    ];
+    for token in variants {
+        let done = device.register(&token).await;
+        assert_eq!(done["status"], "assigned", "{token}: {done}");
+    }
+    // Keys in another order.
+    let token = sign(&raw, &key, expiry, Some("registration"));
+    let body = token.strip_prefix("SharedAccessSignature ").unwrap();
+    let mut fields: Vec<&str> = body.split('&').collect();
+    fields.reverse();
+    let reordered = format!("SharedAccessSignature {}", fields.join("&"));
+    assert_eq!(device.register(&reordered).await["status"], "assigned");
+}
+
+async fn failures_are_refused_and_change_nothing(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.max_device_body_bytes = 1024).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "dev-n", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (key, _) = keys_of(&enrollment);
+    let device = Device::new(&t, "dev-n");
+    let scope = device.scope.clone();
+    let resource = format!("{scope}/registrations/dev-n");
+    let wrong = SymmetricKey::generate().unwrap();
+
+    let cases: Vec<(String, u16, u32)> = vec![
+        (device_token(&scope, "dev-n", &wrong), 401, 401002),
+        (sign(&resource, &key, now() - 3600, None), 401, 401002),
+        (
+            sign(
+                &format!("{scope}/registrations/dev-m"),
+                &key,
+                now() + 3600,
+                None,
+            ),
+            401,
+            401002,
+        ),
+        (
+            sign(&resource, &key, now() + 3600, None).replace("dev-n", "dev-m"),
+            401,
+            401002,
+        ),
+        ("SharedAccessSignature nonsense".into(), 401, 401002),
+    ];
+    for (token, status, code) in cases {
+        expect_error(device.put(&token).send().await.unwrap(), status, code).await;
+    }
+    expect_error(
+        t.anonymous(
+            Method::PUT,
+            &format!("/{scope}/registrations/dev-n/register"),
+        )
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    // Unknown ID scope and unknown registration id look alike.
+    let unknown_scope = t
+        .anonymous(Method::PUT, "/0ne00000000/registrations/dev-n/register")
+        .header("Authorization", device_token("0ne00000000", "dev-n", &key))
+        .json(&json!({ "registrationId": "dev-n" }))
+        .send()
+        .await
+        .unwrap();
+    let a = expect_error(unknown_scope, 401, 401002).await;
+    let unknown_id = Device::new(&t, "nobody");
+    let b = expect_error(
+        unknown_id
+            .put(&device_token(&scope, "nobody", &key))
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    assert_eq!(a["message"], b["message"]);
+
+    let token = device_token(&scope, "dev-n", &key);
+    let put = |body: String| {
+        t.anonymous(
+            Method::PUT,
+            &format!("/{scope}/registrations/dev-n/register"),
+        )
+        .header("Authorization", token.clone())
+        .header("Content-Type", "application/json")
+        .body(body)
+    };
+    expect_error(
+        put("{\"registrationId\":".into()).send().await.unwrap(),
+        400,
+        400006,
+    )
+    .await;
+    expect_error(
+        put("{\"registrationId\":\"other\"}".into())
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400008,
+    )
+    .await;
+    expect_error(
+        put(format!("{{\"payload\":\"{}\"}}", "x".repeat(2048)))
+            .send()
+            .await
+            .unwrap(),
+        413,
+        413001,
+    )
+    .await;
+    expect_error(
+        t.anonymous(
+            Method::PUT,
+            &format!("/{scope}/registrations/bad%20id/register"),
+        )
+        .header("Authorization", token.clone())
+        .send()
+        .await
+        .unwrap(),
+        400,
+        400007,
+    )
+    .await;
+    expect_error(
+        t.anonymous(
+            Method::GET,
+            &format!("/{scope}/registrations/dev-n/operations/5.nope"),
+        )
+        .header("Authorization", token.clone())
+        .send()
+        .await
+        .unwrap(),
+        404,
+        404206,
+    )
+    .await;
+    assert!(
+        registration_state(&t, "dev-n").await.is_none(),
+        "nothing was stored"
+    );
+
+    // A disabled enrollment answers `disabled` with an error code and stores nothing.
+    let mut disabled = enrollment.clone();
+    disabled["provisioningStatus"] = json!("disabled");
+    enroll(&t, disabled).await;
+    let done = device.register(&token).await;
+    assert_eq!(done["status"], "disabled", "{done}");
+    assert_eq!(done["registrationState"]["errorCode"], 403002);
+    assert!(
+        done["registrationState"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("disabled")
+    );
+    assert!(registration_state(&t, "dev-n").await.is_none());
+
+    // So does a disabled group, for its members.
+    let group = enroll(
+        &t,
+        json!({ "enrollmentGroupId": "off", "provisioningStatus": "disabled",
+        "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let member = Device::new(&t, "member-1");
+    let derived = keys_of(&group).0.derive_device_key("member-1");
+    let done = member
+        .register(&device_token(&scope, "member-1", &derived))
+        .await;
+    assert_eq!(done["status"], "disabled");
+    assert_eq!(done["registrationState"]["errorCode"], 403002);
+    assert!(registration_state(&t, "member-1").await.is_none());
+}
+
+async fn no_hub_fails_with_an_error_code(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "lonely", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&t, "lonely");
+    let done = device
+        .register(&device_token(
+            &device.scope,
+            "lonely",
+            &keys_of(&enrollment).0,
+        ))
+        .await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["registrationState"]["errorCode"], 400208);
+    assert!(
+        done["registrationState"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("no linked hub")
+    );
+    assert_eq!(
+        registration_state(&t, "lonely").await.unwrap()["status"],
+        "failed"
+    );
+}
+
+async fn reprovisioning_follows_the_policy(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    for hub in ["hub-a.example.com", "hub-b.example.com"] {
+        t.link_hub(hub).await;
+    }
+    let scope = t.running().admin.id_scope.clone();
+    let cases = [
+        (
+            "migrate",
+            json!({ "updateHubAssignment": true, "migrateDeviceData": true }),
+            "hub-b.example.com",
+            "deviceDataMigrated",
+        ),
+        (
+            "reset",
+            json!({ "updateHubAssignment": true, "migrateDeviceData": false }),
+            "hub-b.example.com",
+            "deviceDataReset",
+        ),
+        (
+            "never",
+            json!({ "updateHubAssignment": false, "migrateDeviceData": true }),
+            "hub-a.example.com",
+            "initialAssignment",
+        ),
+    ];
+    for (id, policy, expected_hub, expected_substatus) in cases {
+        let mut body = json!({ "registrationId": id, "attestation": { "type": "symmetricKey" },
+            "iotHubs": ["hub-a.example.com"], "reprovisionPolicy": policy });
+        let enrollment = enroll(&t, body.clone()).await;
+        let token = device_token(&scope, id, &keys_of(&enrollment).0);
+        let device = Device::new(&t, id);
+        let first = device.register(&token).await;
+        assert_eq!(
+            first["registrationState"]["assignedHub"],
+            "hub-a.example.com"
+        );
+
+        body["iotHubs"] = json!(["hub-b.example.com"]);
+        body["attestation"] = enrollment["attestation"].clone();
+        enroll(&t, body.clone()).await;
+        let second = device.register(&token).await;
+        assert_eq!(
+            second["registrationState"]["assignedHub"], expected_hub,
+            "{id}"
+        );
+        assert_eq!(
+            second["registrationState"]["substatus"], expected_substatus,
+            "{id}"
+        );
+
+        if id == "migrate" {
+            // Back to the first hub: reprovisioned to the initial assignment.
+            body["iotHubs"] = json!(["hub-a.example.com"]);
+            enroll(&t, body).await;
+            let third = device.register(&token).await;
+            assert_eq!(
+                third["registrationState"]["assignedHub"],
+                "hub-a.example.com"
+            );
+            assert_eq!(
+                third["registrationState"]["substatus"],
+                "reprovisionedToInitialAssignment"
+            );
+        }
+    }
+}
+
+async fn concurrent_registrations_end_in_one_state(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    t.link_hub("hub-b.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "racer", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&t, "racer");
+    let token = device_token(&device.scope, "racer", &keys_of(&enrollment).0);
+    let results = futures_join(&device, &token, 8).await;
+    let hubs: std::collections::BTreeSet<String> = results
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "assigned", "{r}");
+            r["registrationState"]["assignedHub"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(hubs.len(), 1, "every attempt lands on the same hub");
+    let stored = registration_state(&t, "racer").await.unwrap();
+    assert_eq!(
+        stored["assignedHub"].as_str().unwrap(),
+        hubs.iter().next().unwrap()
+    );
+    assert_eq!(stored["substatus"], "initialAssignment");
+}
+
+async fn futures_join(device: &Device<'_>, token: &str, n: usize) -> Vec<Value> {
+    let mut pending = Vec::new();
+    for _ in 0..n {
+        pending.push(device.register(token));
+    }
+    let mut results = Vec::new();
+    // Poll them together so the PUTs overlap.
+    let joined = async {
+        let mut futures: Vec<_> = pending.into_iter().map(Box::pin).collect();
+        let mut out = Vec::new();
+        while !futures.is_empty() {
+            let (value, _, rest) = select_all(futures).await;
+            out.push(value);
+            futures = rest;
+        }
+        out
+    };
+    results.extend(joined.await);
+    results
+}
+
+/// A minimal `select_all` over boxed futures (keeps the test free of extra dependencies).
+async fn select_all<F: std::future::Future + Unpin>(
+    mut futures: Vec<F>,
+) -> (F::Output, usize, Vec<F>) {
+    std::future::poll_fn(move |cx| {
+        for i in 0..futures.len() {
+            if let std::task::Poll::Ready(value) = std::pin::Pin::new(&mut futures[i]).poll(cx) {
+                let mut rest = std::mem::take(&mut futures);
+                rest.remove(i);
+                return std::task::Poll::Ready((value, i, rest));
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+async fn operations_survive_a_restart(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "phoenix", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let scope = t.running().admin.id_scope.clone();
+    let token = device_token(&scope, "phoenix", &keys_of(&enrollment).0);
+    let done = Device::new(&t, "phoenix").register(&token).await;
+    let operation = done["operationId"].as_str().unwrap().to_owned();
+
+    let t = t.restart().await;
+    let after = expect_json(
+        t.anonymous(
+            Method::GET,
+            &format!("/{}/registrations/phoenix/operations/{operation}", scope),
+        )
+        .header("Authorization", token)
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(after["status"], "assigned");
+    assert_eq!(
+        after["registrationState"]["assignedHub"],
+        "hub-a.example.com"
+    );
+}
+
+async fn throttling_answers_429_with_retry_after(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| {
+        c.throttle.registrations_per_device_per_minute = 2
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "chatty", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&t, "chatty");
+    let token = device_token(&device.scope, "chatty", &keys_of(&enrollment).0);
+    for _ in 0..2 {
+        expect_json(device.put(&token).send().await.unwrap(), 202).await;
+    }
+    let throttled = device.put(&token).send().await.unwrap();
+    let retry: u64 = throttled.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    expect_error(throttled, 429, 429001).await;
+}
+
+on_both_backends!(
+    individual_enrollment_registers_and_rolls_keys,
+    group_members_register_with_derived_keys,
+    every_client_token_variant_is_accepted,
+    failures_are_refused_and_change_nothing,
+    no_hub_fails_with_an_error_code,
+    reprovisioning_follows_the_policy,
+    concurrent_registrations_end_in_one_state,
+    operations_survive_a_restart,
+    throttling_answers_429_with_retry_after,
+);
