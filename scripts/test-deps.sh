@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
-# PostgreSQL (a local cluster with a `dps` superuser), Node.js with the npm packages of the
-# interop tests. Safe to run again. Prints the exports the tests read.
+# PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, Node.js with the npm packages
+# of the interop tests. Safe to run again. Prints the exports the tests read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,7 @@ command -v pg_ctlcluster >/dev/null 2>&1 || packages+=(postgresql)
 command -v node >/dev/null 2>&1 || packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || packages+=(npm)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v softhsm2-util >/dev/null 2>&1 || packages+=(softhsm2)
 if [ "${#packages[@]}" -gt 0 ]; then
     echo "installing: ${packages[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

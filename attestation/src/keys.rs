@@ -75,11 +75,16 @@ impl SymmetricKey {
     /// The device key of an enrollment group member: HMAC-SHA256 of the registration id
     /// (exactly as the device sends it) under the group key.
     pub fn derive_device_key(&self, registration_id: &str) -> SymmetricKey {
+        SymmetricKey(self.hmac(registration_id.as_bytes()))
+    }
+
+    /// HMAC-SHA256 of `data` under this key.
+    pub fn hmac(&self, data: &[u8]) -> Vec<u8> {
         // HMAC accepts keys of any length, so this cannot fail.
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-        mac.update(registration_id.as_bytes());
-        SymmetricKey(mac.finalize().into_bytes().to_vec())
+        mac.update(data);
+        mac.finalize().into_bytes().to_vec()
     }
 }
 

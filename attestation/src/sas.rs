@@ -201,15 +201,32 @@ fn signing_mac(key: &SymmetricKey, resource: &str, expiry: &str) -> Hmac<Sha256>
 /// Builds a token for `resource` (used verbatim as `sr`), expiring at `expiry` (Unix seconds),
 /// in the field order of the Node service client: `sr`, `sig`, `se`, `skn`.
 pub fn sign(resource: &str, key: &SymmetricKey, expiry: u64, key_name: Option<&str>) -> String {
+    let signed: Result<String, std::convert::Infallible> =
+        sign_with(resource, expiry, key_name, |message| Ok(key.hmac(message)));
+    match signed {
+        Ok(token) => token,
+        Err(never) => match never {},
+    }
+}
+
+/// Builds a token whose HMAC-SHA256 is computed by `mac` over `sr + "\n" + se`: for keys that
+/// stay inside a token or TPM.
+pub fn sign_with<E>(
+    resource: &str,
+    expiry: u64,
+    key_name: Option<&str>,
+    mac: impl FnOnce(&[u8]) -> Result<Vec<u8>, E>,
+) -> Result<String, E> {
     let expiry = expiry.to_string();
-    let tag = signing_mac(key, resource, &expiry).finalize().into_bytes();
+    let message = format!("{resource}\n{expiry}");
+    let tag = mac(message.as_bytes())?;
     let sig = utf8_percent_encode(&STANDARD.encode(tag), URI_COMPONENT).to_string();
     let mut token = format!("{PREFIX}sr={resource}&sig={sig}&se={expiry}");
     if let Some(name) = key_name {
         token.push_str("&skn=");
         token.push_str(&utf8_percent_encode(name, URI_COMPONENT).to_string());
     }
-    token
+    Ok(token)
 }
 
 /// Percent-encodes like JavaScript's `encodeURIComponent` (what the Node clients do to `sr`).

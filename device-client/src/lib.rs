@@ -1,4 +1,11 @@
-//! The device side of provisioning: first-boot registration with the service.
-//!
-//! Not written yet. Registration with symmetric keys (file, environment or PKCS#11 token),
-//! X.509 and TPM comes with the device registration API; see the issues.
+//! The device side of provisioning: first-boot registration with the service over HTTPS, with a
+//! symmetric key from a file, an environment variable or a PKCS#11 token (used in place), an
+//! individual key or a group key derived locally.
+
+pub mod key;
+pub mod pkcs11;
+pub mod register;
+pub mod state;
+
+pub use key::{Credential, KeySource, SasSigner};
+pub use register::{Assignment, RegisterError, Registration, register};

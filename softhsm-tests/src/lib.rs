@@ -19,7 +19,18 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `dps-server` binary under test.
 pub fn server_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(path) = std::env::var("DPS_SERVER_BIN") {
+    workspace_binary("dps-server", "DPS_SERVER_BIN")
+}
+
+/// The `dps-device` binary under test.
+pub fn device_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("dps-device", "DPS_DEVICE_BIN")
+}
+
+/// A binary of the workspace: `$override_var` when set, else the one in the same target
+/// directory as the test executable (`cargo build --workspace --bins` puts it there).
+fn workspace_binary(name: &str, override_var: &str) -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var(override_var) {
         return Ok(PathBuf::from(path));
     }
     let exe = std::env::current_exe()?;
@@ -27,10 +38,10 @@ pub fn server_binary() -> anyhow::Result<PathBuf> {
         .parent()
         .and_then(Path::parent)
         .context("test executable has no target directory")?;
-    let candidate = dir.join("dps-server");
+    let candidate = dir.join(name);
     if !candidate.exists() {
         bail!(
-            "{} does not exist: build it (cargo build -p dps-server) or set DPS_SERVER_BIN",
+            "{} does not exist: build it (cargo build --workspace --bins) or set {override_var}",
             candidate.display()
         );
     }
@@ -165,4 +176,84 @@ pub fn admin(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(bool, Strin
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     ))
+}
+
+/// A SoftHSM2 token directory of its own: processes that get `env()` see only its tokens.
+#[derive(Debug)]
+pub struct SoftHsm {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+impl SoftHsm {
+    /// A fresh token directory with its configuration file.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("tokens"))?;
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().join("tokens").display()
+            ),
+        )?;
+        Ok(Self { dir, conf })
+    }
+
+    /// The environment a process needs to see these tokens.
+    pub fn env(&self) -> (&'static str, &Path) {
+        ("SOFTHSM2_CONF", &self.conf)
+    }
+
+    /// Initialises a token with a user PIN.
+    pub fn init_token(&self, label: &str, pin: &str) -> anyhow::Result<()> {
+        let status = Command::new("softhsm2-util")
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--so-pin",
+                "12345678",
+                "--pin",
+                pin,
+            ])
+            .env("SOFTHSM2_CONF", &self.conf)
+            .stdout(Stdio::null())
+            .status()
+            .context("running softhsm2-util (apt-get install softhsm2)")?;
+        if !status.success() {
+            bail!("softhsm2-util --init-token failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// Imports a base64 secret as a non-extractable HMAC key labelled `label`.
+    pub fn import_secret(
+        &self,
+        token: &str,
+        pin: &str,
+        label: &str,
+        base64: &str,
+    ) -> anyhow::Result<()> {
+        let status = Command::new(workspace_binary(
+            "softhsm-import-secret",
+            "SOFTHSM_IMPORT_BIN",
+        )?)
+        .args([token, pin, label, base64])
+        .env("SOFTHSM2_CONF", &self.conf)
+        .status()?;
+        if !status.success() {
+            bail!("importing the secret failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// A file holding `pin`, for `--pin-file` or `pin-source=`.
+    pub fn pin_file(&self, pin: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("pin");
+        std::fs::write(&path, format!("{pin}\n"))?;
+        Ok(path)
+    }
 }

@@ -1,0 +1,189 @@
+//! `dps-device register`: first-boot registration from the command line.
+//!
+//! Exit codes: 0 assigned (or already registered), 1 misconfigured (key, CA, state file),
+//! 2 bad command line, 3 refused by the service (credentials, request), 4 the service ended the
+//! registration as failed or disabled, 5 gave up (unreachable or still assigning at the timeout).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use device_client::pkcs11::PinSource;
+use device_client::state::{self, DeviceState};
+use device_client::{Credential, KeySource, Registration, SasSigner, register};
+
+/// Registers this device with a provisioning service (Azure DPS compatible).
+#[derive(Debug, Parser)]
+#[command(name = "dps-device", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register (unless the state file already holds an assignment) and print the assignment.
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    group = clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key"]),
+    args_override_self = true
+)]
+struct RegisterArgs {
+    /// Service URL, e.g. https://dps.example.com (port 443) or https://localhost:8443.
+    #[arg(long, env = "DPS_ENDPOINT")]
+    endpoint: String,
+    /// The instance's ID scope.
+    #[arg(long, env = "DPS_ID_SCOPE")]
+    id_scope: String,
+    /// This device's registration id.
+    #[arg(long, env = "DPS_REGISTRATION_ID")]
+    registration_id: String,
+    /// The device's own key: file:PATH, env:NAME or a pkcs11: URI.
+    #[arg(long)]
+    symmetric_key: Option<String>,
+    /// The enrollment group's key (the device key is derived from it): file:PATH, env:NAME or a
+    /// pkcs11: URI.
+    #[arg(long)]
+    group_key: Option<String>,
+    /// File holding the PKCS#11 PIN (when the URI has no pin-source).
+    #[arg(long, conflicts_with = "pin_env")]
+    pin_file: Option<PathBuf>,
+    /// Environment variable holding the PKCS#11 PIN.
+    #[arg(long)]
+    pin_env: Option<String>,
+    /// PEM CA certificate to trust (the one the server prints), instead of the system roots.
+    #[arg(long, env = "DPS_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// JSON payload passed to allocation.
+    #[arg(long)]
+    payload: Option<String>,
+    /// Where the assignment is kept between boots.
+    #[arg(long, default_value = "dps-device-state.json")]
+    state_file: PathBuf,
+    /// Register even if the state file holds an assignment.
+    #[arg(long)]
+    force: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+fn print(output: Output, state: &DeviceState, fresh: bool) {
+    match output {
+        Output::Json => {
+            let mut value = serde_json::to_value(state).unwrap_or_default();
+            if let serde_json::Value::Object(map) = &mut value {
+                map.insert("fresh".into(), fresh.into());
+            }
+            println!("{value}");
+        }
+        Output::Text => {
+            println!("assigned-hub: {}", state.assignment.assigned_hub);
+            println!("device-id: {}", state.assignment.device_id);
+            if !fresh {
+                println!("(from the state file; use --force to register again)");
+            }
+        }
+    }
+}
+
+async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
+    let misconfigured = |e: String| (1u8, e);
+    if !args.force
+        && let Some(saved) = state::load(&args.state_file)
+        && saved.endpoint == args.endpoint
+        && saved.id_scope == args.id_scope
+        && saved
+            .assignment
+            .registration_id
+            .eq_ignore_ascii_case(&args.registration_id)
+    {
+        print(args.output, &saved, false);
+        return Ok(());
+    }
+    let credential = match (&args.symmetric_key, &args.group_key) {
+        (Some(source), _) => Credential::DeviceKey(
+            source
+                .parse::<KeySource>()
+                .map_err(|e| misconfigured(e.to_string()))?,
+        ),
+        (_, Some(source)) => Credential::GroupKey(
+            source
+                .parse::<KeySource>()
+                .map_err(|e| misconfigured(e.to_string()))?,
+        ),
+        (None, None) => return Err(misconfigured("give --symmetric-key or --group-key".into())),
+    };
+    let pin = match (&args.pin_file, &args.pin_env) {
+        (Some(file), _) => Some(PinSource::File(file.clone())),
+        (_, Some(name)) => Some(PinSource::Env(name.clone())),
+        _ => None,
+    };
+    let payload = args
+        .payload
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| misconfigured(format!("--payload is not JSON: {e}")))?;
+    let signer = SasSigner::load(&credential, &args.registration_id, pin.as_ref())
+        .map_err(|e| misconfigured(e.to_string()))?;
+    let request = Registration {
+        endpoint: args.endpoint.clone(),
+        id_scope: args.id_scope.clone(),
+        registration_id: args.registration_id.clone(),
+        ca_cert: args.ca_cert.clone(),
+        payload,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let assignment = register(&request, &signer)
+        .await
+        .map_err(|e| (e.exit_code(), e.to_string()))?;
+    let saved = DeviceState {
+        endpoint: args.endpoint,
+        id_scope: args.id_scope,
+        assignment,
+    };
+    state::save(&args.state_file, &saved).map_err(|e| {
+        misconfigured(format!(
+            "registered, but cannot write {}: {e}",
+            args.state_file.display()
+        ))
+    })?;
+    print(args.output, &saved, true);
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Command::Register(args) = cli.command;
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! One registration over HTTPS: `PUT .../register`, then polls of the operation until it ends.
+//! Polls wait as long as the service's `Retry-After` says; transient failures (connection
+//! errors, 429, 5xx) are retried with capped exponential backoff and jitter; everything stops
+//! at an overall deadline.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dps_protocol::ErrorBody;
+use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOperationStatus};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::key::SasSigner;
+
+/// The device API version the client speaks.
+const API_VERSION: &str = "2021-06-01";
+/// Lifetime of the SAS tokens the client signs.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Wait between polls when the service sends no `Retry-After`.
+const DEFAULT_POLL: Duration = Duration::from_secs(2);
+/// Backoff bounds for transient failures.
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// What to register.
+#[derive(Debug)]
+pub struct Registration {
+    /// `https://host[:port]` of the provisioning service.
+    pub endpoint: String,
+    /// The instance's ID scope.
+    pub id_scope: String,
+    /// The device's registration id.
+    pub registration_id: String,
+    /// PEM CA certificate(s) to trust instead of the system roots.
+    pub ca_cert: Option<PathBuf>,
+    /// JSON the device passes to allocation.
+    pub payload: Option<Value>,
+    /// When to give up.
+    pub timeout: Duration,
+}
+
+/// Where the service assigned the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Assignment {
+    /// The registration id.
+    pub registration_id: String,
+    /// The hub to connect to.
+    pub assigned_hub: String,
+    /// The device id in that hub.
+    pub device_id: String,
+    /// `initialAssignment`, `deviceDataMigrated`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<String>,
+    /// When the assignment was received (RFC 3339).
+    pub registered_at: String,
+}
+
+/// Why registration did not produce an assignment.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The client is misconfigured (CA file, endpoint).
+    #[error("{0}")]
+    Config(String),
+    /// The service refused the request (bad credentials, bad request): retrying will not help.
+    #[error("the service refused the registration: HTTP {status}, error {code}: {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// Service error code.
+        code: u32,
+        /// Service message.
+        message: String,
+    },
+    /// The service ended the operation as `failed` or `disabled`.
+    #[error("registration {status}: error {code}: {message}")]
+    Ended {
+        /// `failed` or `disabled`.
+        status: &'static str,
+        /// Service error code.
+        code: i64,
+        /// Service message.
+        message: String,
+    },
+    /// The deadline passed (service unreachable, or still assigning).
+    #[error("gave up after {0:?}: {1}")]
+    Timeout(Duration, String),
+}
+
+impl RegisterError {
+    /// A process exit code a script can act on.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RegisterError::Config(_) => 1,
+            RegisterError::Rejected { .. } => 3,
+            RegisterError::Ended { .. } => 4,
+            RegisterError::Timeout(..) => 5,
+        }
+    }
+}
+
+/// A transient problem: worth retrying after `after` (the service's Retry-After, if any).
+struct Transient {
+    reason: String,
+    after: Option<Duration>,
+}
+
+enum Attempt<T> {
+    Done(T),
+    Retry(Transient),
+}
+
+fn http_client(ca_cert: Option<&PathBuf>) -> Result<reqwest::Client, RegisterError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .user_agent(concat!("dps-device/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path)
+            .map_err(|e| RegisterError::Config(format!("reading {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| RegisterError::Config(format!("{}: {e}", path.display())))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| RegisterError::Config(format!("building the HTTPS client: {e}")))
+}
+
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.clamp(1, 300)))
+}
+
+/// Sorts an answer: success body, a transient failure, or a refusal.
+async fn classify(
+    response: reqwest::Response,
+) -> Result<Attempt<(StatusCode, String)>, RegisterError> {
+    let status = response.status();
+    let after = retry_after(&response);
+    let text = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        return Ok(Attempt::Done((status, text)));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Ok(Attempt::Retry(Transient {
+            reason: format!("HTTP {status}"),
+            after,
+        }));
+    }
+    let (code, message) = serde_json::from_str::<ErrorBody>(&text)
+        .map(|e| (e.error_code, e.message))
+        .unwrap_or((0, text));
+    Err(RegisterError::Rejected {
+        status: status.as_u16(),
+        code,
+        message,
+    })
+}
+
+/// Capped exponential backoff with full jitter.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_START
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(BACKOFF_CAP);
+    let random: [u8; 4] = attestation::keys::random_bytes().unwrap_or([0x80, 0, 0, 0]);
+    let fraction = f64::from(u32::from_be_bytes(random)) / f64::from(u32::MAX);
+    ceiling.mul_f64(0.5 + fraction / 2.0)
+}
+
+/// Registers the device and returns its assignment.
+pub async fn register(
+    request: &Registration,
+    signer: &SasSigner,
+) -> Result<Assignment, RegisterError> {
+    let started = Instant::now();
+    let deadline = started + request.timeout;
+    let client = http_client(request.ca_cert.as_ref())?;
+    let base = request.endpoint.trim_end_matches('/');
+    let scope = encode(&request.id_scope);
+    let id = encode(&request.registration_id);
+    let resource = format!(
+        "{}/registrations/{}",
+        request.id_scope, request.registration_id
+    );
+    let token = || {
+        signer
+            .token(
+                &attestation::sas::encode_uri_component(&resource),
+                TOKEN_LIFETIME,
+            )
+            .map_err(|e| RegisterError::Config(e.to_string()))
+    };
+    let body = DeviceRegistration {
+        registration_id: Some(request.registration_id.clone()),
+        tpm: None,
+        payload: request.payload.clone(),
+    };
+    let timeout = |last: &str| RegisterError::Timeout(request.timeout, last.to_owned());
+    let mut failures = 0u32;
+    let wait_until = |transient: Transient, failures: &mut u32| {
+        let pause = transient.after.unwrap_or_else(|| backoff(*failures));
+        *failures += 1;
+        let at = Instant::now() + pause;
+        if at >= deadline {
+            Err(timeout(&transient.reason))
+        } else {
+            Ok(pause)
+        }
+    };
+
+    let register_url =
+        format!("{base}/{scope}/registrations/{id}/register?api-version={API_VERSION}");
+    let accepted: RegistrationOperationStatus = loop {
+        let sent = client
+            .put(&register_url)
+            .header("Authorization", token()?)
+            .json(&body)
+            .send()
+            .await;
+        let attempt = match sent {
+            Ok(response) => classify(response).await?,
+            Err(e) => Attempt::Retry(Transient {
+                reason: format!("cannot reach {base}: {e}"),
+                after: None,
+            }),
+        };
+        match attempt {
+            Attempt::Done((_, text)) => {
+                break serde_json::from_str(&text).map_err(|e| {
+                    RegisterError::Config(format!(
+                        "the service's answer is not a registration status: {e}"
+                    ))
+                })?;
+            }
+            Attempt::Retry(transient) => {
+                let pause = wait_until(transient, &mut failures)?;
+                tokio::time::sleep(pause).await;
+            }
+        }
+    };
+
+    let poll_url = format!(
+        "{base}/{scope}/registrations/{id}/operations/{}?api-version={API_VERSION}",
+        encode(&accepted.operation_id)
+    );
+    let mut pause = DEFAULT_POLL;
+    loop {
+        if Instant::now() + pause >= deadline {
+            return Err(timeout("the registration was still assigning"));
+        }
+        tokio::time::sleep(pause).await;
+        let sent = client
+            .get(&poll_url)
+            .header("Authorization", token()?)
+            .send()
+            .await;
+        let attempt = match sent {
+            Ok(response) => {
+                let after = retry_after(&response);
+                match classify(response).await? {
+                    Attempt::Done((status, text)) => {
+                        pause = after.unwrap_or(DEFAULT_POLL);
+                        if status == StatusCode::ACCEPTED {
+                            continue;
+                        }
+                        Attempt::Done(text)
+                    }
+                    Attempt::Retry(t) => Attempt::Retry(t),
+                }
+            }
+            Err(e) => Attempt::Retry(Transient {
+                reason: format!("cannot reach {base}: {e}"),
+                after: None,
+            }),
+        };
+        match attempt {
+            Attempt::Done(text) => return finish(&text),
+            Attempt::Retry(transient) => pause = wait_until(transient, &mut failures)?,
+        }
+    }
+}
+
+fn finish(text: &str) -> Result<Assignment, RegisterError> {
+    let answer: RegistrationOperationStatus = serde_json::from_str(text).map_err(|e| {
+        RegisterError::Config(format!(
+            "the service's answer is not a registration status: {e}"
+        ))
+    })?;
+    let state = answer.registration_state.unwrap_or_default();
+    let ended = |status: &'static str| RegisterError::Ended {
+        status,
+        code: state.error_code.unwrap_or_default(),
+        message: state.error_message.clone().unwrap_or_default(),
+    };
+    match answer.status {
+        OperationStatus::Assigned => Ok(Assignment {
+            registration_id: state.registration_id.clone(),
+            assigned_hub: state.assigned_hub.clone().unwrap_or_default(),
+            device_id: state.device_id.clone().unwrap_or_default(),
+            substatus: state.substatus.clone(),
+            registered_at: OffsetDateTime::now_utc()
+                .format(&Rfc3339)
+                .unwrap_or_default(),
+        }),
+        OperationStatus::Disabled => Err(ended("disabled")),
+        _ => Err(ended("failed")),
+    }
+}
+
+fn encode(segment: &str) -> String {
+    attestation::sas::encode_uri_component(segment)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_a_cap_with_jitter() {
+        for attempt in 0..40 {
+            let pause = backoff(attempt);
+            let ceiling = BACKOFF_START
+                .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+                .min(BACKOFF_CAP);
+            assert!(
+                pause <= ceiling && pause >= ceiling / 2,
+                "{attempt}: {pause:?}"
+            );
+        }
+    }
+}
