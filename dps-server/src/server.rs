@@ -209,8 +209,13 @@ async fn serve(
     }
 }
 
-/// Runs the server until SIGINT or SIGTERM, printing what an operator needs first.
+/// Runs the server until SIGINT or SIGTERM, printing what an operator needs first. The signal
+/// handlers are installed before anything is printed, so a supervisor that stops the server
+/// right after it started still gets a graceful shutdown.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
     let server = start(config).await?;
     println!("id-scope: {}", server.admin.id_scope);
     println!(
@@ -219,24 +224,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     println!("ca-certificate: {}", server.ca_certificate.display());
     println!("listening: https://{}", server.local_addr);
-    shutdown_signal().await;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
     server.shutdown().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -1141,6 +1141,51 @@ async fn instances_are_separate_tenants(backend: Backend) {
         404002,
     )
     .await;
+    // With two instances the Host header selects one. The names resolve to the test server;
+    // its development certificate predates the instance, so this client skips name checks.
+    let port = t.running().local_addr.port();
+    let by_name = reqwest::Client::builder()
+        .http1_only()
+        .danger_accept_invalid_certs(true)
+        .resolve("factory.example.com", t.running().local_addr)
+        .resolve("nowhere.example.com", t.running().local_addr)
+        .build()
+        .unwrap();
+    let by_host = by_name
+        .get(format!(
+            "https://factory.example.com:{port}/enrollments/dev-9?api-version=2021-10-01"
+        ))
+        .header(
+            "Authorization",
+            token(
+                "factory.example.com",
+                "provisioningserviceowner",
+                &factory_key,
+                3600,
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expect_json(by_host, 200).await["registrationId"], "dev-9");
+    let unknown_host = by_name
+        .get(format!(
+            "https://nowhere.example.com:{port}/enrollments/dev-9?api-version=2021-10-01"
+        ))
+        .header(
+            "Authorization",
+            token(
+                "nowhere.example.com",
+                "provisioningserviceowner",
+                &factory_key,
+                3600,
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_error(unknown_host, 404, 404002).await;
+
     expect_error(
         t.owner(Method::DELETE, "/instances/default")
             .send()

@@ -182,6 +182,44 @@ async fn individual_enrollment_registers_and_rolls_keys(backend: Backend) {
         stored["createdDateTimeUtc"]
     );
 
+    // The device's payload is kept with its registration (for allocation webhooks).
+    let with_payload = device
+        .t
+        .anonymous(
+            Method::PUT,
+            &format!("/{}/registrations/dev-1/register", device.scope),
+        )
+        .header(
+            "Authorization",
+            device_token(&device.scope, "dev-1", &primary),
+        )
+        .json(&json!({ "registrationId": "dev-1", "payload": { "modelId": "dtmi:example;1" } }))
+        .send()
+        .await
+        .unwrap();
+    expect_json(with_payload, 202).await;
+    let mut kept = None;
+    for _ in 0..100 {
+        let stored = t
+            .running()
+            .store()
+            .get(
+                "default",
+                dps_server::store::Kind::RegistrationState,
+                "dev-1",
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let doc: Value = serde_json::from_str(&stored.doc).unwrap();
+        if doc["devicePayload"] != Value::Null {
+            kept = Some(doc["devicePayload"].clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(kept, Some(json!({ "modelId": "dtmi:example;1" })));
+
     // The status lookup returns the registration state.
     let lookup = expect_json(
         t.anonymous(

@@ -66,6 +66,7 @@ pub struct ServerProcess {
     /// The printed listening URL (`https://127.0.0.1:PORT`).
     pub listening: String,
     stderr: mpsc::Receiver<String>,
+    seen: std::sync::Mutex<Vec<String>>,
 }
 
 impl ServerProcess {
@@ -128,14 +129,51 @@ impl ServerProcess {
                     ca_certificate: ca_certificate.context("no ca-certificate line")?,
                     listening: v.to_owned(),
                     stderr: err_rx,
+                    seen: std::sync::Mutex::new(Vec::new()),
                 });
             }
         }
     }
 
+    /// Runs `dps-server admin --output json ARGS` with this server's connection string and CA,
+    /// and returns the JSON it prints (panics with the error output when the command fails).
+    pub fn admin_json(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let ca = self.ca_certificate.to_string_lossy().into_owned();
+        let (ok, out, err) = admin(
+            &all,
+            &[
+                ("DPS_CONNECTION_STRING", self.connection_string.as_str()),
+                ("DPS_CA_CERT", ca.as_str()),
+            ],
+        )?;
+        if !ok {
+            bail!("dps-server admin {args:?} failed: {err}");
+        }
+        serde_json::from_str(&out).with_context(|| format!("{args:?} printed no JSON: {out}"))
+    }
+
     /// The server's log lines so far.
     pub fn log(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.extend(self.stderr.try_iter());
+        seen.clone()
+    }
+
+    /// Waits up to `timeout` for a log line matching `wanted` (the log reader runs on its own
+    /// thread, so a line may arrive after the start-up output).
+    pub fn wait_for_log(&self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().iter().any(|line| wanted(line)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Sends SIGTERM and waits for the exit status (killing it after `timeout`).

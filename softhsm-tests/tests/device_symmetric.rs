@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use softhsm_tests::{ServerProcess, SoftHsm, admin, device_binary, free_port};
+use softhsm_tests::{ServerProcess, SoftHsm, device_binary, free_port};
 
 struct Setup {
     server: ServerProcess,
@@ -16,18 +16,7 @@ struct Setup {
 }
 
 fn cli(server: &ServerProcess, args: &[&str]) -> Value {
-    let mut all = vec!["--output", "json"];
-    all.extend_from_slice(args);
-    let (ok, out, err) = admin(
-        &all,
-        &[
-            ("DPS_CONNECTION_STRING", server.connection_string.as_str()),
-            ("DPS_CA_CERT", server.ca_certificate.to_str().unwrap()),
-        ],
-    )
-    .unwrap();
-    assert!(ok, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap()
+    server.admin_json(args).unwrap()
 }
 
 fn setup() -> Setup {

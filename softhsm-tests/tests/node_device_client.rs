@@ -9,21 +9,10 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use softhsm_tests::{ServerProcess, admin};
+use softhsm_tests::ServerProcess;
 
 fn cli(server: &ServerProcess, args: &[&str]) -> Value {
-    let mut all = vec!["--output", "json"];
-    all.extend_from_slice(args);
-    let (ok, out, err) = admin(
-        &all,
-        &[
-            ("DPS_CONNECTION_STRING", server.connection_string.as_str()),
-            ("DPS_CA_CERT", server.ca_certificate.to_str().unwrap()),
-        ],
-    )
-    .unwrap();
-    assert!(ok, "{args:?}: {err}");
-    serde_json::from_str(&out).unwrap()
+    server.admin_json(args).unwrap()
 }
 
 #[test]

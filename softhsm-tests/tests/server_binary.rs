@@ -108,11 +108,13 @@ linked_hubs = [{{ hostName = "hub-a.example.com", allocationWeight = 7 }}]
             .connection_string
             .starts_with("HostName=plant.example.com;")
     );
-    let log = server.log();
     assert!(
-        log.iter()
-            .any(|l| l.starts_with('{') && l.contains("\"listening\"")),
-        "{log:?}"
+        server.wait_for_log(
+            |l| l.starts_with('{') && l.contains("\"listening\""),
+            Duration::from_secs(10)
+        ),
+        "no JSON log line: {:?}",
+        server.log()
     );
 
     // The hub from the file is there; the admin CLI reaches it by endpoint.
@@ -227,11 +229,7 @@ fn cli(server: &ServerProcess, args: &[&str]) -> (bool, String, String) {
 }
 
 fn cli_json(server: &ServerProcess, args: &[&str]) -> Value {
-    let mut all = vec!["--output", "json"];
-    all.extend_from_slice(args);
-    let (ok, out, err) = cli(server, &all);
-    assert!(ok, "{args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+    server.admin_json(args).unwrap()
 }
 
 #[test]

@@ -133,15 +133,31 @@ fn retry_after(state: &AppState) -> HeaderValue {
     HeaderValue::from(state.limits.retry_after_secs.clamp(1, 300))
 }
 
-fn throttle(
+/// What every device request goes through: throttling, the ID scope's instance, and the
+/// device's proof. `check_expiry` is false for polls (aziot reuses a 30-second token for all
+/// of them: the signature is checked, not the expiry).
+async fn admit(
     state: &AppState,
-    action: Action,
     path: &DevicePath,
     peer: Option<&PeerAddr>,
-) -> Result<(), Throttled> {
+    headers: &HeaderMap,
+    action: Action,
+    check_expiry: bool,
+) -> Result<(String, auth::Attested), DeviceError> {
     state
         .throttle
-        .check(action, &path.throttle_key(), peer.map(|p| p.0.ip()))
+        .check(action, &path.throttle_key(), peer.map(|p| p.0.ip()))?;
+    let instance = instance_of(state, &path.scope).await?;
+    let attested = auth::authenticate(
+        state,
+        &instance,
+        &path.scope,
+        &path.id,
+        authorization(headers),
+        check_expiry,
+    )
+    .await?;
+    Ok((instance, attested))
 }
 
 /// `PUT /{idScope}/registrations/{id}/register`.
@@ -152,7 +168,6 @@ async fn register(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, DeviceError> {
-    throttle(&state, Action::Register, &path, peer.as_deref())?;
     let request: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
         DeviceRegistration::default()
     } else {
@@ -170,13 +185,12 @@ async fn register(
         )
         .into());
     }
-    let instance = instance_of(&state, &path.scope).await?;
-    let attested = auth::authenticate(
+    let (instance, attested) = admit(
         &state,
-        &instance,
-        &path.scope,
-        &path.id,
-        authorization(&headers),
+        &path,
+        peer.as_deref(),
+        &headers,
+        Action::Register,
         true,
     )
     .await?;
@@ -204,15 +218,12 @@ async fn operation_status(
     peer: Option<axum::Extension<PeerAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, DeviceError> {
-    throttle(&state, Action::Poll, &path, peer.as_deref())?;
-    let instance = instance_of(&state, &path.scope).await?;
-    // aziot reuses one 30-second token for every poll: check the signature, not the expiry.
-    auth::authenticate(
+    let (instance, _) = admit(
         &state,
-        &instance,
-        &path.scope,
-        &path.id,
-        authorization(&headers),
+        &path,
+        peer.as_deref(),
+        &headers,
+        Action::Poll,
         false,
     )
     .await?;
@@ -251,17 +262,7 @@ async fn status_lookup(
     peer: Option<axum::Extension<PeerAddr>>,
     headers: HeaderMap,
 ) -> Result<Response, DeviceError> {
-    throttle(&state, Action::Poll, &path, peer.as_deref())?;
-    let instance = instance_of(&state, &path.scope).await?;
-    auth::authenticate(
-        &state,
-        &instance,
-        &path.scope,
-        &path.id,
-        authorization(&headers),
-        true,
-    )
-    .await?;
+    let (instance, _) = admit(&state, &path, peer.as_deref(), &headers, Action::Poll, true).await?;
     let stored = crate::admin_api::load(
         state.store.as_ref(),
         &instance,

@@ -31,8 +31,10 @@ use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
 const STALE_AFTER_SECS: i64 = 10;
 /// How long a finished operation stays pollable.
 const KEEP_FINISHED_SECS: i64 = 300;
-/// How often `assign` re-reads and retries when a concurrent registration of the same id wins.
-const ATTEMPTS: usize = 5;
+/// How often `assign` re-reads and retries when a concurrent registration of the same id wins;
+/// between attempts it pauses up to `RETRY_JITTER_MS` so racing attempts spread out.
+const ATTEMPTS: usize = 30;
+const RETRY_JITTER_MS: u64 = 20;
 
 /// Which enrollment a registration came through (stored, so a resumed operation finds it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -330,6 +332,9 @@ pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(
                     ..
                 },
             ) => {
+                let [byte] = attestation::keys::random_bytes::<1>().unwrap_or([7]);
+                let pause = u64::from(byte) * RETRY_JITTER_MS / 255;
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 continue;
             }
             Err(e) => return Err(e.into()),
