@@ -109,6 +109,9 @@ pub struct Limits {
     pub max_device_body_bytes: usize,
     /// `Retry-After` sent with 202 answers to devices, seconds (1 to 300).
     pub retry_after_secs: u64,
+    /// A poll finishes an operation itself once it has been `assigning` this long (the server
+    /// that started it may have stopped), seconds.
+    pub resume_assigning_after_secs: u64,
     /// Largest page a query may ask for (`x-ms-max-item-count`).
     pub max_page_size: usize,
     /// Page size when the client asks for none.
@@ -129,6 +132,7 @@ impl Default for Limits {
             max_body_bytes: 4 * 1024 * 1024,
             max_device_body_bytes: 96 * 1024,
             retry_after_secs: 1,
+            resume_assigning_after_secs: 10,
             max_page_size: 1000,
             default_page_size: 100,
             max_bulk_items: 1000,

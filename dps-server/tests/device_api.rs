@@ -715,6 +715,60 @@ async fn operations_survive_a_restart(backend: Backend) {
     );
 }
 
+async fn a_poll_finishes_an_operation_a_stopped_server_left_assigning(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.resume_assigning_after_secs = 0).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "orphan", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&t, "orphan");
+    // What a server that stopped right after answering 202 leaves behind: an operation still
+    // assigning and no registration state.
+    let operation = json!({ "operationId": "5.0000000000000000.orphaned", "registrationId": "orphan",
+        "status": "assigning", "enrollment": { "kind": "individual", "id": "orphan" } });
+    t.running()
+        .store()
+        .write(&[dps_server::store::Write::Put {
+            ns: "default".into(),
+            kind: dps_server::store::Kind::Operation,
+            key: "5.0000000000000000.orphaned".into(),
+            parent: Some("orphan".into()),
+            doc: operation.to_string(),
+            precondition: dps_server::store::Precondition::MustNotExist,
+        }])
+        .await
+        .unwrap();
+    let polled = expect_json(
+        t.anonymous(
+            Method::GET,
+            &format!(
+                "/{}/registrations/orphan/operations/5.0000000000000000.orphaned",
+                device.scope
+            ),
+        )
+        .header(
+            "Authorization",
+            device_token(&device.scope, "orphan", &keys_of(&enrollment).0),
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(polled["status"], "assigned", "{polled}");
+    assert_eq!(
+        polled["registrationState"]["assignedHub"],
+        "hub-a.example.com"
+    );
+    assert_eq!(
+        registration_state(&t, "orphan").await.unwrap()["status"],
+        "assigned"
+    );
+}
+
 async fn throttling_answers_429_with_retry_after(backend: Backend) {
     let t = TestServer::start_with(backend, |c| {
         c.throttle.registrations_per_device_per_minute = 2
@@ -750,5 +804,6 @@ on_both_backends!(
     reprovisioning_follows_the_policy,
     concurrent_registrations_end_in_one_state,
     operations_survive_a_restart,
+    a_poll_finishes_an_operation_a_stopped_server_left_assigning,
     throttling_answers_429_with_retry_after,
 );

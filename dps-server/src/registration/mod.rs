@@ -27,8 +27,6 @@ use crate::error::ApiError;
 use crate::hubs::{self, DeviceIdentity};
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
 
-/// How long an operation may stay `assigning` before a poll finishes it itself.
-const STALE_AFTER_SECS: i64 = 10;
 /// How long a finished operation stays pollable.
 const KEEP_FINISHED_SECS: i64 = 300;
 /// How often `assign` re-reads and retries when a concurrent registration of the same id wins;
@@ -173,8 +171,8 @@ pub async fn start(
     Ok(record)
 }
 
-/// Loads an operation of `id`, finishing it first if it has been `assigning` for too long
-/// (the server that started it may have stopped).
+/// Loads an operation of `id`, finishing it first if it has been `assigning` longer than
+/// `limits.resume_assigning_after_secs` (the server that started it may have stopped).
 pub async fn load_operation(
     state: &AppState,
     ns: &str,
@@ -197,7 +195,8 @@ pub async fn load_operation(
     if !record.registration_id.eq_ignore_ascii_case(id.as_str()) {
         return Err(not_found());
     }
-    if record.status == OperationStatus::Assigning && is_stale(&stored) {
+    let resume_after = i64::try_from(state.limits.resume_assigning_after_secs).unwrap_or(i64::MAX);
+    if record.status == OperationStatus::Assigning && age_secs(&stored) >= resume_after {
         assign(state, ns, &key).await?;
         let stored = state
             .store
@@ -207,10 +206,6 @@ pub async fn load_operation(
         return stored.doc_json();
     }
     Ok(record)
-}
-
-fn is_stale(stored: &Stored) -> bool {
-    age_secs(stored) >= STALE_AFTER_SECS
 }
 
 /// Seconds since the document was last written (unreadable timestamps count as old).
