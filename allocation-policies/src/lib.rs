@@ -1,10 +1,12 @@
 //! Allocation policies: how a device is assigned to one of an instance's linked hubs.
 //!
-//! This release names the policies (so enrollments and instances can be validated) and has
-//! the weighted hash that `hashed` uses; the `AllocationPolicy` trait and the other policies
-//! come with allocation.
+//! [`policy::AllocationPolicy`] ranks candidate hubs for a device; [`policy::Registry`] holds
+//! the policies by name. Built in: `hashed` (weighted rendezvous hashing, [`hashed`]) and
+//! `static`; `geoLatency` without location data (ties, so the weighted hash); `custom` is a
+//! recognised name not yet implemented.
 
 pub mod hashed;
+pub mod policy;
 
 use std::fmt;
 

@@ -36,6 +36,7 @@ const KEYWORDS: &[&str] = &[
     "openapi.yaml",
     "register",
     "operations",
+    "allocations:simulate",
 ];
 
 /// Rewrites keyword segments of the path to their canonical case, so routing ignores case,

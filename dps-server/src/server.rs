@@ -77,6 +77,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         admin_instance: config.admin_instance().into(),
         metrics: Arc::new(Metrics::new(store.backend())),
         throttle: Arc::new(Throttle::new(&config.throttle)),
+        policies: Arc::new(allocation_policies::policy::Registry::with_builtins()),
     };
 
     let admin = bootstrap(&state, &config).await?;

@@ -1399,7 +1399,121 @@ async fn health_metrics_and_openapi(backend: Backend) {
         );
         operations += 1;
     }
-    assert_eq!(operations, 32, "operations documented and probed");
+    assert_eq!(operations, 33, "operations documented and probed");
+}
+
+async fn allocation_simulation_explains_each_policy(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    expect_json(
+        t.owner(Method::PUT, "/linkedHubs/hub-b.example.com")
+            .json(&json!({ "hostName": "hub-b.example.com", "allocationWeight": 3 }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let mut pinned = symmetric_enrollment("dev-s");
+    pinned["allocationPolicy"] = json!("static");
+    pinned["iotHubs"] = json!(["hub-a.example.com"]);
+    expect_json(
+        t.owner(Method::PUT, "/enrollments/dev-s")
+            .json(&pinned)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+
+    let simulate = |body: Value| t.owner(Method::POST, "/allocations:Simulate").json(&body);
+    let answer = expect_json(
+        simulate(json!({ "registrationId": "dev-s" }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(answer["effectivePolicy"], "static");
+    assert_eq!(answer["candidates"], json!(["hub-a.example.com"]));
+    let by_policy = |answer: &Value, name: &str| {
+        answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["policy"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_policy(&answer, "static")["hub"], "hub-a.example.com");
+    assert!(
+        by_policy(&answer, "custom")["error"]
+            .as_str()
+            .unwrap()
+            .contains("not supported")
+    );
+    assert!(
+        by_policy(&answer, "geoLatency")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ties")
+    );
+
+    // A device without an enrollment: every linked hub is a candidate; answers are stable.
+    let free = json!({ "registrationId": "someone", "policies": ["hashed", "nope"] });
+    let first = expect_json(simulate(free.clone()).send().await.unwrap(), 200).await;
+    assert_eq!(first["effectivePolicy"], "hashed");
+    assert_eq!(
+        first["candidates"],
+        json!(["hub-a.example.com", "hub-b.example.com"])
+    );
+    assert_eq!(first["results"][0]["ranked"].as_array().unwrap().len(), 2);
+    assert!(
+        first["results"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown allocation policy")
+    );
+    let again = expect_json(simulate(free).send().await.unwrap(), 200).await;
+    assert_eq!(first, again);
+
+    expect_error(
+        simulate(json!({ "registrationId": "bad id" }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    expect_error(
+        simulate(json!({ "registrationId": "x", "enrollmentGroupId": "missing" }))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404202,
+    )
+    .await;
+    // A policy an enrollment names must be registered.
+    let mut unknown = symmetric_enrollment("dev-u");
+    unknown["allocationPolicy"] = json!("roundRobin");
+    let error = expect_error(
+        t.owner(Method::PUT, "/enrollments/dev-u")
+            .json(&unknown)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    assert!(
+        error["message"].as_str().unwrap().contains("hashed"),
+        "{error}"
+    );
 }
 
 on_both_backends!(
@@ -1414,4 +1528,5 @@ on_both_backends!(
     restart_keeps_all_data,
     concurrent_writers_cannot_both_win,
     health_metrics_and_openapi,
+    allocation_simulation_explains_each_policy,
 );

@@ -267,6 +267,18 @@ async fn group_members_register_with_derived_keys(backend: Backend) {
         .unwrap()
         .to_owned();
 
+    // The simulation predicts the hub the registration got.
+    let simulated = expect_json(
+        t.owner(Method::POST, "/allocations:simulate")
+            .json(&json!({ "registrationId": "Sensor-42", "enrollmentGroupId": "line-7", "policies": ["hashed"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(simulated["results"][0]["hub"], hub.as_str());
+
     // The secondary group key works too; the hashed choice is stable.
     let rolled = device
         .register(&device_token(

@@ -176,7 +176,7 @@ async fn write<E: Enrollment>(
 ) -> Result<Stored, ApiError> {
     let key = E::key_of(enrollment.id())?;
     enrollment.check_own_fields()?;
-    Validator::new(state.store.as_ref(), ns)
+    Validator::new(state.store.as_ref(), &state.policies, ns)
         .settings(enrollment.parts().1)
         .await?;
     const ATTEMPTS: usize = 3;

@@ -5,6 +5,7 @@
 //! instance (or the only instance, on a server with one), and under `/instances/{instance}`.
 
 mod access_policies;
+mod allocations;
 mod enrollment_groups;
 mod enrollments;
 pub mod instances;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Device API throttling.
     pub throttle: Arc<crate::throttle::Throttle>,
+    /// Allocation policies by name.
+    pub policies: Arc<allocation_policies::policy::Registry>,
 }
 
 /// Routes that act on one instance.
@@ -59,6 +62,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(registrations::routes())
         .merge(linked_hubs::routes())
         .merge(access_policies::routes())
+        .merge(allocations::routes())
 }
 
 /// Every admin route.

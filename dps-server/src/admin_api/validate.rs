@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use allocation_policies::PolicyName;
+use allocation_policies::policy::Registry;
 use attestation::SymmetricKey;
 use attestation::x509::parse_certificate;
 use base64::Engine as _;
@@ -36,15 +36,17 @@ pub enum Scope {
 #[derive(Debug)]
 pub struct Validator<'a> {
     store: &'a dyn Store,
+    policies: &'a Registry,
     instance: &'a str,
     linked: HashMap<String, bool>,
 }
 
 impl<'a> Validator<'a> {
-    /// A validator for `instance`.
-    pub fn new(store: &'a dyn Store, instance: &'a str) -> Self {
+    /// A validator for `instance`; policy names must be registered in `policies`.
+    pub fn new(store: &'a dyn Store, policies: &'a Registry, instance: &'a str) -> Self {
         Self {
             store,
+            policies,
             instance,
             linked: HashMap::new(),
         }
@@ -70,19 +72,19 @@ impl<'a> Validator<'a> {
         settings.created_date_time_utc = None;
         settings.last_updated_date_time_utc = None;
 
-        let policy = match settings.allocation_policy.as_deref() {
+        let policy: Option<String> = match settings.allocation_policy.as_deref() {
             Some(name) => {
-                let policy = PolicyName::parse(name).ok_or_else(|| {
+                let (canonical, _) = self.policies.get(name).ok_or_else(|| {
                     field_error(
                         "allocationPolicy",
                         format!(
                             "unknown allocation policy '{name}'; use one of {}",
-                            PolicyName::ALL.map(PolicyName::as_str).join(", ")
+                            self.policies.names().join(", ")
                         ),
                     )
                 })?;
-                settings.allocation_policy = Some(policy.as_str().to_owned());
-                Some(policy)
+                settings.allocation_policy = Some(canonical.to_owned());
+                Some(canonical.to_owned())
             }
             None => None,
         };
@@ -110,7 +112,7 @@ impl<'a> Validator<'a> {
             list.dedup();
         }
 
-        if policy == Some(PolicyName::Static) {
+        if policy.as_deref() == Some("static") {
             let distinct: std::collections::BTreeSet<String> =
                 hubs.iter().map(|h| h.to_ascii_lowercase()).collect();
             if distinct.len() != 1 {
@@ -120,7 +122,7 @@ impl<'a> Validator<'a> {
                 ));
             }
         }
-        if policy == Some(PolicyName::Custom) {
+        if policy.as_deref() == Some("custom") {
             let definition = settings
                 .custom_allocation_definition
                 .as_ref()

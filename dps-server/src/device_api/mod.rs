@@ -194,8 +194,16 @@ async fn register(
         true,
     )
     .await?;
-    let operation =
-        registration::start(&state, &instance, &path.id, &attested, request.payload).await?;
+    let source = peer.as_deref().map(|p| p.0.ip());
+    let operation = registration::start(
+        &state,
+        &instance,
+        &path.id,
+        &attested,
+        request.payload,
+        source,
+    )
+    .await?;
     // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even
     // `disabled`) is read by polling.
     let answer = RegistrationOperationStatus {

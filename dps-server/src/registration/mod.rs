@@ -7,13 +7,13 @@
 //! two replicas racing on one registration id, end in one consistent state. An operation still
 //! `assigning` after a restart is finished by the next poll (`resume_if_stale`).
 
-use allocation_policies::PolicyName;
-use allocation_policies::hashed::{WeightedHub, rank};
+use allocation_policies::policy::{Allocation, Candidate, Device, healthy_first};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{Instance, LinkedHub};
 use dps_protocol::device::OperationStatus;
 use dps_protocol::enrollment::{
-    DeviceRegistrationState, EnrollmentGroup, IndividualEnrollment, SymmetricKeyRegistrationResult,
+    DeviceRegistrationState, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
+    SymmetricKeyRegistrationResult,
 };
 use dps_protocol::ids::RegistrationId;
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,9 @@ pub struct OperationRecord {
     /// The payload the device sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_payload: Option<Value>,
+    /// The address the device registered from (an input of allocation policies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<std::net::IpAddr>,
     /// The result, once terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_state: Option<DeviceRegistrationState>,
@@ -99,6 +102,7 @@ pub async fn start(
     id: &RegistrationId,
     attested: &Attested,
     device_payload: Option<Value>,
+    source_address: Option<std::net::IpAddr>,
 ) -> Result<OperationRecord, ApiError> {
     let enrollment = match &attested.source {
         Source::Individual(e) => EnrollmentRef::Individual(e.registration_id.clone()),
@@ -110,6 +114,7 @@ pub async fn start(
         status: OperationStatus::Assigning,
         enrollment,
         device_payload,
+        source_address,
         registration_state: None,
     };
     if let Some(reason) = &attested.disabled {
@@ -376,7 +381,7 @@ async fn outcome(
     previous: Option<&RegistrationRecord>,
 ) -> Result<RegistrationRecord, Failure> {
     let instance = load_instance(state.store.as_ref(), ns).await?;
-    let (settings, device_id, keys, group_id) = match &op.enrollment {
+    let (settings, device_id, keys, group_id, public) = match &op.enrollment {
         EnrollmentRef::Individual(reg) => {
             let stored = crate::admin_api::load(
                 state.store.as_ref(),
@@ -395,7 +400,9 @@ async fn outcome(
                 .device_id
                 .clone()
                 .unwrap_or_else(|| id.as_str().to_owned());
-            (e.settings, device_id, keys, None)
+            let mut shown = e.clone();
+            crate::admin_api::validate::hide_secrets(&mut shown.attestation);
+            (e.settings, device_id, keys, None, to_value(&shown)?)
         }
         EnrollmentRef::Group(group) => {
             let stored = crate::admin_api::load(
@@ -414,15 +421,30 @@ async fn outcome(
                 };
                 Some((derive(&k.primary_key)?, derive(&k.secondary_key)?))
             });
+            let mut shown = g.clone();
+            crate::admin_api::validate::hide_secrets(&mut shown.attestation);
+            let public = to_value(&shown)?;
             (
                 g.settings,
                 id.as_str().to_owned(),
                 keys,
                 Some(g.enrollment_group_id),
+                public,
             )
         }
     };
-    let decision = decide(state, ns, &instance, id, &settings, previous).await?;
+    let metadata = std::collections::BTreeMap::new();
+    let device = Device {
+        registration_id: id.as_str(),
+        attestation: "symmetricKey",
+        enrollment: &public,
+        enrollment_group_id: group_id.as_deref(),
+        payload: op.device_payload.as_ref(),
+        source_address: op.source_address,
+        metadata: &metadata,
+        previous_hub: previous.and_then(|p| p.state.assigned_hub.as_deref()),
+    };
+    let decision = decide(state, ns, &instance, &device, &settings, previous).await?;
     let identity = DeviceIdentity {
         device_id: device_id.clone(),
         symmetric_keys: keys,
@@ -469,49 +491,25 @@ async fn decide(
     state: &AppState,
     ns: &str,
     instance: &Instance,
-    id: &RegistrationId,
-    settings: &dps_protocol::enrollment::EnrollmentSettings,
+    device: &Device<'_>,
+    settings: &EnrollmentSettings,
     previous: Option<&RegistrationRecord>,
 ) -> Result<Decision, Failure> {
     let candidates = candidate_hubs(state, ns, settings).await?;
-    let policy_name = settings
-        .allocation_policy
-        .as_deref()
-        .or(instance.default_allocation_policy.as_deref())
-        .and_then(PolicyName::parse)
-        .unwrap_or(PolicyName::Hashed);
-    let weighted: Vec<WeightedHub<'_>> = candidates
+    let ranked = allocate(state, instance, device, settings, &candidates)
+        .await?
+        .ranked;
+    let target = ranked
         .iter()
-        .map(|h| WeightedHub {
-            host_name: &h.host_name,
-            weight: h.allocation_weight.unwrap_or(1),
-        })
-        .collect();
-    let chosen = match policy_name {
-        PolicyName::Custom => {
-            return Err(Failure(
-                ErrorCode::NoHubAvailable,
-                "the custom allocation policy (webhook) is not supported by this server version"
-                    .into(),
-            ));
-        }
-        // geoLatency falls back to the weighted hash until location data is supported.
-        PolicyName::Hashed | PolicyName::GeoLatency | PolicyName::Static => {
-            rank(id.as_str(), &weighted)
-        }
-    };
-    let first = chosen.first().ok_or_else(|| {
-        Failure(
-            ErrorCode::NoHubAvailable,
-            "no linked hub is available for this device: link a hub, or name one on the enrollment"
-                .into(),
-        )
-    })?;
-    let target = candidates
-        .iter()
-        .find(|h| h.host_name == *first)
+        .find_map(|host| candidates.iter().find(|c| c.host_name.eq_ignore_ascii_case(host)))
         .cloned()
-        .ok_or_else(|| Failure(ErrorCode::NoHubAvailable, "the chosen hub vanished".into()))?;
+        .ok_or_else(|| {
+            Failure(
+                ErrorCode::NoHubAvailable,
+                "no linked hub is available for this device: link a hub, or name one on the enrollment"
+                    .into(),
+            )
+        })?;
 
     let policy = settings.reprovision_policy.clone().unwrap_or_default();
     let previous_hub = previous
@@ -560,6 +558,73 @@ async fn decide(
     })
 }
 
+/// The policy for these settings: the enrollment's, else the instance default, else `hashed`.
+pub fn policy_name<'a>(instance: &'a Instance, settings: &'a EnrollmentSettings) -> &'a str {
+    settings
+        .allocation_policy
+        .as_deref()
+        .or(instance.default_allocation_policy.as_deref())
+        .unwrap_or("hashed")
+}
+
+async fn allocate(
+    state: &AppState,
+    instance: &Instance,
+    device: &Device<'_>,
+    settings: &EnrollmentSettings,
+    hubs: &[LinkedHub],
+) -> Result<Allocation, Failure> {
+    run_policy(state, policy_name(instance, settings), device, hubs)
+        .await
+        .map_err(|message| Failure(ErrorCode::NoHubAvailable, message))
+}
+
+/// Runs the policy registered as `name` over `hubs`: host names ranked, healthy hubs first.
+pub async fn run_policy(
+    state: &AppState,
+    name: &str,
+    device: &Device<'_>,
+    hubs: &[LinkedHub],
+) -> Result<Allocation, String> {
+    let (_, policy) = state
+        .policies
+        .get(name)
+        .ok_or_else(|| format!("unknown allocation policy '{name}'"))?;
+    if hubs.is_empty() {
+        return Err(
+            "no linked hub is available for this device: link a hub, or name one on the enrollment"
+                .into(),
+        );
+    }
+    let candidates: Vec<Candidate> = hubs.iter().map(candidate_of).collect();
+    let mut allocation = policy
+        .allocate(device, &candidates)
+        .await
+        .map_err(|e| e.to_string())?;
+    allocation.ranked.retain(|host| {
+        candidates
+            .iter()
+            .any(|c| c.host_name.eq_ignore_ascii_case(host))
+    });
+    allocation.ranked = healthy_first(allocation.ranked, &candidates);
+    Ok(allocation)
+}
+
+fn candidate_of(hub: &LinkedHub) -> Candidate {
+    Candidate {
+        host_name: hub.host_name.clone(),
+        weight: hub.allocation_weight.unwrap_or(1),
+        region: hub.region.clone(),
+        location: hub.latitude.zip(hub.longitude),
+        // Health tracking comes with the hub connectors that can fail.
+        healthy: true,
+    }
+}
+
+fn to_value<T: Serialize>(value: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(value).map_err(|e| ApiError::internal("serialising an enrollment", &e))
+}
+
 async fn load_hub(state: &AppState, ns: &str, host: &str) -> Option<LinkedHub> {
     let stored = state
         .store
@@ -570,10 +635,10 @@ async fn load_hub(state: &AppState, ns: &str, host: &str) -> Option<LinkedHub> {
 }
 
 /// The enrollment's hubs if it names any, else every linked hub that takes part in allocation.
-async fn candidate_hubs(
+pub async fn candidate_hubs(
     state: &AppState,
     ns: &str,
-    settings: &dps_protocol::enrollment::EnrollmentSettings,
+    settings: &EnrollmentSettings,
 ) -> Result<Vec<LinkedHub>, ApiError> {
     let mut named: Vec<String> = settings.iot_hubs.clone().unwrap_or_default();
     if let Some(single) = &settings.iot_hub_host_name {

@@ -1,0 +1,344 @@
+//! The allocation policy interface: a policy ranks the candidate hubs for a device (first
+//! choice, then fall-backs), so that the caller can skip an unhealthy or failing hub without
+//! asking the policy again. Policies are registered by name; the server looks them up by the
+//! name on the enrollment, so a new policy needs no change to the server's code paths.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::hashed::{WeightedHub, rank};
+
+/// What a policy knows about the device being allocated.
+#[derive(Debug, Clone, Copy)]
+pub struct Device<'a> {
+    /// The registration id, as the device sent it.
+    pub registration_id: &'a str,
+    /// `symmetricKey`, `x509` or `tpm`.
+    pub attestation: &'a str,
+    /// The individual enrollment or the enrollment group, as JSON without secrets.
+    pub enrollment: &'a Value,
+    /// The group, when the device came through one.
+    pub enrollment_group_id: Option<&'a str>,
+    /// The payload the device sent.
+    pub payload: Option<&'a Value>,
+    /// The device's address as the server saw it.
+    pub source_address: Option<IpAddr>,
+    /// Request metadata from a trusted edge (for example a region header).
+    pub metadata: &'a BTreeMap<String, String>,
+    /// The hub the device is assigned to now, if any.
+    pub previous_hub: Option<&'a str>,
+}
+
+/// A hub the device may be assigned to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// The hub's host name.
+    pub host_name: String,
+    /// Allocation weight, 1 to 1000.
+    pub weight: u32,
+    /// Region name, if configured.
+    pub region: Option<String>,
+    /// Latitude and longitude in degrees, if configured.
+    pub location: Option<(f64, f64)>,
+    /// Whether the hub is believed to be up.
+    pub healthy: bool,
+}
+
+/// A policy's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocation {
+    /// Host names, first choice first; each is one of the candidates.
+    pub ranked: Vec<String>,
+    /// Why, for people (the simulate call shows it).
+    pub reason: String,
+    /// A payload for the device (custom allocation).
+    pub payload: Option<Value>,
+    /// A twin for the device's new identity (custom allocation).
+    pub initial_twin: Option<Value>,
+}
+
+/// Why a policy gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// No hub can take the device.
+    #[error("no hub is available: {0}")]
+    NoHub(String),
+    /// The policy's backing service (a webhook, a database) could not answer.
+    #[error("the allocation policy is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An allocation policy.
+#[async_trait::async_trait]
+pub trait AllocationPolicy: Send + Sync + fmt::Debug {
+    /// Ranks `candidates` for `device`.
+    async fn allocate(
+        &self,
+        device: &Device<'_>,
+        candidates: &[Candidate],
+    ) -> Result<Allocation, PolicyError>;
+}
+
+/// Evenly weighted distribution (Azure `hashed`): weighted rendezvous hashing on the
+/// registration id.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hashed;
+
+#[async_trait::async_trait]
+impl AllocationPolicy for Hashed {
+    async fn allocate(
+        &self,
+        device: &Device<'_>,
+        candidates: &[Candidate],
+    ) -> Result<Allocation, PolicyError> {
+        if candidates.is_empty() {
+            return Err(PolicyError::NoHub("no candidate hubs".into()));
+        }
+        let weighted: Vec<WeightedHub<'_>> = candidates
+            .iter()
+            .map(|c| WeightedHub {
+                host_name: &c.host_name,
+                weight: c.weight,
+            })
+            .collect();
+        Ok(Allocation {
+            ranked: rank(device.registration_id, &weighted)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            reason: format!(
+                "weighted rendezvous hash of the registration id over {} hub(s)",
+                candidates.len()
+            ),
+            payload: None,
+            initial_twin: None,
+        })
+    }
+}
+
+/// Azure `static`: the one hub the enrollment names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Static;
+
+#[async_trait::async_trait]
+impl AllocationPolicy for Static {
+    async fn allocate(
+        &self,
+        _device: &Device<'_>,
+        candidates: &[Candidate],
+    ) -> Result<Allocation, PolicyError> {
+        match candidates {
+            [one] => Ok(Allocation {
+                ranked: vec![one.host_name.clone()],
+                reason: "the enrollment's one hub".into(),
+                payload: None,
+                initial_twin: None,
+            }),
+            [] => Err(PolicyError::NoHub(
+                "the enrollment's hub is not linked".into(),
+            )),
+            _ => Err(PolicyError::NoHub(
+                "static allocation needs exactly one hub on the enrollment".into(),
+            )),
+        }
+    }
+}
+
+/// Azure `geoLatency` without location data: every hub ties, and ties go to the weighted
+/// hash (as Azure breaks them). Location sources and latency tables come later.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GeoLatencyTies;
+
+#[async_trait::async_trait]
+impl AllocationPolicy for GeoLatencyTies {
+    async fn allocate(
+        &self,
+        device: &Device<'_>,
+        candidates: &[Candidate],
+    ) -> Result<Allocation, PolicyError> {
+        let mut allocation = Hashed.allocate(device, candidates).await?;
+        allocation.reason = format!(
+            "geoLatency has no location data in this version, so every hub ties; ties go to the {}",
+            allocation.reason
+        );
+        Ok(allocation)
+    }
+}
+
+/// A policy that is known by name but not available in this build: every allocation fails
+/// with a clear message instead of silently using another policy.
+#[derive(Debug, Clone)]
+pub struct Unsupported(pub &'static str);
+
+#[async_trait::async_trait]
+impl AllocationPolicy for Unsupported {
+    async fn allocate(
+        &self,
+        _device: &Device<'_>,
+        _candidates: &[Candidate],
+    ) -> Result<Allocation, PolicyError> {
+        Err(PolicyError::Unavailable(format!(
+            "the {} allocation policy is not supported by this server version",
+            self.0
+        )))
+    }
+}
+
+/// Policies by name (compared ignoring ASCII case).
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    policies: BTreeMap<String, (String, Arc<dyn AllocationPolicy>)>,
+}
+
+impl Registry {
+    /// The built-in policies: `hashed`, `static`, `geoLatency` (ties only, see
+    /// [`GeoLatencyTies`]); `custom` is a known name whose allocations fail with a clear message
+    /// until webhooks are implemented.
+    pub fn with_builtins() -> Self {
+        let mut registry = Self::default();
+        registry.register("hashed", Arc::new(Hashed));
+        registry.register("static", Arc::new(Static));
+        registry.register("geoLatency", Arc::new(GeoLatencyTies));
+        registry.register("custom", Arc::new(Unsupported("custom")));
+        registry
+    }
+
+    /// Adds or replaces a policy.
+    pub fn register(&mut self, name: &str, policy: Arc<dyn AllocationPolicy>) {
+        self.policies
+            .insert(name.to_ascii_lowercase(), (name.to_owned(), policy));
+    }
+
+    /// The policy registered under `name`, with its canonical spelling.
+    pub fn get(&self, name: &str) -> Option<(&str, Arc<dyn AllocationPolicy>)> {
+        self.policies
+            .get(&name.to_ascii_lowercase())
+            .map(|(canonical, policy)| (canonical.as_str(), policy.clone()))
+    }
+
+    /// Every registered name, in canonical spelling.
+    pub fn names(&self) -> Vec<&str> {
+        self.policies
+            .values()
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+}
+
+/// Moves unhealthy hubs behind healthy ones, keeping the policy's order within each group.
+pub fn healthy_first(ranked: Vec<String>, candidates: &[Candidate]) -> Vec<String> {
+    let healthy = |host: &String| {
+        candidates
+            .iter()
+            .any(|c| c.host_name.eq_ignore_ascii_case(host) && c.healthy)
+    };
+    let (mut up, down): (Vec<String>, Vec<String>) = ranked.into_iter().partition(healthy);
+    up.extend(down);
+    up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(host: &str, weight: u32, healthy: bool) -> Candidate {
+        Candidate {
+            host_name: host.into(),
+            weight,
+            region: None,
+            location: None,
+            healthy,
+        }
+    }
+
+    fn device<'a>(
+        id: &'a str,
+        enrollment: &'a Value,
+        metadata: &'a BTreeMap<String, String>,
+    ) -> Device<'a> {
+        Device {
+            registration_id: id,
+            attestation: "symmetricKey",
+            enrollment,
+            enrollment_group_id: None,
+            payload: None,
+            source_address: None,
+            metadata,
+            previous_hub: None,
+        }
+    }
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        // The built-in policies never wait, so one poll finishes them.
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut future = std::pin::pin!(future);
+        match future.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(value) => value,
+            std::task::Poll::Pending => unreachable!("built-in policies do not wait"),
+        }
+    }
+
+    #[test]
+    fn hashed_ranks_every_candidate_and_static_needs_exactly_one() {
+        let (enrollment, metadata) = (Value::Null, BTreeMap::new());
+        let d = device("dev-1", &enrollment, &metadata);
+        let hubs = [candidate("a", 1, true), candidate("b", 1, true)];
+        let ranked = block_on(Hashed.allocate(&d, &hubs)).unwrap().ranked;
+        assert_eq!(ranked.len(), 2);
+        assert_eq!(
+            block_on(Static.allocate(&d, &hubs[..1])).unwrap().ranked,
+            ["a"]
+        );
+        assert!(block_on(Static.allocate(&d, &hubs)).is_err());
+        assert!(block_on(Hashed.allocate(&d, &[])).is_err());
+    }
+
+    #[test]
+    fn the_registry_finds_policies_ignoring_case_and_takes_new_ones() {
+        #[derive(Debug)]
+        struct Always(&'static str);
+        #[async_trait::async_trait]
+        impl AllocationPolicy for Always {
+            async fn allocate(
+                &self,
+                _: &Device<'_>,
+                _: &[Candidate],
+            ) -> Result<Allocation, PolicyError> {
+                Ok(Allocation {
+                    ranked: vec![self.0.into()],
+                    reason: "always".into(),
+                    payload: None,
+                    initial_twin: None,
+                })
+            }
+        }
+        let mut registry = Registry::with_builtins();
+        registry.register("firstHub", Arc::new(Always("a")));
+        let (name, policy) = registry.get("FIRSTHUB").unwrap();
+        assert_eq!(name, "firstHub");
+        let (enrollment, metadata) = (Value::Null, BTreeMap::new());
+        let answer = block_on(policy.allocate(&device("x", &enrollment, &metadata), &[])).unwrap();
+        assert_eq!(answer.ranked, ["a"]);
+        assert_eq!(
+            registry.get("geolatency").map(|(n, _)| n),
+            Some("geoLatency")
+        );
+        assert!(registry.get("roundRobin").is_none());
+    }
+
+    #[test]
+    fn unhealthy_hubs_fall_behind_in_policy_order() {
+        let hubs = [
+            candidate("a", 1, false),
+            candidate("b", 1, true),
+            candidate("c", 1, true),
+        ];
+        let ranked = vec!["a".to_owned(), "c".to_owned(), "b".to_owned()];
+        assert_eq!(healthy_first(ranked, &hubs), ["c", "b", "a"]);
+    }
+}

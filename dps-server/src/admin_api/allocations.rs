@@ -1,0 +1,173 @@
+//! `POST /allocations:simulate`: which hub each policy would choose for a described device,
+//! and why, without registering anything. The device's enrollment (its individual enrollment,
+//! else the named group) supplies the candidate hubs and its own policy; without one, every
+//! linked hub that takes part in allocation is a candidate.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use allocation_policies::policy::Device;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::Right;
+use dps_protocol::enrollment::{EnrollmentGroup, EnrollmentSettings, IndividualEnrollment};
+use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::validate::{field_error, hide_secrets};
+use super::{Admin, AppState, load};
+use crate::error::ApiError;
+use crate::json::{Json, JsonBody};
+use crate::registration::{candidate_hubs, policy_name, run_policy};
+use crate::store::Kind;
+
+/// Routes of `/allocations:simulate`.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/allocations:simulate", post(simulate))
+}
+
+/// The device to simulate.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SimulationRequest {
+    registration_id: String,
+    #[serde(default)]
+    enrollment_group_id: Option<String>,
+    #[serde(default)]
+    payload: Option<Value>,
+    #[serde(default)]
+    source_address: Option<IpAddr>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    previous_hub: Option<String>,
+    /// Policies to try; every registered one when absent.
+    #[serde(default)]
+    policies: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SimulationResult {
+    registration_id: String,
+    /// The policy the device's enrollment (or the instance) would use.
+    effective_policy: String,
+    /// The hubs the policies chose among.
+    candidates: Vec<String>,
+    results: Vec<PolicyResult>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyResult {
+    policy: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hub: Option<String>,
+    ranked: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn simulate(
+    admin: Admin,
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<SimulationRequest>,
+) -> Result<Json<SimulationResult>, ApiError> {
+    admin.require(Right::EnrollmentRead)?;
+    let id = RegistrationId::parse(&request.registration_id)
+        .map_err(|e| field_error("registrationId", e.to_string()))?;
+    let ns = admin.ns();
+    let individual = state
+        .store
+        .get(ns, Kind::IndividualEnrollment, &id.key())
+        .await?
+        .map(|s| s.doc_json::<IndividualEnrollment>())
+        .transpose()?;
+    let (settings, mut enrollment, group_id): (EnrollmentSettings, Value, Option<String>) =
+        match (individual, &request.enrollment_group_id) {
+            (Some(mut e), _) => {
+                hide_secrets(&mut e.attestation);
+                (e.settings.clone(), to_value(&e)?, None)
+            }
+            (None, Some(group)) => {
+                let key = EnrollmentGroupId::parse(group)
+                    .map_err(|e| field_error("enrollmentGroupId", e.to_string()))?
+                    .key();
+                let mut g: EnrollmentGroup =
+                    load(state.store.as_ref(), ns, Kind::EnrollmentGroup, &key)
+                        .await?
+                        .doc_json()?;
+                hide_secrets(&mut g.attestation);
+                (
+                    g.settings.clone(),
+                    to_value(&g)?,
+                    Some(g.enrollment_group_id),
+                )
+            }
+            (None, None) => (EnrollmentSettings::default(), Value::Null, None),
+        };
+    if enrollment.is_null() {
+        enrollment = Value::Object(Default::default());
+    }
+    let hubs = candidate_hubs(&state, ns, &settings).await?;
+    let device = Device {
+        registration_id: id.as_str(),
+        attestation: "symmetricKey",
+        enrollment: &enrollment,
+        enrollment_group_id: group_id.as_deref(),
+        payload: request.payload.as_ref(),
+        source_address: request.source_address,
+        metadata: &request.metadata,
+        previous_hub: request.previous_hub.as_deref(),
+    };
+    let names: Vec<String> = match request.policies {
+        Some(names) if names.is_empty() => {
+            return Err(ApiError::new(
+                ErrorCode::ArgumentInvalid,
+                "policies is empty",
+            ));
+        }
+        Some(names) => names,
+        None => state
+            .policies
+            .names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+    };
+    let mut results = Vec::with_capacity(names.len());
+    for name in names {
+        let result = match run_policy(&state, &name, &device, &hubs).await {
+            Ok(allocation) => PolicyResult {
+                policy: name,
+                hub: allocation.ranked.first().cloned(),
+                ranked: allocation.ranked,
+                reason: Some(allocation.reason),
+                error: None,
+            },
+            Err(message) => PolicyResult {
+                policy: name,
+                hub: None,
+                ranked: Vec::new(),
+                reason: None,
+                error: Some(message),
+            },
+        };
+        results.push(result);
+    }
+    Ok(Json(SimulationResult {
+        registration_id: id.as_str().to_owned(),
+        effective_policy: policy_name(&admin.instance, &settings).to_owned(),
+        candidates: hubs.into_iter().map(|h| h.host_name).collect(),
+        results,
+    }))
+}
+
+fn to_value<T: Serialize>(value: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(value).map_err(|e| ApiError::internal("serialising an enrollment", &e))
+}
