@@ -74,6 +74,10 @@ pub enum HubConnector {
         /// `HostName=...;SharedAccessKeyName=...;SharedAccessKey=...`; hidden on reads.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         connection_string: Option<String>,
+        /// Base URL of the registry API when it is not `https://{HostName}` (a proxy, an
+        /// emulator).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
     },
     /// POST the device identity to an HTTPS endpoint.
     #[serde(rename_all = "camelCase")]

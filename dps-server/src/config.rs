@@ -112,6 +112,8 @@ pub struct Limits {
     /// A poll finishes an operation itself once it has been `assigning` this long (the server
     /// that started it may have stopped), seconds.
     pub resume_assigning_after_secs: u64,
+    /// How long a hub whose connector failed is tried only after the healthy ones, seconds.
+    pub hub_unhealthy_secs: u64,
     /// Largest page a query may ask for (`x-ms-max-item-count`).
     pub max_page_size: usize,
     /// Page size when the client asks for none.
@@ -133,6 +135,7 @@ impl Default for Limits {
             max_device_body_bytes: 96 * 1024,
             retry_after_secs: 1,
             resume_assigning_after_secs: 10,
+            hub_unhealthy_secs: 30,
             max_page_size: 1000,
             default_page_size: 100,
             max_bulk_items: 1000,

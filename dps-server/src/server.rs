@@ -78,6 +78,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics: Arc::new(Metrics::new(store.backend())),
         throttle: Arc::new(Throttle::new(&config.throttle)),
         policies: Arc::new(allocation_policies::policy::Registry::with_builtins()),
+        hub_http: crate::hubs::http_client(),
+        hub_health: Arc::new(crate::hubs::HubHealth::new(Duration::from_secs(
+            config.limits.hub_unhealthy_secs,
+        ))),
     };
 
     let admin = bootstrap(&state, &config).await?;

@@ -66,12 +66,17 @@ impl Resource for LinkedHub {
             }
         }
         let previous_secret = previous.and_then(|p| match &p.connector {
-            Some(HubConnector::AzureIotHub { connection_string }) => connection_string.clone(),
+            Some(HubConnector::AzureIotHub {
+                connection_string, ..
+            }) => connection_string.clone(),
             _ => None,
         });
         match self.connector.get_or_insert(HubConnector::None) {
             HubConnector::None => {}
-            HubConnector::AzureIotHub { connection_string } => {
+            HubConnector::AzureIotHub {
+                connection_string,
+                endpoint,
+            } => {
                 let text = connection_string
                     .clone()
                     .or(previous_secret)
@@ -84,25 +89,47 @@ impl Resource for LinkedHub {
                 let parsed = ConnectionString::parse(&text)
                     .map_err(|e| field_error("connector.connectionString", e.to_string()))?;
                 *connection_string = Some(parsed.reveal());
-            }
-            HubConnector::Webhook { url } => {
-                let ok = reqwest::Url::parse(url)
-                    .is_ok_and(|u| u.scheme() == "https" && u.host_str().is_some());
-                if !ok {
-                    return Err(field_error(
-                        "connector.url",
-                        "the webhook connector needs an absolute https:// URL",
-                    ));
+                if let Some(url) = endpoint {
+                    check_connector_url("connector.endpoint", url)?;
                 }
             }
+            HubConnector::Webhook { url } => check_connector_url("connector.url", url)?,
         }
         Ok(())
     }
 
     fn hide_secrets(&mut self) {
-        if let Some(HubConnector::AzureIotHub { connection_string }) = &mut self.connector {
+        if let Some(HubConnector::AzureIotHub {
+            connection_string, ..
+        }) = &mut self.connector
+        {
             *connection_string = None;
         }
+    }
+}
+
+/// A connector URL: absolute `https://`, or `http://` to a loopback address (development and
+/// tests; device keys must not cross a network in clear text).
+fn check_connector_url(field: &str, url: &str) -> Result<(), ApiError> {
+    let loopback = |host: &str| {
+        host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let ok = reqwest::Url::parse(url).is_ok_and(|u| match (u.scheme(), u.host_str()) {
+        ("https", Some(_)) => true,
+        ("http", Some(host)) => loopback(host),
+        _ => false,
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(field_error(
+            field,
+            "must be an absolute https:// URL (http:// only for a loopback address)",
+        ))
     }
 }
 

@@ -52,6 +52,10 @@ pub struct AppState {
     pub throttle: Arc<crate::throttle::Throttle>,
     /// Allocation policies by name.
     pub policies: Arc<allocation_policies::policy::Registry>,
+    /// The HTTPS client of hub connectors.
+    pub hub_http: reqwest::Client,
+    /// Hubs whose connector failed recently.
+    pub hub_health: Arc<crate::hubs::HubHealth>,
 }
 
 /// Routes that act on one instance.

@@ -220,14 +220,6 @@ fn age_secs(stored: &Stored) -> i64 {
     })
 }
 
-/// The outcome of choosing a hub.
-struct Decision {
-    hub: LinkedHub,
-    substatus: Option<String>,
-    initial_hub: String,
-    moved_from: Option<String>,
-}
-
 /// Finishes an `assigning` operation (no-op when another task already did).
 pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(), ApiError> {
     for _ in 0..ATTEMPTS {
@@ -444,34 +436,52 @@ async fn outcome(
         metadata: &metadata,
         previous_hub: previous.and_then(|p| p.state.assigned_hub.as_deref()),
     };
-    let decision = decide(state, ns, &instance, &device, &settings, previous).await?;
+    let plan = plan(state, ns, &instance, &device, &settings, previous).await?;
     let identity = DeviceIdentity {
         device_id: device_id.clone(),
         symmetric_keys: keys,
         iot_edge: settings.capabilities.as_ref().is_some_and(|c| c.iot_edge),
         initial_twin: settings.initial_twin.clone(),
     };
-    hubs::upsert(&decision.hub, &identity)
-        .await
-        .map_err(|e| Failure(ErrorCode::ServiceUnavailable, e.to_string()))?;
-    if let Some(old) = &decision.moved_from
-        && let Ok(stored) =
-            crate::admin_api::load(state.store.as_ref(), ns, Kind::LinkedHub, old).await
-        && let Ok(old_hub) = stored.doc_json::<LinkedHub>()
-        && let Err(e) = hubs::remove(
-            &old_hub,
-            &previous
-                .and_then(|p| p.state.device_id.clone())
-                .unwrap_or(device_id.clone()),
+    // First choice first; a hub whose connector fails is skipped (and counts as unhealthy for
+    // a while) without asking the policy again.
+    let mut failures = Vec::new();
+    let mut chosen = None;
+    for hub in &plan.order {
+        match hubs::upsert(&state.hub_http, hub, &identity).await {
+            Ok(()) => {
+                state.hub_health.mark_healthy(&hub.host_name);
+                chosen = Some(hub.clone());
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(hub = %hub.host_name, error = %e, "hub connector failed; trying the next hub");
+                state.hub_health.mark_failed(&hub.host_name);
+                failures.push(e.to_string());
+            }
+        }
+    }
+    let hub = chosen.ok_or_else(|| {
+        Failure(
+            ErrorCode::ServiceUnavailable,
+            format!("no hub could take the device: {}", failures.join("; ")),
         )
-        .await
+    })?;
+    let decision = settle(&hub.host_name, &plan, &settings, previous);
+    if let Some(old) = &decision.moved_from
+        && let Some(old_hub) = load_hub(state, ns, old).await
     {
-        tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
+        let old_device = previous
+            .and_then(|p| p.state.device_id.clone())
+            .unwrap_or_else(|| device_id.clone());
+        if let Err(e) = hubs::remove(&state.hub_http, &old_hub, &old_device).await {
+            tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
+        }
     }
     Ok(RegistrationRecord {
         state: DeviceRegistrationState {
             registration_id: id.as_str().to_owned(),
-            assigned_hub: Some(decision.hub.host_name.clone()),
+            assigned_hub: Some(hub.host_name.clone()),
             device_id: Some(device_id),
             status: Some(OperationStatus::Assigned.as_str().to_owned()),
             substatus: decision.substatus,
@@ -486,76 +496,113 @@ async fn outcome(
     })
 }
 
-/// Chooses the hub and the substatus under the reprovision policy.
-async fn decide(
+/// The hubs to try, in order, under the reprovision policy.
+struct Plan {
+    order: Vec<LinkedHub>,
+    previous_hub: Option<String>,
+}
+
+/// Where the device ends up and how that is described.
+struct Decision {
+    substatus: Option<String>,
+    initial_hub: String,
+    moved_from: Option<String>,
+}
+
+async fn plan(
     state: &AppState,
     ns: &str,
     instance: &Instance,
     device: &Device<'_>,
     settings: &EnrollmentSettings,
     previous: Option<&RegistrationRecord>,
-) -> Result<Decision, Failure> {
-    let candidates = candidate_hubs(state, ns, settings).await?;
-    let ranked = allocate(state, instance, device, settings, &candidates)
-        .await?
-        .ranked;
-    let target = ranked
-        .iter()
-        .find_map(|host| candidates.iter().find(|c| c.host_name.eq_ignore_ascii_case(host)))
-        .cloned()
-        .ok_or_else(|| {
+) -> Result<Plan, Failure> {
+    let previous_hub = previous.and_then(|p| p.state.assigned_hub.clone());
+    let reprovision = settings.reprovision_policy.clone().unwrap_or_default();
+    if let Some(old) = &previous_hub
+        && !reprovision.update_hub_assignment
+    {
+        // Sticky: the device stays on its hub.
+        let hub = load_hub(state, ns, old).await.ok_or_else(|| {
             Failure(
                 ErrorCode::NoHubAvailable,
-                "no linked hub is available for this device: link a hub, or name one on the enrollment"
-                    .into(),
+                format!("the device's hub '{old}' is no longer linked and its enrollment does not allow moving it"),
             )
         })?;
-
-    let policy = settings.reprovision_policy.clone().unwrap_or_default();
-    let previous_hub = previous
-        .filter(|p| p.state.status.as_deref() == Some("assigned") || p.state.assigned_hub.is_some())
-        .and_then(|p| p.state.assigned_hub.clone());
-    let Some(old) = previous_hub else {
-        return Ok(Decision {
-            initial_hub: target.host_name.clone(),
-            hub: target,
-            substatus: Some("initialAssignment".into()),
-            moved_from: None,
+        return Ok(Plan {
+            order: vec![hub],
+            previous_hub,
         });
+    }
+    let candidates = candidate_hubs(state, ns, settings).await?;
+    let mut ranked = allocate(state, instance, device, settings, &candidates)
+        .await?
+        .ranked;
+    // A device re-evaluated to its current hub stays; so the current hub leads when the policy
+    // ranks it first among the healthy.
+    ranked.dedup();
+    let order: Vec<LinkedHub> = ranked
+        .iter()
+        .filter_map(|host| {
+            candidates
+                .iter()
+                .find(|c| c.host_name.eq_ignore_ascii_case(host))
+        })
+        .cloned()
+        .collect();
+    if order.is_empty() {
+        return Err(Failure(
+            ErrorCode::NoHubAvailable,
+            "no linked hub is available for this device: link a hub, or name one on the enrollment"
+                .into(),
+        ));
+    }
+    Ok(Plan {
+        order,
+        previous_hub,
+    })
+}
+
+/// The substatus of landing on `chosen`, given where the device was (Azure's values).
+fn settle(
+    chosen: &str,
+    plan: &Plan,
+    settings: &EnrollmentSettings,
+    previous: Option<&RegistrationRecord>,
+) -> Decision {
+    let Some(old) = &plan.previous_hub else {
+        return Decision {
+            substatus: Some("initialAssignment".into()),
+            initial_hub: chosen.to_owned(),
+            moved_from: None,
+        };
     };
     let initial_hub = previous
         .and_then(|p| p.initial_hub.clone())
         .unwrap_or_else(|| old.clone());
-    let kept_substatus = previous.and_then(|p| p.state.substatus.clone());
-    if !policy.update_hub_assignment || target.host_name.eq_ignore_ascii_case(&old) {
-        // Sticky, or re-evaluated to the same hub: the device stays where it is.
-        let hub = match candidates
-            .iter()
-            .find(|h| h.host_name.eq_ignore_ascii_case(&old))
-        {
-            Some(hub) => hub.clone(),
-            None => load_hub(state, ns, &old).await.unwrap_or(target),
-        };
-        return Ok(Decision {
-            hub,
-            substatus: kept_substatus,
+    if chosen.eq_ignore_ascii_case(old) {
+        return Decision {
+            substatus: previous.and_then(|p| p.state.substatus.clone()),
             initial_hub,
             moved_from: None,
-        });
+        };
     }
-    let substatus = if target.host_name.eq_ignore_ascii_case(&initial_hub) {
+    let migrate = settings
+        .reprovision_policy
+        .as_ref()
+        .is_none_or(|p| p.migrate_device_data);
+    let substatus = if chosen.eq_ignore_ascii_case(&initial_hub) {
         "reprovisionedToInitialAssignment"
-    } else if policy.migrate_device_data {
+    } else if migrate {
         "deviceDataMigrated"
     } else {
         "deviceDataReset"
     };
-    Ok(Decision {
-        hub: target,
+    Decision {
         substatus: Some(substatus.into()),
         initial_hub,
-        moved_from: Some(old),
-    })
+        moved_from: Some(old.clone()),
+    }
 }
 
 /// The policy for these settings: the enrollment's, else the instance default, else `hashed`.
@@ -596,7 +643,7 @@ pub async fn run_policy(
                 .into(),
         );
     }
-    let candidates: Vec<Candidate> = hubs.iter().map(candidate_of).collect();
+    let candidates: Vec<Candidate> = hubs.iter().map(|h| candidate_of(state, h)).collect();
     let mut allocation = policy
         .allocate(device, &candidates)
         .await
@@ -610,14 +657,13 @@ pub async fn run_policy(
     Ok(allocation)
 }
 
-fn candidate_of(hub: &LinkedHub) -> Candidate {
+fn candidate_of(state: &AppState, hub: &LinkedHub) -> Candidate {
     Candidate {
         host_name: hub.host_name.clone(),
         weight: hub.allocation_weight.unwrap_or(1),
         region: hub.region.clone(),
         location: hub.latitude.zip(hub.longitude),
-        // Health tracking comes with the hub connectors that can fail.
-        healthy: true,
+        healthy: state.hub_health.is_healthy(&hub.host_name),
     }
 }
 

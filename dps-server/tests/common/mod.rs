@@ -3,14 +3,14 @@
 //! its generated CA and signs SAS tokens like the Azure service clients do.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use attestation::ConnectionString;
 use attestation::sas::sign;
+use attestation::{ConnectionString, SymmetricKey};
 use dps_server::config::Config;
 use dps_server::server::{self, RunningServer};
 use reqwest::{Method, RequestBuilder, Response};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection};
 use tempfile::TempDir;
 
@@ -208,4 +208,121 @@ pub async fn expect_error(response: Response, status: u16, code: u32) -> Value {
     assert!(!body["message"].as_str().unwrap().is_empty());
     assert!(!body["trackingId"].as_str().unwrap().is_empty());
     body
+}
+
+/// Unix seconds.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A device token as the Node symmetric-key client builds it: raw `sr`, `skn=registration`.
+pub fn device_token(scope: &str, id: &str, key: &SymmetricKey) -> String {
+    sign(
+        &format!("{scope}/registrations/{id}"),
+        key,
+        now() + 3600,
+        Some("registration"),
+    )
+}
+
+/// A device registering with the test server.
+pub struct Device<'a> {
+    pub t: &'a TestServer,
+    pub scope: String,
+    pub id: String,
+}
+
+impl<'a> Device<'a> {
+    pub fn new(t: &'a TestServer, id: &str) -> Self {
+        Self {
+            t,
+            scope: t.running().admin.id_scope.clone(),
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn put(&self, token: &str) -> reqwest::RequestBuilder {
+        self.t
+            .anonymous(
+                Method::PUT,
+                &format!("/{}/registrations/{}/register", self.scope, self.id),
+            )
+            .header("Authorization", token)
+            .json(&json!({ "registrationId": self.id }))
+    }
+
+    /// Registers and polls until the operation ends; returns the final operation status body.
+    pub async fn register(&self, token: &str) -> Value {
+        let response = self.put(token).send().await.unwrap();
+        assert_eq!(response.headers()["retry-after"], "1");
+        let accepted = expect_json(response, 202).await;
+        assert_eq!(accepted["status"], "assigning");
+        let operation = accepted["operationId"].as_str().unwrap().to_owned();
+        assert!(
+            operation
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        );
+        for _ in 0..100 {
+            let response = self
+                .t
+                .anonymous(
+                    Method::GET,
+                    &format!(
+                        "/{}/registrations/{}/operations/{operation}",
+                        self.scope, self.id
+                    ),
+                )
+                .header("Authorization", token)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            match response.status().as_u16() {
+                202 => {
+                    let body = expect_json(response, 202).await;
+                    assert_eq!(
+                        body["registrationState"]["registrationId"],
+                        self.id.as_str()
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => return expect_json(response, 200).await,
+            }
+        }
+        panic!("the operation did not finish");
+    }
+}
+
+/// Creates or replaces an enrollment or group (`If-Match: *`).
+pub async fn enroll(t: &TestServer, body: Value) -> Value {
+    let (path, id) = match body.get("registrationId") {
+        Some(id) => ("enrollments", id.as_str().unwrap().to_owned()),
+        None => (
+            "enrollmentGroups",
+            body["enrollmentGroupId"].as_str().unwrap().to_owned(),
+        ),
+    };
+    expect_json(
+        t.owner(Method::PUT, &format!("/{path}/{id}"))
+            .header("If-Match", "*")
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await
+}
+
+/// The primary and secondary keys of an enrollment answer.
+pub fn keys_of(enrollment: &Value) -> (SymmetricKey, SymmetricKey) {
+    let keys = &enrollment["attestation"]["symmetricKey"];
+    (
+        SymmetricKey::from_base64(keys["primaryKey"].as_str().unwrap()).unwrap(),
+        SymmetricKey::from_base64(keys["secondaryKey"].as_str().unwrap()).unwrap(),
+    )
 }
