@@ -5,6 +5,7 @@
 //! `static`; `geoLatency` without location data (ties, so the weighted hash); `custom` is a
 //! recognised name not yet implemented.
 
+pub mod custom;
 pub mod hashed;
 pub mod policy;
 

@@ -70,6 +70,9 @@ pub enum PolicyError {
     /// The policy's backing service (a webhook, a database) could not answer.
     #[error("the allocation policy is unavailable: {0}")]
     Unavailable(String),
+    /// The policy's backing service refused, or answered something unusable.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// An allocation policy.

@@ -34,6 +34,8 @@ pub struct Config {
     pub limits: Limits,
     /// Device API throttling.
     pub throttle: crate::throttle::ThrottleConfig,
+    /// Allocation policy settings.
+    pub allocation: AllocationConfig,
     /// The instance whose `ServiceConfig` policies manage all instances, and whose connection
     /// string is printed at start: the first configured instance, or `default`, when absent.
     pub admin_instance: Option<String>,
@@ -52,6 +54,7 @@ impl Default for Config {
             log: LogConfig::default(),
             limits: Limits::default(),
             throttle: crate::throttle::ThrottleConfig::default(),
+            allocation: AllocationConfig::default(),
             admin_instance: None,
             instances: Vec::new(),
         }
@@ -68,6 +71,31 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// The CA clients should trust, printed at start (the certificate itself when absent).
     pub ca_cert: Option<PathBuf>,
+}
+
+/// Allocation policy settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllocationConfig {
+    /// Time allowed for one call of a custom allocation webhook, seconds.
+    pub custom_timeout_secs: u64,
+    /// Further attempts after a failed webhook call (timeouts, 5xx, unreachable).
+    pub custom_retries: u32,
+    /// Policy that answers when a webhook stays down (`hashed`, ...); none: the registration fails.
+    pub custom_fallback: Option<String>,
+    /// Base64 key; when set, webhook requests carry `x-dps-signature: sha256=<hex HMAC>`.
+    pub webhook_signing_key: Option<String>,
+}
+
+impl Default for AllocationConfig {
+    fn default() -> Self {
+        Self {
+            custom_timeout_secs: 10,
+            custom_retries: 2,
+            custom_fallback: None,
+            webhook_signing_key: None,
+        }
+    }
 }
 
 /// Log output.

@@ -71,14 +71,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .await
             .context("opening the database")?,
     );
+    let hub_http = crate::hubs::http_client();
     let state = AppState {
         store: store.clone(),
         limits: Arc::new(config.limits.clone()),
         admin_instance: config.admin_instance().into(),
         metrics: Arc::new(Metrics::new(store.backend())),
         throttle: Arc::new(Throttle::new(&config.throttle)),
-        policies: Arc::new(allocation_policies::policy::Registry::with_builtins()),
-        hub_http: crate::hubs::http_client(),
+        policies: Arc::new(policy_registry(&config, &hub_http)?),
+        hub_http,
         hub_health: Arc::new(crate::hubs::HubHealth::new(Duration::from_secs(
             config.limits.hub_unhealthy_secs,
         ))),
@@ -117,6 +118,45 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         stop,
         task,
     })
+}
+
+/// The built-in policies, with `custom` driving webhooks as configured.
+fn policy_registry(
+    config: &Config,
+    client: &reqwest::Client,
+) -> anyhow::Result<allocation_policies::policy::Registry> {
+    use allocation_policies::custom::{CustomSettings, CustomWebhook};
+    let mut registry = allocation_policies::policy::Registry::with_builtins();
+    let fallback = match &config.allocation.custom_fallback {
+        Some(name) => {
+            let (canonical, policy) = registry
+                .get(name)
+                .with_context(|| format!("allocation.custom_fallback: unknown policy '{name}'"))?;
+            if canonical == "custom" {
+                anyhow::bail!("allocation.custom_fallback cannot be custom itself");
+            }
+            Some((canonical.to_owned(), policy))
+        }
+        None => None,
+    };
+    let signing_key = config
+        .allocation
+        .webhook_signing_key
+        .as_deref()
+        .map(attestation::SymmetricKey::from_base64)
+        .transpose()
+        .context("allocation.webhook_signing_key")?
+        .map(|k| k.as_bytes().to_vec());
+    let settings = CustomSettings {
+        timeout: Duration::from_secs(config.allocation.custom_timeout_secs.max(1)),
+        retries: config.allocation.custom_retries,
+        signing_key,
+    };
+    registry.register(
+        "custom",
+        Arc::new(CustomWebhook::new(client.clone(), settings, fallback)),
+    );
+    Ok(registry)
 }
 
 async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {

@@ -1452,7 +1452,7 @@ async fn allocation_simulation_explains_each_policy(backend: Backend) {
         by_policy(&answer, "custom")["error"]
             .as_str()
             .unwrap()
-            .contains("not supported")
+            .contains("no customAllocationDefinition")
     );
     assert!(
         by_policy(&answer, "geoLatency")["reason"]

@@ -10,7 +10,7 @@ use dps_protocol::ids::{check_host_name, check_resource_name};
 
 use super::AppState;
 use super::resource::{Resource, delete_one, get_one, list, put_one};
-use super::validate::field_error;
+use super::validate::{check_endpoint_url, field_error};
 use crate::error::ApiError;
 use crate::store::Kind;
 
@@ -90,10 +90,10 @@ impl Resource for LinkedHub {
                     .map_err(|e| field_error("connector.connectionString", e.to_string()))?;
                 *connection_string = Some(parsed.reveal());
                 if let Some(url) = endpoint {
-                    check_connector_url("connector.endpoint", url)?;
+                    check_endpoint_url("connector.endpoint", url)?;
                 }
             }
-            HubConnector::Webhook { url } => check_connector_url("connector.url", url)?,
+            HubConnector::Webhook { url } => check_endpoint_url("connector.url", url)?,
         }
         Ok(())
     }
@@ -105,31 +105,6 @@ impl Resource for LinkedHub {
         {
             *connection_string = None;
         }
-    }
-}
-
-/// A connector URL: absolute `https://`, or `http://` to a loopback address (development and
-/// tests; device keys must not cross a network in clear text).
-fn check_connector_url(field: &str, url: &str) -> Result<(), ApiError> {
-    let loopback = |host: &str| {
-        host == "localhost"
-            || host
-                .trim_matches(['[', ']'])
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    };
-    let ok = reqwest::Url::parse(url).is_ok_and(|u| match (u.scheme(), u.host_str()) {
-        ("https", Some(_)) => true,
-        ("http", Some(host)) => loopback(host),
-        _ => false,
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(field_error(
-            field,
-            "must be an absolute https:// URL (http:// only for a loopback address)",
-        ))
     }
 }
 

@@ -132,7 +132,10 @@ impl<'a> Validator<'a> {
                         "the custom allocation policy needs customAllocationDefinition",
                     )
                 })?;
-            check_webhook_url(&definition.webhook_url)?;
+            check_endpoint_url(
+                "customAllocationDefinition.webhookUrl",
+                &definition.webhook_url,
+            )?;
             if !is_api_version(&definition.api_version) {
                 return Err(field_error(
                     "customAllocationDefinition.apiVersion",
@@ -459,14 +462,28 @@ fn check_initial_twin(twin: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Checks a webhook URL: absolute HTTPS with a host.
-pub fn check_webhook_url(url: &str) -> Result<(), ApiError> {
-    match reqwest::Url::parse(url) {
-        Ok(parsed) if parsed.scheme() == "https" && parsed.host_str().is_some() => Ok(()),
-        _ => Err(field_error(
-            "customAllocationDefinition.webhookUrl",
-            "webhookUrl must be an absolute https:// URL",
-        )),
+/// An endpoint URL (webhook, connector): absolute `https://`, or `http://` to a loopback
+/// address (development and tests; keys and payloads must not cross a network in clear text).
+pub fn check_endpoint_url(field: &str, url: &str) -> Result<(), ApiError> {
+    let loopback = |host: &str| {
+        host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
+    let ok = reqwest::Url::parse(url).is_ok_and(|u| match (u.scheme(), u.host_str()) {
+        ("https", Some(_)) => true,
+        ("http", Some(host)) => loopback(host),
+        _ => false,
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(field_error(
+            field,
+            "must be an absolute https:// URL (http:// only for a loopback address)",
+        ))
     }
 }
 

@@ -441,7 +441,10 @@ async fn outcome(
         device_id: device_id.clone(),
         symmetric_keys: keys,
         iot_edge: settings.capabilities.as_ref().is_some_and(|c| c.iot_edge),
-        initial_twin: settings.initial_twin.clone(),
+        initial_twin: plan
+            .initial_twin
+            .clone()
+            .or_else(|| settings.initial_twin.clone()),
     };
     // First choice first; a hub whose connector fails is skipped (and counts as unhealthy for
     // a while) without asking the policy again.
@@ -485,6 +488,7 @@ async fn outcome(
             device_id: Some(device_id),
             status: Some(OperationStatus::Assigned.as_str().to_owned()),
             substatus: decision.substatus,
+            payload: plan.payload.clone(),
             enrollment_group_id: group_id.clone(),
             symmetric_key: Some(SymmetricKeyRegistrationResult {
                 enrollment_group_id: group_id,
@@ -500,6 +504,10 @@ async fn outcome(
 struct Plan {
     order: Vec<LinkedHub>,
     previous_hub: Option<String>,
+    /// What a custom allocation webhook returned for the device.
+    payload: Option<Value>,
+    /// The twin a custom allocation webhook chose (it overrides the enrollment's).
+    initial_twin: Option<Value>,
 }
 
 /// Where the device ends up and how that is described.
@@ -529,17 +537,24 @@ async fn plan(
                 format!("the device's hub '{old}' is no longer linked and its enrollment does not allow moving it"),
             )
         })?;
+        // Azure still calls a custom webhook, for a new payload; the hub stays.
+        let (payload, initial_twin) = if policy_name(instance, settings) == "custom" {
+            let candidates = candidate_hubs(state, ns, settings).await?;
+            let allocation = allocate(state, instance, device, settings, &candidates).await?;
+            (allocation.payload, allocation.initial_twin)
+        } else {
+            (None, None)
+        };
         return Ok(Plan {
             order: vec![hub],
             previous_hub,
+            payload,
+            initial_twin,
         });
     }
     let candidates = candidate_hubs(state, ns, settings).await?;
-    let mut ranked = allocate(state, instance, device, settings, &candidates)
-        .await?
-        .ranked;
-    // A device re-evaluated to its current hub stays; so the current hub leads when the policy
-    // ranks it first among the healthy.
+    let allocation = allocate(state, instance, device, settings, &candidates).await?;
+    let mut ranked = allocation.ranked;
     ranked.dedup();
     let order: Vec<LinkedHub> = ranked
         .iter()
@@ -560,6 +575,8 @@ async fn plan(
     Ok(Plan {
         order,
         previous_hub,
+        payload: allocation.payload,
+        initial_twin: allocation.initial_twin,
     })
 }
 
