@@ -57,6 +57,9 @@ pub struct LinkedHub {
     /// How device identities are created in the hub; `none` when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connector: Option<HubConnector>,
+    /// Read-only: devices assigned to this hub now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_count: Option<u64>,
     /// Opaque version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,

@@ -113,6 +113,10 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    match hub_device_counts(&state).await {
+        Ok(counts) => state.metrics.set_hub_devices(&counts),
+        Err(e) => tracing::warn!(error = %e, "cannot count devices per hub for /metrics"),
+    }
     match state.metrics.encode() {
         Ok(text) => (
             [(
@@ -126,6 +130,35 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             .into_response(),
         Err(e) => ApiError::internal("encoding metrics", &e).into_response(),
     }
+}
+
+/// (instance, hub, devices) for every instance.
+async fn hub_device_counts(
+    state: &AppState,
+) -> Result<Vec<(String, String, i64)>, crate::store::StoreError> {
+    use crate::store::{Kind, Page, SERVER_NS};
+    let instances = state
+        .store
+        .list(
+            SERVER_NS,
+            Kind::Instance,
+            Page {
+                limit: usize::MAX,
+                ..Page::default()
+            },
+        )
+        .await?;
+    let mut counts = Vec::new();
+    for instance in instances {
+        for (hub, devices) in state
+            .store
+            .count_by_tag(&instance.key, Kind::RegistrationState)
+            .await?
+        {
+            counts.push((instance.key.clone(), hub, devices));
+        }
+    }
+    Ok(counts)
 }
 
 async fn openapi() -> Response {

@@ -59,6 +59,12 @@ struct RouteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HubLabels {
+    instance: String,
+    hub: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     backend: String,
@@ -70,6 +76,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
+    hub_devices: Family<HubLabels, Gauge>,
 }
 
 impl Metrics {
@@ -98,10 +105,30 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Version and storage backend", build);
+        let hub_devices = Family::<HubLabels, Gauge>::default();
+        registry.register(
+            "hub_devices",
+            "Devices assigned to each linked hub, by instance (read from the store at each scrape)",
+            hub_devices.clone(),
+        );
         Self {
             registry,
             requests,
             durations,
+            hub_devices,
+        }
+    }
+
+    /// Replaces the per-hub device counts (hubs without devices disappear).
+    pub fn set_hub_devices(&self, counts: &[(String, String, i64)]) {
+        self.hub_devices.clear();
+        for (instance, hub, devices) in counts {
+            self.hub_devices
+                .get_or_create(&HubLabels {
+                    instance: instance.clone(),
+                    hub: hub.clone(),
+                })
+                .set(*devices);
         }
     }
 

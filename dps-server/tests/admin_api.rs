@@ -235,6 +235,7 @@ async fn group_lifecycle_and_registrations(backend: Backend) {
                 kind: Kind::RegistrationState,
                 key: id.into(),
                 parent: Some("line-7".into()),
+                tag: None,
                 doc: doc.to_string(),
                 precondition: Precondition::MustNotExist,
             }])
@@ -1278,6 +1279,7 @@ async fn concurrent_writers_cannot_both_win(backend: Backend) {
         kind: Kind::IndividualEnrollment,
         key: "race".into(),
         parent: None,
+        tag: None,
         doc: json!({ "writer": n }).to_string(),
         precondition,
     };

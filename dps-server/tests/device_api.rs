@@ -51,6 +51,29 @@ async fn individual_enrollment_registers_and_rolls_keys(backend: Backend) {
     assert!(state["symmetricKey"].is_object());
     assert!(state["createdDateTimeUtc"].is_string());
 
+    // The hub counts the device, in the admin API and in /metrics.
+    let hub = expect_json(
+        t.owner(Method::GET, "/linkedHubs/hub-a.example.com")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(hub["deviceCount"], 1);
+    let metrics = t
+        .anonymous(Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dps_hub_devices{instance=\"default\",hub=\"hub-a.example.com\"} 1"),
+        "{metrics}"
+    );
+
     // The admin API sees the same state.
     let stored = registration_state(&t, "dev-1").await.unwrap();
     assert_eq!(stored["assignedHub"], "hub-a.example.com");
@@ -636,6 +659,7 @@ async fn a_poll_finishes_an_operation_a_stopped_server_left_assigning(backend: B
             kind: dps_server::store::Kind::Operation,
             key: "5.0000000000000000.orphaned".into(),
             parent: Some("orphan".into()),
+            tag: None,
             doc: operation.to_string(),
             precondition: dps_server::store::Precondition::MustNotExist,
         }])

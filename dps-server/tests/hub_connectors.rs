@@ -112,6 +112,30 @@ async fn the_webhook_connector_creates_moves_and_removes_identities() {
         moved["registrationState"]["assignedHub"],
         "hub-b.example.com"
     );
+    let hubs = expect_json(
+        t.owner(Method::GET, "/linkedHubs").send().await.unwrap(),
+        200,
+    )
+    .await;
+    let counts: Vec<(String, i64)> = hubs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["hostName"].as_str().unwrap().to_owned(),
+                h["deviceCount"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("hub-a.example.com".to_owned(), 0),
+            ("hub-b.example.com".to_owned(), 1)
+        ],
+        "the device counts where it is now"
+    );
     assert_eq!(
         moved["registrationState"]["substatus"],
         "deviceDataMigrated"

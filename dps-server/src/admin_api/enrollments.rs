@@ -202,6 +202,7 @@ async fn write<E: Enrollment>(
             kind: E::KIND,
             key: key.clone(),
             parent: None,
+            tag: None,
             doc: to_doc(&candidate)?,
             precondition: effective,
         };

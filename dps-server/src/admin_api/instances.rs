@@ -110,6 +110,7 @@ pub async fn save(
         kind: Kind::Instance,
         key: key.clone(),
         parent: None,
+        tag: None,
         doc: to_doc(&instance)?,
         precondition: effective,
     }];
@@ -149,6 +150,7 @@ pub async fn save(
                 kind: Kind::AccessPolicy,
                 key: AccessPolicy::key_of(&policy.key_name)?,
                 parent: None,
+                tag: None,
                 doc: to_doc(&policy)?,
                 precondition: Precondition::Always,
             });
@@ -197,6 +199,7 @@ fn claim(kind: Kind, key: String, doc: &str) -> Write {
         kind,
         key,
         parent: None,
+        tag: None,
         doc: doc.to_owned(),
         precondition: Precondition::MustNotExist,
     }

@@ -9,7 +9,7 @@ use dps_protocol::admin::{HubConnector, LinkedHub};
 use dps_protocol::ids::{check_host_name, check_resource_name};
 
 use super::AppState;
-use super::resource::{Resource, delete_one, get_one, list, put_one};
+use super::resource::{Counts, Resource, delete_one, get_one, list, put_one};
 use super::validate::{check_endpoint_url, field_error};
 use crate::error::ApiError;
 use crate::store::Kind;
@@ -35,6 +35,7 @@ impl Resource for LinkedHub {
     fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError> {
         self.host_name = self.host_name.to_ascii_lowercase();
         self.etag = None;
+        self.device_count = None;
         let weight = self.allocation_weight.unwrap_or(1);
         if !(1..=1000).contains(&weight) {
             return Err(field_error(
@@ -96,6 +97,20 @@ impl Resource for LinkedHub {
             HubConnector::Webhook { url } => check_endpoint_url("connector.url", url)?,
         }
         Ok(())
+    }
+
+    async fn counts(state: &AppState, ns: &str) -> Result<Counts, ApiError> {
+        Ok(state
+            .store
+            .count_by_tag(ns, Kind::RegistrationState)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    fn annotate(&mut self, counts: &Counts) {
+        let assigned = counts.get(&self.host_name).copied().unwrap_or(0);
+        self.device_count = Some(u64::try_from(assigned).unwrap_or(0));
     }
 
     fn hide_secrets(&mut self) {

@@ -36,7 +36,21 @@ pub trait Resource: Serialize + DeserializeOwned + Clone + Send + Sync + 'static
     fn check_change(_others: &[Self], _new: Option<&Self>) -> Result<(), ApiError> {
         Ok(())
     }
+
+    /// Counts reads show beside the stored documents (by the document's key).
+    fn counts(
+        _state: &AppState,
+        _ns: &str,
+    ) -> impl std::future::Future<Output = Result<Counts, ApiError>> + Send {
+        async { Ok(Counts::new()) }
+    }
+
+    /// Adds the counts to a document about to be shown.
+    fn annotate(&mut self, _counts: &Counts) {}
 }
+
+/// Read-only counts by document key (for example devices per hub).
+pub type Counts = std::collections::HashMap<String, i64>;
 
 /// The stored document with its etag, secrets hidden unless `reveal`.
 pub fn render<R: Resource>(stored: &Stored, reveal: bool) -> Result<R, ApiError> {
@@ -89,6 +103,7 @@ pub async fn store_resource<R: Resource>(
         kind: R::KIND,
         key,
         parent: None,
+        tag: None,
         doc: to_doc(&resource)?,
         precondition: effective,
     };
@@ -131,7 +146,9 @@ pub async fn get_one<R: Resource>(
 ) -> Result<Json<R>, ApiError> {
     admin.require(Right::ServiceConfig)?;
     let stored = load::<R>(&state, admin.ns(), &id).await?;
-    Ok(Json(render(&stored, false)?))
+    let mut resource: R = render(&stored, false)?;
+    resource.annotate(&R::counts(&state, admin.ns()).await?);
+    Ok(Json(resource))
 }
 
 /// Loads one document or 404.
@@ -179,5 +196,10 @@ pub async fn list<R: Resource>(
             },
         )
         .await?;
-    page.respond(rows, R::ITEM_TYPE, |stored| render::<R>(stored, false))
+    let counts = R::counts(&state, admin.ns()).await?;
+    page.respond(rows, R::ITEM_TYPE, |stored| {
+        let mut resource: R = render(stored, false)?;
+        resource.annotate(&counts);
+        Ok(resource)
+    })
 }

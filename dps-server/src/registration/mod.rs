@@ -160,6 +160,7 @@ pub async fn start(
         kind: Kind::Operation,
         key: operation_key(&record.operation_id),
         parent: Some(id.key()),
+        tag: None,
         doc: to_doc(&record)?,
         precondition: Precondition::MustNotExist,
     });
@@ -269,6 +270,16 @@ pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(
                 kind: Kind::RegistrationState,
                 key: id.key(),
                 parent: group_key,
+                // Counted per hub while the device is assigned there.
+                tag: (status == OperationStatus::Assigned)
+                    .then(|| {
+                        record
+                            .state
+                            .assigned_hub
+                            .as_ref()
+                            .map(|h| h.to_ascii_lowercase())
+                    })
+                    .flatten(),
                 doc: to_doc(&record)?,
                 precondition: previous_stored
                     .as_ref()
@@ -281,6 +292,7 @@ pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(
                 kind: Kind::Operation,
                 key: operation_key.to_owned(),
                 parent: Some(id.key()),
+                tag: None,
                 doc: to_doc(&op)?,
                 precondition: Precondition::IfMatch(op_stored.etag.clone()),
             },

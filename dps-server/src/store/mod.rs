@@ -91,6 +91,8 @@ pub enum Write {
         key: String,
         /// Secondary key for listing (the group of a registration state).
         parent: Option<String>,
+        /// A value documents are counted by (the hub of an assigned registration).
+        tag: Option<String>,
         /// The JSON document.
         doc: String,
         /// When it may happen.
@@ -180,6 +182,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Lists documents of a kind in key order.
     async fn list(&self, ns: &str, kind: Kind, page: Page<'_>) -> Result<Vec<Stored>, StoreError>;
+
+    /// How many documents of a kind carry each tag (untagged ones are not counted).
+    async fn count_by_tag(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError>;
 
     /// Applies all writes in one transaction, or none of them. Returns, for each write, the
     /// stored document of a `Put` and `None` for deletes.

@@ -11,16 +11,30 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{Kind, Page, Precondition, Store, StoreError, Stored, Write};
 
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "documents",
-    include_str!("../../migrations/sqlite/0001_documents.sql"),
-)];
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "documents",
-    include_str!("../../migrations/postgres/0001_documents.sql"),
-)];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "documents",
+        include_str!("../../migrations/sqlite/0001_documents.sql"),
+    ),
+    (
+        2,
+        "document tags",
+        include_str!("../../migrations/sqlite/0002_document_tags.sql"),
+    ),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "documents",
+        include_str!("../../migrations/postgres/0001_documents.sql"),
+    ),
+    (
+        2,
+        "document tags",
+        include_str!("../../migrations/postgres/0002_document_tags.sql"),
+    ),
+];
 
 /// Per-connection SQLite settings: WAL (readers never block the writer), a busy timeout so
 /// that concurrent writers wait instead of failing, and the usual WAL durability level.
@@ -125,17 +139,18 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
             kind,
             key,
             parent,
+            tag,
             doc,
             precondition,
         } => {
             let (etag, at) = (new_etag(), now());
             let created: Option<String> = match precondition {
                 Precondition::Always => sqlx::query(
-                    "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+                    "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
                      ON CONFLICT (ns, kind, key) DO UPDATE SET parent = excluded.parent, \
-                     doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at \
-                     RETURNING created_at",
+                     doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at, \
+                     tag = excluded.tag RETURNING created_at",
                 )
                 .bind(ns)
                 .bind(kind.as_str())
@@ -144,14 +159,15 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
                 .bind(doc)
                 .bind(&etag)
                 .bind(&at)
+                .bind(tag.as_deref())
                 .fetch_optional(&mut **tx)
                 .await?
                 .map(|row| row.try_get("created_at"))
                 .transpose()?,
                 Precondition::MustNotExist => {
                     let done = sqlx::query(
-                        "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT (ns, kind, key) DO NOTHING",
+                        "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (ns, kind, key) DO NOTHING",
                     )
                     .bind(ns)
                     .bind(kind.as_str())
@@ -160,6 +176,7 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
                     .bind(doc)
                     .bind(&etag)
                     .bind(&at)
+                    .bind(tag.as_deref())
                     .execute(&mut **tx)
                     .await?;
                     if done.rows_affected() == 0 {
@@ -172,7 +189,7 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
                 }
                 Precondition::IfMatch(expected) => {
                     let row = sqlx::query(
-                        "UPDATE documents SET parent = $4, doc = $5, etag = $6, updated_at = $7 \
+                        "UPDATE documents SET parent = $4, doc = $5, etag = $6, updated_at = $7, tag = $9 \
                          WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $8 RETURNING created_at",
                     )
                     .bind(ns)
@@ -183,6 +200,7 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
                     .bind(&etag)
                     .bind(&at)
                     .bind(expected)
+                    .bind(tag.as_deref())
                     .fetch_optional(&mut **tx)
                     .await?;
                     match row {
@@ -332,6 +350,20 @@ impl Store for SqlStore {
         }
         tx.commit().await?;
         Ok(results)
+    }
+
+    async fn count_by_tag(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT tag, COUNT(*) AS n FROM documents \
+             WHERE ns = $1 AND kind = $2 AND tag IS NOT NULL GROUP BY tag ORDER BY tag",
+        )
+        .bind(ns)
+        .bind(kind.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("tag")?, row.try_get("n")?)))
+            .collect()
     }
 
     fn backend(&self) -> &'static str {
