@@ -295,3 +295,28 @@ impl SoftHsm {
         Ok(path)
     }
 }
+
+/// Runs `node SCRIPT` from `interop/node` against `server` (its CA trusted, `localhost`
+/// resolving to 127.0.0.1 first), with `env`, killed after two minutes. Fails with a clear
+/// message when the npm packages are missing.
+pub fn run_node(
+    script: &str,
+    server: &ServerProcess,
+    env: &[(&str, &str)],
+) -> anyhow::Result<std::process::Output> {
+    let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/node");
+    if !interop.join("node_modules").exists() {
+        bail!("npm packages missing: run scripts/test-deps.sh (or npm ci in interop/node)");
+    }
+    let mut command = Command::new("timeout");
+    command
+        .args(["--kill-after=5", "120", "node", script])
+        .current_dir(&interop)
+        .env("NODE_EXTRA_CA_CERTS", &server.ca_certificate)
+        // The server listens on 127.0.0.1 only; make `localhost` resolve there first.
+        .env("NODE_OPTIONS", "--dns-result-order=ipv4first");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().context("running node")
+}

@@ -5,11 +5,8 @@
 //! 127.0.0.1:443 as `localhost`. Enrollments are made with the admin CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
-use std::process::Command;
-
 use serde_json::Value;
-use softhsm_tests::ServerProcess;
+use softhsm_tests::{ServerProcess, run_node};
 
 fn cli(server: &ServerProcess, args: &[&str]) -> Value {
     server.admin_json(args).unwrap()
@@ -17,13 +14,6 @@ fn cli(server: &ServerProcess, args: &[&str]) -> Value {
 
 #[test]
 fn node_device_sdk_registers_with_symmetric_keys() {
-    let interop = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/node");
-    assert!(
-        interop
-            .join("node_modules/azure-iot-provisioning-device-http")
-            .exists(),
-        "npm packages missing: run scripts/test-deps.sh (or npm ci in interop/node)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(dir.path(), &["--listen", "127.0.0.1:443"], &[]).unwrap();
 
@@ -46,20 +36,21 @@ fn node_device_sdk_registers_with_symmetric_keys() {
             .to_owned()
     };
 
-    let output = Command::new("timeout")
-        .args(["--kill-after=5", "120", "node", "device_symmetric_key.js"])
-        .current_dir(&interop)
-        .env("DPS_HOST", "localhost")
-        .env("DPS_ID_SCOPE", &server.id_scope)
-        .env("DPS_EXPECTED_HUB", "hub-a.example.com")
-        .env("DPS_INDIVIDUAL_ID", "node-device-1")
-        .env("DPS_INDIVIDUAL_DEVICE_ID", "node-device-one")
-        .env("DPS_INDIVIDUAL_KEY", key(&enrollment))
-        .env("DPS_GROUP_KEY", key(&group))
-        .env("NODE_EXTRA_CA_CERTS", &server.ca_certificate)
-        .env("NODE_OPTIONS", "--dns-result-order=ipv4first")
-        .output()
-        .unwrap();
+    let (individual_key, group_key) = (key(&enrollment), key(&group));
+    let output = run_node(
+        "device_symmetric_key.js",
+        &server,
+        &[
+            ("DPS_HOST", "localhost"),
+            ("DPS_ID_SCOPE", server.id_scope.as_str()),
+            ("DPS_EXPECTED_HUB", "hub-a.example.com"),
+            ("DPS_INDIVIDUAL_ID", "node-device-1"),
+            ("DPS_INDIVIDUAL_DEVICE_ID", "node-device-one"),
+            ("DPS_INDIVIDUAL_KEY", individual_key.as_str()),
+            ("DPS_GROUP_KEY", group_key.as_str()),
+        ],
+    )
+    .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
