@@ -2,10 +2,10 @@
 //!
 //! [`policy::AllocationPolicy`] ranks candidate hubs for a device; [`policy::Registry`] holds
 //! the policies by name. Built in: `hashed` (weighted rendezvous hashing, [`hashed`]) and
-//! `static`; `geoLatency` without location data (ties, so the weighted hash); `custom` is a
-//! recognised name not yet implemented.
+//! `static`, `geoLatency` ([`geo`]) and `custom` webhooks ([`custom`]).
 
 pub mod custom;
+pub mod geo;
 pub mod hashed;
 pub mod policy;
 

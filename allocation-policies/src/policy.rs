@@ -151,27 +151,6 @@ impl AllocationPolicy for Static {
     }
 }
 
-/// Azure `geoLatency` without location data: every hub ties, and ties go to the weighted
-/// hash (as Azure breaks them). Location sources and latency tables come later.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GeoLatencyTies;
-
-#[async_trait::async_trait]
-impl AllocationPolicy for GeoLatencyTies {
-    async fn allocate(
-        &self,
-        device: &Device<'_>,
-        candidates: &[Candidate],
-    ) -> Result<Allocation, PolicyError> {
-        let mut allocation = Hashed.allocate(device, candidates).await?;
-        allocation.reason = format!(
-            "geoLatency has no location data in this version, so every hub ties; ties go to the {}",
-            allocation.reason
-        );
-        Ok(allocation)
-    }
-}
-
 /// A policy that is known by name but not available in this build: every allocation fails
 /// with a clear message instead of silently using another policy.
 #[derive(Debug, Clone)]
@@ -198,14 +177,14 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// The built-in policies: `hashed`, `static`, `geoLatency` (ties only, see
-    /// [`GeoLatencyTies`]); `custom` is a known name whose allocations fail with a clear message
-    /// until webhooks are implemented.
+    /// The built-in policies: `hashed`, `static`, `geoLatency` without location settings (see
+    /// [`crate::geo`]); `custom` is a known name whose allocations fail until a webhook client
+    /// is registered in its place ([`crate::custom`]).
     pub fn with_builtins() -> Self {
         let mut registry = Self::default();
         registry.register("hashed", Arc::new(Hashed));
         registry.register("static", Arc::new(Static));
-        registry.register("geoLatency", Arc::new(GeoLatencyTies));
+        registry.register("geoLatency", Arc::new(crate::geo::GeoLatency::default()));
         registry.register("custom", Arc::new(Unsupported("custom")));
         registry
     }

@@ -85,6 +85,46 @@ pub struct AllocationConfig {
     pub custom_fallback: Option<String>,
     /// Base64 key; when set, webhook requests carry `x-dps-signature: sha256=<hex HMAC>`.
     pub webhook_signing_key: Option<String>,
+    /// Where devices are, for `geoLatency`.
+    pub geo: GeoConfig,
+}
+
+/// Location sources and distances for the `geoLatency` policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeoConfig {
+    /// A request header naming the device's region, set by an edge you trust (unset: ignored).
+    pub region_header: Option<String>,
+    /// A request header with the device's `latitude,longitude`, set by an edge you trust.
+    pub coordinates_header: Option<String>,
+    /// Source networks and their regions.
+    pub networks: Vec<GeoNetwork>,
+    /// Coordinates of regions.
+    pub regions: Vec<GeoRegion>,
+    /// Latency in milliseconds from a region to a hub: `latency_ms.<region>.<hub> = 12`.
+    pub latency_ms: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+}
+
+/// A source network in a region.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoNetwork {
+    /// The network, e.g. `10.20.0.0/16`.
+    pub cidr: ipnet::IpNet,
+    /// Its region.
+    pub region: String,
+}
+
+/// A region's coordinates.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoRegion {
+    /// The region's name.
+    pub name: String,
+    /// Degrees, -90 to 90.
+    pub latitude: f64,
+    /// Degrees, -180 to 180.
+    pub longitude: f64,
 }
 
 impl Default for AllocationConfig {
@@ -94,6 +134,7 @@ impl Default for AllocationConfig {
             custom_retries: 2,
             custom_fallback: None,
             webhook_signing_key: None,
+            geo: GeoConfig::default(),
         }
     }
 }

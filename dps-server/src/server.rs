@@ -83,6 +83,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         hub_health: Arc::new(crate::hubs::HubHealth::new(Duration::from_secs(
             config.limits.hub_unhealthy_secs,
         ))),
+        trusted_location_headers: Arc::new(config.allocation.geo.clone()),
     };
 
     let admin = bootstrap(&state, &config).await?;
@@ -156,7 +157,33 @@ fn policy_registry(
         "custom",
         Arc::new(CustomWebhook::new(client.clone(), settings, fallback)),
     );
+    registry.register("geoLatency", Arc::new(geo_policy(&config.allocation.geo)));
     Ok(registry)
+}
+
+fn geo_policy(geo: &crate::config::GeoConfig) -> allocation_policies::geo::GeoLatency {
+    use allocation_policies::geo::{GeoLatency, GeoSettings};
+    let lower = |s: &str| s.trim().to_ascii_lowercase();
+    GeoLatency::new(GeoSettings {
+        networks: geo
+            .networks
+            .iter()
+            .map(|n| (n.cidr, lower(&n.region)))
+            .collect(),
+        regions: geo
+            .regions
+            .iter()
+            .map(|r| (lower(&r.name), (r.latitude, r.longitude)))
+            .collect(),
+        latency_ms: geo
+            .latency_ms
+            .iter()
+            .map(|(region, hubs)| {
+                let hubs = hubs.iter().map(|(hub, ms)| (lower(hub), *ms)).collect();
+                (lower(region), hubs)
+            })
+            .collect(),
+    })
 }
 
 async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {

@@ -56,6 +56,8 @@ pub struct AppState {
     pub hub_http: reqwest::Client,
     /// Hubs whose connector failed recently.
     pub hub_health: Arc<crate::hubs::HubHealth>,
+    /// Request headers an operator trusts to carry the device's region or coordinates.
+    pub trusted_location_headers: Arc<crate::config::GeoConfig>,
 }
 
 /// Routes that act on one instance.

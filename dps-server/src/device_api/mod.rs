@@ -129,6 +129,25 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// The location headers the operator trusts (set by its edge), as allocation metadata.
+fn trusted_metadata(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> std::collections::BTreeMap<String, String> {
+    use allocation_policies::geo::{COORDINATES_METADATA, REGION_METADATA};
+    let geo = &state.trusted_location_headers;
+    [
+        (REGION_METADATA, geo.region_header.as_deref()),
+        (COORDINATES_METADATA, geo.coordinates_header.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(key, header)| {
+        let value = headers.get(header?)?.to_str().ok()?.trim();
+        (!value.is_empty() && value.len() <= 128).then(|| (key.to_owned(), value.to_owned()))
+    })
+    .collect()
+}
+
 fn retry_after(state: &AppState) -> HeaderValue {
     HeaderValue::from(state.limits.retry_after_secs.clamp(1, 300))
 }
@@ -195,6 +214,7 @@ async fn register(
     )
     .await?;
     let source = peer.as_deref().map(|p| p.0.ip());
+    let metadata = trusted_metadata(&state, &headers);
     let operation = registration::start(
         &state,
         &instance,
@@ -202,6 +222,7 @@ async fn register(
         &attested,
         request.payload,
         source,
+        metadata,
     )
     .await?;
     // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even

@@ -62,6 +62,9 @@ pub struct OperationRecord {
     /// The address the device registered from (an input of allocation policies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_address: Option<std::net::IpAddr>,
+    /// Trusted request metadata (location headers of a trusted edge).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
     /// The result, once terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_state: Option<DeviceRegistrationState>,
@@ -103,6 +106,7 @@ pub async fn start(
     attested: &Attested,
     device_payload: Option<Value>,
     source_address: Option<std::net::IpAddr>,
+    metadata: std::collections::BTreeMap<String, String>,
 ) -> Result<OperationRecord, ApiError> {
     let enrollment = match &attested.source {
         Source::Individual(e) => EnrollmentRef::Individual(e.registration_id.clone()),
@@ -115,6 +119,7 @@ pub async fn start(
         enrollment,
         device_payload,
         source_address,
+        metadata,
         registration_state: None,
     };
     if let Some(reason) = &attested.disabled {
@@ -437,7 +442,7 @@ async fn outcome(
             )
         }
     };
-    let metadata = std::collections::BTreeMap::new();
+    let metadata = op.metadata.clone();
     let device = Device {
         registration_id: id.as_str(),
         attestation: "symmetricKey",
