@@ -344,3 +344,96 @@ async fn the_azure_iot_hub_connector_uses_the_registry_api_and_cleans_up() {
     assert_eq!(read["connector"]["endpoint"], hub.uri().as_str());
     hub.verify().await;
 }
+
+/// An azure-iot-hub connector at `server`, for `host`.
+fn azure(server: &MockServer, host: &str) -> Value {
+    json!({ "type": "azure-iot-hub", "endpoint": server.uri(),
+        "connectionString": format!("HostName={host};SharedAccessKeyName=registryReadWrite;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==") })
+}
+
+async fn patches(server: &MockServer, device: &str) -> Vec<Value> {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.method.as_str() == "PATCH" && r.url.path() == format!("/twins/{device}"))
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_are_set_once_and_migrated_or_reset_when_a_device_moves() {
+    let t = TestServer::start(Backend::Sqlite).await;
+    let (hub_a, hub_b) = (MockServer::start().await, MockServer::start().await);
+    for hub in [&hub_a, &hub_b] {
+        Mock::given(method("PUT"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(hub)
+            .await;
+        Mock::given(method("PATCH"))
+            .respond_with(ResponseTemplate::new(200))
+            .mount(hub)
+            .await;
+        Mock::given(method("DELETE"))
+            .respond_with(ResponseTemplate::new(204))
+            .mount(hub)
+            .await;
+    }
+    // The live twin in hub A: what a migration must carry, without the hub's bookkeeping.
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "deviceId": "x", "etag": "AAAA", "version": 9,
+            "tags": { "site": "live" },
+            "properties": { "desired": { "rate": 7, "$version": 4, "$metadata": {} }, "reported": { "temp": 20 } } })))
+        .mount(&hub_a)
+        .await;
+    link(&t, "hub-a.example.com", azure(&hub_a, "hub-a.example.com")).await;
+    link(&t, "hub-b.example.com", azure(&hub_b, "hub-b.example.com")).await;
+    let initial =
+        json!({ "tags": { "site": "initial" }, "properties": { "desired": { "rate": 1 } } });
+
+    for (id, migrate, expected_on_b) in [
+        (
+            "dev-migrate",
+            true,
+            json!({ "tags": { "site": "live" }, "properties": { "desired": { "rate": 7 } } }),
+        ),
+        ("dev-reset", false, initial.clone()),
+    ] {
+        let mut body = json!({ "registrationId": id, "attestation": { "type": "symmetricKey" },
+            "iotHubs": ["hub-a.example.com"], "initialTwin": initial,
+            "reprovisionPolicy": { "updateHubAssignment": true, "migrateDeviceData": migrate } });
+        let enrollment = enroll(&t, body.clone()).await;
+        let device = Device::new(&t, id);
+        let token = device_token(&device.scope, id, &keys_of(&enrollment).0);
+        device.register(&token).await;
+        assert_eq!(
+            patches(&hub_a, id).await,
+            std::slice::from_ref(&initial),
+            "{id}: the initial twin, once"
+        );
+
+        // Registering again on the same hub leaves the live twin alone.
+        let again = device.register(&token).await;
+        assert_eq!(
+            again["registrationState"]["assignedHub"],
+            "hub-a.example.com"
+        );
+        assert_eq!(
+            patches(&hub_a, id).await.len(),
+            1,
+            "{id}: no second twin patch"
+        );
+
+        body["iotHubs"] = json!(["hub-b.example.com"]);
+        body["attestation"] = enrollment["attestation"].clone();
+        enroll(&t, body).await;
+        let moved = device.register(&token).await;
+        assert_eq!(
+            moved["registrationState"]["assignedHub"],
+            "hub-b.example.com"
+        );
+        assert_eq!(patches(&hub_b, id).await, [expected_on_b], "{id}");
+    }
+}

@@ -183,6 +183,66 @@ pub async fn remove(
     }
 }
 
+/// The device's twin in `hub` (tags and desired properties), for migrating it to another hub.
+/// `None` when the connector keeps no twins (`none`, `webhook`) or the device has none.
+pub async fn read_twin(
+    client: &reqwest::Client,
+    hub: &LinkedHub,
+    device_id: &str,
+) -> Result<Option<Value>, HubError> {
+    let HubConnector::AzureIotHub {
+        connection_string,
+        endpoint,
+    } = connector(hub)
+    else {
+        return Ok(None);
+    };
+    let registry = Registry::new(
+        client,
+        hub,
+        connection_string.as_deref(),
+        endpoint.as_deref(),
+    )?;
+    let response = client
+        .get(registry.url("twins", device_id))
+        .header("Authorization", registry.token())
+        .send()
+        .await
+        .map_err(|e| HubError::Unreachable(hub.host_name.clone(), e.to_string()))?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    if !status.is_success() {
+        return Err(HubError::Refused(
+            hub.host_name.clone(),
+            status.as_u16(),
+            text.chars().take(300).collect(),
+        ));
+    }
+    let twin: Value = serde_json::from_str(&text).map_err(|e| {
+        HubError::Refused(
+            hub.host_name.clone(),
+            status.as_u16(),
+            format!("the twin is not JSON: {e}"),
+        )
+    })?;
+    // Only what a new identity can be given: tags and desired properties, without the hub's
+    // own bookkeeping ($metadata, $version).
+    let mut desired = twin
+        .pointer("/properties/desired")
+        .cloned()
+        .unwrap_or(Value::Null);
+    if let Some(map) = desired.as_object_mut() {
+        map.retain(|key, _| !key.starts_with('$'));
+    }
+    Ok(Some(json!({
+        "tags": twin.get("tags").cloned().unwrap_or(Value::Null),
+        "properties": { "desired": desired },
+    })))
+}
+
 fn authentication(identity: &DeviceIdentity) -> Value {
     match &identity.symmetric_keys {
         Some((primary, secondary)) => json!({

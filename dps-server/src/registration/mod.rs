@@ -463,11 +463,44 @@ async fn outcome(
             .clone()
             .or_else(|| settings.initial_twin.clone()),
     };
+    // The twin a hub is given: none when the device stays (its live twin is kept); on a move,
+    // the old hub's twin when the reprovision policy migrates data, else the initial twin.
+    let migrate = settings
+        .reprovision_policy
+        .as_ref()
+        .is_none_or(|p| p.migrate_device_data);
+    let old_device = previous
+        .and_then(|p| p.state.device_id.clone())
+        .unwrap_or_else(|| device_id.clone());
+    let mut migrated_twin: Option<Option<Value>> = None;
     // First choice first; a hub whose connector fails is skipped (and counts as unhealthy for
     // a while) without asking the policy again.
     let mut failures = Vec::new();
     let mut chosen = None;
     for hub in &plan.order {
+        let staying = plan
+            .previous_hub
+            .as_deref()
+            .is_some_and(|old| old.eq_ignore_ascii_case(&hub.host_name));
+        let mut identity = identity.clone();
+        if staying {
+            identity.initial_twin = None;
+        } else if migrate && let Some(old) = &plan.previous_hub {
+            if migrated_twin.is_none() {
+                migrated_twin = Some(match load_hub(state, ns, old).await {
+                    Some(old_hub) => hubs::read_twin(&state.hub_http, &old_hub, &old_device)
+                        .await
+                        .unwrap_or_else(|e| {
+                            tracing::warn!(hub = %old, error = %e, "cannot read the twin to migrate; using the initial twin");
+                            None
+                        }),
+                    None => None,
+                });
+            }
+            if let Some(Some(twin)) = &migrated_twin {
+                identity.initial_twin = Some(twin.clone());
+            }
+        }
         match hubs::upsert(&state.hub_http, hub, &identity).await {
             Ok(()) => {
                 state.hub_health.mark_healthy(&hub.host_name);
@@ -490,13 +523,9 @@ async fn outcome(
     let decision = settle(&hub.host_name, &plan, &settings, previous);
     if let Some(old) = &decision.moved_from
         && let Some(old_hub) = load_hub(state, ns, old).await
+        && let Err(e) = hubs::remove(&state.hub_http, &old_hub, &old_device).await
     {
-        let old_device = previous
-            .and_then(|p| p.state.device_id.clone())
-            .unwrap_or_else(|| device_id.clone());
-        if let Err(e) = hubs::remove(&state.hub_http, &old_hub, &old_device).await {
-            tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
-        }
+        tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
     }
     Ok(RegistrationRecord {
         state: DeviceRegistrationState {
