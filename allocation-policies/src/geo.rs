@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use crate::hashed::{WeightedHub, rank};
-use crate::policy::{Allocation, AllocationPolicy, Candidate, Device, PolicyError};
+use crate::policy::{Allocation, AllocationPolicy, Candidate, Device, PolicyError, hash_order};
 
 /// Metadata key holding a trusted region name.
 pub const REGION_METADATA: &str = "region";
@@ -108,18 +107,8 @@ impl AllocationPolicy for GeoLatency {
         device: &Device<'_>,
         candidates: &[Candidate],
     ) -> Result<Allocation, PolicyError> {
-        if candidates.is_empty() {
-            return Err(PolicyError::NoHub("no candidate hubs".into()));
-        }
-        let weighted: Vec<WeightedHub<'_>> = candidates
-            .iter()
-            .map(|c| WeightedHub {
-                host_name: &c.host_name,
-                weight: c.weight,
-            })
-            .collect();
         // The weighted hash order breaks ties.
-        let hashed = rank(device.registration_id, &weighted);
+        let hashed = hash_order(device, candidates)?;
         let location = self.locate(device);
         let latencies = location
             .as_ref()
@@ -153,7 +142,7 @@ impl AllocationPolicy for GeoLatency {
             .enumerate()
             .map(|(order, host)| {
                 let candidate = candidates.iter().find(|c| c.host_name == *host);
-                (candidate.and_then(&cost), order, *host)
+                (candidate.and_then(&cost), order, host.as_str())
             })
             .collect();
         // Known costs first, lowest first; unknown costs last; the hash order within ties.
@@ -302,6 +291,7 @@ mod tests {
         let metadata = [("coordinates", "52.0,5.0")];
         assert_eq!(first(&p, &metadata, None, &mixed).0, "hub-eu");
         // With no location at all the order is the weighted hash.
+        use crate::hashed::WeightedHub;
         let plain = crate::hashed::rank(
             "dev-1",
             &mixed

@@ -98,21 +98,8 @@ impl AllocationPolicy for Hashed {
         device: &Device<'_>,
         candidates: &[Candidate],
     ) -> Result<Allocation, PolicyError> {
-        if candidates.is_empty() {
-            return Err(PolicyError::NoHub("no candidate hubs".into()));
-        }
-        let weighted: Vec<WeightedHub<'_>> = candidates
-            .iter()
-            .map(|c| WeightedHub {
-                host_name: &c.host_name,
-                weight: c.weight,
-            })
-            .collect();
         Ok(Allocation {
-            ranked: rank(device.registration_id, &weighted)
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            ranked: hash_order(device, candidates)?,
             reason: format!(
                 "weighted rendezvous hash of the registration id over {} hub(s)",
                 candidates.len()
@@ -121,6 +108,28 @@ impl AllocationPolicy for Hashed {
             initial_twin: None,
         })
     }
+}
+
+/// The candidates in weighted-hash order for the device (what `hashed` answers, and how other
+/// policies break ties).
+pub fn hash_order(
+    device: &Device<'_>,
+    candidates: &[Candidate],
+) -> Result<Vec<String>, PolicyError> {
+    if candidates.is_empty() {
+        return Err(PolicyError::NoHub("no candidate hubs".into()));
+    }
+    let weighted: Vec<WeightedHub<'_>> = candidates
+        .iter()
+        .map(|c| WeightedHub {
+            host_name: &c.host_name,
+            weight: c.weight,
+        })
+        .collect();
+    Ok(rank(device.registration_id, &weighted)
+        .into_iter()
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Azure `static`: the one hub the enrollment names.

@@ -51,39 +51,7 @@ async fn register(t: &TestServer, enrollment: &Value, payload: Option<Value>) ->
     if let Some(payload) = payload {
         body["payload"] = payload;
     }
-    let accepted = expect_json(
-        t.anonymous(
-            Method::PUT,
-            &format!("/{}/registrations/{id}/register", device.scope),
-        )
-        .header("Authorization", &token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap(),
-        202,
-    )
-    .await;
-    let operation = accepted["operationId"].as_str().unwrap().to_owned();
-    for _ in 0..200 {
-        let response = t
-            .anonymous(
-                Method::GET,
-                &format!(
-                    "/{}/registrations/{id}/operations/{operation}",
-                    device.scope
-                ),
-            )
-            .header("Authorization", &token)
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 200 {
-            return expect_json(response, 200).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the registration did not finish");
+    device.register_with(&token, body, &[]).await
 }
 
 async fn bodies(server: &MockServer, to: &str) -> Vec<(Value, Option<String>, Vec<u8>)> {

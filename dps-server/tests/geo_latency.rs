@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Backend, Device, TestServer, device_token, enroll, expect_json, keys_of};
 use dps_server::config::{GeoNetwork, GeoRegion};
 use reqwest::Method;
@@ -19,39 +17,9 @@ async fn register_with(
 ) -> Value {
     let device = Device::new(t, id);
     let token = device_token(&device.scope, id, key);
-    let mut put = t
-        .anonymous(
-            Method::PUT,
-            &format!("/{}/registrations/{id}/register", device.scope),
-        )
-        .header("Authorization", &token)
-        .json(&json!({ "registrationId": id }));
-    for (name, value) in headers {
-        put = put.header(*name, *value);
-    }
-    let operation = expect_json(put.send().await.unwrap(), 202).await["operationId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    for _ in 0..200 {
-        let response = t
-            .anonymous(
-                Method::GET,
-                &format!(
-                    "/{}/registrations/{id}/operations/{operation}",
-                    device.scope
-                ),
-            )
-            .header("Authorization", &token)
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 200 {
-            return expect_json(response, 200).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the registration did not finish");
+    device
+        .register_with(&token, json!({ "registrationId": id }), headers)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

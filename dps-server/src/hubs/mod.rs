@@ -129,16 +129,8 @@ pub async fn upsert(
             });
             expect_success(&hub.host_name, client.post(url).json(&body).send().await).await
         }
-        HubConnector::AzureIotHub {
-            connection_string,
-            endpoint,
-        } => {
-            let registry = Registry::new(
-                client,
-                hub,
-                connection_string.as_deref(),
-                endpoint.as_deref(),
-            )?;
+        HubConnector::AzureIotHub { .. } => {
+            let registry = Registry::of(client, hub)?;
             registry.put_device(identity).await?;
             if let Some(twin) = &identity.initial_twin
                 && let Err(e) = registry.patch_twin(&identity.device_id, twin).await
@@ -167,18 +159,8 @@ pub async fn remove(
             let body = json!({ "operation": "delete", "hubHostName": hub.host_name, "deviceId": device_id });
             expect_success(&hub.host_name, client.post(url).json(&body).send().await).await
         }
-        HubConnector::AzureIotHub {
-            connection_string,
-            endpoint,
-        } => {
-            Registry::new(
-                client,
-                hub,
-                connection_string.as_deref(),
-                endpoint.as_deref(),
-            )?
-            .delete_device(device_id)
-            .await
+        HubConnector::AzureIotHub { .. } => {
+            Registry::of(client, hub)?.delete_device(device_id).await
         }
     }
 }
@@ -190,19 +172,10 @@ pub async fn read_twin(
     hub: &LinkedHub,
     device_id: &str,
 ) -> Result<Option<Value>, HubError> {
-    let HubConnector::AzureIotHub {
-        connection_string,
-        endpoint,
-    } = connector(hub)
-    else {
+    if !matches!(connector(hub), HubConnector::AzureIotHub { .. }) {
         return Ok(None);
-    };
-    let registry = Registry::new(
-        client,
-        hub,
-        connection_string.as_deref(),
-        endpoint.as_deref(),
-    )?;
+    }
+    let registry = Registry::of(client, hub)?;
     let response = client
         .get(registry.url("twins", device_id))
         .header("Authorization", registry.token())
@@ -281,13 +254,17 @@ struct Registry<'a> {
 }
 
 impl<'a> Registry<'a> {
-    fn new(
-        client: &'a reqwest::Client,
-        hub: &'a LinkedHub,
-        connection_string: Option<&str>,
-        endpoint: Option<&str>,
-    ) -> Result<Self, HubError> {
+    /// The registry API of a hub whose connector is `azure-iot-hub`.
+    fn of(client: &'a reqwest::Client, hub: &'a LinkedHub) -> Result<Self, HubError> {
         let config = |m: String| HubError::Config(hub.host_name.clone(), m);
+        let HubConnector::AzureIotHub {
+            connection_string,
+            endpoint,
+        } = connector(hub)
+        else {
+            return Err(config("the hub's connector is not azure-iot-hub".into()));
+        };
+        let (connection_string, endpoint) = (connection_string.as_deref(), endpoint.as_deref());
         let credentials = ConnectionString::parse(connection_string.unwrap_or_default())
             .map_err(|e| config(e.to_string()))?;
         let base = endpoint

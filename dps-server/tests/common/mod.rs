@@ -256,7 +256,17 @@ impl<'a> Device<'a> {
 
     /// Registers and polls until the operation ends; returns the final operation status body.
     pub async fn register(&self, token: &str) -> Value {
-        let response = self.put(token).send().await.unwrap();
+        self.register_with(token, json!({ "registrationId": self.id }), &[])
+            .await
+    }
+
+    /// Like [`Device::register`], with a request body and extra headers of the caller's.
+    pub async fn register_with(&self, token: &str, body: Value, headers: &[(&str, &str)]) -> Value {
+        let mut put = self.put(token).json(&body);
+        for (name, value) in headers {
+            put = put.header(*name, *value);
+        }
+        let response = put.send().await.unwrap();
         assert_eq!(response.headers()["retry-after"], "1");
         let accepted = expect_json(response, 202).await;
         assert_eq!(accepted["status"], "assigning");
