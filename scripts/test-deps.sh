@@ -11,6 +11,8 @@ command -v node >/dev/null 2>&1 || packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || packages+=(npm)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v softhsm2-util >/dev/null 2>&1 || packages+=(softhsm2)
+# The black-box tests signal the server with the kill program (not the shell builtin).
+[ -x /bin/kill ] || [ -x /usr/bin/kill ] || packages+=(procps)
 if [ "${#packages[@]}" -gt 0 ]; then
     echo "installing: ${packages[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
