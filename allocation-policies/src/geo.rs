@@ -203,6 +203,7 @@ mod tests {
             .collect();
         let enrollment = Value::Null;
         let device = Device {
+            instance: "tenant",
             registration_id: "dev-1",
             attestation: "symmetricKey",
             enrollment: &enrollment,
@@ -211,6 +212,7 @@ mod tests {
             source_address: source.map(|s| s.parse().unwrap()),
             metadata: &metadata,
             previous_hub: None,
+            hardware_ids: &[],
         };
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);

@@ -2,11 +2,13 @@
 //!
 //! [`policy::AllocationPolicy`] ranks candidate hubs for a device; [`policy::Registry`] holds
 //! the policies by name. Built in: `hashed` (weighted rendezvous hashing, [`hashed`]) and
-//! `static`, `geoLatency` ([`geo`]) and `custom` webhooks ([`custom`]).
+//! `static`, `geoLatency` ([`geo`]), `ownership` ([`ownership`]) and `custom` webhooks
+//! ([`custom`]).
 
 pub mod custom;
 pub mod geo;
 pub mod hashed;
+pub mod ownership;
 pub mod policy;
 
 use std::fmt;
@@ -22,15 +24,18 @@ pub enum PolicyName {
     Static,
     /// A webhook chooses.
     Custom,
+    /// The hubs of the device's owner (an extension of Azure's set).
+    Ownership,
 }
 
 impl PolicyName {
     /// Every policy, in documentation order.
-    pub const ALL: [PolicyName; 4] = [
+    pub const ALL: [PolicyName; 5] = [
         PolicyName::Hashed,
         PolicyName::GeoLatency,
         PolicyName::Static,
         PolicyName::Custom,
+        PolicyName::Ownership,
     ];
 
     /// Parses a policy name, ignoring ASCII case.
@@ -47,13 +52,17 @@ impl PolicyName {
             PolicyName::GeoLatency => "geoLatency",
             PolicyName::Static => "static",
             PolicyName::Custom => "custom",
+            PolicyName::Ownership => "ownership",
         }
     }
 
     /// Whether an instance may use it as its default (Azure: not `custom`, which needs a
     /// webhook per enrollment, nor `static`, which needs a hub per enrollment).
     pub fn can_be_instance_default(self) -> bool {
-        matches!(self, PolicyName::Hashed | PolicyName::GeoLatency)
+        matches!(
+            self,
+            PolicyName::Hashed | PolicyName::GeoLatency | PolicyName::Ownership
+        )
     }
 }
 

@@ -15,6 +15,8 @@ use crate::hashed::{WeightedHub, rank};
 /// What a policy knows about the device being allocated.
 #[derive(Debug, Clone, Copy)]
 pub struct Device<'a> {
+    /// The instance (tenant) the device registers with.
+    pub instance: &'a str,
     /// The registration id, as the device sent it.
     pub registration_id: &'a str,
     /// `symmetricKey`, `x509` or `tpm`.
@@ -31,6 +33,9 @@ pub struct Device<'a> {
     pub metadata: &'a BTreeMap<String, String>,
     /// The hub the device is assigned to now, if any.
     pub previous_hub: Option<&'a str>,
+    /// Identities its attestation proved beyond the registration id (a certificate serial,
+    /// an EK hash).
+    pub hardware_ids: &'a [crate::ownership::DeviceKey],
 }
 
 /// A hub the device may be assigned to.
@@ -187,14 +192,16 @@ pub struct Registry {
 
 impl Registry {
     /// The built-in policies: `hashed`, `static`, `geoLatency` without location settings (see
-    /// [`crate::geo`]); `custom` is a known name whose allocations fail until a webhook client
-    /// is registered in its place ([`crate::custom`]).
+    /// [`crate::geo`]); `custom` and `ownership` are known names whose allocations fail until a
+    /// webhook client ([`crate::custom`]) or an ownership book ([`crate::ownership`]) is
+    /// registered in their place.
     pub fn with_builtins() -> Self {
         let mut registry = Self::default();
         registry.register("hashed", Arc::new(Hashed));
         registry.register("static", Arc::new(Static));
         registry.register("geoLatency", Arc::new(crate::geo::GeoLatency::default()));
         registry.register("custom", Arc::new(Unsupported("custom")));
+        registry.register("ownership", Arc::new(Unsupported("ownership")));
         registry
     }
 
@@ -252,6 +259,7 @@ mod tests {
         metadata: &'a BTreeMap<String, String>,
     ) -> Device<'a> {
         Device {
+            instance: "tenant",
             registration_id: id,
             attestation: "symmetricKey",
             enrollment,
@@ -260,6 +268,7 @@ mod tests {
             source_address: None,
             metadata,
             previous_hub: None,
+            hardware_ids: &[],
         }
     }
 

@@ -157,3 +157,64 @@ pub struct AccessPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
 }
+
+/// An owner of devices, for the `ownership` allocation policy: its devices go to its hubs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Owner {
+    /// Unique name (a customer, a tenant).
+    pub name: String,
+    /// Host names of the linked hubs its devices go to.
+    pub hubs: Vec<String>,
+    /// Read-only: devices with an ownership record naming this owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_count: Option<u64>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// One ownership record: a device, named by exactly one of its identities, and its owner.
+/// Imports also accept rows that name a device by several identities at once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnershipRecord {
+    /// The device.
+    #[serde(flatten)]
+    pub device: DeviceName,
+    /// The owner's name.
+    pub owner: String,
+    /// Read-only: opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// Read-only: when the record was last written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_updated_date_time_utc: Option<String>,
+}
+
+/// `POST /ownershipRecords:transfer`: devices owned by `from` now belong to `to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OwnershipTransfer {
+    /// The current owner of every listed device.
+    pub from: String,
+    /// The new owner.
+    pub to: String,
+    /// The devices, each named like an ownership record (without `owner`).
+    pub devices: Vec<DeviceName>,
+}
+
+/// A device named by one of its identities.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceName {
+    /// The device's registration id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_id: Option<String>,
+    /// The serial number of the device's X.509 certificate, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// SHA-256 of the device's TPM endorsement key, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ek_hash: Option<String>,
+}

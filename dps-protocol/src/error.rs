@@ -63,6 +63,10 @@ pub enum ErrorCode {
     LinkedHubNotFound,
     /// No such shared access policy.
     AccessPolicyNotFound,
+    /// No such owner.
+    OwnerNotFound,
+    /// No ownership record for this device.
+    OwnershipRecordNotFound,
     /// The route exists but not for this method.
     MethodNotAllowed,
     /// The resource exists and the request did not say to overwrite it.
@@ -104,6 +108,8 @@ impl ErrorCode {
             Self::OperationNotFound => 404206,
             Self::LinkedHubNotFound => 404204,
             Self::AccessPolicyNotFound => 404205,
+            Self::OwnerNotFound => 404207,
+            Self::OwnershipRecordNotFound => 404208,
             Self::MethodNotAllowed => 405001,
             Self::Conflict => 409001,
             Self::ConflictWithState => 409002,

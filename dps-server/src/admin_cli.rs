@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use attestation::ConnectionString;
 use attestation::sas::{encode_uri_component, sign};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use dps_protocol::ErrorBody;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -61,6 +61,12 @@ pub enum AdminCommand {
     /// Shared access policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Owners and their hubs (for the `ownership` allocation policy).
+    #[command(subcommand)]
+    Owner(OwnerCommand),
+    /// Ownership records: who owns which device.
+    #[command(subcommand)]
+    Ownership(OwnershipCommand),
     /// Print a SAS token for the connection string's policy, for curl and other HTTP clients.
     Token {
         /// Lifetime in seconds.
@@ -248,6 +254,110 @@ pub enum PolicyCommand {
     Delete {
         /// Key name.
         name: String,
+    },
+}
+
+/// Commands on owners.
+#[derive(Debug, Subcommand)]
+pub enum OwnerCommand {
+    /// List all, with their device counts.
+    List,
+    /// Show one.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Create or replace one.
+    Set {
+        /// Name.
+        name: String,
+        /// Host name of a linked hub its devices go to (repeat for several).
+        #[arg(long = "hub", required = true)]
+        hubs: Vec<String>,
+    },
+    /// Delete one that owns no devices.
+    Delete {
+        /// Name.
+        name: String,
+    },
+    /// List the devices an owner owns.
+    Devices {
+        /// Name.
+        name: String,
+    },
+}
+
+/// How a device is named on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DeviceKind {
+    /// By registration id.
+    RegistrationId,
+    /// By X.509 certificate serial (hex).
+    CertificateSerial,
+    /// By SHA-256 of the TPM endorsement key (hex).
+    EkHash,
+}
+
+impl DeviceKind {
+    fn field(self) -> &'static str {
+        match self {
+            DeviceKind::RegistrationId => "registrationId",
+            DeviceKind::CertificateSerial => "certificateSerial",
+            DeviceKind::EkHash => "ekHash",
+        }
+    }
+}
+
+/// Import file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImportFormat {
+    /// A header row with `owner` and `registrationId`, `certificateSerial` or `ekHash`.
+    Csv,
+    /// One JSON record per line.
+    Jsonl,
+}
+
+/// Commands on ownership records.
+#[derive(Debug, Subcommand)]
+pub enum OwnershipCommand {
+    /// Import records from a CSV or JSON-lines file, all or nothing.
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// Its format (default: from the extension, `.csv` or `.jsonl`/`.ndjson`).
+        #[arg(long, value_enum)]
+        format: Option<ImportFormat>,
+    },
+    /// Move devices from one owner to another, all or nothing.
+    Transfer {
+        /// The current owner.
+        #[arg(long)]
+        from: String,
+        /// The new owner.
+        #[arg(long)]
+        to: String,
+        /// How the devices are named.
+        #[arg(long, value_enum, default_value = "registration-id")]
+        by: DeviceKind,
+        /// The devices.
+        #[arg(required = true)]
+        devices: Vec<String>,
+    },
+    /// Show who owns a device.
+    Show {
+        /// How the device is named.
+        #[arg(value_enum)]
+        kind: DeviceKind,
+        /// Its registration id, certificate serial or EK hash.
+        value: String,
+    },
+    /// Forget who owns a device.
+    Delete {
+        /// How the device is named.
+        #[arg(value_enum)]
+        kind: DeviceKind,
+        /// Its registration id, certificate serial or EK hash.
+        value: String,
     },
 }
 
@@ -581,6 +691,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        AdminCommand::Owner(command) => owner_command(&client, output, command).await,
+        AdminCommand::Ownership(command) => ownership_command(&client, output, command).await,
         AdminCommand::Token { lifetime } => {
             let token = client.token_for(Duration::from_secs(*lifetime));
             match output {
@@ -611,6 +723,107 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
 }
 
 /// A new instance: its ID scope and owner connection string (shown once), or the JSON.
+async fn owner_command(
+    client: &Client,
+    output: Output,
+    command: &OwnerCommand,
+) -> anyhow::Result<()> {
+    let one = |name: &str| format!("/owners/{}", segment(name));
+    match command {
+        OwnerCommand::List => {
+            let columns = ["name", "hubs", "deviceCount"];
+            client
+                .list(output, Method::GET, "/owners", true, &columns)
+                .await
+        }
+        OwnerCommand::Show { name } => client.show(output, &one(name), true).await,
+        OwnerCommand::Set { name, hubs } => {
+            let body = json!({ "name": name, "hubs": hubs });
+            let value = client
+                .call(Method::PUT, &one(name), true, Some(&body), Some("*"))
+                .await?;
+            print_one(output, value);
+            Ok(())
+        }
+        OwnerCommand::Delete { name } => client.delete(output, &one(name), true, name).await,
+        OwnerCommand::Devices { name } => {
+            let columns = ["registrationId", "certificateSerial", "ekHash", "owner"];
+            let path = format!("{}/devices", one(name));
+            client
+                .list(output, Method::GET, &path, true, &columns)
+                .await
+        }
+    }
+}
+
+async fn ownership_command(
+    client: &Client,
+    output: Output,
+    command: &OwnershipCommand,
+) -> anyhow::Result<()> {
+    let one = |kind: &DeviceKind, value: &str| {
+        format!("/ownershipRecords/{}/{}", kind.field(), segment(value))
+    };
+    match command {
+        OwnershipCommand::Import { file, format } => {
+            let format = match format {
+                Some(format) => *format,
+                None => match file.extension().and_then(|e| e.to_str()) {
+                    Some("csv") => ImportFormat::Csv,
+                    Some("jsonl" | "ndjson") => ImportFormat::Jsonl,
+                    _ => bail!(
+                        "cannot tell the format of {}: pass --format",
+                        file.display()
+                    ),
+                },
+            };
+            let content_type = match format {
+                ImportFormat::Csv => "text/csv",
+                ImportFormat::Jsonl => "application/x-ndjson",
+            };
+            let body =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let request = client
+                .http
+                .post(client.url("/ownershipRecords:import", true))
+                .header("Content-Type", content_type)
+                .body(body);
+            let (_, _, text) = client.send(request).await?;
+            print_one(
+                output,
+                Some(serde_json::from_str(&text).context("the answer is not JSON")?),
+            );
+            Ok(())
+        }
+        OwnershipCommand::Transfer {
+            from,
+            to,
+            by,
+            devices,
+        } => {
+            let devices: Vec<Value> = devices.iter().map(|d| json!({ by.field(): d })).collect();
+            let body = json!({ "from": from, "to": to, "devices": devices });
+            let value = client
+                .call(
+                    Method::POST,
+                    "/ownershipRecords:transfer",
+                    true,
+                    Some(&body),
+                    None,
+                )
+                .await?;
+            print_one(output, value);
+            Ok(())
+        }
+        OwnershipCommand::Show { kind, value } => {
+            client.show(output, &one(kind, value), true).await
+        }
+        OwnershipCommand::Delete { kind, value } => {
+            client.delete(output, &one(kind, value), true, value).await
+        }
+    }
+}
+
 fn print_created_instance(output: Output, value: &Value) {
     if output == Output::Json {
         println!("{}", pretty(value));

@@ -37,6 +37,11 @@ const KEYWORDS: &[&str] = &[
     "register",
     "operations",
     "allocations:simulate",
+    "owners",
+    "devices",
+    "ownershipRecords",
+    "ownershipRecords:import",
+    "ownershipRecords:transfer",
 ];
 
 /// Rewrites keyword segments of the path to their canonical case, so routing ignores case,

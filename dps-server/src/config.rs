@@ -85,6 +85,9 @@ pub struct AllocationConfig {
     pub custom_fallback: Option<String>,
     /// Base64 key; when set, webhook requests carry `x-dps-signature: sha256=<hex HMAC>`.
     pub webhook_signing_key: Option<String>,
+    /// Policy that places devices no ownership record names (`hashed`, ...); none: they fail
+    /// to register, so that no device lands on another owner's hub.
+    pub ownership_fallback: Option<String>,
     /// Where devices are, for `geoLatency`.
     pub geo: GeoConfig,
 }
@@ -134,6 +137,7 @@ impl Default for AllocationConfig {
             custom_retries: 2,
             custom_fallback: None,
             webhook_signing_key: None,
+            ownership_fallback: None,
             geo: GeoConfig::default(),
         }
     }
@@ -189,6 +193,8 @@ pub struct Limits {
     pub default_page_size: usize,
     /// Most items in one bulk request (Azure allows 10; we allow more).
     pub max_bulk_items: usize,
+    /// Largest ownership-record import (`POST /ownershipRecords:import`), bytes.
+    pub max_import_bytes: usize,
     /// Longest lifetime of a SAS token the service accepts, seconds.
     pub max_token_lifetime_secs: u64,
     /// Clock skew allowed when checking a token's expiry, seconds.
@@ -208,6 +214,7 @@ impl Default for Limits {
             max_page_size: 1000,
             default_page_size: 100,
             max_bulk_items: 1000,
+            max_import_bytes: 256 * 1024 * 1024,
             max_token_lifetime_secs: 30 * 24 * 3600,
             clock_skew_secs: 300,
             shutdown_grace_secs: 30,

@@ -101,6 +101,8 @@ pub fn not_found(kind: Kind, key: &str) -> ApiError {
         Kind::EnrollmentGroup => ErrorCode::EnrollmentGroupNotFound,
         Kind::RegistrationState => ErrorCode::RegistrationNotFound,
         Kind::Operation => ErrorCode::OperationNotFound,
+        Kind::Owner => ErrorCode::OwnerNotFound,
+        Kind::OwnershipRecord => ErrorCode::OwnershipRecordNotFound,
     };
     ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
 }
@@ -116,6 +118,8 @@ fn noun(kind: Kind) -> &'static str {
         Kind::EnrollmentGroup => "enrollment group",
         Kind::RegistrationState => "registration",
         Kind::Operation => "operation",
+        Kind::Owner => "owner",
+        Kind::OwnershipRecord => "ownership record",
     }
 }
 

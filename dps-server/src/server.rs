@@ -78,7 +78,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         admin_instance: config.admin_instance().into(),
         metrics: Arc::new(Metrics::new(store.backend())),
         throttle: Arc::new(Throttle::new(&config.throttle)),
-        policies: Arc::new(policy_registry(&config, &hub_http)?),
+        policies: Arc::new(policy_registry(&config, &hub_http, store.clone())?),
         hub_http,
         hub_health: Arc::new(crate::hubs::HubHealth::new(Duration::from_secs(
             config.limits.hub_unhealthy_secs,
@@ -121,25 +121,32 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// The built-in policies, with `custom` driving webhooks as configured.
+/// The built-in policies, with `custom` driving webhooks and `ownership` reading the stored
+/// records, each with its configured fall-back.
 fn policy_registry(
     config: &Config,
     client: &reqwest::Client,
+    store: Arc<dyn Store>,
 ) -> anyhow::Result<allocation_policies::policy::Registry> {
     use allocation_policies::custom::{CustomSettings, CustomWebhook};
+    use allocation_policies::ownership::Ownership;
     let mut registry = allocation_policies::policy::Registry::with_builtins();
-    let fallback = match &config.allocation.custom_fallback {
+    registry.register("geoLatency", Arc::new(geo_policy(&config.allocation.geo)));
+    // A fall-back is a policy that answers on its own: neither of the two being configured.
+    let fallback = |setting: &str, name: &Option<String>| match name {
         Some(name) => {
             let (canonical, policy) = registry
                 .get(name)
-                .with_context(|| format!("allocation.custom_fallback: unknown policy '{name}'"))?;
-            if canonical == "custom" {
-                anyhow::bail!("allocation.custom_fallback cannot be custom itself");
+                .with_context(|| format!("allocation.{setting}: unknown policy '{name}'"))?;
+            if canonical == "custom" || canonical == "ownership" {
+                anyhow::bail!("allocation.{setting} cannot be {canonical}");
             }
-            Some((canonical.to_owned(), policy))
+            Ok(Some((canonical.to_owned(), policy)))
         }
-        None => None,
+        None => Ok(None),
     };
+    let custom_fallback = fallback("custom_fallback", &config.allocation.custom_fallback)?;
+    let ownership_fallback = fallback("ownership_fallback", &config.allocation.ownership_fallback)?;
     let signing_key = config
         .allocation
         .webhook_signing_key
@@ -155,9 +162,17 @@ fn policy_registry(
     };
     registry.register(
         "custom",
-        Arc::new(CustomWebhook::new(client.clone(), settings, fallback)),
+        Arc::new(CustomWebhook::new(
+            client.clone(),
+            settings,
+            custom_fallback,
+        )),
     );
-    registry.register("geoLatency", Arc::new(geo_policy(&config.allocation.geo)));
+    let book = Arc::new(crate::admin_api::ownership::StoredOwnership::new(store));
+    registry.register(
+        "ownership",
+        Arc::new(Ownership::new(book, ownership_fallback)),
+    );
     Ok(registry)
 }
 

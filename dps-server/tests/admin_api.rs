@@ -1374,7 +1374,9 @@ async fn health_metrics_and_openapi(backend: Backend) {
     let mut operations = 0;
     for line in openapi.lines() {
         if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
-            path = format!("/{p}").replace("{id}", "doc-probe");
+            path = format!("/{p}")
+                .replace("{id}", "doc-probe")
+                .replace("{kind}", "registrationId");
             continue;
         }
         let method = match line.trim_end() {
@@ -1401,7 +1403,7 @@ async fn health_metrics_and_openapi(backend: Backend) {
         );
         operations += 1;
     }
-    assert_eq!(operations, 33, "operations documented and probed");
+    assert_eq!(operations, 42, "operations documented and probed");
 }
 
 async fn allocation_simulation_explains_each_policy(backend: Backend) {

@@ -430,3 +430,79 @@ fn admin_cli_manages_enrollments_hubs_policies_and_instances() {
     assert!(!ok && err.contains("connection-string"), "{err}");
     assert!(Path::new(&server.ca_certificate).exists());
 }
+
+#[test]
+fn admin_cli_imports_and_transfers_ownership() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let server = ServerProcess::start(dir.path(), &["--listen", &listen], &[]).unwrap();
+    for hub in ["hub-a.example.com", "hub-b.example.com"] {
+        cli_json(&server, &["hub", "set", hub]);
+    }
+    let owner = cli_json(
+        &server,
+        &["owner", "set", "acme", "--hub", "hub-a.example.com"],
+    );
+    assert_eq!(owner["hubs"], serde_json::json!(["hub-a.example.com"]));
+    cli_json(
+        &server,
+        &["owner", "set", "globex", "--hub", "hub-b.example.com"],
+    );
+
+    let ledger = dir.path().join("sales.csv");
+    std::fs::write(&ledger, "registrationId,owner\ndev-1,acme\ndev-2,acme\n").unwrap();
+    let imported = cli_json(&server, &["ownership", "import", ledger.to_str().unwrap()]);
+    assert_eq!(imported["records"], 2);
+    let serials = dir.path().join("serials.txt");
+    std::fs::write(
+        &serials,
+        "{\"certificateSerial\":\"0a:0b\",\"owner\":\"globex\"}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = cli(&server, &["ownership", "import", serials.to_str().unwrap()]);
+    assert!(!ok && err.contains("--format"), "{err}");
+    let imported = cli_json(
+        &server,
+        &[
+            "ownership",
+            "import",
+            serials.to_str().unwrap(),
+            "--format",
+            "jsonl",
+        ],
+    );
+    assert_eq!(imported["records"], 1);
+
+    let moved = cli_json(
+        &server,
+        &[
+            "ownership",
+            "transfer",
+            "--from",
+            "acme",
+            "--to",
+            "globex",
+            "dev-2",
+        ],
+    );
+    assert_eq!(moved["transferred"], 1);
+    let shown = cli_json(&server, &["ownership", "show", "registration-id", "dev-2"]);
+    assert_eq!(shown["owner"], "globex");
+    let by_serial = cli_json(&server, &["ownership", "show", "certificate-serial", "A0B"]);
+    assert_eq!(by_serial["owner"], "globex");
+    let (ok, table, _) = cli(&server, &["owner", "list"]);
+    assert!(ok, "{table}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert!(
+        rows[0].starts_with("acme ") && rows[0].trim_end().ends_with(" 1"),
+        "{table}"
+    );
+    assert!(
+        rows[1].starts_with("globex ") && rows[1].trim_end().ends_with(" 2"),
+        "{table}"
+    );
+    let devices = cli_json(&server, &["owner", "devices", "globex"]);
+    assert_eq!(devices.as_array().unwrap().len(), 2);
+    let (ok, _, err) = cli(&server, &["owner", "delete", "globex"]);
+    assert!(!ok && err.contains("409002"), "{err}");
+}

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::Device;
 use axum::Router;
 use axum::extract::State;
@@ -44,6 +45,12 @@ struct SimulationRequest {
     metadata: BTreeMap<String, String>,
     #[serde(default)]
     previous_hub: Option<String>,
+    /// The serial of the device's certificate (ownership records may name it).
+    #[serde(default)]
+    certificate_serial: Option<String>,
+    /// SHA-256 of the device's TPM endorsement key (ownership records may name it).
+    #[serde(default)]
+    ek_hash: Option<String>,
     /// Policies to try; every registered one when absent.
     #[serde(default)]
     policies: Option<Vec<String>>,
@@ -115,7 +122,22 @@ async fn simulate(
         enrollment = Value::Object(Default::default());
     }
     let hubs = candidate_hubs(&state, ns, &settings).await?;
+    let mut hardware_ids = Vec::new();
+    for (field, kind, value) in [
+        (
+            "certificateSerial",
+            DeviceKeyKind::CertificateSerial,
+            &request.certificate_serial,
+        ),
+        ("ekHash", DeviceKeyKind::EkHash, &request.ek_hash),
+    ] {
+        if let Some(value) = value {
+            hardware_ids
+                .push(DeviceKey::new(kind, value).map_err(|e| field_error(field, e.message))?);
+        }
+    }
     let device = Device {
+        instance: ns,
         registration_id: id.as_str(),
         attestation: "symmetricKey",
         enrollment: &enrollment,
@@ -124,6 +146,7 @@ async fn simulate(
         source_address: request.source_address,
         metadata: &request.metadata,
         previous_hub: request.previous_hub.as_deref(),
+        hardware_ids: &hardware_ids,
     };
     let names: Vec<String> = match request.policies {
         Some(names) if names.is_empty() => {

@@ -10,6 +10,7 @@ mod enrollment_groups;
 mod enrollments;
 pub mod instances;
 mod linked_hubs;
+pub mod ownership;
 mod registrations;
 pub mod resource;
 pub mod validate;
@@ -69,6 +70,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(linked_hubs::routes())
         .merge(access_policies::routes())
         .merge(allocations::routes())
+        .merge(ownership::routes())
 }
 
 /// Every admin route.

@@ -444,6 +444,7 @@ async fn outcome(
     };
     let metadata = op.metadata.clone();
     let device = Device {
+        instance: ns,
         registration_id: id.as_str(),
         attestation: "symmetricKey",
         enrollment: &public,
@@ -452,6 +453,7 @@ async fn outcome(
         source_address: op.source_address,
         metadata: &metadata,
         previous_hub: previous.and_then(|p| p.state.assigned_hub.as_deref()),
+        hardware_ids: &[],
     };
     let plan = plan(state, ns, &instance, &device, &settings, previous).await?;
     let identity = DeviceIdentity {

@@ -34,6 +34,10 @@ pub enum Kind {
     RegistrationState,
     /// A registration attempt (keyed by lower-case operation id, parent = registration key).
     Operation,
+    /// An owner of devices (keyed by lower-case name).
+    Owner,
+    /// A device's owner (keyed by `<kind>:<normalised id>`, parent and tag = owner key).
+    OwnershipRecord,
 }
 
 impl Kind {
@@ -48,6 +52,8 @@ impl Kind {
             Kind::EnrollmentGroup => "enrollment-group",
             Kind::RegistrationState => "registration",
             Kind::Operation => "operation",
+            Kind::Owner => "owner",
+            Kind::OwnershipRecord => "ownership-record",
         }
     }
 }
@@ -125,6 +131,19 @@ pub enum Write {
     },
 }
 
+/// One document of a bulk upsert ([`Store::put_all`]).
+#[derive(Debug, Clone)]
+pub struct BulkDoc {
+    /// Key.
+    pub key: String,
+    /// Secondary key for listing.
+    pub parent: Option<String>,
+    /// A value documents are counted by.
+    pub tag: Option<String>,
+    /// The JSON document.
+    pub doc: String,
+}
+
 /// Which documents a listing returns: keys after `after`, in key order, at most `limit`.
 #[derive(Debug, Clone, Default)]
 pub struct Page<'a> {
@@ -189,6 +208,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Applies all writes in one transaction, or none of them. Returns, for each write, the
     /// stored document of a `Put` and `None` for deletes.
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError>;
+
+    /// Creates or replaces every document (of one kind, keys unique) in one transaction, or
+    /// none of them: the fast path of bulk imports, many rows per statement.
+    async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError>;
 
     /// The backend's name (`sqlite` or `postgres`), for logs and metrics.
     fn backend(&self) -> &'static str;

@@ -9,7 +9,11 @@ use sqlx::{Any, AnyPool, Row, SqlSafeStr, Transaction};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{Kind, Page, Precondition, Store, StoreError, Stored, Write};
+use super::{BulkDoc, Kind, Page, Precondition, Store, StoreError, Stored, Write};
+
+/// Rows per statement of a bulk upsert: 8 parameters each stays far below SQLite's 32,766 and
+/// PostgreSQL's 65,535 parameters per statement.
+const BULK_ROWS: usize = 500;
 
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -350,6 +354,49 @@ impl Store for SqlStore {
         }
         tx.commit().await?;
         Ok(results)
+    }
+
+    async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError> {
+        let at = now();
+        let mut tx = self.pool.begin().await?;
+        for chunk in docs.chunks(BULK_ROWS) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 5;
+                    format!(
+                        "($1, $2, ${}, ${}, ${}, ${}, $3, $3, ${})",
+                        p + 4,
+                        p + 5,
+                        p + 6,
+                        p + 7,
+                        p + 8
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
+                 VALUES {} ON CONFLICT (ns, kind, key) DO UPDATE SET parent = excluded.parent, \
+                 doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at, \
+                 tag = excluded.tag",
+                rows.join(", ")
+            );
+            // The statement holds only placeholders; every value is bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(ns)
+                .bind(kind.as_str())
+                .bind(&at);
+            for doc in chunk {
+                query = query
+                    .bind(&doc.key)
+                    .bind(doc.parent.as_deref())
+                    .bind(&doc.doc)
+                    .bind(new_etag())
+                    .bind(doc.tag.as_deref());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn count_by_tag(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError> {
