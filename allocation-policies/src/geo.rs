@@ -1,15 +1,21 @@
 //! Azure `geoLatency`: the hub with the lowest latency to the device.
 //!
 //! The device's location comes, in order, from trusted request metadata (a region name, or
-//! `latitude,longitude`, set by an edge the operator trusts), or from a CIDR-to-region table
-//! matched against the source address. Hubs are then ranked by a configured region-to-hub
+//! `latitude,longitude`, set by an edge the operator trusts), from a CIDR-to-region table
+//! matched against the source address, or from a MaxMind-format GeoIP database (GeoLite2 City,
+//! DB-IP City Lite, ...) that gives the address's coordinates. Hubs are then ranked by a configured region-to-hub
 //! latency table, else by great-circle distance from the device's coordinates (a region's
 //! configured coordinates count) to the hub's. Equal or unknown distances are broken by the
 //! weighted hash, as Azure breaks ties.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::IpNet;
+use serde::Deserialize;
 
 use crate::policy::{Allocation, AllocationPolicy, Candidate, Device, PolicyError, hash_order};
 
@@ -27,6 +33,105 @@ pub struct GeoSettings {
     pub regions: BTreeMap<String, (f64, f64)>,
     /// Measured or configured latency in milliseconds from a region to a hub.
     pub latency_ms: BTreeMap<String, BTreeMap<String, f64>>,
+    /// A GeoIP database, consulted after the network table.
+    pub geoip: Option<Arc<GeoIp>>,
+    /// The region this server runs in: latencies measured by probing the hubs count as that
+    /// region's, and devices with no other known location are taken to be there.
+    pub local_region: Option<String>,
+    /// Latencies from this server to the hubs, measured by probing them.
+    pub measured: Arc<MeasuredLatency>,
+}
+
+/// Latency from this server to each hub, smoothed over probes.
+#[derive(Debug, Default)]
+pub struct MeasuredLatency {
+    by_hub: std::sync::RwLock<BTreeMap<String, f64>>,
+}
+
+impl MeasuredLatency {
+    /// Weight of a new sample in the moving average.
+    const ALPHA: f64 = 0.3;
+
+    /// Adds a sample for `hub`, in milliseconds.
+    pub fn record(&self, hub: &str, ms: f64) {
+        if let Ok(mut map) = self.by_hub.write() {
+            let entry = map.entry(hub.to_ascii_lowercase()).or_insert(ms);
+            *entry = Self::ALPHA * ms + (1.0 - Self::ALPHA) * *entry;
+        }
+    }
+
+    /// Drops `hub`'s figure (it did not answer, or is no longer linked).
+    pub fn forget(&self, hub: &str) {
+        if let Ok(mut map) = self.by_hub.write() {
+            map.remove(&hub.to_ascii_lowercase());
+        }
+    }
+
+    /// Every hub's smoothed latency.
+    pub fn snapshot(&self) -> BTreeMap<String, f64> {
+        self.by_hub.read().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+/// A MaxMind-format (MMDB) database of address locations, held in memory.
+pub struct GeoIp {
+    reader: maxminddb::Reader<Vec<u8>>,
+}
+
+/// Why a GeoIP database cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("not a usable MaxMind DB file: {0}")]
+pub struct GeoIpError(String);
+
+/// The part of a City record the policy reads.
+#[derive(Debug, Deserialize)]
+struct CityRecord {
+    location: Option<CityLocation>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CityLocation {
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+}
+
+impl GeoIp {
+    /// Reads a database file.
+    pub fn open(path: &Path) -> Result<Self, GeoIpError> {
+        let bytes = std::fs::read(path).map_err(|e| GeoIpError(e.to_string()))?;
+        Self::from_bytes(bytes)
+    }
+
+    /// A database from its bytes.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GeoIpError> {
+        let reader =
+            maxminddb::Reader::from_source(bytes).map_err(|e| GeoIpError(e.to_string()))?;
+        Ok(Self { reader })
+    }
+
+    /// The coordinates the database gives for `address`, if any.
+    pub fn coordinates(&self, address: IpAddr) -> Option<(f64, f64)> {
+        let record: CityRecord = match self.reader.lookup(address).and_then(|r| r.decode()) {
+            Ok(record) => record?,
+            Err(e) => {
+                // An IPv6 address in an IPv4-only database, or a damaged record.
+                tracing::debug!(error = %e, "GeoIP lookup failed");
+                return None;
+            }
+        };
+        let location = record.location?;
+        let (lat, lon) = (location.latitude?, location.longitude?);
+        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some((lat, lon))
+    }
+}
+
+impl fmt::Debug for GeoIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GeoIp")
+            .field("database_type", &self.reader.metadata().database_type)
+            .field("node_count", &self.reader.metadata().node_count)
+            .finish()
+    }
 }
 
 /// The lowest-latency policy.
@@ -49,7 +154,21 @@ impl GeoLatency {
         Self { settings }
     }
 
+    /// Where the device is: from the request, else this server's region when probing.
     fn locate(&self, device: &Device<'_>) -> Option<Location> {
+        let located = self.locate_by_request(device);
+        if located.is_some() {
+            return located;
+        }
+        let region = self.settings.local_region.clone()?;
+        Some(Location {
+            coordinates: self.settings.regions.get(&region).copied(),
+            region: Some(region),
+            source: "this server's region, as nothing else places the device",
+        })
+    }
+
+    fn locate_by_request(&self, device: &Device<'_>) -> Option<Location> {
         if let Some(region) = device.metadata.get(REGION_METADATA) {
             let region = region.trim().to_ascii_lowercase();
             return Some(Location {
@@ -68,16 +187,24 @@ impl GeoLatency {
             });
         }
         let address = device.source_address?;
-        let (_, region) = self
+        let network = self
             .settings
             .networks
             .iter()
             .filter(|(net, _)| net.contains(&address))
-            .max_by_key(|(net, _)| net.prefix_len())?;
+            .max_by_key(|(net, _)| net.prefix_len());
+        if let Some((_, region)) = network {
+            return Some(Location {
+                coordinates: self.settings.regions.get(region).copied(),
+                region: Some(region.clone()),
+                source: "the network table",
+            });
+        }
+        let coordinates = self.settings.geoip.as_ref()?.coordinates(address)?;
         Some(Location {
-            coordinates: self.settings.regions.get(region).copied(),
-            region: Some(region.clone()),
-            source: "the network table",
+            region: None,
+            coordinates: Some(coordinates),
+            source: "the GeoIP database",
         })
     }
 }
@@ -110,20 +237,34 @@ impl AllocationPolicy for GeoLatency {
         // The weighted hash order breaks ties.
         let hashed = hash_order(device, candidates)?;
         let location = self.locate(device);
-        let latencies = location
-            .as_ref()
-            .and_then(|l| l.region.as_ref())
-            .and_then(|r| self.settings.latency_ms.get(r));
+        let region = location.as_ref().and_then(|l| l.region.as_ref());
+        // Configured latencies for the device's region, over the measured ones when the
+        // device is in this server's region.
+        let mut latencies = match region {
+            Some(r) if Some(r) == self.settings.local_region.as_ref() => {
+                self.settings.measured.snapshot()
+            }
+            _ => BTreeMap::new(),
+        };
+        let table = region.and_then(|r| self.settings.latency_ms.get(r));
+        let how = match (latencies.is_empty(), table) {
+            (false, Some(_)) => "the latency table and latency measured from this server",
+            (false, None) => "latency measured from this server",
+            (true, _) => "the latency table",
+        };
+        if let Some(table) = table {
+            latencies.extend(table.iter().map(|(hub, ms)| (hub.clone(), *ms)));
+        }
         let (cost, how): (Box<dyn Fn(&Candidate) -> Option<f64>>, &str) =
-            match (latencies, &location) {
-                (Some(table), _) => (
+            match (latencies.is_empty(), &location) {
+                (false, _) => (
                     Box::new(move |c: &Candidate| {
-                        table.get(&c.host_name.to_ascii_lowercase()).copied()
+                        latencies.get(&c.host_name.to_ascii_lowercase()).copied()
                     }),
-                    "the latency table",
+                    how,
                 ),
                 (
-                    None,
+                    true,
                     Some(Location {
                         coordinates: Some(at),
                         ..
@@ -247,6 +388,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            ..GeoSettings::default()
         })
     }
 
@@ -305,6 +447,35 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         assert_eq!(first(&p, &[], None, &mixed).0, plain[0]);
+    }
+
+    #[test]
+    fn measured_latency_counts_for_this_servers_region() {
+        let measured = Arc::new(MeasuredLatency::default());
+        let p = GeoLatency::new(GeoSettings {
+            local_region: Some("ap-south".into()),
+            measured: measured.clone(),
+            ..policy().settings
+        });
+        // Before any probe answers, the server's region places the device by distance.
+        let (hub, reason) = first(&p, &[], None, &hubs());
+        assert_eq!(hub, "hub-au");
+        assert!(reason.contains("this server's region"), "{reason}");
+        measured.record("HUB-US", 40.0);
+        measured.record("hub-au", 300.0);
+        let (hub, reason) = first(&p, &[], None, &hubs());
+        assert_eq!(hub, "hub-us", "{reason}");
+        assert!(reason.contains("measured"), "{reason}");
+        // Samples are smoothed; a hub that stops answering is forgotten.
+        measured.record("hub-us", 400.0);
+        assert!((measured.snapshot()["hub-us"] - 148.0).abs() < 1e-9);
+        measured.forget("hub-us");
+        assert_eq!(first(&p, &[], None, &hubs()).0, "hub-au");
+        // Devices placed elsewhere are not ranked by this server's measurements.
+        assert_eq!(
+            first(&p, &[("region", "eu-west")], None, &hubs()).0,
+            "hub-eu"
+        );
     }
 
     #[test]

@@ -93,7 +93,7 @@ pub struct AllocationConfig {
 }
 
 /// Location sources and distances for the `geoLatency` policy.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GeoConfig {
     /// A request header naming the device's region, set by an edge you trust (unset: ignored).
@@ -106,6 +106,28 @@ pub struct GeoConfig {
     pub regions: Vec<GeoRegion>,
     /// Latency in milliseconds from a region to a hub: `latency_ms.<region>.<hub> = 12`.
     pub latency_ms: std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>,
+    /// A MaxMind-format GeoIP City database (`.mmdb`), read at start.
+    pub geoip_database: Option<PathBuf>,
+    /// The region this server runs in. When set, the server probes every linked hub and ranks
+    /// hubs for devices in this region (or placed nowhere else) by the measured latency.
+    pub probe_region: Option<String>,
+    /// Seconds between probes.
+    pub probe_interval_secs: u64,
+}
+
+impl Default for GeoConfig {
+    fn default() -> Self {
+        Self {
+            region_header: None,
+            coordinates_header: None,
+            networks: Vec::new(),
+            regions: Vec::new(),
+            latency_ms: std::collections::BTreeMap::new(),
+            geoip_database: None,
+            probe_region: None,
+            probe_interval_secs: 30,
+        }
+    }
 }
 
 /// A source network in a region.

@@ -72,13 +72,19 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .context("opening the database")?,
     );
     let hub_http = crate::hubs::http_client();
+    let measured = Arc::new(allocation_policies::geo::MeasuredLatency::default());
     let state = AppState {
         store: store.clone(),
         limits: Arc::new(config.limits.clone()),
         admin_instance: config.admin_instance().into(),
         metrics: Arc::new(Metrics::new(store.backend())),
         throttle: Arc::new(Throttle::new(&config.throttle)),
-        policies: Arc::new(policy_registry(&config, &hub_http, store.clone())?),
+        policies: Arc::new(policy_registry(
+            &config,
+            &hub_http,
+            store.clone(),
+            measured.clone(),
+        )?),
         hub_http,
         hub_health: Arc::new(crate::hubs::HubHealth::new(Duration::from_secs(
             config.limits.hub_unhealthy_secs,
@@ -107,6 +113,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             }
         }
     });
+    if let Some(region) = &config.allocation.geo.probe_region {
+        let interval = Duration::from_secs(config.allocation.geo.probe_interval_secs.max(1));
+        tracing::info!(%region, ?interval, "probing hub latency");
+        crate::hubs::probe::spawn(store.clone(), measured, interval, stopped.clone());
+    }
     let grace = Duration::from_secs(config.limits.shutdown_grace_secs);
     let router = app::router(state);
     let task = tokio::spawn(serve(listener, acceptor, router, stopped, grace));
@@ -127,11 +138,15 @@ fn policy_registry(
     config: &Config,
     client: &reqwest::Client,
     store: Arc<dyn Store>,
+    measured: Arc<allocation_policies::geo::MeasuredLatency>,
 ) -> anyhow::Result<allocation_policies::policy::Registry> {
     use allocation_policies::custom::{CustomSettings, CustomWebhook};
     use allocation_policies::ownership::Ownership;
     let mut registry = allocation_policies::policy::Registry::with_builtins();
-    registry.register("geoLatency", Arc::new(geo_policy(&config.allocation.geo)));
+    registry.register(
+        "geoLatency",
+        Arc::new(geo_policy(&config.allocation.geo, measured)?),
+    );
     // A fall-back is a policy that answers on its own: neither of the two being configured.
     let fallback = |setting: &str, name: &Option<String>| match name {
         Some(name) => {
@@ -176,10 +191,19 @@ fn policy_registry(
     Ok(registry)
 }
 
-fn geo_policy(geo: &crate::config::GeoConfig) -> allocation_policies::geo::GeoLatency {
-    use allocation_policies::geo::{GeoLatency, GeoSettings};
+fn geo_policy(
+    geo: &crate::config::GeoConfig,
+    measured: Arc<allocation_policies::geo::MeasuredLatency>,
+) -> anyhow::Result<allocation_policies::geo::GeoLatency> {
+    use allocation_policies::geo::{GeoIp, GeoLatency, GeoSettings};
     let lower = |s: &str| s.trim().to_ascii_lowercase();
-    GeoLatency::new(GeoSettings {
+    let geoip = match &geo.geoip_database {
+        Some(path) => Some(Arc::new(GeoIp::open(path).with_context(|| {
+            format!("allocation.geo.geoip_database {}", path.display())
+        })?)),
+        None => None,
+    };
+    Ok(GeoLatency::new(GeoSettings {
         networks: geo
             .networks
             .iter()
@@ -198,7 +222,10 @@ fn geo_policy(geo: &crate::config::GeoConfig) -> allocation_policies::geo::GeoLa
                 (lower(region), hubs)
             })
             .collect(),
-    })
+        geoip,
+        local_region: geo.probe_region.as_deref().map(lower),
+        measured,
+    }))
 }
 
 async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {

@@ -11,6 +11,8 @@
 //! A hub whose connector fails is marked unhealthy for a while ([`HubHealth`]), so that later
 //! registrations try the next ranked hub first.
 
+pub mod probe;
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
