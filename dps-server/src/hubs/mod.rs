@@ -5,7 +5,7 @@
 //! - `webhook`: the identity is POSTed to an HTTPS endpoint (`{"operation": "upsert" | "delete",
 //!   ...}`), which must answer 2xx.
 //! - `azure-iot-hub`: the hub's registry REST API with a shared access policy key: the device
-//!   is created (or updated when it exists) with SAS authentication, then its initial twin is
+//!   is created (or updated when it exists) with SAS or X.509 authentication, then its initial twin is
 //!   applied; when the twin fails the device is deleted again, so nothing is left half made.
 //!
 //! A hub whose connector fails is marked unhealthy for a while ([`HubHealth`]), so that later
@@ -32,12 +32,75 @@ const HUB_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 pub struct DeviceIdentity {
     /// The device id in the hub.
     pub device_id: String,
-    /// Base64 SAS keys the device will use with the hub.
-    pub symmetric_keys: Option<(String, String)>,
+    /// How the device will authenticate to the hub.
+    pub auth: HubAuth,
     /// An IoT Edge device.
     pub iot_edge: bool,
     /// Tags and desired properties for a new identity.
     pub initial_twin: Option<Value>,
+}
+
+/// How a device authenticates to its hub (the registry API's `authentication`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum HubAuth {
+    /// SAS tokens signed with these base64 keys (symmetric-key and TPM devices).
+    Sas {
+        /// Primary key.
+        primary_key: String,
+        /// Secondary key.
+        secondary_key: String,
+    },
+    /// A client certificate with one of these SHA-1 thumbprints (hex; X.509 individual
+    /// enrollments).
+    SelfSigned {
+        /// Primary thumbprint.
+        primary_thumbprint: String,
+        /// Secondary thumbprint.
+        secondary_thumbprint: Option<String>,
+    },
+    /// A client certificate chaining to a CA the hub trusts (X.509 enrollment groups).
+    CertificateAuthority,
+    /// No credentials (the hub's owner sets them).
+    None,
+}
+
+impl std::fmt::Debug for HubAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys stay out of logs; thumbprints are public but the variant is what matters.
+        f.write_str(match self {
+            HubAuth::Sas { .. } => "Sas",
+            HubAuth::SelfSigned { .. } => "SelfSigned",
+            HubAuth::CertificateAuthority => "CertificateAuthority",
+            HubAuth::None => "None",
+        })
+    }
+}
+
+impl HubAuth {
+    /// The registry API's `authentication` object (also sent by the webhook connector).
+    fn to_json(&self) -> Value {
+        match self {
+            HubAuth::Sas {
+                primary_key,
+                secondary_key,
+            } => json!({
+                "type": "sas",
+                "symmetricKey": { "primaryKey": primary_key, "secondaryKey": secondary_key },
+            }),
+            HubAuth::SelfSigned {
+                primary_thumbprint,
+                secondary_thumbprint,
+            } => json!({
+                "type": "selfSigned",
+                "x509Thumbprint": {
+                    "primaryThumbprint": primary_thumbprint,
+                    "secondaryThumbprint": secondary_thumbprint,
+                },
+            }),
+            HubAuth::CertificateAuthority => json!({ "type": "certificateAuthority" }),
+            HubAuth::None => json!({ "type": "none" }),
+        }
+    }
 }
 
 impl std::fmt::Debug for DeviceIdentity {
@@ -125,7 +188,7 @@ pub async fn upsert(
                 "operation": "upsert",
                 "hubHostName": hub.host_name,
                 "deviceId": identity.device_id,
-                "authentication": authentication(identity),
+                "authentication": identity.auth.to_json(),
                 "capabilities": { "iotEdge": identity.iot_edge },
                 "initialTwin": identity.initial_twin,
             });
@@ -218,16 +281,6 @@ pub async fn read_twin(
     })))
 }
 
-fn authentication(identity: &DeviceIdentity) -> Value {
-    match &identity.symmetric_keys {
-        Some((primary, secondary)) => json!({
-            "type": "sas",
-            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary },
-        }),
-        None => json!({ "type": "none" }),
-    }
-}
-
 async fn expect_success(
     hub: &str,
     sent: Result<reqwest::Response, reqwest::Error>,
@@ -306,7 +359,7 @@ impl<'a> Registry<'a> {
         let body = json!({
             "deviceId": identity.device_id,
             "status": "enabled",
-            "authentication": authentication(identity),
+            "authentication": identity.auth.to_json(),
             "capabilities": { "iotEdge": identity.iot_edge },
         });
         let url = self.url("devices", &identity.device_id);
@@ -357,5 +410,36 @@ impl<'a> Registry<'a> {
             return Ok(());
         }
         expect_success(self.hub, Ok(sent)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authentication_has_the_registry_api_shapes() {
+        let sas = HubAuth::Sas {
+            primary_key: "cA==".into(),
+            secondary_key: "cw==".into(),
+        };
+        assert_eq!(
+            sas.to_json(),
+            json!({ "type": "sas", "symmetricKey": { "primaryKey": "cA==", "secondaryKey": "cw==" } })
+        );
+        let thumbprint = HubAuth::SelfSigned {
+            primary_thumbprint: "AB12".into(),
+            secondary_thumbprint: None,
+        };
+        assert_eq!(
+            thumbprint.to_json(),
+            json!({ "type": "selfSigned",
+                "x509Thumbprint": { "primaryThumbprint": "AB12", "secondaryThumbprint": null } })
+        );
+        assert_eq!(
+            HubAuth::CertificateAuthority.to_json(),
+            json!({ "type": "certificateAuthority" })
+        );
+        assert_eq!(HubAuth::None.to_json(), json!({ "type": "none" }));
     }
 }

@@ -24,7 +24,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::admin_api::{AppState, load_instance, to_doc};
 use crate::device_api::auth::{Attested, Source};
 use crate::error::ApiError;
-use crate::hubs::{self, DeviceIdentity};
+use crate::hubs::{self, DeviceIdentity, HubAuth};
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
 
 /// How long a finished operation stays pollable.
@@ -458,7 +458,13 @@ async fn outcome(
     let plan = plan(state, ns, &instance, &device, &settings, previous).await?;
     let identity = DeviceIdentity {
         device_id: device_id.clone(),
-        symmetric_keys: keys,
+        auth: match keys {
+            Some((primary_key, secondary_key)) => HubAuth::Sas {
+                primary_key,
+                secondary_key,
+            },
+            None => HubAuth::None,
+        },
         iot_edge: settings.capabilities.as_ref().is_some_and(|c| c.iot_edge),
         initial_twin: plan
             .initial_twin
