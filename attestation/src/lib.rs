@@ -1,6 +1,7 @@
 //! Device and service credentials, without I/O: SAS tokens, symmetric keys and the
 //! group-to-device key derivation, and facts read from X.509 certificates.
 
+pub mod chain;
 pub mod connection_string;
 pub mod keys;
 pub mod sas;

@@ -82,16 +82,27 @@ pub fn parse_certificate(text: &str) -> Result<ParsedCertificate, CertificateErr
             .decode(compact.as_bytes())
             .map_err(|_| CertificateError::NotPemOrBase64)?
     };
+    parse_der(&der)
+}
+
+/// Parses one DER certificate.
+pub fn parse_der(der: &[u8]) -> Result<ParsedCertificate, CertificateError> {
     if der.len() > MAX_CERTIFICATE_BYTES {
         return Err(CertificateError::TooLarge);
     }
     let cert =
-        Certificate::from_der(&der).map_err(|e| CertificateError::Malformed(e.to_string()))?;
-    let facts = facts_of(&cert, &der)?;
-    Ok(ParsedCertificate { der, facts })
+        Certificate::from_der(der).map_err(|e| CertificateError::Malformed(e.to_string()))?;
+    let facts = facts_of(&cert, der)?;
+    Ok(ParsedCertificate {
+        der: der.to_vec(),
+        facts,
+    })
 }
 
-fn facts_of(cert: &Certificate, der: &[u8]) -> Result<CertificateFacts, CertificateError> {
+pub(crate) fn facts_of(
+    cert: &Certificate,
+    der: &[u8],
+) -> Result<CertificateFacts, CertificateError> {
     let tbs = cert.tbs_certificate();
     let validity = tbs.validity();
     let is_ca = tbs

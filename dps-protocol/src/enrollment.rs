@@ -315,6 +315,24 @@ pub struct DeviceRegistrationState {
     /// Symmetric-key devices: the group they came through, if any (device answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyRegistrationResult>,
+    /// X.509 devices: the certificate they presented and the group they came through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
+}
+
+/// `X509RegistrationResult`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509RegistrationResult {
+    /// The device's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_info: Option<X509CertificateInfo>,
+    /// The enrollment group, for group members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// The group's certificate the chain led to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_certificate_info: Option<X509CertificateInfo>,
 }
 
 /// `SymmetricKeyRegistrationResult`.

@@ -35,6 +35,11 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// The certificate chain the client presented in the TLS handshake (leaf first), added to
+/// every request of its connection; absent when it presented none.
+#[derive(Debug, Clone)]
+pub struct ClientChain(pub Arc<Vec<Vec<u8>>>);
+
 /// A started server.
 #[derive(Debug)]
 pub struct RunningServer {
@@ -299,8 +304,16 @@ async fn serve(
                     return;
                 }
             };
+            let chain = tls.get_ref().1.peer_certificates().map(|certs| {
+                ClientChain(Arc::new(
+                    certs.iter().map(|c| c.as_ref().to_vec()).collect(),
+                ))
+            });
             let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
+                if let Some(chain) = &chain {
+                    req.extensions_mut().insert(chain.clone());
+                }
                 let req = app::canonicalize_path(req.map(axum::body::Body::new));
                 router.clone().oneshot(req)
             });

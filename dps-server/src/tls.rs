@@ -126,11 +126,85 @@ impl TlsMaterial {
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .context("TLS protocol versions")?
-            .with_no_client_auth()
+            .with_client_cert_verifier(Arc::new(OptionalClientCert::new()))
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .context("the TLS certificate does not match its key")?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// Asks every client for a certificate and accepts handshakes without one (SAS and TPM devices
+/// send none). A presented chain is not judged here: which anchors it must chain to depends on
+/// the enrollment, so the device API verifies it ([`attestation::x509::verify_chain`]). The
+/// handshake signature is verified, so a client that presents a parseable certificate holds its
+/// key. Bytes that are not a certificate are let through unverified: the device API refuses
+/// them with a 401 instead of the client seeing a failed handshake.
+#[derive(Debug)]
+struct OptionalClientCert {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl OptionalClientCert {
+    fn new() -> Self {
+        Self {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+
+    fn parses(cert: &CertificateDer<'_>) -> bool {
+        webpki::EndEntityCert::try_from(cert).is_ok()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        if !Self::parses(cert) {
+            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
+        }
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        if !Self::parses(cert) {
+            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
+        }
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 

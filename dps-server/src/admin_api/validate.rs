@@ -387,19 +387,9 @@ fn certificates(
                 "a signing certificate must be a CA certificate (basic constraints CA:true)",
             ));
         }
-        let facts = parsed.facts;
         *cert = X509CertificateWithInfo {
             certificate: Some(text),
-            info: Some(X509CertificateInfo {
-                subject_name: facts.subject_name,
-                sha1_thumbprint: facts.sha1_thumbprint,
-                sha256_thumbprint: facts.sha256_thumbprint,
-                issuer_name: facts.issuer_name,
-                not_before_utc: facts.not_before_utc,
-                not_after_utc: facts.not_after_utc,
-                serial_number: facts.serial_number,
-                version: facts.version,
-            }),
+            info: Some(info_of(parsed.facts)),
         };
     }
     if certs.primary.is_none() {
@@ -409,6 +399,20 @@ fn certificates(
         ));
     }
     Ok(())
+}
+
+/// The wire form of what a certificate says.
+pub fn info_of(facts: attestation::x509::CertificateFacts) -> X509CertificateInfo {
+    X509CertificateInfo {
+        subject_name: facts.subject_name,
+        sha1_thumbprint: facts.sha1_thumbprint,
+        sha256_thumbprint: facts.sha256_thumbprint,
+        issuer_name: facts.issuer_name,
+        not_before_utc: facts.not_before_utc,
+        not_after_utc: facts.not_after_utc,
+        serial_number: facts.serial_number,
+        version: facts.version,
+    }
 }
 
 /// Removes what reads must not show: symmetric keys and certificate bodies (their facts stay).

@@ -1,8 +1,16 @@
-//! Device authentication with SAS tokens: against an individual enrollment's keys, then
-//! against the per-device keys derived from each symmetric-key group's keys. An unknown
-//! registration id and a wrong key get the same answer, so an unauthenticated caller learns
-//! nothing about which ids exist.
+//! Device authentication.
+//!
+//! - SAS tokens: against an individual enrollment's keys, then against the per-device keys
+//!   derived from each symmetric-key group's keys. An unknown registration id and a wrong key
+//!   get the same answer, so an unauthenticated caller learns nothing about which ids exist.
+//! - X.509 (no `Authorization` header, a client certificate in the TLS handshake): the leaf
+//!   must name the registration id and be usable for client authentication; then an
+//!   individual enrollment whose client certificate has the leaf's thumbprint, else the group
+//!   whose signing certificate the presented chain reaches first, walking from the leaf
+//!   towards the root. The handshake already proved that the device holds the leaf's key.
 
+use attestation::chain::{ChainError, check_leaf, verify_chain};
+use attestation::x509::{CertificateFacts, parse_certificate, parse_der};
 use attestation::{SasToken, SymmetricKey};
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
@@ -20,7 +28,7 @@ use crate::store::{Kind, Page};
 pub enum Source {
     /// Its own individual enrollment.
     Individual(Box<IndividualEnrollment>),
-    /// A symmetric-key enrollment group.
+    /// An enrollment group.
     Group(Box<EnrollmentGroup>),
 }
 
@@ -47,8 +55,8 @@ impl Source {
 pub struct Attested {
     /// The enrollment it proved itself against.
     pub source: Source,
-    /// Its keys (individual, or derived from the group's): what the hub will accept.
-    pub keys: (SymmetricKey, SymmetricKey),
+    /// X.509 devices: the certificate they presented, and the group certificate it chains to.
+    pub certificate: Option<(CertificateFacts, Option<CertificateFacts>)>,
     /// Set when an enrollment in its way is disabled: the reason.
     pub disabled: Option<String>,
 }
@@ -75,10 +83,18 @@ pub async fn authenticate(
     scope: &IdScope,
     id: &RegistrationId,
     header: Option<&str>,
+    chain: Option<&[Vec<u8>]>,
     check_expiry: bool,
 ) -> Result<Attested, ApiError> {
-    let header =
-        header.ok_or_else(|| ApiError::unauthorized("the request has no Authorization header"))?;
+    let header = match (header, chain) {
+        (Some(header), _) => header,
+        (None, Some(chain)) => return authenticate_x509(state, instance, id, chain).await,
+        (None, None) => {
+            return Err(ApiError::unauthorized(
+                "the request has no Authorization header and the device presented no client certificate",
+            ));
+        }
+    };
     let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
     if check_expiry {
         token
@@ -102,17 +118,14 @@ pub async fn authenticate(
         .await?
         .map(|s| s.doc_json())
         .transpose()?;
-    let individual_disabled = individual.as_ref().and_then(|e| {
-        (e.settings.provisioning_status == Some(ProvisioningStatus::Disabled))
-            .then(|| format!("the enrollment of '{}' is disabled", e.registration_id))
-    });
+    let individual_disabled = individual.as_ref().and_then(disabled_reason);
     if let Some(enrollment) = &individual
         && let Some((primary, secondary)) = symmetric_keys(&enrollment.attestation)
         && token.verify_any([&primary, &secondary]).is_ok()
     {
         return Ok(Attested {
             source: Source::Individual(Box::new(enrollment.clone())),
-            keys: (primary, secondary),
+            certificate: None,
             disabled: individual_disabled,
         });
     }
@@ -142,18 +155,10 @@ pub async fn authenticate(
                 secondary.derive_device_key(id.as_str()),
             );
             if token.verify_any([&derived.0, &derived.1]).is_ok() {
-                let group_disabled = (group.settings.provisioning_status
-                    == Some(ProvisioningStatus::Disabled))
-                .then(|| {
-                    format!(
-                        "the enrollment group '{}' is disabled",
-                        group.enrollment_group_id
-                    )
-                });
                 return Ok(Attested {
-                    disabled: individual_disabled.or(group_disabled),
+                    disabled: individual_disabled.or_else(|| group_disabled_reason(&group)),
                     source: Source::Group(Box::new(group)),
-                    keys: derived,
+                    certificate: None,
                 });
             }
         }
@@ -163,6 +168,152 @@ pub async fn authenticate(
         }
     }
     Err(denied())
+}
+
+fn disabled_reason(individual: &IndividualEnrollment) -> Option<String> {
+    (individual.settings.provisioning_status == Some(ProvisioningStatus::Disabled)).then(|| {
+        format!(
+            "the enrollment of '{}' is disabled",
+            individual.registration_id
+        )
+    })
+}
+
+fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
+    (group.settings.provisioning_status == Some(ProvisioningStatus::Disabled)).then(|| {
+        format!(
+            "the enrollment group '{}' is disabled",
+            group.enrollment_group_id
+        )
+    })
+}
+
+/// The primary and secondary certificates of an X.509 attestation (client certificates for
+/// individual enrollments, signing certificates for groups), parsed.
+fn x509_certificates(
+    attestation: &AttestationMechanism,
+    individual: bool,
+) -> Vec<attestation::x509::ParsedCertificate> {
+    if attestation.kind != AttestationType::X509 {
+        return Vec::new();
+    }
+    let Some(x509) = attestation.x509.as_ref() else {
+        return Vec::new();
+    };
+    let certs = if individual {
+        x509.client_certificates.as_ref()
+    } else {
+        x509.signing_certificates.as_ref()
+    };
+    certs
+        .into_iter()
+        .flat_map(|c| [c.primary.as_ref(), c.secondary.as_ref()])
+        .flatten()
+        .filter_map(|c| c.certificate.as_deref())
+        .filter_map(|text| parse_certificate(text).ok())
+        .collect()
+}
+
+/// X.509: see the module documentation for the order.
+async fn authenticate_x509(
+    state: &AppState,
+    instance: &str,
+    id: &RegistrationId,
+    chain: &[Vec<u8>],
+) -> Result<Attested, ApiError> {
+    let now = crate::admin_api::unix_now();
+    let rejected = |e: ChainError| ApiError::unauthorized(e.to_string());
+    let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
+
+    let individual: Option<IndividualEnrollment> = state
+        .store
+        .get(instance, Kind::IndividualEnrollment, &id.key())
+        .await?
+        .map(|s| s.doc_json())
+        .transpose()?;
+    if let Some(enrollment) = &individual {
+        let enrolled = x509_certificates(&enrollment.attestation, true);
+        if enrolled
+            .iter()
+            .any(|c| c.facts.sha256_thumbprint == leaf.facts.sha256_thumbprint)
+        {
+            return Ok(Attested {
+                source: Source::Individual(Box::new(enrollment.clone())),
+                certificate: Some((leaf.facts, None)),
+                disabled: disabled_reason(enrollment),
+            });
+        }
+    }
+
+    // The presented chain's subjects and thumbprints, to place each group's anchors on it.
+    let presented: Vec<CertificateFacts> = chain
+        .iter()
+        .filter_map(|der| parse_der(der).ok().map(|p| p.facts))
+        .collect();
+    // How far from the leaf an anchor sits: the position of the certificate itself in the
+    // chain, or just above the certificate it issued.
+    let depth = |anchor: &CertificateFacts| {
+        presented
+            .iter()
+            .position(|c| c.sha256_thumbprint == anchor.sha256_thumbprint)
+            .or_else(|| {
+                presented
+                    .iter()
+                    .position(|c| c.issuer_name == anchor.subject_name)
+                    .map(|i| i + 1)
+            })
+    };
+    let mut candidates: Vec<(usize, EnrollmentGroup, attestation::x509::ParsedCertificate)> =
+        Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .list(
+                instance,
+                Kind::EnrollmentGroup,
+                Page {
+                    parent: None,
+                    after: after.as_deref(),
+                    limit: 500,
+                },
+            )
+            .await?;
+        for stored in &page {
+            let group: EnrollmentGroup = stored.doc_json()?;
+            for anchor in x509_certificates(&group.attestation, false) {
+                if let Some(at) = depth(&anchor.facts) {
+                    candidates.push((at, group.clone(), anchor));
+                }
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == 500 => after = Some(last.key.clone()),
+            _ => break,
+        }
+    }
+    candidates.sort_by_key(|(at, _, _)| *at);
+    let mut first_error = None;
+    for (_, group, anchor) in candidates {
+        match verify_chain(chain, &anchor.der, now) {
+            Ok(()) => {
+                return Ok(Attested {
+                    disabled: group_disabled_reason(&group),
+                    source: Source::Group(Box::new(group)),
+                    certificate: Some((leaf.facts, Some(anchor.facts))),
+                });
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(match first_error {
+        Some(e) => rejected(e),
+        None => ApiError::unauthorized(
+            "the device certificate is not enrolled and its chain reaches no enrollment group's signing certificate",
+        ),
+    })
 }
 
 /// The answer for a request whose ID scope names no instance: the same as a failed proof.

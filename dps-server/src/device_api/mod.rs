@@ -20,7 +20,7 @@ use crate::admin_api::AppState;
 use crate::error::ApiError;
 use crate::json::{Json, RawBody};
 use crate::registration::{self, RegistrationRecord};
-use crate::server::PeerAddr;
+use crate::server::{ClientChain, PeerAddr};
 use crate::store::{Kind, SERVER_NS};
 use crate::throttle::{Action, Throttled};
 
@@ -159,6 +159,7 @@ async fn admit(
     state: &AppState,
     path: &DevicePath,
     peer: Option<&PeerAddr>,
+    chain: Option<&ClientChain>,
     headers: &HeaderMap,
     action: Action,
     check_expiry: bool,
@@ -173,6 +174,7 @@ async fn admit(
         &path.scope,
         &path.id,
         authorization(headers),
+        chain.map(|c| c.0.as_slice()),
         check_expiry,
     )
     .await?;
@@ -184,6 +186,7 @@ async fn register(
     State(state): State<AppState>,
     path: DevicePath,
     peer: Option<axum::Extension<PeerAddr>>,
+    chain: Option<axum::Extension<ClientChain>>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Response, DeviceError> {
@@ -208,6 +211,7 @@ async fn register(
         &state,
         &path,
         peer.as_deref(),
+        chain.as_deref(),
         &headers,
         Action::Register,
         true,
@@ -245,12 +249,14 @@ async fn operation_status(
     State(state): State<AppState>,
     path: DevicePath,
     peer: Option<axum::Extension<PeerAddr>>,
+    chain: Option<axum::Extension<ClientChain>>,
     headers: HeaderMap,
 ) -> Result<Response, DeviceError> {
     let (instance, _) = admit(
         &state,
         &path,
         peer.as_deref(),
+        chain.as_deref(),
         &headers,
         Action::Poll,
         false,
@@ -289,9 +295,19 @@ async fn status_lookup(
     State(state): State<AppState>,
     path: DevicePath,
     peer: Option<axum::Extension<PeerAddr>>,
+    chain: Option<axum::Extension<ClientChain>>,
     headers: HeaderMap,
 ) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(&state, &path, peer.as_deref(), &headers, Action::Poll, true).await?;
+    let (instance, _) = admit(
+        &state,
+        &path,
+        peer.as_deref(),
+        chain.as_deref(),
+        &headers,
+        Action::Poll,
+        true,
+    )
+    .await?;
     let stored = crate::admin_api::load(
         state.store.as_ref(),
         &instance,

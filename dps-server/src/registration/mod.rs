@@ -7,13 +7,15 @@
 //! two replicas racing on one registration id, end in one consistent state. An operation still
 //! `assigning` after a restart is finished by the next poll (`resume_if_stale`).
 
+use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::{Allocation, Candidate, Device, healthy_first};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{Instance, LinkedHub};
 use dps_protocol::device::OperationStatus;
 use dps_protocol::enrollment::{
-    DeviceRegistrationState, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
-    SymmetricKeyRegistrationResult,
+    AttestationType, DeviceRegistrationState, EnrollmentGroup, EnrollmentSettings,
+    IndividualEnrollment, SymmetricKeyRegistrationResult, X509CertificateWithInfo,
+    X509RegistrationResult,
 };
 use dps_protocol::ids::RegistrationId;
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::admin_api::validate::info_of;
 use crate::admin_api::{AppState, load_instance, to_doc};
 use crate::device_api::auth::{Attested, Source};
 use crate::error::ApiError;
@@ -65,6 +68,9 @@ pub struct OperationRecord {
     /// Trusted request metadata (location headers of a trusted edge).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// X.509 devices: the certificate they presented and the group certificate it reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509: Option<X509RegistrationResult>,
     /// The result, once terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_state: Option<DeviceRegistrationState>,
@@ -120,6 +126,14 @@ pub async fn start(
         device_payload,
         source_address,
         metadata,
+        x509: attested
+            .certificate
+            .as_ref()
+            .map(|(leaf, anchor)| X509RegistrationResult {
+                certificate_info: Some(info_of(leaf.clone())),
+                enrollment_group_id: None,
+                signing_certificate_info: anchor.clone().map(info_of),
+            }),
         registration_state: None,
     };
     if let Some(reason) = &attested.disabled {
@@ -405,6 +419,32 @@ async fn outcome(
                 .symmetric_key
                 .as_ref()
                 .and_then(|k| Some((k.primary_key.clone()?, k.secondary_key.clone()?)));
+            let thumbprints = e
+                .attestation
+                .x509
+                .as_ref()
+                .and_then(|x| x.client_certificates.as_ref())
+                .map(|certs| {
+                    let sha1 = |c: &Option<X509CertificateWithInfo>| {
+                        c.as_ref()
+                            .and_then(|c| c.info.as_ref())
+                            .map(|i| i.sha1_thumbprint.clone())
+                    };
+                    (sha1(&certs.primary), sha1(&certs.secondary))
+                });
+            let keys = match (keys, thumbprints) {
+                (Some((primary_key, secondary_key)), _) => HubAuth::Sas {
+                    primary_key,
+                    secondary_key,
+                },
+                (None, Some((Some(primary_thumbprint), secondary_thumbprint))) => {
+                    HubAuth::SelfSigned {
+                        primary_thumbprint,
+                        secondary_thumbprint,
+                    }
+                }
+                _ => HubAuth::None,
+            };
             let device_id = e
                 .device_id
                 .clone()
@@ -430,6 +470,16 @@ async fn outcome(
                 };
                 Some((derive(&k.primary_key)?, derive(&k.secondary_key)?))
             });
+            let keys = match keys {
+                Some((primary_key, secondary_key)) => HubAuth::Sas {
+                    primary_key,
+                    secondary_key,
+                },
+                None if g.attestation.kind == AttestationType::X509 => {
+                    HubAuth::CertificateAuthority
+                }
+                None => HubAuth::None,
+            };
             let mut shown = g.clone();
             crate::admin_api::validate::hide_secrets(&mut shown.attestation);
             let public = to_value(&shown)?;
@@ -443,28 +493,31 @@ async fn outcome(
         }
     };
     let metadata = op.metadata.clone();
+    let certificate = op.x509.as_ref().and_then(|x| x.certificate_info.as_ref());
+    let hardware_ids: Vec<DeviceKey> = certificate
+        .and_then(|c| DeviceKey::new(DeviceKeyKind::CertificateSerial, &c.serial_number).ok())
+        .into_iter()
+        .collect();
     let device = Device {
         instance: ns,
         registration_id: id.as_str(),
-        attestation: "symmetricKey",
+        attestation: if certificate.is_some() {
+            "x509"
+        } else {
+            "symmetricKey"
+        },
         enrollment: &public,
         enrollment_group_id: group_id.as_deref(),
         payload: op.device_payload.as_ref(),
         source_address: op.source_address,
         metadata: &metadata,
         previous_hub: previous.and_then(|p| p.state.assigned_hub.as_deref()),
-        hardware_ids: &[],
+        hardware_ids: &hardware_ids,
     };
     let plan = plan(state, ns, &instance, &device, &settings, previous).await?;
     let identity = DeviceIdentity {
         device_id: device_id.clone(),
-        auth: match keys {
-            Some((primary_key, secondary_key)) => HubAuth::Sas {
-                primary_key,
-                secondary_key,
-            },
-            None => HubAuth::None,
-        },
+        auth: keys,
         iot_edge: settings.capabilities.as_ref().is_some_and(|c| c.iot_edge),
         initial_twin: plan
             .initial_twin
@@ -544,8 +597,12 @@ async fn outcome(
             substatus: decision.substatus,
             payload: plan.payload.clone(),
             enrollment_group_id: group_id.clone(),
-            symmetric_key: Some(SymmetricKeyRegistrationResult {
+            symmetric_key: op.x509.is_none().then(|| SymmetricKeyRegistrationResult {
+                enrollment_group_id: group_id.clone(),
+            }),
+            x509: op.x509.clone().map(|x| X509RegistrationResult {
                 enrollment_group_id: group_id,
+                ..x
             }),
             ..DeviceRegistrationState::default()
         },

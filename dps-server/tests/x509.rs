@@ -1,0 +1,468 @@
+//! X.509 attestation through the real server: devices present certificates in the TLS
+//! handshake (no Authorization header) and register through individual enrollments and groups
+//! anchored at a root or an intermediate; every refusal is a 401 that stores nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, TestServer, enroll, expect_json};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A CA that can issue certificates.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn ca(name: &str, parent: Option<&Ca>) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = match parent {
+        Some(parent) => params.signed_by(&key, &parent.issuer).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// A device certificate and its key, as PEM.
+struct DeviceCert {
+    cert: String,
+    key: String,
+}
+
+fn device_params(cn: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params
+}
+
+fn issued(params: CertificateParams, by: Option<&Ca>) -> DeviceCert {
+    let key = KeyPair::generate().unwrap();
+    let cert = match by {
+        Some(ca) => params.signed_by(&key, &ca.issuer).unwrap(),
+        None => params.self_signed(&key).unwrap(),
+    };
+    DeviceCert {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+/// An HTTPS client presenting `chain` (leaf first) with `key`.
+fn client(t: &TestServer, chain: &[&str], key: &str, tls12: bool) -> reqwest::Client {
+    let ca = std::fs::read(&t.running().ca_certificate).unwrap();
+    let identity = format!("{}{key}", chain.concat());
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
+    if tls12 {
+        builder = builder.tls_version_max(reqwest::tls::Version::TLS_1_2);
+    }
+    builder.build().unwrap()
+}
+
+fn device_url(t: &TestServer, id: &str, rest: &str) -> String {
+    format!(
+        "https://localhost:{}/{}/registrations/{id}{rest}?api-version=2021-06-01",
+        t.running().local_addr.port(),
+        t.running().admin.id_scope
+    )
+}
+
+/// Registers `id` over `client` and polls to the end; the final status body, or the error
+/// answer of the PUT.
+async fn register(t: &TestServer, client: &reqwest::Client, id: &str) -> (u16, Value) {
+    let response = client
+        .put(device_url(t, id, "/register"))
+        .json(&json!({ "registrationId": id }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status != 202 {
+        return (status, body);
+    }
+    let operation = body["operationId"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        let polled = client
+            .get(device_url(t, id, &format!("/operations/{operation}")))
+            .send()
+            .await
+            .unwrap();
+        let status = polled.status().as_u16();
+        let body: Value = polled.json().await.unwrap();
+        if status != 202 {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the operation did not finish");
+}
+
+async fn x509_group(t: &TestServer, id: &str, signing: &Ca) {
+    enroll(
+        t,
+        json!({ "enrollmentGroupId": id,
+            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": signing.pem } } } } }),
+    )
+    .await;
+}
+
+async fn nothing_stored(t: &TestServer, id: &str) {
+    let response = t
+        .owner(Method::GET, &format!("/registrations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        404,
+        "a registration state was stored for {id}"
+    );
+}
+
+async fn individual_enrollments_match_the_certificate_thumbprint(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let device = issued(device_params("dev-x509"), None);
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "dev-x509",
+            "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": device.cert } } } } }),
+    )
+    .await;
+    let thumbprint = enrollment["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
+        ["sha1Thumbprint"]
+        .clone();
+    for tls12 in [false, true] {
+        let (status, done) = register(
+            &t,
+            &client(&t, &[&device.cert], &device.key, tls12),
+            "dev-x509",
+        )
+        .await;
+        assert_eq!(status, 200, "{done}");
+        assert_eq!(done["status"], "assigned", "{done}");
+        let state = &done["registrationState"];
+        assert_eq!(state["assignedHub"], "hub-a.example.com");
+        assert_eq!(
+            state["x509"]["certificateInfo"]["sha1Thumbprint"],
+            thumbprint
+        );
+        assert!(state.get("symmetricKey").is_none(), "{state}");
+    }
+    // Another self-signed certificate with the same name is not the enrolled one.
+    let impostor = issued(device_params("dev-x509"), None);
+    let (status, body) = register(
+        &t,
+        &client(&t, &[&impostor.cert], &impostor.key, false),
+        "dev-x509",
+    )
+    .await;
+    assert_eq!(
+        (status, body["errorCode"].clone()),
+        (401, json!(401002)),
+        "{body}"
+    );
+}
+
+async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    let line_1 = ca("Line 1", Some(&root));
+    let line_2 = ca("Line 2", Some(&root));
+    x509_group(&t, "by-root", &root).await;
+    x509_group(&t, "line-1", &line_1).await;
+
+    // Anchored at a verified intermediate: the device may send only its leaf.
+    let first = issued(device_params("dev-l1"), Some(&line_1));
+    let (_, done) = register(&t, &client(&t, &[&first.cert], &first.key, false), "dev-l1").await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["x509"]["enrollmentGroupId"],
+        "line-1"
+    );
+    assert_eq!(
+        done["registrationState"]["x509"]["signingCertificateInfo"]["subjectName"],
+        "CN=Line 1"
+    );
+    // The closest group wins even when the chain reaches the root's group too.
+    let (_, done) = register(
+        &t,
+        &client(&t, &[&first.cert, &line_1.pem], &first.key, false),
+        "dev-l1",
+    )
+    .await;
+    assert_eq!(
+        done["registrationState"]["x509"]["enrollmentGroupId"],
+        "line-1"
+    );
+
+    // Anchored at the root: the device sends its intermediate.
+    let second = issued(device_params("dev-l2"), Some(&line_2));
+    let (_, done) = register(
+        &t,
+        &client(&t, &[&second.cert, &line_2.pem], &second.key, false),
+        "dev-l2",
+    )
+    .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["x509"]["enrollmentGroupId"],
+        "by-root"
+    );
+    let stored = expect_json(
+        t.owner(Method::GET, "/registrations/dev-l2")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(stored["enrollmentGroupId"], "by-root");
+
+    // Without its intermediate the chain does not reach the root.
+    let third = issued(device_params("dev-l2b"), Some(&line_2));
+    let (status, body) = register(
+        &t,
+        &client(&t, &[&third.cert], &third.key, false),
+        "dev-l2b",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    nothing_stored(&t, "dev-l2b").await;
+
+    // A disabled group answers `disabled`, like a disabled symmetric-key group.
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "line-1", "provisioningStatus": "disabled",
+            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": line_1.pem } } } } }),
+    )
+    .await;
+    let blocked = issued(device_params("dev-l1b"), Some(&line_1));
+    let (_, done) = register(
+        &t,
+        &client(&t, &[&blocked.cert], &blocked.key, false),
+        "dev-l1b",
+    )
+    .await;
+    assert_eq!(done["status"], "disabled", "{done}");
+    nothing_stored(&t, "dev-l1b").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_certificates_are_refused_with_401_and_store_nothing() {
+    let t = TestServer::start(Backend::Sqlite).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    x509_group(&t, "fleet", &root).await;
+    let stranger = ca("Someone Else", None);
+    let now = time::OffsetDateTime::now_utc();
+
+    let mut long_chain = vec![ca("Level 0", Some(&root))];
+    for level in 1..6 {
+        let next = ca(&format!("Level {level}"), long_chain.last());
+        long_chain.push(next);
+    }
+    let deep = issued(device_params("dev-deep"), long_chain.last());
+    let mut deep_chain: Vec<&str> = vec![&deep.cert];
+    deep_chain.extend(long_chain.iter().rev().map(|c| c.pem.as_str()));
+
+    let cases: Vec<(&str, DeviceCert, Vec<String>, &str)> = vec![
+        (
+            "dev-unknown-ca",
+            issued(device_params("dev-unknown-ca"), Some(&stranger)),
+            vec![],
+            "not enrolled",
+        ),
+        (
+            "dev-expired",
+            issued(
+                {
+                    let mut p = device_params("dev-expired");
+                    p.not_before = now - time::Duration::days(30);
+                    p.not_after = now - time::Duration::days(1);
+                    p
+                },
+                Some(&root),
+            ),
+            vec![],
+            "expired",
+        ),
+        (
+            "dev-early",
+            issued(
+                {
+                    let mut p = device_params("dev-early");
+                    p.not_before = now + time::Duration::days(1);
+                    p
+                },
+                Some(&root),
+            ),
+            vec![],
+            "not valid before",
+        ),
+        (
+            "dev-ca",
+            issued(
+                {
+                    let mut p = device_params("dev-ca");
+                    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                    p
+                },
+                Some(&root),
+            ),
+            vec![],
+            "CA certificate",
+        ),
+        (
+            "dev-no-eku",
+            issued(
+                {
+                    let mut p = device_params("dev-no-eku");
+                    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                    p
+                },
+                Some(&root),
+            ),
+            vec![],
+            "clientAuth",
+        ),
+        (
+            "dev-named",
+            issued(device_params("somebody-else"), Some(&root)),
+            vec![],
+            "is not the registration id",
+        ),
+        (
+            "dev-self",
+            issued(device_params("dev-self"), None),
+            vec![],
+            "not enrolled",
+        ),
+    ];
+    for (id, cert, extra, expected) in &cases {
+        let mut chain: Vec<&str> = vec![&cert.cert];
+        chain.extend(extra.iter().map(String::as_str));
+        let (status, body) = register(&t, &client(&t, &chain, &cert.key, false), id).await;
+        assert_eq!(status, 401, "{id}: {body}");
+        assert_eq!(body["errorCode"], 401002, "{id}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(expected), "{id}: {message}");
+        nothing_stored(&t, id).await;
+    }
+
+    let (status, body) = register(&t, &client(&t, &deep_chain, &deep.key, false), "dev-deep").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("at most 6"),
+        "{body}"
+    );
+    nothing_stored(&t, "dev-deep").await;
+
+    // Bytes that are not a certificate get a 401, not a failed handshake.
+    let (status, body) = garbage_certificate_register(&t, "dev-garbage").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("not a valid X.509"), "{body}");
+    nothing_stored(&t, "dev-garbage").await;
+
+    // No certificate and no token.
+    let response = t
+        .anonymous(
+            Method::PUT,
+            &format!(
+                "/{}/registrations/dev-none/register",
+                t.running().admin.id_scope
+            ),
+        )
+        .json(&json!({ "registrationId": "dev-none" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+/// Registers over a raw TLS connection whose client "certificate" is not DER (no HTTP client
+/// sends one), returning the status and body of the answer.
+async fn garbage_certificate_register(t: &TestServer, id: &str) -> (u16, String) {
+    use std::sync::Arc;
+
+    use rustls::client::ResolvesClientCert;
+    use rustls::sign::CertifiedKey;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[derive(Debug)]
+    struct Fixed(Arc<CertifiedKey>);
+    impl ResolvesClientCert for Fixed {
+        fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+    let key = KeyPair::generate().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&key).unwrap();
+    let certified = CertifiedKey::new(
+        vec![CertificateDer::from(b"not a certificate".to_vec())],
+        signing,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&t.running().ca_certificate).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(t.running().local_addr)
+        .await
+        .unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let body = json!({ "registrationId": id }).to_string();
+    let request = format!(
+        "PUT /{}/registrations/{id}/register?api-version=2021-06-01 HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        t.running().admin.id_scope,
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+on_both_backends!(
+    individual_enrollments_match_the_certificate_thumbprint,
+    groups_are_matched_from_the_leaf_towards_the_root,
+);
