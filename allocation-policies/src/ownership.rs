@@ -80,12 +80,16 @@ impl DeviceKey {
                 .key(),
             DeviceKeyKind::CertificateSerial => {
                 let hex: String = value.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
-                if hex.is_empty() || hex.len() > 40 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                // Leading zeros (a DER sign byte, say) are not part of the number.
+                let trimmed = hex.trim_start_matches('0');
+                if hex.is_empty()
+                    || trimmed.len() > 40
+                    || !hex.chars().all(|c| c.is_ascii_hexdigit())
+                {
                     return Err(error(
                         "a certificate serial is 1 to 20 bytes of hex, optionally separated by ':'",
                     ));
                 }
-                let trimmed = hex.trim_start_matches('0');
                 if trimmed.is_empty() {
                     "0".to_owned()
                 } else {

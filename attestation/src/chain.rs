@@ -76,12 +76,7 @@ pub fn check_leaf(
     let cert = Certificate::from_der(leaf).map_err(|_| ChainError::Malformed)?;
     let facts = facts_of(&cert, leaf).map_err(|_| ChainError::Malformed)?;
     let tbs = cert.tbs_certificate();
-    let common_name = tbs
-        .subject()
-        .common_name()
-        .ok()
-        .flatten()
-        .map(|cn| cn.value().into_owned())
+    let common_name = common_name_of(&cert)
         .filter(|cn| !cn.is_empty() && cn.chars().count() <= MAX_COMMON_NAME)
         .ok_or(ChainError::CommonName)?;
     if !common_name.eq_ignore_ascii_case(registration_id) {
@@ -113,11 +108,32 @@ pub fn check_leaf(
     })
 }
 
+fn common_name_of(cert: &Certificate) -> Option<String> {
+    cert.tbs_certificate()
+        .subject()
+        .common_name()
+        .ok()
+        .flatten()
+        .map(|cn| cn.value().into_owned())
+}
+
+/// The subject common name of a DER certificate, if it parses and has one.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    common_name_of(&Certificate::from_der(der).ok()?)
+}
+
 /// Verifies that `chain` (leaf first, then the intermediates the device sent) leads to
 /// `anchor` (DER), a root or an intermediate the enrollment trusts, for client authentication
 /// at `now`: signatures, validity periods, basic constraints, key usage and the clientAuth EKU
-/// along the path. RSA of 2048 bits and more, ECDSA P-256 and P-384.
-pub fn verify_chain(chain: &[Vec<u8>], anchor: &[u8], now: u64) -> Result<(), ChainError> {
+/// along the path. RSA of 2048 bits and more, ECDSA P-256 and P-384. `extra` are more
+/// intermediates the path may use (ones an admin uploaded, for devices that send only their
+/// leaf); they confer no trust of their own.
+pub fn verify_chain(
+    chain: &[Vec<u8>],
+    anchor: &[u8],
+    extra: &[Vec<u8>],
+    now: u64,
+) -> Result<(), ChainError> {
     let leaf = chain.first().ok_or(ChainError::Missing)?;
     if chain.len() > MAX_CHAIN_CERTIFICATES {
         return Err(ChainError::TooLong(chain.len()));
@@ -129,6 +145,7 @@ pub fn verify_chain(chain: &[Vec<u8>], anchor: &[u8], now: u64) -> Result<(), Ch
     let leaf = webpki::EndEntityCert::try_from(&leaf_der).map_err(|_| ChainError::Malformed)?;
     let intermediates: Vec<CertificateDer<'_>> = chain[1..]
         .iter()
+        .chain(extra)
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();
     leaf.verify_for_usage(
@@ -206,16 +223,25 @@ mod tests {
             check_leaf(&chain, "DEV-1", NOW).unwrap().facts.subject_name,
             "CN=dev-1"
         );
-        verify_chain(&chain, &root.der, NOW).unwrap();
-        verify_chain(std::slice::from_ref(&device), &intermediate.der, NOW).unwrap();
+        verify_chain(&chain, &root.der, &[], NOW).unwrap();
+        verify_chain(std::slice::from_ref(&device), &intermediate.der, &[], NOW).unwrap();
         // Only the leaf, anchored at the root: the intermediate is missing.
         assert!(matches!(
-            verify_chain(std::slice::from_ref(&device), &root.der, NOW),
+            verify_chain(std::slice::from_ref(&device), &root.der, &[], NOW),
             Err(ChainError::Untrusted(_))
         ));
+        // An uploaded intermediate completes the path; it is not trusted on its own.
+        verify_chain(
+            std::slice::from_ref(&device),
+            &root.der,
+            std::slice::from_ref(&intermediate.der),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(common_name(&device).as_deref(), Some("dev-1"));
         let stranger = ca("Other Root", None);
         assert!(matches!(
-            verify_chain(&chain, &stranger.der, NOW),
+            verify_chain(&chain, &stranger.der, &[], NOW),
             Err(ChainError::Untrusted(_))
         ));
     }

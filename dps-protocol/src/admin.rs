@@ -218,3 +218,28 @@ pub struct DeviceName {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ek_hash: Option<String>,
 }
+
+/// A CA certificate of an instance, for enrollment groups' `caReferences`. It counts only once
+/// verified: proof that the uploader holds its private key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaCertificate {
+    /// Unique name, used in `caReferences`.
+    pub name: String,
+    /// PEM or base64 DER; only in requests, never returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
+    /// Read-only: what the certificate says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<crate::enrollment::X509CertificateInfo>,
+    /// Read-only: whether proof of possession succeeded.
+    #[serde(default)]
+    pub is_verified: bool,
+    /// Read-only: the code the verification certificate's CN must carry (shown once by
+    /// `generateVerificationCode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verification_code: Option<String>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}

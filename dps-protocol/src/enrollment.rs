@@ -84,6 +84,21 @@ pub struct X509Attestation {
     /// Names of verified CA certificates of the instance (groups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_references: Option<X509CaReferences>,
+    /// Device certificates a group no longer admits (our extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_certificates: Option<X509Revocations>,
+}
+
+/// Device certificates an enrollment group refuses, by thumbprint or by serial number.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Revocations {
+    /// SHA-1 or SHA-256 thumbprints, hex.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub thumbprints: Vec<String>,
+    /// Serial numbers, hex (`:` separators allowed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serial_numbers: Vec<String>,
 }
 
 /// A primary and optional secondary certificate.

@@ -67,6 +67,8 @@ pub enum ErrorCode {
     OwnerNotFound,
     /// No ownership record for this device.
     OwnershipRecordNotFound,
+    /// No such CA certificate.
+    CertificateNotFound,
     /// The route exists but not for this method.
     MethodNotAllowed,
     /// The resource exists and the request did not say to overwrite it.
@@ -110,6 +112,7 @@ impl ErrorCode {
             Self::AccessPolicyNotFound => 404205,
             Self::OwnerNotFound => 404207,
             Self::OwnershipRecordNotFound => 404208,
+            Self::CertificateNotFound => 404209,
             Self::MethodNotAllowed => 405001,
             Self::Conflict => 409001,
             Self::ConflictWithState => 409002,

@@ -42,6 +42,9 @@ const KEYWORDS: &[&str] = &[
     "ownershipRecords",
     "ownershipRecords:import",
     "ownershipRecords:transfer",
+    "certificates",
+    "generateVerificationCode",
+    "verify",
 ];
 
 /// Rewrites keyword segments of the path to their canonical case, so routing ignores case,

@@ -103,6 +103,7 @@ pub fn not_found(kind: Kind, key: &str) -> ApiError {
         Kind::Operation => ErrorCode::OperationNotFound,
         Kind::Owner => ErrorCode::OwnerNotFound,
         Kind::OwnershipRecord => ErrorCode::OwnershipRecordNotFound,
+        Kind::CaCertificate => ErrorCode::CertificateNotFound,
     };
     ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
 }
@@ -120,6 +121,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::Operation => "operation",
         Kind::Owner => "owner",
         Kind::OwnershipRecord => "ownership record",
+        Kind::CaCertificate => "CA certificate",
     }
 }
 

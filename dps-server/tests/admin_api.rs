@@ -1403,7 +1403,7 @@ async fn health_metrics_and_openapi(backend: Backend) {
         );
         operations += 1;
     }
-    assert_eq!(operations, 42, "operations documented and probed");
+    assert_eq!(operations, 48, "operations documented and probed");
 }
 
 async fn allocation_simulation_explains_each_policy(backend: Backend) {

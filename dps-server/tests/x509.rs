@@ -462,7 +462,253 @@ async fn garbage_certificate_register(t: &TestServer, id: &str) -> (u16, String)
     (status, answer)
 }
 
+async fn post(t: &TestServer, path: &str, body: Value) -> reqwest::Response {
+    t.owner(Method::POST, path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn ca_certificates_count_after_proof_of_possession(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    let line = ca("Line 9", Some(&root));
+    let uploaded = expect_json(
+        t.owner(Method::PUT, "/certificates/factory-root")
+            .json(&json!({ "name": "factory-root", "certificate": root.pem, "isVerified": true }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        uploaded["isVerified"], false,
+        "an upload is never verified: {uploaded}"
+    );
+    assert_eq!(uploaded["info"]["subjectName"], "CN=Factory Root");
+    let leaf_ca = issued(device_params("not-a-ca"), Some(&root));
+    common::expect_error(
+        t.owner(Method::PUT, "/certificates/leaf")
+            .json(&json!({ "name": "leaf", "certificate": leaf_ca.cert }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    let group = |name: &str| {
+        json!({ "enrollmentGroupId": "by-ca",
+            "attestation": { "type": "x509", "x509": { "caReferences": { "primary": name } } } })
+    };
+    let missing = t
+        .owner(Method::PUT, "/enrollmentGroups/by-ca")
+        .json(&group("nope"))
+        .send()
+        .await
+        .unwrap();
+    let error = common::expect_error(missing, 400, 400004).await;
+    assert!(
+        error["message"].as_str().unwrap().contains("'nope'"),
+        "{error}"
+    );
+    enroll(&t, group("Factory-Root")).await;
+
+    // Unverified: the CA admits nobody.
+    let device = issued(device_params("dev-ca-1"), Some(&line));
+    let (status, body) = register(
+        &t,
+        &client(&t, &[&device.cert, &line.pem], &device.key, false),
+        "dev-ca-1",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    nothing_stored(&t, "dev-ca-1").await;
+
+    // Proof of possession.
+    common::expect_error(
+        post(
+            &t,
+            "/certificates/factory-root/verify",
+            json!({ "certificate": leaf_ca.cert }),
+        )
+        .await,
+        409,
+        409002,
+    )
+    .await;
+    let pending = expect_json(
+        post(
+            &t,
+            "/certificates/factory-root/generateVerificationCode",
+            json!({}),
+        )
+        .await,
+        200,
+    )
+    .await;
+    let code = pending["verificationCode"].as_str().unwrap().to_owned();
+    assert_eq!(code.len(), 32);
+    let wrong_name = issued(device_params("not-the-code"), Some(&root));
+    let wrong_key = issued(device_params(&code), None);
+    for (proof, expected) in [
+        (&wrong_name, "common name"),
+        (&wrong_key, "not signed by this CA"),
+    ] {
+        let error = common::expect_error(
+            post(
+                &t,
+                "/certificates/factory-root/verify",
+                json!({ "certificate": proof.cert }),
+            )
+            .await,
+            400,
+            400004,
+        )
+        .await;
+        assert!(
+            error["message"].as_str().unwrap().contains(expected),
+            "{error}"
+        );
+    }
+    let proof = issued(device_params(&code), Some(&root));
+    let verified = expect_json(
+        post(
+            &t,
+            "/certificates/factory-root/verify",
+            json!({ "certificate": proof.cert }),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(verified["isVerified"], true);
+    let shown = expect_json(
+        t.owner(Method::GET, "/certificates/factory-root")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(shown["isVerified"], true);
+    assert!(
+        shown.get("certificate").is_none() && shown.get("verificationCode").is_none(),
+        "{shown}"
+    );
+
+    let (_, done) = register(
+        &t,
+        &client(&t, &[&device.cert, &line.pem], &device.key, false),
+        "dev-ca-1",
+    )
+    .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["x509"]["enrollmentGroupId"],
+        "by-ca"
+    );
+
+    // A device whose TLS stack sends only its leaf verifies once the intermediate is uploaded.
+    let lonely = issued(device_params("dev-ca-2"), Some(&line));
+    let (status, _) = register(
+        &t,
+        &client(&t, &[&lonely.cert], &lonely.key, false),
+        "dev-ca-2",
+    )
+    .await;
+    assert_eq!(status, 401);
+    expect_json(
+        t.owner(Method::PUT, "/certificates/line-9")
+            .json(&json!({ "name": "line-9", "certificate": line.pem }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let (_, done) = register(
+        &t,
+        &client(&t, &[&lonely.cert], &lonely.key, false),
+        "dev-ca-2",
+    )
+    .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_leaves_and_disabled_individual_enrollments_block_devices() {
+    let t = TestServer::start(Backend::Sqlite).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    let by_serial = issued(device_params("dev-r1"), Some(&root));
+    let by_thumbprint = issued(device_params("dev-r2"), Some(&root));
+    let fine = issued(device_params("dev-r3"), Some(&root));
+    let facts = |c: &DeviceCert| attestation::x509::parse_certificate(&c.cert).unwrap().facts;
+    // Serials in another spelling: lower case, with separators and a leading zero byte.
+    let serial = facts(&by_serial)
+        .serial_number
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| std::str::from_utf8(pair).unwrap().to_lowercase())
+        .collect::<Vec<_>>()
+        .join(":");
+    let group = |thumbprint: &str| {
+        json!({ "enrollmentGroupId": "fleet",
+            "attestation": { "type": "x509", "x509": {
+                "signingCertificates": { "primary": { "certificate": root.pem } },
+                "revokedCertificates": { "serialNumbers": [format!("00:{serial}")], "thumbprints": [thumbprint] } } } })
+    };
+    common::expect_error(
+        t.owner(Method::PUT, "/enrollmentGroups/fleet")
+            .json(&group("abc"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        400004,
+    )
+    .await;
+    enroll(
+        &t,
+        group(&facts(&by_thumbprint).sha256_thumbprint.to_lowercase()),
+    )
+    .await;
+    for (id, cert) in [("dev-r1", &by_serial), ("dev-r2", &by_thumbprint)] {
+        let (status, body) = register(&t, &client(&t, &[&cert.cert], &cert.key, false), id).await;
+        assert_eq!(status, 401, "{id}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("revoked"),
+            "{body}"
+        );
+        nothing_stored(&t, id).await;
+    }
+    let (_, done) = register(&t, &client(&t, &[&fine.cert], &fine.key, false), "dev-r3").await;
+    assert_eq!(done["status"], "assigned", "{done}");
+
+    // A disabled individual enrollment for a certificate blocks it inside an enabled group.
+    let blocked = issued(device_params("dev-r4"), Some(&root));
+    enroll(
+        &t,
+        json!({ "registrationId": "dev-r4", "provisioningStatus": "disabled",
+            "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": blocked.cert } } } } }),
+    )
+    .await;
+    let (_, done) = register(
+        &t,
+        &client(&t, &[&blocked.cert], &blocked.key, false),
+        "dev-r4",
+    )
+    .await;
+    assert_eq!(done["status"], "disabled", "{done}");
+    nothing_stored(&t, "dev-r4").await;
+}
+
 on_both_backends!(
     individual_enrollments_match_the_certificate_thumbprint,
     groups_are_matched_from_the_leaf_towards_the_root,
+    ca_certificates_count_after_proof_of_possession,
 );

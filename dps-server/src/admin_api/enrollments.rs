@@ -176,9 +176,9 @@ async fn write<E: Enrollment>(
 ) -> Result<Stored, ApiError> {
     let key = E::key_of(enrollment.id())?;
     enrollment.check_own_fields()?;
-    Validator::new(state.store.as_ref(), &state.policies, ns)
-        .settings(enrollment.parts().1)
-        .await?;
+    let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
+    validator.settings(enrollment.parts().1).await?;
+    validator.ca_references(enrollment.parts().0).await?;
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
         let existing = match precondition {

@@ -6,6 +6,7 @@
 
 mod access_policies;
 mod allocations;
+pub mod certificates;
 mod enrollment_groups;
 mod enrollments;
 pub mod instances;
@@ -71,6 +72,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(access_policies::routes())
         .merge(allocations::routes())
         .merge(ownership::routes())
+        .merge(certificates::routes())
 }
 
 /// Every admin route.

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use dps_protocol::enrollment::{
     AttestationMechanism, AttestationType, EnrollmentSettings, ProvisioningStatus,
     ReprovisionPolicy, SymmetricKeyAttestation, TpmAttestation, X509Attestation,
-    X509CertificateInfo, X509CertificateWithInfo, X509Certificates,
+    X509CertificateInfo, X509CertificateWithInfo, X509Certificates, X509Revocations,
 };
 use dps_protocol::ids::check_host_name;
 use serde_json::Value;
@@ -64,6 +64,42 @@ impl<'a> Validator<'a> {
             .is_some();
         self.linked.insert(key, found);
         Ok(found)
+    }
+
+    /// Checks that the CA certificates an X.509 group names exist in the instance (verified
+    /// or not: an unverified one simply admits no device until it is verified).
+    pub async fn ca_references(
+        &mut self,
+        attestation: &AttestationMechanism,
+    ) -> Result<(), ApiError> {
+        let Some(refs) = attestation
+            .x509
+            .as_ref()
+            .and_then(|x| x.ca_references.as_ref())
+        else {
+            return Ok(());
+        };
+        for (field, name) in [("primary", &refs.primary), ("secondary", &refs.secondary)] {
+            let Some(name) = name else { continue };
+            let found = self
+                .store
+                .get(
+                    self.instance,
+                    Kind::CaCertificate,
+                    &name.to_ascii_lowercase(),
+                )
+                .await?
+                .is_some();
+            if !found {
+                return Err(field_error(
+                    &format!("attestation.x509.caReferences.{field}"),
+                    format!(
+                        "CA certificate '{name}' does not exist in this instance; upload it under /certificates"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Checks and normalises the settings shared by enrollments and groups.
@@ -283,6 +319,12 @@ fn check_x509(
                     "individual enrollments use clientCertificates, not signingCertificates or caReferences",
                 ));
             }
+            if x509.revoked_certificates.is_some() {
+                return Err(field_error(
+                    "attestation.x509.revokedCertificates",
+                    "only groups list revoked certificates; disable the individual enrollment instead",
+                ));
+            }
             let certs = x509.client_certificates.as_mut().ok_or_else(|| {
                 missing(
                     "attestation.x509.clientCertificates",
@@ -304,6 +346,9 @@ fn check_x509(
                     "enrollment groups use signingCertificates or caReferences, not clientCertificates",
                 ));
             }
+            if let Some(revoked) = &mut x509.revoked_certificates {
+                check_revocations(revoked)?;
+            }
             match (&mut x509.signing_certificates, &x509.ca_references) {
                 (Some(certs), None) => {
                     let previous = existing.and_then(|e| e.signing_certificates.as_ref());
@@ -315,18 +360,15 @@ fn check_x509(
                     )
                 }
                 (None, Some(refs)) => {
-                    let name = refs.primary.as_deref().ok_or_else(|| {
+                    // That the names exist is checked against storage by
+                    // [`Validator::ca_references`].
+                    refs.primary.as_deref().ok_or_else(|| {
                         missing(
                             "attestation.x509.caReferences.primary",
                             "caReferences needs a primary CA name",
                         )
                     })?;
-                    // CA certificates (with proof of possession) are not part of this release,
-                    // so no reference can resolve yet.
-                    Err(field_error(
-                        "attestation.x509.caReferences",
-                        format!("CA certificate '{name}' does not exist in this instance"),
-                    ))
+                    Ok(())
                 }
                 (Some(_), Some(_)) => Err(field_error(
                     "attestation.x509",
@@ -339,6 +381,41 @@ fn check_x509(
             }
         }
     }
+}
+
+/// Normalises a group's revocation list: thumbprints are 40 (SHA-1) or 64 (SHA-256) hex
+/// digits, serials are hex; both upper-case, serials without separators or leading zeros.
+fn check_revocations(revoked: &mut X509Revocations) -> Result<(), ApiError> {
+    for thumbprint in &mut revoked.thumbprints {
+        let hex: String = thumbprint
+            .chars()
+            .filter(|c| !matches!(c, ':' | ' '))
+            .collect();
+        if !matches!(hex.len(), 40 | 64) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(field_error(
+                "attestation.x509.revokedCertificates.thumbprints",
+                format!("'{thumbprint}' is not a SHA-1 or SHA-256 thumbprint in hex"),
+            ));
+        }
+        *thumbprint = hex.to_ascii_uppercase();
+    }
+    for serial in &mut revoked.serial_numbers {
+        *serial = normal_serial(serial).ok_or_else(|| {
+            field_error(
+                "attestation.x509.revokedCertificates.serialNumbers",
+                format!("'{serial}' is not a serial number in hex"),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// A certificate serial in one spelling: upper-case hex, no separators or leading zeros.
+pub fn normal_serial(serial: &str) -> Option<String> {
+    use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
+    DeviceKey::new(DeviceKeyKind::CertificateSerial, serial)
+        .ok()
+        .map(|k| k.value().to_owned())
 }
 
 /// Parses the primary and secondary certificate, keeping a stored one when only its info is

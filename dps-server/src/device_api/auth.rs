@@ -10,7 +10,7 @@
 //!   towards the root. The handshake already proved that the device holds the leaf's key.
 
 use attestation::chain::{ChainError, check_leaf, verify_chain};
-use attestation::x509::{CertificateFacts, parse_certificate, parse_der};
+use attestation::x509::{CertificateFacts, ParsedCertificate, parse_certificate, parse_der};
 use attestation::{SasToken, SymmetricKey};
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
@@ -188,12 +188,36 @@ fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
     })
 }
 
+/// A group's anchors: its signing certificates, or the verified CA certificates its
+/// `caReferences` name (an unverified one is no anchor).
+fn group_anchors(
+    attestation: &AttestationMechanism,
+    cas: &[(String, bool, ParsedCertificate)],
+) -> Vec<ParsedCertificate> {
+    let mut anchors = x509_certificates(attestation, false);
+    if let Some(refs) = attestation
+        .x509
+        .as_ref()
+        .and_then(|x| x.ca_references.as_ref())
+    {
+        for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
+            let key = name.to_ascii_lowercase();
+            anchors.extend(
+                cas.iter()
+                    .filter(|(ca, verified, _)| *ca == key && *verified)
+                    .map(|(_, _, parsed)| parsed.clone()),
+            );
+        }
+    }
+    anchors
+}
+
 /// The primary and secondary certificates of an X.509 attestation (client certificates for
 /// individual enrollments, signing certificates for groups), parsed.
 fn x509_certificates(
     attestation: &AttestationMechanism,
     individual: bool,
-) -> Vec<attestation::x509::ParsedCertificate> {
+) -> Vec<ParsedCertificate> {
     if attestation.kind != AttestationType::X509 {
         return Vec::new();
     }
@@ -212,6 +236,27 @@ fn x509_certificates(
         .filter_map(|c| c.certificate.as_deref())
         .filter_map(|text| parse_certificate(text).ok())
         .collect()
+}
+
+/// Whether the group's revocation list names the leaf (by either thumbprint, or serial).
+fn is_revoked(group: &EnrollmentGroup, leaf: &CertificateFacts) -> bool {
+    let Some(revoked) = group
+        .attestation
+        .x509
+        .as_ref()
+        .and_then(|x| x.revoked_certificates.as_ref())
+    else {
+        return false;
+    };
+    let serial = crate::admin_api::validate::normal_serial(&leaf.serial_number);
+    revoked
+        .thumbprints
+        .iter()
+        .any(|t| *t == leaf.sha1_thumbprint || *t == leaf.sha256_thumbprint)
+        || revoked
+            .serial_numbers
+            .iter()
+            .any(|s| Some(s) == serial.as_ref())
 }
 
 /// X.509: see the module documentation for the order.
@@ -263,8 +308,11 @@ async fn authenticate_x509(
                     .map(|i| i + 1)
             })
     };
-    let mut candidates: Vec<(usize, EnrollmentGroup, attestation::x509::ParsedCertificate)> =
-        Vec::new();
+    // The instance's CA certificates: anchors when verified and named by a group, and
+    // intermediates for any path.
+    let cas = crate::admin_api::certificates::all(state.store.as_ref(), instance).await?;
+    let extra: Vec<Vec<u8>> = cas.iter().map(|(_, _, c)| c.der.clone()).collect();
+    let mut candidates: Vec<(usize, EnrollmentGroup, ParsedCertificate)> = Vec::new();
     let mut after: Option<String> = None;
     loop {
         let page = state
@@ -281,10 +329,11 @@ async fn authenticate_x509(
             .await?;
         for stored in &page {
             let group: EnrollmentGroup = stored.doc_json()?;
-            for anchor in x509_certificates(&group.attestation, false) {
-                if let Some(at) = depth(&anchor.facts) {
-                    candidates.push((at, group.clone(), anchor));
-                }
+            for anchor in group_anchors(&group.attestation, &cas) {
+                // An anchor off the presented path may still be reached through an uploaded
+                // intermediate; it is tried after the ones on the path.
+                let at = depth(&anchor.facts).unwrap_or(usize::MAX);
+                candidates.push((at, group.clone(), anchor));
             }
         }
         match page.last() {
@@ -294,8 +343,14 @@ async fn authenticate_x509(
     }
     candidates.sort_by_key(|(at, _, _)| *at);
     let mut first_error = None;
-    for (_, group, anchor) in candidates {
-        match verify_chain(chain, &anchor.der, now) {
+    for (at, group, anchor) in candidates {
+        match verify_chain(chain, &anchor.der, &extra, now) {
+            Ok(()) if is_revoked(&group, &leaf.facts) => {
+                return Err(ApiError::unauthorized(format!(
+                    "the device certificate is revoked by enrollment group '{}'",
+                    group.enrollment_group_id
+                )));
+            }
             Ok(()) => {
                 return Ok(Attested {
                     disabled: group_disabled_reason(&group),
@@ -303,9 +358,12 @@ async fn authenticate_x509(
                     certificate: Some((leaf.facts, Some(anchor.facts))),
                 });
             }
-            Err(e) => {
+            // Only a failure on the presented path says something about this device's chain
+            // (an expired intermediate, say); the rest is "no group".
+            Err(e) if at != usize::MAX => {
                 first_error.get_or_insert(e);
             }
+            Err(_) => {}
         }
     }
     Err(match first_error {

@@ -38,6 +38,8 @@ pub enum Kind {
     Owner,
     /// A device's owner (keyed by `<kind>:<normalised id>`, parent and tag = owner key).
     OwnershipRecord,
+    /// A CA certificate for `caReferences` (keyed by lower-case name).
+    CaCertificate,
 }
 
 impl Kind {
@@ -54,6 +56,7 @@ impl Kind {
             Kind::Operation => "operation",
             Kind::Owner => "owner",
             Kind::OwnershipRecord => "ownership-record",
+            Kind::CaCertificate => "ca-certificate",
         }
     }
 }

@@ -1,0 +1,228 @@
+//! CA certificates (`/certificates`): root or intermediate certificates an instance's
+//! enrollment groups name in `caReferences`. A certificate counts only after proof of
+//! possession: `generateVerificationCode` issues a code, and `verify` takes a certificate
+//! whose common name is that code, signed by the CA's key. Every uploaded certificate, verified
+//! or not, may also complete a device's chain as an intermediate (it confers no trust).
+
+use attestation::chain::{common_name, verify_chain};
+use attestation::x509::parse_certificate;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::{CaCertificate, Right};
+use dps_protocol::ids::check_resource_name;
+use serde::Deserialize;
+
+use super::resource::{Resource, delete_one, get_one, list, load, put_one, render};
+use super::validate::{field_error, info_of};
+use super::{Admin, AppState, Id, to_doc, unix_now};
+use crate::error::ApiError;
+use crate::json::{Json, JsonBody};
+use crate::store::{Kind, Page, Precondition, Store, Write};
+
+impl Resource for CaCertificate {
+    const KIND: Kind = Kind::CaCertificate;
+    const ITEM_TYPE: &'static str = "CaCertificate";
+
+    fn key_of(id: &str) -> Result<String, ApiError> {
+        check_resource_name("certificate", id)
+            .map(|()| id.to_ascii_lowercase())
+            .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+    }
+
+    fn id(&self) -> &str {
+        &self.name
+    }
+
+    fn set_etag(&mut self, etag: String) {
+        self.etag = Some(etag);
+    }
+
+    /// A new certificate starts unverified; re-sending the same certificate keeps its state.
+    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError> {
+        self.etag = None;
+        let text = match (&self.certificate, previous) {
+            (Some(text), _) => text.clone(),
+            (None, Some(previous)) => previous.certificate.clone().unwrap_or_default(),
+            (None, None) => {
+                return Err(ApiError::new(
+                    ErrorCode::ArgumentNull,
+                    "certificate: give the CA certificate (PEM or base64 DER)",
+                )
+                .with_info("field", "certificate"));
+            }
+        };
+        let parsed =
+            parse_certificate(&text).map_err(|e| field_error("certificate", e.to_string()))?;
+        if !parsed.facts.is_ca {
+            return Err(field_error(
+                "certificate",
+                "a CA certificate needs basic constraints CA:true",
+            ));
+        }
+        let info = info_of(parsed.facts);
+        let same = previous
+            .and_then(|p| p.info.as_ref())
+            .is_some_and(|p| p.sha256_thumbprint == info.sha256_thumbprint);
+        self.is_verified = same && previous.is_some_and(|p| p.is_verified);
+        self.verification_code = if same {
+            previous.and_then(|p| p.verification_code.clone())
+        } else {
+            None
+        };
+        self.certificate = Some(text);
+        self.info = Some(info);
+        Ok(())
+    }
+
+    fn hide_secrets(&mut self) {
+        self.certificate = None;
+        self.verification_code = None;
+    }
+}
+
+/// Routes of `/certificates`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/certificates", get(list::<CaCertificate>))
+        .route(
+            "/certificates/{name}",
+            get(get_one::<CaCertificate>)
+                .put(put_one::<CaCertificate>)
+                .delete(delete_one::<CaCertificate>),
+        )
+        .route(
+            "/certificates/{name}/generateVerificationCode",
+            post(generate_verification_code),
+        )
+        .route("/certificates/{name}/verify", post(verify))
+}
+
+/// Reads, changes and stores a certificate under its etag (a concurrent change is a 412).
+async fn update(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    change: impl FnOnce(&mut CaCertificate) -> Result<(), ApiError>,
+) -> Result<CaCertificate, ApiError> {
+    let stored = load::<CaCertificate>(state, ns, name).await?;
+    let mut certificate: CaCertificate = stored.doc_json()?;
+    change(&mut certificate)?;
+    let put = Write::Put {
+        ns: ns.to_owned(),
+        kind: Kind::CaCertificate,
+        key: CaCertificate::key_of(name)?,
+        parent: None,
+        tag: None,
+        doc: to_doc(&certificate)?,
+        precondition: Precondition::IfMatch(stored.etag),
+    };
+    let written = state
+        .store
+        .write(&[put])
+        .await?
+        .pop()
+        .flatten()
+        .ok_or_else(|| ApiError::internal("storing a certificate", &"no result"))?;
+    render(&written, false)
+}
+
+/// `POST /certificates/{name}/generateVerificationCode`: a fresh code (the previous one stops
+/// working). The answer is the only place the code is shown.
+async fn generate_verification_code(
+    admin: Admin,
+    State(state): State<AppState>,
+    Id(name): Id,
+) -> Result<Json<CaCertificate>, ApiError> {
+    admin.require(Right::ServiceConfig)?;
+    let code = attestation::keys::random_bytes::<16>()
+        .map(|bytes| attestation::x509::upper_hex(&bytes))
+        .map_err(|e| ApiError::internal("generating a verification code", &e))?;
+    let shown = code.clone();
+    let mut answer = update(&state, admin.ns(), &name, move |c| {
+        c.verification_code = Some(code);
+        Ok(())
+    })
+    .await?;
+    answer.verification_code = Some(shown);
+    Ok(Json(answer))
+}
+
+/// The body of `verify`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Verification {
+    /// PEM or base64 DER of a certificate whose CN is the verification code, signed by the CA.
+    certificate: String,
+}
+
+/// `POST /certificates/{name}/verify`: proof of possession of the CA's key.
+async fn verify(
+    admin: Admin,
+    State(state): State<AppState>,
+    Id(name): Id,
+    JsonBody(body): JsonBody<Verification>,
+) -> Result<Json<CaCertificate>, ApiError> {
+    admin.require(Right::ServiceConfig)?;
+    let proof = parse_certificate(&body.certificate)
+        .map_err(|e| field_error("certificate", e.to_string()))?;
+    let answer = update(&state, admin.ns(), &name, |ca| {
+        let code = ca.verification_code.clone().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ConflictWithState,
+                "no verification code is pending: call generateVerificationCode first",
+            )
+        })?;
+        if common_name(&proof.der).as_deref() != Some(code.as_str()) {
+            return Err(field_error(
+                "certificate",
+                "the certificate's common name is not the verification code",
+            ));
+        }
+        let ca_der = parse_certificate(ca.certificate.as_deref().unwrap_or_default())
+            .map_err(|e| ApiError::internal("a stored CA certificate is corrupt", &e))?
+            .der;
+        verify_chain(std::slice::from_ref(&proof.der), &ca_der, &[], unix_now()).map_err(|e| {
+            field_error(
+                "certificate",
+                format!("the certificate is not signed by this CA's key: {e}"),
+            )
+        })?;
+        ca.is_verified = true;
+        ca.verification_code = None;
+        Ok(())
+    })
+    .await?;
+    tracing::info!(certificate = %name, "CA certificate verified");
+    Ok(Json(answer))
+}
+
+/// An instance's CA certificates, parsed: `(name key, verified, DER)`.
+pub async fn all(
+    store: &dyn Store,
+    ns: &str,
+) -> Result<Vec<(String, bool, attestation::x509::ParsedCertificate)>, ApiError> {
+    let rows = store
+        .list(
+            ns,
+            Kind::CaCertificate,
+            Page {
+                limit: usize::MAX,
+                ..Page::default()
+            },
+        )
+        .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let ca: CaCertificate = row.doc_json()?;
+        if let Some(parsed) = ca
+            .certificate
+            .as_deref()
+            .and_then(|text| parse_certificate(text).ok())
+        {
+            out.push((row.key, ca.is_verified, parsed));
+        }
+    }
+    Ok(out)
+}
