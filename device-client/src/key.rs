@@ -32,6 +32,12 @@ pub enum KeyError {
     /// The token failed.
     #[error(transparent)]
     Token(#[from] Pkcs11Error),
+    /// A private key source is not `file:` or `pkcs11:`.
+    #[error("a private key source is file:PATH or a pkcs11: URI")]
+    BadPrivateKeySource,
+    /// The private key does not belong to the certificate.
+    #[error("the private key in {0} does not match the certificate")]
+    KeyMismatch(PathBuf),
 }
 
 /// Where a key lives.

@@ -1,4 +1,5 @@
-//! `dps-device register`: first-boot registration from the command line.
+//! `dps-device register`: first-boot registration from the command line, with a symmetric key
+//! (the device's or its group's) or an X.509 certificate.
 //!
 //! Exit codes: 0 assigned (or already registered), 1 misconfigured (key, CA, state file),
 //! 2 bad command line, 3 refused by the service (credentials, request), 4 the service ended the
@@ -11,7 +12,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use device_client::pkcs11::PinSource;
 use device_client::state::{self, DeviceState};
-use device_client::{Credential, KeySource, Registration, SasSigner, register};
+use device_client::{
+    ClientCertificate, Credential, KeySource, PrivateKeySource, Proof, Registration, SasSigner,
+    register,
+};
 
 /// Registers this device with a provisioning service (Azure DPS compatible).
 #[derive(Debug, Parser)]
@@ -35,7 +39,7 @@ enum Output {
 
 #[derive(Debug, Args)]
 #[command(
-    group = clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key"]),
+    group = clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key", "certificate"]),
     args_override_self = true
 )]
 struct RegisterArgs {
@@ -45,9 +49,10 @@ struct RegisterArgs {
     /// The instance's ID scope.
     #[arg(long, env = "DPS_ID_SCOPE")]
     id_scope: String,
-    /// This device's registration id.
+    /// This device's registration id (with --certificate: the certificate's common name when
+    /// omitted).
     #[arg(long, env = "DPS_REGISTRATION_ID")]
-    registration_id: String,
+    registration_id: Option<String>,
     /// The device's own key: file:PATH, env:NAME or a pkcs11: URI.
     #[arg(long)]
     symmetric_key: Option<String>,
@@ -55,6 +60,12 @@ struct RegisterArgs {
     /// pkcs11: URI.
     #[arg(long)]
     group_key: Option<String>,
+    /// X.509: PEM file with the device certificate first, then any intermediates to send.
+    #[arg(long, requires = "private_key")]
+    certificate: Option<PathBuf>,
+    /// X.509: the certificate's private key, file:PATH (PEM) or a pkcs11: URI (used in place).
+    #[arg(long, requires = "certificate")]
+    private_key: Option<String>,
     /// File holding the PKCS#11 PIN (when the URI has no pin-source).
     #[arg(long, conflicts_with = "pin_env")]
     pin_file: Option<PathBuf>,
@@ -102,6 +113,30 @@ fn print(output: Output, state: &DeviceState, fresh: bool) {
 
 async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
     let misconfigured = |e: String| (1u8, e);
+    let pin = match (&args.pin_file, &args.pin_env) {
+        (Some(file), _) => Some(PinSource::File(file.clone())),
+        (_, Some(name)) => Some(PinSource::Env(name.clone())),
+        _ => None,
+    };
+    let certificate = match (&args.certificate, &args.private_key) {
+        (Some(path), Some(key)) => {
+            let key = key
+                .parse::<PrivateKeySource>()
+                .map_err(|e| misconfigured(e.to_string()))?;
+            Some(
+                ClientCertificate::load(path, &key, pin.as_ref())
+                    .map_err(|e| misconfigured(e.to_string()))?,
+            )
+        }
+        _ => None,
+    };
+    let registration_id = match (&args.registration_id, &certificate) {
+        (Some(id), _) => id.clone(),
+        (None, Some(certificate)) => certificate.common_name().ok_or_else(|| {
+            misconfigured("the certificate has no common name: give --registration-id".into())
+        })?,
+        (None, None) => return Err(misconfigured("give --registration-id".into())),
+    };
     if !args.force
         && let Some(saved) = state::load(&args.state_file)
         && saved.endpoint == args.endpoint
@@ -109,28 +144,36 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         && saved
             .assignment
             .registration_id
-            .eq_ignore_ascii_case(&args.registration_id)
+            .eq_ignore_ascii_case(&registration_id)
     {
         print(args.output, &saved, false);
         return Ok(());
     }
-    let credential = match (&args.symmetric_key, &args.group_key) {
-        (Some(source), _) => Credential::DeviceKey(
-            source
-                .parse::<KeySource>()
-                .map_err(|e| misconfigured(e.to_string()))?,
-        ),
-        (_, Some(source)) => Credential::GroupKey(
-            source
-                .parse::<KeySource>()
-                .map_err(|e| misconfigured(e.to_string()))?,
-        ),
-        (None, None) => return Err(misconfigured("give --symmetric-key or --group-key".into())),
-    };
-    let pin = match (&args.pin_file, &args.pin_env) {
-        (Some(file), _) => Some(PinSource::File(file.clone())),
-        (_, Some(name)) => Some(PinSource::Env(name.clone())),
-        _ => None,
+    let proof = match certificate {
+        Some(certificate) => Proof::Certificate(certificate),
+        None => {
+            let credential = match (&args.symmetric_key, &args.group_key) {
+                (Some(source), _) => Credential::DeviceKey(
+                    source
+                        .parse::<KeySource>()
+                        .map_err(|e| misconfigured(e.to_string()))?,
+                ),
+                (_, Some(source)) => Credential::GroupKey(
+                    source
+                        .parse::<KeySource>()
+                        .map_err(|e| misconfigured(e.to_string()))?,
+                ),
+                (None, None) => {
+                    return Err(misconfigured(
+                        "give --symmetric-key, --group-key or --certificate".into(),
+                    ));
+                }
+            };
+            Proof::Sas(
+                SasSigner::load(&credential, &registration_id, pin.as_ref())
+                    .map_err(|e| misconfigured(e.to_string()))?,
+            )
+        }
     };
     let payload = args
         .payload
@@ -138,17 +181,15 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         .map(serde_json::from_str)
         .transpose()
         .map_err(|e| misconfigured(format!("--payload is not JSON: {e}")))?;
-    let signer = SasSigner::load(&credential, &args.registration_id, pin.as_ref())
-        .map_err(|e| misconfigured(e.to_string()))?;
     let request = Registration {
         endpoint: args.endpoint.clone(),
         id_scope: args.id_scope.clone(),
-        registration_id: args.registration_id.clone(),
+        registration_id,
         ca_cert: args.ca_cert.clone(),
         payload,
         timeout: Duration::from_secs(args.timeout),
     };
-    let assignment = register(&request, &signer)
+    let assignment = register(&request, &proof)
         .await
         .map_err(|e| (e.exit_code(), e.to_string()))?;
     let saved = DeviceState {

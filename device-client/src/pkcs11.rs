@@ -1,5 +1,7 @@
 //! Keys held in a PKCS#11 token (SoftHSM2, a hardware HSM), selected by an RFC 7512 URI and
-//! used in place: the secret never leaves the token, which computes CKM_SHA256_HMAC.
+//! used in place: the secret never leaves the token. A secret key computes CKM_SHA256_HMAC
+//! (SAS tokens); a private key signs TLS handshakes as the client certificate's key (ECDSA
+//! P-256, or RSA with PSS for TLS 1.3 and PKCS#1 v1.5 for TLS 1.2).
 //!
 //! The URI parser covers what a device needs: `token`, `object`, `id`, `type` in the path;
 //! `module-path`, `pin-value`, `pin-source` (a file) in the query. The `pkcs11-uri` crate
@@ -7,11 +9,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::mechanism::MechanismType;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use percent_encoding::percent_decode_str;
@@ -195,57 +199,74 @@ fn token_err(context: &str) -> impl Fn(cryptoki::error::Error) -> Pkcs11Error + 
     move |e| Pkcs11Error::Token(format!("{context}: {e}"))
 }
 
+/// Loads the module, opens the token the URI names and logs in.
+fn open_session(
+    uri: &Pkcs11Uri,
+    pin: Option<&PinSource>,
+) -> Result<(Pkcs11, Session), Pkcs11Error> {
+    let module = uri
+        .module_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
+    let context = Pkcs11::new(&module)
+        .map_err(|e| Pkcs11Error::Token(format!("loading {}: {e}", module.display())))?;
+    context
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(token_err("initialising the module"))?;
+    let label = uri.token.as_deref().unwrap_or_default();
+    let slot = context
+        .get_slots_with_token()
+        .map_err(token_err("listing slots"))?
+        .into_iter()
+        .find(|slot| {
+            context
+                .get_token_info(*slot)
+                .is_ok_and(|info| info.label().trim_end() == label)
+        })
+        .ok_or_else(|| Pkcs11Error::Token(format!("no token labelled '{label}'")))?;
+    let session = context
+        .open_ro_session(slot)
+        .map_err(token_err("opening a session"))?;
+    if let Some(pin) = uri.pin(pin)? {
+        session
+            .login(UserType::User, Some(&AuthPin::new(pin.into_boxed_str())))
+            .map_err(token_err("logging in"))?;
+    }
+    Ok((context, session))
+}
+
+/// The one object of `class` the URI names.
+fn find_one(
+    session: &Session,
+    uri: &Pkcs11Uri,
+    class: ObjectClass,
+    what: &str,
+) -> Result<ObjectHandle, Pkcs11Error> {
+    let mut template = vec![Attribute::Class(class)];
+    if let Some(object) = &uri.object {
+        template.push(Attribute::Label(object.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        template.push(Attribute::Id(id.clone()));
+    }
+    match session
+        .find_objects(&template)
+        .map_err(token_err("finding the key"))?
+        .as_slice()
+    {
+        [one] => Ok(*one),
+        [] => Err(Pkcs11Error::Token(format!("no {what} matches the URI"))),
+        _ => Err(Pkcs11Error::Token(format!(
+            "more than one {what} matches the URI"
+        ))),
+    }
+}
+
 impl TokenKey {
     /// Opens the token the URI names, logs in and finds the secret key.
     pub fn open(uri: &Pkcs11Uri, pin: Option<&PinSource>) -> Result<Self, Pkcs11Error> {
-        let module = uri
-            .module_path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODULE));
-        let context = Pkcs11::new(&module)
-            .map_err(|e| Pkcs11Error::Token(format!("loading {}: {e}", module.display())))?;
-        context
-            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(token_err("initialising the module"))?;
-        let label = uri.token.as_deref().unwrap_or_default();
-        let slot = context
-            .get_slots_with_token()
-            .map_err(token_err("listing slots"))?
-            .into_iter()
-            .find(|slot| {
-                context
-                    .get_token_info(*slot)
-                    .is_ok_and(|info| info.label().trim_end() == label)
-            })
-            .ok_or_else(|| Pkcs11Error::Token(format!("no token labelled '{label}'")))?;
-        let session = context
-            .open_ro_session(slot)
-            .map_err(token_err("opening a session"))?;
-        if let Some(pin) = uri.pin(pin)? {
-            session
-                .login(UserType::User, Some(&AuthPin::new(pin.into_boxed_str())))
-                .map_err(token_err("logging in"))?;
-        }
-        let mut template = vec![Attribute::Class(ObjectClass::SECRET_KEY)];
-        if let Some(object) = &uri.object {
-            template.push(Attribute::Label(object.as_bytes().to_vec()));
-        }
-        if let Some(id) = &uri.id {
-            template.push(Attribute::Id(id.clone()));
-        }
-        let key = match session
-            .find_objects(&template)
-            .map_err(token_err("finding the key"))?
-            .as_slice()
-        {
-            [one] => *one,
-            [] => return Err(Pkcs11Error::Token("no secret key matches the URI".into())),
-            _ => {
-                return Err(Pkcs11Error::Token(
-                    "more than one secret key matches the URI".into(),
-                ));
-            }
-        };
+        let (context, session) = open_session(uri, pin)?;
+        let key = find_one(&session, uri, ObjectClass::SECRET_KEY, "secret key")?;
         Ok(Self {
             _context: context,
             session: Mutex::new(session),
@@ -262,6 +283,178 @@ impl TokenKey {
         session
             .sign(&Mechanism::Sha256Hmac, self.key, data)
             .map_err(token_err("CKM_SHA256_HMAC"))
+    }
+}
+
+/// DER of the named curve prime256v1 (P-256), as CKA_EC_PARAMS holds it.
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+
+/// What kind of private key a token holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PrivateKind {
+    EcP256,
+    Rsa,
+}
+
+/// A private key inside a token, logged in; shared by the signers rustls asks for.
+struct TokenPrivate {
+    _context: Pkcs11,
+    session: Mutex<Session>,
+    key: ObjectHandle,
+    kind: PrivateKind,
+}
+
+/// A token's private key as a rustls client signing key: the TLS handshake is signed inside the
+/// token.
+#[derive(Clone)]
+pub struct TokenSigningKey {
+    inner: Arc<TokenPrivate>,
+}
+
+impl fmt::Debug for TokenSigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSigningKey")
+            .field("kind", &self.inner.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSigningKey {
+    /// Opens the token the URI names, logs in and finds the private key (ECDSA P-256 or RSA).
+    pub fn open(uri: &Pkcs11Uri, pin: Option<&PinSource>) -> Result<Self, Pkcs11Error> {
+        let (context, session) = open_session(uri, pin)?;
+        let key = find_one(&session, uri, ObjectClass::PRIVATE_KEY, "private key")?;
+        let attributes = session
+            .get_attributes(key, &[AttributeType::KeyType])
+            .map_err(token_err("reading the key type"))?;
+        let kind = match attributes.first() {
+            Some(Attribute::KeyType(t)) if *t == KeyType::RSA => PrivateKind::Rsa,
+            Some(Attribute::KeyType(t)) if *t == KeyType::EC => {
+                let params = session
+                    .get_attributes(key, &[AttributeType::EcParams])
+                    .map_err(token_err("reading the curve"))?;
+                match params.first() {
+                    Some(Attribute::EcParams(p)) if p.as_slice() == P256_PARAMS => {
+                        PrivateKind::EcP256
+                    }
+                    _ => {
+                        return Err(Pkcs11Error::Token(
+                            "the EC key is not on P-256, the curve this client supports".into(),
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(Pkcs11Error::Token(
+                    "the private key is neither RSA nor EC".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(TokenPrivate {
+                _context: context,
+                session: Mutex::new(session),
+                key,
+                kind,
+            }),
+        })
+    }
+}
+
+impl rustls::sign::SigningKey for TokenSigningKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        use rustls::SignatureScheme as S;
+        let preference: &[S] = match self.inner.kind {
+            PrivateKind::EcP256 => &[S::ECDSA_NISTP256_SHA256],
+            // TLS 1.3 offers only PSS for RSA; TLS 1.2 servers may offer either.
+            PrivateKind::Rsa => &[S::RSA_PSS_SHA256, S::RSA_PKCS1_SHA256],
+        };
+        let scheme = preference.iter().find(|s| offered.contains(s))?;
+        Some(Box::new(TokenSigner {
+            key: self.inner.clone(),
+            scheme: *scheme,
+        }))
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        match self.inner.kind {
+            PrivateKind::EcP256 => rustls::SignatureAlgorithm::ECDSA,
+            PrivateKind::Rsa => rustls::SignatureAlgorithm::RSA,
+        }
+    }
+}
+
+/// One signature scheme of a token key.
+struct TokenSigner {
+    key: Arc<TokenPrivate>,
+    scheme: rustls::SignatureScheme,
+}
+
+impl fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSigner")
+            .field("scheme", &self.scheme)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An ECDSA signature as TLS carries it.
+#[derive(der::Sequence)]
+struct EcdsaSignature<'a> {
+    r: der::asn1::UintRef<'a>,
+    s: der::asn1::UintRef<'a>,
+}
+
+impl rustls::sign::Signer for TokenSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        use sha2::Digest as _;
+        let failed = |e: String| rustls::Error::General(format!("PKCS#11 signing: {e}"));
+        let session = self
+            .key
+            .session
+            .lock()
+            .map_err(|_| failed("the session lock is poisoned".into()))?;
+        match self.scheme {
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256 => {
+                // CKM_ECDSA signs a digest and returns r || s.
+                let digest = sha2::Sha256::digest(message);
+                let raw = session
+                    .sign(&Mechanism::Ecdsa, self.key.key, &digest)
+                    .map_err(|e| failed(e.to_string()))?;
+                if raw.len() != 64 {
+                    return Err(failed(format!("unexpected signature length {}", raw.len())));
+                }
+                let uint =
+                    |bytes| der::asn1::UintRef::new(bytes).map_err(|e| failed(e.to_string()));
+                let signature = EcdsaSignature {
+                    r: uint(&raw[..32])?,
+                    s: uint(&raw[32..])?,
+                };
+                der::Encode::to_der(&signature).map_err(|e| failed(e.to_string()))
+            }
+            rustls::SignatureScheme::RSA_PSS_SHA256 => session
+                .sign(
+                    &Mechanism::Sha256RsaPkcsPss(PkcsPssParams {
+                        hash_alg: MechanismType::SHA256,
+                        mgf: PkcsMgfType::MGF1_SHA256,
+                        s_len: 32.into(),
+                    }),
+                    self.key.key,
+                    message,
+                )
+                .map_err(|e| failed(e.to_string())),
+            rustls::SignatureScheme::RSA_PKCS1_SHA256 => session
+                .sign(&Mechanism::Sha256RsaPkcs, self.key.key, message)
+                .map_err(|e| failed(e.to_string())),
+            other => Err(failed(format!("scheme {other:?} was not offered"))),
+        }
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        self.scheme
     }
 }
 

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::key::SasSigner;
+use crate::x509::ClientCertificate;
 
 /// The device API version the client speaks.
 const API_VERSION: &str = "2021-06-01";
@@ -25,6 +26,15 @@ const DEFAULT_POLL: Duration = Duration::from_secs(2);
 /// Backoff bounds for transient failures.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// How the device proves itself.
+#[derive(Debug)]
+pub enum Proof {
+    /// SAS tokens in the `Authorization` header.
+    Sas(SasSigner),
+    /// A client certificate in the TLS handshake.
+    Certificate(ClientCertificate),
+}
 
 /// What to register.
 #[derive(Debug)]
@@ -114,12 +124,52 @@ enum Attempt<T> {
     Retry(Transient),
 }
 
-fn http_client(ca_cert: Option<&PathBuf>) -> Result<reqwest::Client, RegisterError> {
+/// TLS with a client certificate: the given CA (or the platform's roots) for the server, and
+/// the certificate for the client.
+fn tls_with_certificate(
+    ca_cert: Option<&PathBuf>,
+    certificate: &ClientCertificate,
+) -> Result<rustls::ClientConfig, RegisterError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_platform_verifier::BuilderVerifierExt;
+    let config = |e: String| RegisterError::Config(format!("TLS: {e}"));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| config(e.to_string()))?;
+    let builder = match ca_cert {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| RegisterError::Config(format!("reading {}: {e}", path.display())))?
+            {
+                let cert =
+                    cert.map_err(|e| RegisterError::Config(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| RegisterError::Config(format!("{}: {e}", path.display())))?;
+            }
+            builder.with_root_certificates(roots)
+        }
+        None => builder
+            .with_platform_verifier()
+            .map_err(|e| config(e.to_string()))?,
+    };
+    Ok(builder.with_client_cert_resolver(certificate.resolver()))
+}
+
+fn http_client(
+    ca_cert: Option<&PathBuf>,
+    certificate: Option<&ClientCertificate>,
+) -> Result<reqwest::Client, RegisterError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .user_agent(concat!("dps-device/", env!("CARGO_PKG_VERSION")));
-    if let Some(path) = ca_cert {
+    if let Some(certificate) = certificate {
+        builder = builder.tls_backend_preconfigured(tls_with_certificate(ca_cert, certificate)?);
+    } else if let Some(path) = ca_cert {
         let pem = std::fs::read(path)
             .map_err(|e| RegisterError::Config(format!("reading {}: {e}", path.display())))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
@@ -177,13 +227,14 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// Registers the device and returns its assignment.
-pub async fn register(
-    request: &Registration,
-    signer: &SasSigner,
-) -> Result<Assignment, RegisterError> {
+pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignment, RegisterError> {
     let started = Instant::now();
     let deadline = started + request.timeout;
-    let client = http_client(request.ca_cert.as_ref())?;
+    let (signer, certificate) = match proof {
+        Proof::Sas(signer) => (Some(signer), None),
+        Proof::Certificate(certificate) => (None, Some(certificate)),
+    };
+    let client = http_client(request.ca_cert.as_ref(), certificate)?;
     let base = request.endpoint.trim_end_matches('/');
     let scope = encode(&request.id_scope);
     let id = encode(&request.registration_id);
@@ -191,13 +242,16 @@ pub async fn register(
         "{}/registrations/{}",
         request.id_scope, request.registration_id
     );
-    let token = || {
-        signer
+    // X.509 devices send no Authorization header.
+    let authorize = |request: reqwest::RequestBuilder| match signer {
+        Some(signer) => signer
             .token(
                 &attestation::sas::encode_uri_component(&resource),
                 TOKEN_LIFETIME,
             )
-            .map_err(|e| RegisterError::Config(e.to_string()))
+            .map(|token| request.header("Authorization", token))
+            .map_err(|e| RegisterError::Config(e.to_string())),
+        None => Ok(request),
     };
     let body = DeviceRegistration {
         registration_id: Some(request.registration_id.clone()),
@@ -220,9 +274,7 @@ pub async fn register(
     let register_url =
         format!("{base}/{scope}/registrations/{id}/register?api-version={API_VERSION}");
     let accepted: RegistrationOperationStatus = loop {
-        let sent = client
-            .put(&register_url)
-            .header("Authorization", token()?)
+        let sent = authorize(client.put(&register_url))?
             .json(&body)
             .send()
             .await;
@@ -258,11 +310,7 @@ pub async fn register(
             return Err(timeout("the registration was still assigning"));
         }
         tokio::time::sleep(pause).await;
-        let sent = client
-            .get(&poll_url)
-            .header("Authorization", token()?)
-            .send()
-            .await;
+        let sent = authorize(client.get(&poll_url))?.send().await;
         let attempt = match sent {
             Ok(response) => {
                 let after = retry_after(&response);

@@ -61,6 +61,9 @@ pub enum AdminCommand {
     /// Shared access policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// CA certificates for groups' caReferences, with proof of possession.
+    #[command(subcommand)]
+    Certificate(CertificateCommand),
     /// Owners and their hubs (for the `ownership` allocation policy).
     #[command(subcommand)]
     Owner(OwnerCommand),
@@ -97,7 +100,7 @@ pub enum EnrollmentCommand {
         id: String,
     },
     /// Create one (fails if it exists unless --force).
-    Create(CreateEnrollment),
+    Create(Box<CreateEnrollment>),
     /// Delete one.
     Delete {
         /// Registration id or group id.
@@ -111,7 +114,7 @@ pub struct CreateEnrollment {
     /// Registration id (enrollments) or group id (groups).
     pub id: String,
     /// Symmetric-key attestation (the default); keys are generated unless given.
-    #[arg(long, conflicts_with_all = ["certificate", "endorsement_key"])]
+    #[arg(long, conflicts_with_all = ["certificate", "ca_reference", "endorsement_key"])]
     pub symmetric_key: bool,
     /// Base64 primary key.
     #[arg(long)]
@@ -120,8 +123,11 @@ pub struct CreateEnrollment {
     #[arg(long)]
     pub secondary_key: Option<String>,
     /// X.509 attestation: the device certificate (enrollment) or signing CA (group), PEM file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_reference")]
     pub certificate: Option<PathBuf>,
+    /// X.509 attestation of a group: the name of a verified CA certificate (`certificate`).
+    #[arg(long)]
+    pub ca_reference: Option<String>,
     /// TPM attestation: base64 TPM2B_PUBLIC of the endorsement key.
     #[arg(long)]
     pub endorsement_key: Option<String>,
@@ -253,6 +259,42 @@ pub enum PolicyCommand {
     /// Delete one.
     Delete {
         /// Key name.
+        name: String,
+    },
+}
+
+/// Commands on CA certificates.
+#[derive(Debug, Subcommand)]
+pub enum CertificateCommand {
+    /// List all, with their verification state.
+    List,
+    /// Show one.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Upload (or replace) one from a PEM file; it starts unverified.
+    Upload {
+        /// Name, used in caReferences.
+        name: String,
+        /// PEM file.
+        file: PathBuf,
+    },
+    /// Print a verification code: sign a certificate whose CN is the code with the CA's key.
+    VerificationCode {
+        /// Name.
+        name: String,
+    },
+    /// Prove possession with a certificate (PEM file) whose CN is the verification code.
+    Verify {
+        /// Name.
+        name: String,
+        /// PEM file of the verification certificate.
+        file: PathBuf,
+    },
+    /// Delete one.
+    Delete {
+        /// Name.
         name: String,
     },
 }
@@ -691,6 +733,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        AdminCommand::Certificate(command) => certificate_command(&client, output, command).await,
         AdminCommand::Owner(command) => owner_command(&client, output, command).await,
         AdminCommand::Ownership(command) => ownership_command(&client, output, command).await,
         AdminCommand::Token { lifetime } => {
@@ -723,6 +766,62 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
 }
 
 /// A new instance: its ID scope and owner connection string (shown once), or the JSON.
+async fn certificate_command(
+    client: &Client,
+    output: Output,
+    command: &CertificateCommand,
+) -> anyhow::Result<()> {
+    let one = |name: &str| format!("/certificates/{}", segment(name));
+    let pem = |file: &Path| {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+    };
+    match command {
+        CertificateCommand::List => {
+            let columns = ["name", "isVerified", "info.subjectName", "info.notAfterUtc"];
+            client
+                .list(output, Method::GET, "/certificates", true, &columns)
+                .await
+        }
+        CertificateCommand::Show { name } => client.show(output, &one(name), true).await,
+        CertificateCommand::Upload { name, file } => {
+            let body = json!({ "name": name, "certificate": pem(file)? });
+            let mut value = client
+                .call(Method::PUT, &one(name), true, Some(&body), Some("*"))
+                .await?;
+            if let Some(Value::Object(map)) = &mut value {
+                map.remove("certificate");
+            }
+            print_one(output, value);
+            Ok(())
+        }
+        CertificateCommand::VerificationCode { name } => {
+            let path = format!("{}/generateVerificationCode", one(name));
+            let value = client
+                .call(Method::POST, &path, true, Some(&json!({})), None)
+                .await?;
+            let code = value
+                .as_ref()
+                .map(|v| str_at(v, "verificationCode"))
+                .unwrap_or_default();
+            match output {
+                Output::Json => println!("{}", pretty(&json!({ "verificationCode": code }))),
+                Output::Table => println!("{code}"),
+            }
+            Ok(())
+        }
+        CertificateCommand::Verify { name, file } => {
+            let path = format!("{}/verify", one(name));
+            let body = json!({ "certificate": pem(file)? });
+            let value = client
+                .call(Method::POST, &path, true, Some(&body), None)
+                .await?;
+            print_one(output, value);
+            Ok(())
+        }
+        CertificateCommand::Delete { name } => client.delete(output, &one(name), true, name).await,
+    }
+}
+
 async fn owner_command(
     client: &Client,
     output: Output,
@@ -907,6 +1006,8 @@ fn enrollment_body(create: &CreateEnrollment, id_field: &str) -> anyhow::Result<
             "clientCertificates"
         };
         json!({ "type": "x509", "x509": { slot: { "primary": { "certificate": pem } } } })
+    } else if let Some(name) = &create.ca_reference {
+        json!({ "type": "x509", "x509": { "caReferences": { "primary": name } } })
     } else if let Some(ek) = &create.endorsement_key {
         json!({ "type": "tpm", "tpm": { "endorsementKey": ek } })
     } else {

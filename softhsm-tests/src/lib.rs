@@ -288,6 +288,34 @@ impl SoftHsm {
         Ok(())
     }
 
+    /// Generates a non-extractable signing key pair (`ec` for P-256, `rsa` for RSA-2048)
+    /// labelled `label`; returns the public key as a certificate's SubjectPublicKeyInfo carries
+    /// it (the EC point, or the PKCS#1 RSAPublicKey DER).
+    pub fn generate_key(
+        &self,
+        token: &str,
+        pin: &str,
+        label: &str,
+        kind: &str,
+    ) -> anyhow::Result<Vec<u8>> {
+        use base64::Engine as _;
+        let output = Command::new(workspace_binary(
+            "softhsm-generate-key",
+            "SOFTHSM_GENERATE_BIN",
+        )?)
+        .args([token, pin, label, kind])
+        .env("SOFTHSM2_CONF", &self.conf)
+        .output()?;
+        if !output.status.success() {
+            bail!(
+                "generating the key failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(base64::engine::general_purpose::STANDARD
+            .decode(String::from_utf8_lossy(&output.stdout).trim())?)
+    }
+
     /// A file holding `pin`, for `--pin-file` or `pin-source=`.
     pub fn pin_file(&self, pin: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join("pin");
