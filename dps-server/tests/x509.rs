@@ -205,6 +205,19 @@ async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
         done["registrationState"]["x509"]["signingCertificateInfo"]["subjectName"],
         "CN=Line 1"
     );
+    // ECDSA P-384 device keys work as well as P-256.
+    let p384 = {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let cert = device_params("dev-p384")
+            .signed_by(&key, &line_1.issuer)
+            .unwrap();
+        DeviceCert {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    };
+    let (_, done) = register(&t, &client(&t, &[&p384.cert], &p384.key, false), "dev-p384").await;
+    assert_eq!(done["status"], "assigned", "{done}");
     // The closest group wins even when the chain reaches the root's group too.
     let (_, done) = register(
         &t,
