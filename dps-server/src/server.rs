@@ -255,7 +255,10 @@ async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-async fn serve(
+/// Serves `router` over TLS on `listener` until `stopped` turns true, then lets in-flight
+/// requests finish for up to `grace`. Public so that the load generator's ceiling server runs
+/// the very same accept loop.
+pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: axum::Router,

@@ -27,6 +27,11 @@ pub fn device_binary() -> anyhow::Result<PathBuf> {
     workspace_binary("dps-device", "DPS_DEVICE_BIN")
 }
 
+/// The `dps-load` load generator.
+pub fn load_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("dps-load", "DPS_LOAD_BIN")
+}
+
 /// A binary of the workspace: `$override_var` when set, else the one in the same target
 /// directory as the test executable (`cargo build --workspace --bins` puts it there).
 fn workspace_binary(name: &str, override_var: &str) -> anyhow::Result<PathBuf> {

@@ -1,0 +1,66 @@
+//! Hot functions of device authentication: SAS verification (individual and against a group's
+//! derived key), group key derivation, and X.509 leaf checks and chain verification.
+//! Run: `cargo bench -p attestation --bench attestation`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::hint::black_box;
+
+use attestation::SymmetricKey;
+use attestation::chain::{check_leaf, verify_chain};
+use attestation::sas::{SasToken, sign};
+use criterion::{Criterion, criterion_group, criterion_main};
+
+const NOW: u64 = 1_795_000_000;
+
+fn sas(c: &mut Criterion) {
+    let key = SymmetricKey::generate().unwrap();
+    let group = SymmetricKey::generate().unwrap();
+    let resource = "0ne00000A1B%2Fregistrations%2Fsensor-000123";
+    let token = sign(resource, &key, NOW + 3600, Some("registration"));
+    let member = group.derive_device_key("sensor-000123");
+    let member_token = sign(resource, &member, NOW + 3600, Some("registration"));
+    c.bench_function("sas/parse_and_verify", |b| {
+        b.iter(|| {
+            let parsed = SasToken::parse(black_box(&token)).unwrap();
+            parsed.verify_any([&key]).unwrap();
+        })
+    });
+    c.bench_function("sas/derive_group_key", |b| {
+        b.iter(|| group.derive_device_key(black_box("sensor-000123")))
+    });
+    c.bench_function("sas/verify_group_member", |b| {
+        b.iter(|| {
+            let parsed = SasToken::parse(black_box(&member_token)).unwrap();
+            let derived = group.derive_device_key("sensor-000123");
+            parsed.verify_any([&derived]).unwrap();
+        })
+    });
+}
+
+fn x509(c: &mut Criterion) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Bench Root");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let ca_der = ca.self_signed(&ca_key).unwrap().der().to_vec();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "sensor-000123");
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.not_before = time::OffsetDateTime::from_unix_timestamp(NOW as i64 - 86_400).unwrap();
+    leaf.not_after = time::OffsetDateTime::from_unix_timestamp(NOW as i64 + 86_400).unwrap();
+    let chain = vec![leaf.signed_by(&leaf_key, &issuer).unwrap().der().to_vec()];
+    c.bench_function("x509/check_leaf", |b| {
+        b.iter(|| check_leaf(black_box(&chain), "sensor-000123", NOW).unwrap())
+    });
+    c.bench_function("x509/verify_chain_p256", |b| {
+        b.iter(|| verify_chain(black_box(&chain), &ca_der, &[], NOW).unwrap())
+    });
+}
+
+criterion_group!(benches, sas, x509);
+criterion_main!(benches);

@@ -1,0 +1,82 @@
+//! Storage: inserting one registration-state-sized document (one conditional write in a
+//! transaction), reading one back by key from 10,000, and a bulk upsert of 500 rows, on SQLite
+//! and, when `DPS_BENCH_DATABASE_URL` names an empty PostgreSQL database, on PostgreSQL.
+//! Run: `cargo bench -p dps-server --bench store`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use dps_server::store::{BulkDoc, Kind, Precondition, SqlStore, Store, Write};
+
+const DOC: &str = r#"{"registrationId":"sensor-000123","assignedHub":"hub-a.example.com","deviceId":"sensor-000123","status":"assigned","substatus":"initialAssignment","symmetricKey":{}}"#;
+
+fn put(key: String) -> Write {
+    Write::Put {
+        ns: "bench".into(),
+        kind: Kind::RegistrationState,
+        key,
+        parent: None,
+        tag: Some("hub-a.example.com".into()),
+        doc: DOC.into(),
+        precondition: Precondition::Always,
+    }
+}
+
+fn backend(c: &mut Criterion, name: &str, url: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = runtime.block_on(SqlStore::connect(url)).unwrap();
+    let docs: Vec<BulkDoc> = (0..10_000)
+        .map(|i| BulkDoc {
+            key: format!("seed-{i:06}"),
+            parent: None,
+            tag: None,
+            doc: DOC.into(),
+        })
+        .collect();
+    runtime
+        .block_on(store.put_all("bench", Kind::RegistrationState, &docs))
+        .unwrap();
+    let next = AtomicU64::new(0);
+    c.bench_function(&format!("store/{name}/insert_one"), |b| {
+        b.to_async(&runtime).iter(|| {
+            let key = format!("insert-{}", next.fetch_add(1, Ordering::Relaxed));
+            let store = &store;
+            async move { store.write(&[put(key)]).await.unwrap() }
+        })
+    });
+    c.bench_function(&format!("store/{name}/get_one_of_10k"), |b| {
+        b.to_async(&runtime).iter(|| async {
+            store
+                .get("bench", Kind::RegistrationState, black_box("seed-004321"))
+                .await
+                .unwrap()
+                .unwrap()
+        })
+    });
+    let batch: Vec<BulkDoc> = docs[..500].to_vec();
+    c.bench_function(&format!("store/{name}/upsert_500"), |b| {
+        b.to_async(&runtime).iter(|| async {
+            store
+                .put_all("bench", Kind::RegistrationState, black_box(&batch))
+                .await
+                .unwrap()
+        })
+    });
+}
+
+fn stores(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("bench.sqlite").display()
+    );
+    backend(c, "sqlite", &sqlite);
+    if let Ok(url) = std::env::var("DPS_BENCH_DATABASE_URL") {
+        backend(c, "postgres", &url);
+    }
+}
+
+criterion_group!(benches, stores);
+criterion_main!(benches);

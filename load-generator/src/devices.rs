@@ -1,0 +1,463 @@
+//! The simulated devices: their credentials, the enrollments they need, and registration with
+//! a fresh TLS connection per device.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use attestation::sas::{encode_uri_component, sign};
+use attestation::{ConnectionString, SymmetricKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::Mode;
+use crate::report::{Percentiles, Report};
+
+/// Most enrollments per bulk request (the server's default `limits.max_bulk_items`).
+const BULK: usize = 1000;
+/// Time allowed for one request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// TLS for devices: trust `ca_cert`, optionally present a certificate.
+fn tls_config(
+    ca_cert: &Path,
+    identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_cert)
+        .with_context(|| format!("reading {}", ca_cert.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    Ok(match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// The admin API, signed with a connection string's policy.
+#[derive(Debug)]
+pub struct Admin {
+    http: reqwest::Client,
+    base: String,
+    credentials: ConnectionString,
+}
+
+impl Admin {
+    /// A client of the admin API at `endpoint`.
+    pub fn new(endpoint: &str, connection_string: &str, ca_cert: &Path) -> anyhow::Result<Self> {
+        let credentials =
+            ConnectionString::parse(connection_string).context("invalid connection string")?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls_config(ca_cert, None)?)
+            .timeout(Duration::from_secs(300))
+            .build()?;
+        Ok(Self {
+            http,
+            base: endpoint.trim_end_matches('/').to_owned(),
+            credentials,
+        })
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> anyhow::Result<()> {
+        let token = sign(
+            &self.credentials.host_name,
+            &self.credentials.key,
+            unix_now() + 3600,
+            Some(&self.credentials.key_name),
+        );
+        let response = self
+            .http
+            .request(
+                method,
+                format!("{}{path}?api-version=2021-10-01", self.base),
+            )
+            .header("Authorization", token)
+            .header("If-Match", "*")
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "{path}: HTTP {status}: {}",
+                text.chars().take(300).collect::<String>()
+            );
+        }
+        if let Ok(answer) = serde_json::from_str::<Value>(&text)
+            && answer.get("isSuccessful") == Some(&Value::Bool(false))
+        {
+            bail!(
+                "{path}: the bulk operation failed: {}",
+                text.chars().take(300).collect::<String>()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How one device proves itself.
+#[derive(Debug, Clone)]
+enum Proof {
+    Sas(SymmetricKey),
+    Certificate(Arc<rustls::ClientConfig>),
+}
+
+/// A simulated device.
+#[derive(Debug, Clone)]
+struct SimDevice {
+    id: String,
+    proof: Proof,
+}
+
+/// The devices of a run.
+#[derive(Debug)]
+pub struct Fleet {
+    mode: Mode,
+    devices: Vec<SimDevice>,
+    /// TLS of the devices that present no certificate.
+    plain: Arc<rustls::ClientConfig>,
+}
+
+/// Device certificates issued by a software CA.
+struct SoftwareCa {
+    pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl SoftwareCa {
+    fn new() -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "dps-load CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    fn device(&self, id: &str, ca_cert: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, id);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok(Arc::new(tls_config(
+            ca_cert,
+            Some((cert.der().clone(), key)),
+        )?))
+    }
+}
+
+fn ids(mode: Mode, n: usize) -> Vec<String> {
+    let run = unix_now();
+    let mode = format!("{mode:?}").to_ascii_lowercase();
+    (0..n)
+        .map(|i| format!("load-{mode}-{run}-{i:07}"))
+        .collect()
+}
+
+impl Fleet {
+    /// Devices for the ceiling server, which checks nothing: credentials are made locally.
+    pub fn for_ceiling(mode: Mode, n: usize, ca_cert: &Path) -> anyhow::Result<Self> {
+        let plain = Arc::new(tls_config(ca_cert, None)?);
+        let ca = (mode == Mode::X509).then(SoftwareCa::new).transpose()?;
+        let devices = ids(mode, n)
+            .into_iter()
+            .map(|id| {
+                let proof = match &ca {
+                    Some(ca) => Proof::Certificate(ca.device(&id, ca_cert)?),
+                    None => Proof::Sas(SymmetricKey::generate()?),
+                };
+                Ok(SimDevice { id, proof })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            mode,
+            devices,
+            plain,
+        })
+    }
+
+    /// Creates the enrollments `n` devices of `mode` need, and the devices.
+    pub async fn enroll(
+        admin: &Admin,
+        mode: Mode,
+        n: usize,
+        ca_cert: &Path,
+    ) -> anyhow::Result<Self> {
+        let plain = Arc::new(tls_config(ca_cert, None)?);
+        let ids = ids(mode, n);
+        let group_id = format!("{}-group", ids.first().map_or("load", |s| s.as_str()));
+        let devices = match mode {
+            Mode::Individual => {
+                let mut devices = Vec::with_capacity(n);
+                for chunk in ids.chunks(BULK) {
+                    let mut enrollments = Vec::with_capacity(chunk.len());
+                    for id in chunk {
+                        let key = SymmetricKey::generate()?;
+                        enrollments.push(json!({ "registrationId": id,
+                            "attestation": { "type": "symmetricKey", "symmetricKey":
+                                { "primaryKey": key.to_base64(), "secondaryKey": SymmetricKey::generate()?.to_base64() } } }));
+                        devices.push(SimDevice {
+                            id: id.clone(),
+                            proof: Proof::Sas(key),
+                        });
+                    }
+                    admin
+                        .send(
+                            reqwest::Method::POST,
+                            "/enrollments",
+                            &json!({ "mode": "create", "enrollments": enrollments }),
+                        )
+                        .await?;
+                }
+                devices
+            }
+            Mode::Group => {
+                let key = SymmetricKey::generate()?;
+                admin
+                    .send(
+                        reqwest::Method::PUT,
+                        &format!("/enrollmentGroups/{group_id}"),
+                        &json!({ "enrollmentGroupId": group_id,
+                            "attestation": { "type": "symmetricKey", "symmetricKey":
+                                { "primaryKey": key.to_base64(), "secondaryKey": SymmetricKey::generate()?.to_base64() } } }),
+                    )
+                    .await?;
+                ids.into_iter()
+                    .map(|id| SimDevice {
+                        proof: Proof::Sas(key.derive_device_key(&id)),
+                        id,
+                    })
+                    .collect()
+            }
+            Mode::X509 => {
+                let ca = SoftwareCa::new()?;
+                admin
+                    .send(
+                        reqwest::Method::PUT,
+                        &format!("/enrollmentGroups/{group_id}"),
+                        &json!({ "enrollmentGroupId": group_id,
+                            "attestation": { "type": "x509", "x509":
+                                { "signingCertificates": { "primary": { "certificate": ca.pem } } } } }),
+                    )
+                    .await?;
+                ids.into_iter()
+                    .map(|id| {
+                        Ok(SimDevice {
+                            proof: Proof::Certificate(ca.device(&id, ca_cert)?),
+                            id,
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            }
+        };
+        Ok(Self {
+            mode,
+            devices,
+            plain,
+        })
+    }
+
+    /// Registers every device, `concurrency` at a time, each over its own connection.
+    pub async fn register_all(
+        self,
+        target: &str,
+        endpoint: &str,
+        id_scope: &str,
+        concurrency: usize,
+        poll: Option<Duration>,
+    ) -> Report {
+        let total = self.devices.len();
+        let concurrency = concurrency.max(1);
+        let done = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let finished = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let progress = {
+            let (done, failed, finished) = (done.clone(), failed.clone(), finished.clone());
+            let target = target.to_owned();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(1));
+                every.tick().await;
+                while !finished.load(Ordering::Relaxed) {
+                    every.tick().await;
+                    let n = done.load(Ordering::Relaxed);
+                    eprint!(
+                        "\r{target}: {n}/{total} done, {} failed, {:.0}/s   ",
+                        failed.load(Ordering::Relaxed),
+                        n as f64 / started.elapsed().as_secs_f64()
+                    );
+                }
+                eprintln!();
+            })
+        };
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut tasks = JoinSet::new();
+        let endpoint: Arc<str> = endpoint.trim_end_matches('/').into();
+        let scope: Arc<str> = id_scope.into();
+        for device in self.devices {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let config = match &device.proof {
+                Proof::Certificate(config) => config.clone(),
+                Proof::Sas(_) => self.plain.clone(),
+            };
+            let (endpoint, scope, done, failed) = (
+                endpoint.clone(),
+                scope.clone(),
+                done.clone(),
+                failed.clone(),
+            );
+            tasks.spawn(async move {
+                let outcome = register_one(&endpoint, &scope, &device, config, poll).await;
+                drop(permit);
+                done.fetch_add(1, Ordering::Relaxed);
+                if outcome.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                outcome
+            });
+        }
+        let mut registration = Vec::with_capacity(total);
+        let mut first_request = Vec::with_capacity(total);
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok((whole, first))) => {
+                    registration.push(whole);
+                    first_request.push(first);
+                }
+                Ok(Err(code)) => *errors.entry(code).or_default() += 1,
+                Err(_) => *errors.entry("task-panicked".into()).or_default() += 1,
+            }
+        }
+        let elapsed = started.elapsed();
+        finished.store(true, Ordering::Relaxed);
+        let _ = progress.await;
+        Report {
+            target: target.to_owned(),
+            mode: format!("{:?}", self.mode).to_ascii_lowercase(),
+            devices: total,
+            concurrency,
+            assigned: registration.len(),
+            errors,
+            elapsed_secs: elapsed.as_secs_f64(),
+            throughput_per_sec: registration.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+            registration_ms: Percentiles::of(&mut registration),
+            first_request_ms: Percentiles::of(&mut first_request),
+        }
+    }
+}
+
+/// One device's registration; its durations (whole, first request) or an error code.
+async fn register_one(
+    endpoint: &str,
+    scope: &str,
+    device: &SimDevice,
+    config: Arc<rustls::ClientConfig>,
+    poll: Option<Duration>,
+) -> Result<(Duration, Duration), String> {
+    let started = Instant::now();
+    // A client of its own: a new connection and TLS handshake, as on first boot.
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured((*config).clone())
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(|_| "client".to_owned())?;
+    let resource = encode_uri_component(&format!("{scope}/registrations/{}", device.id));
+    let authorize = |request: reqwest::RequestBuilder| match &device.proof {
+        Proof::Sas(key) => request.header(
+            "Authorization",
+            sign(&resource, key, unix_now() + 3600, Some("registration")),
+        ),
+        Proof::Certificate(_) => request,
+    };
+    let base = format!("{endpoint}/{scope}/registrations/{}", device.id);
+    let sent = authorize(client.put(format!("{base}/register?api-version=2021-06-01")))
+        .json(&json!({ "registrationId": device.id }))
+        .send()
+        .await;
+    let (status, body, after) = answer(sent).await?;
+    let first = started.elapsed();
+    if status != 202 {
+        return Err(error_code("http", status, &body));
+    }
+    let operation = body["operationId"].as_str().unwrap_or_default().to_owned();
+    let mut wait = poll.or(after).unwrap_or(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(wait).await;
+        let sent = authorize(client.get(format!(
+            "{base}/operations/{operation}?api-version=2021-06-01"
+        )))
+        .send()
+        .await;
+        let (status, body, after) = answer(sent).await?;
+        match (status, body["status"].as_str()) {
+            (202, _) => wait = poll.or(after).unwrap_or(Duration::from_secs(1)),
+            (200, Some("assigned")) => return Ok((started.elapsed(), first)),
+            (200, Some(other)) => {
+                return Err(format!(
+                    "status-{other}/{}",
+                    body["registrationState"]["errorCode"]
+                ));
+            }
+            _ => return Err(error_code("http", status, &body)),
+        }
+    }
+}
+
+async fn answer(
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<(u16, Value, Option<Duration>), String> {
+    let response = sent.map_err(|e| {
+        if e.is_timeout() {
+            "timeout".to_owned()
+        } else {
+            "connect".to_owned()
+        }
+    })?;
+    let status = response.status().as_u16();
+    let after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    Ok((status, body, after))
+}
+
+fn error_code(kind: &str, status: u16, body: &Value) -> String {
+    match body.get("errorCode") {
+        Some(code) => format!("{kind}-{status}/{code}"),
+        None => format!("{kind}-{status}"),
+    }
+}

@@ -1,0 +1,198 @@
+//! `dps-load`: simulates many devices registering over real HTTPS, each with its own TLS
+//! connection as a device on first boot, and reports throughput, latency percentiles and errors
+//! by code, as text or JSON.
+//!
+//! - `dps-load run`: against a running server. It creates the enrollments it needs through the
+//!   admin API (individual symmetric-key enrollments in bulk, a symmetric-key group, or an X.509
+//!   group with a CA whose device certificates it issues in software).
+//! - `dps-load ceiling`: against a minimal server built from the same TLS stack and accept loop,
+//!   answering the same requests with canned answers: the most this machine could do.
+//! - `dps-load run --compare-ceiling`: both in one process, and the service's rate as a ratio
+//!   of the ceiling's (compare ratios, not absolute rates, across machines).
+
+mod ceiling;
+mod devices;
+mod report;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::devices::Fleet;
+use crate::report::Report;
+
+#[derive(Debug, Parser)]
+#[command(name = "dps-load", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register simulated devices with a running server.
+    Run(RunArgs),
+    /// Register simulated devices with a canned in-process server (the ceiling).
+    Ceiling(LoadArgs),
+}
+
+/// How the simulated devices prove themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Each device has its own symmetric-key individual enrollment.
+    Individual,
+    /// Devices derive their keys from one symmetric-key enrollment group.
+    Group,
+    /// Devices present certificates (software keys) issued by an X.509 group's CA.
+    X509,
+}
+
+/// Report format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// How many devices register.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// How many register at once.
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Attestation of the simulated devices.
+    #[arg(long, value_enum, default_value = "group")]
+    mode: Mode,
+    /// Poll every this many milliseconds instead of honouring Retry-After (to measure the
+    /// service rather than the devices' patience).
+    #[arg(long)]
+    poll_ms: Option<u64>,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// The server's base URL.
+    #[arg(long, env = "DPS_ENDPOINT", default_value = "https://localhost:8443")]
+    endpoint: String,
+    /// A connection string with EnrollmentWrite (the owner policy's, printed at start).
+    #[arg(long, env = "DPS_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: String,
+    /// The instance's ID scope (printed at start).
+    #[arg(long, env = "DPS_ID_SCOPE")]
+    id_scope: String,
+    /// PEM CA certificate the server's certificate chains to.
+    #[arg(long, env = "DPS_CA_CERT")]
+    ca_cert: PathBuf,
+    /// Also measure the ceiling in this process and report the ratio.
+    #[arg(long)]
+    compare_ceiling: bool,
+}
+
+fn print(output: Output, reports: &[Report]) -> anyhow::Result<()> {
+    match output {
+        Output::Json => {
+            let ratio = ceiling_ratio(reports);
+            let value = serde_json::json!({ "runs": reports, "ratioOfCeiling": ratio });
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
+        Output::Text => {
+            for report in reports {
+                println!("{report}");
+            }
+            if let Some(ratio) = ceiling_ratio(reports) {
+                println!("service / ceiling throughput: {ratio:.3}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ceiling_ratio(reports: &[Report]) -> Option<f64> {
+    let ceiling = reports.iter().find(|r| r.target == "ceiling")?;
+    let service = reports.iter().find(|r| r.target == "service")?;
+    (ceiling.throughput_per_sec > 0.0)
+        .then(|| service.throughput_per_sec / ceiling.throughput_per_sec)
+}
+
+async fn measure_ceiling(load: &LoadArgs) -> anyhow::Result<Report> {
+    let server = ceiling::start().await?;
+    let fleet = Fleet::for_ceiling(load.mode, load.devices, &server.ca_certificate)?;
+    let report = fleet
+        .register_all(
+            "ceiling",
+            &server.endpoint,
+            &server.id_scope,
+            load.concurrency,
+            load.poll_ms.map(Duration::from_millis),
+        )
+        .await;
+    server.stop().await;
+    Ok(report)
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match cli.command {
+        Command::Ceiling(load) => {
+            let report = measure_ceiling(&load).await?;
+            print(load.output, &[report])
+        }
+        Command::Run(args) => {
+            let mut reports = Vec::new();
+            if args.compare_ceiling {
+                reports.push(measure_ceiling(&args.load).await?);
+            }
+            let admin =
+                devices::Admin::new(&args.endpoint, &args.connection_string, &args.ca_cert)?;
+            eprintln!(
+                "creating {} {:?} enrollments...",
+                args.load.devices, args.load.mode
+            );
+            let fleet = Fleet::enroll(&admin, args.load.mode, args.load.devices, &args.ca_cert)
+                .await
+                .context("creating the enrollments")?;
+            let report = fleet
+                .register_all(
+                    "service",
+                    &args.endpoint,
+                    &args.id_scope,
+                    args.load.concurrency,
+                    args.load.poll_ms.map(Duration::from_millis),
+                )
+                .await;
+            reports.push(report);
+            print(args.load.output, &reports)
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Arc::new(runtime),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(main_async(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
