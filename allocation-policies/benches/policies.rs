@@ -56,6 +56,7 @@ fn hubs() -> Vec<Candidate> {
 }
 
 fn policies(c: &mut Criterion) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let candidates = hubs();
     let enrollment = json!({ "registrationId": "sensor-000123" });
