@@ -650,6 +650,27 @@ async fn ca_certificates_count_after_proof_of_possession(backend: Backend) {
     )
     .await;
     assert_eq!(done["status"], "assigned", "{done}");
+
+    // A CA a group relies on cannot be deleted; an unreferenced one can.
+    let error = common::expect_error(
+        t.owner(Method::DELETE, "/certificates/factory-root")
+            .send()
+            .await
+            .unwrap(),
+        409,
+        409002,
+    )
+    .await;
+    assert!(
+        error["message"].as_str().unwrap().contains("by-ca"),
+        "{error}"
+    );
+    let deleted = t
+        .owner(Method::DELETE, "/certificates/line-9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

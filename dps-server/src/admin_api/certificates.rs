@@ -8,9 +8,11 @@ use attestation::chain::{common_name, verify_chain};
 use attestation::x509::parse_certificate;
 use axum::Router;
 use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{CaCertificate, Right};
+use dps_protocol::enrollment::EnrollmentGroup;
 use dps_protocol::ids::check_resource_name;
 use serde::Deserialize;
 
@@ -90,13 +92,59 @@ pub fn routes() -> Router<AppState> {
             "/certificates/{name}",
             get(get_one::<CaCertificate>)
                 .put(put_one::<CaCertificate>)
-                .delete(delete_one::<CaCertificate>),
+                .delete(delete_certificate),
         )
         .route(
             "/certificates/{name}/generateVerificationCode",
             post(generate_verification_code),
         )
         .route("/certificates/{name}/verify", post(verify))
+}
+
+/// `DELETE /certificates/{name}`: refused while an enrollment group names it in
+/// `caReferences`, so that no group silently stops admitting its devices.
+async fn delete_certificate(
+    admin: Admin,
+    state: State<AppState>,
+    id: Id,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let key = CaCertificate::key_of(&id.0)?;
+    let groups = state
+        .store
+        .list(
+            admin.ns(),
+            Kind::EnrollmentGroup,
+            Page {
+                limit: usize::MAX,
+                ..Page::default()
+            },
+        )
+        .await?;
+    for row in &groups {
+        let group: EnrollmentGroup = row.doc_json()?;
+        let named = group
+            .attestation
+            .x509
+            .as_ref()
+            .and_then(|x| x.ca_references.as_ref())
+            .is_some_and(|refs| {
+                [&refs.primary, &refs.secondary]
+                    .into_iter()
+                    .flatten()
+                    .any(|name| name.eq_ignore_ascii_case(&key))
+            });
+        if named {
+            return Err(ApiError::new(
+                ErrorCode::ConflictWithState,
+                format!(
+                    "enrollment group '{}' names CA certificate '{}' in caReferences; change the group first",
+                    group.enrollment_group_id, id.0
+                ),
+            ));
+        }
+    }
+    delete_one::<CaCertificate>(admin, state, id, headers).await
 }
 
 /// Reads, changes and stores a certificate under its etag (a concurrent change is a 412).
