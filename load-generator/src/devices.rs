@@ -110,6 +110,47 @@ impl Admin {
     }
 }
 
+/// Creates `n` individual symmetric-key enrollments through the bulk API, `concurrency`
+/// requests at a time, printing progress.
+pub async fn import(admin: Arc<Admin>, n: usize, concurrency: usize) -> anyhow::Result<()> {
+    let run = unix_now();
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for start in (0..n).step_by(BULK) {
+        let permit = permits.clone().acquire_owned().await?;
+        let (admin, done) = (admin.clone(), done.clone());
+        tasks.spawn(async move {
+            let enrollments: Vec<Value> = (start..(start + BULK).min(n))
+                .map(|i| {
+                    let key = SymmetricKey::generate()?;
+                    Ok(json!({ "registrationId": format!("scale-{run}-{i:08}"),
+                        "attestation": { "type": "symmetricKey", "symmetricKey":
+                            { "primaryKey": key.to_base64(), "secondaryKey": key.to_base64() } } }))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let count = enrollments.len();
+            admin
+                .send(
+                    reqwest::Method::POST,
+                    "/enrollments",
+                    &json!({ "mode": "create", "enrollments": enrollments }),
+                )
+                .await?;
+            drop(permit);
+            let total = done.fetch_add(count, Ordering::Relaxed) + count;
+            if total % 50_000 < count {
+                eprintln!("imported {total}/{n}");
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined??;
+    }
+    Ok(())
+}
+
 /// How one device proves itself.
 #[derive(Debug, Clone)]
 enum Proof {

@@ -37,6 +37,34 @@ enum Command {
     Run(RunArgs),
     /// Register simulated devices with a canned in-process server (the ceiling).
     Ceiling(LoadArgs),
+    /// Create many individual enrollments through the bulk admin API and report the rate (the
+    /// scale benchmark's first half; its devices never register).
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// How many enrollments.
+    #[arg(long, default_value_t = 100_000)]
+    enrollments: usize,
+    /// Bulk requests in flight.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// The server's base URL.
+    #[arg(long, env = "DPS_ENDPOINT", default_value = "https://localhost:8443")]
+    endpoint: String,
+    /// A connection string with EnrollmentWrite (the owner policy's, printed at start).
+    #[arg(long, env = "DPS_CONNECTION_STRING", hide_env_values = true)]
+    connection_string: String,
+    /// PEM CA certificate the server's certificate chains to.
+    #[arg(long, env = "DPS_CA_CERT")]
+    ca_cert: PathBuf,
 }
 
 /// How the simulated devices prove themselves.
@@ -81,18 +109,11 @@ struct LoadArgs {
 struct RunArgs {
     #[command(flatten)]
     load: LoadArgs,
-    /// The server's base URL.
-    #[arg(long, env = "DPS_ENDPOINT", default_value = "https://localhost:8443")]
-    endpoint: String,
-    /// A connection string with EnrollmentWrite (the owner policy's, printed at start).
-    #[arg(long, env = "DPS_CONNECTION_STRING", hide_env_values = true)]
-    connection_string: String,
+    #[command(flatten)]
+    server: ServerArgs,
     /// The instance's ID scope (printed at start).
     #[arg(long, env = "DPS_ID_SCOPE")]
     id_scope: String,
-    /// PEM CA certificate the server's certificate chains to.
-    #[arg(long, env = "DPS_CA_CERT")]
-    ca_cert: PathBuf,
     /// Also measure the ceiling in this process and report the ratio.
     #[arg(long)]
     compare_ceiling: bool,
@@ -152,19 +173,27 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             if args.compare_ceiling {
                 reports.push(measure_ceiling(&args.load).await?);
             }
-            let admin =
-                devices::Admin::new(&args.endpoint, &args.connection_string, &args.ca_cert)?;
+            let admin = devices::Admin::new(
+                &args.server.endpoint,
+                &args.server.connection_string,
+                &args.server.ca_cert,
+            )?;
             eprintln!(
                 "creating {} {:?} enrollments...",
                 args.load.devices, args.load.mode
             );
-            let fleet = Fleet::enroll(&admin, args.load.mode, args.load.devices, &args.ca_cert)
-                .await
-                .context("creating the enrollments")?;
+            let fleet = Fleet::enroll(
+                &admin,
+                args.load.mode,
+                args.load.devices,
+                &args.server.ca_cert,
+            )
+            .await
+            .context("creating the enrollments")?;
             let report = fleet
                 .register_all(
                     "service",
-                    &args.endpoint,
+                    &args.server.endpoint,
                     &args.id_scope,
                     args.load.concurrency,
                     args.load.poll_ms.map(Duration::from_millis),
@@ -172,6 +201,23 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
                 .await;
             reports.push(report);
             print(args.load.output, &reports)
+        }
+        Command::Import(args) => {
+            let server = &args.server;
+            let admin = Arc::new(devices::Admin::new(
+                &server.endpoint,
+                &server.connection_string,
+                &server.ca_cert,
+            )?);
+            let started = std::time::Instant::now();
+            devices::import(admin, args.enrollments, args.concurrency).await?;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "imported {} individual enrollments in {secs:.1} s: {:.0} enrollments/s",
+                args.enrollments,
+                args.enrollments as f64 / secs
+            );
+            Ok(())
         }
     }
 }

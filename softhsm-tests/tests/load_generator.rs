@@ -69,6 +69,36 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
         }
         assert!(answer["ratioOfCeiling"].as_f64().unwrap() > 0.0, "{answer}");
     }
+    // The scale benchmark's import: more than one bulk request's worth.
+    let output = Command::new(load_binary().unwrap())
+        .args([
+            "import",
+            "--endpoint",
+            &endpoint,
+            "--connection-string",
+            &server.connection_string,
+            "--ca-cert",
+            &ca,
+            "--enrollments",
+            "1500",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("imported 1500 individual enrollments"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed = server.admin_json(&["enrollment", "list"]).unwrap();
+    let scale = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["registrationId"].as_str().unwrap().starts_with("scale-"))
+        .count();
+    assert_eq!(scale, 1500);
+
     // The registrations are the server's own: 12 devices per mode on its one hub.
     let hub = server
         .admin_json(&["hub", "show", "hub-a.example.com"])
