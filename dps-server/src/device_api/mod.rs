@@ -148,8 +148,38 @@ fn trusted_metadata(
     .collect()
 }
 
-fn retry_after(state: &AppState) -> HeaderValue {
-    HeaderValue::from(state.limits.retry_after_secs.clamp(1, 300))
+/// A 202 with the configured `Retry-After`: every answer of an operation still assigning.
+fn accepted(state: &AppState, answer: RegistrationOperationStatus) -> Response {
+    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(state.limits.retry_after_secs.clamp(1, 300)),
+    );
+    response
+}
+
+/// Who is calling: the connection's address and client certificate chain, and the request
+/// headers (the SAS token, trusted location headers).
+#[derive(Debug)]
+struct Caller {
+    peer: Option<PeerAddr>,
+    chain: Option<ClientChain>,
+    headers: HeaderMap,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            peer: parts.extensions.get::<PeerAddr>().copied(),
+            chain: parts.extensions.get::<ClientChain>().cloned(),
+            headers: parts.headers.clone(),
+        })
+    }
 }
 
 /// What every device request goes through: throttling, the ID scope's instance, and the
@@ -158,23 +188,21 @@ fn retry_after(state: &AppState) -> HeaderValue {
 async fn admit(
     state: &AppState,
     path: &DevicePath,
-    peer: Option<&PeerAddr>,
-    chain: Option<&ClientChain>,
-    headers: &HeaderMap,
+    caller: &Caller,
     action: Action,
     check_expiry: bool,
 ) -> Result<(String, auth::Attested), DeviceError> {
     state
         .throttle
-        .check(action, &path.throttle_key(), peer.map(|p| p.0.ip()))?;
+        .check(action, &path.throttle_key(), caller.peer.map(|p| p.0.ip()))?;
     let instance = instance_of(state, &path.scope).await?;
     let attested = auth::authenticate(
         state,
         &instance,
         &path.scope,
         &path.id,
-        authorization(headers),
-        chain.map(|c| c.0.as_slice()),
+        authorization(&caller.headers),
+        caller.chain.as_ref().map(|c| c.0.as_slice()),
         check_expiry,
     )
     .await?;
@@ -185,9 +213,7 @@ async fn admit(
 async fn register(
     State(state): State<AppState>,
     path: DevicePath,
-    peer: Option<axum::Extension<PeerAddr>>,
-    chain: Option<axum::Extension<ClientChain>>,
-    headers: HeaderMap,
+    caller: Caller,
     RawBody(body): RawBody,
 ) -> Result<Response, DeviceError> {
     let request: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
@@ -207,18 +233,9 @@ async fn register(
         )
         .into());
     }
-    let (instance, attested) = admit(
-        &state,
-        &path,
-        peer.as_deref(),
-        chain.as_deref(),
-        &headers,
-        Action::Register,
-        true,
-    )
-    .await?;
-    let source = peer.as_deref().map(|p| p.0.ip());
-    let metadata = trusted_metadata(&state, &headers);
+    let (instance, attested) = admit(&state, &path, &caller, Action::Register, true).await?;
+    let source = caller.peer.map(|p| p.0.ip());
+    let metadata = trusted_metadata(&state, &caller.headers);
     let operation = registration::start(
         &state,
         &instance,
@@ -231,16 +248,14 @@ async fn register(
     .await?;
     // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even
     // `disabled`) is read by polling.
-    let answer = RegistrationOperationStatus {
-        operation_id: operation.operation_id,
-        status: OperationStatus::Assigning,
-        registration_state: None,
-    };
-    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, retry_after(&state));
-    Ok(response)
+    Ok(accepted(
+        &state,
+        RegistrationOperationStatus {
+            operation_id: operation.operation_id,
+            status: OperationStatus::Assigning,
+            registration_state: None,
+        },
+    ))
 }
 
 /// `GET /{idScope}/registrations/{id}/operations/{operationId}`. The Node client sends a body
@@ -248,20 +263,9 @@ async fn register(
 async fn operation_status(
     State(state): State<AppState>,
     path: DevicePath,
-    peer: Option<axum::Extension<PeerAddr>>,
-    chain: Option<axum::Extension<ClientChain>>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(
-        &state,
-        &path,
-        peer.as_deref(),
-        chain.as_deref(),
-        &headers,
-        Action::Poll,
-        false,
-    )
-    .await?;
+    let (instance, _) = admit(&state, &path, &caller, Action::Poll, false).await?;
     let operation_id = path.operation.clone().unwrap_or_default();
     let operation =
         registration::load_operation(&state, &instance, &path.id, &operation_id).await?;
@@ -274,40 +278,27 @@ async fn operation_status(
         return Ok(Json(answer).into_response());
     }
     // aziot's parser needs registrationState.registrationId even while assigning.
-    let answer = RegistrationOperationStatus {
-        operation_id: operation.operation_id,
-        status: OperationStatus::Assigning,
-        registration_state: Some(DeviceRegistrationState {
-            registration_id: path.id.as_str().to_owned(),
-            status: Some(OperationStatus::Assigning.as_str().to_owned()),
-            ..DeviceRegistrationState::default()
-        }),
-    };
-    let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, retry_after(&state));
-    Ok(response)
+    Ok(accepted(
+        &state,
+        RegistrationOperationStatus {
+            operation_id: operation.operation_id,
+            status: OperationStatus::Assigning,
+            registration_state: Some(DeviceRegistrationState {
+                registration_id: path.id.as_str().to_owned(),
+                status: Some(OperationStatus::Assigning.as_str().to_owned()),
+                ..DeviceRegistrationState::default()
+            }),
+        },
+    ))
 }
 
 /// `POST /{idScope}/registrations/{id}`: the device's registration state.
 async fn status_lookup(
     State(state): State<AppState>,
     path: DevicePath,
-    peer: Option<axum::Extension<PeerAddr>>,
-    chain: Option<axum::Extension<ClientChain>>,
-    headers: HeaderMap,
+    caller: Caller,
 ) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(
-        &state,
-        &path,
-        peer.as_deref(),
-        chain.as_deref(),
-        &headers,
-        Action::Poll,
-        true,
-    )
-    .await?;
+    let (instance, _) = admit(&state, &path, &caller, Action::Poll, true).await?;
     let stored = crate::admin_api::load(
         state.store.as_ref(),
         &instance,
