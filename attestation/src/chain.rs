@@ -143,8 +143,9 @@ pub fn verify_chain(
     let anchor = webpki::anchor_from_trusted_cert(&anchor_der).map_err(untrusted)?;
     let leaf_der = CertificateDer::from(leaf.as_slice());
     let leaf = webpki::EndEntityCert::try_from(&leaf_der).map_err(|_| ChainError::Malformed)?;
-    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+    let intermediates: Vec<CertificateDer<'_>> = chain
         .iter()
+        .skip(1)
         .chain(extra)
         .map(|c| CertificateDer::from(c.as_slice()))
         .collect();

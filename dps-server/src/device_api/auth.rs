@@ -112,12 +112,7 @@ pub async fn authenticate(
         ));
     }
 
-    let individual: Option<IndividualEnrollment> = state
-        .store
-        .get(instance, Kind::IndividualEnrollment, &id.key())
-        .await?
-        .map(|s| s.doc_json())
-        .transpose()?;
+    let individual = individual_enrollment(state, instance, id).await?;
     let individual_disabled = individual.as_ref().and_then(disabled_reason);
     if let Some(enrollment) = &individual
         && let Some((primary, secondary)) = symmetric_keys(&enrollment.attestation)
@@ -131,6 +126,46 @@ pub async fn authenticate(
     }
 
     // Groups: the device key is HMAC-SHA256(group key, registration id as sent).
+    let member = find_group(state, instance, |group| {
+        let (primary, secondary) = symmetric_keys(&group.attestation)?;
+        let derived = (
+            primary.derive_device_key(id.as_str()),
+            secondary.derive_device_key(id.as_str()),
+        );
+        token.verify_any([&derived.0, &derived.1]).ok()?;
+        Some(group)
+    })
+    .await?;
+    if let Some(group) = member {
+        return Ok(Attested {
+            disabled: individual_disabled.or_else(|| group_disabled_reason(&group)),
+            source: Source::Group(Box::new(group)),
+            certificate: None,
+        });
+    }
+    Err(denied())
+}
+
+async fn individual_enrollment(
+    state: &AppState,
+    instance: &str,
+    id: &RegistrationId,
+) -> Result<Option<IndividualEnrollment>, ApiError> {
+    state
+        .store
+        .get(instance, Kind::IndividualEnrollment, &id.key())
+        .await?
+        .map(|s| s.doc_json())
+        .transpose()
+}
+
+/// Pages through the instance's enrollment groups until `found` returns something.
+async fn find_group<T>(
+    state: &AppState,
+    instance: &str,
+    mut found: impl FnMut(EnrollmentGroup) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    const PAGE: usize = 500;
     let mut after: Option<String> = None;
     loop {
         let page = state
@@ -141,33 +176,20 @@ pub async fn authenticate(
                 Page {
                     parent: None,
                     after: after.as_deref(),
-                    limit: 500,
+                    limit: PAGE,
                 },
             )
             .await?;
         for stored in &page {
-            let group: EnrollmentGroup = stored.doc_json()?;
-            let Some((primary, secondary)) = symmetric_keys(&group.attestation) else {
-                continue;
-            };
-            let derived = (
-                primary.derive_device_key(id.as_str()),
-                secondary.derive_device_key(id.as_str()),
-            );
-            if token.verify_any([&derived.0, &derived.1]).is_ok() {
-                return Ok(Attested {
-                    disabled: individual_disabled.or_else(|| group_disabled_reason(&group)),
-                    source: Source::Group(Box::new(group)),
-                    certificate: None,
-                });
+            if let Some(hit) = found(stored.doc_json()?) {
+                return Ok(Some(hit));
             }
         }
         match page.last() {
-            Some(last) if page.len() == 500 => after = Some(last.key.clone()),
-            _ => break,
+            Some(last) if page.len() == PAGE => after = Some(last.key.clone()),
+            _ => return Ok(None),
         }
     }
-    Err(denied())
 }
 
 fn disabled_reason(individual: &IndividualEnrollment) -> Option<String> {
@@ -270,12 +292,7 @@ async fn authenticate_x509(
     let rejected = |e: ChainError| ApiError::unauthorized(e.to_string());
     let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
 
-    let individual: Option<IndividualEnrollment> = state
-        .store
-        .get(instance, Kind::IndividualEnrollment, &id.key())
-        .await?
-        .map(|s| s.doc_json())
-        .transpose()?;
+    let individual = individual_enrollment(state, instance, id).await?;
     if let Some(enrollment) = &individual {
         let enrolled = x509_certificates(&enrollment.attestation, true);
         if enrolled
@@ -291,9 +308,13 @@ async fn authenticate_x509(
     }
 
     // The presented chain's subjects and thumbprints, to place each group's anchors on it.
-    let presented: Vec<CertificateFacts> = chain
-        .iter()
-        .filter_map(|der| parse_der(der).ok().map(|p| p.facts))
+    let presented: Vec<CertificateFacts> = std::iter::once(leaf.facts.clone())
+        .chain(
+            chain
+                .iter()
+                .skip(1)
+                .filter_map(|der| parse_der(der).ok().map(|p| p.facts)),
+        )
         .collect();
     // How far from the leaf an anchor sits: the position of the certificate itself in the
     // chain, or just above the certificate it issued.
@@ -313,34 +334,16 @@ async fn authenticate_x509(
     let cas = crate::admin_api::certificates::all(state.store.as_ref(), instance).await?;
     let extra: Vec<Vec<u8>> = cas.iter().map(|(_, _, c)| c.der.clone()).collect();
     let mut candidates: Vec<(usize, EnrollmentGroup, ParsedCertificate)> = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = state
-            .store
-            .list(
-                instance,
-                Kind::EnrollmentGroup,
-                Page {
-                    parent: None,
-                    after: after.as_deref(),
-                    limit: 500,
-                },
-            )
-            .await?;
-        for stored in &page {
-            let group: EnrollmentGroup = stored.doc_json()?;
-            for anchor in group_anchors(&group.attestation, &cas) {
-                // An anchor off the presented path may still be reached through an uploaded
-                // intermediate; it is tried after the ones on the path.
-                let at = depth(&anchor.facts).unwrap_or(usize::MAX);
-                candidates.push((at, group.clone(), anchor));
-            }
+    find_group(state, instance, |group| {
+        for anchor in group_anchors(&group.attestation, &cas) {
+            // An anchor off the presented path may still be reached through an uploaded
+            // intermediate; it is tried after the ones on the path.
+            let at = depth(&anchor.facts).unwrap_or(usize::MAX);
+            candidates.push((at, group.clone(), anchor));
         }
-        match page.last() {
-            Some(last) if page.len() == 500 => after = Some(last.key.clone()),
-            _ => break,
-        }
-    }
+        None::<()>
+    })
+    .await?;
     candidates.sort_by_key(|(at, _, _)| *at);
     let mut first_error = None;
     for (at, group, anchor) in candidates {
