@@ -403,9 +403,9 @@ pub enum OwnershipCommand {
     },
 }
 
-/// An authenticated client of the admin API.
+/// An authenticated client of the admin API (the CLI's, and the load generator's).
 #[derive(Debug)]
-struct Client {
+pub struct Client {
     http: reqwest::Client,
     base: String,
     prefix: String,
@@ -414,23 +414,37 @@ struct Client {
 
 impl Client {
     fn new(args: &AdminArgs) -> anyhow::Result<Self> {
+        Self::connect(
+            &args.connection_string,
+            args.endpoint.as_deref(),
+            args.ca_cert.as_deref(),
+            args.instance.as_deref(),
+        )
+    }
+
+    /// A client signing with `connection_string`'s policy, at `endpoint` (else
+    /// `https://{HostName}`), trusting `ca_cert` (else the system roots), acting on `instance`
+    /// (else the one the host name selects).
+    pub fn connect(
+        connection_string: &str,
+        endpoint: Option<&str>,
+        ca_cert: Option<&Path>,
+        instance: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let credentials = ConnectionString::parse(&args.connection_string)
-            .context("invalid --connection-string")?;
+        let credentials =
+            ConnectionString::parse(connection_string).context("invalid --connection-string")?;
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
-        if let Some(ca) = &args.ca_cert {
+        if let Some(ca) = ca_cert {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .with_context(|| format!("{} is not a PEM certificate", ca.display()))?;
             builder = builder.tls_certs_only([cert]);
         }
-        let base = args
-            .endpoint
-            .clone()
+        let base = endpoint
+            .map(str::to_owned)
             .unwrap_or_else(|| format!("https://{}", credentials.host_name));
-        let prefix = args
-            .instance
-            .as_ref()
+        let prefix = instance
             .map(|i| format!("/instances/{}", encode_uri_component(i)))
             .unwrap_or_default();
         Ok(Self {
@@ -491,7 +505,7 @@ impl Client {
     }
 
     /// Calls a path (instance-scoped unless `scoped` is false) and returns its JSON answer.
-    async fn call(
+    pub async fn call(
         &self,
         method: Method,
         path: &str,

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use attestation::SymmetricKey;
 use attestation::sas::{encode_uri_component, sign};
-use attestation::{ConnectionString, SymmetricKey};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
@@ -48,66 +48,34 @@ fn tls_config(
     })
 }
 
-/// The admin API, signed with a connection string's policy.
-#[derive(Debug)]
-pub struct Admin {
-    http: reqwest::Client,
-    base: String,
-    credentials: ConnectionString,
+/// The admin API, signed with a connection string's policy (the admin CLI's client).
+pub use dps_server::admin_cli::Client as Admin;
+
+/// Connects to the admin API at `endpoint`, trusting `ca_cert`.
+pub fn admin(endpoint: &str, connection_string: &str, ca_cert: &Path) -> anyhow::Result<Admin> {
+    Admin::connect(connection_string, Some(endpoint), Some(ca_cert), None)
 }
 
-impl Admin {
-    /// A client of the admin API at `endpoint`.
-    pub fn new(endpoint: &str, connection_string: &str, ca_cert: &Path) -> anyhow::Result<Self> {
-        let credentials =
-            ConnectionString::parse(connection_string).context("invalid connection string")?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_config(ca_cert, None)?)
-            .timeout(Duration::from_secs(300))
-            .build()?;
-        Ok(Self {
-            http,
-            base: endpoint.trim_end_matches('/').to_owned(),
-            credentials,
-        })
-    }
-
-    async fn send(&self, method: reqwest::Method, path: &str, body: &Value) -> anyhow::Result<()> {
-        let token = sign(
-            &self.credentials.host_name,
-            &self.credentials.key,
-            unix_now() + 3600,
-            Some(&self.credentials.key_name),
+/// Sends an admin request (overwriting what exists) and fails on a refused bulk operation.
+async fn send(
+    admin: &Admin,
+    method: reqwest::Method,
+    path: &str,
+    body: &Value,
+) -> anyhow::Result<()> {
+    let answer = admin
+        .call(method, path, true, Some(body), Some("*"))
+        .await?;
+    if let Some(answer) = answer
+        && answer.get("isSuccessful") == Some(&Value::Bool(false))
+    {
+        let text = answer.to_string();
+        bail!(
+            "{path}: the bulk operation failed: {}",
+            text.chars().take(300).collect::<String>()
         );
-        let response = self
-            .http
-            .request(
-                method,
-                format!("{}{path}?api-version=2021-10-01", self.base),
-            )
-            .header("Authorization", token)
-            .header("If-Match", "*")
-            .json(body)
-            .send()
-            .await?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        if !status.is_success() {
-            bail!(
-                "{path}: HTTP {status}: {}",
-                text.chars().take(300).collect::<String>()
-            );
-        }
-        if let Ok(answer) = serde_json::from_str::<Value>(&text)
-            && answer.get("isSuccessful") == Some(&Value::Bool(false))
-        {
-            bail!(
-                "{path}: the bulk operation failed: {}",
-                text.chars().take(300).collect::<String>()
-            );
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// Creates `n` individual symmetric-key enrollments through the bulk API, `concurrency`
@@ -130,13 +98,13 @@ pub async fn import(admin: Arc<Admin>, n: usize, concurrency: usize) -> anyhow::
                 })
                 .collect::<anyhow::Result<_>>()?;
             let count = enrollments.len();
-            admin
-                .send(
-                    reqwest::Method::POST,
-                    "/enrollments",
-                    &json!({ "mode": "create", "enrollments": enrollments }),
-                )
-                .await?;
+            send(
+                &admin,
+                reqwest::Method::POST,
+                "/enrollments",
+                &json!({ "mode": "create", "enrollments": enrollments }),
+            )
+            .await?;
             drop(permit);
             let total = done.fetch_add(count, Ordering::Relaxed) + count;
             if total % 50_000 < count {
@@ -270,20 +238,20 @@ impl Fleet {
                             proof: Proof::Sas(key),
                         });
                     }
-                    admin
-                        .send(
-                            reqwest::Method::POST,
-                            "/enrollments",
-                            &json!({ "mode": "create", "enrollments": enrollments }),
-                        )
-                        .await?;
+                    send(
+                        admin,
+                        reqwest::Method::POST,
+                        "/enrollments",
+                        &json!({ "mode": "create", "enrollments": enrollments }),
+                    )
+                    .await?;
                 }
                 devices
             }
             Mode::Group => {
                 let key = SymmetricKey::generate()?;
-                admin
-                    .send(
+                send(
+                        admin,
                         reqwest::Method::PUT,
                         &format!("/enrollmentGroups/{group_id}"),
                         &json!({ "enrollmentGroupId": group_id,
@@ -300,8 +268,8 @@ impl Fleet {
             }
             Mode::X509 => {
                 let ca = SoftwareCa::new()?;
-                admin
-                    .send(
+                send(
+                        admin,
                         reqwest::Method::PUT,
                         &format!("/enrollmentGroups/{group_id}"),
                         &json!({ "enrollmentGroupId": group_id,

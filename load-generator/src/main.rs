@@ -173,7 +173,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             if args.compare_ceiling {
                 reports.push(measure_ceiling(&args.load).await?);
             }
-            let admin = devices::Admin::new(
+            let admin = devices::admin(
                 &args.server.endpoint,
                 &args.server.connection_string,
                 &args.server.ca_cert,
@@ -204,7 +204,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Import(args) => {
             let server = &args.server;
-            let admin = Arc::new(devices::Admin::new(
+            let admin = Arc::new(devices::admin(
                 &server.endpoint,
                 &server.connection_string,
                 &server.ca_cert,
