@@ -329,6 +329,35 @@ impl SoftHsm {
     }
 }
 
+/// Opens a read-write session on the SoftHSM2 token labelled `token` (of the tokens
+/// `SOFTHSM2_CONF` names) and logs in with `pin`: what the helper binaries that provision
+/// keys start with.
+pub fn open_token(
+    token: &str,
+    pin: &str,
+) -> anyhow::Result<(cryptoki::context::Pkcs11, cryptoki::session::Session)> {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    let context = Pkcs11::new("/usr/lib/softhsm/libsofthsm2.so").context("loading SoftHSM2")?;
+    context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+    let slot = context
+        .get_slots_with_token()?
+        .into_iter()
+        .find(|s| {
+            context
+                .get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == token)
+        })
+        .with_context(|| format!("no token labelled {token}"))?;
+    let session = context.open_rw_session(slot)?;
+    session.login(
+        cryptoki::session::UserType::User,
+        Some(&cryptoki::types::AuthPin::new(
+            pin.to_owned().into_boxed_str(),
+        )),
+    )?;
+    Ok((context, session))
+}
+
 /// Runs `node SCRIPT` from `interop/node` against `server` (its CA trusted, `localhost`
 /// resolving to 127.0.0.1 first), with `env`, killed after two minutes. Fails with a clear
 /// message when the npm packages are missing.

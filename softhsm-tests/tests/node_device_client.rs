@@ -139,7 +139,7 @@ fn node_device_sdk_registers_with_x509_certificates() {
         ],
     );
 
-    let (root_pem, root) = ca_certificate("Node Test Root", None);
+    let (_, root) = ca_certificate("Node Test Root", None);
     let (line_pem, line) = ca_certificate("Node Test Line", Some(&root));
     let line_file = write(dir.path(), "line.pem", &line_pem);
     cli(
@@ -154,7 +154,6 @@ fn node_device_sdk_registers_with_x509_certificates() {
     );
     let (member_cert, member_key) = device_certificate("node-x509-member", Some(&line));
     let (stranger_cert, stranger_key) = device_certificate("node-x509-stranger", None);
-    let _ = root_pem;
 
     let files = [
         (

@@ -6,13 +6,10 @@
 //! Usage: `softhsm-generate-key TOKEN-LABEL PIN OBJECT-LABEL ec|rsa`, with `SOFTHSM2_CONF`
 //! naming the token directory's configuration.
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use base64::Engine as _;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType};
-use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
 
 /// DER of the named curve prime256v1.
 const P256: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
@@ -28,22 +25,7 @@ fn main() -> anyhow::Result<()> {
     let [token, pin, label, kind] = args.as_slice() else {
         bail!("usage: softhsm-generate-key TOKEN-LABEL PIN OBJECT-LABEL ec|rsa");
     };
-    let context = Pkcs11::new("/usr/lib/softhsm/libsofthsm2.so").context("loading SoftHSM2")?;
-    context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
-    let slot = context
-        .get_slots_with_token()?
-        .into_iter()
-        .find(|s| {
-            context
-                .get_token_info(*s)
-                .is_ok_and(|i| i.label().trim_end() == token)
-        })
-        .with_context(|| format!("no token labelled {token}"))?;
-    let session = context.open_rw_session(slot)?;
-    session.login(
-        UserType::User,
-        Some(&AuthPin::new(pin.clone().into_boxed_str())),
-    )?;
+    let (_context, session) = softhsm_tests::open_token(token, pin)?;
     let label = Attribute::Label(label.as_bytes().to_vec());
     let private = [
         Attribute::Token(true),

@@ -6,10 +6,7 @@
 
 use anyhow::{Context, bail};
 use base64::Engine as _;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use cryptoki::session::UserType;
-use cryptoki::types::AuthPin;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,22 +16,7 @@ fn main() -> anyhow::Result<()> {
     let secret = base64::engine::general_purpose::STANDARD
         .decode(value)
         .context("the value is not base64")?;
-    let context = Pkcs11::new("/usr/lib/softhsm/libsofthsm2.so").context("loading SoftHSM2")?;
-    context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
-    let slot = context
-        .get_slots_with_token()?
-        .into_iter()
-        .find(|s| {
-            context
-                .get_token_info(*s)
-                .is_ok_and(|i| i.label().trim_end() == token)
-        })
-        .with_context(|| format!("no token labelled {token}"))?;
-    let session = context.open_rw_session(slot)?;
-    session.login(
-        UserType::User,
-        Some(&AuthPin::new(pin.clone().into_boxed_str())),
-    )?;
+    let (_context, session) = softhsm_tests::open_token(token, pin)?;
     session.create_object(&[
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::GENERIC_SECRET),
