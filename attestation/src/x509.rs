@@ -85,6 +85,37 @@ pub fn parse_certificate(text: &str) -> Result<ParsedCertificate, CertificateErr
     parse_der(&der)
 }
 
+/// Certificates already parsed, by their text: stored enrollment and CA certificates are read
+/// on every X.509 registration, and parsing (DER, two digests, dates) is most of that cost. A
+/// changed certificate is a different text, so entries never go stale; the cache empties
+/// itself when it holds more than [`ParsedCache::CAPACITY`] certificates.
+#[derive(Debug, Default)]
+pub struct ParsedCache {
+    parsed: std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<ParsedCertificate>>>,
+}
+
+impl ParsedCache {
+    /// Most certificates kept.
+    pub const CAPACITY: usize = 10_000;
+
+    /// [`parse_certificate`], remembered.
+    pub fn parse(&self, text: &str) -> Result<std::sync::Arc<ParsedCertificate>, CertificateError> {
+        if let Ok(parsed) = self.parsed.lock()
+            && let Some(hit) = parsed.get(text)
+        {
+            return Ok(hit.clone());
+        }
+        let fresh = std::sync::Arc::new(parse_certificate(text)?);
+        if let Ok(mut parsed) = self.parsed.lock() {
+            if parsed.len() >= Self::CAPACITY {
+                parsed.clear();
+            }
+            parsed.insert(text.to_owned(), fresh.clone());
+        }
+        Ok(fresh)
+    }
+}
+
 /// Parses one DER certificate.
 pub fn parse_der(der: &[u8]) -> Result<ParsedCertificate, CertificateError> {
     if der.len() > MAX_CERTIFICATE_BYTES {
@@ -171,6 +202,17 @@ mod tests {
                 .facts
                 .is_ca
         );
+    }
+
+    #[test]
+    fn the_cache_parses_each_text_once_and_refuses_garbage() {
+        let cache = ParsedCache::default();
+        let pem = self_signed(false).pem();
+        let first = cache.parse(&pem).unwrap();
+        let second = cache.parse(&pem).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&first, &second));
+        assert_eq!(*first.facts.subject_name, *"CN=dev-01");
+        assert!(cache.parse("hello world!").is_err());
     }
 
     #[test]

@@ -95,6 +95,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             config.limits.hub_unhealthy_secs,
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
+        certificates: Arc::default(),
     };
 
     let admin = bootstrap(&state, &config).await?;

@@ -5,7 +5,9 @@
 //! or not, may also complete a device's chain as an intermediate (it confers no trust).
 
 use attestation::chain::{common_name, verify_chain};
-use attestation::x509::parse_certificate;
+use std::sync::Arc;
+
+use attestation::x509::{ParsedCertificate, parse_certificate};
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -21,7 +23,7 @@ use super::validate::{field_error, info_of};
 use super::{Admin, AppState, Id, to_doc, unix_now};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
-use crate::store::{Kind, Page, Precondition, Store, Write};
+use crate::store::{Kind, Page, Precondition, Write};
 
 impl Resource for CaCertificate {
     const KIND: Kind = Kind::CaCertificate;
@@ -248,10 +250,11 @@ async fn verify(
 
 /// An instance's CA certificates, parsed: `(name key, verified, DER)`.
 pub async fn all(
-    store: &dyn Store,
+    state: &AppState,
     ns: &str,
-) -> Result<Vec<(String, bool, attestation::x509::ParsedCertificate)>, ApiError> {
-    let rows = store
+) -> Result<Vec<(String, bool, Arc<ParsedCertificate>)>, ApiError> {
+    let rows = state
+        .store
         .list(
             ns,
             Kind::CaCertificate,
@@ -267,7 +270,7 @@ pub async fn all(
         if let Some(parsed) = ca
             .certificate
             .as_deref()
-            .and_then(|text| parse_certificate(text).ok())
+            .and_then(|text| state.certificates.parse(text).ok())
         {
             out.push((row.key, ca.is_verified, parsed));
         }

@@ -60,6 +60,8 @@ pub struct AppState {
     pub hub_health: Arc<crate::hubs::HubHealth>,
     /// Request headers an operator trusts to carry the device's region or coordinates.
     pub trusted_location_headers: Arc<crate::config::GeoConfig>,
+    /// Enrollment and CA certificates already parsed (X.509 registrations read them all).
+    pub certificates: Arc<attestation::x509::ParsedCache>,
 }
 
 /// Routes that act on one instance.

@@ -10,7 +10,9 @@
 //!   towards the root. The handshake already proved that the device holds the leaf's key.
 
 use attestation::chain::{ChainError, check_leaf, verify_chain};
-use attestation::x509::{CertificateFacts, ParsedCertificate, parse_certificate, parse_der};
+use std::sync::Arc;
+
+use attestation::x509::{CertificateFacts, ParsedCache, ParsedCertificate, parse_der};
 use attestation::{SasToken, SymmetricKey};
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
@@ -214,9 +216,10 @@ fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
 /// `caReferences` name (an unverified one is no anchor).
 fn group_anchors(
     attestation: &AttestationMechanism,
-    cas: &[(String, bool, ParsedCertificate)],
-) -> Vec<ParsedCertificate> {
-    let mut anchors = x509_certificates(attestation, false);
+    cas: &[(String, bool, Arc<ParsedCertificate>)],
+    cache: &ParsedCache,
+) -> Vec<Arc<ParsedCertificate>> {
+    let mut anchors = x509_certificates(attestation, false, cache);
     if let Some(refs) = attestation
         .x509
         .as_ref()
@@ -239,7 +242,8 @@ fn group_anchors(
 fn x509_certificates(
     attestation: &AttestationMechanism,
     individual: bool,
-) -> Vec<ParsedCertificate> {
+    cache: &ParsedCache,
+) -> Vec<Arc<ParsedCertificate>> {
     if attestation.kind != AttestationType::X509 {
         return Vec::new();
     }
@@ -256,7 +260,7 @@ fn x509_certificates(
         .flat_map(|c| [c.primary.as_ref(), c.secondary.as_ref()])
         .flatten()
         .filter_map(|c| c.certificate.as_deref())
-        .filter_map(|text| parse_certificate(text).ok())
+        .filter_map(|text| cache.parse(text).ok())
         .collect()
 }
 
@@ -294,7 +298,7 @@ async fn authenticate_x509(
 
     let individual = individual_enrollment(state, instance, id).await?;
     if let Some(enrollment) = &individual {
-        let enrolled = x509_certificates(&enrollment.attestation, true);
+        let enrolled = x509_certificates(&enrollment.attestation, true, &state.certificates);
         if enrolled
             .iter()
             .any(|c| c.facts.sha256_thumbprint == leaf.facts.sha256_thumbprint)
@@ -331,11 +335,11 @@ async fn authenticate_x509(
     };
     // The instance's CA certificates: anchors when verified and named by a group, and
     // intermediates for any path.
-    let cas = crate::admin_api::certificates::all(state.store.as_ref(), instance).await?;
+    let cas = crate::admin_api::certificates::all(state, instance).await?;
     let extra: Vec<Vec<u8>> = cas.iter().map(|(_, _, c)| c.der.clone()).collect();
-    let mut candidates: Vec<(usize, EnrollmentGroup, ParsedCertificate)> = Vec::new();
+    let mut candidates: Vec<(usize, EnrollmentGroup, Arc<ParsedCertificate>)> = Vec::new();
     find_group(state, instance, |group| {
-        for anchor in group_anchors(&group.attestation, &cas) {
+        for anchor in group_anchors(&group.attestation, &cas, &state.certificates) {
             // An anchor off the presented path may still be reached through an uploaded
             // intermediate; it is tried after the ones on the path.
             let at = depth(&anchor.facts).unwrap_or(usize::MAX);
@@ -358,7 +362,7 @@ async fn authenticate_x509(
                 return Ok(Attested {
                     disabled: group_disabled_reason(&group),
                     source: Source::Group(Box::new(group)),
-                    certificate: Some((leaf.facts, Some(anchor.facts))),
+                    certificate: Some((leaf.facts, Some(anchor.facts.clone()))),
                 });
             }
             // Only a failure on the presented path says something about this device's chain
