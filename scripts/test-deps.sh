@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
-# PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, Node.js with the npm packages
-# of the interop tests. Safe to run again. Prints the exports the tests read.
+# PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, swtpm with tpm2-tools and the
+# tpm2-tss libraries, Node.js with the npm packages of the interop tests. Safe to run again. Prints the exports the tests read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +11,12 @@ command -v node >/dev/null 2>&1 || packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || packages+=(npm)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v softhsm2-util >/dev/null 2>&1 || packages+=(softhsm2)
+# TPM: swtpm (and swtpm_setup for EK certificates), tpm2-tools for the compatibility test, and
+# the tpm2-tss libraries that tss-esapi links against.
+command -v swtpm >/dev/null 2>&1 || packages+=(swtpm)
+command -v swtpm_setup >/dev/null 2>&1 || packages+=(swtpm-tools)
+command -v tpm2_activatecredential >/dev/null 2>&1 || packages+=(tpm2-tools)
+pkg-config --exists tss2-esys 2>/dev/null || packages+=(libtss2-dev pkg-config)
 # The black-box tests signal the server with the kill program (not the shell builtin).
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || packages+=(procps)
 if [ "${#packages[@]}" -gt 0 ]; then

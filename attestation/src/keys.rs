@@ -51,10 +51,15 @@ impl SymmetricKey {
         let bytes = STANDARD
             .decode(value.trim().as_bytes())
             .map_err(|_| KeyError::NotBase64)?;
+        Self::from_bytes(&bytes)
+    }
+
+    /// A key of 16 to 64 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
         if !(MIN_KEY_BYTES..=MAX_KEY_BYTES).contains(&bytes.len()) {
             return Err(KeyError::BadLength(bytes.len()));
         }
-        Ok(Self(bytes))
+        Ok(Self(bytes.to_vec()))
     }
 
     /// A fresh random key of [`GENERATED_KEY_BYTES`].

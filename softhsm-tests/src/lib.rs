@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod swtpm;
+
 /// How long a server may take to print its start-up lines.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
