@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
 # PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, swtpm with tpm2-tools and the
-# tpm2-tss libraries, Node.js with the npm packages of the interop tests. Safe to run again. Prints the exports the tests read.
+# tpm2-tss libraries, Node.js with the npm packages of the interop tests. Safe to run again.
+# Prints the exports the tests read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

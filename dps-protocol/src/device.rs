@@ -20,6 +20,17 @@ pub struct DeviceRegistration {
     pub payload: Option<Value>,
 }
 
+/// The 401 answer to a TPM device's unauthenticated register: an activation blob whose key
+/// the device signs its SAS token with, under the key name `registration`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmChallenge {
+    /// Base64 of the six TPM2B fields (reference section 2.4).
+    pub authentication_key: String,
+    /// The `skn` the device puts in its token (the C SDK requires the field).
+    pub key_name: String,
+}
+
 /// The status of a registration operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -333,6 +333,18 @@ pub struct DeviceRegistrationState {
     /// X.509 devices: the certificate they presented and the group they came through.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509RegistrationResult>,
+    /// TPM devices: the activation blob of their hub key (device answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmRegistrationResult>,
+}
+
+/// `TpmRegistrationResult`: a second activation blob, whose key the device signs hub tokens
+/// with.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmRegistrationResult {
+    /// Base64 of the six TPM2B fields (reference section 2.4).
+    pub authentication_key: String,
 }
 
 /// `X509RegistrationResult`.

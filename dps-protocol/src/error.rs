@@ -39,6 +39,8 @@ pub enum ErrorCode {
     InvalidHeader,
     /// A bulk request holds too many items or an unknown mode.
     InvalidBulkOperation,
+    /// A TPM endorsement or storage root key is malformed or not the standard template.
+    InvalidTpmKey,
     /// No linked hub can take the device (the C SDK maps 400208 to "hub not specified").
     NoHubAvailable,
     /// No credentials, or credentials that do not verify.
@@ -98,6 +100,7 @@ impl ErrorCode {
             Self::IdMismatch => 400008,
             Self::InvalidHeader => 400009,
             Self::InvalidBulkOperation => 400010,
+            Self::InvalidTpmKey => 400011,
             Self::NoHubAvailable => 400208,
             Self::Unauthorized => 401002,
             Self::EnrollmentDisabled => 403002,

@@ -10,8 +10,11 @@
 //!
 //! [`soft`] is a TPM in software for tests and load generation.
 
+mod ek_certificate;
 pub mod soft;
 mod wire;
+
+pub use ek_certificate::{EkCertificateError, MAX_EK_CERTIFICATE_BYTES, verify_ek_certificate};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;

@@ -82,6 +82,17 @@ impl SoftTpm {
         marshal_rsa(&self.ek, EK_ATTRIBUTES, &EK_AUTH_POLICY)
     }
 
+    /// The EK as a DER PKCS#1 RSAPublicKey (the subject key of an EK certificate), for
+    /// issuing it one.
+    pub fn endorsement_key_pkcs1(&self) -> Result<Vec<u8>, TpmError> {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        self.ek
+            .to_public_key()
+            .to_pkcs1_der()
+            .map(|der| der.into_vec())
+            .map_err(|_| TpmError::Crypto("encoding the EK"))
+    }
+
     /// The SRK's TPM2B_PUBLIC, with the standard SRK template.
     pub fn storage_root_key(&self) -> Vec<u8> {
         marshal_rsa(&self.srk, SRK_ATTRIBUTES, &[])
