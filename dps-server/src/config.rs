@@ -36,6 +36,8 @@ pub struct Config {
     pub throttle: crate::throttle::ThrottleConfig,
     /// Allocation policy settings.
     pub allocation: AllocationConfig,
+    /// TPM attestation settings.
+    pub tpm: TpmConfig,
     /// The instance whose `ServiceConfig` policies manage all instances, and whose connection
     /// string is printed at start: the first configured instance, or `default`, when absent.
     pub admin_instance: Option<String>,
@@ -55,6 +57,7 @@ impl Default for Config {
             limits: Limits::default(),
             throttle: crate::throttle::ThrottleConfig::default(),
             allocation: AllocationConfig::default(),
+            tpm: TpmConfig::default(),
             admin_instance: None,
             instances: Vec::new(),
         }
@@ -71,6 +74,27 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// The CA clients should trust, printed at start (the certificate itself when absent).
     pub ca_cert: Option<PathBuf>,
+}
+
+/// TPM attestation settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TpmConfig {
+    /// PEM files of TPM manufacturer certificates. TPM enrollment groups admit devices whose EK
+    /// certificate chains to one of them; every certificate in the files is trusted, so list
+    /// the manufacturer's issuing CAs (or its root together with them).
+    pub manufacturer_certificates: Vec<PathBuf>,
+    /// How long a TPM challenge's key may be used, seconds. Each key signs one registration.
+    pub challenge_ttl_secs: u64,
+}
+
+impl Default for TpmConfig {
+    fn default() -> Self {
+        Self {
+            manufacturer_certificates: Vec::new(),
+            challenge_ttl_secs: 300,
+        }
+    }
 }
 
 /// Allocation policy settings.

@@ -104,6 +104,8 @@ pub fn not_found(kind: Kind, key: &str) -> ApiError {
         Kind::Owner => ErrorCode::OwnerNotFound,
         Kind::OwnershipRecord => ErrorCode::OwnershipRecordNotFound,
         Kind::CaCertificate => ErrorCode::CertificateNotFound,
+        // A missing challenge means the device has not proven anything yet.
+        Kind::TpmChallenge => ErrorCode::Unauthorized,
     };
     ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
 }
@@ -122,6 +124,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::Owner => "owner",
         Kind::OwnershipRecord => "ownership record",
         Kind::CaCertificate => "CA certificate",
+        Kind::TpmChallenge => "TPM challenge",
     }
 }
 

@@ -746,10 +746,6 @@ async fn bad_input_gets_clear_400s(backend: Backend) {
             json!({ "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": "bm90IGEgY2VydA==" } } } }),
             "certificate",
         ),
-        (
-            json!({ "type": "tpm", "tpm": { "endorsementKey": "AAEC" } }),
-            "endorsementKey",
-        ),
         (json!({ "type": "none" }), "attestation.type"),
         (json!({ "type": "x509", "symmetricKey": {} }), "attestation"),
     ];

@@ -141,7 +141,7 @@ mod tests {
         let (tpm, maker) = (SoftTpm::fixture(0).unwrap(), manufacturer());
         let cert = ek_certificate(&tpm, &maker, &[2, 23, 133, 8, 1]);
         assert_eq!(
-            verify_ek_certificate(&cert, &ek(&tpm), &[maker.der.clone()], NOW),
+            verify_ek_certificate(&cert, &ek(&tpm), std::slice::from_ref(&maker.der), NOW),
             Ok(())
         );
     }
@@ -152,7 +152,7 @@ mod tests {
         let cert = ek_certificate(&tpm, &maker, &[2, 23, 133, 8, 1]);
         let other = SoftTpm::fixture(1).unwrap();
         assert_eq!(
-            verify_ek_certificate(&cert, &ek(&other), &[maker.der.clone()], NOW),
+            verify_ek_certificate(&cert, &ek(&other), std::slice::from_ref(&maker.der), NOW),
             Err(EkCertificateError::KeyMismatch)
         );
         assert!(matches!(
@@ -165,7 +165,12 @@ mod tests {
         ));
         let server_auth = ek_certificate(&tpm, &maker, &[1, 3, 6, 1, 5, 5, 7, 3, 1]);
         assert!(matches!(
-            verify_ek_certificate(&server_auth, &ek(&tpm), &[maker.der.clone()], NOW),
+            verify_ek_certificate(
+                &server_auth,
+                &ek(&tpm),
+                std::slice::from_ref(&maker.der),
+                NOW
+            ),
             Err(EkCertificateError::Untrusted(_))
         ));
         assert_eq!(

@@ -6,7 +6,8 @@ use axum::Router;
 use axum::routing::{post, put};
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
-    AttestationMechanism, BulkItemError, BulkRequest, EnrollmentGroup, EnrollmentSettings,
+    AttestationMechanism, AttestationType, BulkItemError, BulkRequest, EnrollmentGroup,
+    EnrollmentSettings,
 };
 use dps_protocol::ids::EnrollmentGroupId;
 use serde_json::Value;
@@ -15,7 +16,7 @@ use super::AppState;
 use super::enrollments::{
     Enrollment, attestation_mechanism, bulk, delete_one, get_one, put_one, query,
 };
-use super::validate::Scope;
+use super::validate::{Scope, field_error};
 use crate::error::ApiError;
 use crate::store::{Kind, Write};
 
@@ -63,6 +64,32 @@ impl Enrollment for EnrollmentGroup {
             error_code: error.code().number(),
             error_status: error.message().to_owned(),
         }
+    }
+}
+
+/// A TPM enrollment group needs manufacturer certificates to admit anyone, and there is at
+/// most one per instance (a device names no group: its EK certificate alone admits it).
+pub async fn check_tpm_group(state: &AppState, ns: &str, key: &str) -> Result<(), ApiError> {
+    if state.tpm.manufacturer_certificates.is_empty() {
+        return Err(field_error(
+            "attestation.type",
+            "a TPM enrollment group admits devices by their EK certificate: configure the TPM manufacturer certificates (tpm.manufacturer_certificates) first",
+        ));
+    }
+    let other = crate::device_api::auth::find_group(state, ns, |group| {
+        (group.attestation.kind == AttestationType::Tpm
+            && !group.enrollment_group_id.eq_ignore_ascii_case(key))
+        .then_some(group.enrollment_group_id)
+    })
+    .await?;
+    match other {
+        Some(other) => Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "enrollment group '{other}' is this instance's TPM enrollment group; there can be one"
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -10,8 +10,8 @@ use axum::routing::{post, put};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::Right;
 use dps_protocol::enrollment::{
-    AttestationMechanism, BulkItemError, BulkMode, BulkRequest, BulkResult, EnrollmentSettings,
-    IndividualEnrollment, QuerySpecification,
+    AttestationMechanism, AttestationType, BulkItemError, BulkMode, BulkRequest, BulkResult,
+    EnrollmentSettings, IndividualEnrollment, QuerySpecification,
 };
 use dps_protocol::ids::{RegistrationId, check_device_id};
 use serde::Serialize;
@@ -179,6 +179,9 @@ async fn write<E: Enrollment>(
     let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
     validator.settings(enrollment.parts().1).await?;
     validator.ca_references(enrollment.parts().0).await?;
+    if E::SCOPE == Scope::Group && enrollment.attestation().kind == AttestationType::Tpm {
+        super::enrollment_groups::check_tpm_group(state, ns, &key).await?;
+    }
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
         let existing = match precondition {

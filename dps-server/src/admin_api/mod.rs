@@ -62,6 +62,8 @@ pub struct AppState {
     pub trusted_location_headers: Arc<crate::config::GeoConfig>,
     /// Enrollment and CA certificates already parsed (X.509 registrations read them all).
     pub certificates: Arc<attestation::x509::ParsedCache>,
+    /// TPM manufacturer certificates and the challenge lifetime.
+    pub tpm: Arc<crate::device_api::tpm::TpmTrust>,
 }
 
 /// Routes that act on one instance.

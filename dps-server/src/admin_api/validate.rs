@@ -7,8 +7,7 @@ use std::collections::HashMap;
 use allocation_policies::policy::Registry;
 use attestation::SymmetricKey;
 use attestation::x509::parse_certificate;
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
+use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
     AttestationMechanism, AttestationType, EnrollmentSettings, ProvisioningStatus,
     ReprovisionPolicy, SymmetricKeyAttestation, TpmAttestation, X509Attestation,
@@ -19,9 +18,6 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::store::{Kind, Store};
-
-/// Largest TPM2B_PUBLIC accepted (an RSA-4096 key with a policy is well under this).
-const MAX_TPM_PUBLIC_BYTES: usize = 1024;
 
 /// Whether the enrollment describes one device or a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -245,10 +241,8 @@ pub fn attestation(
             only(attestation.x509.is_some(), "x509")?;
             only(attestation.symmetric_key.is_some(), "symmetricKey")?;
             if scope == Scope::Group {
-                return Err(field_error(
-                    "attestation.type",
-                    "TPM attestation is only available for individual enrollments",
-                ));
+                // Members prove their EK with an EK certificate; the group names no key.
+                return only(attestation.tpm.is_some(), "tpm");
             }
             let tpm = attestation.tpm.as_ref().ok_or_else(|| {
                 missing("attestation.tpm", "TPM attestation needs attestation.tpm")
@@ -285,23 +279,21 @@ pub fn key_or_generate(
     }
 }
 
+/// The enrolled EK (and SRK, when given) must be the standard RSA-2048 templates: a device
+/// could never prove any other.
 fn check_tpm(tpm: &TpmAttestation) -> Result<(), ApiError> {
-    check_tpm2b_public("attestation.tpm.endorsementKey", &tpm.endorsement_key)?;
+    use attestation::tpm::{KeyRole, RsaPublic};
+    let refuse = |field: &str| {
+        let field = field.to_owned();
+        move |e: attestation::tpm::TpmError| {
+            ApiError::new(ErrorCode::InvalidTpmKey, e.to_string()).with_info("field", field.clone())
+        }
+    };
+    RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement)
+        .map_err(refuse("attestation.tpm.endorsementKey"))?;
     if let Some(srk) = &tpm.storage_root_key {
-        check_tpm2b_public("attestation.tpm.storageRootKey", srk)?;
-    }
-    Ok(())
-}
-
-fn check_tpm2b_public(field: &str, value: &str) -> Result<(), ApiError> {
-    let bad = || field_error(field, "must be base64 of a marshalled TPM2B_PUBLIC");
-    let bytes = STANDARD.decode(value.trim()).map_err(|_| bad())?;
-    if bytes.len() < 4 || bytes.len() > MAX_TPM_PUBLIC_BYTES {
-        return Err(bad());
-    }
-    let declared = usize::from(u16::from_be_bytes([bytes[0], bytes[1]]));
-    if declared != bytes.len() - 2 {
-        return Err(bad());
+        RsaPublic::from_base64(srk, KeyRole::StorageRoot)
+            .map_err(refuse("attestation.tpm.storageRootKey"))?;
     }
     Ok(())
 }
@@ -592,6 +584,9 @@ fn missing(field: &str, message: &str) -> ApiError {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+
     use super::*;
 
     #[test]
@@ -641,9 +636,26 @@ mod tests {
     }
 
     #[test]
-    fn tpm_keys_must_be_a_sized_tpm2b() {
-        assert!(check_tpm2b_public("ek", &STANDARD.encode([0, 2, 1, 2])).is_ok());
-        assert!(check_tpm2b_public("ek", &STANDARD.encode([0, 9, 1, 2])).is_err());
-        assert!(check_tpm2b_public("ek", "***").is_err());
+    fn tpm_keys_must_be_the_standard_templates() {
+        let tpm = attestation::tpm::soft::SoftTpm::fixture(0).unwrap();
+        let (ek, srk) = (
+            STANDARD.encode(tpm.endorsement_key()),
+            STANDARD.encode(tpm.storage_root_key()),
+        );
+        let keys = |ek: &str, srk: Option<&str>| TpmAttestation {
+            endorsement_key: ek.to_owned(),
+            storage_root_key: srk.map(str::to_owned),
+        };
+        assert!(check_tpm(&keys(&ek, Some(&srk))).is_ok());
+        assert!(check_tpm(&keys(&ek, None)).is_ok());
+        for bad in [
+            keys(&srk, None),
+            keys(&ek, Some(&ek)),
+            keys(&STANDARD.encode([0, 2, 1, 2]), None),
+            keys("***", None),
+        ] {
+            let err = check_tpm(&bad).unwrap_err();
+            assert_eq!(err.code(), ErrorCode::InvalidTpmKey, "{}", err.message());
+        }
     }
 }

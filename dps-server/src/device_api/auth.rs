@@ -8,6 +8,7 @@
 //!   individual enrollment whose client certificate has the leaf's thumbprint, else the group
 //!   whose signing certificate the presented chain reaches first, walking from the leaf
 //!   towards the root. The handshake already proved that the device holds the leaf's key.
+//! - TPM: a SAS token signed with the key of the device's TPM challenge (see [`super::tpm`]).
 
 use attestation::chain::{ChainError, check_leaf, verify_chain};
 use std::sync::Arc;
@@ -61,6 +62,20 @@ pub struct Attested {
     pub certificate: Option<(CertificateFacts, Option<CertificateFacts>)>,
     /// Set when an enrollment in its way is disabled: the reason.
     pub disabled: Option<String>,
+    /// TPM devices: the keys they proved, and the challenge a registration consumes.
+    pub tpm: Option<super::tpm::TpmProof>,
+}
+
+/// Which device request is being authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `PUT .../register`: starts a registration.
+    Register,
+    /// `GET .../operations/{id}`: the token's expiry is not checked (aziot reuses a 30-second
+    /// token for all polls), its signature is.
+    Poll,
+    /// `POST .../registrations/{id}`: the registration state.
+    Lookup,
 }
 
 fn denied() -> ApiError {
@@ -76,9 +91,8 @@ fn symmetric_keys(attestation: &AttestationMechanism) -> Option<(SymmetricKey, S
     Some((parse(&keys.primary_key)?, parse(&keys.secondary_key)?))
 }
 
-/// Authenticates the `Authorization` header of a device request for `id` in `instance`.
-/// `check_expiry` is false for polls of an operation the device already started (aziot reuses
-/// a 30-second token for all of them).
+/// Authenticates the `Authorization` header (or the client certificate) of a device request
+/// for `id` in `instance`.
 pub async fn authenticate(
     state: &AppState,
     instance: &str,
@@ -86,7 +100,7 @@ pub async fn authenticate(
     id: &RegistrationId,
     header: Option<&str>,
     chain: Option<&[Vec<u8>]>,
-    check_expiry: bool,
+    purpose: Purpose,
 ) -> Result<Attested, ApiError> {
     let header = match (header, chain) {
         (Some(header), _) => header,
@@ -98,7 +112,7 @@ pub async fn authenticate(
         }
     };
     let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-    if check_expiry {
+    if purpose != Purpose::Poll {
         token
             .check_expiry(
                 crate::admin_api::unix_now(),
@@ -124,7 +138,16 @@ pub async fn authenticate(
             source: Source::Individual(Box::new(enrollment.clone())),
             certificate: None,
             disabled: individual_disabled,
+            tpm: None,
         });
+    }
+    if individual
+        .as_ref()
+        .is_none_or(|e| e.attestation.kind == AttestationType::Tpm)
+        && let Some(attested) =
+            super::tpm::authenticate(state, instance, id, &token, purpose).await?
+    {
+        return Ok(attested);
     }
 
     // Groups: the device key is HMAC-SHA256(group key, registration id as sent).
@@ -143,12 +166,13 @@ pub async fn authenticate(
             disabled: individual_disabled.or_else(|| group_disabled_reason(&group)),
             source: Source::Group(Box::new(group)),
             certificate: None,
+            tpm: None,
         });
     }
     Err(denied())
 }
 
-async fn individual_enrollment(
+pub(crate) async fn individual_enrollment(
     state: &AppState,
     instance: &str,
     id: &RegistrationId,
@@ -162,7 +186,7 @@ async fn individual_enrollment(
 }
 
 /// Pages through the instance's enrollment groups until `found` returns something.
-async fn find_group<T>(
+pub(crate) async fn find_group<T>(
     state: &AppState,
     instance: &str,
     mut found: impl FnMut(EnrollmentGroup) -> Option<T>,
@@ -194,7 +218,7 @@ async fn find_group<T>(
     }
 }
 
-fn disabled_reason(individual: &IndividualEnrollment) -> Option<String> {
+pub(crate) fn disabled_reason(individual: &IndividualEnrollment) -> Option<String> {
     (individual.settings.provisioning_status == Some(ProvisioningStatus::Disabled)).then(|| {
         format!(
             "the enrollment of '{}' is disabled",
@@ -203,7 +227,7 @@ fn disabled_reason(individual: &IndividualEnrollment) -> Option<String> {
     })
 }
 
-fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
+pub(crate) fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
     (group.settings.provisioning_status == Some(ProvisioningStatus::Disabled)).then(|| {
         format!(
             "the enrollment group '{}' is disabled",
@@ -307,6 +331,7 @@ async fn authenticate_x509(
                 source: Source::Individual(Box::new(enrollment.clone())),
                 certificate: Some((leaf.facts, None)),
                 disabled: disabled_reason(enrollment),
+                tpm: None,
             });
         }
     }
@@ -363,6 +388,7 @@ async fn authenticate_x509(
                     disabled: group_disabled_reason(&group),
                     source: Source::Group(Box::new(group)),
                     certificate: Some((leaf.facts, Some(anchor.facts.clone()))),
+                    tpm: None,
                 });
             }
             // Only a failure on the presented path says something about this device's chain

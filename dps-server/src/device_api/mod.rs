@@ -4,6 +4,7 @@
 //! `POST /{idScope}/registrations/{id}` looks up the registration state.
 
 pub mod auth;
+pub mod tpm;
 
 use axum::Router;
 use axum::extract::{FromRequestParts, RawPathParams, State};
@@ -23,6 +24,7 @@ use crate::registration::{self, RegistrationRecord};
 use crate::server::{ClientChain, PeerAddr};
 use crate::store::{Kind, SERVER_NS};
 use crate::throttle::{Action, Throttled};
+use auth::Purpose;
 
 /// Routes of the device API.
 pub fn routes() -> Router<AppState> {
@@ -182,20 +184,31 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
     }
 }
 
-/// What every device request goes through: throttling, the ID scope's instance, and the
-/// device's proof. `check_expiry` is false for polls (aziot reuses a 30-second token for all
-/// of them: the signature is checked, not the expiry).
-async fn admit(
+/// What every device request goes through first: throttling, then the ID scope's instance.
+async fn enter(
     state: &AppState,
     path: &DevicePath,
     caller: &Caller,
     action: Action,
-    check_expiry: bool,
-) -> Result<(String, auth::Attested), DeviceError> {
+) -> Result<String, DeviceError> {
     state
         .throttle
         .check(action, &path.throttle_key(), caller.peer.map(|p| p.0.ip()))?;
-    let instance = instance_of(state, &path.scope).await?;
+    Ok(instance_of(state, &path.scope).await?)
+}
+
+/// [`enter`], then the device's proof.
+async fn admit(
+    state: &AppState,
+    path: &DevicePath,
+    caller: &Caller,
+    purpose: Purpose,
+) -> Result<(String, auth::Attested), DeviceError> {
+    let action = match purpose {
+        Purpose::Register => Action::Register,
+        Purpose::Poll | Purpose::Lookup => Action::Poll,
+    };
+    let instance = enter(state, path, caller, action).await?;
     let attested = auth::authenticate(
         state,
         &instance,
@@ -203,7 +216,7 @@ async fn admit(
         &path.id,
         authorization(&caller.headers),
         caller.chain.as_ref().map(|c| c.0.as_slice()),
-        check_expiry,
+        purpose,
     )
     .await?;
     Ok((instance, attested))
@@ -233,7 +246,17 @@ async fn register(
         )
         .into());
     }
-    let (instance, attested) = admit(&state, &path, &caller, Action::Register, true).await?;
+    // A TPM device's first request: no proof yet, so it gets a challenge.
+    if authorization(&caller.headers).is_none()
+        && caller.chain.is_none()
+        && let Some(keys) = &request.tpm
+    {
+        let instance = enter(&state, &path, &caller, Action::Register).await?;
+        let challenge =
+            tpm::challenge(&state, &instance, &path.id, keys, request.payload.as_ref()).await?;
+        return Ok(tpm::challenge_response(challenge));
+    }
+    let (instance, attested) = admit(&state, &path, &caller, Purpose::Register).await?;
     let source = caller.peer.map(|p| p.0.ip());
     let metadata = trusted_metadata(&state, &caller.headers);
     let operation = registration::start(
@@ -265,7 +288,7 @@ async fn operation_status(
     path: DevicePath,
     caller: Caller,
 ) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(&state, &path, &caller, Action::Poll, false).await?;
+    let (instance, _) = admit(&state, &path, &caller, Purpose::Poll).await?;
     let operation_id = path.operation.clone().unwrap_or_default();
     let operation =
         registration::load_operation(&state, &instance, &path.id, &operation_id).await?;
@@ -298,7 +321,7 @@ async fn status_lookup(
     path: DevicePath,
     caller: Caller,
 ) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(&state, &path, &caller, Action::Poll, true).await?;
+    let (instance, _) = admit(&state, &path, &caller, Purpose::Lookup).await?;
     let stored = crate::admin_api::load(
         state.store.as_ref(),
         &instance,

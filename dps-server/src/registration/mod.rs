@@ -14,8 +14,8 @@ use dps_protocol::admin::{Instance, LinkedHub};
 use dps_protocol::device::OperationStatus;
 use dps_protocol::enrollment::{
     AttestationType, DeviceRegistrationState, EnrollmentGroup, EnrollmentSettings,
-    IndividualEnrollment, SymmetricKeyRegistrationResult, X509CertificateWithInfo,
-    X509RegistrationResult,
+    IndividualEnrollment, SymmetricKeyRegistrationResult, TpmRegistrationResult,
+    X509CertificateWithInfo, X509RegistrationResult,
 };
 use dps_protocol::ids::RegistrationId;
 use serde::{Deserialize, Serialize};
@@ -71,9 +71,43 @@ pub struct OperationRecord {
     /// X.509 devices: the certificate they presented and the group certificate it reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<X509RegistrationResult>,
+    /// TPM devices: their hub key and the activation blob that carries it to their TPM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<TpmOperation>,
     /// The result, once terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_state: Option<DeviceRegistrationState>,
+}
+
+/// What a TPM device's registration hands on: a fresh key for the hub, and the activation
+/// blob that carries it into the device's TPM (`registrationState.tpm.authenticationKey`).
+/// Made once when the operation starts, so a retried assignment gives the hub the same key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TpmOperation {
+    /// Base64 activation blob.
+    pub authentication_key: String,
+    /// Base64 HMAC key inside it: the device's hub key.
+    pub hub_key: String,
+    /// SHA-256 of the EK's TPM2B_PUBLIC, hex (ownership records may name it).
+    pub ek_hash: String,
+}
+
+impl TpmOperation {
+    fn new(proof: &crate::device_api::tpm::TpmProof) -> Result<Self, ApiError> {
+        use attestation::tpm::{KeyRole, RsaPublic, activation_blob};
+        let corrupt = |e: attestation::tpm::TpmError| ApiError::internal("a stored TPM key", &e);
+        let ek = RsaPublic::from_base64(&proof.endorsement_key, KeyRole::Endorsement)
+            .map_err(corrupt)?;
+        let srk = RsaPublic::from_base64(&proof.storage_root_key, KeyRole::StorageRoot)
+            .map_err(corrupt)?;
+        let activation = activation_blob(&ek, &srk).map_err(corrupt)?;
+        Ok(Self {
+            authentication_key: activation.blob_base64(),
+            hub_key: activation.key.to_base64(),
+            ek_hash: proof.ek_hash.clone(),
+        })
+    }
 }
 
 /// A device's registration state as stored: the wire state plus what reprovisioning needs.
@@ -134,6 +168,10 @@ pub async fn start(
                 enrollment_group_id: None,
                 signing_certificate_info: anchor.clone().map(info_of),
             }),
+        tpm: match (&attested.tpm, &attested.disabled) {
+            (Some(proof), None) => Some(TpmOperation::new(proof)?),
+            _ => None,
+        },
         registration_state: None,
     };
     if let Some(reason) = &attested.disabled {
@@ -183,7 +221,32 @@ pub async fn start(
         doc: to_doc(&record)?,
         precondition: Precondition::MustNotExist,
     });
-    state.store.write(&writes).await?;
+    // A TPM challenge's key starts one registration: consumed with the operation's creation.
+    if let Some((etag, challenge)) = attested.tpm.as_ref().and_then(|t| t.consume.as_ref()) {
+        let mut consumed = challenge.clone();
+        consumed.operation_id = Some(record.operation_id.clone());
+        writes.push(Write::Put {
+            ns: ns.to_owned(),
+            kind: Kind::TpmChallenge,
+            key: id.key(),
+            parent: None,
+            tag: None,
+            doc: to_doc(&consumed)?,
+            precondition: Precondition::IfMatch(etag.clone()),
+        });
+    }
+    match state.store.write(&writes).await {
+        Ok(_) => {}
+        Err(StoreError::EtagMismatch {
+            kind: Kind::TpmChallenge,
+            ..
+        }) => {
+            return Err(ApiError::unauthorized(
+                "this TPM challenge's key already started a registration; register without Authorization for a new challenge",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
     if record.status == OperationStatus::Assigning {
         let state = state.clone();
         let (ns, key) = (ns.to_owned(), operation_key(&record.operation_id));
@@ -492,16 +555,31 @@ async fn outcome(
             )
         }
     };
+    // A TPM device's hub key is the one its second activation blob carries.
+    let keys = match &op.tpm {
+        Some(tpm) => HubAuth::Sas {
+            primary_key: tpm.hub_key.clone(),
+            secondary_key: tpm.hub_key.clone(),
+        },
+        None => keys,
+    };
     let metadata = op.metadata.clone();
     let certificate = op.x509.as_ref().and_then(|x| x.certificate_info.as_ref());
     let hardware_ids: Vec<DeviceKey> = certificate
         .and_then(|c| DeviceKey::new(DeviceKeyKind::CertificateSerial, &c.serial_number).ok())
         .into_iter()
+        .chain(
+            op.tpm
+                .as_ref()
+                .and_then(|t| DeviceKey::new(DeviceKeyKind::EkHash, &t.ek_hash).ok()),
+        )
         .collect();
     let device = Device {
         instance: ns,
         registration_id: id.as_str(),
-        attestation: if certificate.is_some() {
+        attestation: if op.tpm.is_some() {
+            "tpm"
+        } else if certificate.is_some() {
             "x509"
         } else {
             "symmetricKey"
@@ -597,8 +675,13 @@ async fn outcome(
             substatus: decision.substatus,
             payload: plan.payload.clone(),
             enrollment_group_id: group_id.clone(),
-            symmetric_key: op.x509.is_none().then(|| SymmetricKeyRegistrationResult {
-                enrollment_group_id: group_id.clone(),
+            symmetric_key: (op.x509.is_none() && op.tpm.is_none()).then(|| {
+                SymmetricKeyRegistrationResult {
+                    enrollment_group_id: group_id.clone(),
+                }
+            }),
+            tpm: op.tpm.as_ref().map(|t| TpmRegistrationResult {
+                authentication_key: t.authentication_key.clone(),
             }),
             x509: op.x509.clone().map(|x| X509RegistrationResult {
                 enrollment_group_id: group_id,

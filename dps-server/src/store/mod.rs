@@ -40,6 +40,8 @@ pub enum Kind {
     OwnershipRecord,
     /// A CA certificate for `caReferences` (keyed by lower-case name).
     CaCertificate,
+    /// A TPM device's pending challenge (keyed by lower-case registration id).
+    TpmChallenge,
 }
 
 impl Kind {
@@ -57,6 +59,7 @@ impl Kind {
             Kind::Owner => "owner",
             Kind::OwnershipRecord => "ownership-record",
             Kind::CaCertificate => "ca-certificate",
+            Kind::TpmChallenge => "tpm-challenge",
         }
     }
 }
