@@ -7,6 +7,7 @@ pub mod key;
 pub mod pkcs11;
 pub mod register;
 pub mod state;
+pub mod tpm;
 pub mod x509;
 
 pub use key::{Credential, KeySource, SasSigner};

@@ -1,5 +1,5 @@
 //! `dps-device register`: first-boot registration from the command line, with a symmetric key
-//! (the device's or its group's) or an X.509 certificate.
+//! (the device's or its group's), an X.509 certificate, or the device's TPM.
 //!
 //! Exit codes: 0 assigned (or already registered), 1 misconfigured (key, CA, state file),
 //! 2 bad command line, 3 refused by the service (credentials, request), 4 the service ended the
@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use attestation::tpm::{KeyRole, RsaPublic, registration_id};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use device_client::pkcs11::PinSource;
 use device_client::state::{self, DeviceState};
+use device_client::tpm::Tpm;
 use device_client::{
     ClientCertificate, Credential, KeySource, PrivateKeySource, Proof, Registration, SasSigner,
     register,
@@ -39,7 +41,7 @@ enum Output {
 
 #[derive(Debug, Args)]
 #[command(
-    group = clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key", "certificate"]),
+    group = clap::ArgGroup::new("credential").required(true).args(["symmetric_key", "group_key", "certificate", "tpm"]),
     args_override_self = true
 )]
 struct RegisterArgs {
@@ -50,7 +52,7 @@ struct RegisterArgs {
     #[arg(long, env = "DPS_ID_SCOPE")]
     id_scope: String,
     /// This device's registration id (with --certificate: the certificate's common name when
-    /// omitted).
+    /// omitted; with --tpm: lower-case base32 of the SHA-256 of the EK, as the Azure SDKs do).
     #[arg(long, env = "DPS_REGISTRATION_ID")]
     registration_id: Option<String>,
     /// The device's own key: file:PATH, env:NAME or a pkcs11: URI.
@@ -66,6 +68,11 @@ struct RegisterArgs {
     /// X.509: the certificate's private key, file:PATH (PEM) or a pkcs11: URI (used in place).
     #[arg(long, requires = "certificate")]
     private_key: Option<String>,
+    /// TPM attestation through this TCTI: device:/dev/tpmrm0, swtpm:host=HOST,port=PORT or
+    /// tabrmd. The EK and SRK are used from (or created at) 0x81010001 and 0x81000001, the EK
+    /// certificate in NV is sent when present, and the hub key is persisted at 0x81000100.
+    #[arg(long, value_name = "TCTI")]
+    tpm: Option<String>,
     /// File holding the PKCS#11 PIN (when the URI has no pin-source).
     #[arg(long, conflicts_with = "pin_env")]
     pin_file: Option<PathBuf>,
@@ -104,6 +111,9 @@ fn print(output: Output, state: &DeviceState, fresh: bool) {
         Output::Text => {
             println!("assigned-hub: {}", state.assignment.assigned_hub);
             println!("device-id: {}", state.assignment.device_id);
+            if let Some(handle) = &state.assignment.hub_key_handle {
+                println!("hub-key-handle: {handle}");
+            }
             if !fresh {
                 println!("(from the state file; use --force to register again)");
             }
@@ -130,12 +140,23 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         }
         _ => None,
     };
-    let registration_id = match (&args.registration_id, &certificate) {
-        (Some(id), _) => id.clone(),
-        (None, Some(certificate)) => certificate.common_name().ok_or_else(|| {
+    let tpm = args
+        .tpm
+        .as_deref()
+        .map(Tpm::open)
+        .transpose()
+        .map_err(|e| misconfigured(e.to_string()))?;
+    let registration_id = match (&args.registration_id, &certificate, &tpm) {
+        (Some(id), _, _) => id.clone(),
+        (None, Some(certificate), _) => certificate.common_name().ok_or_else(|| {
             misconfigured("the certificate has no common name: give --registration-id".into())
         })?,
-        (None, None) => return Err(misconfigured("give --registration-id".into())),
+        (None, None, Some(tpm)) => {
+            let ek = RsaPublic::parse(tpm.endorsement_key(), KeyRole::Endorsement)
+                .map_err(|e| misconfigured(e.to_string()))?;
+            registration_id(&ek)
+        }
+        (None, None, None) => return Err(misconfigured("give --registration-id".into())),
     };
     if !args.force
         && let Some(saved) = state::load(&args.state_file)
@@ -149,9 +170,10 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         print(args.output, &saved, false);
         return Ok(());
     }
-    let proof = match certificate {
-        Some(certificate) => Proof::Certificate(certificate),
-        None => {
+    let proof = match (certificate, tpm) {
+        (Some(certificate), _) => Proof::Certificate(certificate),
+        (None, Some(tpm)) => Proof::Tpm(tpm),
+        (None, None) => {
             let credential = match (&args.symmetric_key, &args.group_key) {
                 (Some(source), _) => Credential::DeviceKey(
                     source
@@ -165,7 +187,7 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
                 ),
                 (None, None) => {
                     return Err(misconfigured(
-                        "give --symmetric-key, --group-key or --certificate".into(),
+                        "give --symmetric-key, --group-key, --certificate or --tpm".into(),
                     ));
                 }
             };

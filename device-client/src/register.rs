@@ -2,12 +2,22 @@
 //! Polls wait as long as the service's `Retry-After` says; transient failures (connection
 //! errors, 429, 5xx) are retried with capped exponential backoff and jitter; everything stops
 //! at an overall deadline.
+//!
+//! A TPM device first asks for the service's challenge (a register request without
+//! `Authorization`, answered 401 with an activation blob), imports the blob's key into its TPM
+//! and signs its tokens with it; the assignment's second blob carries its hub key, which is
+//! persisted in the TPM.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use dps_protocol::ErrorBody;
-use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOperationStatus};
+use dps_protocol::device::{
+    DeviceRegistration, OperationStatus, RegistrationOperationStatus, TpmChallenge,
+};
+use dps_protocol::enrollment::TpmAttestation;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -15,6 +25,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::key::SasSigner;
+use crate::tpm::{HUB_KEY_HANDLE, LoadedKey, Tpm};
 use crate::x509::ClientCertificate;
 
 /// The device API version the client speaks.
@@ -34,7 +45,12 @@ pub enum Proof {
     Sas(SasSigner),
     /// A client certificate in the TLS handshake.
     Certificate(ClientCertificate),
+    /// A TPM: the service's challenge, then SAS tokens signed inside the TPM.
+    Tpm(Tpm),
 }
+
+/// Where a TPM group member sends its EK certificate: this field of the payload.
+pub const EK_CERTIFICATE_FIELD: &str = "tpmEndorsementKeyCertificate";
 
 /// What to register.
 #[derive(Debug)]
@@ -68,6 +84,9 @@ pub struct Assignment {
     pub substatus: Option<String>,
     /// When the assignment was received (RFC 3339).
     pub registered_at: String,
+    /// TPM devices: the persistent handle of the key to sign hub tokens with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_key_handle: Option<String>,
 }
 
 /// Why registration did not produce an assignment.
@@ -206,14 +225,7 @@ async fn classify(
             after,
         }));
     }
-    let (code, message) = serde_json::from_str::<ErrorBody>(&text)
-        .map(|e| (e.error_code, e.message))
-        .unwrap_or((0, text));
-    Err(RegisterError::Rejected {
-        status: status.as_u16(),
-        code,
-        message,
-    })
+    Err(refusal(status, text))
 }
 
 /// Capped exponential backoff with full jitter.
@@ -230,9 +242,10 @@ fn backoff(attempt: u32) -> Duration {
 pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignment, RegisterError> {
     let started = Instant::now();
     let deadline = started + request.timeout;
-    let (signer, certificate) = match proof {
-        Proof::Sas(signer) => (Some(signer), None),
-        Proof::Certificate(certificate) => (None, Some(certificate)),
+    let (signer, certificate, tpm) = match proof {
+        Proof::Sas(signer) => (Some(signer), None, None),
+        Proof::Certificate(certificate) => (None, Some(certificate), None),
+        Proof::Tpm(tpm) => (None, None, Some(tpm)),
     };
     let client = http_client(request.ca_cert.as_ref(), certificate)?;
     let base = request.endpoint.trim_end_matches('/');
@@ -242,21 +255,16 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
         "{}/registrations/{}",
         request.id_scope, request.registration_id
     );
-    // X.509 devices send no Authorization header.
-    let authorize = |request: reqwest::RequestBuilder| match signer {
-        Some(signer) => signer
-            .token(
-                &attestation::sas::encode_uri_component(&resource),
-                TOKEN_LIFETIME,
-            )
-            .map(|token| request.header("Authorization", token))
-            .map_err(|e| RegisterError::Config(e.to_string())),
-        None => Ok(request),
-    };
     let body = DeviceRegistration {
         registration_id: Some(request.registration_id.clone()),
-        tpm: None,
-        payload: request.payload.clone(),
+        tpm: tpm.map(|tpm| TpmAttestation {
+            endorsement_key: STANDARD.encode(tpm.endorsement_key()),
+            storage_root_key: Some(STANDARD.encode(tpm.storage_root_key())),
+        }),
+        payload: match tpm {
+            Some(tpm) => with_ek_certificate(request.payload.clone(), tpm),
+            None => request.payload.clone(),
+        },
     };
     let timeout = |last: &str| RegisterError::Timeout(request.timeout, last.to_owned());
     let mut failures = 0u32;
@@ -273,6 +281,70 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
 
     let register_url =
         format!("{base}/{scope}/registrations/{id}/register?api-version={API_VERSION}");
+
+    // A TPM device asks for the challenge first and signs with its key from then on.
+    let mut challenge: Option<(LoadedKey, String)> = None;
+    if let Some(tpm) = tpm {
+        let answer = loop {
+            let sent = client.put(&register_url).json(&body).send().await;
+            let attempt = match sent {
+                Ok(response) if response.status() == StatusCode::UNAUTHORIZED => {
+                    let text = response.text().await.unwrap_or_default();
+                    match serde_json::from_str::<TpmChallenge>(&text) {
+                        Ok(answer) => Attempt::Done(answer),
+                        Err(_) => return Err(refusal(StatusCode::UNAUTHORIZED, text)),
+                    }
+                }
+                Ok(response) => match classify(response).await? {
+                    Attempt::Done((status, _)) => {
+                        return Err(RegisterError::Config(format!(
+                            "the service answered a TPM device's first request with HTTP {status}, not with a challenge"
+                        )));
+                    }
+                    Attempt::Retry(transient) => Attempt::Retry(transient),
+                },
+                Err(e) => Attempt::Retry(Transient {
+                    reason: format!("cannot reach {base}: {e}"),
+                    after: None,
+                }),
+            };
+            match attempt {
+                Attempt::Done(answer) => break answer,
+                Attempt::Retry(transient) => {
+                    let pause = wait_until(transient, &mut failures)?;
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        };
+        let blob = STANDARD
+            .decode(answer.authentication_key.as_bytes())
+            .map_err(|_| {
+                RegisterError::Config("the service's authenticationKey is not base64".into())
+            })?;
+        let key = tpm
+            .import(&blob)
+            .map_err(|e| RegisterError::Config(e.to_string()))?;
+        challenge = Some((key, answer.key_name));
+    }
+
+    // X.509 devices send no Authorization header.
+    let encoded_resource = attestation::sas::encode_uri_component(&resource);
+    let authorize = |request: reqwest::RequestBuilder| {
+        let token = match (signer, tpm.zip(challenge.as_ref())) {
+            (Some(signer), _) => signer
+                .token(&encoded_resource, TOKEN_LIFETIME)
+                .map_err(|e| RegisterError::Config(e.to_string()))?,
+            (None, Some((tpm, (key, key_name)))) => {
+                let expiry = unix_now().saturating_add(TOKEN_LIFETIME.as_secs());
+                attestation::sas::sign_with(&encoded_resource, expiry, Some(key_name), |m| {
+                    tpm.hmac(*key, m)
+                })
+                .map_err(|e| RegisterError::Config(e.to_string()))?
+            }
+            _ => return Ok(request),
+        };
+        Ok(request.header("Authorization", token))
+    };
     let accepted: RegistrationOperationStatus = loop {
         let sent = authorize(client.put(&register_url))?
             .json(&body)
@@ -331,13 +403,74 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
             }),
         };
         match attempt {
-            Attempt::Done(text) => return finish(&text),
+            Attempt::Done(text) => {
+                let (mut assignment, hub_blob) = finish(&text)?;
+                if let Some((tpm, (key, _))) = tpm.zip(challenge) {
+                    tpm.flush(key)
+                        .map_err(|e| RegisterError::Config(e.to_string()))?;
+                    assignment.hub_key_handle = Some(persist_hub_key(tpm, hub_blob)?);
+                }
+                return Ok(assignment);
+            }
             Attempt::Retry(transient) => pause = wait_until(transient, &mut failures)?,
         }
     }
 }
 
-fn finish(text: &str) -> Result<Assignment, RegisterError> {
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The payload with the TPM's EK certificate added (a TPM enrollment group admits devices by
+/// it), when the TPM has one and the payload is an object or absent.
+fn with_ek_certificate(payload: Option<Value>, tpm: &Tpm) -> Option<Value> {
+    let Some(certificate) = tpm.ek_certificate() else {
+        return payload;
+    };
+    let mut payload = payload.unwrap_or_else(|| Value::Object(serde_json::Map::new()));
+    if let Value::Object(map) = &mut payload {
+        map.insert(
+            EK_CERTIFICATE_FIELD.into(),
+            Value::String(STANDARD.encode(certificate)),
+        );
+    }
+    Some(payload)
+}
+
+/// Imports the assignment's blob and persists its key for the hub.
+fn persist_hub_key(tpm: &Tpm, blob: Option<String>) -> Result<String, RegisterError> {
+    let blob = blob.ok_or_else(|| {
+        RegisterError::Config(
+            "the assignment has no tpm.authenticationKey for the device's hub key".into(),
+        )
+    })?;
+    let blob = STANDARD.decode(blob.as_bytes()).map_err(|_| {
+        RegisterError::Config("the assignment's tpm.authenticationKey is not base64".into())
+    })?;
+    let key = tpm
+        .import(&blob)
+        .map_err(|e| RegisterError::Config(e.to_string()))?;
+    tpm.persist_hub_key(key)
+        .map_err(|e| RegisterError::Config(e.to_string()))?;
+    Ok(format!("0x{HUB_KEY_HANDLE:08x}"))
+}
+
+/// A refusal with the service's error body, if it sent one.
+fn refusal(status: StatusCode, text: String) -> RegisterError {
+    let (code, message) = serde_json::from_str::<ErrorBody>(&text)
+        .map(|e| (e.error_code, e.message))
+        .unwrap_or((0, text));
+    RegisterError::Rejected {
+        status: status.as_u16(),
+        code,
+        message,
+    }
+}
+
+/// The assignment, and the TPM hub-key blob when there is one.
+fn finish(text: &str) -> Result<(Assignment, Option<String>), RegisterError> {
     let answer: RegistrationOperationStatus = serde_json::from_str(text).map_err(|e| {
         RegisterError::Config(format!(
             "the service's answer is not a registration status: {e}"
@@ -350,15 +483,19 @@ fn finish(text: &str) -> Result<Assignment, RegisterError> {
         message: state.error_message.clone().unwrap_or_default(),
     };
     match answer.status {
-        OperationStatus::Assigned => Ok(Assignment {
-            registration_id: state.registration_id.clone(),
-            assigned_hub: state.assigned_hub.clone().unwrap_or_default(),
-            device_id: state.device_id.clone().unwrap_or_default(),
-            substatus: state.substatus.clone(),
-            registered_at: OffsetDateTime::now_utc()
-                .format(&Rfc3339)
-                .unwrap_or_default(),
-        }),
+        OperationStatus::Assigned => Ok((
+            Assignment {
+                registration_id: state.registration_id.clone(),
+                assigned_hub: state.assigned_hub.clone().unwrap_or_default(),
+                device_id: state.device_id.clone().unwrap_or_default(),
+                substatus: state.substatus.clone(),
+                registered_at: OffsetDateTime::now_utc()
+                    .format(&Rfc3339)
+                    .unwrap_or_default(),
+                hub_key_handle: None,
+            },
+            state.tpm.as_ref().map(|t| t.authentication_key.clone()),
+        )),
         OperationStatus::Disabled => Err(ended("disabled")),
         _ => Err(ended("failed")),
     }

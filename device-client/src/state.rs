@@ -55,6 +55,7 @@ mod tests {
                 device_id: "dev-1".into(),
                 substatus: Some("initialAssignment".into()),
                 registered_at: "2026-11-24T05:00:00Z".into(),
+                hub_key_handle: Some("0x81000100".into()),
             },
         };
         save(&path, &state).unwrap();

@@ -114,7 +114,7 @@ pub struct CreateEnrollment {
     /// Registration id (enrollments) or group id (groups).
     pub id: String,
     /// Symmetric-key attestation (the default); keys are generated unless given.
-    #[arg(long, conflicts_with_all = ["certificate", "ca_reference", "endorsement_key"])]
+    #[arg(long, conflicts_with_all = ["certificate", "ca_reference", "endorsement_key", "tpm"])]
     pub symmetric_key: bool,
     /// Base64 primary key.
     #[arg(long)]
@@ -128,9 +128,17 @@ pub struct CreateEnrollment {
     /// X.509 attestation of a group: the name of a verified CA certificate (`certificate`).
     #[arg(long)]
     pub ca_reference: Option<String>,
-    /// TPM attestation: base64 TPM2B_PUBLIC of the endorsement key.
-    #[arg(long)]
+    /// TPM attestation of an enrollment: base64 TPM2B_PUBLIC of the endorsement key.
+    #[arg(long, conflicts_with_all = ["certificate", "ca_reference", "tpm"])]
     pub endorsement_key: Option<String>,
+    /// TPM attestation of an enrollment: base64 TPM2B_PUBLIC of the storage root key
+    /// (optional; the device presents its SRK when it registers).
+    #[arg(long, requires = "endorsement_key")]
+    pub storage_root_key: Option<String>,
+    /// TPM attestation of a group: members are admitted by an EK certificate from a configured
+    /// TPM manufacturer (tpm.manufacturer_certificates).
+    #[arg(long, conflicts_with_all = ["certificate", "ca_reference"])]
+    pub tpm: bool,
     /// Device id in the hub (enrollments only).
     #[arg(long)]
     pub device_id: Option<String>,
@@ -1023,7 +1031,15 @@ fn enrollment_body(create: &CreateEnrollment, id_field: &str) -> anyhow::Result<
     } else if let Some(name) = &create.ca_reference {
         json!({ "type": "x509", "x509": { "caReferences": { "primary": name } } })
     } else if let Some(ek) = &create.endorsement_key {
-        json!({ "type": "tpm", "tpm": { "endorsementKey": ek } })
+        let mut keys = json!({ "endorsementKey": ek });
+        set_opt(
+            &mut keys,
+            "storageRootKey",
+            create.storage_root_key.clone().map(Value::from),
+        );
+        json!({ "type": "tpm", "tpm": keys })
+    } else if create.tpm {
+        json!({ "type": "tpm" })
     } else {
         let mut keys = json!({});
         set_opt(
