@@ -1,5 +1,7 @@
 //! Hot functions of device authentication: SAS verification (individual and against a group's
-//! derived key), group key derivation, and X.509 leaf checks and chain verification.
+//! derived key), group key derivation, X.509 leaf checks and chain verification, and TPM:
+//! parsing the EK and SRK of a challenge and building its activation blob (the software TPM's
+//! activation, the device's side, is measured for comparison).
 //! Run: `cargo bench -p attestation --bench attestation`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -62,5 +64,27 @@ fn x509(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sas, x509);
+fn tpm(c: &mut Criterion) {
+    use attestation::tpm::soft::SoftTpm;
+    use attestation::tpm::{KeyRole, RsaPublic, activation_blob};
+    let device = SoftTpm::fixture(0).unwrap();
+    let (ek_bytes, srk_bytes) = (device.endorsement_key(), device.storage_root_key());
+    let ek = RsaPublic::parse(&ek_bytes, KeyRole::Endorsement).unwrap();
+    let srk = RsaPublic::parse(&srk_bytes, KeyRole::StorageRoot).unwrap();
+    c.bench_function("tpm/parse_ek_and_srk", |b| {
+        b.iter(|| {
+            RsaPublic::parse(black_box(&ek_bytes), KeyRole::Endorsement).unwrap();
+            RsaPublic::parse(black_box(&srk_bytes), KeyRole::StorageRoot).unwrap();
+        })
+    });
+    c.bench_function("tpm/activation_blob", |b| {
+        b.iter(|| activation_blob(black_box(&ek), black_box(&srk)).unwrap())
+    });
+    let blob = activation_blob(&ek, &srk).unwrap().blob;
+    c.bench_function("tpm/soft_device_activate", |b| {
+        b.iter(|| device.activate(black_box(&blob)).unwrap())
+    });
+}
+
+criterion_group!(benches, sas, x509, tpm);
 criterion_main!(benches);

@@ -1,15 +1,23 @@
 //! The ceiling: a server built from the service's own TLS configuration (optional client
 //! certificates included) and accept loop, answering the device requests with canned answers
 //! and doing no other work. What it sustains is the most the service could on this machine.
+//! TPM devices get a challenge too: a real activation blob for their keys, made once per TPM
+//! and then served from memory.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use attestation::tpm::{KeyRole, RsaPublic, activation_blob};
 use axum::Router;
-use axum::extract::Path;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use dps_protocol::device::DeviceRegistration;
+use dps_protocol::enrollment::TpmAttestation;
 use dps_server::config::TlsConfig;
 use dps_server::tls::TlsMaterial;
 use serde_json::json;
@@ -39,7 +47,30 @@ impl CeilingServer {
     }
 }
 
-async fn register(Path((_, id)): Path<(String, String)>) -> impl IntoResponse {
+/// Activation blobs by EK, for TPM devices.
+type Challenges = Arc<Mutex<HashMap<String, String>>>;
+
+async fn register(
+    State(challenges): State<Challenges>,
+    Path((_, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !headers.contains_key(header::AUTHORIZATION)
+        && let Ok(request) = serde_json::from_slice::<DeviceRegistration>(&body)
+        && let Some(tpm) = request.tpm
+    {
+        return match challenge(&challenges, &tpm) {
+            Some(blob) => (
+                StatusCode::UNAUTHORIZED,
+                dps_server::json::Json(
+                    json!({ "authenticationKey": blob, "keyName": "registration" }),
+                ),
+            )
+                .into_response(),
+            None => StatusCode::BAD_REQUEST.into_response(),
+        };
+    }
     (
         StatusCode::ACCEPTED,
         [(header::RETRY_AFTER, "1")],
@@ -47,6 +78,20 @@ async fn register(Path((_, id)): Path<(String, String)>) -> impl IntoResponse {
             json!({ "operationId": format!("4.ceiling.{id}"), "status": "assigning" }),
         ),
     )
+        .into_response()
+}
+
+fn challenge(challenges: &Challenges, tpm: &TpmAttestation) -> Option<String> {
+    let mut cache = challenges.lock().ok()?;
+    if let Some(blob) = cache.get(&tpm.endorsement_key) {
+        return Some(blob.clone());
+    }
+    let ek = RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement).ok()?;
+    let srk =
+        RsaPublic::from_base64(tpm.storage_root_key.as_deref()?, KeyRole::StorageRoot).ok()?;
+    let blob = activation_blob(&ek, &srk).ok()?.blob_base64();
+    cache.insert(tpm.endorsement_key.clone(), blob.clone());
+    Some(blob)
 }
 
 async fn operation(Path((_, id, op)): Path<(String, String, String)>) -> impl IntoResponse {
@@ -70,7 +115,8 @@ pub async fn start() -> anyhow::Result<CeilingServer> {
         .route(
             "/{scope}/registrations/{id}/operations/{operation}",
             get(operation),
-        );
+        )
+        .with_state(Challenges::default());
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = watch::channel(false);

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use attestation::SymmetricKey;
 use attestation::sas::{encode_uri_component, sign};
+use attestation::tpm::soft::SoftTpm;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
@@ -124,6 +127,25 @@ pub async fn import(admin: Arc<Admin>, n: usize, concurrency: usize) -> anyhow::
 enum Proof {
     Sas(SymmetricKey),
     Certificate(Arc<rustls::ClientConfig>),
+    /// A software TPM: the challenge, then SAS tokens signed with its key.
+    Tpm(Arc<SoftTpm>),
+}
+
+/// How many software TPMs the devices of a TPM run share (each costs an RSA key generation).
+const TPM_POOL: usize = 4;
+
+/// The software TPMs of a TPM run.
+fn tpm_pool() -> anyhow::Result<Vec<Arc<SoftTpm>>> {
+    eprintln!("generating {TPM_POOL} software TPMs...");
+    (0..TPM_POOL)
+        .map(|_| Ok(Arc::new(SoftTpm::generate()?)))
+        .collect()
+}
+
+/// The `tpm` object of a TPM device's register body.
+fn tpm_keys(tpm: &SoftTpm) -> Value {
+    json!({ "endorsementKey": STANDARD.encode(tpm.endorsement_key()),
+        "storageRootKey": STANDARD.encode(tpm.storage_root_key()) })
 }
 
 /// A simulated device.
@@ -196,12 +218,19 @@ impl Fleet {
     pub fn for_ceiling(mode: Mode, n: usize, ca_cert: &Path) -> anyhow::Result<Self> {
         let plain = Arc::new(tls_config(ca_cert, None)?);
         let ca = (mode == Mode::X509).then(SoftwareCa::new).transpose()?;
+        let tpms = if mode == Mode::Tpm {
+            tpm_pool()?
+        } else {
+            Vec::new()
+        };
         let devices = ids(mode, n)
             .into_iter()
-            .map(|id| {
-                let proof = match &ca {
-                    Some(ca) => Proof::Certificate(ca.device(&id, ca_cert)?),
-                    None => Proof::Sas(SymmetricKey::generate()?),
+            .enumerate()
+            .map(|(i, id)| {
+                let proof = match (&ca, tpms.get(i % TPM_POOL)) {
+                    (Some(ca), _) => Proof::Certificate(ca.device(&id, ca_cert)?),
+                    (None, Some(tpm)) => Proof::Tpm(tpm.clone()),
+                    (None, None) => Proof::Sas(SymmetricKey::generate()?),
                 };
                 Ok(SimDevice { id, proof })
             })
@@ -265,6 +294,31 @@ impl Fleet {
                         id,
                     })
                     .collect()
+            }
+            Mode::Tpm => {
+                let tpms = tpm_pool()?;
+                let mut devices = Vec::with_capacity(n);
+                for chunk in ids.chunks(BULK) {
+                    let mut enrollments = Vec::with_capacity(chunk.len());
+                    for id in chunk {
+                        let tpm = tpms[devices.len() % TPM_POOL].clone();
+                        enrollments.push(json!({ "registrationId": id,
+                            "attestation": { "type": "tpm", "tpm": {
+                                "endorsementKey": STANDARD.encode(tpm.endorsement_key()) } } }));
+                        devices.push(SimDevice {
+                            id: id.clone(),
+                            proof: Proof::Tpm(tpm),
+                        });
+                    }
+                    send(
+                        admin,
+                        reqwest::Method::POST,
+                        "/enrollments",
+                        &json!({ "mode": "create", "enrollments": enrollments }),
+                    )
+                    .await?;
+                }
+                devices
             }
             Mode::X509 => {
                 let ca = SoftwareCa::new()?;
@@ -337,7 +391,7 @@ impl Fleet {
             };
             let config = match &device.proof {
                 Proof::Certificate(config) => config.clone(),
-                Proof::Sas(_) => self.plain.clone(),
+                Proof::Sas(_) | Proof::Tpm(_) => self.plain.clone(),
             };
             let (endpoint, scope, done, failed) = (
                 endpoint.clone(),
@@ -402,16 +456,38 @@ async fn register_one(
         .build()
         .map_err(|_| "client".to_owned())?;
     let resource = encode_uri_component(&format!("{scope}/registrations/{}", device.id));
-    let authorize = |request: reqwest::RequestBuilder| match &device.proof {
-        Proof::Sas(key) => request.header(
+    let base = format!("{endpoint}/{scope}/registrations/{}", device.id);
+    let register_url = format!("{base}/register?api-version=2021-06-01");
+    let mut body = json!({ "registrationId": device.id });
+    // A TPM device answers the challenge first; its key then signs the tokens.
+    let key = match &device.proof {
+        Proof::Sas(key) => Some(key.clone()),
+        Proof::Certificate(_) => None,
+        Proof::Tpm(tpm) => {
+            body["tpm"] = tpm_keys(tpm);
+            let (status, challenge, _) =
+                answer(client.put(&register_url).json(&body).send().await).await?;
+            let blob = challenge["authenticationKey"]
+                .as_str()
+                .and_then(|b| STANDARD.decode(b).ok())
+                .ok_or_else(|| error_code("challenge", status, &challenge))?;
+            let tpm = tpm.clone();
+            let key = tokio::task::spawn_blocking(move || tpm.activate(&blob))
+                .await
+                .map_err(|_| "task-panicked".to_owned())?
+                .map_err(|_| "activation".to_owned())?;
+            Some(key)
+        }
+    };
+    let authorize = |request: reqwest::RequestBuilder| match &key {
+        Some(key) => request.header(
             "Authorization",
             sign(&resource, key, unix_now() + 3600, Some("registration")),
         ),
-        Proof::Certificate(_) => request,
+        None => request,
     };
-    let base = format!("{endpoint}/{scope}/registrations/{}", device.id);
-    let sent = authorize(client.put(format!("{base}/register?api-version=2021-06-01")))
-        .json(&json!({ "registrationId": device.id }))
+    let sent = authorize(client.put(&register_url))
+        .json(&body)
         .send()
         .await;
     let (status, body, after) = answer(sent).await?;

@@ -76,6 +76,9 @@ pub enum Mode {
     Group,
     /// Devices present certificates (software keys) issued by an X.509 group's CA.
     X509,
+    /// Each device has its own TPM individual enrollment and answers the service's challenge
+    /// with a software TPM (a few simulated TPMs are shared by all devices).
+    Tpm,
 }
 
 /// Report format.

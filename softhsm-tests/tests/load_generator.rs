@@ -36,7 +36,7 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
         .unwrap();
     let endpoint = format!("https://localhost:{port}");
     let ca = server.ca_certificate.to_str().unwrap().to_owned();
-    for mode in ["individual", "group", "x509"] {
+    for mode in ["individual", "group", "x509", "tpm"] {
         let answer = report(&[
             "run",
             "--endpoint",
@@ -107,7 +107,7 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
     let hub = server
         .admin_json(&["hub", "show", "hub-a.example.com"])
         .unwrap();
-    assert_eq!(hub["deviceCount"], 36, "{hub}");
+    assert_eq!(hub["deviceCount"], 48, "{hub}");
     // A wrong connection string fails clearly.
     let output = Command::new(load_binary().unwrap())
         .args([
