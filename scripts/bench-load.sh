@@ -2,7 +2,8 @@
 # Registration throughput and latency of a release build, each mode against the service and
 # against the ceiling (the same TLS stack and accept loop with canned answers) in one run.
 # Usage: scripts/bench-load.sh [DEVICES] [CONCURRENCY]   (defaults 2000 and 64)
-# Set DPS_BENCH_DATABASE_URL to measure on PostgreSQL instead of SQLite.
+# Set DPS_BENCH_DATABASE_URL to measure on PostgreSQL instead of SQLite, and DPS_BENCH_MODES to
+# run some of the modes (default: individual group x509 tpm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices="${1:-2000}"
@@ -28,7 +29,7 @@ scope="$(sed -n 's/^id-scope: //p' "$work/server.out")"
 ca="$(sed -n 's/^ca-certificate: //p' "$work/server.out")"
 target/release/dps-server admin --connection-string "$connection" --endpoint "https://localhost:$port" \
   --ca-cert "$ca" hub set hub-a.example.com >/dev/null
-for mode in individual group x509; do
+for mode in ${DPS_BENCH_MODES:-individual group x509 tpm}; do
   # Devices poll every 10 ms instead of the 1 s Retry-After, so that the run measures the
   # service rather than the devices' patience.
   target/release/dps-load run --endpoint "https://localhost:$port" --connection-string "$connection" \

@@ -320,7 +320,11 @@ impl Config {
             .merge(
                 Env::prefixed("DPS_")
                     .ignore(NOT_CONFIG_ENV)
-                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+                    // The test suite's and the benchmark scripts' own variables.
+                    .filter(|key| {
+                        let key = key.as_str().to_ascii_lowercase();
+                        !key.starts_with("test_") && !key.starts_with("bench_")
+                    })
                     .split("__"),
             )
             .merge(Serialized::defaults(overrides));

@@ -105,11 +105,14 @@ impl Enrollment for IndividualEnrollment {
     }
 
     fn cascade_delete(ns: &str, key: &str) -> Vec<Write> {
-        vec![Write::Purge {
-            ns: ns.to_owned(),
-            kind: Kind::RegistrationState,
-            key: key.to_owned(),
-        }]
+        [Kind::RegistrationState, Kind::TpmChallenge]
+            .into_iter()
+            .map(|kind| Write::Purge {
+                ns: ns.to_owned(),
+                kind,
+                key: key.to_owned(),
+            })
+            .collect()
     }
 
     async fn decorate(&mut self, state: &AppState, ns: &str) -> Result<(), ApiError> {
