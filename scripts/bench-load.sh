@@ -29,6 +29,9 @@ scope="$(sed -n 's/^id-scope: //p' "$work/server.out")"
 ca="$(sed -n 's/^ca-certificate: //p' "$work/server.out")"
 target/release/dps-server admin --connection-string "$connection" --endpoint "https://localhost:$port" \
   --ca-cert "$ca" hub set hub-a.example.com >/dev/null
+rss() { awk -v key="$1:" '$1 == key { printf "%.1f MB", $2 / 1024 }' "/proc/$server/status"; }
+sleep 2
+echo "server RSS at idle: $(rss VmRSS)"
 for mode in ${DPS_BENCH_MODES:-individual group x509 tpm}; do
   # Devices poll every 10 ms instead of the 1 s Retry-After, so that the run measures the
   # service rather than the devices' patience.
@@ -37,3 +40,4 @@ for mode in ${DPS_BENCH_MODES:-individual group x509 tpm}; do
     --mode "$mode" --poll-ms 10 --compare-ceiling 2>/dev/null
   echo
 done
+echo "server peak RSS (VmHWM) after the runs: $(rss VmHWM)"
