@@ -45,6 +45,20 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
 const SQLITE_PRAGMAS: &str =
     "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL;";
 
+/// A parent's children, in key order. Without statistics SQLite's planner prefers the primary
+/// key (it gives the order) and reads every document of the kind to filter on the parent, which
+/// made each registration read all operations; on SQLite the parent index is named.
+const LIST_BY_PARENT: &str = "SELECT key, doc, etag, created_at, updated_at FROM documents \
+     WHERE ns = $1 AND kind = $2 AND parent = $3 ORDER BY key LIMIT $4";
+const LIST_BY_PARENT_SQLITE: &str = "SELECT key, doc, etag, created_at, updated_at \
+     FROM documents INDEXED BY documents_by_parent \
+     WHERE ns = $1 AND kind = $2 AND parent = $3 ORDER BY key LIMIT $4";
+const LIST_BY_PARENT_AFTER: &str = "SELECT key, doc, etag, created_at, updated_at FROM documents \
+     WHERE ns = $1 AND kind = $2 AND parent = $3 AND key > $4 ORDER BY key LIMIT $5";
+const LIST_BY_PARENT_AFTER_SQLITE: &str = "SELECT key, doc, etag, created_at, updated_at \
+     FROM documents INDEXED BY documents_by_parent \
+     WHERE ns = $1 AND kind = $2 AND parent = $3 AND key > $4 ORDER BY key LIMIT $5";
+
 /// SQLite or PostgreSQL through one connection pool.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
@@ -323,18 +337,20 @@ impl Store for SqlStore {
             .bind(kind.as_str())
             .bind(after)
             .bind(limit),
-            (Some(parent), None) => sqlx::query(
-                "SELECT key, doc, etag, created_at, updated_at FROM documents \
-                 WHERE ns = $1 AND kind = $2 AND parent = $3 ORDER BY key LIMIT $4",
-            )
+            (Some(parent), None) => sqlx::query(if self.backend == "sqlite" {
+                LIST_BY_PARENT_SQLITE
+            } else {
+                LIST_BY_PARENT
+            })
             .bind(ns)
             .bind(kind.as_str())
             .bind(parent)
             .bind(limit),
-            (Some(parent), Some(after)) => sqlx::query(
-                "SELECT key, doc, etag, created_at, updated_at FROM documents \
-                 WHERE ns = $1 AND kind = $2 AND parent = $3 AND key > $4 ORDER BY key LIMIT $5",
-            )
+            (Some(parent), Some(after)) => sqlx::query(if self.backend == "sqlite" {
+                LIST_BY_PARENT_AFTER_SQLITE
+            } else {
+                LIST_BY_PARENT_AFTER
+            })
             .bind(ns)
             .bind(kind.as_str())
             .bind(parent)
@@ -415,5 +431,46 @@ impl Store for SqlStore {
 
     fn backend(&self) -> &'static str {
         self.backend
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use sqlx::Row;
+
+    use super::*;
+
+    /// The plans of the parent listings use the parent index, with no sort and no scan of the
+    /// kind's documents.
+    #[tokio::test]
+    async fn sqlite_lists_children_through_the_parent_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("plan.sqlite").display()
+        );
+        let store = SqlStore::connect(&url).await.unwrap();
+        for sql in [LIST_BY_PARENT_SQLITE, LIST_BY_PARENT_AFTER_SQLITE] {
+            let explain = format!("EXPLAIN QUERY PLAN {sql}");
+            let rows = sqlx::query(sqlx::AssertSqlSafe(explain))
+                .bind("ns")
+                .bind("operation")
+                .bind("parent")
+                .bind("key")
+                .bind(10i64)
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+            let plan: Vec<String> = rows
+                .iter()
+                .map(|r| r.try_get::<String, _>("detail").unwrap())
+                .collect();
+            assert_eq!(plan.len(), 1, "{plan:?}");
+            assert!(
+                plan[0].contains("USING INDEX documents_by_parent (ns=? AND kind=? AND parent=?"),
+                "{plan:?}"
+            );
+        }
     }
 }
