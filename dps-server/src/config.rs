@@ -231,6 +231,9 @@ pub struct Limits {
     /// A poll finishes an operation itself once it has been `assigning` this long (the server
     /// that started it may have stopped), seconds.
     pub resume_assigning_after_secs: u64,
+    /// How long a register request waits for its assignment before answering 202, so that the
+    /// device's first poll finds it finished, milliseconds (0: answer at once).
+    pub assign_wait_ms: u64,
     /// How long a hub whose connector failed is tried only after the healthy ones, seconds.
     pub hub_unhealthy_secs: u64,
     /// Largest page a query may ask for (`x-ms-max-item-count`).
@@ -256,6 +259,7 @@ impl Default for Limits {
             max_device_body_bytes: 96 * 1024,
             retry_after_secs: 1,
             resume_assigning_after_secs: 10,
+            assign_wait_ms: 2000,
             hub_unhealthy_secs: 30,
             max_page_size: 1000,
             default_page_size: 100,

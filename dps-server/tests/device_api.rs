@@ -694,6 +694,72 @@ async fn a_poll_finishes_an_operation_a_stopped_server_left_assigning(backend: B
     );
 }
 
+/// The register request waits for its assignment (up to `limits.assign_wait_ms`), so a device's
+/// first poll finds it finished; a slower hub does not hold the answer past the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_poll_finds_the_assignment_unless_the_hub_is_slower_than_the_budget() {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    let t = TestServer::start_with(Backend::Sqlite, |c| c.limits.assign_wait_ms = 300).await;
+    let slow = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204).set_delay(Duration::from_millis(2500)))
+        .mount(&slow)
+        .await;
+    t.link_hub("hub-a.example.com").await;
+    expect_json(
+        t.owner(Method::PUT, "/linkedHubs/hub-slow.example.com")
+            .json(&json!({ "hostName": "hub-slow.example.com",
+                "connector": { "type": "webhook", "url": format!("{}/slow", slow.uri()) } }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let first_poll = |id: &'static str, hub: &'static str| {
+        let t = &t;
+        async move {
+            let enrollment = enroll(
+                t,
+                json!({ "registrationId": id, "attestation": { "type": "symmetricKey" },
+                    "iotHubs": [hub] }),
+            )
+            .await;
+            let device = Device::new(t, id);
+            let token = device_token(&device.scope, id, &keys_of(&enrollment).0);
+            let accepted = expect_json(device.put(&token).send().await.unwrap(), 202).await;
+            let operation = accepted["operationId"].as_str().unwrap().to_owned();
+            let poll = t
+                .anonymous(
+                    Method::GET,
+                    &format!(
+                        "/{}/registrations/{id}/operations/{operation}",
+                        device.scope
+                    ),
+                )
+                .header("Authorization", &token)
+                .send()
+                .await
+                .unwrap();
+            (poll.status().as_u16(), poll.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = first_poll("prompt", "hub-a.example.com").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("assigned")),
+        "{body}"
+    );
+    let (status, body) = first_poll("patient", "hub-slow.example.com").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (202, Some("assigning")),
+        "{body}"
+    );
+}
+
 async fn throttling_answers_429_with_retry_after(backend: Backend) {
     let t = TestServer::start_with(backend, |c| {
         c.throttle.registrations_per_device_per_minute = 2

@@ -248,13 +248,20 @@ pub async fn start(
         Err(e) => return Err(e.into()),
     }
     if record.status == OperationStatus::Assigning {
-        let state = state.clone();
-        let (ns, key) = (ns.to_owned(), operation_key(&record.operation_id));
-        tokio::spawn(async move {
-            if let Err(e) = assign(&state, &ns, &key).await {
-                tracing::warn!(operation = %key, error = %e.message(), "assignment did not finish; the next poll retries it");
-            }
-        });
+        let task = {
+            let state = state.clone();
+            let (ns, key) = (ns.to_owned(), operation_key(&record.operation_id));
+            tokio::spawn(async move {
+                if let Err(e) = assign(&state, &ns, &key).await {
+                    tracing::warn!(operation = %key, error = %e.message(), "assignment did not finish; the next poll retries it");
+                }
+            })
+        };
+        // The answer is 202 `assigning` either way, but waiting a little for the assignment
+        // lets the device's first poll find it finished: fewer polls, each a request with
+        // reads. Past the budget the task goes on alone (a dropped handle does not cancel it).
+        let budget = std::time::Duration::from_millis(state.limits.assign_wait_ms);
+        let _ = tokio::time::timeout(budget, task).await;
     }
     Ok(record)
 }
