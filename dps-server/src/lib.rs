@@ -6,6 +6,7 @@ pub mod admin_api;
 pub mod admin_cli;
 pub mod app;
 pub mod bootstrap;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod device_api;

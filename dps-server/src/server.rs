@@ -97,6 +97,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
         tpm: Arc::new(crate::device_api::tpm::TpmTrust::load(&config.tpm)?),
+        instances: Arc::default(),
     };
 
     let admin = bootstrap(&state, &config).await?;

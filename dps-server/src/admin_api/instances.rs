@@ -252,8 +252,9 @@ async fn put_one(
             ),
         ));
     }
-    let saved = save(state.store.as_ref(), instance, put_precondition(&headers)?).await?;
-    Ok(Json(saved))
+    let saved = save(state.store.as_ref(), instance, put_precondition(&headers)?).await;
+    state.instances.clear();
+    Ok(Json(saved?))
 }
 
 async fn delete_one(
@@ -285,7 +286,9 @@ async fn delete_one(
     writes.push(Write::DeleteNamespace {
         ns: instance.name.clone(),
     });
-    state.store.write(&writes).await?;
+    let deleted = state.store.write(&writes).await;
+    state.instances.clear();
+    deleted?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -64,6 +64,8 @@ pub struct AppState {
     pub certificates: Arc<attestation::x509::ParsedCache>,
     /// TPM manufacturer certificates and the challenge lifetime.
     pub tpm: Arc<crate::device_api::tpm::TpmTrust>,
+    /// Instances and ID scopes as device requests read them.
+    pub instances: Arc<crate::cache::InstanceCache>,
 }
 
 /// Routes that act on one instance.

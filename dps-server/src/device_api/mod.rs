@@ -115,12 +115,20 @@ impl DevicePath {
 
 /// The instance an ID scope selects; an unknown scope is answered like a failed proof.
 async fn instance_of(state: &AppState, scope: &IdScope) -> Result<String, ApiError> {
-    let stored = state
-        .store
-        .get(SERVER_NS, Kind::IdScope, &scope.key())
-        .await?
-        .ok_or_else(auth::unknown_scope)?;
-    let name: String = stored.doc_json()?;
+    let key = scope.key();
+    let name = match state.instances.scopes.get(&key) {
+        Some(name) => name,
+        None => {
+            let stored = state
+                .store
+                .get(SERVER_NS, Kind::IdScope, &key)
+                .await?
+                .ok_or_else(auth::unknown_scope)?;
+            let name: String = stored.doc_json()?;
+            state.instances.scopes.insert(key, name.clone());
+            name
+        }
+    };
     tracing::Span::current().record("instance", name.as_str());
     Ok(name)
 }

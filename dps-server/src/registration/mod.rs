@@ -473,7 +473,17 @@ async fn outcome(
     op: &OperationRecord,
     previous: Option<&RegistrationRecord>,
 ) -> Result<RegistrationRecord, Failure> {
-    let instance = load_instance(state.store.as_ref(), ns).await?;
+    let instance = match state.instances.instances.get(ns) {
+        Some(instance) => instance,
+        None => {
+            let instance = load_instance(state.store.as_ref(), ns).await?;
+            state
+                .instances
+                .instances
+                .insert(ns.to_owned(), instance.clone());
+            instance
+        }
+    };
     let (settings, device_id, keys, group_id, public) = match &op.enrollment {
         EnrollmentRef::Individual(reg) => {
             let stored = crate::admin_api::load(
