@@ -283,7 +283,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
         format!("{base}/{scope}/registrations/{id}/register?api-version={API_VERSION}");
 
     // A TPM device asks for the challenge first and signs with its key from then on.
-    let mut challenge: Option<(LoadedKey, String)> = None;
+    let mut challenge: Option<(LoadedKey<'_>, String)> = None;
     if let Some(tpm) = tpm {
         let answer = loop {
             let sent = client.put(&register_url).json(&body).send().await;
@@ -337,7 +337,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
             (None, Some((tpm, (key, key_name)))) => {
                 let expiry = unix_now().saturating_add(TOKEN_LIFETIME.as_secs());
                 attestation::sas::sign_with(&encoded_resource, expiry, Some(key_name), |m| {
-                    tpm.hmac(*key, m)
+                    tpm.hmac(key, m)
                 })
                 .map_err(|e| RegisterError::Config(e.to_string()))?
             }
@@ -405,9 +405,9 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
         match attempt {
             Attempt::Done(text) => {
                 let (mut assignment, hub_blob) = finish(&text)?;
-                if let Some((tpm, (key, _))) = tpm.zip(challenge) {
-                    tpm.flush(key)
-                        .map_err(|e| RegisterError::Config(e.to_string()))?;
+                if let Some(tpm) = tpm {
+                    // The challenge's key is done with; unload it before the hub key.
+                    drop(challenge);
                     assignment.hub_key_handle = Some(persist_hub_key(tpm, hub_blob)?);
                 }
                 return Ok(assignment);
@@ -452,7 +452,7 @@ fn persist_hub_key(tpm: &Tpm, blob: Option<String>) -> Result<String, RegisterEr
     let key = tpm
         .import(&blob)
         .map_err(|e| RegisterError::Config(e.to_string()))?;
-    tpm.persist_hub_key(key)
+    tpm.persist_hub_key(&key)
         .map_err(|e| RegisterError::Config(e.to_string()))?;
     Ok(format!("0x{HUB_KEY_HANDLE:08x}"))
 }

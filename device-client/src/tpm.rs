@@ -64,9 +64,19 @@ fn failed(what: &'static str) -> impl Fn(tss_esapi::Error) -> TpmError {
     move |source| TpmError::Tpm { what, source }
 }
 
-/// A key loaded into the TPM from an activation blob.
-#[derive(Debug, Clone, Copy)]
-pub struct LoadedKey(KeyHandle);
+/// A key loaded into the TPM from an activation blob, unloaded when dropped: a TPM without a
+/// resource manager has only a few object slots, and a failed registration must not keep one.
+#[derive(Debug)]
+pub struct LoadedKey<'a> {
+    tpm: &'a Tpm,
+    handle: KeyHandle,
+}
+
+impl Drop for LoadedKey<'_> {
+    fn drop(&mut self) {
+        let _ = self.tpm.context().flush_context(self.handle.into());
+    }
+}
 
 /// A TPM with its EK and SRK in place.
 #[derive(Debug)]
@@ -126,7 +136,7 @@ impl Tpm {
     }
 
     /// Imports the key of an activation blob and loads it.
-    pub fn import(&self, blob: &[u8]) -> Result<LoadedKey, TpmError> {
+    pub fn import(&self, blob: &[u8]) -> Result<LoadedKey<'_>, TpmError> {
         let [credential, secret, duplicate, seed, public, _uri] = split_blob(blob)?;
         let mut ctx = self.context();
         // The EK's policy is PolicySecret(TPM_RH_ENDORSEMENT).
@@ -168,16 +178,19 @@ impl Tpm {
                 c.load(srk, private, public)
             })
             .map_err(failed("importing the key"))?;
-        Ok(LoadedKey(key))
+        Ok(LoadedKey {
+            tpm: self,
+            handle: key,
+        })
     }
 
     /// HMAC-SHA256 of `data` with a loaded key (TPM2_HMAC).
-    pub fn hmac(&self, key: LoadedKey, data: &[u8]) -> Result<Vec<u8>, TpmError> {
+    pub fn hmac(&self, key: &LoadedKey<'_>, data: &[u8]) -> Result<Vec<u8>, TpmError> {
         let mut ctx = self.context();
         let digest = ctx
             .execute_with_session(Some(AuthSession::Password), |c| {
                 c.hmac(
-                    key.0.into(),
+                    key.handle.into(),
                     MaxBuffer::try_from(data.to_vec())?,
                     HashingAlgorithm::Sha256,
                 )
@@ -186,16 +199,9 @@ impl Tpm {
         Ok(digest.to_vec())
     }
 
-    /// Unloads a key.
-    pub fn flush(&self, key: LoadedKey) -> Result<(), TpmError> {
-        self.context()
-            .flush_context(key.0.into())
-            .map_err(failed("unloading a key"))
-    }
-
-    /// Persists a loaded key at [`HUB_KEY_HANDLE`], replacing what is there, and unloads the
-    /// transient copy.
-    pub fn persist_hub_key(&self, key: LoadedKey) -> Result<(), TpmError> {
+    /// Persists a loaded key at [`HUB_KEY_HANDLE`], replacing what is there (the transient copy
+    /// is unloaded when `key` is dropped).
+    pub fn persist_hub_key(&self, key: &LoadedKey<'_>) -> Result<(), TpmError> {
         let mut ctx = self.context();
         let handle = persistent_handle(HUB_KEY_HANDLE)?;
         if let Ok(old) =
@@ -206,16 +212,15 @@ impl Tpm {
             })
             .map_err(failed("removing the previous hub key"))?;
         }
-        let persisted = ctx.execute_with_session(Some(AuthSession::Password), |c| {
+        ctx.execute_with_session(Some(AuthSession::Password), |c| {
             c.evict_control(
                 Provision::Owner,
-                key.0.into(),
+                key.handle.into(),
                 Persistent::Persistent(handle),
             )
-        });
-        let flushed = ctx.flush_context(key.0.into());
-        persisted.map_err(failed("persisting the hub key"))?;
-        flushed.map_err(failed("unloading the hub key"))
+        })
+        .map_err(failed("persisting the hub key"))?;
+        Ok(())
     }
 }
 

@@ -181,3 +181,65 @@ fn a_tpm_group_admits_a_device_by_its_ek_certificate() {
     assert!(!ok);
     assert!(stderr.contains("does not chain"), "{stderr}");
 }
+
+/// A process that registers several times with one open TPM (a daemon, say) must not leave a
+/// challenge's key loaded after a failure: swtpm without a resource manager has three object
+/// slots, so leaked keys would soon make the next import fail.
+#[test]
+fn failed_registrations_leave_no_key_loaded_in_the_tpm() {
+    use device_client::tpm::Tpm;
+    use device_client::{Proof, RegisterError, Registration, register};
+
+    let tpm = Swtpm::start().unwrap();
+    tpm.tool(
+        "tpm2_createek",
+        &["-c", EK_HANDLE, "-G", "rsa", "-u", "ek.pub"],
+    )
+    .unwrap();
+    let ek = STANDARD.encode(std::fs::read(tpm.dir().join("ek.pub")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let (server, endpoint) = server(dir.path(), "");
+    let enroll = |extra: &[&str]| {
+        let mut args = vec![
+            "enrollment",
+            "create",
+            "tpm-device-2",
+            "--endorsement-key",
+            &ek,
+            "--force",
+        ];
+        args.extend_from_slice(extra);
+        server.admin_json(&args).unwrap();
+    };
+    enroll(&["--disabled"]);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let proof = Proof::Tpm(Tpm::open(&tpm.tcti()).unwrap());
+    let request = Registration {
+        endpoint,
+        id_scope: server.id_scope.clone(),
+        registration_id: "tpm-device-2".into(),
+        ca_cert: Some(server.ca_certificate.clone()),
+        payload: None,
+        timeout: std::time::Duration::from_secs(30),
+    };
+    for _ in 0..4 {
+        let refused = runtime.block_on(register(&request, &proof)).unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                RegisterError::Ended {
+                    status: "disabled",
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+    }
+    enroll(&[]);
+    let assigned = runtime.block_on(register(&request, &proof)).unwrap();
+    assert_eq!(assigned.hub_key_handle.as_deref(), Some("0x81000100"));
+}
