@@ -137,7 +137,8 @@ impl Tpm {
 
     /// Imports the key of an activation blob and loads it.
     pub fn import(&self, blob: &[u8]) -> Result<LoadedKey<'_>, TpmError> {
-        let [credential, secret, duplicate, seed, public, _uri] = split_blob(blob)?;
+        let [credential, secret, duplicate, seed, public, _uri] =
+            attestation::tpm::blob_fields(blob).map_err(|_| TpmError::Blob)?;
         let mut ctx = self.context();
         // The EK's policy is PolicySecret(TPM_RH_ENDORSEMENT).
         let session = ctx
@@ -257,24 +258,6 @@ fn activate(
     ))
 }
 
-/// The contents of the six TPM2B fields of an activation blob.
-fn split_blob(blob: &[u8]) -> Result<[&[u8]; 6], TpmError> {
-    let mut rest = blob;
-    let mut fields = [&blob[..0]; 6];
-    for field in &mut fields {
-        let (size, tail) = rest.split_at_checked(2).ok_or(TpmError::Blob)?;
-        let size = usize::from(u16::from_be_bytes([size[0], size[1]]));
-        let (content, tail) = tail.split_at_checked(size).ok_or(TpmError::Blob)?;
-        *field = content;
-        rest = tail;
-    }
-    if rest.is_empty() {
-        Ok(fields)
-    } else {
-        Err(TpmError::Blob)
-    }
-}
-
 fn persistent_handle(handle: u32) -> Result<PersistentTpmHandle, TpmError> {
     PersistentTpmHandle::new(handle).map_err(failed("a persistent handle"))
 }
@@ -344,25 +327,4 @@ fn export(ctx: &mut Context, key: KeyHandle) -> Result<Vec<u8>, TpmError> {
     PublicBuffer::try_from(public)
         .and_then(|buffer| buffer.marshall())
         .map_err(failed("marshalling a public key"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blobs_split_into_six_fields_or_are_refused() {
-        let mut blob = Vec::new();
-        for n in 0..6u8 {
-            blob.extend_from_slice(&[0, n]);
-            blob.extend(std::iter::repeat_n(n, usize::from(n)));
-        }
-        let fields = split_blob(&blob).unwrap_or_else(|_| unreachable!());
-        assert_eq!(fields.map(<[u8]>::len), [0, 1, 2, 3, 4, 5]);
-        assert!(split_blob(&blob[..blob.len() - 1]).is_err());
-        let mut longer = blob.clone();
-        longer.push(0);
-        assert!(split_blob(&longer).is_err());
-        assert!(split_blob(&[]).is_err());
-    }
 }

@@ -342,6 +342,23 @@ fn id_key_public(seed: &[u8], key: &[u8]) -> Vec<u8> {
     public
 }
 
+/// The contents of an activation blob's six TPM2B fields, in order: the credential
+/// (TPM2B_ID_OBJECT), the EK's encrypted secret, the duplicate (TPM2B_PRIVATE), the SRK's
+/// encrypted seed, the key's TPMT_PUBLIC, and the encrypted URI.
+pub fn blob_fields(blob: &[u8]) -> Result<[&[u8]; 6], TpmError> {
+    let mut r = Reader::new(blob);
+    let mut fields = [&blob[..0]; 6];
+    for field in &mut fields {
+        *field = r
+            .tpm2b()
+            .map_err(|_| TpmError::Blob("a field is truncated"))?;
+    }
+    if !r.is_empty() {
+        return Err(TpmError::Blob("bytes follow the six fields"));
+    }
+    Ok(fields)
+}
+
 /// An activation blob and the HMAC key inside it.
 #[derive(Debug)]
 pub struct Activation {
@@ -561,14 +578,28 @@ mod tests {
     }
 
     #[test]
+    fn blobs_split_into_six_fields_or_are_refused() {
+        let mut blob = Vec::new();
+        for n in 0..6u8 {
+            blob.extend_from_slice(&[0, n]);
+            blob.extend(std::iter::repeat_n(n, usize::from(n)));
+        }
+        let fields = blob_fields(&blob).unwrap();
+        assert_eq!(fields.map(<[u8]>::len), [0, 1, 2, 3, 4, 5]);
+        assert!(blob_fields(&blob[..blob.len() - 1]).is_err());
+        let mut longer = blob.clone();
+        longer.push(0);
+        assert!(blob_fields(&longer).is_err());
+        assert!(blob_fields(&[]).is_err());
+    }
+
+    #[test]
     fn the_blob_has_six_fields_and_opens_only_in_the_right_tpm() {
         let tpm = soft::SoftTpm::fixture(0).unwrap();
         let ek = RsaPublic::parse(&tpm.endorsement_key(), KeyRole::Endorsement).unwrap();
         let srk = RsaPublic::parse(&tpm.storage_root_key(), KeyRole::StorageRoot).unwrap();
         let activation = activation_blob(&ek, &srk).unwrap();
-        let mut r = Reader::new(&activation.blob);
-        let sizes: Vec<usize> = (0..6).map(|_| r.tpm2b().unwrap().len()).collect();
-        assert!(r.is_empty());
+        let sizes = blob_fields(&activation.blob).unwrap().map(<[u8]>::len);
         // credential, EK secret, duplicate, SRK seed, HMAC key public, encUri
         assert_eq!(sizes, [52, 256, 142, 256, 80, ENC_URI.len()]);
         assert_eq!(tpm.activate(&activation.blob).unwrap(), activation.key);

@@ -12,7 +12,8 @@ use subtle::ConstantTimeEq;
 use super::wire::{Reader, put_tpm2b};
 use super::{
     ALG_AES, ALG_CFB, ALG_KEYEDHASH, ALG_NULL, ALG_RSA, ALG_SHA256, EK_ATTRIBUTES, EK_AUTH_POLICY,
-    KEY_BITS, SRK_ATTRIBUTES, TpmError, aes128_cfb_decrypt, hmac_sha256, kdfa, name_of,
+    KEY_BITS, SRK_ATTRIBUTES, TpmError, aes128_cfb_decrypt, blob_fields, hmac_sha256, kdfa,
+    name_of,
 };
 use crate::SymmetricKey;
 
@@ -102,16 +103,7 @@ impl SoftTpm {
     /// against the SRK's name), then the duplicate with the SRK and the credential's inner
     /// key. Returns the HMAC key the blob carries.
     pub fn activate(&self, blob: &[u8]) -> Result<SymmetricKey, TpmError> {
-        let mut r = Reader::new(blob);
-        let credential = r.tpm2b().map_err(open_failed)?;
-        let secret = r.tpm2b().map_err(open_failed)?;
-        let duplicate = r.tpm2b().map_err(open_failed)?;
-        let in_sym_seed = r.tpm2b().map_err(open_failed)?;
-        let id_public = r.tpm2b().map_err(open_failed)?;
-        r.tpm2b().map_err(open_failed)?;
-        if !r.is_empty() {
-            return Err(TpmError::Blob("bytes follow the six fields"));
-        }
+        let [credential, secret, duplicate, in_sym_seed, id_public, _uri] = blob_fields(blob)?;
 
         // ActivateCredential.
         let srk_name = name_of(&self.storage_root_key()[2..]);
