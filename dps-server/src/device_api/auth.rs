@@ -62,7 +62,8 @@ pub struct Attested {
     pub certificate: Option<(CertificateFacts, Option<CertificateFacts>)>,
     /// Set when an enrollment in its way is disabled: the reason.
     pub disabled: Option<String>,
-    /// TPM devices: the keys they proved, and the challenge a registration consumes.
+    /// TPM devices' register requests: the keys they proved, and the challenge the
+    /// registration consumes.
     pub tpm: Option<super::tpm::TpmProof>,
 }
 

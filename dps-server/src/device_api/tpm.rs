@@ -14,13 +14,15 @@
 
 use attestation::tpm::{KeyRole, RsaPublic, registration_id, verify_ek_certificate};
 use attestation::{SasToken, SymmetricKey};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use dps_protocol::ErrorCode;
 use dps_protocol::device::TpmChallenge;
-use dps_protocol::enrollment::{AttestationType, EnrollmentGroup, TpmAttestation};
+use dps_protocol::enrollment::{
+    AttestationType, EnrollmentGroup, IndividualEnrollment, TpmAttestation,
+};
 use dps_protocol::ids::RegistrationId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -95,17 +97,17 @@ pub struct ChallengeRecord {
     pub operation_id: Option<String>,
 }
 
-/// What a TPM device proved, for the registration it starts.
+/// What a TPM device's register request proved, for the registration it starts.
 #[derive(Debug, Clone)]
 pub struct TpmProof {
-    /// Its EK and SRK.
-    pub endorsement_key: String,
-    /// Base64 TPM2B_PUBLIC of the SRK.
-    pub storage_root_key: String,
-    /// SHA-256 of the EK's TPM2B_PUBLIC, hex (how ownership records name it).
-    pub ek_hash: String,
-    /// For a register request: the challenge to consume, with the etag it was read at.
-    pub consume: Option<(String, ChallengeRecord)>,
+    /// Its EK.
+    pub ek: RsaPublic,
+    /// Its SRK.
+    pub srk: RsaPublic,
+    /// The challenge the registration consumes.
+    pub challenge: ChallengeRecord,
+    /// The etag the challenge was read at (consuming it is conditional on it).
+    pub etag: String,
 }
 
 fn not_enrolled() -> ApiError {
@@ -121,12 +123,7 @@ fn invalid_key(field: &str) -> impl Fn(attestation::tpm::TpmError) -> ApiError +
 /// The answer to a challenge: 401 with `{authenticationKey, keyName}` (the C SDK reads any
 /// 401 body without `status` as a challenge; Node and aziot need the 401).
 pub fn challenge_response(challenge: TpmChallenge) -> Response {
-    let mut response = (StatusCode::UNAUTHORIZED, crate::json::Json(challenge)).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    response
+    (StatusCode::UNAUTHORIZED, crate::json::Json(challenge)).into_response()
 }
 
 /// Step 1: checks the presented keys and the enrollment, and stores a new challenge.
@@ -151,16 +148,7 @@ pub async fn challenge(
 
     let enrollment = match individual_enrollment(state, instance, id).await? {
         Some(enrolled) => {
-            let same_ek = enrolled.attestation.kind == AttestationType::Tpm
-                && enrolled
-                    .attestation
-                    .tpm
-                    .as_ref()
-                    .and_then(|t| {
-                        RsaPublic::from_base64(&t.endorsement_key, KeyRole::Endorsement).ok()
-                    })
-                    .is_some_and(|k| k.tpm2b() == ek.tpm2b());
-            if !same_ek {
+            if !enrolls(&enrolled, &ek) {
                 return Err(not_enrolled());
             }
             EnrollmentRef::Individual(enrolled.registration_id)
@@ -198,6 +186,17 @@ pub async fn challenge(
         authentication_key: activation.blob_base64(),
         key_name: KEY_NAME.to_owned(),
     })
+}
+
+/// Whether `enrolled` is a TPM enrollment of this very EK.
+fn enrolls(enrolled: &IndividualEnrollment, ek: &RsaPublic) -> bool {
+    enrolled.attestation.kind == AttestationType::Tpm
+        && enrolled
+            .attestation
+            .tpm
+            .as_ref()
+            .and_then(|t| STANDARD.decode(t.endorsement_key.trim()).ok())
+            .is_some_and(|enrolled| enrolled == ek.tpm2b())
 }
 
 /// The instance's TPM enrollment group (there is at most one).
@@ -279,24 +278,32 @@ pub async fn authenticate(
         }
         _ => {}
     }
-    let source = enrollment_of(state, instance, &record).await?;
+    let corrupt =
+        |e: attestation::tpm::TpmError| ApiError::internal("a stored TPM challenge is corrupt", &e);
+    let ek =
+        RsaPublic::from_base64(&record.endorsement_key, KeyRole::Endorsement).map_err(corrupt)?;
+    let source = enrollment_of(state, instance, &record, &ek).await?;
     let disabled = match &source {
         Source::Individual(e) => disabled_reason(e),
         Source::Group(g) => group_disabled_reason(g),
     };
-    let ek_hash = RsaPublic::from_base64(&record.endorsement_key, KeyRole::Endorsement)
-        .map_err(|e| ApiError::internal("a stored TPM challenge is corrupt", &e))?
-        .sha256_hex();
+    // Only a register request needs the keys (for the hub key's blob) and the challenge.
+    let tpm = if purpose == Purpose::Register {
+        Some(TpmProof {
+            ek,
+            srk: RsaPublic::from_base64(&record.storage_root_key, KeyRole::StorageRoot)
+                .map_err(corrupt)?,
+            challenge: record,
+            etag: stored.etag,
+        })
+    } else {
+        None
+    };
     Ok(Some(Attested {
         source,
         certificate: None,
         disabled,
-        tpm: Some(TpmProof {
-            endorsement_key: record.endorsement_key.clone(),
-            storage_root_key: record.storage_root_key.clone(),
-            ek_hash,
-            consume: (purpose == Purpose::Register).then(|| (stored.etag.clone(), record)),
-        }),
+        tpm,
     }))
 }
 
@@ -306,6 +313,7 @@ async fn enrollment_of(
     state: &AppState,
     instance: &str,
     record: &ChallengeRecord,
+    ek: &RsaPublic,
 ) -> Result<Source, ApiError> {
     let changed = || {
         ApiError::unauthorized(
@@ -318,14 +326,7 @@ async fn enrollment_of(
             let enrolled = individual_enrollment(state, instance, &id)
                 .await?
                 .ok_or_else(changed)?;
-            let decode = |text: &str| STANDARD.decode(text.trim()).ok();
-            let same = enrolled
-                .attestation
-                .tpm
-                .as_ref()
-                .and_then(|t| decode(&t.endorsement_key))
-                .is_some_and(|k| Some(k) == decode(&record.endorsement_key));
-            if enrolled.attestation.kind != AttestationType::Tpm || !same {
+            if !enrolls(&enrolled, ek) {
                 return Err(changed());
             }
             Ok(Source::Individual(Box::new(enrolled)))

@@ -95,17 +95,12 @@ pub struct TpmOperation {
 
 impl TpmOperation {
     fn new(proof: &crate::device_api::tpm::TpmProof) -> Result<Self, ApiError> {
-        use attestation::tpm::{KeyRole, RsaPublic, activation_blob};
-        let corrupt = |e: attestation::tpm::TpmError| ApiError::internal("a stored TPM key", &e);
-        let ek = RsaPublic::from_base64(&proof.endorsement_key, KeyRole::Endorsement)
-            .map_err(corrupt)?;
-        let srk = RsaPublic::from_base64(&proof.storage_root_key, KeyRole::StorageRoot)
-            .map_err(corrupt)?;
-        let activation = activation_blob(&ek, &srk).map_err(corrupt)?;
+        let activation = attestation::tpm::activation_blob(&proof.ek, &proof.srk)
+            .map_err(|e| ApiError::internal("building a TPM activation blob", &e))?;
         Ok(Self {
             authentication_key: activation.blob_base64(),
             hub_key: activation.key.to_base64(),
-            ek_hash: proof.ek_hash.clone(),
+            ek_hash: proof.ek.sha256_hex(),
         })
     }
 }
@@ -222,8 +217,8 @@ pub async fn start(
         precondition: Precondition::MustNotExist,
     });
     // A TPM challenge's key starts one registration: consumed with the operation's creation.
-    if let Some((etag, challenge)) = attested.tpm.as_ref().and_then(|t| t.consume.as_ref()) {
-        let mut consumed = challenge.clone();
+    if let Some(proof) = &attested.tpm {
+        let mut consumed = proof.challenge.clone();
         consumed.operation_id = Some(record.operation_id.clone());
         writes.push(Write::Put {
             ns: ns.to_owned(),
@@ -232,7 +227,7 @@ pub async fn start(
             parent: None,
             tag: None,
             doc: to_doc(&consumed)?,
-            precondition: Precondition::IfMatch(etag.clone()),
+            precondition: Precondition::IfMatch(proof.etag.clone()),
         });
     }
     match state.store.write(&writes).await {
