@@ -40,6 +40,14 @@ pub enum KeyError {
     KeyMismatch(PathBuf),
 }
 
+/// A token's `se`: Unix seconds `lifetime` from now.
+pub(crate) fn expiry_after(lifetime: Duration) -> u64 {
+    SystemTime::now()
+        .checked_add(lifetime)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Where a key lives.
 #[derive(Debug, Clone)]
 pub enum KeySource {
@@ -142,10 +150,7 @@ impl SasSigner {
     /// A token for `resource` valid for `lifetime`, with `skn=registration` as the Azure
     /// clients send it.
     pub fn token(&self, resource: &str, lifetime: Duration) -> Result<String, KeyError> {
-        let expiry = SystemTime::now()
-            .checked_add(lifetime)
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
+        let expiry = expiry_after(lifetime);
         match &self.key {
             Loaded::Software(key) => Ok(sign(resource, key, expiry, Some("registration"))),
             token => sign_with(resource, expiry, Some("registration"), |m| token.mac(m)),

@@ -209,14 +209,16 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
         .map(|s| Duration::from_secs(s.clamp(1, 300)))
 }
 
-/// Sorts an answer: success body, a transient failure, or a refusal.
+/// Sorts an answer: success body (or the body of `also`, a status the caller expects), a
+/// transient failure, or a refusal.
 async fn classify(
     response: reqwest::Response,
+    also: Option<StatusCode>,
 ) -> Result<Attempt<(StatusCode, String)>, RegisterError> {
     let status = response.status();
     let after = retry_after(&response);
     let text = response.text().await.unwrap_or_default();
-    if status.is_success() {
+    if status.is_success() || Some(status) == also {
         return Ok(Attempt::Done((status, text)));
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
@@ -226,6 +228,29 @@ async fn classify(
         }));
     }
     Err(refusal(status, text))
+}
+
+/// Sends what `request` builds until the service answers (see [`classify`]), pausing as
+/// `wait` says after each transient failure.
+async fn send_until_answered(
+    request: impl Fn() -> Result<reqwest::RequestBuilder, RegisterError>,
+    also: Option<StatusCode>,
+    base: &str,
+    mut wait: impl FnMut(Transient) -> Result<Duration, RegisterError>,
+) -> Result<(StatusCode, String), RegisterError> {
+    loop {
+        let attempt = match request()?.send().await {
+            Ok(response) => classify(response, also).await?,
+            Err(e) => Attempt::Retry(Transient {
+                reason: format!("cannot reach {base}: {e}"),
+                after: None,
+            }),
+        };
+        match attempt {
+            Attempt::Done(answer) => return Ok(answer),
+            Attempt::Retry(transient) => tokio::time::sleep(wait(transient)?).await,
+        }
+    }
 }
 
 /// Capped exponential backoff with full jitter.
@@ -285,37 +310,21 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
     // A TPM device asks for the challenge first and signs with its key from then on.
     let mut challenge: Option<(LoadedKey<'_>, String)> = None;
     if let Some(tpm) = tpm {
-        let answer = loop {
-            let sent = client.put(&register_url).json(&body).send().await;
-            let attempt = match sent {
-                Ok(response) if response.status() == StatusCode::UNAUTHORIZED => {
-                    let text = response.text().await.unwrap_or_default();
-                    match serde_json::from_str::<TpmChallenge>(&text) {
-                        Ok(answer) => Attempt::Done(answer),
-                        Err(_) => return Err(refusal(StatusCode::UNAUTHORIZED, text)),
-                    }
-                }
-                Ok(response) => match classify(response).await? {
-                    Attempt::Done((status, _)) => {
-                        return Err(RegisterError::Config(format!(
-                            "the service answered a TPM device's first request with HTTP {status}, not with a challenge"
-                        )));
-                    }
-                    Attempt::Retry(transient) => Attempt::Retry(transient),
-                },
-                Err(e) => Attempt::Retry(Transient {
-                    reason: format!("cannot reach {base}: {e}"),
-                    after: None,
-                }),
-            };
-            match attempt {
-                Attempt::Done(answer) => break answer,
-                Attempt::Retry(transient) => {
-                    let pause = wait_until(transient, &mut failures)?;
-                    tokio::time::sleep(pause).await;
-                }
-            }
-        };
+        let (status, text) = send_until_answered(
+            || Ok(client.put(&register_url).json(&body)),
+            Some(StatusCode::UNAUTHORIZED),
+            base,
+            |transient| wait_until(transient, &mut failures),
+        )
+        .await?;
+        if status != StatusCode::UNAUTHORIZED {
+            return Err(RegisterError::Config(format!(
+                "the service answered a TPM device's first request with HTTP {status}, not with a challenge"
+            )));
+        }
+        // A 401 that is not a challenge is a refusal (an unknown device, say).
+        let answer: TpmChallenge =
+            serde_json::from_str(&text).map_err(|_| refusal(status, text.clone()))?;
         let blob = STANDARD
             .decode(answer.authentication_key.as_bytes())
             .map_err(|_| {
@@ -335,7 +344,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
                 .token(&encoded_resource, TOKEN_LIFETIME)
                 .map_err(|e| RegisterError::Config(e.to_string()))?,
             (None, Some((tpm, (key, key_name)))) => {
-                let expiry = unix_now().saturating_add(TOKEN_LIFETIME.as_secs());
+                let expiry = crate::key::expiry_after(TOKEN_LIFETIME);
                 attestation::sas::sign_with(&encoded_resource, expiry, Some(key_name), |m| {
                     tpm.hmac(key, m)
                 })
@@ -345,32 +354,18 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
         };
         Ok(request.header("Authorization", token))
     };
-    let accepted: RegistrationOperationStatus = loop {
-        let sent = authorize(client.put(&register_url))?
-            .json(&body)
-            .send()
-            .await;
-        let attempt = match sent {
-            Ok(response) => classify(response).await?,
-            Err(e) => Attempt::Retry(Transient {
-                reason: format!("cannot reach {base}: {e}"),
-                after: None,
-            }),
-        };
-        match attempt {
-            Attempt::Done((_, text)) => {
-                break serde_json::from_str(&text).map_err(|e| {
-                    RegisterError::Config(format!(
-                        "the service's answer is not a registration status: {e}"
-                    ))
-                })?;
-            }
-            Attempt::Retry(transient) => {
-                let pause = wait_until(transient, &mut failures)?;
-                tokio::time::sleep(pause).await;
-            }
-        }
-    };
+    let (_, text) = send_until_answered(
+        || Ok(authorize(client.put(&register_url))?.json(&body)),
+        None,
+        base,
+        |transient| wait_until(transient, &mut failures),
+    )
+    .await?;
+    let accepted: RegistrationOperationStatus = serde_json::from_str(&text).map_err(|e| {
+        RegisterError::Config(format!(
+            "the service's answer is not a registration status: {e}"
+        ))
+    })?;
 
     let poll_url = format!(
         "{base}/{scope}/registrations/{id}/operations/{}?api-version={API_VERSION}",
@@ -386,7 +381,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
         let attempt = match sent {
             Ok(response) => {
                 let after = retry_after(&response);
-                match classify(response).await? {
+                match classify(response, None).await? {
                     Attempt::Done((status, text)) => {
                         pause = after.unwrap_or(DEFAULT_POLL);
                         if status == StatusCode::ACCEPTED {
@@ -415,12 +410,6 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
             Attempt::Retry(transient) => pause = wait_until(transient, &mut failures)?,
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The payload with the TPM's EK certificate added (a TPM enrollment group admits devices by
