@@ -213,6 +213,35 @@ fn ids(mode: Mode, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Creates an individual enrollment per id through the bulk API, with the attestation and the
+/// device's proof that `make` gives for each.
+async fn enroll_individually(
+    admin: &Admin,
+    ids: &[String],
+    mut make: impl FnMut(&str) -> anyhow::Result<(Value, Proof)>,
+) -> anyhow::Result<Vec<SimDevice>> {
+    let mut devices = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(BULK) {
+        let mut enrollments = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let (attestation, proof) = make(id)?;
+            enrollments.push(json!({ "registrationId": id, "attestation": attestation }));
+            devices.push(SimDevice {
+                id: id.clone(),
+                proof,
+            });
+        }
+        send(
+            admin,
+            reqwest::Method::POST,
+            "/enrollments",
+            &json!({ "mode": "create", "enrollments": enrollments }),
+        )
+        .await?;
+    }
+    Ok(devices)
+}
+
 impl Fleet {
     /// Devices for the ceiling server, which checks nothing: credentials are made locally.
     pub fn for_ceiling(mode: Mode, n: usize, ca_cert: &Path) -> anyhow::Result<Self> {
@@ -254,28 +283,14 @@ impl Fleet {
         let group_id = format!("{}-group", ids.first().map_or("load", |s| s.as_str()));
         let devices = match mode {
             Mode::Individual => {
-                let mut devices = Vec::with_capacity(n);
-                for chunk in ids.chunks(BULK) {
-                    let mut enrollments = Vec::with_capacity(chunk.len());
-                    for id in chunk {
-                        let key = SymmetricKey::generate()?;
-                        enrollments.push(json!({ "registrationId": id,
-                            "attestation": { "type": "symmetricKey", "symmetricKey":
-                                { "primaryKey": key.to_base64(), "secondaryKey": SymmetricKey::generate()?.to_base64() } } }));
-                        devices.push(SimDevice {
-                            id: id.clone(),
-                            proof: Proof::Sas(key),
-                        });
-                    }
-                    send(
-                        admin,
-                        reqwest::Method::POST,
-                        "/enrollments",
-                        &json!({ "mode": "create", "enrollments": enrollments }),
-                    )
-                    .await?;
-                }
-                devices
+                enroll_individually(admin, &ids, |_| {
+                    let key = SymmetricKey::generate()?;
+                    let attestation = json!({ "type": "symmetricKey", "symmetricKey": {
+                        "primaryKey": key.to_base64(),
+                        "secondaryKey": SymmetricKey::generate()?.to_base64() } });
+                    Ok((attestation, Proof::Sas(key)))
+                })
+                .await?
             }
             Mode::Group => {
                 let key = SymmetricKey::generate()?;
@@ -297,28 +312,14 @@ impl Fleet {
             }
             Mode::Tpm => {
                 let tpms = tpm_pool()?;
-                let mut devices = Vec::with_capacity(n);
-                for chunk in ids.chunks(BULK) {
-                    let mut enrollments = Vec::with_capacity(chunk.len());
-                    for id in chunk {
-                        let tpm = tpms[devices.len() % TPM_POOL].clone();
-                        enrollments.push(json!({ "registrationId": id,
-                            "attestation": { "type": "tpm", "tpm": {
-                                "endorsementKey": STANDARD.encode(tpm.endorsement_key()) } } }));
-                        devices.push(SimDevice {
-                            id: id.clone(),
-                            proof: Proof::Tpm(tpm),
-                        });
-                    }
-                    send(
-                        admin,
-                        reqwest::Method::POST,
-                        "/enrollments",
-                        &json!({ "mode": "create", "enrollments": enrollments }),
-                    )
-                    .await?;
-                }
-                devices
+                let mut next = tpms.iter().cycle();
+                enroll_individually(admin, &ids, |_| {
+                    let tpm = next.next().context("the TPM pool is empty")?.clone();
+                    let attestation = json!({ "type": "tpm", "tpm": {
+                        "endorsementKey": STANDARD.encode(tpm.endorsement_key()) } });
+                    Ok((attestation, Proof::Tpm(tpm)))
+                })
+                .await?
             }
             Mode::X509 => {
                 let ca = SoftwareCa::new()?;
