@@ -98,6 +98,16 @@ impl<'a> TpmDevice<'a> {
         )
     }
 
+    /// A register request signed with `token`.
+    async fn send(&self, token: &str) -> reqwest::Response {
+        self.device
+            .put(token)
+            .json(&self.body(None))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The whole flow: challenge, then register with the challenge's key.
     async fn register(&self, payload: Option<Value>) -> Value {
         let key = self.challenge(payload.clone()).await;
@@ -270,13 +280,7 @@ async fn refusals_store_nothing(backend: Backend) {
     // A token signed with another challenge's key: the newer challenge replaced it.
     let old = device.challenge(None).await;
     let current = device.challenge(None).await;
-    let response = device
-        .device
-        .put(&device.token(&old))
-        .json(&device.body(None))
-        .send()
-        .await
-        .unwrap();
+    let response = device.send(&device.token(&old)).await;
     expect_error(response, 401, 401002).await;
     assert!(!registration_exists(&t, "tpm-dev-2").await);
 
@@ -287,13 +291,7 @@ async fn refusals_store_nothing(backend: Backend) {
         .register_with(&token, device.body(None), &[])
         .await;
     assert_eq!(done["status"], "assigned");
-    let replay = device
-        .device
-        .put(&token)
-        .json(&device.body(None))
-        .send()
-        .await
-        .unwrap();
+    let replay = device.send(&token).await;
     let error = expect_error(replay, 401, 401002).await;
     assert!(
         error["message"]
@@ -305,13 +303,7 @@ async fn refusals_store_nothing(backend: Backend) {
 
     // The challenge's key is not the device's SAS key for anything else.
     let group_token = device.token(&SymmetricKey::generate().unwrap());
-    let response = device
-        .device
-        .put(&group_token)
-        .json(&device.body(None))
-        .send()
-        .await
-        .unwrap();
+    let response = device.send(&group_token).await;
     expect_error(response, 401, 401002).await;
 }
 
@@ -335,25 +327,13 @@ async fn challenge_keys_expire() {
     // A key used after the lifetime is refused, and so is a replay after it.
     let late = device.challenge(None).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let response = device
-        .device
-        .put(&device.token(&late))
-        .json(&device.body(None))
-        .send()
-        .await
-        .unwrap();
+    let response = device.send(&device.token(&late)).await;
     let error = expect_error(response, 401, 401002).await;
     assert!(
         error["message"].as_str().unwrap().contains("expired"),
         "{error}"
     );
-    let replay = device
-        .device
-        .put(&token)
-        .json(&device.body(None))
-        .send()
-        .await
-        .unwrap();
+    let replay = device.send(&token).await;
     expect_error(replay, 401, 401002).await;
 }
 
