@@ -89,11 +89,14 @@ fn policies(c: &mut Criterion) {
             .mount(&server),
     );
     let custom = CustomWebhook::new(
-        reqwest::Client::new(),
+        dps_outbound::Outbound::new(&dps_outbound::OutboundSettings {
+            allowed_networks: vec!["127.0.0.0/8".parse().unwrap()],
+            ..Default::default()
+        }),
         CustomSettings {
             timeout: Duration::from_secs(5),
             retries: 0,
-            signing_key: None,
+            signer: None,
         },
         None,
     );

@@ -9,15 +9,17 @@
 //!
 //! Each call has a timeout; connection failures, timeouts and 5xx answers are retried a bounded
 //! number of times; when the webhook stays down an optional fall-back policy answers instead.
-//! A 4xx or an invalid answer fails the allocation. With a signing key, each request carries
-//! `x-dps-signature: sha256=<hex HMAC-SHA256 of the body>`.
+//! A 4xx or an invalid answer fails the allocation. Calls go through [`Outbound`]: no
+//! redirects, no private targets unless allowed, a capped answer, and failure messages (which
+//! reach the device) that name neither the URL's query (where Azure Functions keep their key)
+//! nor the answer's body. With a signing key, each request carries `x-dps-timestamp` and
+//! `x-dps-signature: sha256=<hex HMAC-SHA256 of "timestamp.body">`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, KeyInit, Mac};
+use dps_outbound::{Method, Outbound, OutboundError, WebhookSigner};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 use crate::policy::{Allocation, AllocationPolicy, Candidate, Device, PolicyError};
 
@@ -28,28 +30,28 @@ pub struct CustomSettings {
     pub timeout: Duration,
     /// Further attempts after a failed call.
     pub retries: u32,
-    /// Key for `x-dps-signature`, if requests are signed.
-    pub signing_key: Option<Vec<u8>>,
+    /// Signs requests, when set.
+    pub signer: Option<WebhookSigner>,
 }
 
 /// The custom (webhook) allocation policy.
 #[derive(Debug, Clone)]
 pub struct CustomWebhook {
-    client: reqwest::Client,
+    outbound: Outbound,
     settings: CustomSettings,
     fallback: Option<(String, Arc<dyn AllocationPolicy>)>,
 }
 
 impl CustomWebhook {
-    /// A webhook policy using `client`, with an optional fall-back policy (and its name) for
-    /// when the webhook is down.
+    /// A webhook policy calling out through `outbound`, with an optional fall-back policy (and
+    /// its name) for when the webhook is down.
     pub fn new(
-        client: reqwest::Client,
+        outbound: Outbound,
         settings: CustomSettings,
         fallback: Option<(String, Arc<dyn AllocationPolicy>)>,
     ) -> Self {
         Self {
-            client,
+            outbound,
             settings,
             fallback,
         }
@@ -86,17 +88,6 @@ impl CustomWebhook {
         })
     }
 
-    fn signature(&self, body: &[u8]) -> Option<String> {
-        let key = self.settings.signing_key.as_ref()?;
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).ok()?;
-        mac.update(body);
-        let tag = mac.finalize().into_bytes();
-        Some(format!(
-            "sha256={}",
-            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ))
-    }
-
     /// One webhook exchange with retries: the answer, a refusal, or "down".
     async fn call(&self, url: &str, body: &[u8]) -> Result<Value, Outcome> {
         let mut last = String::new();
@@ -104,38 +95,45 @@ impl CustomWebhook {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt.min(5)))).await;
             }
-            let mut request = self
-                .client
-                .post(url)
+            // A URL the client refuses is the enrollment's fault: not retried, no fall-back.
+            let request = self
+                .outbound
+                .request(Method::POST, url)
+                .map_err(|e| Outcome::Refused(e.to_string()))?
                 .timeout(self.settings.timeout)
                 .header("content-type", "application/json")
                 .body(body.to_vec());
-            if let Some(signature) = self.signature(body) {
-                request = request.header("x-dps-signature", signature);
-            }
-            let response = match request.send().await {
-                Ok(response) => response,
+            let request = dps_outbound::maybe_sign(self.settings.signer.as_ref(), request, body);
+            let answer = match self.outbound.send(request).await {
+                Ok(answer) => answer,
+                Err(e @ (OutboundError::Forbidden(_) | OutboundError::InvalidUrl)) => {
+                    return Err(Outcome::Refused(e.to_string()));
+                }
+                Err(OutboundError::TooLarge(_, limit)) => {
+                    return Err(Outcome::Refused(format!(
+                        "its answer is larger than {limit} bytes"
+                    )));
+                }
+                Err(OutboundError::Timeout(_)) => {
+                    last = format!("no answer within {:?}", self.settings.timeout);
+                    continue;
+                }
                 Err(e) => {
-                    last = if e.is_timeout() {
-                        format!("no answer within {:?}", self.settings.timeout)
-                    } else {
-                        format!("cannot reach it: {e}")
-                    };
+                    last = e.to_string();
                     continue;
                 }
             };
-            let status = response.status();
-            let text: String = response.text().await.unwrap_or_default();
+            let status = answer.status;
             if status.is_success() {
-                return serde_json::from_str(&text)
+                return serde_json::from_slice(&answer.body)
                     .map_err(|e| Outcome::Refused(format!("its answer is not JSON: {e}")));
             }
-            let excerpt: String = text.chars().take(300).collect();
+            // The status only: the body is the webhook's, and may carry anything.
             if status.is_server_error() || status.as_u16() == 429 {
-                last = format!("HTTP {status}: {excerpt}");
+                last = format!("HTTP {status}");
                 continue;
             }
-            return Err(Outcome::Refused(format!("HTTP {status}: {excerpt}")));
+            return Err(Outcome::Refused(format!("HTTP {status}")));
         }
         Err(Outcome::Down(last))
     }

@@ -34,6 +34,12 @@ pub enum ChainError {
     /// The leaf does not parse.
     #[error("the device certificate is not a valid X.509 certificate")]
     Malformed,
+    /// The certificate parses, but not as the verifier needs (version 1, an unknown critical
+    /// extension, unique identifiers, ...).
+    #[error(
+        "the certificate is not one rustls-webpki accepts (a version 3 certificate without unknown critical extensions): {0}"
+    )]
+    Unsupported(String),
     /// The leaf has no common name, or one longer than [`MAX_COMMON_NAME`].
     #[error("the device certificate needs a common name of 1 to {MAX_COMMON_NAME} characters")]
     CommonName,
@@ -73,6 +79,7 @@ pub fn check_leaf(
     if chain.len() > MAX_CHAIN_CERTIFICATES {
         return Err(ChainError::TooLong(chain.len()));
     }
+    check_end_entity(leaf)?;
     let cert = Certificate::from_der(leaf).map_err(|_| ChainError::Malformed)?;
     let facts = facts_of(&cert, leaf).map_err(|_| ChainError::Malformed)?;
     let tbs = cert.tbs_certificate();
@@ -106,6 +113,26 @@ pub fn check_leaf(
         der: leaf.clone(),
         facts,
     })
+}
+
+/// Checks that rustls-webpki, which verifies handshake signatures and chains, can parse `der`
+/// as a device certificate. A certificate only a lenient parser reads (version 1, an unknown
+/// critical extension, unique identifiers) would have no proof of possession behind it, so it
+/// stands for no device.
+pub fn check_end_entity(der: &[u8]) -> Result<(), ChainError> {
+    let der = CertificateDer::from(der);
+    webpki::EndEntityCert::try_from(&der)
+        .map(|_| ())
+        .map_err(|e| ChainError::Unsupported(format!("{e:?}")))
+}
+
+/// Checks that rustls-webpki can use `der` as a trust anchor (a group's signing certificate or
+/// an uploaded CA certificate).
+pub fn check_anchor(der: &[u8]) -> Result<(), ChainError> {
+    let der = CertificateDer::from(der);
+    webpki::anchor_from_trusted_cert(&der)
+        .map(|_| ())
+        .map_err(|e| ChainError::Unsupported(format!("{e:?}")))
 }
 
 fn common_name_of(cert: &Certificate) -> Option<String> {
@@ -284,10 +311,10 @@ mod tests {
             check_leaf(&[leaf(&long, &root, |_| {})], &long, NOW).unwrap_err(),
             ChainError::CommonName
         );
-        assert_eq!(
+        assert!(matches!(
             check(b"garbage".to_vec()).unwrap_err(),
-            ChainError::Malformed
-        );
+            ChainError::Unsupported(_)
+        ));
         assert_eq!(
             check_leaf(&[], "dev-1", NOW).unwrap_err(),
             ChainError::Missing

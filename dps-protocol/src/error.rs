@@ -79,6 +79,8 @@ pub enum ErrorCode {
     ConflictWithState,
     /// The `If-Match` etag does not match.
     PreconditionFailed,
+    /// The request (its body) did not arrive in time.
+    RequestTimeout,
     /// The body is larger than the configured limit.
     PayloadTooLarge,
     /// Too many requests.
@@ -120,6 +122,7 @@ impl ErrorCode {
             Self::Conflict => 409001,
             Self::ConflictWithState => 409002,
             Self::PreconditionFailed => 412001,
+            Self::RequestTimeout => 408001,
             Self::PayloadTooLarge => 413001,
             Self::Throttled => 429001,
             Self::InternalServerError => 500001,

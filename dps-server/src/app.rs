@@ -1,5 +1,6 @@
-//! The whole HTTP application: admin routes, health, metrics and the OpenAPI document, behind
-//! request tracking, a body limit and path canonicalisation.
+//! The HTTP applications: on the public listener the device and admin routes, health and the
+//! OpenAPI document, behind request tracking, a body limit and path canonicalisation; on the
+//! metrics listener `/metrics` and the health checks.
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -94,7 +95,6 @@ pub fn router(state: AppState) -> Router {
         .merge(device_api::routes().layer(DefaultBodyLimit::max(device_body_limit)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .route("/openapi.yaml", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -103,6 +103,17 @@ pub fn router(state: AppState) -> Router {
             metrics,
             observability::track,
         ))
+        .with_state(state)
+}
+
+/// The router of the metrics listener: `/metrics`, and the health checks beside it. It is not
+/// on the public listener: the metrics name every tenant, hub and device count.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
         .with_state(state)
 }
 
@@ -120,10 +131,21 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     ))
 }
 
+/// How long the device counts per hub that `/metrics` shows are reused before they are read
+/// from the store again: scrapes do not each run a count per instance.
+const HUB_COUNTS_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    match hub_device_counts(&state).await {
-        Ok(counts) => state.metrics.set_hub_devices(&counts),
-        Err(e) => tracing::warn!(error = %e, "cannot count devices per hub for /metrics"),
+    {
+        // One count at a time; scrapes that wait for it use its result.
+        let mut counted_at = state.metrics.hub_counts_at.lock().await;
+        if counted_at.is_none_or(|at| at.elapsed() >= HUB_COUNTS_TTL) {
+            match hub_device_counts(&state).await {
+                Ok(counts) => state.metrics.set_hub_devices(&counts),
+                Err(e) => tracing::warn!(error = %e, "cannot count devices per hub for /metrics"),
+            }
+            *counted_at = Some(std::time::Instant::now());
+        }
     }
     match state.metrics.encode() {
         Ok(text) => (

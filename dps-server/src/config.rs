@@ -38,6 +38,11 @@ pub struct Config {
     pub allocation: AllocationConfig,
     /// TPM attestation settings.
     pub tpm: TpmConfig,
+    /// Calls the server makes: allocation webhooks, hub connectors, latency probes.
+    pub outbound: OutboundConfig,
+    /// Address of the plain-HTTP listener of `/metrics` (and `/healthz`, `/readyz`); loopback
+    /// by default, since the metrics name tenants, hubs and device counts.
+    pub metrics_listen: SocketAddr,
     /// The instance whose `ServiceConfig` policies manage all instances, and whose connection
     /// string is printed at start: the first configured instance, or `default`, when absent.
     pub admin_instance: Option<String>,
@@ -58,6 +63,8 @@ impl Default for Config {
             throttle: crate::throttle::ThrottleConfig::default(),
             allocation: AllocationConfig::default(),
             tpm: TpmConfig::default(),
+            outbound: OutboundConfig::default(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             admin_instance: None,
             instances: Vec::new(),
         }
@@ -74,6 +81,28 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// The CA clients should trust, printed at start (the certificate itself when absent).
     pub ca_cert: Option<PathBuf>,
+}
+
+/// Outbound calls. Their targets are chosen by admins, so the server refuses loopback,
+/// private, link-local, unique-local and multicast addresses unless their network is listed
+/// here, follows no redirects and reads bounded answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Networks outbound calls may reach although they are not public, e.g. `["10.20.0.0/16"]`
+    /// for hubs on a private network, or `["127.0.0.0/8"]` for a webhook on the same machine.
+    pub allowed_networks: Vec<ipnet::IpNet>,
+    /// Largest answer read from a webhook or hub, bytes.
+    pub max_answer_bytes: usize,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        Self {
+            allowed_networks: Vec::new(),
+            max_answer_bytes: 1024 * 1024,
+        }
+    }
 }
 
 /// TPM attestation settings.
@@ -244,6 +273,17 @@ pub struct Limits {
     pub max_bulk_items: usize,
     /// Largest ownership-record import (`POST /ownershipRecords:import`), bytes.
     pub max_import_bytes: usize,
+    /// Most connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time for a client to complete the TLS handshake, seconds.
+    pub tls_handshake_timeout_secs: u64,
+    /// Time for a client to send a request's headers, seconds.
+    pub request_header_timeout_secs: u64,
+    /// Time for a client to send a request's body, seconds.
+    pub request_body_timeout_secs: u64,
+    /// How long a connection may stay open without a request in flight, seconds (HTTP/1.1
+    /// keep-alive and HTTP/2 alike).
+    pub idle_timeout_secs: u64,
     /// Longest lifetime of a SAS token the service accepts, seconds.
     pub max_token_lifetime_secs: u64,
     /// Clock skew allowed when checking a token's expiry, seconds.
@@ -264,7 +304,12 @@ impl Default for Limits {
             max_page_size: 1000,
             default_page_size: 100,
             max_bulk_items: 1000,
-            max_import_bytes: 256 * 1024 * 1024,
+            max_import_bytes: 32 * 1024 * 1024,
+            max_connections: 4096,
+            tls_handshake_timeout_secs: 10,
+            request_header_timeout_secs: 30,
+            request_body_timeout_secs: 30,
+            idle_timeout_secs: 120,
             max_token_lifetime_secs: 30 * 24 * 3600,
             clock_skew_secs: 300,
             shutdown_grace_secs: 30,

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod device_api;
 pub mod error;
+pub mod files;
 pub mod hubs;
 pub mod json;
 pub mod observability;

@@ -77,6 +77,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
     hub_devices: Family<HubLabels, Gauge>,
+    /// When the device counts per hub were last read from the store.
+    pub hub_counts_at: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Metrics {
@@ -108,7 +110,7 @@ impl Metrics {
         let hub_devices = Family::<HubLabels, Gauge>::default();
         registry.register(
             "hub_devices",
-            "Devices assigned to each linked hub, by instance (read from the store at each scrape)",
+            "Devices assigned to each linked hub, by instance (read from the store at most every 30 seconds)",
             hub_devices.clone(),
         );
         Self {
@@ -116,6 +118,7 @@ impl Metrics {
             requests,
             durations,
             hub_devices,
+            hub_counts_at: tokio::sync::Mutex::new(None),
         }
     }
 

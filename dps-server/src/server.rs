@@ -11,7 +11,6 @@ use axum::extract::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,9 +26,9 @@ use crate::store::{SqlStore, Store};
 use crate::throttle::Throttle;
 use crate::tls::TlsMaterial;
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Connections the metrics listener serves at once (scrapers, health checks).
+const METRICS_CONNECTIONS: usize = 64;
 
 /// The address of the peer, added to every request's extensions.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +48,8 @@ pub struct RunningServer {
     pub admin: AdminAccess,
     /// The CA certificate clients should trust.
     pub ca_certificate: PathBuf,
+    /// The bound address of the metrics listener.
+    pub metrics_addr: SocketAddr,
     store: Arc<dyn Store>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -69,14 +70,22 @@ impl RunningServer {
 
 /// Connects storage, applies the configuration, prepares TLS and starts listening.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    std::fs::create_dir_all(&config.data_dir)
+    crate::files::private_dir(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
         SqlStore::connect(&config.database_url())
             .await
             .context("opening the database")?,
     );
-    let hub_http = crate::hubs::http_client();
+    let outbound_settings = dps_outbound::OutboundSettings {
+        allowed_networks: config.outbound.allowed_networks.clone(),
+        max_answer_bytes: config.outbound.max_answer_bytes,
+        ..dps_outbound::OutboundSettings::default()
+    };
+    let connectors = crate::hubs::Connectors {
+        outbound: dps_outbound::Outbound::new(&outbound_settings),
+        signer: webhook_signer(&config)?,
+    };
     let measured = Arc::new(allocation_policies::geo::MeasuredLatency::default());
     let state = AppState {
         store: store.clone(),
@@ -86,11 +95,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         throttle: Arc::new(Throttle::new(&config.throttle)),
         policies: Arc::new(policy_registry(
             &config,
-            &hub_http,
+            &connectors,
             store.clone(),
             measured.clone(),
         )?),
-        hub_http,
+        connectors,
         hub_health: Arc::new(crate::hubs::HubHealth::new(Duration::from_secs(
             config.limits.hub_unhealthy_secs,
         ))),
@@ -98,6 +107,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         certificates: Arc::default(),
         tpm: Arc::new(crate::device_api::tpm::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
+        server_names: vec![config.default_host_name()].into(),
     };
 
     let admin = bootstrap(&state, &config).await?;
@@ -124,16 +134,54 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     if let Some(region) = &config.allocation.geo.probe_region {
         let interval = Duration::from_secs(config.allocation.geo.probe_interval_secs.max(1));
         tracing::info!(%region, ?interval, "probing hub latency");
-        crate::hubs::probe::spawn(store.clone(), measured, interval, stopped.clone());
+        crate::hubs::probe::spawn(
+            store.clone(),
+            measured,
+            interval,
+            &outbound_settings,
+            stopped.clone(),
+        );
     }
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding metrics_listen {} (set metrics_listen to another address)",
+                config.metrics_listen
+            )
+        })?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let grace = Duration::from_secs(config.limits.shutdown_grace_secs);
-    let router = app::router(state);
-    let task = tokio::spawn(serve(listener, acceptor, router, stopped, grace));
-    tracing::info!(%local_addr, storage = store.backend(), "listening");
+    let limits = ConnectionLimits::of(&config.limits);
+    let metrics_limits = ConnectionLimits {
+        max_connections: METRICS_CONNECTIONS,
+        ..limits.clone()
+    };
+    let main = serve(
+        listener,
+        Some(acceptor),
+        app::router(state.clone()),
+        limits,
+        stopped.clone(),
+        grace,
+    );
+    let metrics = serve(
+        metrics_listener,
+        None,
+        app::metrics_router(state),
+        metrics_limits,
+        stopped,
+        grace,
+    );
+    let task = tokio::spawn(async move {
+        tokio::join!(main, metrics);
+    });
+    tracing::info!(%local_addr, %metrics_addr, storage = store.backend(), "listening");
     Ok(RunningServer {
         local_addr,
         admin,
         ca_certificate: std::fs::canonicalize(&tls.ca_certificate).unwrap_or(tls.ca_certificate),
+        metrics_addr,
         store,
         stop,
         task,
@@ -144,7 +192,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 /// records, each with its configured fall-back.
 fn policy_registry(
     config: &Config,
-    client: &reqwest::Client,
+    connectors: &crate::hubs::Connectors,
     store: Arc<dyn Store>,
     measured: Arc<allocation_policies::geo::MeasuredLatency>,
 ) -> anyhow::Result<allocation_policies::policy::Registry> {
@@ -170,23 +218,15 @@ fn policy_registry(
     };
     let custom_fallback = fallback("custom_fallback", &config.allocation.custom_fallback)?;
     let ownership_fallback = fallback("ownership_fallback", &config.allocation.ownership_fallback)?;
-    let signing_key = config
-        .allocation
-        .webhook_signing_key
-        .as_deref()
-        .map(attestation::SymmetricKey::from_base64)
-        .transpose()
-        .context("allocation.webhook_signing_key")?
-        .map(|k| k.as_bytes().to_vec());
     let settings = CustomSettings {
         timeout: Duration::from_secs(config.allocation.custom_timeout_secs.max(1)),
         retries: config.allocation.custom_retries,
-        signing_key,
+        signer: connectors.signer.clone(),
     };
     registry.register(
         "custom",
         Arc::new(CustomWebhook::new(
-            client.clone(),
+            connectors.outbound.clone(),
             settings,
             custom_fallback,
         )),
@@ -197,6 +237,19 @@ fn policy_registry(
         Arc::new(Ownership::new(book, ownership_fallback)),
     );
     Ok(registry)
+}
+
+/// The signer of webhook requests (allocation webhooks and the webhook connector), when
+/// `allocation.webhook_signing_key` is set.
+fn webhook_signer(config: &Config) -> anyhow::Result<Option<dps_outbound::WebhookSigner>> {
+    Ok(config
+        .allocation
+        .webhook_signing_key
+        .as_deref()
+        .map(attestation::SymmetricKey::from_base64)
+        .transpose()
+        .context("allocation.webhook_signing_key")?
+        .map(|k| dps_outbound::WebhookSigner::new(k.as_bytes().to_vec())))
 }
 
 fn geo_policy(
@@ -258,80 +311,168 @@ async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Serves `router` over TLS on `listener` until `stopped` turns true, then lets in-flight
-/// requests finish for up to `grace`. Public so that the load generator's ceiling server runs
-/// the very same accept loop.
+/// The deadlines and the connection cap of the accept loop. No phase of a connection is
+/// free: a client that stays silent, or sends slowly, is closed once its phase's deadline
+/// passes, and past `max_connections` new clients wait in the listen backlog.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Time to complete the TLS handshake.
+    pub tls_handshake: Duration,
+    /// Time to send a request's headers (HTTP/1.1).
+    pub request_header: Duration,
+    /// Time to send a request's body (read by the handlers).
+    pub request_body: Duration,
+    /// Time a connection may stay open with no request in flight (HTTP/1.1 keep-alive, HTTP/2,
+    /// and before the first request).
+    pub idle: Duration,
+}
+
+impl ConnectionLimits {
+    /// The limits configured in `limits`.
+    pub fn of(limits: &crate::config::Limits) -> Self {
+        let secs = |s: u64| Duration::from_secs(s.max(1));
+        Self {
+            max_connections: limits.max_connections.max(1),
+            tls_handshake: secs(limits.tls_handshake_timeout_secs),
+            request_header: secs(limits.request_header_timeout_secs),
+            request_body: secs(limits.request_body_timeout_secs),
+            idle: secs(limits.idle_timeout_secs),
+        }
+    }
+}
+
+/// How long a connection told to shut down (idle, or the server stopping) may take to finish
+/// its last exchange before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long an idle connection told to close may take to say goodbye (HTTP/2's GOAWAY).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// Longest pause after a failed `accept` (out of descriptors, say); it doubles from 10 ms.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Requests in flight on a connection, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last: std::sync::Mutex::new(std::time::Instant::now()),
+        })
+    }
+
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+    }
+
+    /// How long the connection has had no request in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        self.last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+}
+
+/// Counts a request as in flight until dropped (when its response has been produced).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        activity.touch();
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Serves `router` on `listener` (over TLS with `acceptor`, or plain HTTP without one) until
+/// `stopped` turns true, then lets in-flight requests finish for up to `grace`. Public so that
+/// the load generator's ceiling server runs the very same accept loop.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     router: axum::Router,
+    limits: ConnectionLimits,
     mut stopped: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.request_header)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MAX_HTTP2_STREAMS)
+        // A peer that stops answering pings is gone; idleness is the watchdog's.
+        .keep_alive_interval(Some(limits.idle.min(Duration::from_secs(30))))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut backoff = Duration::from_millis(10);
     loop {
+        // A free slot first: past the cap, clients wait in the kernel's backlog.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stopped.changed() => break,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    backoff = Duration::from_millis(10);
+                    pair
+                }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tracing::warn!(error = %e, ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
                     continue;
                 }
             },
             _ = stopped.changed() => break,
         };
-        let acceptor = acceptor.clone();
-        let builder = builder.clone();
-        let router = router.clone();
-        let watcher = graceful.watcher();
+        let connection = Connection {
+            acceptor: acceptor.clone(),
+            builder: builder.clone(),
+            router: router.clone(),
+            limits: limits.clone(),
+            stopped: stopped.clone(),
+        };
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let chain = tls.get_ref().1.peer_certificates().map(|certs| {
-                ClientChain(Arc::new(
-                    certs.iter().map(|c| c.as_ref().to_vec()).collect(),
-                ))
-            });
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                if let Some(chain) = &chain {
-                    req.extensions_mut().insert(chain.clone());
-                }
-                let req = app::canonicalize_path(req.map(axum::body::Body::new));
-                router.clone().oneshot(req)
-            });
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            connection.run(tcp, peer).await;
+            drop(slot);
         });
     }
     drop(listener);
     tracing::info!("shutting down: waiting for in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    if tokio::time::timeout(grace, slots.acquire_many(all))
         .await
         .is_err()
     {
@@ -339,6 +480,108 @@ pub async fn serve(
             ?grace,
             "in-flight requests did not finish within the grace period"
         );
+    }
+}
+
+/// Most concurrent streams on one HTTP/2 connection.
+const MAX_HTTP2_STREAMS: u32 = 64;
+
+/// What one connection's task needs.
+struct Connection {
+    acceptor: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn run(self, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let Some(acceptor) = self.acceptor.clone() else {
+            self.http(TokioIo::new(tcp), peer, None).await;
+            return;
+        };
+        let tls = match tokio::time::timeout(self.limits.tls_handshake, acceptor.accept(tcp)).await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let chain = tls.get_ref().1.peer_certificates().map(|certs| {
+            ClientChain(Arc::new(
+                certs.iter().map(|c| c.as_ref().to_vec()).collect(),
+            ))
+        });
+        self.http(TokioIo::new(tls), peer, chain).await;
+    }
+
+    /// Serves HTTP on `io` until the client leaves, stays idle too long, or the server stops.
+    async fn http<I>(self, io: I, peer: SocketAddr, chain: Option<ClientChain>)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let activity = Activity::new();
+        let service = {
+            let (activity, router) = (activity.clone(), self.router.clone());
+            let body_deadline = crate::json::BodyDeadline(self.limits.request_body);
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let in_flight = InFlight::start(&activity);
+                req.extensions_mut().insert(PeerAddr(peer));
+                req.extensions_mut().insert(body_deadline);
+                if let Some(chain) = &chain {
+                    req.extensions_mut().insert(chain.clone());
+                }
+                let req = app::canonicalize_path(req.map(axum::body::Body::new));
+                let answer = router.clone().oneshot(req);
+                async move {
+                    let response = answer.await;
+                    drop(in_flight);
+                    response
+                }
+            })
+        };
+        let connection = self.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection);
+        let mut stopped = self.stopped;
+        let mut closing: Option<tokio::time::Instant> = None;
+        let mut watchdog = tokio::time::interval(self.limits.idle.min(Duration::from_secs(1)));
+        loop {
+            tokio::select! {
+                done = connection.as_mut() => {
+                    if let Err(e) = done {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                changed = stopped.changed(), if closing.is_none() => {
+                    // A dropped sender means the server is gone: close too.
+                    let _ = changed;
+                    connection.as_mut().graceful_shutdown();
+                    closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                }
+                _ = watchdog.tick() => match closing {
+                    Some(deadline) if tokio::time::Instant::now() >= deadline => {
+                        tracing::debug!(%peer, "connection did not close in time; dropped");
+                        return;
+                    }
+                    Some(_) => {}
+                    None if activity.idle_for() >= self.limits.idle => {
+                        // Nothing in flight: long enough to send HTTP/2's GOAWAY, no longer
+                        // (a client that ignores it would otherwise keep the slot).
+                        tracing::debug!(%peer, "idle connection closed");
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                    }
+                    None => {}
+                },
+            }
+        }
     }
 }
 
@@ -357,6 +600,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     println!("ca-certificate: {}", server.ca_certificate.display());
     println!("listening: https://{}", server.local_addr);
+    println!("metrics: http://{}/metrics", server.metrics_addr);
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}

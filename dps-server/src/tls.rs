@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,7 +61,7 @@ impl TlsMaterial {
     }
 
     fn development(dir: &Path, host_names: &[String]) -> anyhow::Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::files::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
         let ca_pem = dir.join("ca.pem");
         let ca_key_pem = dir.join("ca-key.pem");
         let server_pem = dir.join("server.pem");
@@ -136,10 +135,11 @@ impl TlsMaterial {
 
 /// Asks every client for a certificate and accepts handshakes without one (SAS and TPM devices
 /// send none). A presented chain is not judged here: which anchors it must chain to depends on
-/// the enrollment, so the device API verifies it ([`attestation::x509::verify_chain`]). The
-/// handshake signature is verified, so a client that presents a parseable certificate holds its
-/// key. Bytes that are not a certificate are let through unverified: the device API refuses
-/// them with a 401 instead of the client seeing a failed handshake.
+/// the enrollment, so the device API verifies it ([`attestation::chain::verify_chain`]). What
+/// is checked here is possession: a leaf that rustls-webpki cannot parse (not DER, version 1,
+/// an unknown critical extension, ...) ends the handshake, and the handshake signature is
+/// always verified with the leaf's key, so no certificate reaches the device API without proof
+/// that the client holds its private key.
 #[derive(Debug)]
 struct OptionalClientCert {
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
@@ -150,10 +150,6 @@ impl OptionalClientCert {
         Self {
             algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
         }
-    }
-
-    fn parses(cert: &CertificateDer<'_>) -> bool {
-        webpki::EndEntityCert::try_from(cert).is_ok()
     }
 }
 
@@ -172,11 +168,15 @@ impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
 
     fn verify_client_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        Ok(rustls::server::danger::ClientCertVerified::assertion())
+        // The signature checks below parse the leaf the same way; refusing here ends the
+        // handshake with a clear alert before any signature is looked at.
+        webpki::EndEntityCert::try_from(end_entity)
+            .map(|_| rustls::server::danger::ClientCertVerified::assertion())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
     }
 
     fn verify_tls12_signature(
@@ -185,9 +185,6 @@ impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        if !Self::parses(cert) {
-            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
-        }
         rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
@@ -197,9 +194,6 @@ impl rustls::server::danger::ClientCertVerifier for OptionalClientCert {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        if !Self::parses(cert) {
-            return Ok(rustls::client::danger::HandshakeSignatureValid::assertion());
-        }
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
@@ -239,19 +233,8 @@ fn read(path: &Path) -> anyhow::Result<String> {
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    write_mode_600(path, contents).with_context(|| format!("writing {}", path.display()))
-}
-
-fn write_mode_600(path: &Path, contents: &str) -> io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())
+    crate::files::write_private(path, contents)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -82,7 +82,8 @@ async fn enrollment_lifecycle(backend: Backend) {
     )
     .await;
 
-    // Updating with the etag (as the Node client does with the object it read) keeps the keys.
+    // Updating with the etag (as the Node client does with the object it read) keeps the keys,
+    // without echoing them: the request did not send them.
     let mut update = read.clone();
     update["provisioningStatus"] = json!("disabled");
     let updated = expect_json(
@@ -96,11 +97,17 @@ async fn enrollment_lifecycle(backend: Backend) {
     )
     .await;
     assert_eq!(updated["provisioningStatus"], "disabled");
-    assert_eq!(
-        updated["attestation"]["symmetricKey"]["primaryKey"],
-        primary.as_str()
-    );
+    assert!(updated["attestation"]["symmetricKey"]["primaryKey"].is_null());
     assert_ne!(updated["etag"], etag.as_str());
+    let kept = expect_json(
+        t.owner(Method::POST, "/enrollments/Dev-01/attestationmechanism")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(kept["symmetricKey"]["primaryKey"], primary.as_str());
 
     // `*` overwrites unconditionally.
     let forced = expect_json(
@@ -1340,14 +1347,7 @@ async fn health_metrics_and_openapi(backend: Backend) {
         .send()
         .await
         .unwrap();
-    let metrics = t
-        .anonymous(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.metrics().await;
     assert!(
         metrics.contains(
             "dps_http_requests_total{method=\"GET\",route=\"/enrollments/{id}\",status=\"404\"} 1"
@@ -1399,7 +1399,7 @@ async fn health_metrics_and_openapi(backend: Backend) {
         );
         operations += 1;
     }
-    assert_eq!(operations, 48, "operations documented and probed");
+    assert_eq!(operations, 47, "operations documented and probed");
 }
 
 async fn allocation_simulation_explains_each_policy(backend: Backend) {
@@ -1516,7 +1516,392 @@ async fn allocation_simulation_explains_each_policy(backend: Backend) {
     );
 }
 
+/// A policy with only `rights`, and a function signing requests with it.
+async fn policy_with(t: &TestServer, name: &str, rights: &[&str]) -> String {
+    let created = expect_json(
+        t.owner(Method::PUT, &format!("/accessPolicies/{name}"))
+            .json(&json!({ "keyName": name, "rights": rights }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    created["primaryKey"].as_str().unwrap().to_owned()
+}
+
+/// Security review item 3: a PUT that omits a stored secret does not get it back, and the
+/// stored connection string is never sent to a new destination without being given again.
+async fn stored_secrets_are_not_echoed_or_redirected(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let connection = "HostName=hub-b.example.com;SharedAccessKeyName=registryReadWrite;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==";
+    let path = "/linkedHubs/hub-b.example.com";
+    let created = expect_json(
+        t.owner(Method::PUT, path)
+            .json(&json!({ "hostName": "hub-b.example.com",
+                "connector": { "type": "azure-iot-hub", "connectionString": connection } }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        created["connector"]["connectionString"], connection,
+        "sent, so shown"
+    );
+    let updated = expect_json(
+        t.owner(Method::PUT, path)
+            .header("If-Match", "*")
+            .json(
+                &json!({ "hostName": "hub-b.example.com", "allocationWeight": 4,
+                "connector": { "type": "azure-iot-hub" } }),
+            )
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let text = updated.to_string();
+    assert!(!text.contains("SharedAccessKey"), "echoed: {text}");
+    assert_eq!(updated["allocationWeight"], 4);
+
+    // A new endpoint, or a change of type and back, needs the connection string again.
+    for (connector, changed) in [
+        (
+            json!({ "type": "azure-iot-hub", "endpoint": "https://attacker.example.com" }),
+            "endpoint",
+        ),
+        (
+            json!({ "type": "webhook", "url": "https://attacker.example.com/hook" }),
+            "type",
+        ),
+    ] {
+        let response = t
+            .owner(Method::PUT, path)
+            .header("If-Match", "*")
+            .json(&json!({ "hostName": "hub-b.example.com", "connector": connector }))
+            .send()
+            .await
+            .unwrap();
+        if changed == "endpoint" {
+            let error = expect_error(response, 400, 400004).await;
+            assert!(
+                error["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("connectionString"),
+                "{error}"
+            );
+        } else {
+            expect_json(response, 200).await;
+            let back = t
+                .owner(Method::PUT, path)
+                .header("If-Match", "*")
+                .json(&json!({ "hostName": "hub-b.example.com",
+                    "connector": { "type": "azure-iot-hub", "endpoint": "https://attacker.example.com" } }))
+                .send()
+                .await
+                .unwrap();
+            expect_error(back, 400, 400004).await;
+        }
+    }
+
+    // Enrollment and policy keys kept from the stored version are not echoed either.
+    let enrollment = expect_json(
+        t.owner(Method::PUT, "/enrollments/dev-keys")
+            .json(&symmetric_enrollment("dev-keys"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let primary = enrollment["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = expect_json(
+        t.owner(Method::PUT, "/enrollments/dev-keys")
+            .header("If-Match", "*")
+            .json(
+                &json!({ "registrationId": "dev-keys", "provisioningStatus": "disabled",
+                "attestation": { "type": "symmetricKey" } }),
+            )
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert!(!again.to_string().contains(&primary), "{again}");
+    let policy_key = policy_with(&t, "reader", &["EnrollmentRead"]).await;
+    let policy = expect_json(
+        t.owner(Method::PUT, "/accessPolicies/reader")
+            .header("If-Match", "*")
+            .json(&json!({ "keyName": "reader", "rights": ["EnrollmentRead", "RegistrationStatusRead"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert!(!policy.to_string().contains(&policy_key), "{policy}");
+}
+
+/// Security review item 10: a service token binds to this service: its `sr` must be one of
+/// the instance's host names (or the server's own), whatever Host the request names.
+async fn service_tokens_bind_to_the_instance_host_names(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let key = t.owner.key.to_base64();
+    for audience in ["evil.example.com", "hub.azure-devices.net"] {
+        let response = t
+            .anonymous(Method::GET, "/enrollments/dev-1")
+            .header("Host", audience)
+            .header(
+                "Authorization",
+                token(audience, "provisioningserviceowner", &key, 3600),
+            )
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 401, 401002).await;
+    }
+    let ok = t
+        .anonymous(Method::GET, "/enrollments/dev-1")
+        .header(
+            "Authorization",
+            token(&t.owner.host_name, "provisioningserviceowner", &key, 3600),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_error(ok, 404, 404201).await;
+}
+
+/// Security review item 11: instance names are case-insensitive identities; deleting an
+/// instance deletes its data, so a new instance of the same name starts empty.
+async fn instance_names_are_identities_and_deletion_is_final(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let created = expect_json(
+        t.owner(Method::PUT, "/instances/tenant")
+            .json(&json!({ "name": "tenant", "hostNames": ["tenant.example.com"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let tenant_key = created["ownerPolicy"]["primaryKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let as_tenant = |m: Method, p: &str| {
+        t.anonymous(m, p).header(
+            "Authorization",
+            token(
+                "tenant.example.com",
+                "provisioningserviceowner",
+                &tenant_key,
+                3600,
+            ),
+        )
+    };
+    expect_json(
+        as_tenant(Method::PUT, "/instances/tenant/enrollments/dev-t")
+            .json(&symmetric_enrollment("dev-t"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    // Renamed by letter case: the same instance, its data and its owner's keys.
+    let renamed = expect_json(
+        t.owner(Method::PUT, "/instances/TENANT")
+            .header("If-Match", "*")
+            .json(&json!({ "name": "TENANT", "hostNames": ["tenant.example.com"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        renamed["name"], "tenant",
+        "the name keeps its first spelling"
+    );
+    for path in [
+        "/instances/tenant/enrollments/dev-t",
+        "/instances/Tenant/enrollments/dev-t",
+    ] {
+        expect_json(as_tenant(Method::GET, path).send().await.unwrap(), 200).await;
+    }
+
+    // Deleted and created again: nothing of the old tenant remains.
+    assert_eq!(
+        t.owner(Method::DELETE, "/instances/TENANT")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
+    let again = expect_json(
+        t.owner(Method::PUT, "/instances/tenant")
+            .json(&json!({ "name": "tenant", "hostNames": ["tenant.example.com"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    expect_error(
+        as_tenant(Method::GET, "/instances/tenant/enrollments/dev-t")
+            .send()
+            .await
+            .unwrap(),
+        401,
+        401002,
+    )
+    .await;
+    let new_key = again["ownerPolicy"]["primaryKey"].as_str().unwrap();
+    let as_new = t
+        .anonymous(Method::GET, "/instances/tenant/enrollments/dev-t")
+        .header(
+            "Authorization",
+            token(
+                "tenant.example.com",
+                "provisioningserviceowner",
+                new_key,
+                3600,
+            ),
+        );
+    expect_error(as_new.send().await.unwrap(), 404, 404201).await;
+}
+
+/// Security review item 12: every route checks the caller's rights before it reads anything,
+/// so a policy without the right learns nothing (not whether a resource exists, not which
+/// group names a certificate).
+async fn rights_are_checked_before_anything_is_read(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    expect_json(
+        t.owner(Method::PUT, "/certificates/factory-root")
+            .json(&json!({ "name": "factory-root", "certificate": ca_certificate_pem() }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    expect_json(
+        t.owner(Method::PUT, "/enrollmentGroups/secret-line")
+            .json(
+                &json!({ "enrollmentGroupId": "secret-line", "attestation": { "type": "x509",
+                "x509": { "caReferences": { "primary": "factory-root" } } } }),
+            )
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let reader = policy_with(&t, "reader", &["EnrollmentRead"]).await;
+    let refused = expect_error(
+        t.signed(
+            Method::DELETE,
+            "/certificates/factory-root",
+            "reader",
+            &reader,
+        )
+        .send()
+        .await
+        .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+    assert!(!refused.to_string().contains("secret-line"), "{refused}");
+
+    // Every documented operation, with two policies that each lack most rights: for every
+    // operation, at least one of them is refused with 403, whatever the resource's state.
+    let write_only = policy_with(&t, "registration-writer", &["RegistrationStatusWrite"]).await;
+    let read_only = policy_with(&t, "registration-reader", &["RegistrationStatusRead"]).await;
+    let openapi = t
+        .anonymous(Method::GET, "/openapi.yaml")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut path = String::new();
+    let mut checked = 0;
+    for line in openapi.lines() {
+        if let Some(p) = line.strip_prefix("  /").and_then(|p| p.strip_suffix(':')) {
+            path = format!("/{p}")
+                .replace("{id}", "secret-line")
+                .replace("{kind}", "registrationId");
+            continue;
+        }
+        let method = match line.trim_end() {
+            "    get:" => Method::GET,
+            "    put:" => Method::PUT,
+            "    post:" => Method::POST,
+            "    delete:" => Method::DELETE,
+            _ => continue,
+        };
+        if ["/healthz", "/readyz", "/openapi.yaml"].contains(&path.as_str()) {
+            continue; // served without authentication, by design
+        }
+        let mut statuses = Vec::new();
+        for (name, key) in [
+            ("registration-writer", &write_only),
+            ("registration-reader", &read_only),
+        ] {
+            let response = t
+                .signed(method.clone(), &path, name, key)
+                .json(&json!({}))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(response.status().as_u16());
+        }
+        assert!(statuses.contains(&403), "{method} {path}: {statuses:?}");
+        checked += 1;
+    }
+    assert!(checked >= 44, "{checked} operations checked");
+}
+
+/// Security review item 13: `/metrics` names tenants, hubs and device counts, so it is not on
+/// the public listener; it is served on its own address (loopback by default).
+async fn metrics_are_served_on_their_own_listener(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    expect_error(
+        t.anonymous(Method::GET, "/metrics").send().await.unwrap(),
+        404,
+        404001,
+    )
+    .await;
+    let metrics_addr = t.running().metrics_addr;
+    assert!(metrics_addr.ip().is_loopback());
+    let text = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("dps_http_requests_total"), "{text}");
+}
+
 on_both_backends!(
+    stored_secrets_are_not_echoed_or_redirected,
+    service_tokens_bind_to_the_instance_host_names,
+    instance_names_are_identities_and_deletion_is_final,
+    rights_are_checked_before_anything_is_read,
+    metrics_are_served_on_their_own_listener,
     enrollment_lifecycle,
     group_lifecycle_and_registrations,
     queries_page_with_continuation,
@@ -1530,3 +1915,45 @@ on_both_backends!(
     health_metrics_and_openapi,
     allocation_simulation_explains_each_policy,
 );
+
+/// Security review item 18: the data directory, the SQLite database (with its WAL files) and
+/// the TLS keys are the service's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_files_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let t = TestServer::start_with(Backend::Sqlite, |c| {
+        c.data_dir = data.clone();
+        c.database_url = None;
+    })
+    .await;
+    // A write, so that the WAL files exist.
+    t.link_hub("hub-a.example.com").await;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "{}", data.display());
+    let mut checked = 0;
+    for entry in walk(&data) {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if entry.is_dir() {
+            assert_eq!(mode(&entry), 0o700, "{name}");
+        } else if name.starts_with("dps.sqlite") || name.ends_with("key.pem") {
+            assert_eq!(mode(&entry), 0o600, "{name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "database and keys found: {checked}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}

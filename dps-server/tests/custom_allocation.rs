@@ -54,7 +54,9 @@ async fn register(t: &TestServer, enrollment: &Value, payload: Option<Value>) ->
     device.register_with(&token, body, &[]).await
 }
 
-async fn bodies(server: &MockServer, to: &str) -> Vec<(Value, Option<String>, Vec<u8>)> {
+/// The JSON bodies of the requests to `to`, with their signature and timestamp headers and
+/// raw bytes.
+async fn bodies(server: &MockServer, to: &str) -> Vec<(Value, Option<(String, String)>, Vec<u8>)> {
     server
         .received_requests()
         .await
@@ -62,17 +64,32 @@ async fn bodies(server: &MockServer, to: &str) -> Vec<(Value, Option<String>, Ve
         .into_iter()
         .filter(|r| r.url.path() == to)
         .map(|r| {
-            let signature = r
-                .headers
-                .get("x-dps-signature")
-                .map(|v| v.to_str().unwrap().to_owned());
+            let header = |name: &str| r.headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+            let signed = header("x-dps-signature").zip(header("x-dps-timestamp"));
             (
                 serde_json::from_slice(&r.body).unwrap(),
-                signature,
+                signed,
                 r.body.clone(),
             )
         })
         .collect()
+}
+
+/// Checks a signature the way the README tells a receiver to: HMAC-SHA256 over the
+/// timestamp, a dot and the raw body, and a timestamp close to now.
+fn verify_signature(signed: &Option<(String, String)>, raw: &[u8]) {
+    let (signature, timestamp) = signed.as_ref().expect("the request is signed");
+    let sent: u64 = timestamp.parse().unwrap();
+    assert!(common::now().abs_diff(sent) < 60, "timestamp {sent}");
+    let key = SymmetricKey::from_base64(SIGNING_KEY).unwrap();
+    let mut message = format!("{timestamp}.").into_bytes();
+    message.extend_from_slice(raw);
+    let expected: String = key
+        .hmac(&message)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(signature, &format!("sha256={expected}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,15 +138,13 @@ async fn the_webhook_chooses_the_hub_and_returns_payload_and_twin() {
         request["linkedHubs"],
         json!(["hub-a.example.com", "hub-b.example.com"])
     );
-    let key = SymmetricKey::from_base64(SIGNING_KEY).unwrap();
-    let expected: String = key.hmac(raw).iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(
-        signature.as_deref(),
-        Some(format!("sha256={expected}").as_str())
-    );
+    // Security review item 16: the signature covers a timestamp, so it cannot be replayed
+    // later; the webhook connector's requests are signed the same way.
+    verify_signature(signature, raw);
 
     // The webhook's twin, not the enrollment's, goes to the hub.
     let identities = bodies(&hooks, "/identity").await;
+    verify_signature(&identities[0].1, &identities[0].2);
     assert_eq!(
         identities[0].0["initialTwin"],
         json!({ "tags": { "from": "webhook" } })
@@ -166,8 +181,10 @@ async fn invalid_answers_and_refusals_fail_the_registration() {
     let done = register(&t, &refused, None).await;
     assert_eq!(done["status"], "failed");
     let message = done["registrationState"]["errorMessage"].as_str().unwrap();
+    // The status, but neither the answer's body nor the URL's query (its function key).
+    assert!(message.contains("400"), "{message}");
     assert!(
-        message.contains("400") && message.contains("unknown device"),
+        !message.contains("unknown device") && !message.contains("secret"),
         "{message}"
     );
     assert_eq!(
@@ -293,4 +310,189 @@ async fn a_sticky_device_still_calls_the_webhook_but_keeps_its_hub() {
         bodies(&hooks, "/second").await[0].0["deviceRuntimeContext"]["currentIotHubHostName"],
         "hub-a.example.com"
     );
+}
+
+/// Security review item 4: an outbound call never reaches a loopback or private address
+/// unless the operator allows its network, never follows a redirect, reads a bounded answer,
+/// and its errors carry neither the URL's query string nor the answer's body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_calls_are_confined() {
+    // Nothing allowed: the webhook on 127.0.0.1 is refused before any request is sent.
+    let t = TestServer::start_with(Backend::Sqlite, |c| {
+        c.outbound.allowed_networks.clear();
+    })
+    .await;
+    let hooks = MockServer::start().await;
+    Mock::given(path("/allocate"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({ "iotHubHostName": "hub-a.example.com" })),
+        )
+        .mount(&hooks)
+        .await;
+    t.link_hub("hub-a.example.com").await;
+    // Through a name, too: localhost resolves to loopback.
+    for (id, base) in [
+        ("dev-literal", hooks.uri()),
+        ("dev-name", hooks.uri().replace("127.0.0.1", "localhost")),
+    ] {
+        let mut enrollment = custom_enrollment(id, &hooks, "/allocate", true);
+        enrollment["customAllocationDefinition"]["webhookUrl"] =
+            json!(format!("{base}/allocate?code=secret"));
+        let enrollment = enroll(&t, enrollment).await;
+        let done = register(&t, &enrollment, None).await;
+        assert_eq!(done["status"], "failed", "{done}");
+        let message = done["registrationState"]["errorMessage"].as_str().unwrap();
+        assert!(message.contains("refused"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
+    }
+    assert!(
+        bodies(&hooks, "/allocate").await.is_empty(),
+        "nothing was sent"
+    );
+
+    // Allowed (the test default): a redirect is not followed, a huge answer is not read.
+    let t = TestServer::start(Backend::Sqlite).await;
+    let hooks = hooks_and_hubs(&t).await;
+    Mock::given(path("/moved"))
+        .respond_with(
+            ResponseTemplate::new(307)
+                .insert_header("location", format!("{}/allocate", hooks.uri())),
+        )
+        .mount(&hooks)
+        .await;
+    Mock::given(path("/allocate"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({ "iotHubHostName": "hub-a.example.com" })),
+        )
+        .mount(&hooks)
+        .await;
+    let huge = format!(
+        "{{\"iotHubHostName\":\"hub-a.example.com\",\"payload\":\"{}\"}}",
+        "x".repeat(2 * 1024 * 1024)
+    );
+    Mock::given(path("/huge"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(huge))
+        .mount(&hooks)
+        .await;
+    let moved = enroll(&t, custom_enrollment("dev-moved", &hooks, "/moved", true)).await;
+    let done = register(&t, &moved, None).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        bodies(&hooks, "/allocate").await.is_empty(),
+        "the redirect was followed"
+    );
+    let big = enroll(&t, custom_enrollment("dev-huge", &hooks, "/huge", true)).await;
+    let done = register(&t, &big, None).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let message = done["registrationState"]["errorMessage"].as_str().unwrap();
+    assert!(message.contains("larger"), "{message}");
+}
+
+/// Security review item 5: the allocation dry-run calls a custom webhook only for a caller
+/// that may write enrollments, and its list of policies is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dry_run_calls_webhooks_only_for_writers() {
+    let t = TestServer::start(Backend::Sqlite).await;
+    let hooks = hooks_and_hubs(&t).await;
+    Mock::given(path("/allocate"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({ "iotHubHostName": "hub-a.example.com" })),
+        )
+        .mount(&hooks)
+        .await;
+    enroll(&t, custom_enrollment("dev-sim", &hooks, "/allocate", true)).await;
+    let reader = expect_json(
+        t.owner(Method::PUT, "/accessPolicies/reader")
+            .json(&json!({ "keyName": "reader", "rights": ["EnrollmentRead"] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let reader_key = reader["primaryKey"].as_str().unwrap().to_owned();
+    let simulate = |policy: &str, key: &str, body: Value| {
+        t.signed(Method::POST, "/allocations:simulate", policy, key)
+            .json(&body)
+    };
+    common::expect_error(
+        simulate(
+            "reader",
+            &reader_key,
+            json!({ "registrationId": "dev-sim", "policies": ["custom"] }),
+        )
+        .send()
+        .await
+        .unwrap(),
+        403,
+        403001,
+    )
+    .await;
+    let all = expect_json(
+        simulate(
+            "reader",
+            &reader_key,
+            json!({ "registrationId": "dev-sim" }),
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    let custom = all["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["policy"] == "custom")
+        .unwrap();
+    assert!(
+        custom["error"]
+            .as_str()
+            .unwrap()
+            .contains("EnrollmentWrite"),
+        "{custom}"
+    );
+    assert!(
+        bodies(&hooks, "/allocate").await.is_empty(),
+        "a reader made the server call out"
+    );
+
+    let owner = &t.owner;
+    let owner_key = owner.key.to_base64();
+    let deduplicated = expect_json(
+        simulate(
+            &owner.key_name,
+            &owner_key,
+            json!({ "registrationId": "dev-sim", "policies": ["custom", "CUSTOM", "custom", "hashed"] }),
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        deduplicated["results"].as_array().unwrap().len(),
+        2,
+        "{deduplicated}"
+    );
+    assert_eq!(bodies(&hooks, "/allocate").await.len(), 1);
+    let many: Vec<String> = (0..100).map(|i| format!("policy-{i}")).collect();
+    common::expect_error(
+        simulate(
+            &owner.key_name,
+            &owner_key,
+            json!({ "registrationId": "dev-sim", "policies": many }),
+        )
+        .send()
+        .await
+        .unwrap(),
+        400,
+        400004,
+    )
+    .await;
 }

@@ -61,14 +61,7 @@ async fn individual_enrollment_registers_and_rolls_keys(backend: Backend) {
     )
     .await;
     assert_eq!(hub["deviceCount"], 1);
-    let metrics = t
-        .anonymous(Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = t.metrics().await;
     assert!(
         metrics.contains("dps_hub_devices{instance=\"default\",hub=\"hub-a.example.com\"} 1"),
         "{metrics}"
@@ -786,7 +779,200 @@ async fn throttling_answers_429_with_retry_after(backend: Backend) {
     expect_error(throttled, 429, 429001).await;
 }
 
+/// Security review item 2: a key derived from a symmetric-key group does not admit an id that
+/// has its own individual enrollment (of any attestation type), and changes nothing.
+async fn a_group_key_cannot_claim_an_individually_enrolled_id(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let own = enroll(
+        &t,
+        json!({ "registrationId": "dev-own", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let group = enroll(
+        &t,
+        json!({ "enrollmentGroupId": "fleet", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&t, "dev-own");
+    let done = device
+        .register(&device_token(&device.scope, "dev-own", &keys_of(&own).0))
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let before = registration_state(&t, "dev-own").await.unwrap();
+
+    for key in [keys_of(&group).0, keys_of(&group).1] {
+        let derived = key.derive_device_key("dev-own");
+        let token = device_token(&device.scope, "dev-own", &derived);
+        let error = expect_error(device.put(&token).send().await.unwrap(), 401, 401002).await;
+        assert_eq!(
+            error["message"], "the device could not be authenticated",
+            "the answer says nothing about the enrollment"
+        );
+    }
+    let after = registration_state(&t, "dev-own").await.unwrap();
+    assert_eq!(
+        before["etag"], after["etag"],
+        "the registration state changed"
+    );
+
+    // The same for ids enrolled individually with a TPM or X.509, or disabled.
+    let tpm = attestation::tpm::soft::SoftTpm::fixture(0).unwrap();
+    enroll(
+        &t,
+        json!({ "registrationId": "dev-tpm", "attestation": { "type": "tpm", "tpm": {
+            "endorsementKey": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, tpm.endorsement_key()) } } }),
+    )
+    .await;
+    enroll(
+        &t,
+        json!({ "registrationId": "dev-off", "provisioningStatus": "disabled",
+            "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    for id in ["dev-tpm", "dev-off"] {
+        let derived = keys_of(&group).0.derive_device_key(id);
+        let member = Device::new(&t, id);
+        expect_error(
+            member
+                .put(&device_token(&member.scope, id, &derived))
+                .send()
+                .await
+                .unwrap(),
+            401,
+            401002,
+        )
+        .await;
+        assert!(registration_state(&t, id).await.is_none(), "{id}");
+    }
+}
+
+/// Security review item 7: junk requests for a device's id do not use up its quota; failures
+/// are counted per source address, and per id only with a much higher bound.
+async fn unauthenticated_requests_do_not_use_up_a_device_quota(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| {
+        c.throttle.registrations_per_device_per_minute = 3;
+        c.throttle.unauthenticated_per_address_per_minute = 5;
+        c.throttle.unauthenticated_per_device_per_minute = 40;
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "victim", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&t, "victim");
+    let scope = device.scope.clone();
+    let junk_token = device_token(&scope, "victim", &SymmetricKey::generate().unwrap());
+    let url = format!(
+        "{}/{scope}/registrations/victim/register?api-version=2021-10-01",
+        t.base
+    );
+    let junk = |client: &reqwest::Client| {
+        client
+            .put(&url)
+            .header("Authorization", junk_token.clone())
+            .json(&json!({ "registrationId": "victim" }))
+    };
+
+    // Thirty junk requests from six other addresses (five each, the per-address budget).
+    for n in 2..8u8 {
+        let attacker = t.client_from(std::net::IpAddr::from([127, 0, 0, n]));
+        for _ in 0..5 {
+            expect_error(junk(&attacker).send().await.unwrap(), 401, 401002).await;
+        }
+        // The address is spent: its next attempt is refused before any proof is checked.
+        expect_error(junk(&attacker).send().await.unwrap(), 429, 429001).await;
+    }
+    // The device registers as often as its own quota allows, from its own address.
+    let token = device_token(&scope, "victim", &keys_of(&enrollment).0);
+    for _ in 0..3 {
+        expect_json(device.put(&token).send().await.unwrap(), 202).await;
+    }
+    expect_error(device.put(&token).send().await.unwrap(), 429, 429001).await;
+
+    // Failures for one id from many addresses reach the much higher per-id bound.
+    let other = enroll(
+        &t,
+        json!({ "registrationId": "target", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let target = Device::new(&t, "target");
+    let bad = device_token(&scope, "target", &SymmetricKey::generate().unwrap());
+    for n in 10..19u8 {
+        let attacker = t.client_from(std::net::IpAddr::from([127, 0, 0, n]));
+        for _ in 0..5 {
+            let _ = target_put(&attacker, &t, &scope, &bad)
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    let good = device_token(&scope, "target", &keys_of(&other).0);
+    expect_error(target.put(&good).send().await.unwrap(), 429, 429001).await;
+}
+
+fn target_put(
+    client: &reqwest::Client,
+    t: &TestServer,
+    scope: &str,
+    token: &str,
+) -> reqwest::RequestBuilder {
+    client
+        .put(format!(
+            "{}/{scope}/registrations/target/register?api-version=2021-10-01",
+            t.base
+        ))
+        .header("Authorization", token)
+        .json(&json!({ "registrationId": "target" }))
+}
+
+/// Security review item 14: polls check the token's expiry, with the clock-skew allowance.
+async fn polls_check_the_token_expiry(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.clock_skew_secs = 60).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "poller", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let key = keys_of(&enrollment).0;
+    let device = Device::new(&t, "poller");
+    let resource = format!("{}/registrations/poller", device.scope);
+    let accepted = expect_json(
+        device
+            .put(&device_token(&device.scope, "poller", &key))
+            .send()
+            .await
+            .unwrap(),
+        202,
+    )
+    .await;
+    let operation = accepted["operationId"].as_str().unwrap();
+    let poll = |token: String| {
+        t.anonymous(
+            Method::GET,
+            &format!(
+                "/{}/registrations/poller/operations/{operation}",
+                device.scope
+            ),
+        )
+        .header("Authorization", token)
+    };
+    // An aziot-style 30-second token that ran out a little while ago: within the allowance.
+    let recent = sign(&resource, &key, now() - 20, Some("registration"));
+    let status = poll(recent).send().await.unwrap().status();
+    assert!(status == 200 || status == 202, "{status}");
+    // One that ran out longer ago than the allowance: refused.
+    let stale = sign(&resource, &key, now() - 3600, Some("registration"));
+    expect_error(poll(stale).send().await.unwrap(), 401, 401002).await;
+}
+
 on_both_backends!(
+    a_group_key_cannot_claim_an_individually_enrolled_id,
+    unauthenticated_requests_do_not_use_up_a_device_quota,
+    polls_check_the_token_expiry,
     individual_enrollment_registers_and_rolls_keys,
     group_members_register_with_derived_keys,
     every_client_token_variant_is_accepted,

@@ -437,3 +437,56 @@ async fn twins_are_set_once_and_migrated_or_reset_when_a_device_moves() {
         assert_eq!(patches(&hub_b, id).await, [expected_on_b], "{id}");
     }
 }
+
+/// Security review item 4, hub connectors: the webhook connector and the registry API are
+/// refused on addresses the operator did not allow, and the failure names neither the URL's
+/// query nor anything the hub answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connectors_do_not_reach_networks_the_operator_did_not_allow() {
+    let t = TestServer::start_with(Backend::Sqlite, |c| c.outbound.allowed_networks.clear()).await;
+    let hooks = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&hooks)
+        .await;
+    link(
+        &t,
+        "hub-a.example.com",
+        json!({ "type": "webhook", "url": format!("{}/hub-a?code=secret", hooks.uri()) }),
+    )
+    .await;
+    link(
+        &t,
+        "hub-b.example.com",
+        json!({ "type": "azure-iot-hub", "endpoint": format!("{}/registry", hooks.uri()),
+            "connectionString": "HostName=hub-b.example.com;SharedAccessKeyName=registryReadWrite;SharedAccessKey=AAECAwQFBgcICQoLDA0ODw==" }),
+    )
+    .await;
+    for hub in ["hub-a.example.com", "hub-b.example.com"] {
+        let id = format!("dev-{}", &hub[..5]);
+        let enrollment = enroll(
+            &t,
+            json!({ "registrationId": id, "iotHubs": [hub], "attestation": { "type": "symmetricKey" } }),
+        )
+        .await;
+        let device = Device::new(&t, &id);
+        let done = device
+            .register(&device_token(&device.scope, &id, &keys_of(&enrollment).0))
+            .await;
+        assert_eq!(done["status"], "failed", "{done}");
+        let message = done["registrationState"]["errorMessage"].as_str().unwrap();
+        assert!(message.contains("refused"), "{message}");
+        assert!(
+            !message.contains("secret") && !message.contains("SharedAccessKey"),
+            "{message}"
+        );
+    }
+    assert!(
+        hooks
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "a request reached the loopback address"
+    );
+}

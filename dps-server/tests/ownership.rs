@@ -429,3 +429,89 @@ on_both_backends!(
     imports_are_checked_whole_before_anything_is_stored,
     a_hundred_thousand_records_import_in_one_request,
 );
+
+/// Security review item 19: an import is parsed as it arrives and refused as soon as it
+/// passes the limit (a modest default), without storing anything; a body without a length
+/// is held to the same limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imports_past_the_limit_are_refused_while_streaming() {
+    assert!(
+        dps_server::config::Limits::default().max_import_bytes <= 64 * 1024 * 1024,
+        "the default import limit is modest"
+    );
+    let t =
+        TestServer::start_with(Backend::Sqlite, |c| c.limits.max_import_bytes = 64 * 1024).await;
+    hubs_and_owners(&t).await;
+    let rows: String = (0..20_000)
+        .map(|i| format!("{{\"registrationId\":\"dev-{i}\",\"owner\":\"acme\"}}\n"))
+        .collect();
+    assert!(rows.len() > 64 * 1024);
+    let (status, answer) = import_chunked(&t, rows.as_bytes()).await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer.contains("413001"), "{answer}");
+    expect_error(
+        import(&t, "application/x-ndjson", rows.clone()).await,
+        413,
+        413001,
+    )
+    .await;
+    expect_error(owned_by_registration_id(&t, "dev-0").await, 404, 404208).await;
+    // Under the limit, the same rows import.
+    let few: String = rows.lines().take(500).map(|l| format!("{l}\n")).collect();
+    let answer = expect_json(import(&t, "application/x-ndjson", few).await, 200).await;
+    assert_eq!(answer["records"], 500);
+}
+
+/// Posts `body` as an import with `Transfer-Encoding: chunked` (no length known up front) over
+/// a raw TLS connection; the status and the whole answer.
+async fn import_chunked(t: &TestServer, body: &[u8]) -> (u16, String) {
+    use std::sync::Arc;
+
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&t.running().ca_certificate).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(t.running().local_addr)
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let token = common::token(
+        &t.owner.host_name,
+        &t.owner.key_name,
+        &t.owner.key.to_base64(),
+        3600,
+    );
+    let head = format!(
+        "POST /ownershipRecords:import?api-version=2021-10-01 HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: {token}\r\nContent-Type: application/x-ndjson\r\n\
+         Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(4096) {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        // The server may answer and close before the whole body is sent.
+        if tls.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let _ = tls.write_all(b"0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}

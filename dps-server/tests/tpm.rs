@@ -277,14 +277,22 @@ async fn refusals_store_nothing(backend: Backend) {
         assert!(error["message"].as_str().unwrap().contains(says), "{error}");
     }
 
-    // A token signed with another challenge's key: the newer challenge replaced it.
-    let old = device.challenge(None).await;
-    let current = device.challenge(None).await;
-    let response = device.send(&device.token(&old)).await;
+    // A key no challenge gave: refused, nothing stored.
+    let response = device
+        .send(&device.token(&SymmetricKey::generate().unwrap()))
+        .await;
     expect_error(response, 401, 401002).await;
     assert!(!registration_exists(&t, "tpm-dev-2").await);
 
-    // The current key starts one registration; replaying the same request is refused.
+    // A newer challenge does not cancel an older one; each key starts one registration, and
+    // replaying the same request is refused.
+    let old = device.challenge(None).await;
+    let current = device.challenge(None).await;
+    let done = device
+        .device
+        .register_with(&device.token(&old), device.body(None), &[])
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
     let token = device.token(&current);
     let done = device
         .device
@@ -500,7 +508,111 @@ async fn enrollments_take_only_standard_keys_and_groups_need_manufacturers() {
     );
 }
 
+/// Security review item 6: anyone may send a device's public EK and SRK, so an
+/// unauthenticated challenge request must not cancel the challenge the device is answering.
+async fn a_stranger_asking_for_a_challenge_does_not_cancel_the_device_s(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    hub(&t).await;
+    let tpm = SoftTpm::fixture(0).unwrap();
+    enroll_tpm(&t, "tpm-victim", &tpm).await;
+    let device = TpmDevice::new(&t, "tpm-victim", tpm.clone());
+    let key = device.challenge(None).await;
+    // The stranger knows the public keys and asks, several times.
+    for _ in 0..3 {
+        let response = device.ask(device.body(None)).await;
+        assert_eq!(response.status(), 401);
+    }
+    let done = device
+        .device
+        .register_with(&device.token(&key), device.body(None), &[])
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    // Still single-use.
+    expect_error(device.send(&device.token(&key)).await, 401, 401002).await;
+}
+
+/// The EK as the device would send it with the exponent written out (65537) instead of the
+/// template's 0 ("the default exponent"): the same key in other bytes.
+fn with_explicit_exponent(tpm2b: &[u8]) -> Vec<u8> {
+    let mut bytes = tpm2b.to_vec();
+    // The public area ends with the exponent (4 bytes) and the 256-byte modulus (size-prefixed).
+    let at = bytes.len() - 256 - 2 - 4;
+    assert_eq!(
+        &bytes[at..at + 4],
+        &[0, 0, 0, 0],
+        "the fixture uses exponent 0"
+    );
+    bytes[at..at + 4].copy_from_slice(&65_537u32.to_be_bytes());
+    bytes
+}
+
+/// Security review item 17: one TPM is one device, whichever encoding of the exponent its EK
+/// arrives in: the same registration id, the same enrollment.
+async fn an_ek_has_one_identity_whatever_its_exponent_encoding(backend: Backend) {
+    let maker = manufacturer();
+    let pem = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pem.path(), &maker.pem).unwrap();
+    let path = pem.path().to_owned();
+    let t = TestServer::start_with(backend, |c| {
+        c.tpm.manufacturer_certificates = vec![path];
+    })
+    .await;
+    hub(&t).await;
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "tpm-fleet", "attestation": { "type": "tpm" } }),
+    )
+    .await;
+    let tpm = SoftTpm::fixture(1).unwrap();
+    let explicit = with_explicit_exponent(&tpm.endorsement_key());
+    let canonical_id = derived_id(&tpm);
+    let other_id = registration_id(&RsaPublic::parse(&explicit, KeyRole::Endorsement).unwrap());
+    assert_eq!(
+        canonical_id, other_id,
+        "the id does not depend on the encoding"
+    );
+    // The registration id derived from the other bytes (what a device could compute) is not
+    // a second identity of the same TPM.
+    let raw_id = data_encoding_id(&explicit);
+    assert_ne!(raw_id, canonical_id);
+    let payload = json!({ "tpmEndorsementKeyCertificate": ek_certificate(&tpm, &maker) });
+    let body = |id: &str| {
+        json!({ "registrationId": id, "payload": payload, "tpm": {
+            "endorsementKey": STANDARD.encode(&explicit),
+            "storageRootKey": STANDARD.encode(tpm.storage_root_key()) } })
+    };
+    let second = TpmDevice::new(&t, &raw_id, tpm.clone());
+    expect_error(second.ask(body(&raw_id)).await, 401, 401002).await;
+    assert!(!registration_exists(&t, &raw_id).await);
+    let device = TpmDevice::new(&t, &canonical_id, tpm.clone());
+    let response = device.ask(body(&canonical_id)).await;
+    assert_eq!(response.status(), 401);
+    let challenge: Value = response.json().await.unwrap();
+    assert!(challenge["authenticationKey"].is_string(), "{challenge}");
+
+    // An individual enrollment of one encoding admits the other.
+    enroll(
+        &t,
+        json!({ "registrationId": "tpm-individual", "attestation": { "type": "tpm", "tpm": {
+            "endorsementKey": STANDARD.encode(with_explicit_exponent(&SoftTpm::fixture(2).unwrap().endorsement_key())) } } }),
+    )
+    .await;
+    let individual = TpmDevice::new(&t, "tpm-individual", SoftTpm::fixture(2).unwrap());
+    let done = individual.register(None).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+}
+
+/// What the Azure SDKs compute from EK bytes: base32 of their SHA-256, without looking inside.
+fn data_encoding_id(tpm2b: &[u8]) -> String {
+    use sha2::Digest as _;
+    data_encoding::BASE32_NOPAD
+        .encode(&sha2::Sha256::digest(tpm2b))
+        .to_ascii_lowercase()
+}
+
 on_both_backends!(
+    a_stranger_asking_for_a_challenge_does_not_cancel_the_device_s,
+    an_ek_has_one_identity_whatever_its_exponent_encoding,
     individual_enrollment_end_to_end,
     refusals_store_nothing,
     groups_admit_by_ek_certificate,

@@ -120,10 +120,12 @@ pub async fn start() -> anyhow::Result<CeilingServer> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = watch::channel(false);
+    let limits = dps_server::server::ConnectionLimits::of(&dps_server::config::Limits::default());
     let task = tokio::spawn(dps_server::server::serve(
         listener,
-        acceptor,
+        Some(acceptor),
         router,
+        limits,
         stopped,
         Duration::from_secs(5),
     ));

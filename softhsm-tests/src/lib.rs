@@ -87,7 +87,9 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // Tests start servers side by side: each metrics listener on a port of its own.
+            .env("DPS_METRICS_LISTEN", "127.0.0.1:0");
         for (key, value) in env {
             command.env(key, value);
         }

@@ -28,7 +28,11 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
     let server = ServerProcess::start(
         dir.path(),
         &["--listen", &format!("127.0.0.1:{port}")],
-        &[("DPS_THROTTLE__REQUESTS_PER_ADDRESS_PER_MINUTE", "0")],
+        &[
+            ("DPS_THROTTLE__REQUESTS_PER_ADDRESS_PER_MINUTE", "0"),
+            // Every TPM device asks for a challenge from this one address.
+            ("DPS_THROTTLE__UNAUTHENTICATED_PER_ADDRESS_PER_MINUTE", "0"),
+        ],
     )
     .unwrap();
     server

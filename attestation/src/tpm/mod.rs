@@ -125,6 +125,10 @@ pub enum TpmError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RsaPublic {
     tpm2b: Vec<u8>,
+    /// The same structure with the exponent as the TCG templates write it (0, "the default
+    /// 65537"): the bytes the key's identity (registration id, EK hash) is computed from, so
+    /// that one key has one identity whichever way its exponent is spelled.
+    canonical: Vec<u8>,
     modulus: Vec<u8>,
     key: PublicKey,
 }
@@ -216,16 +220,31 @@ impl RsaPublic {
             .map_err(|_| malformed("the modulus does not decode"))?;
         let key = PublicKey::new(n, BoxedUint::from(65_537u32))
             .map_err(|_| malformed("the modulus is not a usable RSA modulus"))?;
+        // The modulus ends the structure, and the exponent sits right before its size.
+        let mut canonical = tpm2b_public.to_vec();
+        let exponent_at = canonical.len() - modulus.len() - 2 - 4;
+        canonical[exponent_at..exponent_at + 4].fill(0);
         Ok(Self {
             tpm2b: tpm2b_public.to_vec(),
+            canonical,
             modulus: modulus.to_vec(),
             key,
         })
     }
 
-    /// The TPM2B_PUBLIC bytes as received.
+    /// The TPM2B_PUBLIC bytes as received (the TPM Name is computed from these).
     pub fn tpm2b(&self) -> &[u8] {
         &self.tpm2b
+    }
+
+    /// The TPM2B_PUBLIC with the exponent written as 0: what identifies the key.
+    pub fn canonical_tpm2b(&self) -> &[u8] {
+        &self.canonical
+    }
+
+    /// Whether `other` is the same key (ignoring how the exponent is spelled).
+    pub fn same_key(&self, other: &RsaPublic) -> bool {
+        self.canonical == other.canonical
     }
 
     /// The RSA modulus, big-endian (the public exponent is 65537).
@@ -238,9 +257,10 @@ impl RsaPublic {
         name_of(&self.tpm2b[2..])
     }
 
-    /// SHA-256 of the TPM2B_PUBLIC, in lower-case hex: how ownership records name an EK.
+    /// SHA-256 of the (canonical) TPM2B_PUBLIC, in lower-case hex: how ownership records name
+    /// an EK.
     pub fn sha256_hex(&self) -> String {
-        Sha256::digest(&self.tpm2b)
+        Sha256::digest(&self.canonical)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
@@ -258,10 +278,12 @@ impl RsaPublic {
 }
 
 /// The registration id the Azure SDKs give a TPM device: lower-case RFC 4648 base32 of the
-/// SHA-256 of the EK's TPM2B_PUBLIC, without padding.
+/// SHA-256 of the EK's TPM2B_PUBLIC, without padding. Computed from the canonical form, which
+/// is what a TPM built from the TCG template reports, so an EK sent with its exponent spelled
+/// out does not make a second id for the same TPM.
 pub fn registration_id(ek: &RsaPublic) -> String {
     data_encoding::BASE32_NOPAD
-        .encode(&Sha256::digest(ek.tpm2b()))
+        .encode(&Sha256::digest(ek.canonical_tpm2b()))
         .to_ascii_lowercase()
 }
 

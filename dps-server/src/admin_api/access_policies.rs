@@ -11,7 +11,7 @@ use dps_protocol::ids::check_resource_name;
 
 use super::resource::{Resource, delete_one, get_one, list, load, put_one, render};
 use super::validate::{field_error, key_or_generate};
-use super::{Admin, AppState, Id};
+use super::{Admin, AppState, Id, needs};
 use crate::error::ApiError;
 use crate::json::Json;
 use crate::store::Kind;
@@ -76,6 +76,18 @@ impl Resource for AccessPolicy {
         self.secondary_key = None;
     }
 
+    fn hide_unsent_secrets(&mut self, sent: &Self, previous: Option<&Self>) {
+        // An omitted key was kept from the stored policy, or generated for a new one.
+        if previous.is_some() {
+            if sent.primary_key.as_deref().is_none_or(str::is_empty) {
+                self.primary_key = None;
+            }
+            if sent.secondary_key.as_deref().is_none_or(str::is_empty) {
+                self.secondary_key = None;
+            }
+        }
+    }
+
     fn check_change(others: &[Self], new: Option<&Self>) -> Result<(), ApiError> {
         let can_configure = |p: &AccessPolicy| {
             p.rights
@@ -108,11 +120,10 @@ pub fn owner_policy() -> Result<AccessPolicy, ApiError> {
 
 /// `POST /accessPolicies/{keyName}/listKeys`: the policy with its keys.
 async fn list_keys(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(id): Id,
 ) -> Result<Json<AccessPolicy>, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let stored = load::<AccessPolicy>(&state, admin.ns(), &id).await?;
     Ok(Json(render(&stored, true)?))
 }

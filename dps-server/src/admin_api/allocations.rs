@@ -6,12 +6,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use allocation_policies::PolicyName;
 use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::Device;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
-use dps_protocol::ErrorCode;
 use dps_protocol::admin::Right;
 use dps_protocol::enrollment::{EnrollmentGroup, EnrollmentSettings, IndividualEnrollment};
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::validate::{field_error, hide_secrets};
-use super::{Admin, AppState, load};
+use super::{Admin, AppState, load, needs};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::registration::{candidate_hubs, policy_name, run_policy};
@@ -81,11 +81,10 @@ struct PolicyResult {
 }
 
 async fn simulate(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentRead>,
     State(state): State<AppState>,
     JsonBody(request): JsonBody<SimulationRequest>,
 ) -> Result<Json<SimulationResult>, ApiError> {
-    admin.require(Right::EnrollmentRead)?;
     let id = RegistrationId::parse(&request.registration_id)
         .map_err(|e| field_error("registrationId", e.to_string()))?;
     let ns = admin.ns();
@@ -148,23 +147,60 @@ async fn simulate(
         previous_hub: request.previous_hub.as_deref(),
         hardware_ids: &hardware_ids,
     };
+    let registered = state.policies.names();
+    let asked = request.policies.is_some();
     let names: Vec<String> = match request.policies {
         Some(names) if names.is_empty() => {
-            return Err(ApiError::new(
-                ErrorCode::ArgumentInvalid,
-                "policies is empty",
-            ));
+            return Err(field_error("policies", "policies is empty"));
         }
-        Some(names) => names,
-        None => state
-            .policies
-            .names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
+        Some(names) => {
+            // Each policy once (by its canonical name), and no more names than there are
+            // policies: the list cannot multiply the work of one request.
+            let mut distinct: Vec<String> = Vec::new();
+            for name in names {
+                let canonical = state
+                    .policies
+                    .get(&name)
+                    .map_or(name, |(canonical, _)| canonical.to_owned());
+                if !distinct.iter().any(|d| d.eq_ignore_ascii_case(&canonical)) {
+                    distinct.push(canonical);
+                }
+            }
+            if distinct.len() > registered.len() {
+                return Err(field_error(
+                    "policies",
+                    format!(
+                        "at most {} policies: {}",
+                        registered.len(),
+                        registered.join(", ")
+                    ),
+                ));
+            }
+            distinct
+        }
+        None => registered.into_iter().map(str::to_owned).collect(),
     };
+    // A custom policy calls the enrollment's webhook: an outbound request on the caller's
+    // behalf, which needs the right to change what the webhook is (security review item 5).
+    let may_call_webhooks = admin.has(Right::EnrollmentWrite);
+    if asked && !may_call_webhooks && names.iter().any(|n| n == PolicyName::Custom.as_str()) {
+        return Err(super::lacks(Right::EnrollmentWrite));
+    }
     let mut results = Vec::with_capacity(names.len());
     for name in names {
+        if name == PolicyName::Custom.as_str() && !may_call_webhooks {
+            results.push(PolicyResult {
+                policy: name,
+                hub: None,
+                ranked: Vec::new(),
+                reason: None,
+                error: Some(
+                    "not run: simulating the custom policy calls its webhook, which needs EnrollmentWrite"
+                        .into(),
+                ),
+            });
+            continue;
+        }
         let result = match run_policy(&state, &name, &device, &hubs).await {
             Ok(allocation) => PolicyResult {
                 policy: name,

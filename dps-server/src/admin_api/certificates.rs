@@ -13,14 +13,14 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
-use dps_protocol::admin::{CaCertificate, Right};
+use dps_protocol::admin::CaCertificate;
 use dps_protocol::enrollment::EnrollmentGroup;
 use dps_protocol::ids::check_resource_name;
 use serde::Deserialize;
 
 use super::resource::{Resource, delete_one, get_one, list, load, put_one, render};
 use super::validate::{field_error, info_of};
-use super::{Admin, AppState, Id, to_doc, unix_now};
+use super::{Admin, AppState, Id, needs, to_doc, unix_now};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, Write};
@@ -65,6 +65,8 @@ impl Resource for CaCertificate {
                 "a CA certificate needs basic constraints CA:true",
             ));
         }
+        attestation::chain::check_anchor(&parsed.der)
+            .map_err(|e| field_error("certificate", e.to_string()))?;
         let info = info_of(parsed.facts);
         let same = previous
             .and_then(|p| p.info.as_ref())
@@ -83,6 +85,14 @@ impl Resource for CaCertificate {
     fn hide_secrets(&mut self) {
         self.certificate = None;
         self.verification_code = None;
+    }
+
+    fn hide_unsent_secrets(&mut self, sent: &Self, _previous: Option<&Self>) {
+        // The verification code is shown only by generateVerificationCode.
+        self.verification_code = None;
+        if sent.certificate.is_none() {
+            self.certificate = None;
+        }
     }
 }
 
@@ -106,7 +116,7 @@ pub fn routes() -> Router<AppState> {
 /// `DELETE /certificates/{name}`: refused while an enrollment group names it in
 /// `caReferences`, so that no group silently stops admitting its devices.
 async fn delete_certificate(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     state: State<AppState>,
     id: Id,
     headers: HeaderMap,
@@ -181,11 +191,10 @@ async fn update(
 /// `POST /certificates/{name}/generateVerificationCode`: a fresh code (the previous one stops
 /// working). The answer is the only place the code is shown.
 async fn generate_verification_code(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(name): Id,
 ) -> Result<Json<CaCertificate>, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let code = attestation::keys::random_bytes::<16>()
         .map(|bytes| attestation::x509::upper_hex(&bytes))
         .map_err(|e| ApiError::internal("generating a verification code", &e))?;
@@ -209,12 +218,11 @@ struct Verification {
 
 /// `POST /certificates/{name}/verify`: proof of possession of the CA's key.
 async fn verify(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(name): Id,
     JsonBody(body): JsonBody<Verification>,
 ) -> Result<Json<CaCertificate>, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let proof = parse_certificate(&body.certificate)
         .map_err(|e| field_error("certificate", e.to_string()))?;
     let answer = update(&state, admin.ns(), &name, |ca| {

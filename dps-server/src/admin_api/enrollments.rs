@@ -8,7 +8,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use dps_protocol::ErrorCode;
-use dps_protocol::admin::Right;
 use dps_protocol::enrollment::{
     AttestationMechanism, AttestationType, BulkItemError, BulkMode, BulkRequest, BulkResult,
     EnrollmentSettings, IndividualEnrollment, QuerySpecification,
@@ -19,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::validate::{self, Scope, Validator, field_error};
-use super::{Admin, AppState, Id, PageRequest, delete_precondition, put_precondition, to_doc};
+use super::{
+    Admin, AppState, Id, PageRequest, delete_precondition, needs, put_precondition, to_doc,
+};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
@@ -170,13 +171,14 @@ fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, ApiError> {
 }
 
 /// Validates `enrollment` and stores it under `precondition`. `*` (Always) overwrites, keeping
-/// stored keys the request omits; a concurrent writer makes it retry a few times.
+/// stored keys the request omits; a concurrent writer makes it retry a few times. Returns what
+/// was stored and whether it replaced a stored version.
 async fn write<E: Enrollment>(
     state: &AppState,
     ns: &str,
     mut enrollment: E,
     precondition: Precondition,
-) -> Result<Stored, ApiError> {
+) -> Result<(Stored, bool), ApiError> {
     let key = E::key_of(enrollment.id())?;
     enrollment.check_own_fields()?;
     let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
@@ -214,10 +216,11 @@ async fn write<E: Enrollment>(
         };
         match state.store.write(&[put]).await {
             Ok(mut written) => {
-                return written
+                let stored = written
                     .pop()
                     .flatten()
-                    .ok_or_else(|| ApiError::internal("storing an enrollment", &"no result"));
+                    .ok_or_else(|| ApiError::internal("storing an enrollment", &"no result"))?;
+                return Ok((stored, previous.is_some()));
             }
             Err(
                 StoreError::Exists { .. }
@@ -249,28 +252,33 @@ fn check_path_id<E: Enrollment>(path_id: &str, enrollment: &E) -> Result<(), Api
     Ok(())
 }
 
-/// `PUT /{kind}/{id}`: create, or update under the etag rules. The answer shows the keys.
+/// `PUT /{kind}/{id}`: create, or update under the etag rules. The answer shows the keys the
+/// request sent or that were generated for it, not stored ones it omitted.
 pub async fn put_one<E: Enrollment>(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     Id(id): Id,
     headers: HeaderMap,
     JsonBody(enrollment): JsonBody<E>,
 ) -> Result<Json<E>, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     tracing::Span::current().record("registration_id", id.as_str());
     check_path_id(&id, &enrollment)?;
-    let stored = write(&state, admin.ns(), enrollment, put_precondition(&headers)?).await?;
-    Ok(Json(render(&stored, true)?))
+    let sent = enrollment.attestation().clone();
+    let (stored, replaced) =
+        write(&state, admin.ns(), enrollment, put_precondition(&headers)?).await?;
+    let mut answer: E = render(&stored, true)?;
+    if replaced {
+        validate::hide_unsent_keys(answer.parts().0, &sent);
+    }
+    Ok(Json(answer))
 }
 
 /// `GET /{kind}/{id}`: the enrollment without secrets.
 pub async fn get_one<E: Enrollment>(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentRead>,
     State(state): State<AppState>,
     Id(id): Id,
 ) -> Result<Json<E>, ApiError> {
-    admin.require(Right::EnrollmentRead)?;
     let key = E::key_of(&id)?;
     let stored = super::load(state.store.as_ref(), admin.ns(), E::KIND, &key).await?;
     let mut enrollment: E = render(&stored, false)?;
@@ -280,12 +288,11 @@ pub async fn get_one<E: Enrollment>(
 
 /// `DELETE /{kind}/{id}`, with `If-Match` when sent.
 pub async fn delete_one<E: Enrollment>(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     Id(id): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     let key = E::key_of(&id)?;
     delete_key::<E>(&state, admin.ns(), &key, delete_precondition(&headers)?).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -311,11 +318,10 @@ async fn delete_key<E: Enrollment>(
 /// `POST /{kind}/{id}/attestationmechanism`: the attestation with its keys. Keys are as
 /// powerful as the right to change them, so this needs `EnrollmentWrite`.
 pub async fn attestation_mechanism<E: Enrollment>(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     Id(id): Id,
 ) -> Result<Json<AttestationMechanism>, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     let key = E::key_of(&id)?;
     let stored = super::load(state.store.as_ref(), admin.ns(), E::KIND, &key).await?;
     let enrollment: E = render(&stored, true)?;
@@ -324,12 +330,11 @@ pub async fn attestation_mechanism<E: Enrollment>(
 
 /// `POST /{kind}/query`: every enrollment (DPS supports only select-all queries), paged.
 pub async fn query<E: Enrollment>(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentRead>,
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(spec): JsonBody<QuerySpecification>,
 ) -> Result<Response, ApiError> {
-    admin.require(Right::EnrollmentRead)?;
     tracing::debug!(query = %spec.query, "enrollment query (treated as select-all)");
     let page = PageRequest::from_headers(&headers, &state.limits)?;
     let rows = state
@@ -349,11 +354,10 @@ pub async fn query<E: Enrollment>(
 
 /// `POST /{kind}`: a bulk operation. Each item succeeds or fails on its own.
 pub async fn bulk<E: Enrollment>(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     JsonBody(request): JsonBody<BulkRequest>,
 ) -> Result<Response, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     let mode = BulkMode::parse(&request.mode).ok_or_else(|| {
         ApiError::new(
             ErrorCode::InvalidBulkOperation,

@@ -63,6 +63,12 @@ pub async fn save(
     let key = instance_key(&instance.name)?;
     let existing = store.get(SERVER_NS, Kind::Instance, &key).await?;
     let previous = existing.as_ref().map(from_stored).transpose()?;
+    // The name is the instance's identity, matched without regard to case, and its data lives
+    // under the spelling it was created with: a PUT in another case keeps that spelling
+    // (security review item 11).
+    if let Some(previous) = &previous {
+        instance.name = previous.name.clone();
+    }
 
     let scope = match (&instance.id_scope, &previous) {
         (Some(scope), _) => IdScope::parse(scope)

@@ -66,10 +66,19 @@ impl Resource for LinkedHub {
                 ));
             }
         }
-        let previous_secret = previous.and_then(|p| match &p.connector {
-            Some(HubConnector::AzureIotHub {
-                connection_string, ..
-            }) => connection_string.clone(),
+        // The stored connection string is reused only for the same destination: a new
+        // endpoint, or a change of connector type, needs it sent again, so that a stored key
+        // is never sent somewhere new (security review item 3).
+        let previous_secret = previous.and_then(|p| match (&p.connector, &self.connector) {
+            (
+                Some(HubConnector::AzureIotHub {
+                    connection_string,
+                    endpoint: before,
+                }),
+                Some(HubConnector::AzureIotHub {
+                    endpoint: after, ..
+                }),
+            ) if before == after => connection_string.clone(),
             _ => None,
         });
         match self.connector.get_or_insert(HubConnector::None) {
@@ -84,7 +93,7 @@ impl Resource for LinkedHub {
                     .ok_or_else(|| {
                         field_error(
                             "connector.connectionString",
-                            "the azure-iot-hub connector needs the hub's connection string",
+                            "the azure-iot-hub connector needs the hub's connection string (again when its endpoint or type changes)",
                         )
                     })?;
                 let parsed = ConnectionString::parse(&text)
@@ -119,6 +128,19 @@ impl Resource for LinkedHub {
         }) = &mut self.connector
         {
             *connection_string = None;
+        }
+    }
+
+    fn hide_unsent_secrets(&mut self, sent: &Self, _previous: Option<&Self>) {
+        let sent_secret = matches!(
+            &sent.connector,
+            Some(HubConnector::AzureIotHub {
+                connection_string: Some(_),
+                ..
+            })
+        );
+        if !sent_secret {
+            self.hide_secrets();
         }
     }
 }

@@ -54,8 +54,8 @@ pub struct AppState {
     pub throttle: Arc<crate::throttle::Throttle>,
     /// Allocation policies by name.
     pub policies: Arc<allocation_policies::policy::Registry>,
-    /// The HTTPS client of hub connectors.
-    pub hub_http: reqwest::Client,
+    /// How hub connectors reach hubs.
+    pub connectors: crate::hubs::Connectors,
     /// Hubs whose connector failed recently.
     pub hub_health: Arc<crate::hubs::HubHealth>,
     /// Request headers an operator trusts to carry the device's region or coordinates.
@@ -66,6 +66,9 @@ pub struct AppState {
     pub tpm: Arc<crate::device_api::tpm::TpmTrust>,
     /// Instances and ID scopes as device requests read them.
     pub instances: Arc<crate::cache::InstanceCache>,
+    /// Names of this server that service tokens of every instance may name in `sr` (the
+    /// host name of its listener, `localhost[:port]`).
+    pub server_names: Arc<[String]>,
 }
 
 /// Routes that act on one instance.
@@ -89,37 +92,70 @@ pub fn routes() -> Router<AppState> {
         .nest("/instances/{instance}", instance_routes())
 }
 
-/// An authenticated caller of an instance's API, with the rights its policy grants.
+/// The right a route needs, as a type: the [`Admin`] extractor checks it before anything else
+/// of the request is looked at (its body, stored data), so a caller without it learns nothing.
+pub mod needs {
+    use dps_protocol::admin::Right;
+
+    /// A right a route needs.
+    pub trait Needs: Send + Sync + 'static {
+        /// The right.
+        const RIGHT: Right;
+    }
+
+    macro_rules! rights {
+        ($($name:ident),*) => {
+            $(
+                #[doc = concat!("Needs `", stringify!($name), "`.")]
+                #[derive(Debug)]
+                pub struct $name;
+                impl Needs for $name {
+                    const RIGHT: Right = Right::$name;
+                }
+            )*
+        };
+    }
+    rights!(
+        ServiceConfig,
+        EnrollmentRead,
+        EnrollmentWrite,
+        RegistrationStatusRead,
+        RegistrationStatusWrite
+    );
+}
+
+/// An authenticated caller of an instance's API whose policy grants the right `N`.
 #[derive(Debug)]
-pub struct Admin {
+pub struct Admin<N> {
     /// The instance the request acts on.
     pub instance: Instance,
     rights: BTreeSet<Right>,
+    needs: std::marker::PhantomData<N>,
 }
 
-impl Admin {
+impl<N> Admin<N> {
     /// The instance's name (its storage namespace).
     pub fn ns(&self) -> &str {
         &self.instance.name
     }
 
-    /// Refuses the request with 403 unless the caller's policy grants `right`.
-    pub fn require(&self, right: Right) -> Result<(), ApiError> {
-        if self.rights.contains(&right) {
-            Ok(())
-        } else {
-            Err(ApiError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "the shared access policy lacks the {} right",
-                    right.as_str()
-                ),
-            ))
-        }
+    /// Whether the caller's policy also grants `right`.
+    pub fn has(&self, right: Right) -> bool {
+        self.rights.contains(&right)
     }
 }
 
-impl FromRequestParts<AppState> for Admin {
+fn lacks(right: Right) -> ApiError {
+    ApiError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "the shared access policy lacks the {} right",
+            right.as_str()
+        ),
+    )
+}
+
+impl<N: needs::Needs> FromRequestParts<AppState> for Admin<N> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -138,7 +174,14 @@ impl FromRequestParts<AppState> for Admin {
         };
         tracing::Span::current().record("instance", instance.name.as_str());
         let rights = authenticate(parts, state, &instance).await?;
-        Ok(Admin { instance, rights })
+        if !rights.contains(&N::RIGHT) {
+            return Err(lacks(N::RIGHT));
+        }
+        Ok(Admin {
+            instance,
+            rights,
+            needs: std::marker::PhantomData,
+        })
     }
 }
 
@@ -173,7 +216,9 @@ impl FromRequestParts<AppState> for ServerAdmin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let instance = load_instance(state.store.as_ref(), &state.admin_instance).await?;
         let rights = authenticate(parts, state, &instance).await?;
-        Admin { instance, rights }.require(Right::ServiceConfig)?;
+        if !rights.contains(&Right::ServiceConfig) {
+            return Err(lacks(Right::ServiceConfig));
+        }
         Ok(ServerAdmin)
     }
 }
@@ -264,9 +309,10 @@ async fn authenticate(
     let audience_ok = instance
         .host_names
         .iter()
-        .cloned()
-        .chain(request_host(parts))
-        .any(|host| token.resource_matches(&host));
+        .chain(state.server_names.iter())
+        .any(|host| token.resource_matches(host));
+    // Not the request's Host: that is the caller's to choose, so it would bind nothing
+    // (security review item 10).
     if !audience_ok {
         return Err(ApiError::unauthorized(
             "the token's resource (sr) is not a host name of this instance",

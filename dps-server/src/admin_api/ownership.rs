@@ -19,13 +19,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
-use dps_protocol::admin::{DeviceName, Owner, OwnershipRecord, OwnershipTransfer, Right};
+use dps_protocol::admin::{DeviceName, Owner, OwnershipRecord, OwnershipTransfer};
 use dps_protocol::ids::{check_host_name, check_resource_name};
 use serde::Serialize;
 
 use super::resource::{Counts, Resource, get_one, list, put_one};
 use super::validate::field_error;
-use super::{Admin, AppState, Id, PageRequest, delete_precondition, load, to_doc};
+use super::{Admin, AppState, Id, PageRequest, delete_precondition, load, needs, to_doc};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::store::{BulkDoc, Kind, Page, Precondition, Store, Stored, Write};
@@ -68,6 +68,8 @@ impl Resource for Owner {
     }
 
     fn hide_secrets(&mut self) {}
+
+    fn hide_unsent_secrets(&mut self, _sent: &Self, _previous: Option<&Self>) {}
 
     async fn counts(state: &AppState, ns: &str) -> Result<Counts, ApiError> {
         Ok(state
@@ -113,12 +115,11 @@ pub fn routes() -> Router<AppState> {
 /// `DELETE /owners/{name}`: refused while records still name the owner, so that no device is
 /// left owned by nobody known.
 async fn delete_owner(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(name): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let key = Owner::key_of(&name)?;
     let owned = Owner::counts(&state, admin.ns())
         .await?
@@ -145,12 +146,11 @@ async fn delete_owner(
 
 /// `GET /owners/{name}/devices`: the owner's records, paged.
 async fn list_devices(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentRead>,
     State(state): State<AppState>,
     Id(name): Id,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    admin.require(Right::EnrollmentRead)?;
     let key = Owner::key_of(&name)?;
     load(state.store.as_ref(), admin.ns(), Kind::Owner, &key).await?;
     let page = PageRequest::from_headers(&headers, &state.limits)?;
@@ -205,11 +205,10 @@ impl<S: Send + Sync> FromRequestParts<S> for RecordPath {
 
 /// `GET /ownershipRecords/{kind}/{value}`.
 async fn get_record(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentRead>,
     State(state): State<AppState>,
     RecordPath(key): RecordPath,
 ) -> Result<Json<OwnershipRecord>, ApiError> {
-    admin.require(Right::EnrollmentRead)?;
     let stored = load(
         state.store.as_ref(),
         admin.ns(),
@@ -222,12 +221,11 @@ async fn get_record(
 
 /// `DELETE /ownershipRecords/{kind}/{value}`: the device is owned by nobody from now on.
 async fn delete_record(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     RecordPath(key): RecordPath,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     let delete = Write::Delete {
         ns: admin.ns().to_owned(),
         kind: Kind::OwnershipRecord,
@@ -349,11 +347,11 @@ impl Format {
 /// A parsed row with its line number.
 type Row = (u64, Result<OwnershipRecord, String>);
 
-fn csv_rows(bytes: &[u8]) -> Result<Vec<Row>, ApiError> {
+fn csv_rows(input: impl std::io::Read) -> Result<Vec<Row>, ApiError> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .flexible(true)
-        .from_reader(bytes);
+        .from_reader(input);
     let bad_header = |message: String| ApiError::invalid(format!("the CSV header row: {message}"));
     let headers = reader
         .headers()
@@ -404,17 +402,94 @@ fn csv_rows(bytes: &[u8]) -> Result<Vec<Row>, ApiError> {
     Ok(rows)
 }
 
-fn json_rows(bytes: &[u8]) -> Vec<Row> {
-    bytes
-        .split(|b| *b == b'\n')
-        .zip(1u64..)
-        .filter(|(line, _)| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|(line, number)| {
-            let parsed = serde_json::from_slice::<OwnershipRecord>(line)
-                .map_err(|e| format!("not an ownership record: {e}"));
-            (number, parsed)
-        })
-        .collect()
+fn json_rows(mut input: impl std::io::BufRead) -> Result<Vec<Row>, ApiError> {
+    let mut rows = Vec::new();
+    let mut line = Vec::new();
+    for number in 1u64.. {
+        line.clear();
+        let read = input.read_until(b'\n', &mut line).map_err(|e| {
+            ApiError::new(ErrorCode::InvalidFormat, format!("reading the import: {e}"))
+        })?;
+        if read == 0 {
+            break;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let parsed = serde_json::from_slice::<OwnershipRecord>(&line)
+            .map_err(|e| format!("not an ownership record: {e}"));
+        rows.push((number, parsed));
+    }
+    Ok(rows)
+}
+
+/// The body of a request as a blocking reader, fed chunk by chunk by [`feed`]: the import is
+/// parsed as it arrives instead of being held whole in memory first.
+struct Chunks {
+    receiver: std::sync::mpsc::Receiver<bytes::Bytes>,
+    current: bytes::Bytes,
+}
+
+impl std::io::Read for Chunks {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.receiver.recv() {
+                Ok(chunk) => self.current = chunk,
+                // The sender is gone: the body ended (or was cut off, which `feed` reports).
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Sends the body's chunks to the parser, refusing a body past `limit` bytes (413) or one
+/// that does not arrive within `deadline`.
+async fn feed(
+    body: Body,
+    sender: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<(), ApiError> {
+    use http_body_util::BodyExt as _;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the import is larger than limits.max_import_bytes ({limit} bytes); split it"),
+        )
+    };
+    let mut body = body;
+    let mut received = 0usize;
+    let reading = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                if e.to_string().contains("length limit") {
+                    too_large()
+                } else {
+                    ApiError::new(
+                        ErrorCode::InvalidFormat,
+                        format!("cannot read the body: {e}"),
+                    )
+                }
+            })?;
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            received = received.saturating_add(chunk.len());
+            if received > limit {
+                return Err(too_large());
+            }
+            if sender.send(chunk).is_err() {
+                break; // the parser stopped early (a bad header row)
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(deadline, reading)
+        .await
+        .map_err(|_| crate::json::body_timeout())?
 }
 
 /// `POST /ownershipRecords:import`: CSV (a header row with `owner` and at least one of
@@ -423,28 +498,36 @@ fn json_rows(bytes: &[u8]) -> Vec<Row> {
 /// and nothing is stored. Existing records are replaced, and a device named twice ends with
 /// the later row's owner, so a sales ledger can be imported in order.
 async fn import(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<ImportResult>, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     let format = Format::of(&headers)?;
-    let bytes = axum::body::to_bytes(body, state.limits.max_import_bytes)
+    // A few chunks in flight: the parser keeps pace with the network, not the other way.
+    let (sender, receiver) = std::sync::mpsc::sync_channel(8);
+    let parser = tokio::task::spawn_blocking(move || {
+        let input = std::io::BufReader::new(Chunks {
+            receiver,
+            current: bytes::Bytes::new(),
+        });
+        match format {
+            Format::Csv => csv_rows(input),
+            Format::JsonLines => json_rows(input),
+        }
+    });
+    let fed = feed(
+        body,
+        sender,
+        state.limits.max_import_bytes,
+        std::time::Duration::from_secs(state.limits.request_body_timeout_secs.max(1)),
+    )
+    .await;
+    let parsed = parser
         .await
-        .map_err(|_| {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!(
-                    "the import is larger than limits.max_import_bytes ({} bytes); split it",
-                    state.limits.max_import_bytes
-                ),
-            )
-        })?;
-    let rows = match format {
-        Format::Csv => csv_rows(&bytes)?,
-        Format::JsonLines => json_rows(&bytes),
-    };
+        .map_err(|e| ApiError::internal("parsing an import", &e))?;
+    fed?;
+    let rows = parsed?;
     if rows.is_empty() {
         return Err(ApiError::new(
             ErrorCode::ArgumentNull,
@@ -524,11 +607,10 @@ struct TransferResult {
 /// `to` together, or none does. Each device moves to the new owner's hubs on its next
 /// registration (when its reprovisioning policy lets it move).
 async fn transfer(
-    admin: Admin,
+    admin: Admin<needs::EnrollmentWrite>,
     State(state): State<AppState>,
     JsonBody(request): JsonBody<OwnershipTransfer>,
 ) -> Result<Json<TransferResult>, ApiError> {
-    admin.require(Right::EnrollmentWrite)?;
     let ns = admin.ns();
     let store = state.store.as_ref();
     let from_key = owner_key(&request.from).map_err(|e| field_error("from", e))?;
@@ -641,7 +723,7 @@ mod tests {
     fn csv_rows_keep_line_numbers_and_ignore_other_columns() {
         let csv =
             b"date,registrationId,Owner,price\n2026-01-01,dev-1,acme,10\n2026-01-02,,globex,12\n";
-        let rows = csv_rows(csv).unwrap();
+        let rows = csv_rows(&csv[..]).unwrap();
         assert_eq!(rows.len(), 2);
         let (line, first) = &rows[0];
         assert_eq!(*line, 2);
@@ -654,15 +736,19 @@ mod tests {
             "an empty id names nothing"
         );
         assert!(
-            csv_rows(b"registrationId\ndev-1\n").is_err(),
+            csv_rows(&b"registrationId\ndev-1\n"[..]).is_err(),
             "no owner column"
         );
-        assert!(csv_rows(b"owner,serial\nacme,1\n").is_err(), "no id column");
+        assert!(
+            csv_rows(&b"owner,serial\nacme,1\n"[..]).is_err(),
+            "no id column"
+        );
     }
 
     #[test]
     fn json_lines_skip_blank_lines_and_report_bad_ones() {
-        let rows = json_rows(b"{\"registrationId\":\"a\",\"owner\":\"x\"}\n\n{oops}\n");
+        let rows =
+            json_rows(&b"{\"registrationId\":\"a\",\"owner\":\"x\"}\n\n{oops}\n"[..]).unwrap();
         assert_eq!(rows.len(), 2);
         assert!(rows[0].1.is_ok());
         assert_eq!(rows[1].0, 3);

@@ -7,11 +7,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
-use dps_protocol::admin::Right;
 use dps_protocol::enrollment::DeviceRegistrationState;
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
 
-use super::{Admin, AppState, Id, PageRequest, delete_precondition};
+use super::{Admin, AppState, Id, PageRequest, delete_precondition, needs};
 use crate::error::ApiError;
 use crate::json::Json;
 use crate::store::{Kind, Page, Stored, Write};
@@ -39,11 +38,10 @@ fn registration_key(id: &str) -> Result<String, ApiError> {
 }
 
 async fn get_one(
-    admin: Admin,
+    admin: Admin<needs::RegistrationStatusRead>,
     State(state): State<AppState>,
     Id(id): Id,
 ) -> Result<Json<DeviceRegistrationState>, ApiError> {
-    admin.require(Right::RegistrationStatusRead)?;
     tracing::Span::current().record("registration_id", id.as_str());
     let key = registration_key(&id)?;
     let stored = super::load(
@@ -57,12 +55,11 @@ async fn get_one(
 }
 
 async fn delete_one(
-    admin: Admin,
+    admin: Admin<needs::RegistrationStatusWrite>,
     State(state): State<AppState>,
     Id(id): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Right::RegistrationStatusWrite)?;
     tracing::Span::current().record("registration_id", id.as_str());
     let delete = Write::Delete {
         ns: admin.ns().to_owned(),
@@ -77,12 +74,11 @@ async fn delete_one(
 /// `POST /registrations/{groupId}/query`. The Node client sends a query specification as the
 /// body; the spec has none. Either is accepted and the body is ignored.
 async fn query_group(
-    admin: Admin,
+    admin: Admin<needs::RegistrationStatusRead>,
     State(state): State<AppState>,
     Id(group_id): Id,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    admin.require(Right::RegistrationStatusRead)?;
     let group = EnrollmentGroupId::parse(&group_id)
         .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))?
         .key();

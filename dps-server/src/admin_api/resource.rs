@@ -5,11 +5,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use dps_protocol::ErrorCode;
-use dps_protocol::admin::Right;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::{Admin, AppState, Id, PageRequest, delete_precondition, put_precondition, to_doc};
+use super::{
+    Admin, AppState, Id, PageRequest, delete_precondition, needs, put_precondition, to_doc,
+};
 use crate::error::ApiError;
 use crate::json::{Json, JsonBody};
 use crate::store::{Kind, Page, Precondition, Stored, Write};
@@ -32,6 +33,9 @@ pub trait Resource: Serialize + DeserializeOwned + Clone + Send + Sync + 'static
     fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError>;
     /// Removes secrets for reads.
     fn hide_secrets(&mut self);
+    /// Removes, from the answer to a PUT, the secrets the request did not send (those kept
+    /// from the stored version); secrets generated for a new resource stay, shown once.
+    fn hide_unsent_secrets(&mut self, sent: &Self, previous: Option<&Self>);
     /// Refuses a change (`new` is `None` for a delete) that would leave the instance unusable.
     fn check_change(_others: &[Self], _new: Option<&Self>) -> Result<(), ApiError> {
         Ok(())
@@ -82,12 +86,13 @@ async fn others<R: Resource>(state: &AppState, ns: &str, key: &str) -> Result<Ve
 }
 
 /// Stores `resource` in `ns` under the etag rules; shared with the configuration file.
+/// Returns what was stored, and the version it replaced.
 pub async fn store_resource<R: Resource>(
     state: &AppState,
     ns: &str,
     mut resource: R,
     precondition: Precondition,
-) -> Result<Stored, ApiError> {
+) -> Result<(Stored, Option<R>), ApiError> {
     let key = R::key_of(resource.id())?;
     let existing = state.store.get(ns, R::KIND, &key).await?;
     let previous: Option<R> = existing.as_ref().map(|s| s.doc_json()).transpose()?;
@@ -107,24 +112,25 @@ pub async fn store_resource<R: Resource>(
         doc: to_doc(&resource)?,
         precondition: effective,
     };
-    state
+    let stored = state
         .store
         .write(&[put])
         .await?
         .pop()
         .flatten()
-        .ok_or_else(|| ApiError::internal("storing a resource", &"no result"))
+        .ok_or_else(|| ApiError::internal("storing a resource", &"no result"))?;
+    Ok((stored, previous))
 }
 
-/// `PUT /{kind}/{id}`. The answer shows generated secrets once.
+/// `PUT /{kind}/{id}`. The answer shows the secrets the request sent and generated ones, once;
+/// never a stored secret the request did not send.
 pub async fn put_one<R: Resource>(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(id): Id,
     headers: HeaderMap,
     JsonBody(resource): JsonBody<R>,
 ) -> Result<Json<R>, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     if R::key_of(resource.id())? != R::key_of(&id)? {
         return Err(ApiError::new(
             ErrorCode::IdMismatch,
@@ -134,17 +140,20 @@ pub async fn put_one<R: Resource>(
             ),
         ));
     }
-    let stored = store_resource(&state, admin.ns(), resource, put_precondition(&headers)?).await?;
-    Ok(Json(render(&stored, true)?))
+    let sent = resource.clone();
+    let (stored, previous) =
+        store_resource(&state, admin.ns(), resource, put_precondition(&headers)?).await?;
+    let mut answer: R = render(&stored, true)?;
+    answer.hide_unsent_secrets(&sent, previous.as_ref());
+    Ok(Json(answer))
 }
 
 /// `GET /{kind}/{id}`.
 pub async fn get_one<R: Resource>(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(id): Id,
 ) -> Result<Json<R>, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let stored = load::<R>(&state, admin.ns(), &id).await?;
     let mut resource: R = render(&stored, false)?;
     resource.annotate(&R::counts(&state, admin.ns()).await?);
@@ -158,12 +167,11 @@ pub async fn load<R: Resource>(state: &AppState, ns: &str, id: &str) -> Result<S
 
 /// `DELETE /{kind}/{id}`.
 pub async fn delete_one<R: Resource>(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     Id(id): Id,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let key = R::key_of(&id)?;
     R::check_change(&others::<R>(&state, admin.ns(), &key).await?, None)?;
     let delete = Write::Delete {
@@ -178,11 +186,10 @@ pub async fn delete_one<R: Resource>(
 
 /// `GET /{kind}`: paged with `x-ms-max-item-count` / `x-ms-continuation`.
 pub async fn list<R: Resource>(
-    admin: Admin,
+    admin: Admin<needs::ServiceConfig>,
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    admin.require(Right::ServiceConfig)?;
     let page = PageRequest::from_headers(&headers, &state.limits)?;
     let rows = state
         .store

@@ -448,14 +448,22 @@ fn certificates(
                 ));
             }
         };
-        let parsed = parse_certificate(&text)
-            .map_err(|e| field_error(&format!("{field}.{name}.certificate"), e.to_string()))?;
+        let at = format!("{field}.{name}.certificate");
+        let parsed = parse_certificate(&text).map_err(|e| field_error(&at, e.to_string()))?;
         if must_be_ca && !parsed.facts.is_ca {
             return Err(field_error(
-                &format!("{field}.{name}.certificate"),
+                &at,
                 "a signing certificate must be a CA certificate (basic constraints CA:true)",
             ));
         }
+        // The verifier must be able to use it: a device certificate it cannot parse would be
+        // admitted without proof of possession (security review item 1).
+        let usable = if must_be_ca {
+            attestation::chain::check_anchor(&parsed.der)
+        } else {
+            attestation::chain::check_end_entity(&parsed.der)
+        };
+        usable.map_err(|e| field_error(&at, e.to_string()))?;
         *cert = X509CertificateWithInfo {
             certificate: Some(text),
             info: Some(info_of(parsed.facts)),
@@ -504,6 +512,22 @@ pub fn hide_secrets(attestation: &mut AttestationMechanism) {
             {
                 cert.certificate = None;
             }
+        }
+    }
+}
+
+/// Removes from `answer` the symmetric keys `sent` omitted: on an update they were kept from
+/// the stored version, and an answer never echoes a secret the request did not send.
+pub fn hide_unsent_keys(answer: &mut AttestationMechanism, sent: &AttestationMechanism) {
+    let sent_keys = sent.symmetric_key.as_ref();
+    let omitted =
+        |key: Option<&Option<String>>| key.and_then(Option::as_deref).is_none_or(str::is_empty);
+    if let Some(keys) = &mut answer.symmetric_key {
+        if omitted(sent_keys.map(|k| &k.primary_key)) {
+            keys.primary_key = None;
+        }
+        if omitted(sent_keys.map(|k| &k.secondary_key)) {
+            keys.secondary_key = None;
         }
     }
 }

@@ -72,8 +72,7 @@ pub struct Attested {
 pub enum Purpose {
     /// `PUT .../register`: starts a registration.
     Register,
-    /// `GET .../operations/{id}`: the token's expiry is not checked (aziot reuses a 30-second
-    /// token for all polls), its signature is.
+    /// `GET .../operations/{id}`: polls an operation.
     Poll,
     /// `POST .../registrations/{id}`: the registration state.
     Lookup,
@@ -113,15 +112,15 @@ pub async fn authenticate(
         }
     };
     let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
-    if purpose != Purpose::Poll {
-        token
-            .check_expiry(
-                crate::admin_api::unix_now(),
-                state.limits.clock_skew_secs,
-                state.limits.max_token_lifetime_secs,
-            )
-            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
-    }
+    // Polls too: aziot reuses one 30-second token for all its polls, which the clock-skew
+    // allowance covers (security review item 14).
+    token
+        .check_expiry(
+            crate::admin_api::unix_now(),
+            state.limits.clock_skew_secs,
+            state.limits.max_token_lifetime_secs,
+        )
+        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
     let resource = format!("{}/registrations/{}", scope.as_str(), id.as_str());
     if !token.resource_matches(&resource) {
         return Err(ApiError::unauthorized(
@@ -129,25 +128,30 @@ pub async fn authenticate(
         ));
     }
 
-    let individual = individual_enrollment(state, instance, id).await?;
-    let individual_disabled = individual.as_ref().and_then(disabled_reason);
-    if let Some(enrollment) = &individual
-        && let Some((primary, secondary)) = symmetric_keys(&enrollment.attestation)
-        && token.verify_any([&primary, &secondary]).is_ok()
-    {
-        return Ok(Attested {
-            source: Source::Individual(Box::new(enrollment.clone())),
-            certificate: None,
-            disabled: individual_disabled,
-            tpm: None,
-        });
+    // One credential per registration id: an individual enrollment admits only with its own
+    // credential, and no group may claim its id (security review item 2).
+    if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
+        return match enrollment.attestation.kind {
+            AttestationType::SymmetricKey => {
+                let (primary, secondary) =
+                    symmetric_keys(&enrollment.attestation).ok_or_else(denied)?;
+                token
+                    .verify_any([&primary, &secondary])
+                    .map_err(|_| denied())?;
+                Ok(Attested {
+                    disabled: disabled_reason(&enrollment),
+                    source: Source::Individual(Box::new(enrollment)),
+                    certificate: None,
+                    tpm: None,
+                })
+            }
+            AttestationType::Tpm => super::tpm::authenticate(state, instance, id, &token, purpose)
+                .await?
+                .ok_or_else(denied),
+            AttestationType::X509 | AttestationType::None => Err(denied()),
+        };
     }
-    if individual
-        .as_ref()
-        .is_none_or(|e| e.attestation.kind == AttestationType::Tpm)
-        && let Some(attested) =
-            super::tpm::authenticate(state, instance, id, &token, purpose).await?
-    {
+    if let Some(attested) = super::tpm::authenticate(state, instance, id, &token, purpose).await? {
         return Ok(attested);
     }
 
@@ -164,7 +168,7 @@ pub async fn authenticate(
     .await?;
     if let Some(group) = member {
         return Ok(Attested {
-            disabled: individual_disabled.or_else(|| group_disabled_reason(&group)),
+            disabled: group_disabled_reason(&group),
             source: Source::Group(Box::new(group)),
             certificate: None,
             tpm: None,
@@ -321,20 +325,22 @@ async fn authenticate_x509(
     let rejected = |e: ChainError| ApiError::unauthorized(e.to_string());
     let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
 
-    let individual = individual_enrollment(state, instance, id).await?;
-    if let Some(enrollment) = &individual {
+    // An individually enrolled id is admitted by its own certificate only, never by a group's
+    // (security review item 2).
+    if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
         let enrolled = x509_certificates(&enrollment.attestation, true, &state.certificates);
         if enrolled
             .iter()
             .any(|c| c.facts.sha256_thumbprint == leaf.facts.sha256_thumbprint)
         {
             return Ok(Attested {
-                source: Source::Individual(Box::new(enrollment.clone())),
+                disabled: disabled_reason(&enrollment),
+                source: Source::Individual(Box::new(enrollment)),
                 certificate: Some((leaf.facts, None)),
-                disabled: disabled_reason(enrollment),
                 tpm: None,
             });
         }
+        return Err(not_enrolled_certificate());
     }
 
     // The presented chain's subjects and thumbprints, to place each group's anchors on it.
@@ -402,10 +408,14 @@ async fn authenticate_x509(
     }
     Err(match first_error {
         Some(e) => rejected(e),
-        None => ApiError::unauthorized(
-            "the device certificate is not enrolled and its chain reaches no enrollment group's signing certificate",
-        ),
+        None => not_enrolled_certificate(),
     })
+}
+
+fn not_enrolled_certificate() -> ApiError {
+    ApiError::unauthorized(
+        "the device certificate is not enrolled and its chain reaches no enrollment group's signing certificate",
+    )
 }
 
 /// The answer for a request whose ID scope names no instance: the same as a failed proof.

@@ -192,41 +192,63 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
     }
 }
 
-/// What every device request goes through first: throttling, then the ID scope's instance.
-async fn enter(
+impl Caller {
+    fn address(&self) -> Option<std::net::IpAddr> {
+        self.peer.map(|p| p.0.ip())
+    }
+}
+
+/// Runs `unauthenticated` (work done before the caller proved anything) and, when it fails,
+/// charges the failure to the caller's address and the registration id: once their budget is
+/// spent the answer is 429, and later requests are refused before any proof is checked.
+async fn unauthenticated<T>(
     state: &AppState,
     path: &DevicePath,
     caller: &Caller,
-    action: Action,
-) -> Result<String, DeviceError> {
-    state
-        .throttle
-        .check(action, &path.throttle_key(), caller.peer.map(|p| p.0.ip()))?;
-    Ok(instance_of(state, &path.scope).await?)
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, DeviceError> {
+    match work.await {
+        Ok(done) => Ok(done),
+        Err(e) if e.code().status() < 500 => {
+            state
+                .throttle
+                .unauthenticated(&path.throttle_key(), caller.address())?;
+            Err(e.into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// [`enter`], then the device's proof.
+/// What every device request goes through: the address's limits, then the device's proof
+/// (its failures charged to the address and id), then the device's own quota for `purpose`.
 async fn admit(
     state: &AppState,
     path: &DevicePath,
     caller: &Caller,
     purpose: Purpose,
 ) -> Result<(String, auth::Attested), DeviceError> {
+    let key = path.throttle_key();
+    state.throttle.enter(&key, caller.address())?;
+    let (instance, attested) = unauthenticated(state, path, caller, async {
+        let instance = instance_of(state, &path.scope).await?;
+        let attested = auth::authenticate(
+            state,
+            &instance,
+            &path.scope,
+            &path.id,
+            authorization(&caller.headers),
+            caller.chain.as_ref().map(|c| c.0.as_slice()),
+            purpose,
+        )
+        .await?;
+        Ok((instance, attested))
+    })
+    .await?;
     let action = match purpose {
         Purpose::Register => Action::Register,
         Purpose::Poll | Purpose::Lookup => Action::Poll,
     };
-    let instance = enter(state, path, caller, action).await?;
-    let attested = auth::authenticate(
-        state,
-        &instance,
-        &path.scope,
-        &path.id,
-        authorization(&caller.headers),
-        caller.chain.as_ref().map(|c| c.0.as_slice()),
-        purpose,
-    )
-    .await?;
+    state.throttle.authenticated(action, &key)?;
     Ok((instance, attested))
 }
 
@@ -254,18 +276,29 @@ async fn register(
         )
         .into());
     }
-    // A TPM device's first request: no proof yet, so it gets a challenge.
+    // A TPM device's first request: no proof yet, so it gets a challenge. Issuing one is
+    // unauthenticated work, charged like a failed proof.
     if authorization(&caller.headers).is_none()
         && caller.chain.is_none()
         && let Some(keys) = &request.tpm
     {
-        let instance = enter(&state, &path, &caller, Action::Register).await?;
-        let challenge =
-            tpm::challenge(&state, &instance, &path.id, keys, request.payload.as_ref()).await?;
+        let key = path.throttle_key();
+        state.throttle.enter(&key, caller.address())?;
+        state.throttle.unauthenticated(&key, caller.address())?;
+        let instance = instance_of(&state, &path.scope).await?;
+        let challenge = tpm::challenge(
+            &state,
+            &instance,
+            &path.id,
+            keys,
+            request.payload.as_ref(),
+            caller.address(),
+        )
+        .await?;
         return Ok(tpm::challenge_response(challenge));
     }
     let (instance, attested) = admit(&state, &path, &caller, Purpose::Register).await?;
-    let source = caller.peer.map(|p| p.0.ip());
+    let source = caller.address();
     let metadata = trusted_metadata(&state, &caller.headers);
     let operation = registration::start(
         &state,

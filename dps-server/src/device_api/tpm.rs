@@ -5,11 +5,13 @@
 //!    The device must be enrolled: an individual TPM enrollment with that very EK, or (our
 //!    extension) the instance's TPM enrollment group, when the device's EK certificate
 //!    chains to a configured TPM manufacturer certificate and certifies that EK. The blob's
-//!    key is stored as the device's pending challenge, replacing any earlier one.
-//! 2. The device's next register request carries a SAS token signed by that key inside its
-//!    TPM. The key signs one registration (the challenge is consumed in the same transaction
-//!    that stores the operation) and expires after `tpm.challenge_ttl_secs`; polls of that
-//!    operation carry the same token.
+//!    key is kept among the device's pending challenges. Anyone who knows a device's public EK
+//!    and SRK can ask for a challenge, so a new one does not cancel the ones before it: up to
+//!    [`MAX_CHALLENGES`] stay live per registration id, the oldest making room for the newest.
+//! 2. The device's next register request carries a SAS token signed by one of those keys inside
+//!    its TPM. Each key signs one registration (its challenge is consumed in the same
+//!    transaction that stores the operation) and expires after `tpm.challenge_ttl_secs`; polls
+//!    of that operation carry the same token.
 //! 3. The assignment hands the device a second blob, whose key becomes its hub key.
 
 use attestation::tpm::{KeyRole, RsaPublic, registration_id, verify_ek_certificate};
@@ -24,6 +26,8 @@ use dps_protocol::enrollment::{
     AttestationType, EnrollmentGroup, IndividualEnrollment, TpmAttestation,
 };
 use dps_protocol::ids::RegistrationId;
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -35,7 +39,7 @@ use crate::admin_api::{AppState, to_doc, unix_now};
 use crate::config::TpmConfig;
 use crate::error::ApiError;
 use crate::registration::EnrollmentRef;
-use crate::store::{Kind, Precondition, Write};
+use crate::store::{Kind, Precondition, StoreError, Stored, Write};
 
 /// Where a member of a TPM enrollment group puts its EK certificate: this field of the
 /// registration payload, base64 DER (what the TPM's NV index 0x01c00002 holds).
@@ -78,7 +82,156 @@ impl TpmTrust {
     }
 }
 
-/// A device's pending (or consumed) challenge.
+/// Most live challenges kept per registration id.
+pub const MAX_CHALLENGES: usize = 8;
+/// How long a challenge is kept after it expired, so that polls of the operation it started
+/// still find the key that signs them, seconds.
+const KEEP_AFTER_EXPIRY_SECS: u64 = 300;
+/// How often a write of the challenges is retried when another request changed them first.
+const ATTEMPTS: usize = 5;
+
+/// A device's challenges, pending and consumed, stored as one document per registration id.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChallengeSet {
+    /// Oldest first.
+    pub challenges: Vec<ChallengeRecord>,
+}
+
+/// What older versions stored: one challenge per id.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StoredChallenges {
+    Set(ChallengeSet),
+    One(ChallengeRecord),
+}
+
+impl ChallengeSet {
+    fn from_stored(stored: &Stored) -> Result<Self, ApiError> {
+        Ok(match stored.doc_json::<StoredChallenges>()? {
+            StoredChallenges::Set(set) => set,
+            StoredChallenges::One(one) => Self {
+                challenges: vec![one],
+            },
+        })
+    }
+
+    /// Adds `record`, dropping challenges long expired and, past [`MAX_CHALLENGES`], the
+    /// oldest of the source address that holds the most: a stranger who floods one device's
+    /// challenges from an address displaces only its own.
+    fn add(&mut self, record: ChallengeRecord, now: u64) {
+        self.challenges
+            .retain(|c| c.expires.saturating_add(KEEP_AFTER_EXPIRY_SECS) >= now);
+        self.challenges.push(record);
+        while self.challenges.len() > MAX_CHALLENGES {
+            let mut held: HashMap<Option<&str>, usize> = HashMap::new();
+            for c in &self.challenges {
+                *held.entry(c.source.as_deref()).or_default() += 1;
+            }
+            let most = held.values().copied().max().unwrap_or(0);
+            // Oldest first, so the first of the busiest address is its oldest.
+            let Some(at) = self
+                .challenges
+                .iter()
+                .position(|c| held.get(&c.source.as_deref()) == Some(&most))
+            else {
+                break;
+            };
+            self.challenges.remove(at);
+        }
+    }
+
+    /// The challenge whose key signed `token`.
+    fn signed(&self, token: &SasToken) -> Result<Option<&ChallengeRecord>, ApiError> {
+        for record in &self.challenges {
+            let key = SymmetricKey::from_base64(&record.key)
+                .map_err(|e| ApiError::internal("a stored TPM challenge is corrupt", &e))?;
+            if token.verify(&key).is_ok() {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The device's challenges and the etag they were read at (none when there are none).
+async fn read_challenges(
+    state: &AppState,
+    instance: &str,
+    id: &RegistrationId,
+) -> Result<(ChallengeSet, Option<String>), ApiError> {
+    match state
+        .store
+        .get(instance, Kind::TpmChallenge, &id.key())
+        .await?
+    {
+        Some(stored) => Ok((ChallengeSet::from_stored(&stored)?, Some(stored.etag))),
+        None => Ok((ChallengeSet::default(), None)),
+    }
+}
+
+/// The write that stores `set` if the challenges are still as read at `etag`.
+fn challenges_write(
+    instance: &str,
+    id: &RegistrationId,
+    set: &ChallengeSet,
+    etag: Option<String>,
+) -> Result<Write, ApiError> {
+    Ok(Write::Put {
+        ns: instance.to_owned(),
+        kind: Kind::TpmChallenge,
+        key: id.key(),
+        parent: None,
+        tag: None,
+        doc: to_doc(set)?,
+        precondition: etag.map_or(Precondition::MustNotExist, Precondition::IfMatch),
+    })
+}
+
+/// Whether a write failed only because another request changed the challenges first.
+pub fn lost_race(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Exists {
+            kind: Kind::TpmChallenge,
+            ..
+        } | StoreError::EtagMismatch {
+            kind: Kind::TpmChallenge,
+            ..
+        } | StoreError::NotFound {
+            kind: Kind::TpmChallenge,
+            ..
+        }
+    )
+}
+
+/// The write that marks the challenge whose key is `key` as consumed by `operation_id`, read
+/// afresh (another challenge may have been added since the device authenticated). A 401 when
+/// it is gone or already consumed.
+pub async fn consumption(
+    state: &AppState,
+    instance: &str,
+    id: &RegistrationId,
+    key: &str,
+    operation_id: &str,
+) -> Result<Write, ApiError> {
+    let (mut set, etag) = read_challenges(state, instance, id).await?;
+    let record = set
+        .challenges
+        .iter_mut()
+        .find(|c| c.key == key)
+        .ok_or_else(|| ApiError::unauthorized(CHALLENGE_GONE))?;
+    if record.operation_id.is_some() {
+        return Err(ApiError::unauthorized(ALREADY_USED));
+    }
+    record.operation_id = Some(operation_id.to_owned());
+    challenges_write(instance, id, &set, etag)
+}
+
+const ALREADY_USED: &str = "this TPM challenge's key already started a registration; register without Authorization for a new challenge";
+const CHALLENGE_GONE: &str =
+    "this TPM challenge is no longer pending; register without Authorization for a new challenge";
+
+/// One of a device's challenges.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ChallengeRecord {
@@ -95,6 +248,9 @@ pub struct ChallengeRecord {
     /// The operation that consumed the challenge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub operation_id: Option<String>,
+    /// The address that asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// What a TPM device's register request proved, for the registration it starts.
@@ -106,8 +262,6 @@ pub struct TpmProof {
     pub srk: RsaPublic,
     /// The challenge the registration consumes.
     pub challenge: ChallengeRecord,
-    /// The etag the challenge was read at (consuming it is conditional on it).
-    pub etag: String,
 }
 
 fn not_enrolled() -> ApiError {
@@ -133,6 +287,7 @@ pub async fn challenge(
     id: &RegistrationId,
     tpm: &TpmAttestation,
     payload: Option<&Value>,
+    source: Option<std::net::IpAddr>,
 ) -> Result<TpmChallenge, ApiError> {
     let ek = RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement)
         .map_err(invalid_key("tpm.endorsementKey"))?;
@@ -162,41 +317,54 @@ pub async fn challenge(
 
     let activation = attestation::tpm::activation_blob(&ek, &srk)
         .map_err(|e| ApiError::internal("building a TPM activation blob", &e))?;
+    let now = unix_now();
     let record = ChallengeRecord {
         enrollment,
         endorsement_key: tpm.endorsement_key.trim().to_owned(),
         storage_root_key: srk_text.trim().to_owned(),
         key: activation.key.to_base64(),
-        expires: unix_now().saturating_add(state.tpm.challenge_ttl_secs),
+        expires: now.saturating_add(state.tpm.challenge_ttl_secs),
         operation_id: None,
+        source: source.map(|ip| ip.to_string()),
     };
-    state
-        .store
-        .write(&[Write::Put {
-            ns: instance.to_owned(),
-            kind: Kind::TpmChallenge,
-            key: id.key(),
-            parent: None,
-            tag: None,
-            doc: to_doc(&record)?,
-            precondition: Precondition::Always,
-        }])
-        .await?;
+    let mut stored = false;
+    for _ in 0..ATTEMPTS {
+        let (mut set, etag) = read_challenges(state, instance, id).await?;
+        set.add(record.clone(), now);
+        match state
+            .store
+            .write(&[challenges_write(instance, id, &set, etag)?])
+            .await
+        {
+            Ok(_) => {
+                stored = true;
+                break;
+            }
+            Err(e) if lost_race(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !stored {
+        return Err(ApiError::new(
+            ErrorCode::ServiceUnavailable,
+            "this device's TPM challenges kept changing; try again",
+        ));
+    }
     Ok(TpmChallenge {
         authentication_key: activation.blob_base64(),
         key_name: KEY_NAME.to_owned(),
     })
 }
 
-/// Whether `enrolled` is a TPM enrollment of this very EK.
+/// Whether `enrolled` is a TPM enrollment of this very EK (however its exponent is spelled).
 fn enrolls(enrolled: &IndividualEnrollment, ek: &RsaPublic) -> bool {
     enrolled.attestation.kind == AttestationType::Tpm
         && enrolled
             .attestation
             .tpm
             .as_ref()
-            .and_then(|t| STANDARD.decode(t.endorsement_key.trim()).ok())
-            .is_some_and(|enrolled| enrolled == ek.tpm2b())
+            .and_then(|t| RsaPublic::from_base64(&t.endorsement_key, KeyRole::Endorsement).ok())
+            .is_some_and(|enrolled| enrolled.same_key(ek))
 }
 
 /// The instance's TPM enrollment group (there is at most one).
@@ -247,24 +415,13 @@ pub async fn authenticate(
     token: &SasToken,
     purpose: Purpose,
 ) -> Result<Option<Attested>, ApiError> {
-    let Some(stored) = state
-        .store
-        .get(instance, Kind::TpmChallenge, &id.key())
-        .await?
-    else {
+    let (set, _) = read_challenges(state, instance, id).await?;
+    let Some(record) = set.signed(token)?.cloned() else {
         return Ok(None);
     };
-    let record: ChallengeRecord = stored.doc_json()?;
-    let key = SymmetricKey::from_base64(&record.key)
-        .map_err(|e| ApiError::internal("a stored TPM challenge is corrupt", &e))?;
-    if token.verify(&key).is_err() {
-        return Ok(None);
-    }
     match purpose {
         Purpose::Register if record.operation_id.is_some() => {
-            return Err(ApiError::unauthorized(
-                "this TPM challenge's key already started a registration; register without Authorization for a new challenge",
-            ));
+            return Err(ApiError::unauthorized(ALREADY_USED));
         }
         Purpose::Register if unix_now() > record.expires => {
             return Err(ApiError::unauthorized(
@@ -282,7 +439,7 @@ pub async fn authenticate(
         |e: attestation::tpm::TpmError| ApiError::internal("a stored TPM challenge is corrupt", &e);
     let ek =
         RsaPublic::from_base64(&record.endorsement_key, KeyRole::Endorsement).map_err(corrupt)?;
-    let source = enrollment_of(state, instance, &record, &ek).await?;
+    let source = enrollment_of(state, instance, id, &record, &ek).await?;
     let disabled = match &source {
         Source::Individual(e) => disabled_reason(e),
         Source::Group(g) => group_disabled_reason(g),
@@ -294,7 +451,6 @@ pub async fn authenticate(
             srk: RsaPublic::from_base64(&record.storage_root_key, KeyRole::StorageRoot)
                 .map_err(corrupt)?,
             challenge: record,
-            etag: stored.etag,
         })
     } else {
         None
@@ -312,6 +468,7 @@ pub async fn authenticate(
 async fn enrollment_of(
     state: &AppState,
     instance: &str,
+    id: &RegistrationId,
     record: &ChallengeRecord,
     ek: &RsaPublic,
 ) -> Result<Source, ApiError> {
@@ -332,11 +489,56 @@ async fn enrollment_of(
             Ok(Source::Individual(Box::new(enrolled)))
         }
         EnrollmentRef::Group(group_id) => {
+            // An individual enrollment made since the challenge takes the id from the group.
+            if individual_enrollment(state, instance, id).await?.is_some() {
+                return Err(changed());
+            }
             let group = tpm_group(state, instance).await?.ok_or_else(changed)?;
             if !group.enrollment_group_id.eq_ignore_ascii_case(group_id) {
                 return Err(changed());
             }
             Ok(Source::Group(Box::new(group)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64, source: &str) -> ChallengeRecord {
+        ChallengeRecord {
+            enrollment: EnrollmentRef::Individual("dev".into()),
+            endorsement_key: String::new(),
+            storage_root_key: String::new(),
+            key: format!("key-{n}"),
+            expires: 1000 + n,
+            operation_id: None,
+            source: Some(source.into()),
+        }
+    }
+
+    #[test]
+    fn a_flood_from_one_address_displaces_only_its_own_challenges() {
+        let mut set = ChallengeSet::default();
+        set.add(record(0, "device"), 0);
+        for n in 1..100 {
+            set.add(record(n, "stranger"), 0);
+        }
+        assert_eq!(set.challenges.len(), MAX_CHALLENGES);
+        assert_eq!(
+            set.challenges[0].key, "key-0",
+            "the device's challenge stays"
+        );
+        assert_eq!(
+            set.challenges.last().map(|c| c.key.as_str()),
+            Some("key-99")
+        );
+        // Long-expired challenges go first.
+        set.add(
+            record(200, "device"),
+            1000 + 99 + KEEP_AFTER_EXPIRY_SECS + 1,
+        );
+        assert_eq!(set.challenges.len(), 1);
     }
 }

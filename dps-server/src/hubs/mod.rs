@@ -3,13 +3,16 @@
 //!
 //! - `none`: the assignment is recorded; nothing is created.
 //! - `webhook`: the identity is POSTed to an HTTPS endpoint (`{"operation": "upsert" | "delete",
-//!   ...}`), which must answer 2xx.
+//!   ...}`), which must answer 2xx; signed like the allocation webhooks when
+//!   `allocation.webhook_signing_key` is set.
 //! - `azure-iot-hub`: the hub's registry REST API with a shared access policy key: the device
 //!   is created (or updated when it exists) with SAS or X.509 authentication, then its initial twin is
 //!   applied; when the twin fails the device is deleted again, so nothing is left half made.
 //!
 //! A hub whose connector fails is marked unhealthy for a while ([`HubHealth`]), so that later
-//! registrations try the next ranked hub first.
+//! registrations try the next ranked hub first. Every call goes through [`Outbound`] (no
+//! redirects, no private targets unless allowed, capped answers), and a failure says what
+//! failed (the hub, the status) but never what the hub answered: those messages reach devices.
 
 pub mod probe;
 
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use attestation::ConnectionString;
 use attestation::sas::{encode_uri_component, sign};
+use dps_outbound::{Method, Outbound, OutboundError, RequestBuilder, WebhookSigner};
 use dps_protocol::admin::{HubConnector, LinkedHub};
 use serde_json::{Value, json};
 
@@ -112,18 +116,31 @@ impl std::fmt::Debug for DeviceIdentity {
     }
 }
 
-/// Why a hub could not be updated. Messages carry no keys.
+/// Why a hub could not be updated. Messages carry no keys, no URL query and nothing the hub
+/// answered.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// The hub's connector settings are unusable.
     #[error("hub '{0}': {1}")]
     Config(String, String),
-    /// The hub could not be reached.
-    #[error("hub '{0}' is unreachable: {1}")]
-    Unreachable(String, String),
+    /// The hub could not be reached (or may not be).
+    #[error("hub '{0}': {1}")]
+    Unreachable(String, OutboundError),
     /// The hub answered with an error.
-    #[error("hub '{0}' answered HTTP {1}: {2}")]
-    Refused(String, u16, String),
+    #[error("hub '{0}' answered HTTP {1}")]
+    Refused(String, u16),
+    /// The hub answered something that is not what was asked for.
+    #[error("hub '{0}' answered HTTP {1} with {2}")]
+    Unexpected(String, u16, &'static str),
+}
+
+/// How connectors reach hubs: the outbound client, and the signer of webhook requests.
+#[derive(Debug, Clone)]
+pub struct Connectors {
+    /// The client of every call.
+    pub outbound: Outbound,
+    /// Signs the webhook connector's requests, when configured.
+    pub signer: Option<WebhookSigner>,
 }
 
 /// Hubs that failed recently, and until when they count as unhealthy.
@@ -162,22 +179,46 @@ impl HubHealth {
     }
 }
 
-/// The HTTPS client connectors use (system roots, 10-second timeout).
-pub fn http_client() -> reqwest::Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap_or_default()
-}
-
 fn connector(hub: &LinkedHub) -> &HubConnector {
     hub.connector.as_ref().unwrap_or(&HubConnector::None)
 }
 
+impl Connectors {
+    /// Sends `request` to `hub` and reads the answer.
+    async fn send(
+        &self,
+        hub: &str,
+        request: RequestBuilder,
+    ) -> Result<dps_outbound::Answer, HubError> {
+        self.outbound
+            .send(request)
+            .await
+            .map_err(|e| HubError::Unreachable(hub.to_owned(), e))
+    }
+
+    /// A request to `url` for `hub`.
+    fn request(&self, hub: &str, method: Method, url: &str) -> Result<RequestBuilder, HubError> {
+        self.outbound
+            .request(method, url)
+            .map_err(|e| HubError::Unreachable(hub.to_owned(), e))
+    }
+
+    /// POSTs `body` to the webhook connector at `url`, signed when a key is configured.
+    async fn post_webhook(&self, hub: &str, url: &str, body: &Value) -> Result<(), HubError> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| HubError::Config(hub.to_owned(), e.to_string()))?;
+        let request = self
+            .request(hub, Method::POST, url)?
+            .header("content-type", "application/json")
+            .body(bytes.clone());
+        let request = dps_outbound::maybe_sign(self.signer.as_ref(), request, &bytes);
+        success(hub, self.send(hub, request).await?)
+    }
+}
+
 /// Creates or updates the device's identity in `hub`.
 pub async fn upsert(
-    client: &reqwest::Client,
+    connectors: &Connectors,
     hub: &LinkedHub,
     identity: &DeviceIdentity,
 ) -> Result<(), HubError> {
@@ -192,10 +233,10 @@ pub async fn upsert(
                 "capabilities": { "iotEdge": identity.iot_edge },
                 "initialTwin": identity.initial_twin,
             });
-            expect_success(&hub.host_name, client.post(url).json(&body).send().await).await
+            connectors.post_webhook(&hub.host_name, url, &body).await
         }
         HubConnector::AzureIotHub { .. } => {
-            let registry = Registry::of(client, hub)?;
+            let registry = Registry::of(connectors, hub)?;
             registry.put_device(identity).await?;
             if let Some(twin) = &identity.initial_twin
                 && let Err(e) = registry.patch_twin(&identity.device_id, twin).await
@@ -214,7 +255,7 @@ pub async fn upsert(
 /// Removes the device from `hub` (when it moves elsewhere, or after a failed create). A device
 /// that is already gone counts as removed.
 pub async fn remove(
-    client: &reqwest::Client,
+    connectors: &Connectors,
     hub: &LinkedHub,
     device_id: &str,
 ) -> Result<(), HubError> {
@@ -222,10 +263,12 @@ pub async fn remove(
         HubConnector::None => Ok(()),
         HubConnector::Webhook { url } => {
             let body = json!({ "operation": "delete", "hubHostName": hub.host_name, "deviceId": device_id });
-            expect_success(&hub.host_name, client.post(url).json(&body).send().await).await
+            connectors.post_webhook(&hub.host_name, url, &body).await
         }
         HubConnector::AzureIotHub { .. } => {
-            Registry::of(client, hub)?.delete_device(device_id).await
+            Registry::of(connectors, hub)?
+                .delete_device(device_id)
+                .await
         }
     }
 }
@@ -233,38 +276,25 @@ pub async fn remove(
 /// The device's twin in `hub` (tags and desired properties), for migrating it to another hub.
 /// `None` when the connector keeps no twins (`none`, `webhook`) or the device has none.
 pub async fn read_twin(
-    client: &reqwest::Client,
+    connectors: &Connectors,
     hub: &LinkedHub,
     device_id: &str,
 ) -> Result<Option<Value>, HubError> {
     if !matches!(connector(hub), HubConnector::AzureIotHub { .. }) {
         return Ok(None);
     }
-    let registry = Registry::of(client, hub)?;
-    let response = client
-        .get(registry.url("twins", device_id))
-        .header("Authorization", registry.token())
-        .send()
-        .await
-        .map_err(|e| HubError::Unreachable(hub.host_name.clone(), e.to_string()))?;
-    if response.status() == reqwest::StatusCode::NOT_FOUND {
+    let registry = Registry::of(connectors, hub)?;
+    let request = registry.request(Method::GET, &registry.url("twins", device_id))?;
+    let answer = connectors.send(&hub.host_name, request).await?;
+    if answer.status == dps_outbound::StatusCode::NOT_FOUND {
         return Ok(None);
     }
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    if !status.is_success() {
-        return Err(HubError::Refused(
-            hub.host_name.clone(),
-            status.as_u16(),
-            text.chars().take(300).collect(),
-        ));
+    let status = answer.status.as_u16();
+    if !answer.status.is_success() {
+        return Err(HubError::Refused(hub.host_name.clone(), status));
     }
-    let twin: Value = serde_json::from_str(&text).map_err(|e| {
-        HubError::Refused(
-            hub.host_name.clone(),
-            status.as_u16(),
-            format!("the twin is not JSON: {e}"),
-        )
+    let twin: Value = serde_json::from_slice(&answer.body).map_err(|_| {
+        HubError::Unexpected(hub.host_name.clone(), status, "a twin that is not JSON")
     })?;
     // Only what a new identity can be given: tags and desired properties, without the hub's
     // own bookkeeping ($metadata, $version).
@@ -281,28 +311,18 @@ pub async fn read_twin(
     })))
 }
 
-async fn expect_success(
-    hub: &str,
-    sent: Result<reqwest::Response, reqwest::Error>,
-) -> Result<(), HubError> {
-    let response = sent.map_err(|e| HubError::Unreachable(hub.to_owned(), e.to_string()))?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
+/// Whether the hub accepted: a 2xx. Only the status is kept.
+fn success(hub: &str, answer: dps_outbound::Answer) -> Result<(), HubError> {
+    if answer.status.is_success() {
+        Ok(())
+    } else {
+        Err(HubError::Refused(hub.to_owned(), answer.status.as_u16()))
     }
-    let text: String = response
-        .text()
-        .await
-        .unwrap_or_default()
-        .chars()
-        .take(300)
-        .collect();
-    Err(HubError::Refused(hub.to_owned(), status.as_u16(), text))
 }
 
 /// The IoT Hub registry API of one hub.
 struct Registry<'a> {
-    client: &'a reqwest::Client,
+    connectors: &'a Connectors,
     hub: &'a str,
     base: String,
     credentials: ConnectionString,
@@ -310,7 +330,7 @@ struct Registry<'a> {
 
 impl<'a> Registry<'a> {
     /// The registry API of a hub whose connector is `azure-iot-hub`.
-    fn of(client: &'a reqwest::Client, hub: &'a LinkedHub) -> Result<Self, HubError> {
+    fn of(connectors: &'a Connectors, hub: &'a LinkedHub) -> Result<Self, HubError> {
         let config = |m: String| HubError::Config(hub.host_name.clone(), m);
         let HubConnector::AzureIotHub {
             connection_string,
@@ -326,7 +346,7 @@ impl<'a> Registry<'a> {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("https://{}", credentials.host_name));
         Ok(Self {
-            client,
+            connectors,
             hub: &hub.host_name,
             base: base.trim_end_matches('/').to_owned(),
             credentials,
@@ -354,6 +374,20 @@ impl<'a> Registry<'a> {
         )
     }
 
+    /// A signed request to the registry.
+    fn request(&self, method: Method, url: &str) -> Result<RequestBuilder, HubError> {
+        Ok(self
+            .connectors
+            .request(self.hub, method, url)?
+            .header("Authorization", self.token()))
+    }
+
+    fn json(request: RequestBuilder, body: &Value) -> RequestBuilder {
+        request
+            .header("content-type", "application/json")
+            .body(body.to_string())
+    }
+
     /// Creates the device; when it exists, replaces it.
     async fn put_device(&self, identity: &DeviceIdentity) -> Result<(), HubError> {
         let body = json!({
@@ -364,52 +398,43 @@ impl<'a> Registry<'a> {
         });
         let url = self.url("devices", &identity.device_id);
         let created = self
-            .client
-            .put(&url)
-            .header("Authorization", self.token())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| HubError::Unreachable(self.hub.to_owned(), e.to_string()))?;
-        if created.status() != reqwest::StatusCode::CONFLICT {
-            return expect_success(self.hub, Ok(created)).await;
+            .connectors
+            .send(
+                self.hub,
+                Self::json(self.request(Method::PUT, &url)?, &body),
+            )
+            .await?;
+        if created.status != dps_outbound::StatusCode::CONFLICT {
+            return success(self.hub, created);
         }
+        let update = self.request(Method::PUT, &url)?.header("If-Match", "*");
         let updated = self
-            .client
-            .put(&url)
-            .header("Authorization", self.token())
-            .header("If-Match", "*")
-            .json(&body)
-            .send()
-            .await;
-        expect_success(self.hub, updated).await
+            .connectors
+            .send(self.hub, Self::json(update, &body))
+            .await?;
+        success(self.hub, updated)
     }
 
     async fn patch_twin(&self, device_id: &str, twin: &Value) -> Result<(), HubError> {
-        let sent = self
-            .client
-            .patch(self.url("twins", device_id))
-            .header("Authorization", self.token())
-            .header("If-Match", "*")
-            .json(twin)
-            .send()
-            .await;
-        expect_success(self.hub, sent).await
+        let patch = self
+            .request(Method::PATCH, &self.url("twins", device_id))?
+            .header("If-Match", "*");
+        let answer = self
+            .connectors
+            .send(self.hub, Self::json(patch, twin))
+            .await?;
+        success(self.hub, answer)
     }
 
     async fn delete_device(&self, device_id: &str) -> Result<(), HubError> {
-        let sent = self
-            .client
-            .delete(self.url("devices", device_id))
-            .header("Authorization", self.token())
-            .header("If-Match", "*")
-            .send()
-            .await
-            .map_err(|e| HubError::Unreachable(self.hub.to_owned(), e.to_string()))?;
-        if sent.status() == reqwest::StatusCode::NOT_FOUND {
+        let delete = self
+            .request(Method::DELETE, &self.url("devices", device_id))?
+            .header("If-Match", "*");
+        let answer = self.connectors.send(self.hub, delete).await?;
+        if answer.status == dps_outbound::StatusCode::NOT_FOUND {
             return Ok(());
         }
-        expect_success(self.hub, Ok(sent)).await
+        success(self.hub, answer)
     }
 }
 

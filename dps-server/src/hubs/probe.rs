@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use allocation_policies::geo::MeasuredLatency;
 use attestation::ConnectionString;
+use dps_outbound::{Method, Outbound, OutboundSettings};
 use dps_protocol::admin::{HubConnector, LinkedHub};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -38,20 +39,21 @@ pub fn target(hub: &LinkedHub) -> String {
     }
 }
 
-/// Probes every `interval` until `stop` turns true.
+/// Probes every `interval` until `stop` turns true, under the outbound rules of `settings`.
 pub fn spawn(
     store: Arc<dyn Store>,
     measured: Arc<MeasuredLatency>,
     interval: Duration,
+    settings: &OutboundSettings,
     mut stop: watch::Receiver<bool>,
 ) {
     // A client of its own without connection reuse, so that every sample costs the same:
     // connection set-up, TLS handshake and one request.
-    let client = reqwest::Client::builder()
-        .timeout(PROBE_TIMEOUT)
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap_or_default();
+    let client = Outbound::new(&OutboundSettings {
+        timeout: PROBE_TIMEOUT,
+        reuse_connections: false,
+        ..settings.clone()
+    });
     tokio::spawn(async move {
         let mut every = tokio::time::interval(interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -65,7 +67,7 @@ pub fn spawn(
 }
 
 /// One probe of every hub, concurrently.
-async fn round(store: &dyn Store, client: &reqwest::Client, measured: &Arc<MeasuredLatency>) {
+async fn round(store: &dyn Store, client: &Outbound, measured: &Arc<MeasuredLatency>) {
     let hubs = match linked_hubs(store).await {
         Ok(hubs) => hubs,
         Err(e) => {
@@ -83,7 +85,11 @@ async fn round(store: &dyn Store, client: &reqwest::Client, measured: &Arc<Measu
         let (client, measured) = (client.clone(), measured.clone());
         probes.spawn(async move {
             let started = Instant::now();
-            match client.head(&url).send().await {
+            let probe = match client.request(Method::HEAD, &url) {
+                Ok(request) => client.send(request).await,
+                Err(e) => Err(e),
+            };
+            match probe {
                 Ok(_) => {
                     let ms = started.elapsed().as_secs_f64() * 1000.0;
                     tracing::debug!(hub = %host, ms, "hub probe");

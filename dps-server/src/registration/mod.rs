@@ -217,30 +217,29 @@ pub async fn start(
         precondition: Precondition::MustNotExist,
     });
     // A TPM challenge's key starts one registration: consumed with the operation's creation.
-    if let Some(proof) = &attested.tpm {
-        let mut consumed = proof.challenge.clone();
-        consumed.operation_id = Some(record.operation_id.clone());
-        writes.push(Write::Put {
-            ns: ns.to_owned(),
-            kind: Kind::TpmChallenge,
-            key: id.key(),
-            parent: None,
-            tag: None,
-            doc: to_doc(&consumed)?,
-            precondition: Precondition::IfMatch(proof.etag.clone()),
-        });
-    }
-    match state.store.write(&writes).await {
-        Ok(_) => {}
-        Err(StoreError::EtagMismatch {
-            kind: Kind::TpmChallenge,
-            ..
-        }) => {
-            return Err(ApiError::unauthorized(
-                "this TPM challenge's key already started a registration; register without Authorization for a new challenge",
-            ));
+    // Another request may add a challenge meanwhile; then the consumption is read again.
+    let mut attempts = 0;
+    loop {
+        let mut batch = writes.clone();
+        if let Some(proof) = &attested.tpm {
+            batch.push(
+                crate::device_api::tpm::consumption(
+                    state,
+                    ns,
+                    id,
+                    &proof.challenge.key,
+                    &record.operation_id,
+                )
+                .await?,
+            );
         }
-        Err(e) => return Err(e.into()),
+        match state.store.write(&batch).await {
+            Ok(_) => break,
+            Err(e) if crate::device_api::tpm::lost_race(&e) && attempts < ATTEMPTS => {
+                attempts += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     if record.status == OperationStatus::Assigning {
         let task = {
@@ -639,7 +638,7 @@ async fn outcome(
         } else if migrate && let Some(old) = &plan.previous_hub {
             if migrated_twin.is_none() {
                 migrated_twin = Some(match load_hub(state, ns, old).await {
-                    Some(old_hub) => hubs::read_twin(&state.hub_http, &old_hub, &old_device)
+                    Some(old_hub) => hubs::read_twin(&state.connectors, &old_hub, &old_device)
                         .await
                         .unwrap_or_else(|e| {
                             tracing::warn!(hub = %old, error = %e, "cannot read the twin to migrate; using the initial twin");
@@ -652,7 +651,7 @@ async fn outcome(
                 identity.initial_twin = Some(twin.clone());
             }
         }
-        match hubs::upsert(&state.hub_http, hub, &identity).await {
+        match hubs::upsert(&state.connectors, hub, &identity).await {
             Ok(()) => {
                 state.hub_health.mark_healthy(&hub.host_name);
                 chosen = Some(hub.clone());
@@ -674,7 +673,7 @@ async fn outcome(
     let decision = settle(&hub.host_name, &plan, &settings, previous);
     if let Some(old) = &decision.moved_from
         && let Some(old_hub) = load_hub(state, ns, old).await
-        && let Err(e) = hubs::remove(&state.hub_http, &old_hub, &old_device).await
+        && let Err(e) = hubs::remove(&state.connectors, &old_hub, &old_device).await
     {
         tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
     }

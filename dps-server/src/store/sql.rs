@@ -82,6 +82,13 @@ impl SqlStore {
             )));
         };
         let is_sqlite = backend == "sqlite";
+        if is_sqlite && let Some(path) = sqlite_file(url) {
+            crate::files::private_file(std::path::Path::new(path)).map_err(|e| {
+                StoreError::Database(sqlx::Error::Configuration(
+                    format!("creating the SQLite database {path}: {e}").into(),
+                ))
+            })?;
+        }
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .after_connect(move |conn, _| {
@@ -113,6 +120,15 @@ impl SqlStore {
         migrator.run(&pool).await?;
         Ok(Self { pool, backend })
     }
+}
+
+/// The file of a `sqlite:` URL (none for an in-memory database).
+fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
 fn now() -> String {

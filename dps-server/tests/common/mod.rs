@@ -96,18 +96,16 @@ impl TestServer {
             ..Config::default()
         };
         config.limits.shutdown_grace_secs = 5;
+        // Simulated hubs and webhooks (wiremock) listen on loopback.
+        config.outbound.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+        config.metrics_listen = "127.0.0.1:0".parse().unwrap();
         adjust(&mut config);
         Self::launch(dir, config).await
     }
 
     async fn launch(dir: TempDir, config: Config) -> Self {
         let server = server::start(config.clone()).await.unwrap();
-        let ca = std::fs::read(&server.ca_certificate).unwrap();
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-            .build()
-            .unwrap();
+        let http = client_of(&server, None);
         let base = format!("https://localhost:{}", server.local_addr.port());
         let owner = server.admin.connection_string.clone();
         Self {
@@ -129,6 +127,22 @@ impl TestServer {
 
     pub fn running(&self) -> &RunningServer {
         self.server.as_ref().unwrap()
+    }
+
+    /// The text of `/metrics`, from the metrics listener.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.running().metrics_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// An HTTPS client whose connections come from `local` (any 127.0.0.0/8 address on
+    /// Linux), so that a test can play several source addresses.
+    pub fn client_from(&self, local: std::net::IpAddr) -> reqwest::Client {
+        client_of(self.running(), Some(local))
     }
 
     /// A request without credentials.
@@ -167,6 +181,16 @@ impl TestServer {
             .unwrap();
         assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     }
+}
+
+fn client_of(server: &RunningServer, local: Option<std::net::IpAddr>) -> reqwest::Client {
+    let ca = std::fs::read(&server.ca_certificate).unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .local_address(local)
+        .build()
+        .unwrap()
 }
 
 /// A SAS token for `resource`, valid `lifetime` seconds from now (negative: expired).
