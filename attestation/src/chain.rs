@@ -154,13 +154,14 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 /// at `now`: signatures, validity periods, basic constraints, key usage and the clientAuth EKU
 /// along the path. RSA of 2048 bits and more, ECDSA P-256 and P-384. `extra` are more
 /// intermediates the path may use (ones an admin uploaded, for devices that send only their
-/// leaf); they confer no trust of their own.
+/// leaf); they confer no trust of their own. Returns the intermediates of the verified path,
+/// from the leaf's issuer up (neither the leaf nor the anchor).
 pub fn verify_chain(
     chain: &[Vec<u8>],
     anchor: &[u8],
     extra: &[Vec<u8>],
     now: u64,
-) -> Result<(), ChainError> {
+) -> Result<Vec<Vec<u8>>, ChainError> {
     let leaf = chain.first().ok_or(ChainError::Missing)?;
     if chain.len() > MAX_CHAIN_CERTIFICATES {
         return Err(ChainError::TooLong(chain.len()));
@@ -185,7 +186,11 @@ pub fn verify_chain(
         None,
         None,
     )
-    .map(|_| ())
+    .map(|path| {
+        path.intermediate_certificates()
+            .map(|c| c.der().to_vec())
+            .collect()
+    })
     .map_err(untrusted)
 }
 
@@ -251,8 +256,16 @@ mod tests {
             check_leaf(&chain, "DEV-1", NOW).unwrap().facts.subject_name,
             "CN=dev-1"
         );
-        verify_chain(&chain, &root.der, &[], NOW).unwrap();
-        verify_chain(std::slice::from_ref(&device), &intermediate.der, &[], NOW).unwrap();
+        assert_eq!(
+            verify_chain(&chain, &root.der, &[], NOW).unwrap(),
+            std::slice::from_ref(&intermediate.der),
+            "the path's intermediates"
+        );
+        assert!(
+            verify_chain(std::slice::from_ref(&device), &intermediate.der, &[], NOW)
+                .unwrap()
+                .is_empty()
+        );
         // Only the leaf, anchored at the root: the intermediate is missing.
         assert!(matches!(
             verify_chain(std::slice::from_ref(&device), &root.der, &[], NOW),

@@ -53,6 +53,11 @@ pub struct CertificateFacts {
     pub version: u32,
     /// Basic constraints say CA:true.
     pub is_ca: bool,
+    /// The subject name as DER: what an issuer name must equal, byte for byte, for this
+    /// certificate to have issued a certificate (how path building matches names).
+    pub subject_der: Vec<u8>,
+    /// The issuer name as DER.
+    pub issuer_der: Vec<u8>,
 }
 
 /// A parsed certificate and its DER bytes.
@@ -154,6 +159,14 @@ pub(crate) fn facts_of(
             Version::V3 => 3,
         },
         is_ca,
+        subject_der: tbs
+            .subject()
+            .to_der()
+            .map_err(|e| CertificateError::Malformed(e.to_string()))?,
+        issuer_der: tbs
+            .issuer()
+            .to_der()
+            .map_err(|e| CertificateError::Malformed(e.to_string()))?,
     })
 }
 

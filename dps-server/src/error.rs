@@ -106,6 +106,7 @@ pub fn not_found(kind: Kind, key: &str) -> ApiError {
         Kind::CaCertificate => ErrorCode::CertificateNotFound,
         // A missing challenge means the device has not proven anything yet.
         Kind::TpmChallenge => ErrorCode::Unauthorized,
+        Kind::CredentialsVersion => ErrorCode::InternalServerError,
     };
     ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
 }
@@ -125,6 +126,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::OwnershipRecord => "ownership record",
         Kind::CaCertificate => "CA certificate",
         Kind::TpmChallenge => "TPM challenge",
+        Kind::CredentialsVersion => "credentials version",
     }
 }
 

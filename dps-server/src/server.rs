@@ -107,6 +107,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         certificates: Arc::default(),
         tpm: Arc::new(crate::device_api::tpm::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
+        credentials: Arc::default(),
         server_names: vec![config.default_host_name()].into(),
     };
 

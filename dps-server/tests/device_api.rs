@@ -969,7 +969,42 @@ async fn polls_check_the_token_expiry(backend: Backend) {
     expect_error(poll(stale).send().await.unwrap(), 401, 401002).await;
 }
 
+/// Security review item 9: device authentication keeps an instance's groups in memory, so a
+/// change made through another replica must count at the next request, not later.
+async fn a_replica_sees_group_changes_at_once(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let replica = t.replica().await;
+    let group = enroll(
+        &t,
+        json!({ "enrollmentGroupId": "fleet", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&replica, "member-7");
+    let derived = keys_of(&group).0.derive_device_key("member-7");
+    let token = device_token(&device.scope, "member-7", &derived);
+    let done = device.register(&token).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+
+    // Disabled through the first server: the replica answers `disabled` right away.
+    let mut disabled = group.clone();
+    disabled["provisioningStatus"] = json!("disabled");
+    enroll(&t, disabled).await;
+    let done = device.register(&token).await;
+    assert_eq!(done["status"], "disabled", "{done}");
+
+    // Deleted: the replica refuses the key right away.
+    let gone = t
+        .owner(Method::DELETE, "/enrollmentGroups/fleet")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    expect_error(device.put(&token).send().await.unwrap(), 401, 401002).await;
+}
+
 on_both_backends!(
+    a_replica_sees_group_changes_at_once,
     a_group_key_cannot_claim_an_individually_enrolled_id,
     unauthenticated_requests_do_not_use_up_a_device_quota,
     polls_check_the_token_expiry,

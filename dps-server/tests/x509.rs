@@ -392,10 +392,15 @@ async fn unusable_certificates_are_refused_with_401_and_store_nothing() {
     );
     nothing_stored(&t, "dev-deep").await;
 
-    // Bytes that are not a certificate get a 401, not a failed handshake.
-    let (status, body) = garbage_certificate_register(&t, "dev-garbage").await;
-    assert_eq!(status, 401, "{body}");
-    assert!(body.contains("not a valid X.509"), "{body}");
+    // Bytes that are not a certificate end the handshake: nothing verified them.
+    let attempt = register_with_foreign_key(
+        &t,
+        "dev-garbage",
+        vec![b"not a certificate".to_vec()],
+        false,
+    )
+    .await;
+    assert!(attempt.is_err(), "{attempt:?}");
     nothing_stored(&t, "dev-garbage").await;
 
     // No certificate and no token.
@@ -414,9 +419,16 @@ async fn unusable_certificates_are_refused_with_401_and_store_nothing() {
     assert_eq!(response.status(), 401);
 }
 
-/// Registers over a raw TLS connection whose client "certificate" is not DER (no HTTP client
-/// sends one), returning the status and body of the answer.
-async fn garbage_certificate_register(t: &TestServer, id: &str) -> (u16, String) {
+/// Registers over a raw TLS connection that presents `chain` and signs the handshake with a
+/// fresh key of its own, whatever key the certificate names (what an attacker holding only a
+/// device's public certificate does; no HTTP client lets one do it). `Ok` with the status and
+/// answer, or `Err` when the server ended the connection without an HTTP answer.
+async fn register_with_foreign_key(
+    t: &TestServer,
+    id: &str,
+    chain: Vec<Vec<u8>>,
+    tls12: bool,
+) -> Result<(u16, String), String> {
     use std::sync::Arc;
 
     use rustls::client::ResolvesClientCert;
@@ -439,14 +451,19 @@ async fn garbage_certificate_register(t: &TestServer, id: &str) -> (u16, String)
     let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
     let signing = rustls::crypto::ring::sign::any_ecdsa_type(&key).unwrap();
     let certified = CertifiedKey::new(
-        vec![CertificateDer::from(b"not a certificate".to_vec())],
+        chain.into_iter().map(CertificateDer::from).collect(),
         signing,
     );
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_file(&t.running().ca_certificate).unwrap())
         .unwrap();
-    let config = rustls::ClientConfig::builder()
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let config = rustls::ClientConfig::builder_with_protocol_versions(versions)
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(Fixed(Arc::new(certified))));
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
@@ -456,7 +473,7 @@ async fn garbage_certificate_register(t: &TestServer, id: &str) -> (u16, String)
     let mut tls = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
+        .map_err(|e| format!("handshake: {e}"))?;
     let body = json!({ "registrationId": id }).to_string();
     let request = format!(
         "PUT /{}/registrations/{id}/register?api-version=2021-06-01 HTTP/1.1\r\nHost: localhost\r\n\
@@ -464,15 +481,332 @@ async fn garbage_certificate_register(t: &TestServer, id: &str) -> (u16, String)
         t.running().admin.id_scope,
         body.len()
     );
-    tls.write_all(request.as_bytes()).await.unwrap();
+    // Under TLS 1.3 the client finishes first; the server's refusal arrives as an alert.
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.unwrap();
+    tls.read_to_string(&mut answer)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
     let status = answer
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, answer)
+        .ok_or_else(|| format!("no HTTP answer: {answer:?}"))?;
+    Ok((status, answer))
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// A device certificate that rustls-webpki cannot parse but a lenient parser reads: an unknown
+/// critical extension.
+fn unparseable_by_webpki(cn: &str, by: &Ca) -> DeviceCert {
+    let mut params = device_params(cn);
+    let mut extension =
+        rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 55555, 1], vec![5, 0]);
+    extension.set_criticality(true);
+    params.custom_extensions.push(extension);
+    issued(params, Some(by))
+}
+
+/// The same certificate as version 1 (no version field, no extensions), re-signed by `by`:
+/// rustls-webpki refuses version 1 certificates, x509-cert reads them.
+fn version_1(cn: &str, by: &Ca) -> DeviceCert {
+    use der::{Decode, Encode, Tagged, asn1::Any};
+    let v3 = issued(device_params(cn), Some(by));
+    let outer: Vec<Any> = Vec::<Any>::from_der(&der_of(&v3.cert)).unwrap();
+    let tbs: Vec<Any> = Vec::<Any>::from_der(&outer[0].to_der().unwrap()).unwrap();
+    let kept: Vec<Any> = tbs
+        .into_iter()
+        .filter(|field| {
+            let tag = field.tag();
+            !(tag.is_context_specific() && matches!(tag.number().value(), 0 | 3))
+        })
+        .collect();
+    let tbs_der = kept.to_der().unwrap();
+    let signature = rcgen::SigningKey::sign(by.issuer.key(), &tbs_der).unwrap();
+    let certificate = vec![
+        Any::from_der(&tbs_der).unwrap(),
+        outer[1].clone(),
+        Any::from_der(
+            &der::asn1::BitString::from_bytes(&signature)
+                .unwrap()
+                .to_der()
+                .unwrap(),
+        )
+        .unwrap(),
+    ]
+    .to_der()
+    .unwrap();
+    let parsed = attestation::x509::parse_der(&certificate).unwrap();
+    assert_eq!(parsed.facts.version, 1, "the lenient parser reads it");
+    DeviceCert {
+        cert: pem_of(&certificate),
+        key: v3.key,
+    }
+}
+
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Security review item 1: a certificate the handshake verifier cannot parse never stands for
+/// a device. Refused when an admin enrolls it, and at connection, where the handshake
+/// signature (made here with a key that is not the certificate's) must be checked.
+async fn certificates_the_verifier_cannot_parse_are_refused(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    for (id, cert) in [
+        ("dev-critical", unparseable_by_webpki("dev-critical", &root)),
+        ("dev-v1", version_1("dev-v1", &root)),
+    ] {
+        let enrollment = json!({ "registrationId": id,
+            "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": cert.cert } } } } });
+        let refused = common::expect_error(
+            t.owner(Method::PUT, &format!("/enrollments/{id}"))
+                .json(&enrollment)
+                .send()
+                .await
+                .unwrap(),
+            400,
+            400004,
+        )
+        .await;
+        assert!(
+            refused["message"]
+                .as_str()
+                .unwrap()
+                .contains("clientCertificates.primary"),
+            "{refused}"
+        );
+        // An enrollment written before the check existed: the connection still refuses it.
+        sneak_in_enrollment(&t, id, &cert.cert).await;
+        for tls12 in [false, true] {
+            let attempt = register_with_foreign_key(&t, id, vec![der_of(&cert.cert)], tls12).await;
+            assert!(
+                attempt.is_err(),
+                "{id} (TLS 1.2: {tls12}) was answered: {attempt:?}"
+            );
+        }
+        nothing_stored(&t, id).await;
+    }
+    // The same attack with a parseable certificate: the handshake signature does not verify.
+    let normal = issued(device_params("dev-normal"), Some(&root));
+    sneak_in_enrollment(&t, "dev-normal", &normal.cert).await;
+    let attempt =
+        register_with_foreign_key(&t, "dev-normal", vec![der_of(&normal.cert)], false).await;
+    assert!(attempt.is_err(), "{attempt:?}");
+    nothing_stored(&t, "dev-normal").await;
+}
+
+/// Stores an individual X.509 enrollment directly, past the admin API's checks (as a database
+/// written by an older version could hold it).
+async fn sneak_in_enrollment(t: &TestServer, id: &str, cert: &str) {
+    use dps_server::store::{Kind, Precondition, Write};
+    let doc = json!({ "registrationId": id, "provisioningStatus": "enabled",
+        "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": cert } } } } });
+    t.running()
+        .store()
+        .write(&[Write::Put {
+            ns: "default".into(),
+            kind: Kind::IndividualEnrollment,
+            key: id.to_ascii_lowercase(),
+            parent: None,
+            tag: None,
+            doc: doc.to_string(),
+            precondition: Precondition::Always,
+        }])
+        .await
+        .unwrap();
+}
+
+/// Security review item 2: when an individual enrollment exists for an id, a group's
+/// certificate naming that id does not admit the device, and a disabled individual enrollment
+/// blocks the group path too. The refusal is 401 401002 and changes nothing.
+async fn a_group_certificate_cannot_claim_an_individually_enrolled_id(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    x509_group(&t, "fleet", &root).await;
+    let own = issued(device_params("dev-own"), None);
+    enroll(
+        &t,
+        json!({ "registrationId": "dev-own",
+            "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": own.cert } } } } }),
+    )
+    .await;
+    let (_, done) = register(&t, &client(&t, &[&own.cert], &own.key, false), "dev-own").await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let before = expect_json(
+        t.owner(Method::GET, "/registrations/dev-own")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+
+    // A certificate from the group's CA with CN = the id: refused, the state untouched.
+    let claim = issued(device_params("dev-own"), Some(&root));
+    let (status, body) = register(
+        &t,
+        &client(&t, &[&claim.cert], &claim.key, false),
+        "dev-own",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["errorCode"], 401002, "{body}");
+    let after = expect_json(
+        t.owner(Method::GET, "/registrations/dev-own")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        before["etag"], after["etag"],
+        "the registration state changed"
+    );
+
+    // Any individual enrollment blocks the group path: a symmetric-key one, enabled or disabled.
+    for status in ["enabled", "disabled"] {
+        enroll(
+            &t,
+            json!({ "registrationId": "dev-sym", "provisioningStatus": status,
+                "attestation": { "type": "symmetricKey" } }),
+        )
+        .await;
+        let member = issued(device_params("dev-sym"), Some(&root));
+        let (code, body) = register(
+            &t,
+            &client(&t, &[&member.cert], &member.key, false),
+            "dev-sym",
+        )
+        .await;
+        assert_eq!(code, 401, "{status}: {body}");
+        assert_eq!(body["errorCode"], 401002, "{body}");
+        nothing_stored(&t, "dev-sym").await;
+    }
+}
+
+/// Security review item 15: revocation covers every certificate of the verified path, serials
+/// of any length can be revoked, and the order a device sends its chain in does not choose
+/// which group admits it: a revoking or disabled group on the verified path refuses.
+async fn revocation_covers_the_path_and_chain_order_chooses_nothing(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let root = ca("Factory Root", None);
+    let line = ca("Line 1", Some(&root));
+    let thumbprint = |pem: &str| {
+        attestation::x509::parse_certificate(pem)
+            .unwrap()
+            .facts
+            .sha256_thumbprint
+    };
+
+    // A revoked intermediate refuses every device under it.
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "by-root", "attestation": { "type": "x509", "x509": {
+            "signingCertificates": { "primary": { "certificate": root.pem } },
+            "revokedCertificates": { "thumbprints": [thumbprint(&line.pem)] } } } }),
+    )
+    .await;
+    let under = issued(device_params("dev-under"), Some(&line));
+    let (status, body) = register(
+        &t,
+        &client(&t, &[&under.cert, &line.pem], &under.key, false),
+        "dev-under",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
+    nothing_stored(&t, "dev-under").await;
+
+    // A 25-byte serial (longer than RFC 5280 allows, but seen in the field) can be revoked.
+    let mut long = device_params("dev-long-serial");
+    long.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x5a; 25]));
+    let long = issued(long, Some(&root));
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "by-root", "attestation": { "type": "x509", "x509": {
+            "signingCertificates": { "primary": { "certificate": root.pem } },
+            "revokedCertificates": { "serialNumbers": ["5a".repeat(25)] } } } }),
+    )
+    .await;
+    let (status, body) = register(
+        &t,
+        &client(&t, &[&long.cert], &long.key, false),
+        "dev-long-serial",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    nothing_stored(&t, "dev-long-serial").await;
+
+    // Two groups on one path: the intermediate's group revokes the leaf, the root's does not.
+    // Whatever order the device sends its chain in, the revocation holds.
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "by-root", "attestation": { "type": "x509", "x509": {
+            "signingCertificates": { "primary": { "certificate": root.pem } } } } }),
+    )
+    .await;
+    let revoked = issued(device_params("dev-order"), Some(&line));
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "line-1", "attestation": { "type": "x509", "x509": {
+            "signingCertificates": { "primary": { "certificate": line.pem } },
+            "revokedCertificates": { "thumbprints": [thumbprint(&revoked.cert)] } } } }),
+    )
+    .await;
+    for chain in [
+        vec![revoked.cert.as_str(), line.pem.as_str()],
+        vec![revoked.cert.as_str(), line.pem.as_str(), root.pem.as_str()],
+        vec![revoked.cert.as_str(), root.pem.as_str(), line.pem.as_str()],
+    ] {
+        let (status, body) =
+            register(&t, &client(&t, &chain, &revoked.key, false), "dev-order").await;
+        assert_eq!(status, 401, "chain of {}: {body}", chain.len());
+        nothing_stored(&t, "dev-order").await;
+    }
+    // A disabled group on the path blocks the device the same way.
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "line-1", "provisioningStatus": "disabled",
+            "attestation": { "type": "x509", "x509": {
+            "signingCertificates": { "primary": { "certificate": line.pem } } } } }),
+    )
+    .await;
+    let member = issued(device_params("dev-order-2"), Some(&line));
+    for chain in [
+        vec![member.cert.as_str(), line.pem.as_str()],
+        vec![member.cert.as_str(), root.pem.as_str(), line.pem.as_str()],
+    ] {
+        let (_, done) = register(&t, &client(&t, &chain, &member.key, false), "dev-order-2").await;
+        assert_eq!(done["status"], "disabled", "{done}");
+        nothing_stored(&t, "dev-order-2").await;
+    }
 }
 
 async fn post(t: &TestServer, path: &str, body: Value) -> reqwest::Response {
@@ -745,4 +1079,7 @@ on_both_backends!(
     individual_enrollments_match_the_certificate_thumbprint,
     groups_are_matched_from_the_leaf_towards_the_root,
     ca_certificates_count_after_proof_of_possession,
+    certificates_the_verifier_cannot_parse_are_refused,
+    a_group_certificate_cannot_claim_an_individually_enrolled_id,
+    revocation_covers_the_path_and_chain_order_chooses_nothing,
 );

@@ -5,9 +5,8 @@
 //! or not, may also complete a device's chain as an intermediate (it confers no trust).
 
 use attestation::chain::{common_name, verify_chain};
-use std::sync::Arc;
 
-use attestation::x509::{ParsedCertificate, parse_certificate};
+use attestation::x509::parse_certificate;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -180,9 +179,10 @@ async fn update(
     };
     let written = state
         .store
-        .write(&[put])
+        .write(&super::resource::with_credentials::<CaCertificate>(ns, put))
         .await?
-        .pop()
+        .into_iter()
+        .next()
         .flatten()
         .ok_or_else(|| ApiError::internal("storing a certificate", &"no result"))?;
     render(&written, false)
@@ -254,34 +254,4 @@ async fn verify(
     .await?;
     tracing::info!(certificate = %name, "CA certificate verified");
     Ok(Json(answer))
-}
-
-/// An instance's CA certificates, parsed: `(name key, verified, DER)`.
-pub async fn all(
-    state: &AppState,
-    ns: &str,
-) -> Result<Vec<(String, bool, Arc<ParsedCertificate>)>, ApiError> {
-    let rows = state
-        .store
-        .list(
-            ns,
-            Kind::CaCertificate,
-            Page {
-                limit: usize::MAX,
-                ..Page::default()
-            },
-        )
-        .await?;
-    let mut out = Vec::new();
-    for row in rows {
-        let ca: CaCertificate = row.doc_json()?;
-        if let Some(parsed) = ca
-            .certificate
-            .as_deref()
-            .and_then(|text| state.certificates.parse(text).ok())
-        {
-            out.push((row.key, ca.is_verified, parsed));
-        }
-    }
-    Ok(out)
 }

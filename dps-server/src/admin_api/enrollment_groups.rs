@@ -57,6 +57,10 @@ impl Enrollment for EnrollmentGroup {
         Vec::new()
     }
 
+    fn credentials_write(ns: &str) -> Option<Write> {
+        Some(crate::device_api::credentials::credentials_changed(ns))
+    }
+
     fn bulk_error(id: Option<String>, error: &ApiError) -> BulkItemError {
         BulkItemError {
             registration_id: None,

@@ -52,6 +52,11 @@ pub trait Enrollment: Serialize + DeserializeOwned + Clone + Send + Sync + 'stat
     fn check_own_fields(&mut self) -> Result<(), ApiError>;
     /// Writes that go with deleting the enrollment.
     fn cascade_delete(ns: &str, key: &str) -> Vec<Write>;
+    /// The write that tells caches of device credentials that this kind changed (groups are
+    /// cached; individual enrollments are read by id on every request).
+    fn credentials_write(_ns: &str) -> Option<Write> {
+        None
+    }
     /// Adds what a read shows beside the stored document.
     async fn decorate(&mut self, _state: &AppState, _ns: &str) -> Result<(), ApiError> {
         Ok(())
@@ -205,7 +210,7 @@ async fn write<E: Enrollment>(
             (Precondition::Always, None) => Precondition::MustNotExist,
             (other, _) => other.clone(),
         };
-        let put = Write::Put {
+        let mut writes = vec![Write::Put {
             ns: ns.to_owned(),
             kind: E::KIND,
             key: key.clone(),
@@ -213,11 +218,13 @@ async fn write<E: Enrollment>(
             tag: None,
             doc: to_doc(&candidate)?,
             precondition: effective,
-        };
-        match state.store.write(&[put]).await {
-            Ok(mut written) => {
+        }];
+        writes.extend(E::credentials_write(ns));
+        match state.store.write(&writes).await {
+            Ok(written) => {
                 let stored = written
-                    .pop()
+                    .into_iter()
+                    .next()
                     .flatten()
                     .ok_or_else(|| ApiError::internal("storing an enrollment", &"no result"))?;
                 return Ok((stored, previous.is_some()));
@@ -311,6 +318,7 @@ async fn delete_key<E: Enrollment>(
         precondition,
     }];
     writes.extend(E::cascade_delete(ns, key));
+    writes.extend(E::credentials_write(ns));
     state.store.write(&writes).await?;
     Ok(())
 }

@@ -160,6 +160,10 @@ pub async fn save(
                 doc: to_doc(&policy)?,
                 precondition: Precondition::Always,
             });
+            // A new version, so that no cache of a deleted instance of the same name counts.
+            writes.push(crate::device_api::credentials::credentials_changed(
+                &instance.name,
+            ));
             Some(policy)
         }
         Some(_) => None,
@@ -294,6 +298,7 @@ async fn delete_one(
     });
     let deleted = state.store.write(&writes).await;
     state.instances.clear();
+    state.credentials.forget(&instance.name);
     deleted?;
     Ok(StatusCode::NO_CONTENT)
 }

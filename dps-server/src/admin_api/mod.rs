@@ -66,6 +66,8 @@ pub struct AppState {
     pub tpm: Arc<crate::device_api::tpm::TpmTrust>,
     /// Instances and ID scopes as device requests read them.
     pub instances: Arc<crate::cache::InstanceCache>,
+    /// Enrollment groups and CA certificates as device authentication reads them.
+    pub credentials: Arc<crate::device_api::credentials::CredentialCache>,
     /// Names of this server that service tokens of every instance may name in `sr` (the
     /// host name of its listener, `localhost[:port]`).
     pub server_names: Arc<[String]>,

@@ -114,9 +114,10 @@ pub async fn store_resource<R: Resource>(
     };
     let stored = state
         .store
-        .write(&[put])
+        .write(&with_credentials::<R>(ns, put))
         .await?
-        .pop()
+        .into_iter()
+        .next()
         .flatten()
         .ok_or_else(|| ApiError::internal("storing a resource", &"no result"))?;
     Ok((stored, previous))
@@ -180,8 +181,21 @@ pub async fn delete_one<R: Resource>(
         key,
         precondition: delete_precondition(&headers)?,
     };
-    state.store.write(&[delete]).await?;
+    state
+        .store
+        .write(&with_credentials::<R>(admin.ns(), delete))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `write`, and for CA certificates (which device authentication caches) the change of the
+/// instance's credentials version in the same transaction.
+pub fn with_credentials<R: Resource>(ns: &str, write: Write) -> Vec<Write> {
+    let mut writes = vec![write];
+    if R::KIND == Kind::CaCertificate {
+        writes.push(crate::device_api::credentials::credentials_changed(ns));
+    }
+    writes
 }
 
 /// `GET /{kind}`: paged with `x-ms-max-item-count` / `x-ms-continuation`.

@@ -402,12 +402,27 @@ fn check_revocations(revoked: &mut X509Revocations) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Longest serial number a revocation list takes, hex digits. RFC 5280 allows 20 bytes, but
+/// longer ones are seen in the field and must be revocable too.
+const MAX_SERIAL_HEX: usize = 256;
+
 /// A certificate serial in one spelling: upper-case hex, no separators or leading zeros.
 pub fn normal_serial(serial: &str) -> Option<String> {
-    use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
-    DeviceKey::new(DeviceKeyKind::CertificateSerial, serial)
-        .ok()
-        .map(|k| k.value().to_owned())
+    let hex: String = serial
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ':' | ' '))
+        .collect();
+    if hex.is_empty() || hex.len() > MAX_SERIAL_HEX || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    // Leading zeros (a DER sign byte, say) are not part of the number.
+    let trimmed = hex.trim_start_matches('0');
+    Some(if trimmed.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_ascii_uppercase()
+    })
 }
 
 /// Parses the primary and secondary certificate, keeping a stored one when only its info is

@@ -10,11 +10,11 @@
 //!   towards the root. The handshake already proved that the device holds the leaf's key.
 //! - TPM: a SAS token signed with the key of the device's TPM challenge (see [`super::tpm`]).
 
-use attestation::chain::{ChainError, check_leaf, verify_chain};
 use std::sync::Arc;
 
+use attestation::SasToken;
+use attestation::chain::{ChainError, check_leaf, verify_chain};
 use attestation::x509::{CertificateFacts, ParsedCache, ParsedCertificate, parse_der};
-use attestation::{SasToken, SymmetricKey};
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
     AttestationMechanism, AttestationType, EnrollmentGroup, EnrollmentSettings,
@@ -22,6 +22,7 @@ use dps_protocol::enrollment::{
 };
 use dps_protocol::ids::{IdScope, RegistrationId};
 
+use super::credentials::{Anchor, symmetric_keys};
 use crate::admin_api::AppState;
 use crate::error::ApiError;
 use crate::store::{Kind, Page};
@@ -82,15 +83,6 @@ fn denied() -> ApiError {
     ApiError::unauthorized("the device could not be authenticated")
 }
 
-fn symmetric_keys(attestation: &AttestationMechanism) -> Option<(SymmetricKey, SymmetricKey)> {
-    if attestation.kind != AttestationType::SymmetricKey {
-        return None;
-    }
-    let keys = attestation.symmetric_key.as_ref()?;
-    let parse = |k: &Option<String>| k.as_deref().and_then(|k| SymmetricKey::from_base64(k).ok());
-    Some((parse(&keys.primary_key)?, parse(&keys.secondary_key)?))
-}
-
 /// Authenticates the `Authorization` header (or the client certificate) of a device request
 /// for `id` in `instance`.
 pub async fn authenticate(
@@ -133,11 +125,8 @@ pub async fn authenticate(
     if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
         return match enrollment.attestation.kind {
             AttestationType::SymmetricKey => {
-                let (primary, secondary) =
-                    symmetric_keys(&enrollment.attestation).ok_or_else(denied)?;
-                token
-                    .verify_any([&primary, &secondary])
-                    .map_err(|_| denied())?;
+                let keys = symmetric_keys(&enrollment.attestation).ok_or_else(denied)?;
+                token.verify_any(&keys).map_err(|_| denied())?;
                 Ok(Attested {
                     disabled: disabled_reason(&enrollment),
                     source: Source::Individual(Box::new(enrollment)),
@@ -155,18 +144,18 @@ pub async fn authenticate(
         return Ok(attested);
     }
 
-    // Groups: the device key is HMAC-SHA256(group key, registration id as sent).
-    let member = find_group(state, instance, |group| {
-        let (primary, secondary) = symmetric_keys(&group.attestation)?;
-        let derived = (
-            primary.derive_device_key(id.as_str()),
-            secondary.derive_device_key(id.as_str()),
-        );
-        token.verify_any([&derived.0, &derived.1]).ok()?;
-        Some(group)
-    })
-    .await?;
-    if let Some(group) = member {
+    // Groups: the device key is HMAC-SHA256(group key, registration id as sent). The keys
+    // come decoded from the instance's cached credentials: no read or parse per group.
+    let credentials = state.credentials.get(state, instance).await?;
+    let member = credentials.sas_groups.iter().find(|member| {
+        let derived = member
+            .keys
+            .each_ref()
+            .map(|k| k.derive_device_key(id.as_str()));
+        token.verify_any(&derived).is_ok()
+    });
+    if let Some(member) = member {
+        let group = EnrollmentGroup::clone(&member.group);
         return Ok(Attested {
             disabled: group_disabled_reason(&group),
             source: Source::Group(Box::new(group)),
@@ -241,50 +230,18 @@ pub(crate) fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
     })
 }
 
-/// A group's anchors: its signing certificates, or the verified CA certificates its
-/// `caReferences` name (an unverified one is no anchor).
-fn group_anchors(
+/// The client certificates of an individual X.509 enrollment, parsed.
+fn client_certificates(
     attestation: &AttestationMechanism,
-    cas: &[(String, bool, Arc<ParsedCertificate>)],
-    cache: &ParsedCache,
-) -> Vec<Arc<ParsedCertificate>> {
-    let mut anchors = x509_certificates(attestation, false, cache);
-    if let Some(refs) = attestation
-        .x509
-        .as_ref()
-        .and_then(|x| x.ca_references.as_ref())
-    {
-        for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
-            let key = name.to_ascii_lowercase();
-            anchors.extend(
-                cas.iter()
-                    .filter(|(ca, verified, _)| *ca == key && *verified)
-                    .map(|(_, _, parsed)| parsed.clone()),
-            );
-        }
-    }
-    anchors
-}
-
-/// The primary and secondary certificates of an X.509 attestation (client certificates for
-/// individual enrollments, signing certificates for groups), parsed.
-fn x509_certificates(
-    attestation: &AttestationMechanism,
-    individual: bool,
     cache: &ParsedCache,
 ) -> Vec<Arc<ParsedCertificate>> {
     if attestation.kind != AttestationType::X509 {
         return Vec::new();
     }
-    let Some(x509) = attestation.x509.as_ref() else {
-        return Vec::new();
-    };
-    let certs = if individual {
-        x509.client_certificates.as_ref()
-    } else {
-        x509.signing_certificates.as_ref()
-    };
-    certs
+    attestation
+        .x509
+        .as_ref()
+        .and_then(|x| x.client_certificates.as_ref())
         .into_iter()
         .flat_map(|c| [c.primary.as_ref(), c.secondary.as_ref()])
         .flatten()
@@ -293,8 +250,9 @@ fn x509_certificates(
         .collect()
 }
 
-/// Whether the group's revocation list names the leaf (by either thumbprint, or serial).
-fn is_revoked(group: &EnrollmentGroup, leaf: &CertificateFacts) -> bool {
+/// Whether the group's revocation list names any certificate of `path` (by either
+/// thumbprint, or serial).
+fn revokes(group: &EnrollmentGroup, path: &[CertificateFacts]) -> bool {
     let Some(revoked) = group
         .attestation
         .x509
@@ -303,15 +261,24 @@ fn is_revoked(group: &EnrollmentGroup, leaf: &CertificateFacts) -> bool {
     else {
         return false;
     };
-    let serial = crate::admin_api::validate::normal_serial(&leaf.serial_number);
-    revoked
-        .thumbprints
-        .iter()
-        .any(|t| *t == leaf.sha1_thumbprint || *t == leaf.sha256_thumbprint)
-        || revoked
-            .serial_numbers
+    path.iter().any(|cert| {
+        let serial = crate::admin_api::validate::normal_serial(&cert.serial_number);
+        revoked
+            .thumbprints
             .iter()
-            .any(|s| Some(s) == serial.as_ref())
+            .any(|t| *t == cert.sha1_thumbprint || *t == cert.sha256_thumbprint)
+            || revoked
+                .serial_numbers
+                .iter()
+                .any(|s| Some(s) == serial.as_ref())
+    })
+}
+
+/// An anchor that verified the device's chain, and the verified path to it.
+struct Verified<'a> {
+    anchor: &'a Anchor,
+    /// Leaf, intermediates, anchor.
+    path: Vec<CertificateFacts>,
 }
 
 /// X.509: see the module documentation for the order.
@@ -328,7 +295,7 @@ async fn authenticate_x509(
     // An individually enrolled id is admitted by its own certificate only, never by a group's
     // (security review item 2).
     if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
-        let enrolled = x509_certificates(&enrollment.attestation, true, &state.certificates);
+        let enrolled = client_certificates(&enrollment.attestation, &state.certificates);
         if enrolled
             .iter()
             .any(|c| c.facts.sha256_thumbprint == leaf.facts.sha256_thumbprint)
@@ -343,73 +310,66 @@ async fn authenticate_x509(
         return Err(not_enrolled_certificate());
     }
 
-    // The presented chain's subjects and thumbprints, to place each group's anchors on it.
-    let presented: Vec<CertificateFacts> = std::iter::once(leaf.facts.clone())
-        .chain(
-            chain
-                .iter()
-                .skip(1)
-                .filter_map(|der| parse_der(der).ok().map(|p| p.facts)),
-        )
-        .collect();
-    // How far from the leaf an anchor sits: the position of the certificate itself in the
-    // chain, or just above the certificate it issued.
-    let depth = |anchor: &CertificateFacts| {
-        presented
-            .iter()
-            .position(|c| c.sha256_thumbprint == anchor.sha256_thumbprint)
-            .or_else(|| {
-                presented
-                    .iter()
-                    .position(|c| c.issuer_name == anchor.subject_name)
-                    .map(|i| i + 1)
-            })
-    };
-    // The instance's CA certificates: anchors when verified and named by a group, and
-    // intermediates for any path.
-    let cas = crate::admin_api::certificates::all(state, instance).await?;
-    let extra: Vec<Vec<u8>> = cas.iter().map(|(_, _, c)| c.der.clone()).collect();
-    let mut candidates: Vec<(usize, EnrollmentGroup, Arc<ParsedCertificate>)> = Vec::new();
-    find_group(state, instance, |group| {
-        for anchor in group_anchors(&group.attestation, &cas, &state.certificates) {
-            // An anchor off the presented path may still be reached through an uploaded
-            // intermediate; it is tried after the ones on the path.
-            let at = depth(&anchor.facts).unwrap_or(usize::MAX);
-            candidates.push((at, group.clone(), anchor));
-        }
-        None::<()>
-    })
-    .await?;
-    candidates.sort_by_key(|(at, _, _)| *at);
+    let credentials = state.credentials.get(state, instance).await?;
+    let (anchors, extra) = credentials.anchors_on_the_way(&leaf, chain);
+    let mut verified: Vec<Verified<'_>> = Vec::new();
     let mut first_error = None;
-    for (at, group, anchor) in candidates {
-        match verify_chain(chain, &anchor.der, &extra, now) {
-            Ok(()) if is_revoked(&group, &leaf.facts) => {
-                return Err(ApiError::unauthorized(format!(
-                    "the device certificate is revoked by enrollment group '{}'",
-                    group.enrollment_group_id
-                )));
+    for anchor in anchors {
+        match verify_chain(chain, &anchor.certificate.der, &extra, now) {
+            Ok(intermediates) => {
+                let mut path = vec![leaf.facts.clone()];
+                path.extend(
+                    intermediates
+                        .iter()
+                        .filter_map(|der| parse_der(der).ok().map(|p| p.facts)),
+                );
+                path.push(anchor.certificate.facts.clone());
+                verified.push(Verified { anchor, path });
             }
-            Ok(()) => {
-                return Ok(Attested {
-                    disabled: group_disabled_reason(&group),
-                    source: Source::Group(Box::new(group)),
-                    certificate: Some((leaf.facts, Some(anchor.facts.clone()))),
-                    tpm: None,
-                });
-            }
-            // Only a failure on the presented path says something about this device's chain
-            // (an expired intermediate, say); the rest is "no group".
-            Err(e) if at != usize::MAX => {
+            Err(e) => {
                 first_error.get_or_insert(e);
             }
-            Err(_) => {}
         }
     }
-    Err(match first_error {
-        Some(e) => rejected(e),
-        None => not_enrolled_certificate(),
-    })
+    // Every group on a verified path has its say, whatever order the device sent its chain
+    // in: one that revokes a certificate of the path refuses, one that is disabled blocks
+    // (security review item 15). Otherwise the group closest to the leaf admits.
+    for candidate in &verified {
+        if let Some(group) = candidate
+            .anchor
+            .groups
+            .iter()
+            .find(|g| revokes(g, &candidate.path))
+        {
+            return Err(ApiError::unauthorized(format!(
+                "the device certificate's chain is revoked by enrollment group '{}'",
+                group.enrollment_group_id
+            )));
+        }
+    }
+    let chosen = verified
+        .iter()
+        .flat_map(|v| v.anchor.groups.iter().map(move |g| (v, g)))
+        .min_by(|(a, g), (b, h)| {
+            let blocked = |g: &EnrollmentGroup| group_disabled_reason(g).is_none();
+            (blocked(g), a.path.len(), &g.enrollment_group_id).cmp(&(
+                blocked(h),
+                b.path.len(),
+                &h.enrollment_group_id,
+            ))
+        });
+    match chosen {
+        Some((verified, group)) => Ok(Attested {
+            disabled: group_disabled_reason(group),
+            source: Source::Group(Box::new(EnrollmentGroup::clone(group))),
+            certificate: Some((leaf.facts, Some(verified.anchor.certificate.facts.clone()))),
+            tpm: None,
+        }),
+        None => Err(match first_error {
+            Some(e) => rejected(e),
+            None => not_enrolled_certificate(),
+        }),
+    }
 }
 
 fn not_enrolled_certificate() -> ApiError {

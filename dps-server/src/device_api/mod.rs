@@ -4,6 +4,7 @@
 //! `POST /{idScope}/registrations/{id}` looks up the registration state.
 
 pub mod auth;
+pub mod credentials;
 pub mod tpm;
 
 use axum::Router;

@@ -32,8 +32,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::auth::{
-    Attested, Purpose, Source, disabled_reason, find_group, group_disabled_reason,
-    individual_enrollment,
+    Attested, Purpose, Source, disabled_reason, group_disabled_reason, individual_enrollment,
 };
 use crate::admin_api::{AppState, to_doc, unix_now};
 use crate::config::TpmConfig;
@@ -369,10 +368,8 @@ fn enrolls(enrolled: &IndividualEnrollment, ek: &RsaPublic) -> bool {
 
 /// The instance's TPM enrollment group (there is at most one).
 async fn tpm_group(state: &AppState, instance: &str) -> Result<Option<EnrollmentGroup>, ApiError> {
-    find_group(state, instance, |group| {
-        (group.attestation.kind == AttestationType::Tpm).then_some(group)
-    })
-    .await
+    let credentials = state.credentials.get(state, instance).await?;
+    Ok(credentials.tpm_group.as_deref().cloned())
 }
 
 /// A TPM group member registers under the id its EK gives it, and proves its EK with a

@@ -40,8 +40,11 @@ pub enum Kind {
     OwnershipRecord,
     /// A CA certificate for `caReferences` (keyed by lower-case name).
     CaCertificate,
-    /// A TPM device's pending challenge (keyed by lower-case registration id).
+    /// A TPM device's pending challenges (keyed by lower-case registration id).
     TpmChallenge,
+    /// Changes with every write to an instance's enrollment groups or CA certificates, so
+    /// that caches of them know when to read them again (one per instance).
+    CredentialsVersion,
 }
 
 impl Kind {
@@ -60,6 +63,7 @@ impl Kind {
             Kind::OwnershipRecord => "ownership-record",
             Kind::CaCertificate => "ca-certificate",
             Kind::TpmChallenge => "tpm-challenge",
+            Kind::CredentialsVersion => "credentials-version",
         }
     }
 }

@@ -118,6 +118,20 @@ impl TestServer {
         }
     }
 
+    /// A second server on the same database (a replica behind the same load balancer), with
+    /// a data directory of its own.
+    pub async fn replica(&self) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = self.config.clone();
+        config.data_dir = dir.path().join("data");
+        // The same development CA, so that one client trusts both.
+        let tls = self.config.data_dir.join("tls");
+        config.tls.cert = Some(tls.join("server.pem"));
+        config.tls.key = Some(tls.join("server-key.pem"));
+        config.tls.ca_cert = Some(tls.join("ca.pem"));
+        Self::launch(dir, config).await
+    }
+
     /// Stops the server and starts it again on the same data (and database).
     pub async fn restart(mut self) -> Self {
         self.server.take().unwrap().shutdown().await;

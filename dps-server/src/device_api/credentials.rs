@@ -1,0 +1,418 @@
+//! What device authentication needs of an instance's enrollment groups and CA certificates,
+//! read and parsed once, and kept until they change: symmetric-key groups with their decoded
+//! keys, the TPM group, and X.509 anchors indexed by subject name.
+//!
+//! Unauthenticated requests must not cost more as the instance grows (security review item
+//! 9). Without this, every SAS request for an unknown id listed and parsed every group, and
+//! every X.509 request verified its chain against every group's anchors with every uploaded
+//! certificate. Now a request costs one read (the version below) plus, for X.509, path
+//! verification against only the anchors whose subject is on the device's possible path.
+//!
+//! Every write to an instance's enrollment groups or CA certificates also writes its
+//! credentials version, in the same transaction ([`credentials_changed`]); a request reads the
+//! version and rebuilds the index when it differs, so no process (and no replica) uses stale
+//! credentials for longer than one read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use attestation::SymmetricKey;
+use attestation::chain::MAX_CHAIN_CERTIFICATES;
+use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
+use dps_protocol::admin::CaCertificate;
+use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
+
+use crate::admin_api::AppState;
+use crate::error::ApiError;
+use crate::store::{Kind, Page, Precondition, Write};
+
+/// The storage key of an instance's credentials version.
+const VERSION_KEY: &str = "credentials";
+/// Groups and certificates read per page when the index is built.
+const PAGE: usize = 500;
+
+/// The write that marks an instance's groups or CA certificates as changed: part of the same
+/// transaction as the change.
+pub fn credentials_changed(ns: &str) -> Write {
+    Write::Put {
+        ns: ns.to_owned(),
+        kind: Kind::CredentialsVersion,
+        key: VERSION_KEY.to_owned(),
+        parent: None,
+        tag: None,
+        doc: "{}".to_owned(),
+        precondition: Precondition::Always,
+    }
+}
+
+/// A symmetric-key group and its decoded keys.
+#[derive(Debug)]
+pub struct SasGroup {
+    /// The group.
+    pub group: Arc<EnrollmentGroup>,
+    /// Its primary and secondary key.
+    pub keys: [SymmetricKey; 2],
+}
+
+/// A certificate that anchors X.509 groups, and the groups it anchors.
+#[derive(Debug)]
+pub struct Anchor {
+    /// The certificate.
+    pub certificate: Arc<ParsedCertificate>,
+    /// The groups whose anchor it is.
+    pub groups: Vec<Arc<EnrollmentGroup>>,
+}
+
+/// One instance's credentials, as of one version.
+#[derive(Debug, Default)]
+pub struct Credentials {
+    version: Option<String>,
+    /// Symmetric-key groups, in group-id order.
+    pub sas_groups: Vec<SasGroup>,
+    /// The TPM group (there is at most one).
+    pub tpm_group: Option<Arc<EnrollmentGroup>>,
+    anchors: HashMap<Vec<u8>, Vec<Arc<Anchor>>>,
+    uploaded: HashMap<Vec<u8>, Vec<Arc<ParsedCertificate>>>,
+}
+
+impl Credentials {
+    /// The anchors whose subject name is `subject` (DER).
+    pub fn anchors_named(&self, subject: &[u8]) -> &[Arc<Anchor>] {
+        self.anchors.get(subject).map_or(&[], Vec::as_slice)
+    }
+
+    /// The uploaded CA certificates whose subject name is `subject` (DER): intermediates a
+    /// path may use.
+    pub fn uploaded_named(&self, subject: &[u8]) -> &[Arc<ParsedCertificate>] {
+        self.uploaded.get(subject).map_or(&[], Vec::as_slice)
+    }
+
+    /// The anchors that can be on a path from `leaf` (and the intermediates to build it with):
+    /// those whose subject is the issuer of the leaf, or of a certificate the device sent or an
+    /// admin uploaded that lies above it. Found by name, so the work is bounded by the length of
+    /// a chain, not by the number of groups or certificates in the instance.
+    pub fn anchors_on_the_way(
+        &self,
+        leaf: &ParsedCertificate,
+        chain: &[Vec<u8>],
+    ) -> (Vec<&Anchor>, Vec<Vec<u8>>) {
+        let presented: Vec<ParsedCertificate> = chain
+            .iter()
+            .skip(1)
+            .filter_map(|der| parse_der(der).ok())
+            .collect();
+        let mut names: Vec<Vec<u8>> = vec![leaf.facts.issuer_der.clone()];
+        let mut extra: Vec<Vec<u8>> = Vec::new();
+        let mut next = 0;
+        // A path is at most MAX_CHAIN_CERTIFICATES long; each step follows the certificates
+        // named like the current issuer.
+        while next < names.len() && names.len() <= MAX_CHAIN_CERTIFICATES * 2 {
+            let name = names[next].clone();
+            next += 1;
+            let uploaded = self.uploaded_named(&name);
+            let above = presented
+                .iter()
+                .filter(|c| c.facts.subject_der == name)
+                .chain(uploaded.iter().map(Arc::as_ref));
+            for cert in above {
+                if uploaded.iter().any(|u| u.der == cert.der) && !extra.contains(&cert.der) {
+                    extra.push(cert.der.clone());
+                }
+                let issuer = &cert.facts.issuer_der;
+                if issuer != &cert.facts.subject_der && !names.contains(issuer) {
+                    names.push(issuer.clone());
+                }
+            }
+        }
+        let mut anchors: Vec<&Anchor> = Vec::new();
+        for name in &names {
+            for anchor in self.anchors_named(name) {
+                if !anchors.iter().any(|a| std::ptr::eq(*a, anchor.as_ref())) {
+                    anchors.push(anchor);
+                }
+            }
+        }
+        (anchors, extra)
+    }
+
+    async fn load(
+        state: &AppState,
+        instance: &str,
+        version: Option<String>,
+    ) -> Result<Self, ApiError> {
+        let cas = all_of::<CaCertificate>(state, instance, Kind::CaCertificate).await?;
+        let groups = all_of::<EnrollmentGroup>(state, instance, Kind::EnrollmentGroup).await?;
+        let mut credentials = Self {
+            version,
+            ..Self::default()
+        };
+        let mut verified: HashMap<String, Arc<ParsedCertificate>> = HashMap::new();
+        for ca in cas {
+            let Some(parsed) = ca
+                .certificate
+                .as_deref()
+                .and_then(|text| state.certificates.parse(text).ok())
+            else {
+                continue;
+            };
+            if ca.is_verified {
+                verified.insert(ca.name.to_ascii_lowercase(), parsed.clone());
+            }
+            credentials
+                .uploaded
+                .entry(parsed.facts.subject_der.clone())
+                .or_default()
+                .push(parsed);
+        }
+        let mut by_thumbprint: HashMap<String, Anchor> = HashMap::new();
+        for group in groups {
+            let group = Arc::new(group);
+            match group.attestation.kind {
+                AttestationType::SymmetricKey => {
+                    if let Some(keys) = symmetric_keys(&group.attestation) {
+                        credentials.sas_groups.push(SasGroup {
+                            group: group.clone(),
+                            keys,
+                        });
+                    }
+                }
+                AttestationType::Tpm => credentials.tpm_group = Some(group.clone()),
+                AttestationType::X509 => {
+                    for certificate in
+                        group_anchors(&group.attestation, &verified, &state.certificates)
+                    {
+                        by_thumbprint
+                            .entry(certificate.facts.sha256_thumbprint.clone())
+                            .or_insert_with(|| Anchor {
+                                certificate,
+                                groups: Vec::new(),
+                            })
+                            .groups
+                            .push(group.clone());
+                    }
+                }
+                AttestationType::None => {}
+            }
+        }
+        for anchor in by_thumbprint.into_values() {
+            credentials
+                .anchors
+                .entry(anchor.certificate.facts.subject_der.clone())
+                .or_default()
+                .push(Arc::new(anchor));
+        }
+        Ok(credentials)
+    }
+}
+
+/// Every document of `kind` in `instance`, parsed.
+async fn all_of<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    instance: &str,
+    kind: Kind,
+) -> Result<Vec<T>, ApiError> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = state
+            .store
+            .list(
+                instance,
+                kind,
+                Page {
+                    parent: None,
+                    after: after.as_deref(),
+                    limit: PAGE,
+                },
+            )
+            .await?;
+        for stored in &page {
+            out.push(stored.doc_json()?);
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = Some(last.key.clone()),
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The primary and secondary key of a symmetric-key attestation.
+pub fn symmetric_keys(attestation: &AttestationMechanism) -> Option<[SymmetricKey; 2]> {
+    if attestation.kind != AttestationType::SymmetricKey {
+        return None;
+    }
+    let keys = attestation.symmetric_key.as_ref()?;
+    let parse = |k: &Option<String>| k.as_deref().and_then(|k| SymmetricKey::from_base64(k).ok());
+    Some([parse(&keys.primary_key)?, parse(&keys.secondary_key)?])
+}
+
+/// A group's anchors: its signing certificates, or the verified CA certificates its
+/// `caReferences` name (an unverified one is no anchor).
+fn group_anchors(
+    attestation: &AttestationMechanism,
+    verified: &HashMap<String, Arc<ParsedCertificate>>,
+    cache: &ParsedCache,
+) -> Vec<Arc<ParsedCertificate>> {
+    let Some(x509) = attestation.x509.as_ref() else {
+        return Vec::new();
+    };
+    let mut anchors: Vec<Arc<ParsedCertificate>> = x509
+        .signing_certificates
+        .iter()
+        .flat_map(|c| [c.primary.as_ref(), c.secondary.as_ref()])
+        .flatten()
+        .filter_map(|c| c.certificate.as_deref())
+        .filter_map(|text| cache.parse(text).ok())
+        .collect();
+    if let Some(refs) = &x509.ca_references {
+        for name in [&refs.primary, &refs.secondary].into_iter().flatten() {
+            anchors.extend(verified.get(&name.to_ascii_lowercase()).cloned());
+        }
+    }
+    anchors
+}
+
+/// The credentials of every instance this process has served, by instance name.
+#[derive(Debug, Default)]
+pub struct CredentialCache {
+    by_instance: Mutex<HashMap<String, Arc<Credentials>>>,
+}
+
+impl CredentialCache {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Credentials>>> {
+        // Only copies of stored data: a poisoned map is still usable.
+        self.by_instance
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The instance's credentials as of now: one read of the version, and a rebuild when it
+    /// changed.
+    pub async fn get(
+        &self,
+        state: &AppState,
+        instance: &str,
+    ) -> Result<Arc<Credentials>, ApiError> {
+        let version = state
+            .store
+            .get(instance, Kind::CredentialsVersion, VERSION_KEY)
+            .await?
+            .map(|stored| stored.etag);
+        if let Some(cached) = self.entries().get(instance)
+            && cached.version == version
+        {
+            return Ok(cached.clone());
+        }
+        // Read after the version: what is loaded is at least as new as the version it is
+        // kept under, so a change made meanwhile shows at the next read.
+        let fresh = Arc::new(Credentials::load(state, instance, version).await?);
+        self.entries().insert(instance.to_owned(), fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Forgets an instance (it was deleted).
+    pub fn forget(&self, instance: &str) {
+        self.entries().remove(instance);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    use super::*;
+
+    fn ca(
+        name: &str,
+        parent: Option<&Issuer<'static, KeyPair>>,
+    ) -> (Vec<u8>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = match parent {
+            Some(parent) => params.signed_by(&key, parent).unwrap(),
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert.der().to_vec(), Issuer::new(params, key))
+    }
+
+    fn parsed(der: &[u8]) -> Arc<ParsedCertificate> {
+        Arc::new(parse_der(der).unwrap())
+    }
+
+    fn group(id: &str) -> Arc<EnrollmentGroup> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "enrollmentGroupId": id, "attestation": { "type": "x509" } }))
+            .unwrap(),
+        )
+    }
+
+    /// Security review item 9: the anchors tried for a device are found by name along its
+    /// possible path, however many groups and certificates the instance holds.
+    #[test]
+    fn only_anchors_on_the_device_s_path_are_candidates() {
+        let (root, root_issuer) = ca("Root", None);
+        let (intermediate, intermediate_issuer) = ca("Intermediate", Some(&root_issuer));
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "dev-1");
+        let leaf = params
+            .signed_by(&key, &intermediate_issuer)
+            .unwrap()
+            .der()
+            .to_vec();
+
+        let mut credentials = Credentials::default();
+        let mut anchor = |der: &[u8], id: &str| {
+            let certificate = parsed(der);
+            credentials
+                .anchors
+                .entry(certificate.facts.subject_der.clone())
+                .or_default()
+                .push(Arc::new(Anchor {
+                    certificate,
+                    groups: vec![group(id)],
+                }));
+        };
+        anchor(&root, "by-root");
+        for n in 0..1000 {
+            anchor(&ca(&format!("Other {n}"), None).0, &format!("other-{n}"));
+        }
+        let uploaded = parsed(&intermediate);
+        credentials
+            .uploaded
+            .insert(uploaded.facts.subject_der.clone(), vec![uploaded]);
+
+        let leaf_parsed = parse_der(&leaf).unwrap();
+        // Only the leaf: the uploaded intermediate leads to the root.
+        let (anchors, extra) =
+            credentials.anchors_on_the_way(&leaf_parsed, std::slice::from_ref(&leaf));
+        let ids: Vec<&str> = anchors
+            .iter()
+            .flat_map(|a| a.groups.iter().map(|g| g.enrollment_group_id.as_str()))
+            .collect();
+        assert_eq!(ids, ["by-root"]);
+        assert_eq!(extra, std::slice::from_ref(&intermediate));
+        // The intermediate sent by the device: the same single candidate.
+        let (anchors, _) =
+            credentials.anchors_on_the_way(&leaf_parsed, &[leaf.clone(), intermediate]);
+        assert_eq!(anchors.len(), 1);
+        // A leaf from elsewhere: no candidate at all, so no chain is verified.
+        let (stranger, stranger_issuer) = ca("Stranger", None);
+        let _ = stranger;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, "dev-2");
+        let other = params
+            .signed_by(&KeyPair::generate().unwrap(), &stranger_issuer)
+            .unwrap();
+        let other = parse_der(other.der()).unwrap();
+        assert!(
+            credentials
+                .anchors_on_the_way(&other, std::slice::from_ref(&other.der))
+                .0
+                .is_empty()
+        );
+    }
+}
