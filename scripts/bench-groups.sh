@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Group registrations as the instance's symmetric-key groups grow: the server's CPU per
+# registration (read from /proc) with 1 group and with GROUPS groups, the devices in the last
+# one, and per unauthenticated request (an unknown id with a wrong key).
+# Usage: scripts/bench-groups.sh [GROUPS] [DEVICES]   (defaults 1000 and 1000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+groups="${1:-1000}"
+devices="${2:-1000}"
+source scripts/bench-server.sh 18444
+ticks=$(getconf CLK_TCK)
+cpu() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
+per_request() { # START END COUNT: microseconds of server CPU per request
+  awk -v a="$1" -v b="$2" -v n="$3" -v t="$ticks" 'BEGIN { printf "%.0f", (b - a) * 1e6 / t / n }'
+}
+run() {
+  local before after
+  before=$(cpu)
+  target/release/dps-load run "${server_args[@]}" --id-scope "$scope" --devices "$devices" \
+    --concurrency 32 --mode group --poll-ms 10 2>/dev/null \
+    | grep -o '[0-9]*/[0-9]* assigned.*registrations/s' | tr '\n' ' '
+  after=$(cpu)
+  echo "$(per_request "$before" "$after" "$devices") us of server CPU per registration"
+}
+junk() {
+  # Unknown ids with a wrong key: the server tries every symmetric-key group before it says 401.
+  local before after se config
+  se=$(($(date +%s) + 3600))
+  config="$work/junk.curl"
+  : >"$config"
+  for ((i = 0; i < devices; i++)); do
+    printf 'url = "https://localhost:18444/%s/registrations/nobody-%d/register?api-version=2021-10-01"\n-X PUT\n-o /dev/null\n-H "Content-Type: application/json"\n-H "Authorization: SharedAccessSignature sr=%s%%2Fregistrations%%2Fnobody-%d&sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA%%3D&se=%s&skn=registration"\n-d "{}"\nnext\n' \
+      "$scope" "$i" "$scope" "$i" "$se" >>"$config"
+  done
+  before=$(cpu)
+  curl -s --parallel --parallel-max 16 --cacert "$ca" -K "$config" >/dev/null || true
+  after=$(cpu)
+  echo "$(per_request "$before" "$after" "$devices") us of server CPU per unauthenticated request"
+}
+ca=$(sed -n 's/^ca-certificate: //p' "$work/server.out")
+echo "1 group:"
+run
+junk
+# Filler groups whose ids sort before the load generator's, so the devices' group is the last.
+token=$(target/release/dps-server admin "${server_args[@]}" token)
+for ((start = 0; start < groups - 1; start += 500)); do
+  end=$((start + 500 < groups - 1 ? start + 500 : groups - 1))
+  body=$(seq "$start" $((end - 1)) | awk 'BEGIN { printf "{\"mode\":\"create\",\"enrollmentGroups\":[" }
+    { printf "%s{\"enrollmentGroupId\":\"aaa-filler-%05d\",\"attestation\":{\"type\":\"symmetricKey\"}}", (NR > 1 ? "," : ""), $1 }
+    END { printf "]}" }')
+  curl -sf --cacert "$ca" -H "Authorization: $token" -H 'Content-Type: application/json' \
+    -d "$body" "https://localhost:18444/enrollmentGroups?api-version=2021-10-01" >/dev/null
+done
+echo "$groups groups:"
+run
+junk
