@@ -29,11 +29,12 @@ junk() {
   config="$work/junk.curl"
   : >"$config"
   for ((i = 0; i < devices; i++)); do
-    printf 'url = "https://localhost:18444/%s/registrations/nobody-%d/register?api-version=2021-10-01"\n-X PUT\n-o /dev/null\n-H "Content-Type: application/json"\n-H "Authorization: SharedAccessSignature sr=%s%%2Fregistrations%%2Fnobody-%d&sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA%%3D&se=%s&skn=registration"\n-d "{}"\nnext\n' \
-      "$scope" "$i" "$scope" "$i" "$se" >>"$config"
+    [ "$i" -gt 0 ] && echo next >>"$config"
+    printf 'url = "https://localhost:18444/%s/registrations/nobody-%d/register?api-version=2021-10-01"\ncacert = "%s"\n-X PUT\n-o /dev/null\n-H "Content-Type: application/json"\n-H "Authorization: SharedAccessSignature sr=%s%%2Fregistrations%%2Fnobody-%d&sig=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA%%3D&se=%s&skn=registration"\n-d "{}"\n' \
+      "$scope" "$i" "$ca" "$scope" "$i" "$se" >>"$config"
   done
   before=$(cpu)
-  curl -s --parallel --parallel-max 16 --cacert "$ca" -K "$config" >/dev/null || true
+  curl -sS --no-progress-meter --parallel --parallel-max 16 -K "$config" >/dev/null
   after=$(cpu)
   echo "$(per_request "$before" "$after" "$devices") us of server CPU per unauthenticated request"
 }

@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash scripts/test-deps.sh)"
-cargo build -j2 --workspace --bins
-cargo test -j2 --workspace
+# The device client's TPM support is a cargo feature (it links tpm2-tss, which test-deps.sh
+# installs); the black-box TPM tests need it.
+cargo build -j2 --workspace --bins --features device-client/tpm
+cargo test -j2 --workspace --features device-client/tpm

@@ -7,6 +7,10 @@ pub mod key;
 pub mod pkcs11;
 pub mod register;
 pub mod state;
+#[cfg(feature = "tpm")]
+pub mod tpm;
+#[cfg(not(feature = "tpm"))]
+#[path = "no_tpm.rs"]
 pub mod tpm;
 pub mod x509;
 

@@ -69,6 +69,8 @@ pub struct Credentials {
     version: Option<String>,
     /// Symmetric-key groups, in group-id order.
     pub sas_groups: Vec<SasGroup>,
+    /// Positions in `sas_groups` by lower-case group id.
+    sas_by_id: HashMap<String, usize>,
     /// The TPM group (there is at most one).
     pub tpm_group: Option<Arc<EnrollmentGroup>>,
     anchors: HashMap<Vec<u8>, Vec<Arc<Anchor>>>,
@@ -76,6 +78,12 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The symmetric-key group `id` (ignoring case).
+    pub fn sas_group(&self, id: &str) -> Option<&SasGroup> {
+        let at = *self.sas_by_id.get(&id.to_ascii_lowercase())?;
+        self.sas_groups.get(at)
+    }
+
     /// The anchors whose subject name is `subject` (DER).
     pub fn anchors_named(&self, subject: &[u8]) -> &[Arc<Anchor>] {
         self.anchors.get(subject).map_or(&[], Vec::as_slice)
@@ -170,6 +178,10 @@ impl Credentials {
             match group.attestation.kind {
                 AttestationType::SymmetricKey => {
                     if let Some(keys) = symmetric_keys(&group.attestation) {
+                        credentials.sas_by_id.insert(
+                            group.enrollment_group_id.to_ascii_lowercase(),
+                            credentials.sas_groups.len(),
+                        );
                         credentials.sas_groups.push(SasGroup {
                             group: group.clone(),
                             keys,
