@@ -386,6 +386,16 @@ pub enum BulkMode {
 }
 
 impl BulkMode {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::UpdateIfMatchEtag => "updateIfMatchETag",
+            Self::Delete => "delete",
+        }
+    }
+
     /// Parses a mode, ignoring case.
     pub fn parse(value: &str) -> Option<Self> {
         match value.to_ascii_lowercase().as_str() {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, Overrides};
 
@@ -22,8 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the service.
     Serve(ServeArgs),
-    /// Manage a running service through its admin API.
-    Admin(Box<crate::admin_cli::AdminArgs>),
+    /// Manage a running service through its admin API (the same as `dps-admin`).
+    Admin(Box<dps_admin::AdminArgs>),
 }
 
 /// `serve` flags; each overrides the configuration file and `DPS_*` variables.
@@ -43,15 +43,6 @@ pub struct ServeArgs {
     pub database_url: Option<String>,
 }
 
-/// How results are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Output {
-    /// Aligned columns for people.
-    Table,
-    /// JSON for scripts.
-    Json,
-}
-
 /// Parses the command line, runs it and prints any error with its causes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -68,7 +59,7 @@ pub fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
-            Command::Admin(args) => crate::admin_cli::run(*args).await,
+            Command::Admin(args) => dps_admin::run(*args).await,
         }
     });
     match result {

@@ -71,17 +71,7 @@ impl Default for Config {
     }
 }
 
-/// The server certificate; both `cert` and `key`, or neither for a generated development one.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM chain, leaf first.
-    pub cert: Option<PathBuf>,
-    /// PEM private key.
-    pub key: Option<PathBuf>,
-    /// The CA clients should trust, printed at start (the certificate itself when absent).
-    pub ca_cert: Option<PathBuf>,
-}
+pub use dps_listener::TlsConfig;
 
 /// Outbound calls. Their targets are chosen by admins, so the server refuses loopback,
 /// private, link-local, unique-local and multicast addresses unless their network is listed

@@ -57,20 +57,6 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
-/// How long a request's body may take to arrive; the listener puts it on every request.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyDeadline(pub std::time::Duration);
-
-impl BodyDeadline {
-    /// The deadline of `req`, or 30 seconds for a request that did not come through the
-    /// listener.
-    pub fn of(req: &Request) -> std::time::Duration {
-        req.extensions()
-            .get::<BodyDeadline>()
-            .map_or(std::time::Duration::from_secs(30), |d| d.0)
-    }
-}
-
 /// The 408 of a body that did not arrive in time.
 pub fn body_timeout() -> ApiError {
     ApiError::new(
@@ -81,7 +67,7 @@ pub fn body_timeout() -> ApiError {
 
 /// Reads the body within its deadline, mapping an oversized one to 413 and a slow one to 408.
 pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
-    let deadline = BodyDeadline::of(&req);
+    let deadline = dps_listener::BodyDeadline::of(&req);
     tokio::time::timeout(deadline, Bytes::from_request(req, state))
         .await
         .map_err(|_| body_timeout())?

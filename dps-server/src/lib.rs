@@ -3,7 +3,6 @@
 //! The library holds everything; `main.rs` is a thin command line on top.
 
 pub mod admin_api;
-pub mod admin_cli;
 pub mod app;
 pub mod bootstrap;
 pub mod cache;
@@ -11,7 +10,6 @@ pub mod cli;
 pub mod config;
 pub mod device_api;
 pub mod error;
-pub mod files;
 pub mod hubs;
 pub mod json;
 pub mod observability;
@@ -19,4 +17,3 @@ pub mod registration;
 pub mod server;
 pub mod store;
 pub mod throttle;
-pub mod tls;

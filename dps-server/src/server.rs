@@ -7,10 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::Request;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use dps_listener::{ConnectionLimits, serve};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -24,20 +21,10 @@ use crate::config::Config;
 use crate::observability::Metrics;
 use crate::store::{SqlStore, Store};
 use crate::throttle::Throttle;
-use crate::tls::TlsMaterial;
+use dps_listener::TlsMaterial;
 
-const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Connections the metrics listener serves at once (scrapers, health checks).
 const METRICS_CONNECTIONS: usize = 64;
-
-/// The address of the peer, added to every request's extensions.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerAddr(pub SocketAddr);
-
-/// The certificate chain the client presented in the TLS handshake (leaf first), added to
-/// every request of its connection; absent when it presented none.
-#[derive(Debug, Clone)]
-pub struct ClientChain(pub Arc<Vec<Vec<u8>>>);
 
 /// A started server.
 #[derive(Debug)]
@@ -70,7 +57,7 @@ impl RunningServer {
 
 /// Connects storage, applies the configuration, prepares TLS and starts listening.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    crate::files::private_dir(&config.data_dir)
+    dps_listener::files::private_dir(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
         SqlStore::connect(&config.database_url())
@@ -153,7 +140,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         })?;
     let metrics_addr = metrics_listener.local_addr()?;
     let grace = Duration::from_secs(config.limits.shutdown_grace_secs);
-    let limits = ConnectionLimits::of(&config.limits);
+    let limits = connection_limits(&config.limits);
     let metrics_limits = ConnectionLimits {
         max_connections: METRICS_CONNECTIONS,
         ..limits.clone()
@@ -161,7 +148,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let main = serve(
         listener,
         Some(acceptor),
-        app::router(state.clone()),
+        app::router(state.clone()).map_request(app::canonicalize_path),
         limits,
         stopped.clone(),
         grace,
@@ -312,277 +299,15 @@ async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
-/// The deadlines and the connection cap of the accept loop. No phase of a connection is
-/// free: a client that stays silent, or sends slowly, is closed once its phase's deadline
-/// passes, and past `max_connections` new clients wait in the listen backlog.
-#[derive(Debug, Clone)]
-pub struct ConnectionLimits {
-    /// Connections served at once.
-    pub max_connections: usize,
-    /// Time to complete the TLS handshake.
-    pub tls_handshake: Duration,
-    /// Time to send a request's headers (HTTP/1.1).
-    pub request_header: Duration,
-    /// Time to send a request's body (read by the handlers).
-    pub request_body: Duration,
-    /// Time a connection may stay open with no request in flight (HTTP/1.1 keep-alive, HTTP/2,
-    /// and before the first request).
-    pub idle: Duration,
-}
-
-impl ConnectionLimits {
-    /// The limits configured in `limits`.
-    pub fn of(limits: &crate::config::Limits) -> Self {
-        let secs = |s: u64| Duration::from_secs(s.max(1));
-        Self {
-            max_connections: limits.max_connections.max(1),
-            tls_handshake: secs(limits.tls_handshake_timeout_secs),
-            request_header: secs(limits.request_header_timeout_secs),
-            request_body: secs(limits.request_body_timeout_secs),
-            idle: secs(limits.idle_timeout_secs),
-        }
-    }
-}
-
-/// How long a connection told to shut down (idle, or the server stopping) may take to finish
-/// its last exchange before it is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// How long an idle connection told to close may take to say goodbye (HTTP/2's GOAWAY).
-const IDLE_CLOSE_GRACE: Duration = Duration::from_millis(500);
-/// Longest pause after a failed `accept` (out of descriptors, say); it doubles from 10 ms.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-
-/// Requests in flight on a connection, and when the last one ended.
-#[derive(Debug)]
-struct Activity {
-    in_flight: std::sync::atomic::AtomicUsize,
-    last: std::sync::Mutex<std::time::Instant>,
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Self {
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
-            last: std::sync::Mutex::new(std::time::Instant::now()),
-        })
-    }
-
-    fn touch(&self) {
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
-    }
-
-    /// How long the connection has had no request in flight (zero while one is).
-    fn idle_for(&self) -> Duration {
-        if self.in_flight.load(std::sync::atomic::Ordering::Acquire) > 0 {
-            return Duration::ZERO;
-        }
-        self.last
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-    }
-}
-
-/// Counts a request as in flight until dropped (when its response has been produced).
-struct InFlight(Arc<Activity>);
-
-impl InFlight {
-    fn start(activity: &Arc<Activity>) -> Self {
-        activity
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        activity.touch();
-        Self(activity.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.touch();
-        self.0
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// Serves `router` on `listener` (over TLS with `acceptor`, or plain HTTP without one) until
-/// `stopped` turns true, then lets in-flight requests finish for up to `grace`. Public so that
-/// the load generator's ceiling server runs the very same accept loop.
-pub async fn serve(
-    listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
-    router: axum::Router,
-    limits: ConnectionLimits,
-    mut stopped: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_header)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .max_concurrent_streams(MAX_HTTP2_STREAMS)
-        // A peer that stops answering pings is gone; idleness is the watchdog's.
-        .keep_alive_interval(Some(limits.idle.min(Duration::from_secs(30))))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builder = Arc::new(builder);
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        // A free slot first: past the cap, clients wait in the kernel's backlog.
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            _ = stopped.changed() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => {
-                    backoff = Duration::from_millis(10);
-                    pair
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, ?backoff, "accept failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
-                    continue;
-                }
-            },
-            _ = stopped.changed() => break,
-        };
-        let connection = Connection {
-            acceptor: acceptor.clone(),
-            builder: builder.clone(),
-            router: router.clone(),
-            limits: limits.clone(),
-            stopped: stopped.clone(),
-        };
-        tokio::spawn(async move {
-            connection.run(tcp, peer).await;
-            drop(slot);
-        });
-    }
-    drop(listener);
-    tracing::info!("shutting down: waiting for in-flight requests");
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(grace, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "in-flight requests did not finish within the grace period"
-        );
-    }
-}
-
-/// Most concurrent streams on one HTTP/2 connection.
-const MAX_HTTP2_STREAMS: u32 = 64;
-
-/// What one connection's task needs.
-struct Connection {
-    acceptor: Option<TlsAcceptor>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    router: axum::Router,
-    limits: ConnectionLimits,
-    stopped: watch::Receiver<bool>,
-}
-
-impl Connection {
-    async fn run(self, tcp: tokio::net::TcpStream, peer: SocketAddr) {
-        let Some(acceptor) = self.acceptor.clone() else {
-            self.http(TokioIo::new(tcp), peer, None).await;
-            return;
-        };
-        let tls = match tokio::time::timeout(self.limits.tls_handshake, acceptor.accept(tcp)).await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        };
-        let chain = tls.get_ref().1.peer_certificates().map(|certs| {
-            ClientChain(Arc::new(
-                certs.iter().map(|c| c.as_ref().to_vec()).collect(),
-            ))
-        });
-        self.http(TokioIo::new(tls), peer, chain).await;
-    }
-
-    /// Serves HTTP on `io` until the client leaves, stays idle too long, or the server stops.
-    async fn http<I>(self, io: I, peer: SocketAddr, chain: Option<ClientChain>)
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let activity = Activity::new();
-        let service = {
-            let (activity, router) = (activity.clone(), self.router.clone());
-            let body_deadline = crate::json::BodyDeadline(self.limits.request_body);
-            hyper::service::service_fn(move |mut req: Request<Incoming>| {
-                let in_flight = InFlight::start(&activity);
-                req.extensions_mut().insert(PeerAddr(peer));
-                req.extensions_mut().insert(body_deadline);
-                if let Some(chain) = &chain {
-                    req.extensions_mut().insert(chain.clone());
-                }
-                let req = app::canonicalize_path(req.map(axum::body::Body::new));
-                let answer = router.clone().oneshot(req);
-                async move {
-                    let response = answer.await;
-                    drop(in_flight);
-                    response
-                }
-            })
-        };
-        let connection = self.builder.serve_connection_with_upgrades(io, service);
-        tokio::pin!(connection);
-        let mut stopped = self.stopped;
-        let mut closing: Option<tokio::time::Instant> = None;
-        let mut watchdog = tokio::time::interval(self.limits.idle.min(Duration::from_secs(1)));
-        loop {
-            tokio::select! {
-                done = connection.as_mut() => {
-                    if let Err(e) = done {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                changed = stopped.changed(), if closing.is_none() => {
-                    // A dropped sender means the server is gone: close too.
-                    let _ = changed;
-                    connection.as_mut().graceful_shutdown();
-                    closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
-                }
-                _ = watchdog.tick() => match closing {
-                    Some(deadline) if tokio::time::Instant::now() >= deadline => {
-                        tracing::debug!(%peer, "connection did not close in time; dropped");
-                        return;
-                    }
-                    Some(_) => {}
-                    None if activity.idle_for() >= self.limits.idle => {
-                        // Nothing in flight: long enough to send HTTP/2's GOAWAY, no longer
-                        // (a client that ignores it would otherwise keep the slot).
-                        tracing::debug!(%peer, "idle connection closed");
-                        connection.as_mut().graceful_shutdown();
-                        closing = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
-                    }
-                    None => {}
-                },
-            }
-        }
+/// The accept loop's deadlines and cap, as configured.
+pub fn connection_limits(limits: &crate::config::Limits) -> ConnectionLimits {
+    let secs = |s: u64| Duration::from_secs(s.max(1));
+    ConnectionLimits {
+        max_connections: limits.max_connections.max(1),
+        tls_handshake: secs(limits.tls_handshake_timeout_secs),
+        request_header: secs(limits.request_header_timeout_secs),
+        request_body: secs(limits.request_body_timeout_secs),
+        idle: secs(limits.idle_timeout_secs),
     }
 }
 

@@ -16,10 +16,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use dps_listener::{ConnectionLimits, TlsConfig, TlsMaterial};
 use dps_protocol::device::DeviceRegistration;
 use dps_protocol::enrollment::TpmAttestation;
-use dps_server::config::TlsConfig;
-use dps_server::tls::TlsMaterial;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -47,6 +46,19 @@ impl CeilingServer {
     }
 }
 
+/// A JSON answer with the content type the service sends.
+struct Json(serde_json::Value);
+
+impl IntoResponse for Json {
+    fn into_response(self) -> Response {
+        (
+            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+            self.0.to_string(),
+        )
+            .into_response()
+    }
+}
+
 /// Activation blobs by EK, for TPM devices.
 type Challenges = Arc<Mutex<HashMap<String, String>>>;
 
@@ -63,9 +75,7 @@ async fn register(
         return match challenge(&challenges, &tpm) {
             Some(blob) => (
                 StatusCode::UNAUTHORIZED,
-                dps_server::json::Json(
-                    json!({ "authenticationKey": blob, "keyName": "registration" }),
-                ),
+                Json(json!({ "authenticationKey": blob, "keyName": "registration" })),
             )
                 .into_response(),
             None => StatusCode::BAD_REQUEST.into_response(),
@@ -74,9 +84,7 @@ async fn register(
     (
         StatusCode::ACCEPTED,
         [(header::RETRY_AFTER, "1")],
-        dps_server::json::Json(
-            json!({ "operationId": format!("4.ceiling.{id}"), "status": "assigning" }),
-        ),
+        Json(json!({ "operationId": format!("4.ceiling.{id}"), "status": "assigning" })),
     )
         .into_response()
 }
@@ -95,7 +103,7 @@ fn challenge(challenges: &Challenges, tpm: &TpmAttestation) -> Option<String> {
 }
 
 async fn operation(Path((_, id, op)): Path<(String, String, String)>) -> impl IntoResponse {
-    dps_server::json::Json(json!({
+    Json(json!({
         "operationId": op,
         "status": "assigned",
         "registrationState": {
@@ -120,12 +128,11 @@ pub async fn start() -> anyhow::Result<CeilingServer> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = watch::channel(false);
-    let limits = dps_server::server::ConnectionLimits::of(&dps_server::config::Limits::default());
-    let task = tokio::spawn(dps_server::server::serve(
+    let task = tokio::spawn(dps_listener::serve(
         listener,
         Some(acceptor),
         router,
-        limits,
+        ConnectionLimits::default(),
         stopped,
         Duration::from_secs(5),
     ));

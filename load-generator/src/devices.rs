@@ -13,6 +13,8 @@ use attestation::sas::{encode_uri_component, sign};
 use attestation::tpm::soft::SoftTpm;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use dps_admin_client::Collection;
+use dps_protocol::enrollment::{BulkMode, EnrollmentGroup};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
@@ -51,33 +53,40 @@ fn tls_config(
     })
 }
 
-/// The admin API, signed with a connection string's policy (the admin CLI's client).
-pub use dps_server::admin_cli::Client as Admin;
+/// The admin API, signed with a connection string's policy.
+pub use dps_admin_client::Client as Admin;
 
 /// Connects to the admin API at `endpoint`, trusting `ca_cert`.
 pub fn admin(endpoint: &str, connection_string: &str, ca_cert: &Path) -> anyhow::Result<Admin> {
-    Admin::connect(connection_string, Some(endpoint), Some(ca_cert), None)
+    Ok(Admin::connect(
+        connection_string,
+        Some(endpoint),
+        Some(ca_cert),
+        None,
+    )?)
 }
 
-/// Sends an admin request (overwriting what exists) and fails on a refused bulk operation.
-async fn send(
-    admin: &Admin,
-    method: reqwest::Method,
-    path: &str,
-    body: &Value,
-) -> anyhow::Result<()> {
-    let answer = admin
-        .call(method, path, true, Some(body), Some("*"))
+/// Creates individual enrollments through the bulk API; fails when any item fails.
+async fn create_enrollments(admin: &Admin, enrollments: &[Value]) -> anyhow::Result<()> {
+    let result = admin
+        .bulk(Collection::Enrollments, BulkMode::Create, enrollments)
         .await?;
-    if let Some(answer) = answer
-        && answer.get("isSuccessful") == Some(&Value::Bool(false))
-    {
-        let text = answer.to_string();
+    if let Some(first) = result.errors.first() {
         bail!(
-            "{path}: the bulk operation failed: {}",
-            text.chars().take(300).collect::<String>()
+            "{} of {} enrollments were refused, the first: {} ({})",
+            result.errors.len(),
+            enrollments.len(),
+            first.error_status,
+            first.error_code
         );
     }
+    Ok(())
+}
+
+/// Creates (or replaces) an enrollment group.
+async fn put_group(admin: &Admin, group: Value) -> anyhow::Result<()> {
+    let group: EnrollmentGroup = serde_json::from_value(group)?;
+    admin.put_group(&group, Some("*")).await?;
     Ok(())
 }
 
@@ -101,13 +110,7 @@ pub async fn import(admin: Arc<Admin>, n: usize, concurrency: usize) -> anyhow::
                 })
                 .collect::<anyhow::Result<_>>()?;
             let count = enrollments.len();
-            send(
-                &admin,
-                reqwest::Method::POST,
-                "/enrollments",
-                &json!({ "mode": "create", "enrollments": enrollments }),
-            )
-            .await?;
+            create_enrollments(&admin, &enrollments).await?;
             drop(permit);
             let total = done.fetch_add(count, Ordering::Relaxed) + count;
             if total % 50_000 < count {
@@ -231,13 +234,7 @@ async fn enroll_individually(
                 proof,
             });
         }
-        send(
-            admin,
-            reqwest::Method::POST,
-            "/enrollments",
-            &json!({ "mode": "create", "enrollments": enrollments }),
-        )
-        .await?;
+        create_enrollments(admin, &enrollments).await?;
     }
     Ok(devices)
 }
@@ -294,11 +291,9 @@ impl Fleet {
             }
             Mode::Group => {
                 let key = SymmetricKey::generate()?;
-                send(
-                        admin,
-                        reqwest::Method::PUT,
-                        &format!("/enrollmentGroups/{group_id}"),
-                        &json!({ "enrollmentGroupId": group_id,
+                put_group(
+                    admin,
+                    json!({ "enrollmentGroupId": group_id,
                             "attestation": { "type": "symmetricKey", "symmetricKey":
                                 { "primaryKey": key.to_base64(), "secondaryKey": SymmetricKey::generate()?.to_base64() } } }),
                     )
@@ -323,11 +318,9 @@ impl Fleet {
             }
             Mode::X509 => {
                 let ca = SoftwareCa::new()?;
-                send(
-                        admin,
-                        reqwest::Method::PUT,
-                        &format!("/enrollmentGroups/{group_id}"),
-                        &json!({ "enrollmentGroupId": group_id,
+                put_group(
+                    admin,
+                    json!({ "enrollmentGroupId": group_id,
                             "attestation": { "type": "x509", "x509":
                                 { "signingCertificates": { "primary": { "certificate": ca.pem } } } } }),
                     )

@@ -29,6 +29,11 @@ pub fn device_binary() -> anyhow::Result<PathBuf> {
     workspace_binary("dps-device", "DPS_DEVICE_BIN")
 }
 
+/// The standalone admin CLI, `dps-admin`.
+pub fn admin_binary() -> anyhow::Result<PathBuf> {
+    workspace_binary("dps-admin", "DPS_ADMIN_BIN")
+}
+
 /// The `dps-load` load generator.
 pub fn load_binary() -> anyhow::Result<PathBuf> {
     workspace_binary("dps-load", "DPS_LOAD_BIN")

@@ -506,3 +506,36 @@ fn admin_cli_imports_and_transfers_ownership() {
     let (ok, _, err) = cli(&server, &["owner", "delete", "globex"]);
     assert!(!ok && err.contains("409002"), "{err}");
 }
+
+/// `dps-admin` is the same CLI as `dps-server admin`, on its own.
+#[test]
+fn the_standalone_admin_cli_is_the_same_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port().unwrap());
+    let server = ServerProcess::start(dir.path(), &["--listen", &listen], &[]).unwrap();
+    let ca = server.ca_certificate.to_string_lossy().into_owned();
+    let output = Command::new(softhsm_tests::admin_binary().unwrap())
+        .args([
+            "--output",
+            "json",
+            "hub",
+            "set",
+            "hub-z.example.com",
+            "--weight",
+            "7",
+        ])
+        .env("DPS_CONNECTION_STRING", &server.connection_string)
+        .env("DPS_CA_CERT", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let hub: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(hub["allocationWeight"], 7);
+    // What one wrote, the other reads.
+    let hubs = server.admin_json(&["hub", "list"]).unwrap();
+    assert_eq!(hubs[0]["hostName"], "hub-z.example.com");
+}

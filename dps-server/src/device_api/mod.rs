@@ -22,10 +22,10 @@ use crate::admin_api::AppState;
 use crate::error::ApiError;
 use crate::json::{Json, RawBody};
 use crate::registration::{self, RegistrationRecord};
-use crate::server::{ClientChain, PeerAddr};
 use crate::store::{Kind, SERVER_NS};
 use crate::throttle::{Action, Throttled};
 use auth::Purpose;
+use dps_listener::{ClientChain, PeerAddr};
 
 /// Routes of the device API.
 pub fn routes() -> Router<AppState> {

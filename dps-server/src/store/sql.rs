@@ -83,7 +83,7 @@ impl SqlStore {
         };
         let is_sqlite = backend == "sqlite";
         if is_sqlite && let Some(path) = sqlite_file(url) {
-            crate::files::private_file(std::path::Path::new(path)).map_err(|e| {
+            dps_listener::files::private_file(std::path::Path::new(path)).map_err(|e| {
                 StoreError::Database(sqlx::Error::Configuration(
                     format!("creating the SQLite database {path}: {e}").into(),
                 ))

@@ -1,4 +1,4 @@
-//! TLS for the single HTTPS listener: a configured certificate, or a development CA and server
+//! TLS for the HTTPS listener: a configured certificate, or a development CA and server
 //! certificate generated into the data directory on first start and reused afterwards.
 
 use std::collections::BTreeSet;
@@ -15,7 +15,19 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::TlsConfig;
+use serde::{Deserialize, Serialize};
+
+/// The server certificate; both `cert` and `key`, or neither for a generated development one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// The CA clients should trust, printed at start (the certificate itself when absent).
+    pub ca_cert: Option<PathBuf>,
+}
 
 /// The certificate material the listener serves, and the file devices must trust.
 #[derive(Debug)]
