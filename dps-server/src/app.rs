@@ -10,11 +10,11 @@ use axum::routing::get;
 use dps_protocol::ErrorCode;
 use serde_json::json;
 
-use crate::admin_api::{self, AppState};
-use crate::device_api;
-use crate::error::ApiError;
-use crate::json::Json;
+use crate::domain::error::DomainError;
+use crate::http::json::Json;
+use crate::http::{admin, device};
 use crate::observability;
+use crate::state::AppState;
 
 /// The admin API's OpenAPI document, checked in beside the code.
 pub const OPENAPI_YAML: &str = include_str!("../openapi/admin.yaml");
@@ -91,8 +91,8 @@ pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let device_body_limit = state.limits.max_device_body_bytes;
     Router::new()
-        .merge(admin_api::routes())
-        .merge(device_api::routes().layer(DefaultBodyLimit::max(device_body_limit)))
+        .merge(admin::routes())
+        .merge(device::routes().layer(DefaultBodyLimit::max(device_body_limit)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.yaml", get(openapi))
@@ -121,10 +121,10 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, DomainError> {
     state.store.ping().await.map_err(|e| {
         tracing::warn!(error = %e, "readiness check failed");
-        ApiError::new(ErrorCode::ServiceUnavailable, "the database is unavailable")
+        DomainError::new(ErrorCode::ServiceUnavailable, "the database is unavailable")
     })?;
     Ok(Json(
         json!({ "status": "ready", "storage": state.store.backend() }),
@@ -158,7 +158,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
             text,
         )
             .into_response(),
-        Err(e) => ApiError::internal("encoding metrics", &e).into_response(),
+        Err(e) => DomainError::internal("encoding metrics", &e).into_response(),
     }
 }
 
@@ -202,12 +202,12 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(ErrorCode::RouteNotFound, "no such route")
+async fn not_found() -> DomainError {
+    DomainError::new(ErrorCode::RouteNotFound, "no such route")
 }
 
 async fn method_not_allowed() -> Response {
-    let mut response = ApiError::new(
+    let mut response = DomainError::new(
         ErrorCode::MethodNotAllowed,
         "the route does not accept this method",
     )

@@ -5,11 +5,12 @@ use anyhow::Context;
 use attestation::{ConnectionString, SymmetricKey};
 use dps_protocol::admin::{AccessPolicy, Instance, Right};
 
-use crate::admin_api::instances::{self, owner_keys};
-use crate::admin_api::resource::{render, store_resource};
-use crate::admin_api::{AppState, load_instance};
 use crate::config::{Config, DEFAULT_INSTANCE, InstanceConfig};
-use crate::error::ApiError;
+use crate::domain::access::load_instance;
+use crate::domain::error::DomainError;
+use crate::domain::instances::{self, owner_keys};
+use crate::domain::resources::{render, store_resource};
+use crate::state::AppState;
 use crate::store::{Kind, Page, Precondition, SERVER_NS};
 
 /// What an admin needs to start using the admin instance.
@@ -21,7 +22,7 @@ pub struct AdminAccess {
     pub connection_string: ConnectionString,
 }
 
-fn describe(e: ApiError) -> anyhow::Error {
+fn describe(e: DomainError) -> anyhow::Error {
     anyhow::anyhow!("{}", e.message())
 }
 

@@ -14,11 +14,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-use crate::admin_api::{AppState, load_instance};
 use crate::app;
 use crate::bootstrap::{AdminAccess, bootstrap};
 use crate::config::Config;
+use crate::domain::access::load_instance;
 use crate::observability::Metrics;
+use crate::state::AppState;
 use crate::store::{SqlStore, Store};
 use crate::throttle::Throttle;
 use dps_listener::TlsMaterial;
@@ -92,7 +93,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
-        tpm: Arc::new(crate::device_api::tpm::TpmTrust::load(&config.tpm)?),
+        tpm: Arc::new(crate::domain::attest::tpm::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
         credentials: Arc::default(),
         server_names: vec![config.default_host_name()].into(),
@@ -219,7 +220,7 @@ fn policy_registry(
             custom_fallback,
         )),
     );
-    let book = Arc::new(crate::admin_api::ownership::StoredOwnership::new(store));
+    let book = Arc::new(crate::domain::ownership::StoredOwnership::new(store));
     registry.register(
         "ownership",
         Arc::new(Ownership::new(book, ownership_fallback)),

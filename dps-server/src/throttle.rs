@@ -14,14 +14,9 @@ use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderValue;
-use axum::response::{IntoResponse, Response};
-use dps_protocol::ErrorCode;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
-
-use crate::error::ApiError;
 
 /// Throttling limits, each per minute with a burst of the same size.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -250,22 +245,6 @@ impl Throttle {
 /// A throttled request: 429 with `Retry-After` in whole seconds (at least 1).
 #[derive(Debug)]
 pub struct Throttled(pub Duration);
-
-impl IntoResponse for Throttled {
-    fn into_response(self) -> Response {
-        let seconds = self.0.as_secs() + u64::from(self.0.subsec_nanos() > 0);
-        let seconds = seconds.clamp(1, 300);
-        let mut response = ApiError::new(
-            ErrorCode::Throttled,
-            format!("too many requests; retry after {seconds} s"),
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert("retry-after", HeaderValue::from(seconds));
-        response
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,4 +1,4 @@
-//! Device authentication.
+//! Device authentication: who a device is.
 //!
 //! - SAS tokens: against an individual enrollment's keys, then against the per-device keys
 //!   derived from each symmetric-key group's keys. An unknown registration id and a wrong key
@@ -8,7 +8,10 @@
 //!   individual enrollment whose client certificate has the leaf's thumbprint, else the group
 //!   whose signing certificate the presented chain reaches first, walking from the leaf
 //!   towards the root. The handshake already proved that the device holds the leaf's key.
-//! - TPM: a SAS token signed with the key of the device's TPM challenge (see [`super::tpm`]).
+//! - TPM: a SAS token signed with the key of the device's TPM challenge (see [`tpm`]).
+
+pub mod credentials;
+pub mod tpm;
 
 use std::sync::Arc;
 
@@ -22,10 +25,10 @@ use dps_protocol::enrollment::{
 };
 use dps_protocol::ids::{IdScope, RegistrationId};
 
-use super::credentials::{Anchor, symmetric_keys};
-use crate::admin_api::AppState;
-use crate::error::ApiError;
+use crate::domain::error::DomainError;
+use crate::state::AppState;
 use crate::store::{Kind, Page};
+use credentials::{Anchor, symmetric_keys};
 
 /// The enrollment a device proved itself against.
 #[derive(Debug, Clone)]
@@ -65,7 +68,7 @@ pub struct Attested {
     pub disabled: Option<String>,
     /// TPM devices' register requests: the keys they proved, and the challenge the
     /// registration consumes.
-    pub tpm: Option<super::tpm::TpmProof>,
+    pub tpm: Option<tpm::TpmProof>,
 }
 
 /// Which device request is being authenticated.
@@ -79,8 +82,8 @@ pub enum Purpose {
     Lookup,
 }
 
-fn denied() -> ApiError {
-    ApiError::unauthorized("the device could not be authenticated")
+fn denied() -> DomainError {
+    DomainError::unauthorized("the device could not be authenticated")
 }
 
 /// Authenticates the `Authorization` header (or the client certificate) of a device request
@@ -93,29 +96,29 @@ pub async fn authenticate(
     header: Option<&str>,
     chain: Option<&[Vec<u8>]>,
     purpose: Purpose,
-) -> Result<Attested, ApiError> {
+) -> Result<Attested, DomainError> {
     let header = match (header, chain) {
         (Some(header), _) => header,
         (None, Some(chain)) => return authenticate_x509(state, instance, id, chain).await,
         (None, None) => {
-            return Err(ApiError::unauthorized(
+            return Err(DomainError::unauthorized(
                 "the request has no Authorization header and the device presented no client certificate",
             ));
         }
     };
-    let token = SasToken::parse(header).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    let token = SasToken::parse(header).map_err(|e| DomainError::unauthorized(e.to_string()))?;
     // Polls too: aziot reuses one 30-second token for all its polls, which the clock-skew
     // allowance covers (security review item 14).
     token
         .check_expiry(
-            crate::admin_api::unix_now(),
+            crate::domain::unix_now(),
             state.limits.clock_skew_secs,
             state.limits.max_token_lifetime_secs,
         )
-        .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        .map_err(|e| DomainError::unauthorized(e.to_string()))?;
     let resource = format!("{}/registrations/{}", scope.as_str(), id.as_str());
     if !token.resource_matches(&resource) {
-        return Err(ApiError::unauthorized(
+        return Err(DomainError::unauthorized(
             "the token's resource (sr) is not {idScope}/registrations/{registrationId} of this request",
         ));
     }
@@ -134,13 +137,13 @@ pub async fn authenticate(
                     tpm: None,
                 })
             }
-            AttestationType::Tpm => super::tpm::authenticate(state, instance, id, &token, purpose)
+            AttestationType::Tpm => tpm::authenticate(state, instance, id, &token, purpose)
                 .await?
                 .ok_or_else(denied),
             AttestationType::X509 | AttestationType::None => Err(denied()),
         };
     }
-    if let Some(attested) = super::tpm::authenticate(state, instance, id, &token, purpose).await? {
+    if let Some(attested) = tpm::authenticate(state, instance, id, &token, purpose).await? {
         return Ok(attested);
     }
 
@@ -150,7 +153,7 @@ pub async fn authenticate(
     // against its own group first (one read), so only first registrations and strangers
     // try them all.
     let credentials = state.credentials.get(state, instance).await?;
-    let admits = |member: &&super::credentials::SasGroup| {
+    let admits = |member: &&credentials::SasGroup| {
         let derived = member
             .keys
             .each_ref()
@@ -186,7 +189,7 @@ async fn registered_through(
     state: &AppState,
     instance: &str,
     id: &RegistrationId,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Option<String>, DomainError> {
     let Some(stored) = state
         .store
         .get(instance, Kind::RegistrationState, &id.key())
@@ -194,7 +197,7 @@ async fn registered_through(
     else {
         return Ok(None);
     };
-    let record: crate::registration::RegistrationRecord = stored.doc_json()?;
+    let record: crate::domain::registration::RegistrationRecord = stored.doc_json()?;
     Ok(record.state.enrollment_group_id)
 }
 
@@ -202,7 +205,7 @@ pub(crate) async fn individual_enrollment(
     state: &AppState,
     instance: &str,
     id: &RegistrationId,
-) -> Result<Option<IndividualEnrollment>, ApiError> {
+) -> Result<Option<IndividualEnrollment>, DomainError> {
     state
         .store
         .get(instance, Kind::IndividualEnrollment, &id.key())
@@ -216,7 +219,7 @@ pub(crate) async fn find_group<T>(
     state: &AppState,
     instance: &str,
     mut found: impl FnMut(EnrollmentGroup) -> Option<T>,
-) -> Result<Option<T>, ApiError> {
+) -> Result<Option<T>, DomainError> {
     const PAGE: usize = 500;
     let mut after: Option<String> = None;
     loop {
@@ -294,7 +297,7 @@ fn revokes(group: &EnrollmentGroup, path: &[CertificateFacts]) -> bool {
         return false;
     };
     path.iter().any(|cert| {
-        let serial = crate::admin_api::validate::normal_serial(&cert.serial_number);
+        let serial = crate::domain::validate::normal_serial(&cert.serial_number);
         revoked
             .thumbprints
             .iter()
@@ -319,9 +322,9 @@ async fn authenticate_x509(
     instance: &str,
     id: &RegistrationId,
     chain: &[Vec<u8>],
-) -> Result<Attested, ApiError> {
-    let now = crate::admin_api::unix_now();
-    let rejected = |e: ChainError| ApiError::unauthorized(e.to_string());
+) -> Result<Attested, DomainError> {
+    let now = crate::domain::unix_now();
+    let rejected = |e: ChainError| DomainError::unauthorized(e.to_string());
     let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
 
     // An individually enrolled id is admitted by its own certificate only, never by a group's
@@ -373,7 +376,7 @@ async fn authenticate_x509(
             .iter()
             .find(|g| revokes(g, &candidate.path))
         {
-            return Err(ApiError::unauthorized(format!(
+            return Err(DomainError::unauthorized(format!(
                 "the device certificate's chain is revoked by enrollment group '{}'",
                 group.enrollment_group_id
             )));
@@ -404,18 +407,18 @@ async fn authenticate_x509(
     }
 }
 
-fn not_enrolled_certificate() -> ApiError {
-    ApiError::unauthorized(
+fn not_enrolled_certificate() -> DomainError {
+    DomainError::unauthorized(
         "the device certificate is not enrolled and its chain reaches no enrollment group's signing certificate",
     )
 }
 
 /// The answer for a request whose ID scope names no instance: the same as a failed proof.
-pub fn unknown_scope() -> ApiError {
+pub fn unknown_scope() -> DomainError {
     denied()
 }
 
 /// A 400 for a malformed id in the device path.
-pub fn bad_path(message: String) -> ApiError {
-    ApiError::new(ErrorCode::InvalidPathParameter, message)
+pub fn bad_path(message: String) -> DomainError {
+    DomainError::new(ErrorCode::InvalidPathParameter, message)
 }

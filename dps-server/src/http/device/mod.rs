@@ -3,10 +3,6 @@
 //! `GET .../operations/{operationId}` answers 202 while assigning and 200 when done, and
 //! `POST /{idScope}/registrations/{id}` looks up the registration state.
 
-pub mod auth;
-pub mod credentials;
-pub mod tpm;
-
 use axum::Router;
 use axum::extract::{FromRequestParts, RawPathParams, State};
 use axum::http::request::Parts;
@@ -18,13 +14,13 @@ use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOper
 use dps_protocol::enrollment::DeviceRegistrationState;
 use dps_protocol::ids::{IdScope, RegistrationId};
 
-use crate::admin_api::AppState;
-use crate::error::ApiError;
-use crate::json::{Json, RawBody};
-use crate::registration::{self, RegistrationRecord};
+use crate::domain::attest::{self, Purpose};
+use crate::domain::error::DomainError;
+use crate::domain::registration::{self, RegistrationRecord};
+use crate::http::json::{Json, RawBody};
+use crate::state::AppState;
 use crate::store::{Kind, SERVER_NS};
 use crate::throttle::{Action, Throttled};
-use auth::Purpose;
 use dps_listener::{ClientChain, PeerAddr};
 
 /// Routes of the device API.
@@ -42,13 +38,13 @@ pub fn routes() -> Router<AppState> {
 #[derive(Debug)]
 pub enum DeviceError {
     /// A 4xx/5xx with an error body.
-    Api(ApiError),
+    Api(DomainError),
     /// A 429 with `Retry-After`.
     Throttled(Throttled),
 }
 
-impl From<ApiError> for DeviceError {
-    fn from(e: ApiError) -> Self {
+impl From<DomainError> for DeviceError {
+    fn from(e: DomainError) -> Self {
         DeviceError::Api(e)
     }
 }
@@ -83,12 +79,12 @@ pub struct DevicePath {
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
-    type Rejection = ApiError;
+    type Rejection = DomainError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, DomainError> {
         let params = RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| auth::bad_path(e.to_string()))?;
+            .map_err(|e| attest::bad_path(e.to_string()))?;
         let find = |name: &str| {
             params
                 .iter()
@@ -96,9 +92,9 @@ impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
                 .map(|(_, v)| v.to_owned())
         };
         let scope = IdScope::parse(&find("scope").unwrap_or_default())
-            .map_err(|e| auth::bad_path(e.to_string()))?;
+            .map_err(|e| attest::bad_path(e.to_string()))?;
         let id = RegistrationId::parse(&find("id").unwrap_or_default())
-            .map_err(|e| auth::bad_path(e.to_string()))?;
+            .map_err(|e| attest::bad_path(e.to_string()))?;
         tracing::Span::current().record("registration_id", id.as_str());
         Ok(DevicePath {
             scope,
@@ -115,7 +111,7 @@ impl DevicePath {
 }
 
 /// The instance an ID scope selects; an unknown scope is answered like a failed proof.
-async fn instance_of(state: &AppState, scope: &IdScope) -> Result<String, ApiError> {
+async fn instance_of(state: &AppState, scope: &IdScope) -> Result<String, DomainError> {
     let key = scope.key();
     let name = match state.instances.scopes.get(&key) {
         Some(name) => name,
@@ -124,7 +120,7 @@ async fn instance_of(state: &AppState, scope: &IdScope) -> Result<String, ApiErr
                 .store
                 .get(SERVER_NS, Kind::IdScope, &key)
                 .await?
-                .ok_or_else(auth::unknown_scope)?;
+                .ok_or_else(attest::unknown_scope)?;
             let name: String = stored.doc_json()?;
             state.instances.scopes.insert(key, name.clone());
             name
@@ -206,7 +202,7 @@ async fn unauthenticated<T>(
     state: &AppState,
     path: &DevicePath,
     caller: &Caller,
-    work: impl std::future::Future<Output = Result<T, ApiError>>,
+    work: impl std::future::Future<Output = Result<T, DomainError>>,
 ) -> Result<T, DeviceError> {
     match work.await {
         Ok(done) => Ok(done),
@@ -227,12 +223,12 @@ async fn admit(
     path: &DevicePath,
     caller: &Caller,
     purpose: Purpose,
-) -> Result<(String, auth::Attested), DeviceError> {
+) -> Result<(String, attest::Attested), DeviceError> {
     let key = path.throttle_key();
     state.throttle.enter(&key, caller.address())?;
     let (instance, attested) = unauthenticated(state, path, caller, async {
         let instance = instance_of(state, &path.scope).await?;
-        let attested = auth::authenticate(
+        let attested = attest::authenticate(
             state,
             &instance,
             &path.scope,
@@ -263,12 +259,12 @@ async fn register(
     let request: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
         DeviceRegistration::default()
     } else {
-        crate::json::parse(&body)?
+        crate::http::json::parse(&body)?
     };
     if let Some(sent) = &request.registration_id
         && !sent.eq_ignore_ascii_case(path.id.as_str())
     {
-        return Err(ApiError::new(
+        return Err(DomainError::new(
             ErrorCode::IdMismatch,
             format!(
                 "the body's registrationId '{sent}' differs from the URL's '{}'",
@@ -287,7 +283,7 @@ async fn register(
         state.throttle.enter(&key, caller.address())?;
         state.throttle.unauthenticated(&key, caller.address())?;
         let instance = instance_of(&state, &path.scope).await?;
-        let challenge = tpm::challenge(
+        let challenge = attest::tpm::challenge(
             &state,
             &instance,
             &path.id,
@@ -296,7 +292,7 @@ async fn register(
             caller.address(),
         )
         .await?;
-        return Ok(tpm::challenge_response(challenge));
+        return Ok(challenge_response(challenge));
     }
     let (instance, attested) = admit(&state, &path, &caller, Purpose::Register).await?;
     let source = caller.address();
@@ -364,7 +360,7 @@ async fn status_lookup(
     caller: Caller,
 ) -> Result<Response, DeviceError> {
     let (instance, _) = admit(&state, &path, &caller, Purpose::Lookup).await?;
-    let stored = crate::admin_api::load(
+    let stored = crate::domain::load(
         state.store.as_ref(),
         &instance,
         Kind::RegistrationState,
@@ -377,4 +373,10 @@ async fn status_lookup(
     answer.created_date_time_utc = Some(stored.created.clone());
     answer.last_updated_date_time_utc = Some(stored.updated.clone());
     Ok(Json(answer).into_response())
+}
+
+/// The answer to a challenge: 401 with `{authenticationKey, keyName}` (the C SDK reads any
+/// 401 body without `status` as a challenge; Node and aziot need the 401).
+pub fn challenge_response(challenge: dps_protocol::device::TpmChallenge) -> Response {
+    (StatusCode::UNAUTHORIZED, Json(challenge)).into_response()
 }

@@ -1,37 +1,22 @@
-//! Instances (`/instances`): one server serves many. Managing them needs `ServiceConfig` on
-//! the admin instance. An instance's ID scope and host names are unique across the server;
-//! creating an instance creates its owner policy, whose keys the answer shows once.
+//! Instances: one server serves many. An instance's ID scope and host names are unique across
+//! the server (each claimed by a record written in the same transaction as the instance),
+//! creating one creates its owner policy, and deleting one deletes everything in it.
 
 use allocation_policies::PolicyName;
-use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
-use axum::routing::get;
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{AccessPolicy, Instance};
 use dps_protocol::ids::{IdScope, check_host_name, check_resource_name};
 
-use super::access_policies::owner_policy;
-use super::resource::{Resource, render};
+use super::access::load_instance;
 use super::validate::field_error;
-use super::{
-    AppState, Id, PageRequest, ServerAdmin, delete_precondition, put_precondition, to_doc,
-};
-use crate::error::ApiError;
-use crate::json::{Json, JsonBody};
-use crate::store::{Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
-
-/// Routes of `/instances`.
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/instances", get(list)).route(
-        "/instances/{instance}",
-        get(get_one).put(put_one).delete(delete_one),
-    )
-}
+use super::{DomainError, to_doc};
+use crate::domain::access_policies::owner_policy;
+use crate::domain::resources::{Resource, render};
+use crate::state::AppState;
+use crate::store::{Kind, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
 
 /// A stored instance with its etag and timestamps.
-pub fn from_stored(stored: &Stored) -> Result<Instance, ApiError> {
+pub fn from_stored(stored: &Stored) -> Result<Instance, DomainError> {
     let mut instance: Instance = stored.doc_json()?;
     instance.etag = Some(stored.etag.clone());
     instance.created_date_time_utc = Some(stored.created.clone());
@@ -39,16 +24,16 @@ pub fn from_stored(stored: &Stored) -> Result<Instance, ApiError> {
     Ok(instance)
 }
 
-fn instance_key(name: &str) -> Result<String, ApiError> {
+pub fn instance_key(name: &str) -> Result<String, DomainError> {
     check_resource_name("instance name", name)
         .map(|()| name.to_ascii_lowercase())
-        .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+        .map_err(|e| DomainError::new(ErrorCode::InvalidPathParameter, e.to_string()))
 }
 
 /// A new ID scope in the Azure shape: `0ne` and eight upper-case hex digits.
-fn generate_id_scope() -> Result<String, ApiError> {
+fn generate_id_scope() -> Result<String, DomainError> {
     let bytes: [u8; 4] = attestation::keys::random_bytes()
-        .map_err(|e| ApiError::internal("generating an ID scope", &e))?;
+        .map_err(|e| DomainError::internal("generating an ID scope", &e))?;
     Ok(format!("0ne{}", attestation::x509::upper_hex(&bytes)))
 }
 
@@ -59,7 +44,7 @@ pub async fn save(
     store: &dyn Store,
     mut instance: Instance,
     precondition: Precondition,
-) -> Result<Instance, ApiError> {
+) -> Result<Instance, DomainError> {
     let key = instance_key(&instance.name)?;
     let existing = store.get(SERVER_NS, Kind::Instance, &key).await?;
     let previous = existing.as_ref().map(from_stored).transpose()?;
@@ -161,7 +146,7 @@ pub async fn save(
                 precondition: Precondition::Always,
             });
             // A new version, so that no cache of a deleted instance of the same name counts.
-            writes.push(crate::device_api::credentials::credentials_changed(
+            writes.push(crate::domain::attest::credentials::credentials_changed(
                 &instance.name,
             ));
             Some(policy)
@@ -172,14 +157,14 @@ pub async fn save(
         StoreError::Exists {
             kind: Kind::IdScope,
             key,
-        } => ApiError::new(
+        } => DomainError::new(
             ErrorCode::Conflict,
             format!("ID scope '{key}' belongs to another instance"),
         ),
         StoreError::Exists {
             kind: Kind::HostName,
             key,
-        } => ApiError::new(
+        } => DomainError::new(
             ErrorCode::Conflict,
             format!("host name '{key}' belongs to another instance"),
         ),
@@ -189,7 +174,7 @@ pub async fn save(
         .first()
         .cloned()
         .flatten()
-        .ok_or_else(|| ApiError::internal("storing an instance", &"no result"))?;
+        .ok_or_else(|| DomainError::internal("storing an instance", &"no result"))?;
     let mut saved = from_stored(&stored)?;
     saved.owner_policy = created_policy;
     Ok(saved)
@@ -215,77 +200,38 @@ fn claim(kind: Kind, key: String, doc: &str) -> Write {
     }
 }
 
-async fn list(
-    _admin: ServerAdmin,
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let page = PageRequest::from_headers(&headers, &state.limits)?;
-    let rows = state
-        .store
-        .list(
-            SERVER_NS,
-            Kind::Instance,
-            Page {
-                parent: None,
-                after: page.after.as_deref(),
-                limit: page.fetch_limit(),
-            },
-        )
-        .await?;
-    page.respond(rows, "Instance", from_stored)
+/// The owner policy of an instance with its keys, for the start-up connection string.
+pub async fn owner_keys(
+    store: &dyn Store,
+    instance: &str,
+) -> Result<Option<AccessPolicy>, DomainError> {
+    let key = AccessPolicy::key_of(crate::domain::access_policies::OWNER_POLICY)?;
+    let stored = store.get(instance, Kind::AccessPolicy, &key).await?;
+    stored
+        .as_ref()
+        .map(|s| render::<AccessPolicy>(s, true))
+        .transpose()
 }
 
-async fn get_one(
-    _admin: ServerAdmin,
-    State(state): State<AppState>,
-    Id(name): Id,
-) -> Result<Json<Instance>, ApiError> {
-    Ok(Json(
-        super::load_instance(state.store.as_ref(), &name).await?,
-    ))
-}
-
-async fn put_one(
-    _admin: ServerAdmin,
-    State(state): State<AppState>,
-    Id(name): Id,
-    headers: HeaderMap,
-    JsonBody(instance): JsonBody<Instance>,
-) -> Result<Json<Instance>, ApiError> {
-    if instance_key(&instance.name)? != instance_key(&name)? {
-        return Err(ApiError::new(
-            ErrorCode::IdMismatch,
-            format!(
-                "the body names '{}' but the path names '{name}'",
-                instance.name
-            ),
-        ));
-    }
-    let saved = save(state.store.as_ref(), instance, put_precondition(&headers)?).await;
-    state.instances.clear();
-    Ok(Json(saved?))
-}
-
-async fn delete_one(
-    _admin: ServerAdmin,
-    State(state): State<AppState>,
-    Id(name): Id,
-    headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
-    let key = instance_key(&name)?;
+/// Deletes instance `name` and everything in it (not the admin instance).
+pub async fn delete(
+    state: &AppState,
+    name: &str,
+    precondition: Precondition,
+) -> Result<(), DomainError> {
+    let key = instance_key(name)?;
     if key == state.admin_instance.to_ascii_lowercase() {
-        return Err(ApiError::new(
+        return Err(DomainError::new(
             ErrorCode::ConflictWithState,
             "the admin instance cannot be deleted",
         ));
     }
-    let instance = super::load_instance(state.store.as_ref(), &name).await?;
+    let instance = load_instance(state.store.as_ref(), name).await?;
     let mut writes = vec![Write::Delete {
         ns: SERVER_NS.to_owned(),
         kind: Kind::Instance,
         key,
-        precondition: delete_precondition(&headers)?,
+        precondition,
     }];
     if let Some(scope) = &instance.id_scope {
         writes.push(purge(Kind::IdScope, scope.to_ascii_lowercase()));
@@ -300,18 +246,5 @@ async fn delete_one(
     state.instances.clear();
     state.credentials.forget(&instance.name);
     deleted?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// The owner policy of an instance with its keys, for the start-up connection string.
-pub async fn owner_keys(
-    store: &dyn Store,
-    instance: &str,
-) -> Result<Option<AccessPolicy>, ApiError> {
-    let key = AccessPolicy::key_of(super::access_policies::OWNER_POLICY)?;
-    let stored = store.get(instance, Kind::AccessPolicy, &key).await?;
-    stored
-        .as_ref()
-        .map(|s| render::<AccessPolicy>(s, true))
-        .transpose()
+    Ok(())
 }

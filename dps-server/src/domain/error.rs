@@ -1,27 +1,23 @@
-//! The one error type at the HTTP edge. Every 4xx/5xx answer carries the Azure error body
-//! `{errorCode, trackingId, message, timestampUtc}` and the `x-ms-error-code` header; internal
-//! details go to the log, never to the client.
+//! The error of every domain rule: an Azure error code (which carries its HTTP status), a
+//! message for the client, and facts such as the field at fault. Internal details go to the
+//! log, never into the message. The HTTP edge turns it into the Azure error body in one place
+//! (`crate::http::error`).
 
 use std::collections::BTreeMap;
 
-use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use dps_protocol::{ErrorBody, ErrorCode};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use dps_protocol::ErrorCode;
 
-use crate::observability::current_request_id;
 use crate::store::{Kind, StoreError};
 
 /// An error answer.
 #[derive(Debug)]
-pub struct ApiError {
+pub struct DomainError {
     code: ErrorCode,
     message: String,
     info: BTreeMap<String, String>,
 }
 
-impl ApiError {
+impl DomainError {
     /// An error with a code and a message for the client.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
@@ -52,6 +48,11 @@ impl ApiError {
         self.code
     }
 
+    /// Facts beside the message (for example the field that failed).
+    pub fn info(&self) -> &BTreeMap<String, String> {
+        &self.info
+    }
+
     /// The message.
     pub fn message(&self) -> &str {
         &self.message
@@ -67,7 +68,7 @@ impl ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
+impl From<StoreError> for DomainError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Exists { kind, key } => Self::new(
@@ -92,7 +93,7 @@ impl From<StoreError> for ApiError {
 }
 
 /// The 404 for a missing document of `kind`.
-pub fn not_found(kind: Kind, key: &str) -> ApiError {
+pub fn not_found(kind: Kind, key: &str) -> DomainError {
     let code = match kind {
         Kind::Instance | Kind::IdScope | Kind::HostName => ErrorCode::InstanceNotFound,
         Kind::AccessPolicy => ErrorCode::AccessPolicyNotFound,
@@ -108,7 +109,7 @@ pub fn not_found(kind: Kind, key: &str) -> ApiError {
         Kind::TpmChallenge => ErrorCode::Unauthorized,
         Kind::CredentialsVersion => ErrorCode::InternalServerError,
     };
-    ApiError::new(code, format!("{} '{key}' does not exist", noun(kind)))
+    DomainError::new(code, format!("{} '{key}' does not exist", noun(kind)))
 }
 
 fn noun(kind: Kind) -> &'static str {
@@ -127,26 +128,5 @@ fn noun(kind: Kind) -> &'static str {
         Kind::CaCertificate => "CA certificate",
         Kind::TpmChallenge => "TPM challenge",
         Kind::CredentialsVersion => "credentials version",
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let body = ErrorBody {
-            error_code: self.code.number(),
-            tracking_id: current_request_id().unwrap_or_default(),
-            message: self.message,
-            timestamp_utc: OffsetDateTime::now_utc()
-                .format(&Rfc3339)
-                .unwrap_or_default(),
-            info: self.info,
-        };
-        let mut response = (status, crate::json::Json(body)).into_response();
-        response
-            .headers_mut()
-            .insert("x-ms-error-code", HeaderValue::from(self.code.number()));
-        response
     }
 }

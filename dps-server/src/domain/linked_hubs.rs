@@ -1,27 +1,25 @@
-//! Linked hubs (`/linkedHubs`): the hubs an instance assigns devices to, with their weight,
-//! location and connector. Connector secrets are hidden on reads.
+//! Linked hubs: the hubs an instance assigns devices to, with their weight, location and
+//! connector. A connector's connection string is kept only for the same destination.
 
 use attestation::ConnectionString;
-use axum::Router;
-use axum::routing::get;
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{HubConnector, LinkedHub};
 use dps_protocol::ids::{check_host_name, check_resource_name};
 
-use super::AppState;
-use super::resource::{Counts, Resource, delete_one, get_one, list, put_one};
+use super::DomainError;
+use super::resources::{Counts, Resource};
 use super::validate::{check_endpoint_url, field_error};
-use crate::error::ApiError;
+use crate::state::AppState;
 use crate::store::Kind;
 
 impl Resource for LinkedHub {
     const KIND: Kind = Kind::LinkedHub;
     const ITEM_TYPE: &'static str = "LinkedHub";
 
-    fn key_of(id: &str) -> Result<String, ApiError> {
+    fn key_of(id: &str) -> Result<String, DomainError> {
         check_host_name(id)
             .map(|()| id.to_ascii_lowercase())
-            .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+            .map_err(|e| DomainError::new(ErrorCode::InvalidPathParameter, e.to_string()))
     }
 
     fn id(&self) -> &str {
@@ -32,7 +30,7 @@ impl Resource for LinkedHub {
         self.etag = Some(etag);
     }
 
-    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError> {
+    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), DomainError> {
         self.host_name = self.host_name.to_ascii_lowercase();
         self.etag = None;
         self.device_count = None;
@@ -108,7 +106,7 @@ impl Resource for LinkedHub {
         Ok(())
     }
 
-    async fn counts(state: &AppState, ns: &str) -> Result<Counts, ApiError> {
+    async fn counts(state: &AppState, ns: &str) -> Result<Counts, DomainError> {
         Ok(state
             .store
             .count_by_tag(ns, Kind::RegistrationState)
@@ -143,16 +141,4 @@ impl Resource for LinkedHub {
             self.hide_secrets();
         }
     }
-}
-
-/// Routes of `/linkedHubs`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/linkedHubs", get(list::<LinkedHub>))
-        .route(
-            "/linkedHubs/{hostName}",
-            get(get_one::<LinkedHub>)
-                .put(put_one::<LinkedHub>)
-                .delete(delete_one::<LinkedHub>),
-        )
 }

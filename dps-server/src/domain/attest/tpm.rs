@@ -16,8 +16,6 @@
 
 use attestation::tpm::{KeyRole, RsaPublic, registration_id, verify_ek_certificate};
 use attestation::{SasToken, SymmetricKey};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use dps_protocol::ErrorCode;
@@ -31,13 +29,14 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::auth::{
+use super::{
     Attested, Purpose, Source, disabled_reason, group_disabled_reason, individual_enrollment,
 };
-use crate::admin_api::{AppState, to_doc, unix_now};
 use crate::config::TpmConfig;
-use crate::error::ApiError;
-use crate::registration::EnrollmentRef;
+use crate::domain::error::DomainError;
+use crate::domain::registration::EnrollmentRef;
+use crate::domain::{to_doc, unix_now};
+use crate::state::AppState;
 use crate::store::{Kind, Precondition, StoreError, Stored, Write};
 
 /// Where a member of a TPM enrollment group puts its EK certificate: this field of the
@@ -105,7 +104,7 @@ enum StoredChallenges {
 }
 
 impl ChallengeSet {
-    fn from_stored(stored: &Stored) -> Result<Self, ApiError> {
+    fn from_stored(stored: &Stored) -> Result<Self, DomainError> {
         Ok(match stored.doc_json::<StoredChallenges>()? {
             StoredChallenges::Set(set) => set,
             StoredChallenges::One(one) => Self {
@@ -140,10 +139,10 @@ impl ChallengeSet {
     }
 
     /// The challenge whose key signed `token`.
-    fn signed(&self, token: &SasToken) -> Result<Option<&ChallengeRecord>, ApiError> {
+    fn signed(&self, token: &SasToken) -> Result<Option<&ChallengeRecord>, DomainError> {
         for record in &self.challenges {
             let key = SymmetricKey::from_base64(&record.key)
-                .map_err(|e| ApiError::internal("a stored TPM challenge is corrupt", &e))?;
+                .map_err(|e| DomainError::internal("a stored TPM challenge is corrupt", &e))?;
             if token.verify(&key).is_ok() {
                 return Ok(Some(record));
             }
@@ -157,7 +156,7 @@ async fn read_challenges(
     state: &AppState,
     instance: &str,
     id: &RegistrationId,
-) -> Result<(ChallengeSet, Option<String>), ApiError> {
+) -> Result<(ChallengeSet, Option<String>), DomainError> {
     match state
         .store
         .get(instance, Kind::TpmChallenge, &id.key())
@@ -174,7 +173,7 @@ fn challenges_write(
     id: &RegistrationId,
     set: &ChallengeSet,
     etag: Option<String>,
-) -> Result<Write, ApiError> {
+) -> Result<Write, DomainError> {
     Ok(Write::Put {
         ns: instance.to_owned(),
         kind: Kind::TpmChallenge,
@@ -212,15 +211,15 @@ pub async fn consumption(
     id: &RegistrationId,
     key: &str,
     operation_id: &str,
-) -> Result<Write, ApiError> {
+) -> Result<Write, DomainError> {
     let (mut set, etag) = read_challenges(state, instance, id).await?;
     let record = set
         .challenges
         .iter_mut()
         .find(|c| c.key == key)
-        .ok_or_else(|| ApiError::unauthorized(CHALLENGE_GONE))?;
+        .ok_or_else(|| DomainError::unauthorized(CHALLENGE_GONE))?;
     if record.operation_id.is_some() {
-        return Err(ApiError::unauthorized(ALREADY_USED));
+        return Err(DomainError::unauthorized(ALREADY_USED));
     }
     record.operation_id = Some(operation_id.to_owned());
     challenges_write(instance, id, &set, etag)
@@ -263,20 +262,14 @@ pub struct TpmProof {
     pub challenge: ChallengeRecord,
 }
 
-fn not_enrolled() -> ApiError {
+fn not_enrolled() -> DomainError {
     // The same answer for an unknown registration id and for another EK, so that an
     // unauthenticated caller learns nothing about which ids exist.
-    ApiError::unauthorized("no TPM enrollment matches this registration id and endorsement key")
+    DomainError::unauthorized("no TPM enrollment matches this registration id and endorsement key")
 }
 
-fn invalid_key(field: &str) -> impl Fn(attestation::tpm::TpmError) -> ApiError + '_ {
-    move |e| ApiError::new(ErrorCode::InvalidTpmKey, e.to_string()).with_info("field", field)
-}
-
-/// The answer to a challenge: 401 with `{authenticationKey, keyName}` (the C SDK reads any
-/// 401 body without `status` as a challenge; Node and aziot need the 401).
-pub fn challenge_response(challenge: TpmChallenge) -> Response {
-    (StatusCode::UNAUTHORIZED, crate::json::Json(challenge)).into_response()
+fn invalid_key(field: &str) -> impl Fn(attestation::tpm::TpmError) -> DomainError + '_ {
+    move |e| DomainError::new(ErrorCode::InvalidTpmKey, e.to_string()).with_info("field", field)
 }
 
 /// Step 1: checks the presented keys and the enrollment, and stores a new challenge.
@@ -287,11 +280,11 @@ pub async fn challenge(
     tpm: &TpmAttestation,
     payload: Option<&Value>,
     source: Option<std::net::IpAddr>,
-) -> Result<TpmChallenge, ApiError> {
+) -> Result<TpmChallenge, DomainError> {
     let ek = RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement)
         .map_err(invalid_key("tpm.endorsementKey"))?;
     let srk_text = tpm.storage_root_key.as_deref().ok_or_else(|| {
-        ApiError::new(
+        DomainError::new(
             ErrorCode::InvalidTpmKey,
             "tpm.storageRootKey is required: the challenge is bound to the device's SRK",
         )
@@ -315,7 +308,7 @@ pub async fn challenge(
     };
 
     let activation = attestation::tpm::activation_blob(&ek, &srk)
-        .map_err(|e| ApiError::internal("building a TPM activation blob", &e))?;
+        .map_err(|e| DomainError::internal("building a TPM activation blob", &e))?;
     let now = unix_now();
     let record = ChallengeRecord {
         enrollment,
@@ -344,7 +337,7 @@ pub async fn challenge(
         }
     }
     if !stored {
-        return Err(ApiError::new(
+        return Err(DomainError::new(
             ErrorCode::ServiceUnavailable,
             "this device's TPM challenges kept changing; try again",
         ));
@@ -367,7 +360,10 @@ fn enrolls(enrolled: &IndividualEnrollment, ek: &RsaPublic) -> bool {
 }
 
 /// The instance's TPM enrollment group (there is at most one).
-async fn tpm_group(state: &AppState, instance: &str) -> Result<Option<EnrollmentGroup>, ApiError> {
+async fn tpm_group(
+    state: &AppState,
+    instance: &str,
+) -> Result<Option<EnrollmentGroup>, DomainError> {
     let credentials = state.credentials.get(state, instance).await?;
     Ok(credentials.tpm_group.as_deref().cloned())
 }
@@ -379,10 +375,10 @@ fn admit_to_group(
     id: &RegistrationId,
     ek: &RsaPublic,
     payload: Option<&Value>,
-) -> Result<(), ApiError> {
+) -> Result<(), DomainError> {
     let derived = registration_id(ek);
     if !id.as_str().eq_ignore_ascii_case(&derived) {
-        return Err(ApiError::unauthorized(format!(
+        return Err(DomainError::unauthorized(format!(
             "a device of a TPM enrollment group registers under the id derived from its endorsement key, '{derived}'"
         )));
     }
@@ -390,16 +386,16 @@ fn admit_to_group(
         .and_then(|p| p.get(EK_CERTIFICATE_FIELD))
         .and_then(Value::as_str)
         .ok_or_else(|| {
-            ApiError::unauthorized(format!(
+            DomainError::unauthorized(format!(
                 "a device of a TPM enrollment group sends its EK certificate (base64 DER) in payload.{EK_CERTIFICATE_FIELD}"
             ))
         })?;
     let der = STANDARD.decode(certificate.trim()).map_err(|_| {
-        ApiError::invalid(format!("payload.{EK_CERTIFICATE_FIELD} is not base64"))
+        DomainError::invalid(format!("payload.{EK_CERTIFICATE_FIELD} is not base64"))
             .with_info("field", format!("payload.{EK_CERTIFICATE_FIELD}"))
     })?;
     verify_ek_certificate(&der, ek, &state.tpm.manufacturer_certificates, unix_now())
-        .map_err(|e| ApiError::unauthorized(e.to_string()))
+        .map_err(|e| DomainError::unauthorized(e.to_string()))
 }
 
 /// Step 2: a SAS token signed with the device's challenge key. `Ok(None)` when the device
@@ -411,29 +407,30 @@ pub async fn authenticate(
     id: &RegistrationId,
     token: &SasToken,
     purpose: Purpose,
-) -> Result<Option<Attested>, ApiError> {
+) -> Result<Option<Attested>, DomainError> {
     let (set, _) = read_challenges(state, instance, id).await?;
     let Some(record) = set.signed(token)?.cloned() else {
         return Ok(None);
     };
     match purpose {
         Purpose::Register if record.operation_id.is_some() => {
-            return Err(ApiError::unauthorized(ALREADY_USED));
+            return Err(DomainError::unauthorized(ALREADY_USED));
         }
         Purpose::Register if unix_now() > record.expires => {
-            return Err(ApiError::unauthorized(
+            return Err(DomainError::unauthorized(
                 "this TPM challenge has expired; register without Authorization for a new challenge",
             ));
         }
         Purpose::Poll | Purpose::Lookup if record.operation_id.is_none() => {
-            return Err(ApiError::unauthorized(
+            return Err(DomainError::unauthorized(
                 "this TPM challenge's key has not started a registration yet",
             ));
         }
         _ => {}
     }
-    let corrupt =
-        |e: attestation::tpm::TpmError| ApiError::internal("a stored TPM challenge is corrupt", &e);
+    let corrupt = |e: attestation::tpm::TpmError| {
+        DomainError::internal("a stored TPM challenge is corrupt", &e)
+    };
     let ek =
         RsaPublic::from_base64(&record.endorsement_key, KeyRole::Endorsement).map_err(corrupt)?;
     let source = enrollment_of(state, instance, id, &record, &ek).await?;
@@ -468,9 +465,9 @@ async fn enrollment_of(
     id: &RegistrationId,
     record: &ChallengeRecord,
     ek: &RsaPublic,
-) -> Result<Source, ApiError> {
+) -> Result<Source, DomainError> {
     let changed = || {
-        ApiError::unauthorized(
+        DomainError::unauthorized(
             "the enrollment changed since the TPM challenge; register without Authorization for a new one",
         )
     };

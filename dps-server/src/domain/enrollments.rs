@@ -1,28 +1,20 @@
-//! Individual enrollments (`/enrollments`), and the handlers shared with enrollment groups:
-//! create/update with the etag rules, read without secrets, delete, query with paging, bulk
-//! operations and `attestationmechanism` (the one call that reveals keys).
+//! Individual enrollments and enrollment groups: validated and normalised before they are
+//! stored under the etag rules, read without secrets, deleted with what goes with them, and
+//! bulk operations in which each item succeeds or fails on its own.
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{post, put};
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
     AttestationMechanism, AttestationType, BulkItemError, BulkMode, BulkRequest, BulkResult,
-    EnrollmentSettings, IndividualEnrollment, QuerySpecification,
+    EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
 };
-use dps_protocol::ids::{RegistrationId, check_device_id};
+use dps_protocol::ids::{EnrollmentGroupId, RegistrationId, check_device_id};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::validate::{self, Scope, Validator, field_error};
-use super::{
-    Admin, AppState, Id, PageRequest, delete_precondition, needs, put_precondition, to_doc,
-};
-use crate::error::ApiError;
-use crate::json::{Json, JsonBody};
+use super::{DomainError, load, normalize_etag, to_doc};
+use crate::state::AppState;
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
 
 /// What differs between individual enrollments and enrollment groups.
@@ -39,7 +31,7 @@ pub trait Enrollment: Serialize + DeserializeOwned + Clone + Send + Sync + 'stat
     const ID_FIELD: &'static str;
 
     /// Parses an id from the path or body into its storage key.
-    fn key_of(id: &str) -> Result<String, ApiError>;
+    fn key_of(id: &str) -> Result<String, DomainError>;
     /// The id in the body.
     fn id(&self) -> &str;
     /// The attestation and the shared settings.
@@ -49,7 +41,7 @@ pub trait Enrollment: Serialize + DeserializeOwned + Clone + Send + Sync + 'stat
     /// Takes this kind's items out of a bulk request.
     fn bulk_items(request: BulkRequest) -> Option<Vec<Value>>;
     /// Checks the fields only this kind has, and clears read-only ones.
-    fn check_own_fields(&mut self) -> Result<(), ApiError>;
+    fn check_own_fields(&mut self) -> Result<(), DomainError>;
     /// Writes that go with deleting the enrollment.
     fn cascade_delete(ns: &str, key: &str) -> Vec<Write>;
     /// The write that tells caches of device credentials that this kind changed (groups are
@@ -58,11 +50,15 @@ pub trait Enrollment: Serialize + DeserializeOwned + Clone + Send + Sync + 'stat
         None
     }
     /// Adds what a read shows beside the stored document.
-    async fn decorate(&mut self, _state: &AppState, _ns: &str) -> Result<(), ApiError> {
-        Ok(())
+    fn decorate(
+        &mut self,
+        _state: &AppState,
+        _ns: &str,
+    ) -> impl std::future::Future<Output = Result<(), DomainError>> + Send {
+        async { Ok(()) }
     }
     /// A failed bulk item.
-    fn bulk_error(id: Option<String>, error: &ApiError) -> BulkItemError;
+    fn bulk_error(id: Option<String>, error: &DomainError) -> BulkItemError;
 }
 
 impl Enrollment for IndividualEnrollment {
@@ -72,10 +68,10 @@ impl Enrollment for IndividualEnrollment {
     const BULK_FIELD: &'static str = "enrollments";
     const ID_FIELD: &'static str = "registrationId";
 
-    fn key_of(id: &str) -> Result<String, ApiError> {
+    fn key_of(id: &str) -> Result<String, DomainError> {
         RegistrationId::parse(id)
             .map(|r| r.key())
-            .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+            .map_err(|e| DomainError::new(ErrorCode::InvalidPathParameter, e.to_string()))
     }
 
     fn id(&self) -> &str {
@@ -94,7 +90,7 @@ impl Enrollment for IndividualEnrollment {
         request.enrollments
     }
 
-    fn check_own_fields(&mut self) -> Result<(), ApiError> {
+    fn check_own_fields(&mut self) -> Result<(), DomainError> {
         if let Some(device_id) = &self.device_id {
             check_device_id(device_id).map_err(|e| field_error("deviceId", e.to_string()))?;
         }
@@ -121,7 +117,7 @@ impl Enrollment for IndividualEnrollment {
             .collect()
     }
 
-    async fn decorate(&mut self, state: &AppState, ns: &str) -> Result<(), ApiError> {
+    async fn decorate(&mut self, state: &AppState, ns: &str) -> Result<(), DomainError> {
         let key = self.registration_id.to_ascii_lowercase();
         if let Some(stored) = state.store.get(ns, Kind::RegistrationState, &key).await? {
             self.registration_state = Some(super::registrations::render(&stored)?);
@@ -129,7 +125,7 @@ impl Enrollment for IndividualEnrollment {
         Ok(())
     }
 
-    fn bulk_error(id: Option<String>, error: &ApiError) -> BulkItemError {
+    fn bulk_error(id: Option<String>, error: &DomainError) -> BulkItemError {
         BulkItemError {
             registration_id: id,
             enrollment_group_id: None,
@@ -139,25 +135,85 @@ impl Enrollment for IndividualEnrollment {
     }
 }
 
-/// Routes of `/enrollments`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/enrollments", post(bulk::<IndividualEnrollment>))
-        .route("/enrollments/query", post(query::<IndividualEnrollment>))
-        .route(
-            "/enrollments/{id}",
-            put(put_one::<IndividualEnrollment>)
-                .get(get_one::<IndividualEnrollment>)
-                .delete(delete_one::<IndividualEnrollment>),
-        )
-        .route(
-            "/enrollments/{id}/attestationmechanism",
-            post(attestation_mechanism::<IndividualEnrollment>),
-        )
+impl Enrollment for EnrollmentGroup {
+    const KIND: Kind = Kind::EnrollmentGroup;
+    const SCOPE: Scope = Scope::Group;
+    const ITEM_TYPE: &'static str = "EnrollmentGroup";
+    const BULK_FIELD: &'static str = "enrollmentGroups";
+    const ID_FIELD: &'static str = "enrollmentGroupId";
+
+    fn key_of(id: &str) -> Result<String, DomainError> {
+        EnrollmentGroupId::parse(id)
+            .map(|g| g.key())
+            .map_err(|e| DomainError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+    }
+
+    fn id(&self) -> &str {
+        &self.enrollment_group_id
+    }
+
+    fn parts(&mut self) -> (&mut AttestationMechanism, &mut EnrollmentSettings) {
+        (&mut self.attestation, &mut self.settings)
+    }
+
+    fn attestation(&self) -> &AttestationMechanism {
+        &self.attestation
+    }
+
+    fn bulk_items(request: BulkRequest) -> Option<Vec<Value>> {
+        request.enrollment_groups
+    }
+
+    fn check_own_fields(&mut self) -> Result<(), DomainError> {
+        Ok(())
+    }
+
+    fn cascade_delete(_ns: &str, _key: &str) -> Vec<Write> {
+        Vec::new()
+    }
+
+    fn credentials_write(ns: &str) -> Option<Write> {
+        Some(crate::domain::attest::credentials::credentials_changed(ns))
+    }
+
+    fn bulk_error(id: Option<String>, error: &DomainError) -> BulkItemError {
+        BulkItemError {
+            registration_id: None,
+            enrollment_group_id: id,
+            error_code: error.code().number(),
+            error_status: error.message().to_owned(),
+        }
+    }
+}
+
+/// A TPM enrollment group needs manufacturer certificates to admit anyone, and there is at
+/// most one per instance (a device names no group: its EK certificate alone admits it).
+pub async fn check_tpm_group(state: &AppState, ns: &str, key: &str) -> Result<(), DomainError> {
+    if state.tpm.manufacturer_certificates.is_empty() {
+        return Err(field_error(
+            "attestation.type",
+            "a TPM enrollment group admits devices by their EK certificate: configure the TPM manufacturer certificates (tpm.manufacturer_certificates) first",
+        ));
+    }
+    let other = crate::domain::attest::find_group(state, ns, |group| {
+        (group.attestation.kind == AttestationType::Tpm
+            && !group.enrollment_group_id.eq_ignore_ascii_case(key))
+        .then_some(group.enrollment_group_id)
+    })
+    .await?;
+    match other {
+        Some(other) => Err(DomainError::new(
+            ErrorCode::Conflict,
+            format!(
+                "enrollment group '{other}' is this instance's TPM enrollment group; there can be one"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The stored document with its etag and timestamps; secrets removed unless `reveal`.
-fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, ApiError> {
+pub fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, DomainError> {
     let mut value: Value = stored.doc_json()?;
     if let Value::Object(map) = &mut value {
         map.insert("etag".into(), stored.etag.clone().into());
@@ -168,7 +224,7 @@ fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, ApiError> {
         );
     }
     let mut enrollment: E = serde_json::from_value(value)
-        .map_err(|e| ApiError::internal("a stored enrollment is corrupt", &e))?;
+        .map_err(|e| DomainError::internal("a stored enrollment is corrupt", &e))?;
     if !reveal {
         validate::hide_secrets(enrollment.parts().0);
     }
@@ -178,19 +234,19 @@ fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, ApiError> {
 /// Validates `enrollment` and stores it under `precondition`. `*` (Always) overwrites, keeping
 /// stored keys the request omits; a concurrent writer makes it retry a few times. Returns what
 /// was stored and whether it replaced a stored version.
-async fn write<E: Enrollment>(
+pub async fn write<E: Enrollment>(
     state: &AppState,
     ns: &str,
     mut enrollment: E,
     precondition: Precondition,
-) -> Result<(Stored, bool), ApiError> {
+) -> Result<(Stored, bool), DomainError> {
     let key = E::key_of(enrollment.id())?;
     enrollment.check_own_fields()?;
     let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
     validator.settings(enrollment.parts().1).await?;
     validator.ca_references(enrollment.parts().0).await?;
     if E::SCOPE == Scope::Group && enrollment.attestation().kind == AttestationType::Tpm {
-        super::enrollment_groups::check_tpm_group(state, ns, &key).await?;
+        check_tpm_group(state, ns, &key).await?;
     }
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
@@ -222,11 +278,10 @@ async fn write<E: Enrollment>(
         writes.extend(E::credentials_write(ns));
         match state.store.write(&writes).await {
             Ok(written) => {
-                let stored = written
-                    .into_iter()
-                    .next()
-                    .flatten()
-                    .ok_or_else(|| ApiError::internal("storing an enrollment", &"no result"))?;
+                let stored =
+                    written.into_iter().next().flatten().ok_or_else(|| {
+                        DomainError::internal("storing an enrollment", &"no result")
+                    })?;
                 return Ok((stored, previous.is_some()));
             }
             Err(
@@ -239,16 +294,16 @@ async fn write<E: Enrollment>(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::new(
+    Err(DomainError::new(
         ErrorCode::PreconditionFailed,
         "the enrollment kept changing while it was being replaced; try again",
     ))
 }
 
-fn check_path_id<E: Enrollment>(path_id: &str, enrollment: &E) -> Result<(), ApiError> {
+fn check_path_id<E: Enrollment>(path_id: &str, enrollment: &E) -> Result<(), DomainError> {
     let path_key = E::key_of(path_id)?;
     if E::key_of(enrollment.id())? != path_key {
-        return Err(ApiError::new(
+        return Err(DomainError::new(
             ErrorCode::IdMismatch,
             format!(
                 "the id in the body ('{}') differs from the id in the path ('{path_id}')",
@@ -259,115 +314,84 @@ fn check_path_id<E: Enrollment>(path_id: &str, enrollment: &E) -> Result<(), Api
     Ok(())
 }
 
-/// `PUT /{kind}/{id}`: create, or update under the etag rules. The answer shows the keys the
-/// request sent or that were generated for it, not stored ones it omitted.
-pub async fn put_one<E: Enrollment>(
-    admin: Admin<needs::EnrollmentWrite>,
-    State(state): State<AppState>,
-    Id(id): Id,
-    headers: HeaderMap,
-    JsonBody(enrollment): JsonBody<E>,
-) -> Result<Json<E>, ApiError> {
-    tracing::Span::current().record("registration_id", id.as_str());
-    check_path_id(&id, &enrollment)?;
+/// Creates or updates `enrollment` (whose id must be `path_id`) under `precondition`. The
+/// answer shows the keys the request sent or that were generated for it, not stored ones it
+/// omitted.
+pub async fn put<E: Enrollment>(
+    state: &AppState,
+    ns: &str,
+    path_id: &str,
+    enrollment: E,
+    precondition: Precondition,
+) -> Result<E, DomainError> {
+    check_path_id(path_id, &enrollment)?;
     let sent = enrollment.attestation().clone();
-    let (stored, replaced) =
-        write(&state, admin.ns(), enrollment, put_precondition(&headers)?).await?;
+    let (stored, replaced) = write(state, ns, enrollment, precondition).await?;
     let mut answer: E = render(&stored, true)?;
     if replaced {
         validate::hide_unsent_keys(answer.parts().0, &sent);
     }
-    Ok(Json(answer))
+    Ok(answer)
 }
 
-/// `GET /{kind}/{id}`: the enrollment without secrets.
-pub async fn get_one<E: Enrollment>(
-    admin: Admin<needs::EnrollmentRead>,
-    State(state): State<AppState>,
-    Id(id): Id,
-) -> Result<Json<E>, ApiError> {
-    let key = E::key_of(&id)?;
-    let stored = super::load(state.store.as_ref(), admin.ns(), E::KIND, &key).await?;
+/// The enrollment `id` without secrets, with what reads show beside it.
+pub async fn read<E: Enrollment>(state: &AppState, ns: &str, id: &str) -> Result<E, DomainError> {
+    let stored = load(state.store.as_ref(), ns, E::KIND, &E::key_of(id)?).await?;
     let mut enrollment: E = render(&stored, false)?;
-    enrollment.decorate(&state, admin.ns()).await?;
-    Ok(Json(enrollment))
+    enrollment.decorate(state, ns).await?;
+    Ok(enrollment)
 }
 
-/// `DELETE /{kind}/{id}`, with `If-Match` when sent.
-pub async fn delete_one<E: Enrollment>(
-    admin: Admin<needs::EnrollmentWrite>,
-    State(state): State<AppState>,
-    Id(id): Id,
-    headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
-    let key = E::key_of(&id)?;
-    delete_key::<E>(&state, admin.ns(), &key, delete_precondition(&headers)?).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn delete_key<E: Enrollment>(
+/// The attestation of `id` with its keys (as powerful as the right to change them).
+pub async fn attestation<E: Enrollment>(
     state: &AppState,
     ns: &str,
-    key: &str,
-    precondition: Precondition,
-) -> Result<(), ApiError> {
-    let mut writes = vec![Write::Delete {
-        ns: ns.to_owned(),
-        kind: E::KIND,
-        key: key.to_owned(),
-        precondition,
-    }];
-    writes.extend(E::cascade_delete(ns, key));
-    writes.extend(E::credentials_write(ns));
-    state.store.write(&writes).await?;
-    Ok(())
-}
-
-/// `POST /{kind}/{id}/attestationmechanism`: the attestation with its keys. Keys are as
-/// powerful as the right to change them, so this needs `EnrollmentWrite`.
-pub async fn attestation_mechanism<E: Enrollment>(
-    admin: Admin<needs::EnrollmentWrite>,
-    State(state): State<AppState>,
-    Id(id): Id,
-) -> Result<Json<AttestationMechanism>, ApiError> {
-    let key = E::key_of(&id)?;
-    let stored = super::load(state.store.as_ref(), admin.ns(), E::KIND, &key).await?;
+    id: &str,
+) -> Result<AttestationMechanism, DomainError> {
+    let stored = load(state.store.as_ref(), ns, E::KIND, &E::key_of(id)?).await?;
     let enrollment: E = render(&stored, true)?;
-    Ok(Json(enrollment.attestation().clone()))
+    Ok(enrollment.attestation().clone())
 }
 
-/// `POST /{kind}/query`: every enrollment (DPS supports only select-all queries), paged.
-pub async fn query<E: Enrollment>(
-    admin: Admin<needs::EnrollmentRead>,
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    JsonBody(spec): JsonBody<QuerySpecification>,
-) -> Result<Response, ApiError> {
-    tracing::debug!(query = %spec.query, "enrollment query (treated as select-all)");
-    let page = PageRequest::from_headers(&headers, &state.limits)?;
-    let rows = state
+/// Deletes `id`, with what goes with it.
+pub async fn delete<E: Enrollment>(
+    state: &AppState,
+    ns: &str,
+    id: &str,
+    precondition: Precondition,
+) -> Result<(), DomainError> {
+    delete_key::<E>(state, ns, &E::key_of(id)?, precondition).await
+}
+
+/// A page of enrollments in id order, after `after`: at most `limit` rows.
+pub async fn list<E: Enrollment>(
+    state: &AppState,
+    ns: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Stored>, DomainError> {
+    Ok(state
         .store
         .list(
-            admin.ns(),
+            ns,
             E::KIND,
             Page {
                 parent: None,
-                after: page.after.as_deref(),
-                limit: page.fetch_limit(),
+                after,
+                limit,
             },
         )
-        .await?;
-    page.respond(rows, E::ITEM_TYPE, |stored| render::<E>(stored, false))
+        .await?)
 }
 
-/// `POST /{kind}`: a bulk operation. Each item succeeds or fails on its own.
+/// A bulk operation; each item succeeds or fails on its own.
 pub async fn bulk<E: Enrollment>(
-    admin: Admin<needs::EnrollmentWrite>,
-    State(state): State<AppState>,
-    JsonBody(request): JsonBody<BulkRequest>,
-) -> Result<Response, ApiError> {
+    state: &AppState,
+    ns: &str,
+    request: BulkRequest,
+) -> Result<BulkResult, DomainError> {
     let mode = BulkMode::parse(&request.mode).ok_or_else(|| {
-        ApiError::new(
+        DomainError::new(
             ErrorCode::InvalidBulkOperation,
             format!(
                 "unknown bulk mode '{}'; use create, update, updateIfMatchETag or delete",
@@ -376,13 +400,13 @@ pub async fn bulk<E: Enrollment>(
         )
     })?;
     let items = E::bulk_items(request).ok_or_else(|| {
-        ApiError::new(
+        DomainError::new(
             ErrorCode::ArgumentNull,
             format!("the bulk request needs a '{}' array", E::BULK_FIELD),
         )
     })?;
     if items.is_empty() || items.len() > state.limits.max_bulk_items {
-        return Err(ApiError::new(
+        return Err(DomainError::new(
             ErrorCode::InvalidBulkOperation,
             format!(
                 "a bulk request holds 1 to {} items, not {}",
@@ -397,15 +421,32 @@ pub async fn bulk<E: Enrollment>(
             .get(E::ID_FIELD)
             .and_then(Value::as_str)
             .map(str::to_owned);
-        if let Err(error) = bulk_item::<E>(&state, admin.ns(), mode, item).await {
+        if let Err(error) = bulk_item::<E>(state, ns, mode, item).await {
             errors.push(E::bulk_error(id, &error));
         }
     }
-    Ok(Json(BulkResult {
+    Ok(BulkResult {
         is_successful: errors.is_empty(),
         errors,
     })
-    .into_response())
+}
+
+async fn delete_key<E: Enrollment>(
+    state: &AppState,
+    ns: &str,
+    key: &str,
+    precondition: Precondition,
+) -> Result<(), DomainError> {
+    let mut writes = vec![Write::Delete {
+        ns: ns.to_owned(),
+        kind: E::KIND,
+        key: key.to_owned(),
+        precondition,
+    }];
+    writes.extend(E::cascade_delete(ns, key));
+    writes.extend(E::credentials_write(ns));
+    state.store.write(&writes).await?;
+    Ok(())
 }
 
 async fn bulk_item<E: Enrollment>(
@@ -413,19 +454,16 @@ async fn bulk_item<E: Enrollment>(
     ns: &str,
     mode: BulkMode,
     item: Value,
-) -> Result<(), ApiError> {
-    let etag = item
-        .get("etag")
-        .and_then(Value::as_str)
-        .map(super::normalize_etag);
+) -> Result<(), DomainError> {
+    let etag = item.get("etag").and_then(Value::as_str).map(normalize_etag);
     let enrollment: E = serde_json::from_value(item)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}")))?;
+        .map_err(|e| DomainError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}")))?;
     match mode {
         BulkMode::Create => write(state, ns, enrollment, Precondition::MustNotExist).await?,
         BulkMode::Update => write(state, ns, enrollment, Precondition::Always).await?,
         BulkMode::UpdateIfMatchEtag => {
             let etag = etag.ok_or_else(|| {
-                ApiError::new(
+                DomainError::new(
                     ErrorCode::ArgumentNull,
                     "updateIfMatchETag needs the item's etag",
                 )

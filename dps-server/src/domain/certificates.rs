@@ -1,37 +1,30 @@
-//! CA certificates (`/certificates`): root or intermediate certificates an instance's
-//! enrollment groups name in `caReferences`. A certificate counts only after proof of
-//! possession: `generateVerificationCode` issues a code, and `verify` takes a certificate
-//! whose common name is that code, signed by the CA's key. Every uploaded certificate, verified
-//! or not, may also complete a device's chain as an intermediate (it confers no trust).
+//! CA certificates: root or intermediate certificates an instance's enrollment groups name in
+//! `caReferences`. A certificate counts only after proof of possession: a verification code,
+//! then a certificate whose common name is that code, signed by the CA's key. Every uploaded
+//! certificate, verified or not, may also complete a device's chain as an intermediate (it
+//! confers no trust).
 
 use attestation::chain::{common_name, verify_chain};
-
 use attestation::x509::parse_certificate;
-use axum::Router;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::CaCertificate;
 use dps_protocol::enrollment::EnrollmentGroup;
 use dps_protocol::ids::check_resource_name;
-use serde::Deserialize;
 
-use super::resource::{Resource, delete_one, get_one, list, load, put_one, render};
+use super::resources::{self, Resource, load, render, with_credentials};
 use super::validate::{field_error, info_of};
-use super::{Admin, AppState, Id, needs, to_doc, unix_now};
-use crate::error::ApiError;
-use crate::json::{Json, JsonBody};
+use super::{DomainError, to_doc, unix_now};
+use crate::state::AppState;
 use crate::store::{Kind, Page, Precondition, Write};
 
 impl Resource for CaCertificate {
     const KIND: Kind = Kind::CaCertificate;
     const ITEM_TYPE: &'static str = "CaCertificate";
 
-    fn key_of(id: &str) -> Result<String, ApiError> {
+    fn key_of(id: &str) -> Result<String, DomainError> {
         check_resource_name("certificate", id)
             .map(|()| id.to_ascii_lowercase())
-            .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+            .map_err(|e| DomainError::new(ErrorCode::InvalidPathParameter, e.to_string()))
     }
 
     fn id(&self) -> &str {
@@ -43,13 +36,13 @@ impl Resource for CaCertificate {
     }
 
     /// A new certificate starts unverified; re-sending the same certificate keeps its state.
-    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError> {
+    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), DomainError> {
         self.etag = None;
         let text = match (&self.certificate, previous) {
             (Some(text), _) => text.clone(),
             (None, Some(previous)) => previous.certificate.clone().unwrap_or_default(),
             (None, None) => {
-                return Err(ApiError::new(
+                return Err(DomainError::new(
                     ErrorCode::ArgumentNull,
                     "certificate: give the CA certificate (PEM or base64 DER)",
                 )
@@ -95,36 +88,19 @@ impl Resource for CaCertificate {
     }
 }
 
-/// Routes of `/certificates`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/certificates", get(list::<CaCertificate>))
-        .route(
-            "/certificates/{name}",
-            get(get_one::<CaCertificate>)
-                .put(put_one::<CaCertificate>)
-                .delete(delete_certificate),
-        )
-        .route(
-            "/certificates/{name}/generateVerificationCode",
-            post(generate_verification_code),
-        )
-        .route("/certificates/{name}/verify", post(verify))
-}
-
-/// `DELETE /certificates/{name}`: refused while an enrollment group names it in
+/// Deletes CA certificate `name`; refused while an enrollment group names it in
 /// `caReferences`, so that no group silently stops admitting its devices.
-async fn delete_certificate(
-    admin: Admin<needs::ServiceConfig>,
-    state: State<AppState>,
-    id: Id,
-    headers: HeaderMap,
-) -> Result<StatusCode, ApiError> {
-    let key = CaCertificate::key_of(&id.0)?;
+pub async fn delete(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    precondition: Precondition,
+) -> Result<(), DomainError> {
+    let key = CaCertificate::key_of(name)?;
     let groups = state
         .store
         .list(
-            admin.ns(),
+            ns,
             Kind::EnrollmentGroup,
             Page {
                 limit: usize::MAX,
@@ -146,16 +122,16 @@ async fn delete_certificate(
                     .any(|name| name.eq_ignore_ascii_case(&key))
             });
         if named {
-            return Err(ApiError::new(
+            return Err(DomainError::new(
                 ErrorCode::ConflictWithState,
                 format!(
-                    "enrollment group '{}' names CA certificate '{}' in caReferences; change the group first",
-                    group.enrollment_group_id, id.0
+                    "enrollment group '{}' names CA certificate '{name}' in caReferences; change the group first",
+                    group.enrollment_group_id
                 ),
             ));
         }
     }
-    delete_one::<CaCertificate>(admin, state, id, headers).await
+    resources::delete::<CaCertificate>(state, ns, name, precondition).await
 }
 
 /// Reads, changes and stores a certificate under its etag (a concurrent change is a 412).
@@ -163,8 +139,8 @@ async fn update(
     state: &AppState,
     ns: &str,
     name: &str,
-    change: impl FnOnce(&mut CaCertificate) -> Result<(), ApiError>,
-) -> Result<CaCertificate, ApiError> {
+    change: impl FnOnce(&mut CaCertificate) -> Result<(), DomainError>,
+) -> Result<CaCertificate, DomainError> {
     let stored = load::<CaCertificate>(state, ns, name).await?;
     let mut certificate: CaCertificate = stored.doc_json()?;
     change(&mut certificate)?;
@@ -179,55 +155,47 @@ async fn update(
     };
     let written = state
         .store
-        .write(&super::resource::with_credentials::<CaCertificate>(ns, put))
+        .write(&with_credentials::<CaCertificate>(ns, put))
         .await?
         .into_iter()
         .next()
         .flatten()
-        .ok_or_else(|| ApiError::internal("storing a certificate", &"no result"))?;
+        .ok_or_else(|| DomainError::internal("storing a certificate", &"no result"))?;
     render(&written, false)
 }
 
-/// `POST /certificates/{name}/generateVerificationCode`: a fresh code (the previous one stops
-/// working). The answer is the only place the code is shown.
-async fn generate_verification_code(
-    admin: Admin<needs::ServiceConfig>,
-    State(state): State<AppState>,
-    Id(name): Id,
-) -> Result<Json<CaCertificate>, ApiError> {
+/// A fresh verification code for `name` (the previous one stops working), shown in the answer
+/// only.
+pub async fn new_verification_code(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+) -> Result<CaCertificate, DomainError> {
     let code = attestation::keys::random_bytes::<16>()
         .map(|bytes| attestation::x509::upper_hex(&bytes))
-        .map_err(|e| ApiError::internal("generating a verification code", &e))?;
+        .map_err(|e| DomainError::internal("generating a verification code", &e))?;
     let shown = code.clone();
-    let mut answer = update(&state, admin.ns(), &name, move |c| {
+    let mut answer = update(state, ns, name, move |c| {
         c.verification_code = Some(code);
         Ok(())
     })
     .await?;
     answer.verification_code = Some(shown);
-    Ok(Json(answer))
+    Ok(answer)
 }
 
-/// The body of `verify`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Verification {
-    /// PEM or base64 DER of a certificate whose CN is the verification code, signed by the CA.
-    certificate: String,
-}
-
-/// `POST /certificates/{name}/verify`: proof of possession of the CA's key.
-async fn verify(
-    admin: Admin<needs::ServiceConfig>,
-    State(state): State<AppState>,
-    Id(name): Id,
-    JsonBody(body): JsonBody<Verification>,
-) -> Result<Json<CaCertificate>, ApiError> {
-    let proof = parse_certificate(&body.certificate)
-        .map_err(|e| field_error("certificate", e.to_string()))?;
-    let answer = update(&state, admin.ns(), &name, |ca| {
+/// Proof of possession of the CA's key: `proof` (PEM or base64 DER) has the pending
+/// verification code as its common name and is signed by the CA.
+pub async fn verify(
+    state: &AppState,
+    ns: &str,
+    name: &str,
+    proof: &str,
+) -> Result<CaCertificate, DomainError> {
+    let proof = parse_certificate(proof).map_err(|e| field_error("certificate", e.to_string()))?;
+    let answer = update(state, ns, name, |ca| {
         let code = ca.verification_code.clone().ok_or_else(|| {
-            ApiError::new(
+            DomainError::new(
                 ErrorCode::ConflictWithState,
                 "no verification code is pending: call generateVerificationCode first",
             )
@@ -239,7 +207,7 @@ async fn verify(
             ));
         }
         let ca_der = parse_certificate(ca.certificate.as_deref().unwrap_or_default())
-            .map_err(|e| ApiError::internal("a stored CA certificate is corrupt", &e))?
+            .map_err(|e| DomainError::internal("a stored CA certificate is corrupt", &e))?
             .der;
         verify_chain(std::slice::from_ref(&proof.der), &ca_der, &[], unix_now()).map_err(|e| {
             field_error(
@@ -253,5 +221,5 @@ async fn verify(
     })
     .await?;
     tracing::info!(certificate = %name, "CA certificate verified");
-    Ok(Json(answer))
+    Ok(answer)
 }

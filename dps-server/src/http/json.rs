@@ -10,7 +10,7 @@ use dps_protocol::ErrorCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::domain::error::DomainError;
 
 /// A JSON answer.
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ impl<T: Serialize> IntoResponse for Json<T> {
                 );
                 response
             }
-            Err(e) => ApiError::internal("serialising a response", &e).into_response(),
+            Err(e) => DomainError::internal("serialising a response", &e).into_response(),
         }
     }
 }
@@ -37,7 +37,7 @@ impl<T: Serialize> IntoResponse for Json<T> {
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
+    type Rejection = DomainError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = body_bytes(req, state).await?;
@@ -50,7 +50,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 pub struct RawBody(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for RawBody {
-    type Rejection = ApiError;
+    type Rejection = DomainError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         body_bytes(req, state).await.map(RawBody)
@@ -58,27 +58,27 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 }
 
 /// The 408 of a body that did not arrive in time.
-pub fn body_timeout() -> ApiError {
-    ApiError::new(
+pub fn body_timeout() -> DomainError {
+    DomainError::new(
         ErrorCode::RequestTimeout,
         "the request body did not arrive in time",
     )
 }
 
 /// Reads the body within its deadline, mapping an oversized one to 413 and a slow one to 408.
-pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, DomainError> {
     let deadline = dps_listener::BodyDeadline::of(&req);
     tokio::time::timeout(deadline, Bytes::from_request(req, state))
         .await
         .map_err(|_| body_timeout())?
         .map_err(|rejection: BytesRejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
+                DomainError::new(
                     ErrorCode::PayloadTooLarge,
                     "the request body is larger than the server accepts",
                 )
             } else {
-                ApiError::new(
+                DomainError::new(
                     ErrorCode::InvalidFormat,
                     format!("cannot read the body: {rejection}"),
                 )
@@ -87,9 +87,9 @@ pub async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes
 }
 
 /// Parses JSON into `T` with a message that says what is wrong and where.
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DomainError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::new(
+        return Err(DomainError::new(
             ErrorCode::ArgumentNull,
             "the request body is empty",
         ));
@@ -99,6 +99,6 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             serde_json::error::Category::Data => "the body does not have the expected shape",
             _ => "the body is not valid JSON",
         };
-        ApiError::new(ErrorCode::InvalidFormat, format!("{what}: {e}"))
+        DomainError::new(ErrorCode::InvalidFormat, format!("{what}: {e}"))
     })
 }

@@ -1,7 +1,7 @@
-//! `POST /allocations:simulate`: which hub each policy would choose for a described device,
-//! and why, without registering anything. The device's enrollment (its individual enrollment,
-//! else the named group) supplies the candidate hubs and its own policy; without one, every
-//! linked hub that takes part in allocation is a candidate.
+//! The allocation dry-run: which hub each policy would choose for a described device, and
+//! why, without registering anything. The device's enrollment (its individual enrollment, else
+//! the named group) supplies the candidate hubs and its own policy; without one, every linked
+//! hub that takes part in allocation is a candidate.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,31 +9,22 @@ use std::net::IpAddr;
 use allocation_policies::PolicyName;
 use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::Device;
-use axum::Router;
-use axum::extract::State;
-use axum::routing::post;
-use dps_protocol::admin::Right;
+use dps_protocol::admin::{Instance, Right};
 use dps_protocol::enrollment::{EnrollmentGroup, EnrollmentSettings, IndividualEnrollment};
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::registration::{candidate_hubs, policy_name, run_policy};
 use super::validate::{field_error, hide_secrets};
-use super::{Admin, AppState, load, needs};
-use crate::error::ApiError;
-use crate::json::{Json, JsonBody};
-use crate::registration::{candidate_hubs, policy_name, run_policy};
+use super::{DomainError, load};
+use crate::state::AppState;
 use crate::store::Kind;
-
-/// Routes of `/allocations:simulate`.
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/allocations:simulate", post(simulate))
-}
 
 /// The device to simulate.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct SimulationRequest {
+pub struct SimulationRequest {
     registration_id: String,
     #[serde(default)]
     enrollment_group_id: Option<String>,
@@ -58,7 +49,7 @@ struct SimulationRequest {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct SimulationResult {
+pub struct SimulationResult {
     registration_id: String,
     /// The policy the device's enrollment (or the instance) would use.
     effective_policy: String,
@@ -69,7 +60,7 @@ struct SimulationResult {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct PolicyResult {
+pub struct PolicyResult {
     policy: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     hub: Option<String>,
@@ -80,14 +71,18 @@ struct PolicyResult {
     error: Option<String>,
 }
 
-async fn simulate(
-    admin: Admin<needs::EnrollmentRead>,
-    State(state): State<AppState>,
-    JsonBody(request): JsonBody<SimulationRequest>,
-) -> Result<Json<SimulationResult>, ApiError> {
+/// Simulates `request` in `instance`. `may_call_webhooks`: whether the caller may make the
+/// server call a custom allocation webhook (an outbound request on its behalf, so it needs
+/// `EnrollmentWrite`).
+pub async fn simulate(
+    state: &AppState,
+    instance: &Instance,
+    may_call_webhooks: bool,
+    request: SimulationRequest,
+) -> Result<SimulationResult, DomainError> {
+    let ns = instance.name.as_str();
     let id = RegistrationId::parse(&request.registration_id)
         .map_err(|e| field_error("registrationId", e.to_string()))?;
-    let ns = admin.ns();
     let individual = state
         .store
         .get(ns, Kind::IndividualEnrollment, &id.key())
@@ -120,7 +115,7 @@ async fn simulate(
     if enrollment.is_null() {
         enrollment = Value::Object(Default::default());
     }
-    let hubs = candidate_hubs(&state, ns, &settings).await?;
+    let hubs = candidate_hubs(state, ns, &settings).await?;
     let mut hardware_ids = Vec::new();
     for (field, kind, value) in [
         (
@@ -182,9 +177,8 @@ async fn simulate(
     };
     // A custom policy calls the enrollment's webhook: an outbound request on the caller's
     // behalf, which needs the right to change what the webhook is (security review item 5).
-    let may_call_webhooks = admin.has(Right::EnrollmentWrite);
     if asked && !may_call_webhooks && names.iter().any(|n| n == PolicyName::Custom.as_str()) {
-        return Err(super::lacks(Right::EnrollmentWrite));
+        return Err(super::access::lacks(Right::EnrollmentWrite));
     }
     let mut results = Vec::with_capacity(names.len());
     for name in names {
@@ -201,7 +195,7 @@ async fn simulate(
             });
             continue;
         }
-        let result = match run_policy(&state, &name, &device, &hubs).await {
+        let result = match run_policy(state, &name, &device, &hubs).await {
             Ok(allocation) => PolicyResult {
                 policy: name,
                 hub: allocation.ranked.first().cloned(),
@@ -219,14 +213,14 @@ async fn simulate(
         };
         results.push(result);
     }
-    Ok(Json(SimulationResult {
+    Ok(SimulationResult {
         registration_id: id.as_str().to_owned(),
-        effective_policy: policy_name(&admin.instance, &settings).to_owned(),
+        effective_policy: policy_name(instance, &settings).to_owned(),
         candidates: hubs.into_iter().map(|h| h.host_name).collect(),
         results,
-    }))
+    })
 }
 
-fn to_value<T: Serialize>(value: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(value).map_err(|e| ApiError::internal("serialising an enrollment", &e))
+fn to_value<T: Serialize>(value: &T) -> Result<Value, DomainError> {
+    serde_json::to_value(value).map_err(|e| DomainError::internal("serialising an enrollment", &e))
 }

@@ -22,8 +22,8 @@ use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
 use dps_protocol::admin::CaCertificate;
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 
-use crate::admin_api::AppState;
-use crate::error::ApiError;
+use crate::domain::error::DomainError;
+use crate::state::AppState;
 use crate::store::{Kind, Page, Precondition, Write};
 
 /// The storage key of an instance's credentials version.
@@ -147,7 +147,7 @@ impl Credentials {
         state: &AppState,
         instance: &str,
         version: Option<String>,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<Self, DomainError> {
         let cas = all_of::<CaCertificate>(state, instance, Kind::CaCertificate).await?;
         let groups = all_of::<EnrollmentGroup>(state, instance, Kind::EnrollmentGroup).await?;
         let mut credentials = Self {
@@ -222,7 +222,7 @@ async fn all_of<T: serde::de::DeserializeOwned>(
     state: &AppState,
     instance: &str,
     kind: Kind,
-) -> Result<Vec<T>, ApiError> {
+) -> Result<Vec<T>, DomainError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -304,7 +304,7 @@ impl CredentialCache {
         &self,
         state: &AppState,
         instance: &str,
-    ) -> Result<Arc<Credentials>, ApiError> {
+    ) -> Result<Arc<Credentials>, DomainError> {
         let version = state
             .store
             .get(instance, Kind::CredentialsVersion, VERSION_KEY)

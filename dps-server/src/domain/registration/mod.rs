@@ -23,11 +23,13 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::admin_api::validate::info_of;
-use crate::admin_api::{AppState, load_instance, to_doc};
-use crate::device_api::auth::{Attested, Source};
-use crate::error::ApiError;
+use crate::domain::access::load_instance;
+use crate::domain::attest::{Attested, Source};
+use crate::domain::error::DomainError;
+use crate::domain::to_doc;
+use crate::domain::validate::info_of;
 use crate::hubs::{self, DeviceIdentity, HubAuth};
+use crate::state::AppState;
 use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
 
 /// How long a finished operation stays pollable.
@@ -94,9 +96,9 @@ pub struct TpmOperation {
 }
 
 impl TpmOperation {
-    fn new(proof: &crate::device_api::tpm::TpmProof) -> Result<Self, ApiError> {
+    fn new(proof: &crate::domain::attest::tpm::TpmProof) -> Result<Self, DomainError> {
         let activation = attestation::tpm::activation_blob(&proof.ek, &proof.srk)
-            .map_err(|e| ApiError::internal("building a TPM activation blob", &e))?;
+            .map_err(|e| DomainError::internal("building a TPM activation blob", &e))?;
         Ok(Self {
             authentication_key: activation.blob_base64(),
             hub_key: activation.key.to_base64(),
@@ -142,7 +144,7 @@ pub async fn start(
     device_payload: Option<Value>,
     source_address: Option<std::net::IpAddr>,
     metadata: std::collections::BTreeMap<String, String>,
-) -> Result<OperationRecord, ApiError> {
+) -> Result<OperationRecord, DomainError> {
     let enrollment = match &attested.source {
         Source::Individual(e) => EnrollmentRef::Individual(e.registration_id.clone()),
         Source::Group(g) => EnrollmentRef::Group(g.enrollment_group_id.clone()),
@@ -223,7 +225,7 @@ pub async fn start(
         let mut batch = writes.clone();
         if let Some(proof) = &attested.tpm {
             batch.push(
-                crate::device_api::tpm::consumption(
+                crate::domain::attest::tpm::consumption(
                     state,
                     ns,
                     id,
@@ -235,7 +237,7 @@ pub async fn start(
         }
         match state.store.write(&batch).await {
             Ok(_) => break,
-            Err(e) if crate::device_api::tpm::lost_race(&e) && attempts < ATTEMPTS => {
+            Err(e) if crate::domain::attest::tpm::lost_race(&e) && attempts < ATTEMPTS => {
                 attempts += 1;
             }
             Err(e) => return Err(e.into()),
@@ -267,10 +269,10 @@ pub async fn load_operation(
     ns: &str,
     id: &RegistrationId,
     operation_id: &str,
-) -> Result<OperationRecord, ApiError> {
+) -> Result<OperationRecord, DomainError> {
     let key = operation_key(operation_id);
     let not_found = || {
-        ApiError::new(
+        DomainError::new(
             ErrorCode::OperationNotFound,
             format!("operation '{operation_id}' does not exist for this device"),
         )
@@ -305,7 +307,7 @@ fn age_secs(stored: &Stored) -> i64 {
 }
 
 /// Finishes an `assigning` operation (no-op when another task already did).
-pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(), ApiError> {
+pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(), DomainError> {
     for _ in 0..ATTEMPTS {
         let Some(op_stored) = state.store.get(ns, Kind::Operation, operation_key).await? else {
             return Ok(());
@@ -315,7 +317,7 @@ pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(
             return Ok(());
         }
         let id = RegistrationId::parse(&op.registration_id)
-            .map_err(|e| ApiError::internal("a stored operation is corrupt", &e))?;
+            .map_err(|e| DomainError::internal("a stored operation is corrupt", &e))?;
         let previous_stored = state
             .store
             .get(ns, Kind::RegistrationState, &id.key())
@@ -427,7 +429,7 @@ pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::new(
+    Err(DomainError::new(
         ErrorCode::Conflict,
         "the registration kept changing under concurrent attempts",
     ))
@@ -436,8 +438,8 @@ pub async fn assign(state: &AppState, ns: &str, operation_key: &str) -> Result<(
 /// Why an assignment failed: a code and a message for the device.
 struct Failure(ErrorCode, String);
 
-impl From<ApiError> for Failure {
-    fn from(e: ApiError) -> Self {
+impl From<DomainError> for Failure {
+    fn from(e: DomainError) -> Self {
         Failure(e.code(), e.message().to_owned())
     }
 }
@@ -480,7 +482,7 @@ async fn outcome(
     };
     let (settings, device_id, keys, group_id, public) = match &op.enrollment {
         EnrollmentRef::Individual(reg) => {
-            let stored = crate::admin_api::load(
+            let stored = crate::domain::load(
                 state.store.as_ref(),
                 ns,
                 Kind::IndividualEnrollment,
@@ -524,11 +526,11 @@ async fn outcome(
                 .clone()
                 .unwrap_or_else(|| id.as_str().to_owned());
             let mut shown = e.clone();
-            crate::admin_api::validate::hide_secrets(&mut shown.attestation);
+            crate::domain::validate::hide_secrets(&mut shown.attestation);
             (e.settings, device_id, keys, None, to_value(&shown)?)
         }
         EnrollmentRef::Group(group) => {
-            let stored = crate::admin_api::load(
+            let stored = crate::domain::load(
                 state.store.as_ref(),
                 ns,
                 Kind::EnrollmentGroup,
@@ -555,7 +557,7 @@ async fn outcome(
                 None => HubAuth::None,
             };
             let mut shown = g.clone();
-            crate::admin_api::validate::hide_secrets(&mut shown.attestation);
+            crate::domain::validate::hide_secrets(&mut shown.attestation);
             let public = to_value(&shown)?;
             (
                 g.settings,
@@ -889,8 +891,8 @@ fn candidate_of(state: &AppState, hub: &LinkedHub) -> Candidate {
     }
 }
 
-fn to_value<T: Serialize>(value: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(value).map_err(|e| ApiError::internal("serialising an enrollment", &e))
+fn to_value<T: Serialize>(value: &T) -> Result<Value, DomainError> {
+    serde_json::to_value(value).map_err(|e| DomainError::internal("serialising an enrollment", &e))
 }
 
 async fn load_hub(state: &AppState, ns: &str, host: &str) -> Option<LinkedHub> {
@@ -907,7 +909,7 @@ pub async fn candidate_hubs(
     state: &AppState,
     ns: &str,
     settings: &EnrollmentSettings,
-) -> Result<Vec<LinkedHub>, ApiError> {
+) -> Result<Vec<LinkedHub>, DomainError> {
     let mut named: Vec<String> = settings.iot_hubs.clone().unwrap_or_default();
     if let Some(single) = &settings.iot_hub_host_name {
         named.push(single.clone());

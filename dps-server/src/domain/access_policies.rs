@@ -1,19 +1,14 @@
-//! Shared access policies (`/accessPolicies`): key names, keys and rights for the admin API.
-//! Keys are generated when omitted, shown in the PUT answer and by `listKeys`, never by GET.
-//! The last policy with `ServiceConfig` cannot be removed, so an instance cannot lock itself out.
+//! Shared access policies: key names, keys and rights for the admin API. Keys are generated
+//! when omitted; the last policy with ServiceConfig cannot be removed, so an instance cannot
+//! lock itself out.
 
-use axum::Router;
-use axum::extract::State;
-use axum::routing::{get, post};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{AccessPolicy, Right};
 use dps_protocol::ids::check_resource_name;
 
-use super::resource::{Resource, delete_one, get_one, list, load, put_one, render};
+use super::DomainError;
+use super::resources::Resource;
 use super::validate::{field_error, key_or_generate};
-use super::{Admin, AppState, Id, needs};
-use crate::error::ApiError;
-use crate::json::Json;
 use crate::store::Kind;
 
 /// The policy created with every instance.
@@ -23,10 +18,10 @@ impl Resource for AccessPolicy {
     const KIND: Kind = Kind::AccessPolicy;
     const ITEM_TYPE: &'static str = "SharedAccessPolicy";
 
-    fn key_of(id: &str) -> Result<String, ApiError> {
+    fn key_of(id: &str) -> Result<String, DomainError> {
         check_resource_name("shared access policy name", id)
             .map(|()| id.to_ascii_lowercase())
-            .map_err(|e| ApiError::new(ErrorCode::InvalidPathParameter, e.to_string()))
+            .map_err(|e| DomainError::new(ErrorCode::InvalidPathParameter, e.to_string()))
     }
 
     fn id(&self) -> &str {
@@ -37,7 +32,7 @@ impl Resource for AccessPolicy {
         self.etag = Some(etag);
     }
 
-    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), ApiError> {
+    fn prepare(&mut self, previous: Option<&Self>) -> Result<(), DomainError> {
         self.etag = None;
         let mut rights = Vec::new();
         for name in &self.rights {
@@ -88,7 +83,7 @@ impl Resource for AccessPolicy {
         }
     }
 
-    fn check_change(others: &[Self], new: Option<&Self>) -> Result<(), ApiError> {
+    fn check_change(others: &[Self], new: Option<&Self>) -> Result<(), DomainError> {
         let can_configure = |p: &AccessPolicy| {
             p.rights
                 .iter()
@@ -97,7 +92,7 @@ impl Resource for AccessPolicy {
         if others.iter().chain(new).any(can_configure) {
             Ok(())
         } else {
-            Err(ApiError::new(
+            Err(DomainError::new(
                 ErrorCode::ConflictWithState,
                 "the instance would be left without a policy holding ServiceConfig",
             ))
@@ -106,7 +101,7 @@ impl Resource for AccessPolicy {
 }
 
 /// A new owner policy with every right and generated keys.
-pub fn owner_policy() -> Result<AccessPolicy, ApiError> {
+pub fn owner_policy() -> Result<AccessPolicy, DomainError> {
     let mut policy = AccessPolicy {
         key_name: OWNER_POLICY.to_owned(),
         rights: Right::ALL.map(|r| r.as_str().to_owned()).to_vec(),
@@ -116,27 +111,4 @@ pub fn owner_policy() -> Result<AccessPolicy, ApiError> {
     };
     policy.prepare(None)?;
     Ok(policy)
-}
-
-/// `POST /accessPolicies/{keyName}/listKeys`: the policy with its keys.
-async fn list_keys(
-    admin: Admin<needs::ServiceConfig>,
-    State(state): State<AppState>,
-    Id(id): Id,
-) -> Result<Json<AccessPolicy>, ApiError> {
-    let stored = load::<AccessPolicy>(&state, admin.ns(), &id).await?;
-    Ok(Json(render(&stored, true)?))
-}
-
-/// Routes of `/accessPolicies`.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/accessPolicies", get(list::<AccessPolicy>))
-        .route(
-            "/accessPolicies/{keyName}",
-            get(get_one::<AccessPolicy>)
-                .put(put_one::<AccessPolicy>)
-                .delete(delete_one::<AccessPolicy>),
-        )
-        .route("/accessPolicies/{keyName}/listKeys", post(list_keys))
 }

@@ -16,7 +16,7 @@ use dps_protocol::enrollment::{
 use dps_protocol::ids::check_host_name;
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::domain::error::DomainError;
 use crate::store::{Kind, Store};
 
 /// Whether the enrollment describes one device or a group.
@@ -48,7 +48,7 @@ impl<'a> Validator<'a> {
         }
     }
 
-    async fn is_linked(&mut self, host: &str) -> Result<bool, ApiError> {
+    async fn is_linked(&mut self, host: &str) -> Result<bool, DomainError> {
         let key = host.to_ascii_lowercase();
         if let Some(known) = self.linked.get(&key) {
             return Ok(*known);
@@ -67,7 +67,7 @@ impl<'a> Validator<'a> {
     pub async fn ca_references(
         &mut self,
         attestation: &AttestationMechanism,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), DomainError> {
         let Some(refs) = attestation
             .x509
             .as_ref()
@@ -99,7 +99,7 @@ impl<'a> Validator<'a> {
     }
 
     /// Checks and normalises the settings shared by enrollments and groups.
-    pub async fn settings(&mut self, settings: &mut EnrollmentSettings) -> Result<(), ApiError> {
+    pub async fn settings(&mut self, settings: &mut EnrollmentSettings) -> Result<(), DomainError> {
         settings.etag = None;
         settings.created_date_time_utc = None;
         settings.last_updated_date_time_utc = None;
@@ -197,7 +197,7 @@ pub fn attestation(
     scope: Scope,
     attestation: &mut AttestationMechanism,
     existing: Option<&AttestationMechanism>,
-) -> Result<(), ApiError> {
+) -> Result<(), DomainError> {
     let only = |present: bool, name: &str| {
         if present {
             Err(field_error(
@@ -268,25 +268,26 @@ pub fn key_or_generate(
     field: &str,
     sent: Option<&str>,
     previous: Option<&str>,
-) -> Result<String, ApiError> {
+) -> Result<String, DomainError> {
     match sent.filter(|k| !k.is_empty()).or(previous) {
         Some(key) => SymmetricKey::from_base64(key)
             .map(|k| k.to_base64())
             .map_err(|e| field_error(field, e.to_string())),
         None => SymmetricKey::generate()
             .map(|k| k.to_base64())
-            .map_err(|e| ApiError::internal("generating a key", &e)),
+            .map_err(|e| DomainError::internal("generating a key", &e)),
     }
 }
 
 /// The enrolled EK (and SRK, when given) must be the standard RSA-2048 templates: a device
 /// could never prove any other.
-fn check_tpm(tpm: &TpmAttestation) -> Result<(), ApiError> {
+fn check_tpm(tpm: &TpmAttestation) -> Result<(), DomainError> {
     use attestation::tpm::{KeyRole, RsaPublic};
     let refuse = |field: &str| {
         let field = field.to_owned();
         move |e: attestation::tpm::TpmError| {
-            ApiError::new(ErrorCode::InvalidTpmKey, e.to_string()).with_info("field", field.clone())
+            DomainError::new(ErrorCode::InvalidTpmKey, e.to_string())
+                .with_info("field", field.clone())
         }
     };
     RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement)
@@ -302,7 +303,7 @@ fn check_x509(
     scope: Scope,
     x509: &mut X509Attestation,
     existing: Option<&X509Attestation>,
-) -> Result<(), ApiError> {
+) -> Result<(), DomainError> {
     match scope {
         Scope::Individual => {
             if x509.signing_certificates.is_some() || x509.ca_references.is_some() {
@@ -377,7 +378,7 @@ fn check_x509(
 
 /// Normalises a group's revocation list: thumbprints are 40 (SHA-1) or 64 (SHA-256) hex
 /// digits, serials are hex; both upper-case, serials without separators or leading zeros.
-fn check_revocations(revoked: &mut X509Revocations) -> Result<(), ApiError> {
+fn check_revocations(revoked: &mut X509Revocations) -> Result<(), DomainError> {
     for thumbprint in &mut revoked.thumbprints {
         let hex: String = thumbprint
             .chars()
@@ -432,7 +433,7 @@ fn certificates(
     certs: &mut X509Certificates,
     previous: Option<&X509Certificates>,
     must_be_ca: bool,
-) -> Result<(), ApiError> {
+) -> Result<(), DomainError> {
     let slots = [
         (
             "primary",
@@ -547,7 +548,7 @@ pub fn hide_unsent_keys(answer: &mut AttestationMechanism, sent: &AttestationMec
     }
 }
 
-fn check_initial_twin(twin: &Value) -> Result<(), ApiError> {
+fn check_initial_twin(twin: &Value) -> Result<(), DomainError> {
     let Value::Object(map) = twin else {
         return Err(field_error("initialTwin", "initialTwin must be an object"));
     };
@@ -576,7 +577,7 @@ fn check_initial_twin(twin: &Value) -> Result<(), ApiError> {
 
 /// An endpoint URL (webhook, connector): absolute `https://`, or `http://` to a loopback
 /// address (development and tests; keys and payloads must not cross a network in clear text).
-pub fn check_endpoint_url(field: &str, url: &str) -> Result<(), ApiError> {
+pub fn check_endpoint_url(field: &str, url: &str) -> Result<(), DomainError> {
     let loopback = |host: &str| {
         host == "localhost"
             || host
@@ -609,12 +610,12 @@ fn is_api_version(value: &str) -> bool {
 }
 
 /// A 400 naming the field at fault.
-pub fn field_error(field: &str, message: impl Into<String>) -> ApiError {
-    ApiError::invalid(format!("{field}: {}", message.into())).with_info("field", field)
+pub fn field_error(field: &str, message: impl Into<String>) -> DomainError {
+    DomainError::invalid(format!("{field}: {}", message.into())).with_info("field", field)
 }
 
-fn missing(field: &str, message: &str) -> ApiError {
-    ApiError::new(
+fn missing(field: &str, message: &str) -> DomainError {
+    DomainError::new(
         dps_protocol::ErrorCode::ArgumentNull,
         format!("{field}: {message}"),
     )

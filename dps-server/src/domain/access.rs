@@ -1,0 +1,122 @@
+//! Who an admin is: the instance a request acts on (by name, or by the host name it reached),
+//! and the rights of the shared access policy whose key signed its token.
+
+use std::collections::BTreeSet;
+
+use attestation::{SasToken, SymmetricKey};
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::{AccessPolicy, Instance, Right};
+
+use super::DomainError;
+use crate::domain::{load, unix_now};
+use crate::state::AppState;
+use crate::store::{Kind, SERVER_NS, Store};
+
+/// Loads an instance by name, or 404.
+pub async fn load_instance(store: &dyn Store, name: &str) -> Result<Instance, DomainError> {
+    let stored = load(store, SERVER_NS, Kind::Instance, &name.to_ascii_lowercase()).await?;
+    super::instances::from_stored(&stored)
+}
+
+/// The instance whose host names include `host` (with or without its port); on a server with
+/// exactly one instance, that instance.
+pub async fn instance_for_host(
+    store: &dyn Store,
+    host: Option<String>,
+) -> Result<Instance, DomainError> {
+    if let Some(host) = &host {
+        let without_port = host.rsplit_once(':').map(|(name, _)| name.to_owned());
+        for candidate in std::iter::once(host.clone()).chain(without_port) {
+            if let Some(entry) = store.get(SERVER_NS, Kind::HostName, &candidate).await? {
+                return load_instance(store, &entry.doc_string()?).await;
+            }
+        }
+    }
+    let page = crate::store::Page {
+        limit: 2,
+        ..Default::default()
+    };
+    match store
+        .list(SERVER_NS, Kind::Instance, page)
+        .await?
+        .as_slice()
+    {
+        [only] => super::instances::from_stored(only),
+        _ => Err(DomainError::new(
+            ErrorCode::InstanceNotFound,
+            format!(
+                "no instance serves host '{}'; use /instances/{{name}}/... or one of the instance's host names",
+                host.unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// Verifies the `Authorization` SAS token against the instance's shared access policies and
+/// returns the rights of the policy that signed it.
+pub async fn rights(
+    state: &AppState,
+    instance: &Instance,
+    authorization: Option<&str>,
+) -> Result<BTreeSet<Right>, DomainError> {
+    let header = authorization.ok_or_else(|| {
+        DomainError::unauthorized("the request has no ASCII Authorization header")
+    })?;
+    let token = SasToken::parse(header).map_err(|e| DomainError::unauthorized(e.to_string()))?;
+    token
+        .check_expiry(
+            unix_now(),
+            state.limits.clock_skew_secs,
+            state.limits.max_token_lifetime_secs,
+        )
+        .map_err(|e| DomainError::unauthorized(e.to_string()))?;
+    let audience_ok = instance
+        .host_names
+        .iter()
+        .chain(state.server_names.iter())
+        .any(|host| token.resource_matches(host));
+    // Not the request's Host: that is the caller's to choose, so it would bind nothing
+    // (security review item 10).
+    if !audience_ok {
+        return Err(DomainError::unauthorized(
+            "the token's resource (sr) is not a host name of this instance",
+        ));
+    }
+    let key_name = token.key_name().ok_or_else(|| {
+        DomainError::unauthorized("the token names no shared access policy (skn)")
+    })?;
+    let failed =
+        || DomainError::unauthorized("the token does not verify with the named policy's keys");
+    let stored = state
+        .store
+        .get(
+            &instance.name,
+            Kind::AccessPolicy,
+            &key_name.to_ascii_lowercase(),
+        )
+        .await?
+        .ok_or_else(failed)?;
+    let policy: AccessPolicy = stored.doc_json()?;
+    let keys = [&policy.primary_key, &policy.secondary_key]
+        .into_iter()
+        .flatten()
+        .filter_map(|k| SymmetricKey::from_base64(k).ok())
+        .collect::<Vec<_>>();
+    token.verify_any(&keys).map_err(|_| failed())?;
+    Ok(policy
+        .rights
+        .iter()
+        .filter_map(|r| Right::parse(r))
+        .collect())
+}
+
+/// The refusal of a caller whose policy lacks `right`.
+pub fn lacks(right: Right) -> DomainError {
+    DomainError::new(
+        ErrorCode::Forbidden,
+        format!(
+            "the shared access policy lacks the {} right",
+            right.as_str()
+        ),
+    )
+}
