@@ -72,7 +72,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let connectors = crate::hubs::Connectors {
         outbound: dps_outbound::Outbound::new(&outbound_settings),
-        signer: webhook_signer(&config)?,
+        signer: crate::domain::allocation::webhook_signer(&config)?,
     };
     let measured = Arc::new(allocation_policies::geo::MeasuredLatency::default());
     let state = AppState {
@@ -81,7 +81,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         admin_instance: config.admin_instance().into(),
         metrics: Arc::new(Metrics::new(store.backend())),
         throttle: Arc::new(Throttle::new(&config.throttle)),
-        policies: Arc::new(policy_registry(
+        policies: Arc::new(crate::domain::allocation::registry(
             &config,
             &connectors,
             store.clone(),
@@ -175,107 +175,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         stop,
         task,
     })
-}
-
-/// The built-in policies, with `custom` driving webhooks and `ownership` reading the stored
-/// records, each with its configured fall-back.
-fn policy_registry(
-    config: &Config,
-    connectors: &crate::hubs::Connectors,
-    store: Arc<dyn Store>,
-    measured: Arc<allocation_policies::geo::MeasuredLatency>,
-) -> anyhow::Result<allocation_policies::policy::Registry> {
-    use allocation_policies::custom::{CustomSettings, CustomWebhook};
-    use allocation_policies::ownership::Ownership;
-    let mut registry = allocation_policies::policy::Registry::with_builtins();
-    registry.register(
-        "geoLatency",
-        Arc::new(geo_policy(&config.allocation.geo, measured)?),
-    );
-    // A fall-back is a policy that answers on its own: neither of the two being configured.
-    let fallback = |setting: &str, name: &Option<String>| match name {
-        Some(name) => {
-            let (canonical, policy) = registry
-                .get(name)
-                .with_context(|| format!("allocation.{setting}: unknown policy '{name}'"))?;
-            if canonical == "custom" || canonical == "ownership" {
-                anyhow::bail!("allocation.{setting} cannot be {canonical}");
-            }
-            Ok(Some((canonical.to_owned(), policy)))
-        }
-        None => Ok(None),
-    };
-    let custom_fallback = fallback("custom_fallback", &config.allocation.custom_fallback)?;
-    let ownership_fallback = fallback("ownership_fallback", &config.allocation.ownership_fallback)?;
-    let settings = CustomSettings {
-        timeout: Duration::from_secs(config.allocation.custom_timeout_secs.max(1)),
-        retries: config.allocation.custom_retries,
-        signer: connectors.signer.clone(),
-    };
-    registry.register(
-        "custom",
-        Arc::new(CustomWebhook::new(
-            connectors.outbound.clone(),
-            settings,
-            custom_fallback,
-        )),
-    );
-    let book = Arc::new(crate::domain::ownership::StoredOwnership::new(store));
-    registry.register(
-        "ownership",
-        Arc::new(Ownership::new(book, ownership_fallback)),
-    );
-    Ok(registry)
-}
-
-/// The signer of webhook requests (allocation webhooks and the webhook connector), when
-/// `allocation.webhook_signing_key` is set.
-fn webhook_signer(config: &Config) -> anyhow::Result<Option<dps_outbound::WebhookSigner>> {
-    Ok(config
-        .allocation
-        .webhook_signing_key
-        .as_deref()
-        .map(attestation::SymmetricKey::from_base64)
-        .transpose()
-        .context("allocation.webhook_signing_key")?
-        .map(|k| dps_outbound::WebhookSigner::new(k.as_bytes().to_vec())))
-}
-
-fn geo_policy(
-    geo: &crate::config::GeoConfig,
-    measured: Arc<allocation_policies::geo::MeasuredLatency>,
-) -> anyhow::Result<allocation_policies::geo::GeoLatency> {
-    use allocation_policies::geo::{GeoIp, GeoLatency, GeoSettings};
-    let lower = |s: &str| s.trim().to_ascii_lowercase();
-    let geoip = match &geo.geoip_database {
-        Some(path) => Some(Arc::new(GeoIp::open(path).with_context(|| {
-            format!("allocation.geo.geoip_database {}", path.display())
-        })?)),
-        None => None,
-    };
-    Ok(GeoLatency::new(GeoSettings {
-        networks: geo
-            .networks
-            .iter()
-            .map(|n| (n.cidr, lower(&n.region)))
-            .collect(),
-        regions: geo
-            .regions
-            .iter()
-            .map(|r| (lower(&r.name), (r.latitude, r.longitude)))
-            .collect(),
-        latency_ms: geo
-            .latency_ms
-            .iter()
-            .map(|(region, hubs)| {
-                let hubs = hubs.iter().map(|(hub, ms)| (lower(hub), *ms)).collect();
-                (lower(region), hubs)
-            })
-            .collect(),
-        geoip,
-        local_region: geo.probe_region.as_deref().map(lower),
-        measured,
-    }))
 }
 
 async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {

@@ -248,3 +248,23 @@ pub async fn delete(
     deleted?;
     Ok(())
 }
+
+/// The instance an ID scope selects; an unknown scope is answered like a failed proof.
+pub async fn of_scope(state: &AppState, scope: &IdScope) -> Result<String, DomainError> {
+    let key = scope.key();
+    let name = match state.instances.scopes.get(&key) {
+        Some(name) => name,
+        None => {
+            let stored = state
+                .store
+                .get(SERVER_NS, Kind::IdScope, &key)
+                .await?
+                .ok_or_else(super::attest::unknown_scope)?;
+            let name: String = stored.doc_json()?;
+            state.instances.scopes.insert(key, name.clone());
+            name
+        }
+    };
+    tracing::Span::current().record("instance", name.as_str());
+    Ok(name)
+}

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod access_policies;
+pub mod allocation;
 pub mod attest;
 pub mod certificates;
 pub mod enrollments;

@@ -15,7 +15,7 @@ use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::registration::{candidate_hubs, policy_name, run_policy};
+use super::allocation::{candidate_hubs, policy_name, run_policy};
 use super::validate::{field_error, hide_secrets};
 use super::{DomainError, load};
 use crate::state::AppState;

@@ -4,34 +4,37 @@
 //! `POST /{idScope}/registrations/{id}` looks up the registration state.
 
 use axum::Router;
-use axum::extract::{FromRequestParts, RawPathParams, State};
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use dps_protocol::ErrorCode;
-use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOperationStatus};
-use dps_protocol::enrollment::DeviceRegistrationState;
+use dps_protocol::device::RegistrationOperationStatus;
 use dps_protocol::ids::{IdScope, RegistrationId};
 
 use crate::domain::attest::{self, Purpose};
 use crate::domain::error::DomainError;
-use crate::domain::registration::{self, RegistrationRecord};
-use crate::http::json::{Json, RawBody};
+use crate::http::json::Json;
 use crate::state::AppState;
-use crate::store::{Kind, SERVER_NS};
 use crate::throttle::{Action, Throttled};
 use dps_listener::{ClientChain, PeerAddr};
+
+mod operations;
+mod register;
+mod status;
 
 /// Routes of the device API.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/{scope}/registrations/{id}/register", put(register))
+        .route(
+            "/{scope}/registrations/{id}/register",
+            put(register::register),
+        )
         .route(
             "/{scope}/registrations/{id}/operations/{operation}",
-            get(operation_status),
+            get(operations::operation_status),
         )
-        .route("/{scope}/registrations/{id}", post(status_lookup))
+        .route("/{scope}/registrations/{id}", post(status::status_lookup))
 }
 
 /// An error answer of the device API.
@@ -105,39 +108,19 @@ impl<S: Send + Sync> FromRequestParts<S> for DevicePath {
 }
 
 impl DevicePath {
-    fn throttle_key(&self) -> String {
+    pub(super) fn throttle_key(&self) -> String {
         format!("{}/{}", self.scope.key(), self.id.key())
     }
 }
 
-/// The instance an ID scope selects; an unknown scope is answered like a failed proof.
-async fn instance_of(state: &AppState, scope: &IdScope) -> Result<String, DomainError> {
-    let key = scope.key();
-    let name = match state.instances.scopes.get(&key) {
-        Some(name) => name,
-        None => {
-            let stored = state
-                .store
-                .get(SERVER_NS, Kind::IdScope, &key)
-                .await?
-                .ok_or_else(attest::unknown_scope)?;
-            let name: String = stored.doc_json()?;
-            state.instances.scopes.insert(key, name.clone());
-            name
-        }
-    };
-    tracing::Span::current().record("instance", name.as_str());
-    Ok(name)
-}
-
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
 }
 
 /// The location headers the operator trusts (set by its edge), as allocation metadata.
-fn trusted_metadata(
+pub(super) fn trusted_metadata(
     state: &AppState,
     headers: &HeaderMap,
 ) -> std::collections::BTreeMap<String, String> {
@@ -156,7 +139,7 @@ fn trusted_metadata(
 }
 
 /// A 202 with the configured `Retry-After`: every answer of an operation still assigning.
-fn accepted(state: &AppState, answer: RegistrationOperationStatus) -> Response {
+pub(super) fn accepted(state: &AppState, answer: RegistrationOperationStatus) -> Response {
     let mut response = (StatusCode::ACCEPTED, Json(answer)).into_response();
     response.headers_mut().insert(
         header::RETRY_AFTER,
@@ -168,10 +151,10 @@ fn accepted(state: &AppState, answer: RegistrationOperationStatus) -> Response {
 /// Who is calling: the connection's address and client certificate chain, and the request
 /// headers (the SAS token, trusted location headers).
 #[derive(Debug)]
-struct Caller {
+pub(super) struct Caller {
     peer: Option<PeerAddr>,
-    chain: Option<ClientChain>,
-    headers: HeaderMap,
+    pub(super) chain: Option<ClientChain>,
+    pub(super) headers: HeaderMap,
 }
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
@@ -190,7 +173,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
 }
 
 impl Caller {
-    fn address(&self) -> Option<std::net::IpAddr> {
+    pub(super) fn address(&self) -> Option<std::net::IpAddr> {
         self.peer.map(|p| p.0.ip())
     }
 }
@@ -218,7 +201,7 @@ async fn unauthenticated<T>(
 
 /// What every device request goes through: the address's limits, then the device's proof
 /// (its failures charged to the address and id), then the device's own quota for `purpose`.
-async fn admit(
+pub(super) async fn admit(
     state: &AppState,
     path: &DevicePath,
     caller: &Caller,
@@ -227,7 +210,7 @@ async fn admit(
     let key = path.throttle_key();
     state.throttle.enter(&key, caller.address())?;
     let (instance, attested) = unauthenticated(state, path, caller, async {
-        let instance = instance_of(state, &path.scope).await?;
+        let instance = crate::domain::instances::of_scope(state, &path.scope).await?;
         let attested = attest::authenticate(
             state,
             &instance,
@@ -247,136 +230,4 @@ async fn admit(
     };
     state.throttle.authenticated(action, &key)?;
     Ok((instance, attested))
-}
-
-/// `PUT /{idScope}/registrations/{id}/register`.
-async fn register(
-    State(state): State<AppState>,
-    path: DevicePath,
-    caller: Caller,
-    RawBody(body): RawBody,
-) -> Result<Response, DeviceError> {
-    let request: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
-        DeviceRegistration::default()
-    } else {
-        crate::http::json::parse(&body)?
-    };
-    if let Some(sent) = &request.registration_id
-        && !sent.eq_ignore_ascii_case(path.id.as_str())
-    {
-        return Err(DomainError::new(
-            ErrorCode::IdMismatch,
-            format!(
-                "the body's registrationId '{sent}' differs from the URL's '{}'",
-                path.id
-            ),
-        )
-        .into());
-    }
-    // A TPM device's first request: no proof yet, so it gets a challenge. Issuing one is
-    // unauthenticated work, charged like a failed proof.
-    if authorization(&caller.headers).is_none()
-        && caller.chain.is_none()
-        && let Some(keys) = &request.tpm
-    {
-        let key = path.throttle_key();
-        state.throttle.enter(&key, caller.address())?;
-        state.throttle.unauthenticated(&key, caller.address())?;
-        let instance = instance_of(&state, &path.scope).await?;
-        let challenge = attest::tpm::challenge(
-            &state,
-            &instance,
-            &path.id,
-            keys,
-            request.payload.as_ref(),
-            caller.address(),
-        )
-        .await?;
-        return Ok(challenge_response(challenge));
-    }
-    let (instance, attested) = admit(&state, &path, &caller, Purpose::Register).await?;
-    let source = caller.address();
-    let metadata = trusted_metadata(&state, &caller.headers);
-    let operation = registration::start(
-        &state,
-        &instance,
-        &path.id,
-        &attested,
-        request.payload,
-        source,
-        metadata,
-    )
-    .await?;
-    // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even
-    // `disabled`) is read by polling.
-    Ok(accepted(
-        &state,
-        RegistrationOperationStatus {
-            operation_id: operation.operation_id,
-            status: OperationStatus::Assigning,
-            registration_state: None,
-        },
-    ))
-}
-
-/// `GET /{idScope}/registrations/{id}/operations/{operationId}`. The Node client sends a body
-/// (`{}`) with it; it is ignored.
-async fn operation_status(
-    State(state): State<AppState>,
-    path: DevicePath,
-    caller: Caller,
-) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(&state, &path, &caller, Purpose::Poll).await?;
-    let operation_id = path.operation.clone().unwrap_or_default();
-    let operation =
-        registration::load_operation(&state, &instance, &path.id, &operation_id).await?;
-    if operation.status.is_terminal() {
-        let answer = RegistrationOperationStatus {
-            operation_id: operation.operation_id,
-            status: operation.status,
-            registration_state: operation.registration_state,
-        };
-        return Ok(Json(answer).into_response());
-    }
-    // aziot's parser needs registrationState.registrationId even while assigning.
-    Ok(accepted(
-        &state,
-        RegistrationOperationStatus {
-            operation_id: operation.operation_id,
-            status: OperationStatus::Assigning,
-            registration_state: Some(DeviceRegistrationState {
-                registration_id: path.id.as_str().to_owned(),
-                status: Some(OperationStatus::Assigning.as_str().to_owned()),
-                ..DeviceRegistrationState::default()
-            }),
-        },
-    ))
-}
-
-/// `POST /{idScope}/registrations/{id}`: the device's registration state.
-async fn status_lookup(
-    State(state): State<AppState>,
-    path: DevicePath,
-    caller: Caller,
-) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(&state, &path, &caller, Purpose::Lookup).await?;
-    let stored = crate::domain::load(
-        state.store.as_ref(),
-        &instance,
-        Kind::RegistrationState,
-        &path.id.key(),
-    )
-    .await?;
-    let record: RegistrationRecord = stored.doc_json()?;
-    let mut answer = record.state;
-    answer.etag = Some(stored.etag.clone());
-    answer.created_date_time_utc = Some(stored.created.clone());
-    answer.last_updated_date_time_utc = Some(stored.updated.clone());
-    Ok(Json(answer).into_response())
-}
-
-/// The answer to a challenge: 401 with `{authenticationKey, keyName}` (the C SDK reads any
-/// 401 body without `status` as a challenge; Node and aziot need the 401).
-pub fn challenge_response(challenge: dps_protocol::device::TpmChallenge) -> Response {
-    (StatusCode::UNAUTHORIZED, Json(challenge)).into_response()
 }

@@ -1,0 +1,94 @@
+//! `PUT /{idScope}/registrations/{id}/register`: a device starts a registration, or (a TPM
+//! device's first request) gets its challenge.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+
+use super::{Caller, DeviceError, DevicePath, accepted, admit};
+use crate::http::json::Json;
+use crate::state::AppState;
+use axum::http::StatusCode;
+use dps_protocol::ErrorCode;
+use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOperationStatus};
+
+use super::trusted_metadata;
+use crate::domain::DomainError;
+use crate::domain::attest::Purpose;
+use crate::domain::instances;
+use crate::domain::registration;
+use crate::http::json::RawBody;
+/// `PUT /{idScope}/registrations/{id}/register`.
+pub(super) async fn register(
+    State(state): State<AppState>,
+    path: DevicePath,
+    caller: Caller,
+    RawBody(body): RawBody,
+) -> Result<Response, DeviceError> {
+    let request: DeviceRegistration = if body.iter().all(u8::is_ascii_whitespace) {
+        DeviceRegistration::default()
+    } else {
+        crate::http::json::parse(&body)?
+    };
+    if let Some(sent) = &request.registration_id
+        && !sent.eq_ignore_ascii_case(path.id.as_str())
+    {
+        return Err(DomainError::new(
+            ErrorCode::IdMismatch,
+            format!(
+                "the body's registrationId '{sent}' differs from the URL's '{}'",
+                path.id
+            ),
+        )
+        .into());
+    }
+    // A TPM device's first request: no proof yet, so it gets a challenge. Issuing one is
+    // unauthenticated work, charged like a failed proof.
+    if super::authorization(&caller.headers).is_none()
+        && caller.chain.is_none()
+        && let Some(keys) = &request.tpm
+    {
+        let key = path.throttle_key();
+        state.throttle.enter(&key, caller.address())?;
+        state.throttle.unauthenticated(&key, caller.address())?;
+        let instance = instances::of_scope(&state, &path.scope).await?;
+        let challenge = crate::domain::attest::tpm::challenge(
+            &state,
+            &instance,
+            &path.id,
+            keys,
+            request.payload.as_ref(),
+            caller.address(),
+        )
+        .await?;
+        return Ok(challenge_response(challenge));
+    }
+    let (instance, attested) = admit(&state, &path, &caller, Purpose::Register).await?;
+    let source = caller.address();
+    let metadata = trusted_metadata(&state, &caller.headers);
+    let operation = registration::start(
+        &state,
+        &instance,
+        &path.id,
+        &attested,
+        request.payload,
+        source,
+        metadata,
+    )
+    .await?;
+    // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even
+    // `disabled`) is read by polling.
+    Ok(accepted(
+        &state,
+        RegistrationOperationStatus {
+            operation_id: operation.operation_id,
+            status: OperationStatus::Assigning,
+            registration_state: None,
+        },
+    ))
+}
+
+/// The answer to a challenge: 401 with `{authenticationKey, keyName}` (the C SDK reads any
+/// 401 body without `status` as a challenge; Node and aziot need the 401).
+pub fn challenge_response(challenge: dps_protocol::device::TpmChallenge) -> Response {
+    (StatusCode::UNAUTHORIZED, Json(challenge)).into_response()
+}

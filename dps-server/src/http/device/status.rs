@@ -1,0 +1,20 @@
+//! `POST /{idScope}/registrations/{id}`: a device reads its registration state.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+
+use super::{Caller, DeviceError, DevicePath, admit};
+use crate::domain::attest::Purpose;
+use crate::domain::registrations;
+use crate::http::json::Json;
+use crate::state::AppState;
+/// `POST /{idScope}/registrations/{id}`: the device's registration state.
+pub(super) async fn status_lookup(
+    State(state): State<AppState>,
+    path: DevicePath,
+    caller: Caller,
+) -> Result<Response, DeviceError> {
+    let (instance, _) = admit(&state, &path, &caller, Purpose::Lookup).await?;
+    let answer = registrations::read(&state, &instance, path.id.as_str()).await?;
+    Ok(Json(answer).into_response())
+}
