@@ -73,6 +73,11 @@ struct Answer {
     text: String,
 }
 
+/// A path segment, percent-encoded like JavaScript's `encodeURIComponent`.
+pub fn segment(id: &str) -> String {
+    encode_uri_component(id)
+}
+
 /// The collection a bulk operation works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Collection {
@@ -133,7 +138,7 @@ impl Client {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("https://{}", credentials.host_name));
         let prefix = instance
-            .map(|i| format!("/instances/{}", encode_uri_component(i)))
+            .map(|i| format!("/instances/{}", segment(i)))
             .unwrap_or_default();
         let http = builder
             .build()
@@ -302,17 +307,14 @@ impl Client {
         enrollment: &IndividualEnrollment,
         if_match: Option<&str>,
     ) -> Result<IndividualEnrollment, ClientError> {
-        let path = format!(
-            "/enrollments/{}",
-            encode_uri_component(&enrollment.registration_id)
-        );
+        let path = format!("/enrollments/{}", segment(&enrollment.registration_id));
         self.call_one(Method::PUT, &path, true, Some(enrollment), if_match)
             .await
     }
 
     /// `GET /enrollments/{id}` (without keys).
     pub async fn enrollment(&self, id: &str) -> Result<IndividualEnrollment, ClientError> {
-        let path = format!("/enrollments/{}", encode_uri_component(id));
+        let path = format!("/enrollments/{}", segment(id));
         self.call_one(Method::GET, &path, true, None::<&()>, None)
             .await
     }
@@ -323,17 +325,14 @@ impl Client {
         group: &EnrollmentGroup,
         if_match: Option<&str>,
     ) -> Result<EnrollmentGroup, ClientError> {
-        let path = format!(
-            "/enrollmentGroups/{}",
-            encode_uri_component(&group.enrollment_group_id)
-        );
+        let path = format!("/enrollmentGroups/{}", segment(&group.enrollment_group_id));
         self.call_one(Method::PUT, &path, true, Some(group), if_match)
             .await
     }
 
     /// `GET /enrollmentGroups/{id}` (without keys).
     pub async fn group(&self, id: &str) -> Result<EnrollmentGroup, ClientError> {
-        let path = format!("/enrollmentGroups/{}", encode_uri_component(id));
+        let path = format!("/enrollmentGroups/{}", segment(id));
         self.call_one(Method::GET, &path, true, None::<&()>, None)
             .await
     }
@@ -352,14 +351,14 @@ impl Client {
 
     /// `PUT /linkedHubs/{hostName}`, overwriting.
     pub async fn put_linked_hub(&self, hub: &LinkedHub) -> Result<LinkedHub, ClientError> {
-        let path = format!("/linkedHubs/{}", encode_uri_component(&hub.host_name));
+        let path = format!("/linkedHubs/{}", segment(&hub.host_name));
         self.call_one(Method::PUT, &path, true, Some(hub), Some("*"))
             .await
     }
 
     /// `POST /accessPolicies/{name}/listKeys`: the policy with its keys.
     pub async fn policy_keys(&self, name: &str) -> Result<AccessPolicy, ClientError> {
-        let path = format!("/accessPolicies/{}/listKeys", encode_uri_component(name));
+        let path = format!("/accessPolicies/{}/listKeys", segment(name));
         self.call_one(Method::POST, &path, true, None::<&()>, None)
             .await
     }

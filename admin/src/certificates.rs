@@ -4,11 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 use crate::print::{self, Output, pretty, str_at};
-use crate::segment;
 
 /// Commands on CA certificates.
 #[derive(Debug, Subcommand)]

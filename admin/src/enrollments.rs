@@ -4,11 +4,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 use crate::print::{self, Output, set_opt};
-use crate::segment;
 
 /// Commands on enrollments and groups.
 #[derive(Debug, Subcommand)]

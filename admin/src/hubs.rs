@@ -1,11 +1,10 @@
 //! `hub ...`: linked hubs.
 
 use clap::Subcommand;
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 use crate::print::{self, Output, set_opt};
-use crate::segment;
 
 /// Commands on linked hubs.
 #[derive(Debug, Subcommand)]

@@ -2,11 +2,10 @@
 
 use anyhow::Context;
 use clap::Subcommand;
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 use crate::print::{self, Output, pretty, set_opt, str_at};
-use crate::segment;
 
 /// Commands on instances.
 #[derive(Debug, Subcommand)]

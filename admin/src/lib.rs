@@ -86,11 +86,6 @@ pub enum AdminCommand {
     },
 }
 
-/// A path segment, percent-encoded like JavaScript's `encodeURIComponent`.
-fn segment(id: &str) -> String {
-    attestation::sas::encode_uri_component(id)
-}
-
 /// Runs an admin command.
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     let client = Client::connect(

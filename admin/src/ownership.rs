@@ -5,11 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 use crate::print::{self, Output};
-use crate::segment;
 
 /// Commands on owners.
 #[derive(Debug, Subcommand)]

@@ -4,11 +4,10 @@
 use std::time::Duration;
 
 use clap::Subcommand;
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 use crate::print::{self, Output, pretty};
-use crate::segment;
 
 /// Commands on shared access policies.
 #[derive(Debug, Subcommand)]

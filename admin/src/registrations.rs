@@ -1,10 +1,9 @@
 //! `registration ...`: devices' registration states.
 
 use clap::Subcommand;
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 
 use crate::print::{self, Output};
-use crate::segment;
 
 /// Commands on registration states.
 #[derive(Debug, Subcommand)]

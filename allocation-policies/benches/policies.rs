@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use allocation_policies::custom::{CustomSettings, CustomWebhook};
+use allocation_policies::device_key::DeviceKey;
 use allocation_policies::geo::{GeoIp, GeoLatency, GeoSettings};
-use allocation_policies::ownership::{DeviceKey, Owner, Ownership, OwnershipBook};
+use allocation_policies::ownership::{Owner, Ownership, OwnershipBook};
 use allocation_policies::policy::{
     AllocationPolicy, Candidate, Device, Hashed, PolicyError, Static,
 };

@@ -1,15 +1,17 @@
 //! Allocation policies: how a device is assigned to one of an instance's linked hubs.
 //!
-//! [`policy::AllocationPolicy`] ranks candidate hubs for a device; [`policy::Registry`] holds
+//! [`policy::AllocationPolicy`] ranks candidate hubs for a device; [`registry::Registry`] holds
 //! the policies by name. Built in: `hashed` (weighted rendezvous hashing, [`hashed`]) and
 //! `static`, `geoLatency` ([`geo`]), `ownership` ([`ownership`]) and `custom` webhooks
 //! ([`custom`]).
 
 pub mod custom;
+pub mod device_key;
 pub mod geo;
 pub mod hashed;
 pub mod ownership;
 pub mod policy;
+pub mod registry;
 
 use std::fmt;
 

@@ -1,15 +1,14 @@
 //! The allocation policy interface: a policy ranks the candidate hubs for a device (first
 //! choice, then fall-backs), so that the caller can skip an unhealthy or failing hub without
-//! asking the policy again. Policies are registered by name; the server looks them up by the
-//! name on the enrollment, so a new policy needs no change to the server's code paths.
+//! asking the policy again. The built-in `hashed` and `static` policies live here too.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::device_key::DeviceKey;
 use crate::hashed::{WeightedHub, rank};
 
 /// What a policy knows about the device being allocated.
@@ -35,7 +34,7 @@ pub struct Device<'a> {
     pub previous_hub: Option<&'a str>,
     /// Identities its attestation proved beyond the registration id (a certificate serial,
     /// an EK hash).
-    pub hardware_ids: &'a [crate::ownership::DeviceKey],
+    pub hardware_ids: &'a [DeviceKey],
 }
 
 /// A hub the device may be assigned to.
@@ -184,49 +183,6 @@ impl AllocationPolicy for Unsupported {
     }
 }
 
-/// Policies by name (compared ignoring ASCII case).
-#[derive(Debug, Clone, Default)]
-pub struct Registry {
-    policies: BTreeMap<String, (String, Arc<dyn AllocationPolicy>)>,
-}
-
-impl Registry {
-    /// The built-in policies: `hashed`, `static`, `geoLatency` without location settings (see
-    /// [`crate::geo`]); `custom` and `ownership` are known names whose allocations fail until a
-    /// webhook client ([`crate::custom`]) or an ownership book ([`crate::ownership`]) is
-    /// registered in their place.
-    pub fn with_builtins() -> Self {
-        let mut registry = Self::default();
-        registry.register("hashed", Arc::new(Hashed));
-        registry.register("static", Arc::new(Static));
-        registry.register("geoLatency", Arc::new(crate::geo::GeoLatency::default()));
-        registry.register("custom", Arc::new(Unsupported("custom")));
-        registry.register("ownership", Arc::new(Unsupported("ownership")));
-        registry
-    }
-
-    /// Adds or replaces a policy.
-    pub fn register(&mut self, name: &str, policy: Arc<dyn AllocationPolicy>) {
-        self.policies
-            .insert(name.to_ascii_lowercase(), (name.to_owned(), policy));
-    }
-
-    /// The policy registered under `name`, with its canonical spelling.
-    pub fn get(&self, name: &str) -> Option<(&str, Arc<dyn AllocationPolicy>)> {
-        self.policies
-            .get(&name.to_ascii_lowercase())
-            .map(|(canonical, policy)| (canonical.as_str(), policy.clone()))
-    }
-
-    /// Every registered name, in canonical spelling.
-    pub fn names(&self) -> Vec<&str> {
-        self.policies
-            .values()
-            .map(|(name, _)| name.as_str())
-            .collect()
-    }
-}
-
 /// Moves unhealthy hubs behind healthy ones, keeping the policy's order within each group.
 pub fn healthy_first(ranked: Vec<String>, candidates: &[Candidate]) -> Vec<String> {
     let healthy = |host: &String| {
@@ -240,10 +196,10 @@ pub fn healthy_first(ranked: Vec<String>, candidates: &[Candidate]) -> Vec<Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn candidate(host: &str, weight: u32, healthy: bool) -> Candidate {
+    pub(crate) fn candidate(host: &str, weight: u32, healthy: bool) -> Candidate {
         Candidate {
             host_name: host.into(),
             weight,
@@ -253,7 +209,7 @@ mod tests {
         }
     }
 
-    fn device<'a>(
+    pub(crate) fn device<'a>(
         id: &'a str,
         enrollment: &'a Value,
         metadata: &'a BTreeMap<String, String>,
@@ -272,7 +228,7 @@ mod tests {
         }
     }
 
-    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
         // The built-in policies never wait, so one poll finishes them.
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
@@ -296,39 +252,6 @@ mod tests {
         );
         assert!(block_on(Static.allocate(&d, &hubs)).is_err());
         assert!(block_on(Hashed.allocate(&d, &[])).is_err());
-    }
-
-    #[test]
-    fn the_registry_finds_policies_ignoring_case_and_takes_new_ones() {
-        #[derive(Debug)]
-        struct Always(&'static str);
-        #[async_trait::async_trait]
-        impl AllocationPolicy for Always {
-            async fn allocate(
-                &self,
-                _: &Device<'_>,
-                _: &[Candidate],
-            ) -> Result<Allocation, PolicyError> {
-                Ok(Allocation {
-                    ranked: vec![self.0.into()],
-                    reason: "always".into(),
-                    payload: None,
-                    initial_twin: None,
-                })
-            }
-        }
-        let mut registry = Registry::with_builtins();
-        registry.register("firstHub", Arc::new(Always("a")));
-        let (name, policy) = registry.get("FIRSTHUB").unwrap();
-        assert_eq!(name, "firstHub");
-        let (enrollment, metadata) = (Value::Null, BTreeMap::new());
-        let answer = block_on(policy.allocate(&device("x", &enrollment, &metadata), &[])).unwrap();
-        assert_eq!(answer.ranked, ["a"]);
-        assert_eq!(
-            registry.get("geolatency").map(|(n, _)| n),
-            Some("geoLatency")
-        );
-        assert!(registry.get("roundRobin").is_none());
     }
 
     #[test]

@@ -6,8 +6,8 @@ use attestation::{ConnectionString, SymmetricKey};
 use dps_protocol::admin::{AccessPolicy, Instance, Right};
 
 use crate::config::{Config, DEFAULT_INSTANCE, InstanceConfig};
-use crate::domain::access::load_instance;
 use crate::domain::error::DomainError;
+use crate::domain::instances::load_instance;
 use crate::domain::instances::{self, owner_keys};
 use crate::domain::resources::{render, store_resource};
 use crate::state::AppState;

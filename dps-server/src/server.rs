@@ -17,7 +17,7 @@ use tower::ServiceExt as _;
 use crate::app;
 use crate::bootstrap::{AdminAccess, bootstrap};
 use crate::config::Config;
-use crate::domain::access::load_instance;
+use crate::domain::instances::load_instance;
 use crate::observability::Metrics;
 use crate::state::AppState;
 use crate::store::{SqlStore, Store};
@@ -93,7 +93,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
-        tpm: Arc::new(crate::domain::attest::tpm::TpmTrust::load(&config.tpm)?),
+        tpm: Arc::new(crate::trust::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
         credentials: Arc::default(),
         server_names: vec![config.default_host_name()].into(),

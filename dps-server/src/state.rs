@@ -21,7 +21,7 @@ pub struct AppState {
     /// Device API throttling.
     pub throttle: Arc<crate::throttle::Throttle>,
     /// Allocation policies by name.
-    pub policies: Arc<allocation_policies::policy::Registry>,
+    pub policies: Arc<allocation_policies::registry::Registry>,
     /// How hub connectors reach hubs.
     pub connectors: crate::hubs::Connectors,
     /// Hubs whose connector failed recently.
@@ -31,11 +31,11 @@ pub struct AppState {
     /// Enrollment and CA certificates already parsed (X.509 registrations read them all).
     pub certificates: Arc<attestation::x509::ParsedCache>,
     /// TPM manufacturer certificates and the challenge lifetime.
-    pub tpm: Arc<crate::domain::attest::tpm::TpmTrust>,
+    pub tpm: Arc<crate::trust::TpmTrust>,
     /// Instances and ID scopes as device requests read them.
     pub instances: Arc<crate::cache::InstanceCache>,
     /// Enrollment groups and CA certificates as device authentication reads them.
-    pub credentials: Arc<crate::domain::attest::credentials::CredentialCache>,
+    pub credentials: Arc<crate::trust::CredentialCache>,
     /// Names of this server that service tokens of every instance may name in `sr` (the
     /// host name of its listener, `localhost[:port]`).
     pub server_names: Arc<[String]>,

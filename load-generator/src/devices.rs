@@ -13,6 +13,7 @@ use attestation::sas::{encode_uri_component, sign};
 use attestation::tpm::soft::SoftTpm;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use clap::ValueEnum;
 use dps_admin_client::Collection;
 use dps_protocol::enrollment::{BulkMode, EnrollmentGroup};
 use rustls_pki_types::pem::PemObject;
@@ -21,7 +22,6 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::Mode;
 use crate::report::{Percentiles, Report};
 
 /// Most enrollments per bulk request (the server's default `limits.max_bulk_items`).
@@ -539,4 +539,18 @@ fn error_code(kind: &str, status: u16, body: &Value) -> String {
         Some(code) => format!("{kind}-{status}/{code}"),
         None => format!("{kind}-{status}"),
     }
+}
+
+/// How the simulated devices prove themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Each device has its own symmetric-key individual enrollment.
+    Individual,
+    /// Devices derive their keys from one symmetric-key enrollment group.
+    Group,
+    /// Devices present certificates (software keys) issued by an X.509 group's CA.
+    X509,
+    /// Each device has its own TPM individual enrollment and answers the service's challenge
+    /// with a software TPM (a few simulated TPMs are shared by all devices).
+    Tpm,
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::devices::Fleet;
+use crate::devices::{Fleet, Mode};
 use crate::report::Report;
 
 #[derive(Debug, Parser)]
@@ -65,20 +65,6 @@ struct ServerArgs {
     /// PEM CA certificate the server's certificate chains to.
     #[arg(long, env = "DPS_CA_CERT")]
     ca_cert: PathBuf,
-}
-
-/// How the simulated devices prove themselves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// Each device has its own symmetric-key individual enrollment.
-    Individual,
-    /// Devices derive their keys from one symmetric-key enrollment group.
-    Group,
-    /// Devices present certificates (software keys) issued by an X.509 group's CA.
-    X509,
-    /// Each device has its own TPM individual enrollment and answers the service's challenge
-    /// with a software TPM (a few simulated TPMs are shared by all devices).
-    Tpm,
 }
 
 /// Report format.

@@ -1,5 +1,4 @@
-//! Who an admin is: the instance a request acts on (by name, or by the host name it reached),
-//! and the rights of the shared access policy whose key signed its token.
+//! Who an admin is: the rights of the shared access policy whose key signed the request's token.
 
 use std::collections::BTreeSet;
 
@@ -8,49 +7,9 @@ use dps_protocol::ErrorCode;
 use dps_protocol::admin::{AccessPolicy, Instance, Right};
 
 use super::DomainError;
-use crate::domain::{load, unix_now};
+use crate::domain::unix_now;
 use crate::state::AppState;
-use crate::store::{Kind, SERVER_NS, Store};
-
-/// Loads an instance by name, or 404.
-pub async fn load_instance(store: &dyn Store, name: &str) -> Result<Instance, DomainError> {
-    let stored = load(store, SERVER_NS, Kind::Instance, &name.to_ascii_lowercase()).await?;
-    super::instances::from_stored(&stored)
-}
-
-/// The instance whose host names include `host` (with or without its port); on a server with
-/// exactly one instance, that instance.
-pub async fn instance_for_host(
-    store: &dyn Store,
-    host: Option<String>,
-) -> Result<Instance, DomainError> {
-    if let Some(host) = &host {
-        let without_port = host.rsplit_once(':').map(|(name, _)| name.to_owned());
-        for candidate in std::iter::once(host.clone()).chain(without_port) {
-            if let Some(entry) = store.get(SERVER_NS, Kind::HostName, &candidate).await? {
-                return load_instance(store, &entry.doc_string()?).await;
-            }
-        }
-    }
-    let page = crate::store::Page {
-        limit: 2,
-        ..Default::default()
-    };
-    match store
-        .list(SERVER_NS, Kind::Instance, page)
-        .await?
-        .as_slice()
-    {
-        [only] => super::instances::from_stored(only),
-        _ => Err(DomainError::new(
-            ErrorCode::InstanceNotFound,
-            format!(
-                "no instance serves host '{}'; use /instances/{{name}}/... or one of the instance's host names",
-                host.unwrap_or_default()
-            ),
-        )),
-    }
-}
+use crate::store::Kind;
 
 /// Verifies the `Authorization` SAS token against the instance's shared access policies and
 /// returns the rights of the policy that signed it.

@@ -22,10 +22,10 @@ pub fn registry(
     connectors: &crate::hubs::Connectors,
     store: Arc<dyn Store>,
     measured: Arc<allocation_policies::geo::MeasuredLatency>,
-) -> anyhow::Result<allocation_policies::policy::Registry> {
+) -> anyhow::Result<allocation_policies::registry::Registry> {
     use allocation_policies::custom::{CustomSettings, CustomWebhook};
     use allocation_policies::ownership::Ownership;
-    let mut registry = allocation_policies::policy::Registry::with_builtins();
+    let mut registry = allocation_policies::registry::Registry::with_builtins();
     registry.register(
         "geoLatency",
         Arc::new(geo_policy(&config.allocation.geo, measured)?),

@@ -173,7 +173,7 @@ impl Enrollment for EnrollmentGroup {
     }
 
     fn credentials_write(ns: &str) -> Option<Write> {
-        Some(crate::domain::attest::credentials::credentials_changed(ns))
+        Some(crate::domain::credentials::credentials_changed(ns))
     }
 
     fn bulk_error(id: Option<String>, error: &DomainError) -> BulkItemError {

@@ -37,6 +37,12 @@ impl DomainError {
         Self::new(ErrorCode::Unauthorized, message)
     }
 
+    /// 401 for a device whose proof failed, whose id is unknown, or whose ID scope names no
+    /// instance: one answer for all, so a caller learns nothing about which ids or scopes exist.
+    pub fn device_denied() -> Self {
+        Self::unauthorized("the device could not be authenticated")
+    }
+
     /// Adds a fact to `info` (for example the field that failed).
     pub fn with_info(mut self, key: &str, value: impl Into<String>) -> Self {
         self.info.insert(key.to_owned(), value.into());

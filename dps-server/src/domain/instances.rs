@@ -1,19 +1,19 @@
 //! Instances: one server serves many. An instance's ID scope and host names are unique across
 //! the server (each claimed by a record written in the same transaction as the instance),
-//! creating one creates its owner policy, and deleting one deletes everything in it.
+//! creating one creates its owner policy, and deleting one deletes everything in it. A request
+//! finds its instance by name or by the host name it reached.
 
 use allocation_policies::PolicyName;
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{AccessPolicy, Instance};
 use dps_protocol::ids::{IdScope, check_host_name, check_resource_name};
 
-use super::access::load_instance;
 use super::validate::field_error;
-use super::{DomainError, to_doc};
+use super::{DomainError, load, to_doc};
 use crate::domain::access_policies::owner_policy;
 use crate::domain::resources::{Resource, render};
 use crate::state::AppState;
-use crate::store::{Kind, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
+use crate::store::{Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
 
 /// A stored instance with its etag and timestamps.
 pub fn from_stored(stored: &Stored) -> Result<Instance, DomainError> {
@@ -146,7 +146,7 @@ pub async fn save(
                 precondition: Precondition::Always,
             });
             // A new version, so that no cache of a deleted instance of the same name counts.
-            writes.push(crate::domain::attest::credentials::credentials_changed(
+            writes.push(crate::domain::credentials::credentials_changed(
                 &instance.name,
             ));
             Some(policy)
@@ -259,7 +259,7 @@ pub async fn of_scope(state: &AppState, scope: &IdScope) -> Result<String, Domai
                 .store
                 .get(SERVER_NS, Kind::IdScope, &key)
                 .await?
-                .ok_or_else(super::attest::unknown_scope)?;
+                .ok_or_else(DomainError::device_denied)?;
             let name: String = stored.doc_json()?;
             state.instances.scopes.insert(key, name.clone());
             name
@@ -267,4 +267,44 @@ pub async fn of_scope(state: &AppState, scope: &IdScope) -> Result<String, Domai
     };
     tracing::Span::current().record("instance", name.as_str());
     Ok(name)
+}
+
+/// Loads an instance by name, or 404.
+pub async fn load_instance(store: &dyn Store, name: &str) -> Result<Instance, DomainError> {
+    let stored = load(store, SERVER_NS, Kind::Instance, &name.to_ascii_lowercase()).await?;
+    from_stored(&stored)
+}
+
+/// The instance whose host names include `host` (with or without its port); on a server with
+/// exactly one instance, that instance.
+pub async fn instance_for_host(
+    store: &dyn Store,
+    host: Option<String>,
+) -> Result<Instance, DomainError> {
+    if let Some(host) = &host {
+        let without_port = host.rsplit_once(':').map(|(name, _)| name.to_owned());
+        for candidate in std::iter::once(host.clone()).chain(without_port) {
+            if let Some(entry) = store.get(SERVER_NS, Kind::HostName, &candidate).await? {
+                return load_instance(store, &entry.doc_string()?).await;
+            }
+        }
+    }
+    let page = Page {
+        limit: 2,
+        ..Default::default()
+    };
+    match store
+        .list(SERVER_NS, Kind::Instance, page)
+        .await?
+        .as_slice()
+    {
+        [only] => from_stored(only),
+        _ => Err(DomainError::new(
+            ErrorCode::InstanceNotFound,
+            format!(
+                "no instance serves host '{}'; use /instances/{{name}}/... or one of the instance's host names",
+                host.unwrap_or_default()
+            ),
+        )),
+    }
 }

@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use allocation_policies::ownership::{DeviceKey, DeviceKeyKind, OwnershipBook};
+use allocation_policies::device_key::{DeviceKey, DeviceKeyKind};
+use allocation_policies::ownership::OwnershipBook;
 use allocation_policies::policy::PolicyError;
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{DeviceName, Owner, OwnershipRecord, OwnershipTransfer};

@@ -131,7 +131,7 @@ pub async fn load<R: Resource>(
 pub fn with_credentials<R: Resource>(ns: &str, write: Write) -> Vec<Write> {
     let mut writes = vec![write];
     if R::KIND == Kind::CaCertificate {
-        writes.push(crate::domain::attest::credentials::credentials_changed(ns));
+        writes.push(crate::domain::credentials::credentials_changed(ns));
     }
     writes
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use allocation_policies::PolicyName;
-use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
+use allocation_policies::device_key::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::Device;
 use dps_protocol::admin::{Instance, Right};
 use dps_protocol::enrollment::{EnrollmentGroup, EnrollmentSettings, IndividualEnrollment};

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use allocation_policies::policy::Registry;
+use allocation_policies::registry::Registry;
 use attestation::SymmetricKey;
 use attestation::x509::parse_certificate;
 use dps_protocol::ErrorCode;

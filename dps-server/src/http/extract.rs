@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use crate::config::Limits;
 use crate::domain::DomainError;
 use crate::domain::access::{self, lacks};
+use crate::domain::instances;
 use crate::http::json::Json;
 use crate::state::AppState;
 use crate::store::{Precondition, Stored};
@@ -86,8 +87,8 @@ impl<N: needs::Needs> FromRequestParts<AppState> for Admin<N> {
                     .map(|(_, value)| value.to_owned())
             });
         let instance = match explicit {
-            Some(name) => access::load_instance(state.store.as_ref(), &name).await?,
-            None => access::instance_for_host(state.store.as_ref(), request_host(parts)).await?,
+            Some(name) => instances::load_instance(state.store.as_ref(), &name).await?,
+            None => instances::instance_for_host(state.store.as_ref(), request_host(parts)).await?,
         };
         tracing::Span::current().record("instance", instance.name.as_str());
         let rights = access::rights(state, &instance, authorization(parts)).await?;
@@ -131,7 +132,8 @@ impl FromRequestParts<AppState> for ServerAdmin {
     type Rejection = DomainError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, DomainError> {
-        let instance = access::load_instance(state.store.as_ref(), &state.admin_instance).await?;
+        let instance =
+            instances::load_instance(state.store.as_ref(), &state.admin_instance).await?;
         let rights = access::rights(state, &instance, authorization(parts)).await?;
         if !rights.contains(&Right::ServiceConfig) {
             return Err(lacks(Right::ServiceConfig));

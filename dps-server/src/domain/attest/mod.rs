@@ -10,7 +10,6 @@
 //!   towards the root. The handshake already proved that the device holds the leaf's key.
 //! - TPM: a SAS token signed with the key of the device's TPM challenge (see [`tpm`]).
 
-pub mod credentials;
 pub mod tpm;
 mod x509;
 
@@ -22,10 +21,11 @@ use dps_protocol::enrollment::{
 };
 use dps_protocol::ids::{IdScope, RegistrationId};
 
+use crate::domain::credentials;
 use crate::domain::error::DomainError;
 use crate::state::AppState;
 use crate::store::{Kind, Page};
-use credentials::symmetric_keys;
+use crate::trust::{SasGroup, symmetric_keys};
 
 /// The enrollment a device proved itself against.
 #[derive(Debug, Clone)]
@@ -79,10 +79,6 @@ pub enum Purpose {
     Lookup,
 }
 
-fn denied() -> DomainError {
-    DomainError::unauthorized("the device could not be authenticated")
-}
-
 /// Authenticates the `Authorization` header (or the client certificate) of a device request
 /// for `id` in `instance`.
 pub async fn authenticate(
@@ -125,8 +121,11 @@ pub async fn authenticate(
     if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
         return match enrollment.attestation.kind {
             AttestationType::SymmetricKey => {
-                let keys = symmetric_keys(&enrollment.attestation).ok_or_else(denied)?;
-                token.verify_any(&keys).map_err(|_| denied())?;
+                let keys = symmetric_keys(&enrollment.attestation)
+                    .ok_or_else(DomainError::device_denied)?;
+                token
+                    .verify_any(&keys)
+                    .map_err(|_| DomainError::device_denied())?;
                 Ok(Attested {
                     disabled: disabled_reason(&enrollment),
                     source: Source::Individual(Box::new(enrollment)),
@@ -136,8 +135,8 @@ pub async fn authenticate(
             }
             AttestationType::Tpm => tpm::authenticate(state, instance, id, &token, purpose)
                 .await?
-                .ok_or_else(denied),
-            AttestationType::X509 | AttestationType::None => Err(denied()),
+                .ok_or_else(DomainError::device_denied),
+            AttestationType::X509 | AttestationType::None => Err(DomainError::device_denied()),
         };
     }
     if let Some(attested) = tpm::authenticate(state, instance, id, &token, purpose).await? {
@@ -149,8 +148,8 @@ pub async fn authenticate(
     // group costs four HMACs; with many groups, a device that registered before is tried
     // against its own group first (one read), so only first registrations and strangers
     // try them all.
-    let credentials = state.credentials.get(state, instance).await?;
-    let admits = |member: &&credentials::SasGroup| {
+    let credentials = credentials::of(state, instance).await?;
+    let admits = |member: &&SasGroup| {
         let derived = member
             .keys
             .each_ref()
@@ -175,7 +174,7 @@ pub async fn authenticate(
             tpm: None,
         });
     }
-    Err(denied())
+    Err(DomainError::device_denied())
 }
 
 /// With more symmetric-key groups than this, a device's own group is looked up first.
@@ -194,7 +193,7 @@ async fn registered_through(
     else {
         return Ok(None);
     };
-    let record: crate::domain::registration::RegistrationRecord = stored.doc_json()?;
+    let record: crate::domain::records::RegistrationRecord = stored.doc_json()?;
     Ok(record.state.enrollment_group_id)
 }
 
@@ -260,11 +259,6 @@ pub(crate) fn group_disabled_reason(group: &EnrollmentGroup) -> Option<String> {
             group.enrollment_group_id
         )
     })
-}
-
-/// The answer for a request whose ID scope names no instance: the same as a failed proof.
-pub fn unknown_scope() -> DomainError {
-    denied()
 }
 
 /// A 400 for a malformed id in the device path.

@@ -32,9 +32,9 @@ use serde_json::Value;
 use super::{
     Attested, Purpose, Source, disabled_reason, group_disabled_reason, individual_enrollment,
 };
-use crate::config::TpmConfig;
+use crate::domain::credentials;
 use crate::domain::error::DomainError;
-use crate::domain::registration::EnrollmentRef;
+use crate::domain::records::EnrollmentRef;
 use crate::domain::{to_doc, unix_now};
 use crate::state::AppState;
 use crate::store::{Kind, Precondition, StoreError, Stored, Write};
@@ -44,41 +44,6 @@ use crate::store::{Kind, Precondition, StoreError, Stored, Write};
 pub const EK_CERTIFICATE_FIELD: &str = "tpmEndorsementKeyCertificate";
 /// The `keyName` of every challenge: the `skn` of the device's token.
 const KEY_NAME: &str = "registration";
-
-/// What TPM attestation trusts: the manufacturers' certificates and the challenge lifetime.
-#[derive(Debug, Clone, Default)]
-pub struct TpmTrust {
-    /// DER certificates an EK certificate may chain to.
-    pub manufacturer_certificates: Vec<Vec<u8>>,
-    /// How long a challenge's key may be used, seconds.
-    pub challenge_ttl_secs: u64,
-}
-
-impl TpmTrust {
-    /// Reads the configured manufacturer certificates (PEM files).
-    pub fn load(config: &TpmConfig) -> anyhow::Result<Self> {
-        use anyhow::Context as _;
-        use rustls_pki_types::CertificateDer;
-        use rustls_pki_types::pem::PemObject;
-        let mut manufacturer_certificates = Vec::new();
-        for path in &config.manufacturer_certificates {
-            let before = manufacturer_certificates.len();
-            for cert in CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("reading {}", path.display()))?
-            {
-                let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
-                manufacturer_certificates.push(cert.to_vec());
-            }
-            if manufacturer_certificates.len() == before {
-                anyhow::bail!("{} holds no PEM certificate", path.display());
-            }
-        }
-        Ok(Self {
-            manufacturer_certificates,
-            challenge_ttl_secs: config.challenge_ttl_secs,
-        })
-    }
-}
 
 /// Most live challenges kept per registration id.
 pub const MAX_CHALLENGES: usize = 8;
@@ -364,7 +329,7 @@ async fn tpm_group(
     state: &AppState,
     instance: &str,
 ) -> Result<Option<EnrollmentGroup>, DomainError> {
-    let credentials = state.credentials.get(state, instance).await?;
+    let credentials = credentials::of(state, instance).await?;
     Ok(credentials.tpm_group.as_deref().cloned())
 }
 

@@ -12,10 +12,11 @@ use attestation::x509::{CertificateFacts, ParsedCache, ParsedCertificate, parse_
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 use dps_protocol::ids::RegistrationId;
 
-use super::credentials::Anchor;
 use super::{Attested, Source, disabled_reason, group_disabled_reason, individual_enrollment};
 use crate::domain::DomainError;
+use crate::domain::credentials;
 use crate::state::AppState;
+use crate::trust::Anchor;
 
 /// The client certificates of an individual X.509 enrollment, parsed.
 fn client_certificates(
@@ -97,7 +98,7 @@ pub(super) async fn authenticate(
         return Err(not_enrolled_certificate());
     }
 
-    let credentials = state.credentials.get(state, instance).await?;
+    let credentials = credentials::of(state, instance).await?;
     let (anchors, extra) = credentials.anchors_on_the_way(&leaf, chain);
     let mut verified: Vec<Verified<'_>> = Vec::new();
     let mut first_error = None;

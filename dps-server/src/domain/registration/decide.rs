@@ -15,8 +15,8 @@ use dps_protocol::enrollment::{
 use dps_protocol::ids::RegistrationId;
 use serde_json::Value;
 
-use super::{EnrollmentRef, OperationRecord, RegistrationRecord};
 use crate::domain::DomainError;
+use crate::domain::records::{EnrollmentRef, OperationRecord, RegistrationRecord};
 use crate::hubs::HubAuth;
 
 /// Why an assignment failed: a code and a message for the device.
@@ -630,7 +630,7 @@ mod tests {
         );
         let mut op = operation();
         assert_eq!(with_tpm_key(HubAuth::None, &op), HubAuth::None);
-        op.tpm = Some(super::super::TpmOperation {
+        op.tpm = Some(crate::domain::records::TpmOperation {
             authentication_key: "blob".into(),
             hub_key: "aHVi".into(),
             ek_hash: "00".into(),

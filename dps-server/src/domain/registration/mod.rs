@@ -14,15 +14,15 @@ pub mod provision;
 
 use dps_protocol::ErrorCode;
 use dps_protocol::device::OperationStatus;
-use dps_protocol::enrollment::{DeviceRegistrationState, X509RegistrationResult};
+use dps_protocol::enrollment::X509RegistrationResult;
 use dps_protocol::ids::RegistrationId;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::domain::attest::{Attested, Source};
 use crate::domain::error::DomainError;
+use crate::domain::records::{EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation};
 use crate::domain::to_doc;
 use crate::domain::validate::info_of;
 use crate::state::AppState;
@@ -35,62 +35,6 @@ const KEEP_FINISHED_SECS: i64 = 300;
 const ATTEMPTS: usize = 30;
 const RETRY_JITTER_MS: u64 = 20;
 
-/// Which enrollment a registration came through (stored, so a resumed operation finds it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "id", rename_all = "camelCase")]
-pub enum EnrollmentRef {
-    /// An individual enrollment (by registration id).
-    Individual(String),
-    /// An enrollment group (by group id).
-    Group(String),
-}
-
-/// A registration attempt, polled by the device.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OperationRecord {
-    /// What the device polls with.
-    pub operation_id: String,
-    /// The device, as it sent its id.
-    pub registration_id: String,
-    /// Where the attempt is.
-    pub status: OperationStatus,
-    /// The enrollment it came through.
-    pub enrollment: EnrollmentRef,
-    /// The payload the device sent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_payload: Option<Value>,
-    /// The address the device registered from (an input of allocation policies).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_address: Option<std::net::IpAddr>,
-    /// Trusted request metadata (location headers of a trusted edge).
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub metadata: std::collections::BTreeMap<String, String>,
-    /// X.509 devices: the certificate they presented and the group certificate it reached.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub x509: Option<X509RegistrationResult>,
-    /// TPM devices: their hub key and the activation blob that carries it to their TPM.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tpm: Option<TpmOperation>,
-    /// The result, once terminal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registration_state: Option<DeviceRegistrationState>,
-}
-
-/// What a TPM device's registration hands on: a fresh key for the hub, and the activation
-/// blob that carries it into the device's TPM (`registrationState.tpm.authenticationKey`).
-/// Made once when the operation starts, so a retried assignment gives the hub the same key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TpmOperation {
-    /// Base64 activation blob.
-    pub authentication_key: String,
-    /// Base64 HMAC key inside it: the device's hub key.
-    pub hub_key: String,
-    /// SHA-256 of the EK's TPM2B_PUBLIC, hex (ownership records may name it).
-    pub ek_hash: String,
-}
-
 impl TpmOperation {
     fn new(proof: &crate::domain::attest::tpm::TpmProof) -> Result<Self, DomainError> {
         let activation = attestation::tpm::activation_blob(&proof.ek, &proof.srk)
@@ -101,21 +45,6 @@ impl TpmOperation {
             ek_hash: proof.ek.sha256_hex(),
         })
     }
-}
-
-/// A device's registration state as stored: the wire state plus what reprovisioning needs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RegistrationRecord {
-    /// What the admin API and the device see.
-    #[serde(flatten)]
-    pub state: DeviceRegistrationState,
-    /// The hub of the first assignment (for `reprovisionedToInitialAssignment`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub initial_hub: Option<String>,
-    /// The payload the device sent last.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device_payload: Option<Value>,
 }
 
 fn new_operation_id() -> String {

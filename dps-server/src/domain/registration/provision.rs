@@ -3,7 +3,7 @@
 //! hub), then the hubs in that order until one connector takes the identity, the twin migrated
 //! from the old hub when the device moves, and the old hub's identity removed.
 
-use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
+use allocation_policies::device_key::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::Device;
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{Instance, LinkedHub};
@@ -13,10 +13,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::decide::{self, Assignment, Failure, Route};
-use super::{EnrollmentRef, OperationRecord, RegistrationRecord};
-use crate::domain::access::load_instance;
 use crate::domain::allocation::{candidate_hubs, load_hub, policy_name, run_policy};
 use crate::domain::attest::Source;
+use crate::domain::instances::load_instance;
+use crate::domain::records::{EnrollmentRef, OperationRecord, RegistrationRecord};
 use crate::domain::{DomainError, load};
 use crate::hubs::{self, DeviceIdentity, HubAuth};
 use crate::state::AppState;

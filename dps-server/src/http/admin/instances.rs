@@ -52,7 +52,7 @@ async fn get_one(
     Id(name): Id,
 ) -> Result<Json<Instance>, DomainError> {
     Ok(Json(
-        crate::domain::access::load_instance(state.store.as_ref(), &name).await?,
+        crate::domain::instances::load_instance(state.store.as_ref(), &name).await?,
     ))
 }
 

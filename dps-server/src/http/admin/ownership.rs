@@ -6,7 +6,7 @@
 //! (normalised by [`DeviceKey`]) and is stored under `<kind>:<value>` with the owner as both
 //! parent (to list an owner's devices) and tag (to count them).
 
-use allocation_policies::ownership::{DeviceKey, DeviceKeyKind};
+use allocation_policies::device_key::{DeviceKey, DeviceKeyKind};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, RawPathParams, State};

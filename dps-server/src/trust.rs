@@ -1,17 +1,8 @@
-//! What device authentication needs of an instance's enrollment groups and CA certificates,
-//! read and parsed once, and kept until they change: symmetric-key groups with their decoded
-//! keys, the TPM group, and X.509 anchors indexed by subject name.
-//!
-//! Unauthenticated requests must not cost more as the instance grows (security review item
-//! 9). Without this, every SAS request for an unknown id listed and parsed every group, and
-//! every X.509 request verified its chain against every group's anchors with every uploaded
-//! certificate. Now a request costs one read (the version below) plus, for X.509, path
-//! verification against only the anchors whose subject is on the device's possible path.
-//!
-//! Every write to an instance's enrollment groups or CA certificates also writes its
-//! credentials version, in the same transaction ([`credentials_changed`]); a request reads the
-//! version and rebuilds the index when it differs, so no process (and no replica) uses stale
-//! credentials for longer than one read.
+//! What device authentication trusts, as data: the TPM manufacturers' certificates (from the
+//! configuration), and per instance an index of its enrollment groups and CA certificates:
+//! symmetric-key groups with their decoded keys, the TPM group, and X.509 anchors by subject
+//! name. The domain layer reads them from the store (`domain::credentials`) and keeps
+//! them here until the instance's credentials version changes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,26 +13,40 @@ use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
 use dps_protocol::admin::CaCertificate;
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 
-use crate::domain::error::DomainError;
-use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, Write};
+use crate::config::TpmConfig;
 
-/// The storage key of an instance's credentials version.
-const VERSION_KEY: &str = "credentials";
-/// Groups and certificates read per page when the index is built.
-const PAGE: usize = 500;
+/// What TPM attestation trusts: the manufacturers' certificates and the challenge lifetime.
+#[derive(Debug, Clone, Default)]
+pub struct TpmTrust {
+    /// DER certificates an EK certificate may chain to.
+    pub manufacturer_certificates: Vec<Vec<u8>>,
+    /// How long a challenge's key may be used, seconds.
+    pub challenge_ttl_secs: u64,
+}
 
-/// The write that marks an instance's groups or CA certificates as changed: part of the same
-/// transaction as the change.
-pub fn credentials_changed(ns: &str) -> Write {
-    Write::Put {
-        ns: ns.to_owned(),
-        kind: Kind::CredentialsVersion,
-        key: VERSION_KEY.to_owned(),
-        parent: None,
-        tag: None,
-        doc: "{}".to_owned(),
-        precondition: Precondition::Always,
+impl TpmTrust {
+    /// Reads the configured manufacturer certificates (PEM files).
+    pub fn load(config: &TpmConfig) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let mut manufacturer_certificates = Vec::new();
+        for path in &config.manufacturer_certificates {
+            let before = manufacturer_certificates.len();
+            for cert in CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading {}", path.display()))?
+            {
+                let cert = cert.with_context(|| format!("parsing {}", path.display()))?;
+                manufacturer_certificates.push(cert.to_vec());
+            }
+            if manufacturer_certificates.len() == before {
+                anyhow::bail!("{} holds no PEM certificate", path.display());
+            }
+        }
+        Ok(Self {
+            manufacturer_certificates,
+            challenge_ttl_secs: config.challenge_ttl_secs,
+        })
     }
 }
 
@@ -143,13 +148,13 @@ impl Credentials {
         (anchors, extra)
     }
 
-    async fn load(
-        state: &AppState,
-        instance: &str,
+    /// The index of an instance's CA certificates and groups, as of `version`.
+    pub fn build(
         version: Option<String>,
-    ) -> Result<Self, DomainError> {
-        let cas = all_of::<CaCertificate>(state, instance, Kind::CaCertificate).await?;
-        let groups = all_of::<EnrollmentGroup>(state, instance, Kind::EnrollmentGroup).await?;
+        cas: Vec<CaCertificate>,
+        groups: Vec<EnrollmentGroup>,
+        certificates: &ParsedCache,
+    ) -> Self {
         let mut credentials = Self {
             version,
             ..Self::default()
@@ -159,7 +164,7 @@ impl Credentials {
             let Some(parsed) = ca
                 .certificate
                 .as_deref()
-                .and_then(|text| state.certificates.parse(text).ok())
+                .and_then(|text| certificates.parse(text).ok())
             else {
                 continue;
             };
@@ -190,9 +195,7 @@ impl Credentials {
                 }
                 AttestationType::Tpm => credentials.tpm_group = Some(group.clone()),
                 AttestationType::X509 => {
-                    for certificate in
-                        group_anchors(&group.attestation, &verified, &state.certificates)
-                    {
+                    for certificate in group_anchors(&group.attestation, &verified, certificates) {
                         by_thumbprint
                             .entry(certificate.facts.sha256_thumbprint.clone())
                             .or_insert_with(|| Anchor {
@@ -213,38 +216,7 @@ impl Credentials {
                 .or_default()
                 .push(Arc::new(anchor));
         }
-        Ok(credentials)
-    }
-}
-
-/// Every document of `kind` in `instance`, parsed.
-async fn all_of<T: serde::de::DeserializeOwned>(
-    state: &AppState,
-    instance: &str,
-    kind: Kind,
-) -> Result<Vec<T>, DomainError> {
-    let mut out = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = state
-            .store
-            .list(
-                instance,
-                kind,
-                Page {
-                    parent: None,
-                    after: after.as_deref(),
-                    limit: PAGE,
-                },
-            )
-            .await?;
-        for stored in &page {
-            out.push(stored.doc_json()?);
-        }
-        match page.last() {
-            Some(last) if page.len() == PAGE => after = Some(last.key.clone()),
-            _ => return Ok(out),
-        }
+        credentials
     }
 }
 
@@ -298,28 +270,17 @@ impl CredentialCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The instance's credentials as of now: one read of the version, and a rebuild when it
-    /// changed.
-    pub async fn get(
-        &self,
-        state: &AppState,
-        instance: &str,
-    ) -> Result<Arc<Credentials>, DomainError> {
-        let version = state
-            .store
-            .get(instance, Kind::CredentialsVersion, VERSION_KEY)
-            .await?
-            .map(|stored| stored.etag);
-        if let Some(cached) = self.entries().get(instance)
-            && cached.version == version
-        {
-            return Ok(cached.clone());
-        }
-        // Read after the version: what is loaded is at least as new as the version it is
-        // kept under, so a change made meanwhile shows at the next read.
-        let fresh = Arc::new(Credentials::load(state, instance, version).await?);
-        self.entries().insert(instance.to_owned(), fresh.clone());
-        Ok(fresh)
+    /// The instance's credentials if they were built as of `version`.
+    pub fn current(&self, instance: &str, version: Option<&str>) -> Option<Arc<Credentials>> {
+        self.entries()
+            .get(instance)
+            .filter(|cached| cached.version.as_deref() == version)
+            .cloned()
+    }
+
+    /// Keeps `credentials` for `instance`.
+    pub fn keep(&self, instance: &str, credentials: Arc<Credentials>) {
+        self.entries().insert(instance.to_owned(), credentials);
     }
 
     /// Forgets an instance (it was deleted).
