@@ -1,6 +1,8 @@
 //! The ceiling: a server built from the service's own TLS configuration (optional client
 //! certificates included) and accept loop, answering the device requests with canned answers
 //! and doing no other work. What it sustains is the most the service could on this machine.
+//! It runs as its own process (`dps-load serve-ceiling`), so that its CPU per request is read
+//! from `/proc` exactly like the service's, apart from the load generator's.
 //! TPM devices get a challenge too: a real activation blob for their keys, made once per TPM
 //! and then served from memory.
 
@@ -29,13 +31,10 @@ use tokio::task::JoinHandle;
 pub struct CeilingServer {
     /// `https://localhost:{port}`.
     pub endpoint: String,
-    /// Any scope works; this one is used.
-    pub id_scope: String,
     /// The CA its certificate chains to.
     pub ca_certificate: PathBuf,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
-    _dir: tempfile::TempDir,
 }
 
 impl CeilingServer {
@@ -113,10 +112,12 @@ async fn operation(Path((_, id, op)): Path<(String, String, String)>) -> impl In
     }))
 }
 
-/// Starts a ceiling server on an ephemeral port of 127.0.0.1.
-pub async fn start() -> anyhow::Result<CeilingServer> {
-    let dir = tempfile::tempdir()?;
-    let tls = TlsMaterial::load(&TlsConfig::default(), dir.path(), &[])?;
+/// Starts a ceiling server on `listen`, its TLS material (the CA devices trust) in `dir`.
+pub async fn start(
+    listen: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> anyhow::Result<CeilingServer> {
+    let tls = TlsMaterial::load(&TlsConfig::default(), dir, &[])?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
     let router = Router::new()
         .route("/{scope}/registrations/{id}/register", put(register))
@@ -125,7 +126,7 @@ pub async fn start() -> anyhow::Result<CeilingServer> {
             get(operation),
         )
         .with_state(Challenges::default());
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = TcpListener::bind(listen).await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(dps_listener::serve(
@@ -138,10 +139,8 @@ pub async fn start() -> anyhow::Result<CeilingServer> {
     ));
     Ok(CeilingServer {
         endpoint: format!("https://localhost:{port}"),
-        id_scope: "0ne00CE1L1N".into(),
         ca_certificate: tls.ca_certificate,
         stop,
         task,
-        _dir: dir,
     })
 }

@@ -2,7 +2,7 @@
 //! a fresh TLS connection per device.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,18 +16,18 @@ use base64::engine::general_purpose::STANDARD;
 use clap::ValueEnum;
 use dps_admin_client::Collection;
 use dps_protocol::enrollment::{BulkMode, EnrollmentGroup};
+use hyper::Method;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::connection::{Connection, Endpoint};
 use crate::report::{Percentiles, Report};
 
 /// Most enrollments per bulk request (the server's default `limits.max_bulk_items`).
 const BULK: usize = 1000;
-/// Time allowed for one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -35,22 +35,83 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// TLS for devices: trust `ca_cert`, optionally present a certificate.
+/// How simulated devices check the server's certificate.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// Against this CA (PEM file), as a device does.
+    Ca(PathBuf),
+    /// Not at all: the light client of benchmarks, which skips verifying the certificate chain
+    /// and the handshake signature so that the load generator costs less than what it measures.
+    Unverified,
+}
+
+/// TLS for devices: the server checked as `trust` says, optionally a certificate presented.
 fn tls_config(
-    ca_cert: &Path,
+    trust: &Trust,
     identity: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
 ) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_cert)
-        .with_context(|| format!("reading {}", ca_cert.display()))?
-    {
-        roots.add(cert?)?;
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let builder = match trust {
+        Trust::Ca(ca_cert) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_file_iter(ca_cert)
+                .with_context(|| format!("reading {}", ca_cert.display()))?
+            {
+                roots.add(cert?)?;
+            }
+            rustls::ClientConfig::builder().with_root_certificates(roots)
+        }
+        Trust::Unverified => {
+            let provider = rustls::crypto::ring::default_provider();
+            rustls::ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Unverified(
+                    provider.signature_verification_algorithms,
+                )))
+        }
+    };
     Ok(match identity {
         Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key)?,
         None => builder.with_no_client_auth(),
     })
+}
+
+/// A verifier that accepts any server (benchmarks against 127.0.0.1 only).
+#[derive(Debug)]
+struct Unverified(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
 }
 
 /// The admin API, signed with a connection string's policy.
@@ -192,7 +253,7 @@ impl SoftwareCa {
         })
     }
 
-    fn device(&self, id: &str, ca_cert: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    fn device(&self, id: &str, trust: &Trust) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::default();
         params
@@ -202,7 +263,7 @@ impl SoftwareCa {
         let cert = params.signed_by(&key, &self.issuer)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Ok(Arc::new(tls_config(
-            ca_cert,
+            trust,
             Some((cert.der().clone(), key)),
         )?))
     }
@@ -241,8 +302,8 @@ async fn enroll_individually(
 
 impl Fleet {
     /// Devices for the ceiling server, which checks nothing: credentials are made locally.
-    pub fn for_ceiling(mode: Mode, n: usize, ca_cert: &Path) -> anyhow::Result<Self> {
-        let plain = Arc::new(tls_config(ca_cert, None)?);
+    pub fn for_ceiling(mode: Mode, n: usize, trust: &Trust) -> anyhow::Result<Self> {
+        let plain = Arc::new(tls_config(trust, None)?);
         let ca = (mode == Mode::X509).then(SoftwareCa::new).transpose()?;
         let tpms = if mode == Mode::Tpm {
             tpm_pool()?
@@ -254,7 +315,7 @@ impl Fleet {
             .enumerate()
             .map(|(i, id)| {
                 let proof = match (&ca, tpms.get(i % TPM_POOL)) {
-                    (Some(ca), _) => Proof::Certificate(ca.device(&id, ca_cert)?),
+                    (Some(ca), _) => Proof::Certificate(ca.device(&id, trust)?),
                     (None, Some(tpm)) => Proof::Tpm(tpm.clone()),
                     (None, None) => Proof::Sas(SymmetricKey::generate()?),
                 };
@@ -273,9 +334,9 @@ impl Fleet {
         admin: &Admin,
         mode: Mode,
         n: usize,
-        ca_cert: &Path,
+        trust: &Trust,
     ) -> anyhow::Result<Self> {
-        let plain = Arc::new(tls_config(ca_cert, None)?);
+        let plain = Arc::new(tls_config(trust, None)?);
         let ids = ids(mode, n);
         let group_id = format!("{}-group", ids.first().map_or("load", |s| s.as_str()));
         let devices = match mode {
@@ -328,7 +389,7 @@ impl Fleet {
                 ids.into_iter()
                     .map(|id| {
                         Ok(SimDevice {
-                            proof: Proof::Certificate(ca.device(&id, ca_cert)?),
+                            proof: Proof::Certificate(ca.device(&id, trust)?),
                             id,
                         })
                     })
@@ -350,7 +411,7 @@ impl Fleet {
         id_scope: &str,
         concurrency: usize,
         poll: Option<Duration>,
-    ) -> Report {
+    ) -> anyhow::Result<Report> {
         let total = self.devices.len();
         let concurrency = concurrency.max(1);
         let done = Arc::new(AtomicUsize::new(0));
@@ -377,7 +438,7 @@ impl Fleet {
         };
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
-        let endpoint: Arc<str> = endpoint.trim_end_matches('/').into();
+        let endpoint = Arc::new(Endpoint::resolve(endpoint).await?);
         let scope: Arc<str> = id_scope.into();
         for device in self.devices {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -419,7 +480,7 @@ impl Fleet {
         let elapsed = started.elapsed();
         finished.store(true, Ordering::Relaxed);
         let _ = progress.await;
-        Report {
+        Ok(Report {
             target: target.to_owned(),
             mode: format!("{:?}", self.mode).to_ascii_lowercase(),
             devices: total,
@@ -430,28 +491,25 @@ impl Fleet {
             throughput_per_sec: registration.len() as f64 / elapsed.as_secs_f64().max(1e-9),
             registration_ms: Percentiles::of(&mut registration),
             first_request_ms: Percentiles::of(&mut first_request),
-        }
+            cpu: Vec::new(),
+        })
     }
 }
 
 /// One device's registration; its durations (whole, first request) or an error code.
 async fn register_one(
-    endpoint: &str,
+    endpoint: &Endpoint,
     scope: &str,
     device: &SimDevice,
     config: Arc<rustls::ClientConfig>,
     poll: Option<Duration>,
 ) -> Result<(Duration, Duration), String> {
     let started = Instant::now();
-    // A client of its own: a new connection and TLS handshake, as on first boot.
-    let client = reqwest::Client::builder()
-        .tls_backend_preconfigured((*config).clone())
-        .timeout(REQUEST_TIMEOUT)
-        .build()
-        .map_err(|_| "client".to_owned())?;
+    // A connection of its own: a new TLS handshake, as on first boot.
+    let mut connection = Connection::open(endpoint, config).await?;
     let resource = encode_uri_component(&format!("{scope}/registrations/{}", device.id));
-    let base = format!("{endpoint}/{scope}/registrations/{}", device.id);
-    let register_url = format!("{base}/register?api-version=2021-06-01");
+    let base = format!("/{scope}/registrations/{}", device.id);
+    let register_path = format!("{base}/register?api-version=2021-06-01");
     let mut body = json!({ "registrationId": device.id });
     // A TPM device answers the challenge first; its key then signs the tokens.
     let key = match &device.proof {
@@ -459,8 +517,9 @@ async fn register_one(
         Proof::Certificate(_) => None,
         Proof::Tpm(tpm) => {
             body["tpm"] = tpm_keys(tpm);
-            let (status, challenge, _) =
-                answer(client.put(&register_url).json(&body).send().await).await?;
+            let (status, challenge, _) = connection
+                .send(Method::PUT, &register_path, None, Some(&body))
+                .await?;
             let blob = challenge["authenticationKey"]
                 .as_str()
                 .and_then(|b| STANDARD.decode(b).ok())
@@ -473,32 +532,24 @@ async fn register_one(
             Some(key)
         }
     };
-    let authorize = |request: reqwest::RequestBuilder| match &key {
-        Some(key) => request.header(
-            "Authorization",
-            sign(&resource, key, unix_now() + 3600, Some("registration")),
-        ),
-        None => request,
-    };
-    let sent = authorize(client.put(&register_url))
-        .json(&body)
-        .send()
-        .await;
-    let (status, body, after) = answer(sent).await?;
+    let token = key
+        .as_ref()
+        .map(|key| sign(&resource, key, unix_now() + 3600, Some("registration")));
+    let (status, body, after) = connection
+        .send(Method::PUT, &register_path, token.as_deref(), Some(&body))
+        .await?;
     let first = started.elapsed();
     if status != 202 {
         return Err(error_code("http", status, &body));
     }
     let operation = body["operationId"].as_str().unwrap_or_default().to_owned();
+    let poll_path = format!("{base}/operations/{operation}?api-version=2021-06-01");
     let mut wait = poll.or(after).unwrap_or(Duration::from_secs(1));
     loop {
         tokio::time::sleep(wait).await;
-        let sent = authorize(client.get(format!(
-            "{base}/operations/{operation}?api-version=2021-06-01"
-        )))
-        .send()
-        .await;
-        let (status, body, after) = answer(sent).await?;
+        let (status, body, after) = connection
+            .send(Method::GET, &poll_path, token.as_deref(), None)
+            .await?;
         match (status, body["status"].as_str()) {
             (202, _) => wait = poll.or(after).unwrap_or(Duration::from_secs(1)),
             (200, Some("assigned")) => return Ok((started.elapsed(), first)),
@@ -511,27 +562,6 @@ async fn register_one(
             _ => return Err(error_code("http", status, &body)),
         }
     }
-}
-
-async fn answer(
-    sent: Result<reqwest::Response, reqwest::Error>,
-) -> Result<(u16, Value, Option<Duration>), String> {
-    let response = sent.map_err(|e| {
-        if e.is_timeout() {
-            "timeout".to_owned()
-        } else {
-            "connect".to_owned()
-        }
-    })?;
-    let status = response.status().as_u16();
-    let after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let body = response.json::<Value>().await.unwrap_or(Value::Null);
-    Ok((status, body, after))
 }
 
 fn error_code(kind: &str, status: u16, body: &Value) -> String {

@@ -5,12 +5,18 @@
 //! - `dps-load run`: against a running server. It creates the enrollments it needs through the
 //!   admin API (individual symmetric-key enrollments in bulk, a symmetric-key group, or an X.509
 //!   group with a CA whose device certificates it issues in software).
-//! - `dps-load ceiling`: against a minimal server built from the same TLS stack and accept loop,
-//!   answering the same requests with canned answers: the most this machine could do.
-//! - `dps-load run --compare-ceiling`: both in one process, and the service's rate as a ratio
-//!   of the ceiling's (compare ratios, not absolute rates, across machines).
+//! - `dps-load serve-ceiling`: a minimal server built from the same TLS stack and accept loop,
+//!   answering the same requests with canned answers: the most this machine could do. It is a
+//!   process of its own, so that its CPU is measured like the service's.
+//! - `dps-load ceiling`: the same devices against that ceiling (they need no enrollments).
+//!
+//! `--light` skips verifying the server's certificate, so that the generator costs less than
+//! what it measures (benchmarks only). `scripts/bench-load.sh` runs both and compares the CPU
+//! each server spent per registration.
 
 mod ceiling;
+mod connection;
+mod cpu;
 mod devices;
 mod report;
 
@@ -21,7 +27,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::devices::{Fleet, Mode};
+use crate::devices::{Fleet, Mode, Trust};
 use crate::report::Report;
 
 #[derive(Debug, Parser)]
@@ -35,8 +41,11 @@ struct Cli {
 enum Command {
     /// Register simulated devices with a running server.
     Run(RunArgs),
-    /// Register simulated devices with a canned in-process server (the ceiling).
-    Ceiling(LoadArgs),
+    /// Register simulated devices with a running ceiling server (`serve-ceiling`).
+    Ceiling(CeilingArgs),
+    /// Serve the ceiling until SIGINT or SIGTERM: the service's TLS configuration and accept
+    /// loop with canned answers.
+    ServeCeiling(ServeCeilingArgs),
     /// Create many individual enrollments through the bulk admin API and report the rate (the
     /// scale benchmark's first half; its devices never register).
     Import(ImportArgs),
@@ -52,6 +61,28 @@ struct ImportArgs {
     concurrency: usize,
     #[command(flatten)]
     server: ServerArgs,
+}
+
+#[derive(Debug, Args)]
+struct CeilingArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// The ceiling's base URL.
+    #[arg(long, default_value = "https://localhost:8444")]
+    endpoint: String,
+    /// The CA the ceiling printed (not needed with `--light`).
+    #[arg(long, required_unless_present = "light")]
+    ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeCeilingArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    listen: std::net::SocketAddr,
+    /// Directory for its TLS material (created if missing; the CA is `ca.pem` there).
+    #[arg(long)]
+    dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +123,55 @@ struct LoadArgs {
     /// Report format.
     #[arg(long, value_enum, default_value = "text")]
     output: Output,
+    /// Do not verify the server's certificate (benchmarks against 127.0.0.1 only): the light
+    /// client, so that the load generator is not the bottleneck.
+    #[arg(long)]
+    light: bool,
+    /// Report the CPU this process spent during the registrations (repeatable).
+    #[arg(long = "cpu-pid", value_name = "PID")]
+    cpu_pids: Vec<u32>,
+    /// Report the CPU every process of this command name spent (repeatable; `postgres`).
+    #[arg(long = "cpu-command", value_name = "NAME")]
+    cpu_commands: Vec<String>,
+}
+
+impl LoadArgs {
+    /// Registers `fleet` with the server at `endpoint`, reading the CPU of the processes named
+    /// by the options before and after.
+    async fn register(
+        &self,
+        fleet: Fleet,
+        target: &str,
+        endpoint: &str,
+        scope: &str,
+    ) -> anyhow::Result<Report> {
+        let targets: Vec<cpu::Target> = self
+            .cpu_pids
+            .iter()
+            .map(|&pid| cpu::Target::Pid(pid))
+            .chain(self.cpu_commands.iter().cloned().map(cpu::Target::Command))
+            .collect();
+        let before = cpu::before(&targets).context("reading /proc")?;
+        let mut report = fleet
+            .register_all(
+                target,
+                endpoint,
+                scope,
+                self.concurrency,
+                self.poll_ms.map(Duration::from_millis),
+            )
+            .await?;
+        report.cpu = before.spent(report.assigned).context("reading /proc")?;
+        Ok(report)
+    }
+
+    fn trust(&self, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Trust> {
+        match (self.light, ca_cert) {
+            (true, _) => Ok(Trust::Unverified),
+            (false, Some(ca)) => Ok(Trust::Ca(ca.to_owned())),
+            (false, None) => anyhow::bail!("--ca-cert is needed unless --light"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -103,93 +183,69 @@ struct RunArgs {
     /// The instance's ID scope (printed at start).
     #[arg(long, env = "DPS_ID_SCOPE")]
     id_scope: String,
-    /// Also measure the ceiling in this process and report the ratio.
-    #[arg(long)]
-    compare_ceiling: bool,
 }
 
-fn print(output: Output, reports: &[Report]) -> anyhow::Result<()> {
+fn print(output: Output, report: &Report) -> anyhow::Result<()> {
     match output {
-        Output::Json => {
-            let ratio = ceiling_ratio(reports);
-            let value = serde_json::json!({ "runs": reports, "ratioOfCeiling": ratio });
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        }
-        Output::Text => {
-            for report in reports {
-                println!("{report}");
-            }
-            if let Some(ratio) = ceiling_ratio(reports) {
-                println!("service / ceiling throughput: {ratio:.3}");
-            }
-        }
+        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
+        Output::Text => println!("{report}"),
     }
     Ok(())
 }
 
-fn ceiling_ratio(reports: &[Report]) -> Option<f64> {
-    let ceiling = reports.iter().find(|r| r.target == "ceiling")?;
-    let service = reports.iter().find(|r| r.target == "service")?;
-    (ceiling.throughput_per_sec > 0.0)
-        .then(|| service.throughput_per_sec / ceiling.throughput_per_sec)
-}
-
-async fn measure_ceiling(load: &LoadArgs) -> anyhow::Result<Report> {
-    let server = ceiling::start().await?;
-    let fleet = Fleet::for_ceiling(load.mode, load.devices, &server.ca_certificate)?;
-    let report = fleet
-        .register_all(
-            "ceiling",
-            &server.endpoint,
-            &server.id_scope,
-            load.concurrency,
-            load.poll_ms.map(Duration::from_millis),
-        )
-        .await;
+/// Serves the ceiling until SIGINT or SIGTERM.
+async fn serve_ceiling(args: &ServeCeilingArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let server = ceiling::start(args.listen, &args.dir).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "listening: {}", server.endpoint)?;
+    writeln!(out, "ca-certificate: {}", server.ca_certificate.display())?;
+    out.flush()?;
+    drop(out);
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
     server.stop().await;
-    Ok(report)
+    Ok(())
 }
 
 async fn main_async(cli: Cli) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
-        Command::Ceiling(load) => {
-            let report = measure_ceiling(&load).await?;
-            print(load.output, &[report])
+        Command::ServeCeiling(args) => serve_ceiling(&args).await,
+        Command::Ceiling(args) => {
+            let trust = args.load.trust(args.ca_cert.as_deref())?;
+            let fleet = Fleet::for_ceiling(args.load.mode, args.load.devices, &trust)?;
+            // The ceiling answers any scope.
+            let report = args
+                .load
+                .register(fleet, "ceiling", &args.endpoint, "0ne00CE1L1N")
+                .await?;
+            print(args.load.output, &report)
         }
         Command::Run(args) => {
-            let mut reports = Vec::new();
-            if args.compare_ceiling {
-                reports.push(measure_ceiling(&args.load).await?);
-            }
             let admin = devices::admin(
                 &args.server.endpoint,
                 &args.server.connection_string,
                 &args.server.ca_cert,
             )?;
+            let trust = args.load.trust(Some(&args.server.ca_cert))?;
             eprintln!(
                 "creating {} {:?} enrollments...",
                 args.load.devices, args.load.mode
             );
-            let fleet = Fleet::enroll(
-                &admin,
-                args.load.mode,
-                args.load.devices,
-                &args.server.ca_cert,
-            )
-            .await
-            .context("creating the enrollments")?;
-            let report = fleet
-                .register_all(
-                    "service",
-                    &args.server.endpoint,
-                    &args.id_scope,
-                    args.load.concurrency,
-                    args.load.poll_ms.map(Duration::from_millis),
-                )
-                .await;
-            reports.push(report);
-            print(args.load.output, &reports)
+            let fleet = Fleet::enroll(&admin, args.load.mode, args.load.devices, &trust)
+                .await
+                .context("creating the enrollments")?;
+            let report = args
+                .load
+                .register(fleet, "service", &args.server.endpoint, &args.id_scope)
+                .await?;
+            print(args.load.output, &report)
         }
         Command::Import(args) => {
             let server = &args.server;

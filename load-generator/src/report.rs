@@ -65,6 +65,9 @@ pub struct Report {
     pub registration_ms: Percentiles,
     /// The first request (`PUT .../register`) alone, including the TLS handshake.
     pub first_request_ms: Percentiles,
+    /// CPU of the processes named by `--cpu-pid` and `--cpu-command` during the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cpu: Vec<crate::cpu::Spent>,
 }
 
 impl fmt::Display for Report {
@@ -88,6 +91,13 @@ impl fmt::Display for Report {
         )?;
         writeln!(f, "  registration:  {}", p(&self.registration_ms))?;
         write!(f, "  first request: {}", p(&self.first_request_ms))?;
+        for spent in &self.cpu {
+            write!(
+                f,
+                "\n  cpu of {}: {:.2} s, {:.0} µs per registration",
+                spent.of, spent.cpu_secs, spent.us_per_registration
+            )?;
+        }
         for (code, count) in &self.errors {
             write!(f, "\n  error {code}: {count}")?;
         }

@@ -82,6 +82,11 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs `dps-server serve ARGS` in `cwd` with `env`, and waits for its start-up lines.
     pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut command = Command::new(server_binary()?);

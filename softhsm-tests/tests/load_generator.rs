@@ -21,6 +21,52 @@ fn report(args: &[&str]) -> Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// A `dps-load serve-ceiling` process, killed on drop.
+struct Ceiling {
+    child: std::process::Child,
+    endpoint: String,
+    ca_certificate: String,
+}
+
+impl Ceiling {
+    fn start(dir: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let port = free_port().unwrap();
+        let mut child = Command::new(load_binary().unwrap())
+            .args([
+                "serve-ceiling",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--dir",
+            ])
+            .arg(dir.join("ceiling"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut field = |name: &str| {
+            let line = lines.next().unwrap().unwrap();
+            line.strip_prefix(name)
+                .unwrap_or_else(|| panic!("{line}"))
+                .to_owned()
+        };
+        let endpoint = field("listening: ");
+        let ca_certificate = field("ca-certificate: ");
+        Self {
+            child,
+            endpoint,
+            ca_certificate,
+        }
+    }
+}
+
+impl Drop for Ceiling {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[test]
 fn every_mode_registers_against_the_service_and_the_ceiling() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,17 +86,9 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
         .unwrap();
     let endpoint = format!("https://localhost:{port}");
     let ca = server.ca_certificate.to_str().unwrap().to_owned();
+    let ceiling = Ceiling::start(dir.path());
     for mode in ["individual", "group", "x509", "tpm"] {
-        let answer = report(&[
-            "run",
-            "--endpoint",
-            &endpoint,
-            "--connection-string",
-            &server.connection_string,
-            "--id-scope",
-            &server.id_scope,
-            "--ca-cert",
-            &ca,
+        let load = [
             "--devices",
             "12",
             "--concurrency",
@@ -59,13 +97,69 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
             mode,
             "--poll-ms",
             "20",
-            "--compare-ceiling",
-            "--output",
-            "json",
-        ]);
-        let runs = answer["runs"].as_array().unwrap();
-        assert_eq!(runs.len(), 2, "{answer}");
-        for run in runs {
+        ];
+        let service = report(
+            &[
+                &[
+                    "run",
+                    "--endpoint",
+                    &endpoint,
+                    "--connection-string",
+                    &server.connection_string,
+                    "--id-scope",
+                    &server.id_scope,
+                    "--ca-cert",
+                    &ca,
+                    "--cpu-pid",
+                    &server.pid().to_string(),
+                    "--output",
+                    "json",
+                ][..],
+                &load,
+            ]
+            .concat(),
+        );
+        // The server's CPU during the registrations, per registration.
+        let cpu = &service["cpu"][0];
+        assert_eq!(cpu["of"], format!("pid {}", server.pid()), "{service}");
+        assert!(cpu["cpuSecs"].as_f64().unwrap() > 0.0, "{service}");
+        assert!(cpu["usPerRegistration"].as_f64().is_some(), "{service}");
+        // Against the ceiling process, verifying its certificate and (the light client) not.
+        let verified = report(
+            &[
+                &[
+                    "ceiling",
+                    "--endpoint",
+                    &ceiling.endpoint,
+                    "--ca-cert",
+                    &ceiling.ca_certificate,
+                    "--output",
+                    "json",
+                ][..],
+                &load,
+            ]
+            .concat(),
+        );
+        let light = report(
+            &[
+                &[
+                    "ceiling",
+                    "--endpoint",
+                    &ceiling.endpoint,
+                    "--light",
+                    "--output",
+                    "json",
+                ][..],
+                &load,
+            ]
+            .concat(),
+        );
+        for (target, run) in [
+            ("service", &service),
+            ("ceiling", &verified),
+            ("ceiling", &light),
+        ] {
+            assert_eq!(run["target"], target, "{mode}: {run}");
             assert_eq!(run["assigned"], 12, "{mode}: {run}");
             assert_eq!(run["errors"], serde_json::json!({}), "{mode}: {run}");
             assert!(run["registrationMs"]["p50"].as_f64().unwrap() > 0.0);
@@ -75,8 +169,21 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
             );
             assert!(max >= p99, "{mode}: {run}");
         }
-        assert!(answer["ratioOfCeiling"].as_f64().unwrap() > 0.0, "{answer}");
     }
+    // A run that cannot reach its server reports every device as failed.
+    let output = Command::new(load_binary().unwrap())
+        .args([
+            "ceiling",
+            "--endpoint",
+            &endpoint.replace(&port.to_string(), "1"),
+            "--light",
+        ])
+        .args(["--devices", "1", "--output", "json"])
+        .output()
+        .unwrap();
+    let failed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(failed["assigned"], 0, "{failed}");
+    assert_eq!(failed["errors"]["connect"], 1, "{failed}");
     // The scale benchmark's import: more than one bulk request's worth.
     let output = Command::new(load_binary().unwrap())
         .args([
