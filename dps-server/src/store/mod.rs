@@ -200,6 +200,14 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl StoreError {
+    /// A transaction the database aborted because it could not be serialised (SQLSTATE
+    /// 40001): retrying it is safe.
+    pub fn is_serialization_failure(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40001"))
+    }
+}
+
 /// The storage trait the rest of the server uses.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + fmt::Debug {

@@ -1,11 +1,13 @@
-//! The [`Store`] over sqlx's `Any` driver: the same portable SQL runs on SQLite and PostgreSQL;
-//! each backend has its own migrations.
+//! The [`Store`] over sqlx's native SQLite and PostgreSQL pools: the same portable SQL runs on
+//! both (written once; [`on_pool!`] and [`on_tx!`] instantiate it per backend), each connection
+//! keeps its prepared statements, and each backend has its own migrations.
 
 use std::borrow::Cow;
 
-use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{Any, AnyPool, Row, SqlSafeStr, Transaction};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -14,6 +16,8 @@ use super::{BulkDoc, Kind, Page, Precondition, Store, StoreError, Stored, Write}
 /// Rows per statement of a bulk upsert: 8 parameters each stays far below SQLite's 32,766 and
 /// PostgreSQL's 65,535 parameters per statement.
 const BULK_ROWS: usize = 500;
+/// How often a transaction aborted as not serialisable (SQLSTATE 40001) is run again.
+const SERIALIZATION_RETRIES: usize = 5;
 
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -40,11 +44,6 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// Per-connection SQLite settings: WAL (readers never block the writer), a busy timeout so
-/// that concurrent writers wait instead of failing, and the usual WAL durability level.
-const SQLITE_PRAGMAS: &str =
-    "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL;";
-
 /// A parent's children, in key order. Without statistics SQLite's planner prefers the primary
 /// key (it gives the order) and reads every document of the kind to filter on the parent, which
 /// made each registration read all operations; on SQLite the parent index is named.
@@ -62,18 +61,71 @@ const LIST_BY_PARENT_AFTER_SQLITE: &str = "SELECT key, doc, etag, created_at, up
 /// SQLite or PostgreSQL through one connection pool.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
-    pool: AnyPool,
-    backend: &'static str,
+    pool: Pool,
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// A transaction of either backend.
+enum Tx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Postgres(Transaction<'static, Postgres>),
+}
+
+/// Runs `$body` with `$p` bound to the backend's pool: the code is written once and compiled
+/// for each backend's types.
+macro_rules! on_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+/// [`on_pool!`] for a transaction: `$t` is the backend's open transaction.
+macro_rules! on_tx {
+    ($tx:expr, $t:ident => $body:expr) => {
+        match $tx {
+            Tx::Sqlite($t) => $body,
+            Tx::Postgres($t) => $body,
+        }
+    };
 }
 
 impl SqlStore {
     /// Connects to `url` (`sqlite://...` or `postgres://...`) and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        sqlx::any::install_default_drivers();
-        let (backend, migrations, max_connections) = if url.starts_with("sqlite:") {
-            ("sqlite", SQLITE_MIGRATIONS, 8)
+        let (pool, migrations) = if url.starts_with("sqlite:") {
+            if let Some(path) = sqlite_file(url) {
+                dps_listener::files::private_file(std::path::Path::new(path)).map_err(|e| {
+                    StoreError::Database(sqlx::Error::Configuration(
+                        format!("creating the SQLite database {path}: {e}").into(),
+                    ))
+                })?;
+            }
+            // WAL (readers never block the writer), a busy timeout so that concurrent writers
+            // wait instead of failing, and the usual WAL durability level.
+            let options: SqliteConnectOptions = url.parse()?;
+            let options = options
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .busy_timeout(std::time::Duration::from_secs(10))
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .connect_with(options)
+                .await?;
+            (Pool::Sqlite(pool), SQLITE_MIGRATIONS)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            ("postgres", POSTGRES_MIGRATIONS, 16)
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .connect(url)
+                .await?;
+            (Pool::Postgres(pool), POSTGRES_MIGRATIONS)
         } else {
             let scheme = url.split(':').next().unwrap_or_default();
             return Err(StoreError::Database(sqlx::Error::Configuration(
@@ -81,26 +133,6 @@ impl SqlStore {
                     .into(),
             )));
         };
-        let is_sqlite = backend == "sqlite";
-        if is_sqlite && let Some(path) = sqlite_file(url) {
-            dps_listener::files::private_file(std::path::Path::new(path)).map_err(|e| {
-                StoreError::Database(sqlx::Error::Configuration(
-                    format!("creating the SQLite database {path}: {e}").into(),
-                ))
-            })?;
-        }
-        let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if is_sqlite {
-                        sqlx::raw_sql(SQLITE_PRAGMAS).execute(conn).await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(url)
-            .await?;
         let migrations = migrations
             .iter()
             .map(|(version, description, sql)| {
@@ -117,8 +149,22 @@ impl SqlStore {
         // No advisory locks (CockroachDB and YugabyteDB lack them); the migrations are
         // idempotent, so replicas starting together at worst retry.
         migrator.set_locking(false);
-        migrator.run(&pool).await?;
-        Ok(Self { pool, backend })
+        on_pool!(&pool, p => migrator.run(p).await)?;
+        Ok(Self { pool })
+    }
+
+    async fn begin(&self) -> Result<Tx, StoreError> {
+        Ok(match &self.pool {
+            Pool::Sqlite(p) => Tx::Sqlite(p.begin().await?),
+            Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
+        })
+    }
+}
+
+impl Tx {
+    async fn commit(self) -> Result<(), StoreError> {
+        on_tx!(self, t => t.commit().await)?;
+        Ok(())
     }
 }
 
@@ -141,7 +187,11 @@ fn new_etag() -> String {
     format!("\"{}\"", uuid::Uuid::new_v4())
 }
 
-fn stored(row: &AnyRow) -> Result<Stored, StoreError> {
+fn stored<R: Row>(row: &R) -> Result<Stored, StoreError>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    &'static str: sqlx::ColumnIndex<R>,
+{
     Ok(Stored {
         key: row.try_get("key")?,
         doc: row.try_get("doc")?,
@@ -151,22 +201,31 @@ fn stored(row: &AnyRow) -> Result<Stored, StoreError> {
     })
 }
 
-async fn exists(
-    tx: &mut Transaction<'_, Any>,
-    ns: &str,
-    kind: Kind,
-    key: &str,
-) -> Result<bool, StoreError> {
-    let row = sqlx::query("SELECT 1 FROM documents WHERE ns = $1 AND kind = $2 AND key = $3")
+async fn exists(tx: &mut Tx, ns: &str, kind: Kind, key: &str) -> Result<bool, StoreError> {
+    let found = on_tx!(tx, t => sqlx::query("SELECT 1 FROM documents WHERE ns = $1 AND kind = $2 AND key = $3")
         .bind(ns)
         .bind(kind.as_str())
         .bind(key)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(row.is_some())
+        .fetch_optional(&mut **t)
+        .await?
+        .is_some());
+    Ok(found)
 }
 
-async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<Stored>, StoreError> {
+const UPSERT: &str = "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
+     ON CONFLICT (ns, kind, key) DO UPDATE SET parent = excluded.parent, \
+     doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at, \
+     tag = excluded.tag RETURNING created_at";
+const INSERT: &str = "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (ns, kind, key) DO NOTHING";
+const UPDATE_IF_MATCH: &str = "UPDATE documents SET parent = $4, doc = $5, etag = $6, updated_at = $7, tag = $9 \
+     WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $8 RETURNING created_at";
+const DELETE_IF_MATCH: &str =
+    "DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $4";
+const DELETE: &str = "DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3";
+
+async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
     match write {
         Write::Put {
             ns,
@@ -178,71 +237,46 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
             precondition,
         } => {
             let (etag, at) = (new_etag(), now());
-            let created: Option<String> = match precondition {
-                Precondition::Always => sqlx::query(
-                    "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
-                     ON CONFLICT (ns, kind, key) DO UPDATE SET parent = excluded.parent, \
-                     doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at, \
-                     tag = excluded.tag RETURNING created_at",
-                )
-                .bind(ns)
-                .bind(kind.as_str())
-                .bind(key)
-                .bind(parent.as_deref())
-                .bind(doc)
-                .bind(&etag)
-                .bind(&at)
-                .bind(tag.as_deref())
-                .fetch_optional(&mut **tx)
-                .await?
-                .map(|row| row.try_get("created_at"))
-                .transpose()?,
-                Precondition::MustNotExist => {
-                    let done = sqlx::query(
-                        "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (ns, kind, key) DO NOTHING",
-                    )
-                    .bind(ns)
-                    .bind(kind.as_str())
-                    .bind(key)
-                    .bind(parent.as_deref())
-                    .bind(doc)
-                    .bind(&etag)
-                    .bind(&at)
-                    .bind(tag.as_deref())
-                    .execute(&mut **tx)
-                    .await?;
-                    if done.rows_affected() == 0 {
-                        return Err(StoreError::Exists {
-                            kind: *kind,
-                            key: key.clone(),
-                        });
-                    }
-                    Some(at.clone())
-                }
-                Precondition::IfMatch(expected) => {
-                    let row = sqlx::query(
-                        "UPDATE documents SET parent = $4, doc = $5, etag = $6, updated_at = $7, tag = $9 \
-                         WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $8 RETURNING created_at",
-                    )
-                    .bind(ns)
-                    .bind(kind.as_str())
-                    .bind(key)
-                    .bind(parent.as_deref())
-                    .bind(doc)
-                    .bind(&etag)
-                    .bind(&at)
-                    .bind(expected)
-                    .bind(tag.as_deref())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    match row {
-                        Some(row) => Some(row.try_get("created_at")?),
-                        None => return Err(missing_or_mismatch(tx, ns, *kind, key).await?),
-                    }
-                }
+            let (sql, expected) = match precondition {
+                Precondition::Always => (UPSERT, None),
+                Precondition::MustNotExist => (INSERT, None),
+                Precondition::IfMatch(expected) => (UPDATE_IF_MATCH, Some(expected)),
             };
+            // The upsert and the conditional update return the row's creation time; the
+            // insert returns nothing and counts what it inserted.
+            let (created, touched): (Option<String>, bool) = on_tx!(tx, t => {
+                let mut query = sqlx::query(sql)
+                    .bind(ns)
+                    .bind(kind.as_str())
+                    .bind(key)
+                    .bind(parent.as_deref())
+                    .bind(doc)
+                    .bind(&etag)
+                    .bind(&at);
+                query = match expected {
+                    Some(expected) => query.bind(expected).bind(tag.as_deref()),
+                    None => query.bind(tag.as_deref()),
+                };
+                if sql == INSERT {
+                    let inserted = query.execute(&mut **t).await?.rows_affected() > 0;
+                    (None, inserted)
+                } else {
+                    let row = query.fetch_optional(&mut **t).await?;
+                    let created = row.map(|row| row.try_get("created_at")).transpose()?;
+                    let touched = created.is_some();
+                    (created, touched)
+                }
+            });
+            match (touched, precondition) {
+                (true, _) => {}
+                (false, Precondition::MustNotExist) => {
+                    return Err(StoreError::Exists {
+                        kind: *kind,
+                        key: key.clone(),
+                    });
+                }
+                (false, _) => return Err(missing_or_mismatch(tx, ns, *kind, key).await?),
+            }
             Ok(Some(Stored {
                 key: key.clone(),
                 doc: doc.clone(),
@@ -257,44 +291,41 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
             key,
             precondition,
         } => {
-            let done = match precondition {
-                Precondition::IfMatch(expected) => sqlx::query(
-                    "DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $4",
-                )
-                .bind(ns)
-                .bind(kind.as_str())
-                .bind(key)
-                .bind(expected)
-                .execute(&mut **tx)
-                .await?,
-                Precondition::Always | Precondition::MustNotExist => {
-                    sqlx::query("DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3")
+            let deleted = on_tx!(tx, t => {
+                let query = match precondition {
+                    Precondition::IfMatch(expected) => sqlx::query(DELETE_IF_MATCH)
                         .bind(ns)
                         .bind(kind.as_str())
                         .bind(key)
-                        .execute(&mut **tx)
-                        .await?
-                }
-            };
-            if done.rows_affected() == 0 {
+                        .bind(expected),
+                    Precondition::Always | Precondition::MustNotExist => sqlx::query(DELETE)
+                        .bind(ns)
+                        .bind(kind.as_str())
+                        .bind(key),
+                };
+                query.execute(&mut **t).await?.rows_affected()
+            });
+            if deleted == 0 {
                 return Err(missing_or_mismatch(tx, ns, *kind, key).await?);
             }
             Ok(None)
         }
         Write::Purge { ns, kind, key } => {
-            sqlx::query("DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3")
+            on_tx!(tx, t => sqlx::query(DELETE)
                 .bind(ns)
                 .bind(kind.as_str())
                 .bind(key)
-                .execute(&mut **tx)
-                .await?;
+                .execute(&mut **t)
+                .await?
+                .rows_affected());
             Ok(None)
         }
         Write::DeleteNamespace { ns } => {
-            sqlx::query("DELETE FROM documents WHERE ns = $1")
+            on_tx!(tx, t => sqlx::query("DELETE FROM documents WHERE ns = $1")
                 .bind(ns)
-                .execute(&mut **tx)
-                .await?;
+                .execute(&mut **t)
+                .await?
+                .rows_affected());
             Ok(None)
         }
     }
@@ -302,7 +333,7 @@ async fn apply(tx: &mut Transaction<'_, Any>, write: &Write) -> Result<Option<St
 
 /// After a conditional write touched nothing: was the document missing, or its etag different?
 async fn missing_or_mismatch(
-    tx: &mut Transaction<'_, Any>,
+    tx: &mut Tx,
     ns: &str,
     kind: Kind,
     key: &str,
@@ -318,79 +349,71 @@ async fn missing_or_mismatch(
 #[async_trait::async_trait]
 impl Store for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        on_pool!(&self.pool, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
         Ok(())
     }
 
     async fn get(&self, ns: &str, kind: Kind, key: &str) -> Result<Option<Stored>, StoreError> {
-        let row = sqlx::query(
+        on_pool!(&self.pool, p => sqlx::query(
             "SELECT key, doc, etag, created_at, updated_at FROM documents \
              WHERE ns = $1 AND kind = $2 AND key = $3",
         )
         .bind(ns)
         .bind(kind.as_str())
         .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(stored).transpose()
+        .fetch_optional(p)
+        .await?
+        .as_ref()
+        .map(stored)
+        .transpose())
     }
 
     async fn list(&self, ns: &str, kind: Kind, page: Page<'_>) -> Result<Vec<Stored>, StoreError> {
         let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
-        let query = match (page.parent, page.after) {
-            (None, None) => sqlx::query(
+        let sqlite = matches!(self.pool, Pool::Sqlite(_));
+        let sql = match (page.parent, page.after, sqlite) {
+            (None, None, _) => {
                 "SELECT key, doc, etag, created_at, updated_at FROM documents \
-                 WHERE ns = $1 AND kind = $2 ORDER BY key LIMIT $3",
-            )
-            .bind(ns)
-            .bind(kind.as_str())
-            .bind(limit),
-            (None, Some(after)) => sqlx::query(
+                 WHERE ns = $1 AND kind = $2 ORDER BY key LIMIT $3"
+            }
+            (None, Some(_), _) => {
                 "SELECT key, doc, etag, created_at, updated_at FROM documents \
-                 WHERE ns = $1 AND kind = $2 AND key > $3 ORDER BY key LIMIT $4",
-            )
-            .bind(ns)
-            .bind(kind.as_str())
-            .bind(after)
-            .bind(limit),
-            (Some(parent), None) => sqlx::query(if self.backend == "sqlite" {
-                LIST_BY_PARENT_SQLITE
-            } else {
-                LIST_BY_PARENT
-            })
-            .bind(ns)
-            .bind(kind.as_str())
-            .bind(parent)
-            .bind(limit),
-            (Some(parent), Some(after)) => sqlx::query(if self.backend == "sqlite" {
-                LIST_BY_PARENT_AFTER_SQLITE
-            } else {
-                LIST_BY_PARENT_AFTER
-            })
-            .bind(ns)
-            .bind(kind.as_str())
-            .bind(parent)
-            .bind(after)
-            .bind(limit),
+                 WHERE ns = $1 AND kind = $2 AND key > $3 ORDER BY key LIMIT $4"
+            }
+            (Some(_), None, true) => LIST_BY_PARENT_SQLITE,
+            (Some(_), None, false) => LIST_BY_PARENT,
+            (Some(_), Some(_), true) => LIST_BY_PARENT_AFTER_SQLITE,
+            (Some(_), Some(_), false) => LIST_BY_PARENT_AFTER,
         };
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter().map(stored).collect()
+        on_pool!(&self.pool, p => {
+            let mut query = sqlx::query(sql).bind(ns).bind(kind.as_str());
+            if let Some(parent) = page.parent {
+                query = query.bind(parent);
+            }
+            if let Some(after) = page.after {
+                query = query.bind(after);
+            }
+            query.bind(limit).fetch_all(p).await?.iter().map(stored).collect()
+        })
     }
 
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut results = Vec::with_capacity(writes.len());
-        for write in writes {
-            // An early return drops the transaction, which rolls it back.
-            results.push(apply(&mut tx, write).await?);
+        let mut attempt = 0;
+        loop {
+            match self.write_once(writes).await {
+                // Distributed PostgreSQL-compatible engines abort a transaction that would not
+                // serialise; it holds no effect, so it is run again.
+                Err(e) if e.is_serialization_failure() && attempt < SERIALIZATION_RETRIES => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
         }
-        tx.commit().await?;
-        Ok(results)
     }
 
     async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError> {
         let at = now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin().await?;
         for chunk in docs.chunks(BULK_ROWS) {
             let rows: Vec<String> = (0..chunk.len())
                 .map(|i| {
@@ -412,41 +435,58 @@ impl Store for SqlStore {
                  tag = excluded.tag",
                 rows.join(", ")
             );
-            // The statement holds only placeholders; every value is bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(ns)
-                .bind(kind.as_str())
-                .bind(&at);
-            for doc in chunk {
-                query = query
-                    .bind(&doc.key)
-                    .bind(doc.parent.as_deref())
-                    .bind(&doc.doc)
-                    .bind(new_etag())
-                    .bind(doc.tag.as_deref());
-            }
-            query.execute(&mut *tx).await?;
+            on_tx!(&mut tx, t => {
+                // The statement holds only placeholders; every value is bound.
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(ns)
+                    .bind(kind.as_str())
+                    .bind(&at);
+                for doc in chunk {
+                    query = query
+                        .bind(&doc.key)
+                        .bind(doc.parent.as_deref())
+                        .bind(&doc.doc)
+                        .bind(new_etag())
+                        .bind(doc.tag.as_deref());
+                }
+                query.execute(&mut **t).await?.rows_affected()
+            });
         }
-        tx.commit().await?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn count_by_tag(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query(
+        on_pool!(&self.pool, p => sqlx::query(
             "SELECT tag, COUNT(*) AS n FROM documents \
              WHERE ns = $1 AND kind = $2 AND tag IS NOT NULL GROUP BY tag ORDER BY tag",
         )
         .bind(ns)
         .bind(kind.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("tag")?, row.try_get("n")?)))
-            .collect()
+        .fetch_all(p)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("tag")?, row.try_get("n")?)))
+        .collect())
     }
 
     fn backend(&self) -> &'static str {
-        self.backend
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+}
+
+impl SqlStore {
+    async fn write_once(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut results = Vec::with_capacity(writes.len());
+        for write in writes {
+            // An early return drops the transaction, which rolls it back.
+            results.push(apply(&mut tx, write).await?);
+        }
+        tx.commit().await?;
+        Ok(results)
     }
 }
 
@@ -475,7 +515,10 @@ mod tests {
                 .bind("parent")
                 .bind("key")
                 .bind(10i64)
-                .fetch_all(&store.pool)
+                .fetch_all(match &store.pool {
+                    Pool::Sqlite(p) => p,
+                    Pool::Postgres(_) => unreachable!("a SQLite URL"),
+                })
                 .await
                 .unwrap();
             let plan: Vec<String> = rows

@@ -56,10 +56,9 @@ pub async fn fresh_database(backend: Backend, dir: &TempDir) -> String {
             dir.path().join("test.sqlite").display()
         ),
         Backend::Postgres => {
-            sqlx::any::install_default_drivers();
             let admin = postgres_admin_url();
             let name = format!("dps_test_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::AnyConnection::connect(&admin).await.unwrap();
+            let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
             sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&mut conn)
                 .await
