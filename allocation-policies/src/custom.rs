@@ -146,6 +146,10 @@ enum Outcome {
 
 #[async_trait::async_trait]
 impl AllocationPolicy for CustomWebhook {
+    fn calls_out(&self) -> bool {
+        true
+    }
+
     async fn allocate(
         &self,
         device: &Device<'_>,

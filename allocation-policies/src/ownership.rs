@@ -63,6 +63,12 @@ impl Ownership {
 
 #[async_trait::async_trait]
 impl AllocationPolicy for Ownership {
+    fn calls_out(&self) -> bool {
+        self.fallback
+            .as_ref()
+            .is_some_and(|(_, fallback)| fallback.calls_out())
+    }
+
     async fn allocate(
         &self,
         device: &Device<'_>,

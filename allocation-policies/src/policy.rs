@@ -88,6 +88,12 @@ pub trait AllocationPolicy: Send + Sync + fmt::Debug {
         device: &Device<'_>,
         candidates: &[Candidate],
     ) -> Result<Allocation, PolicyError>;
+
+    /// Whether allocating may wait on another service (a webhook). The server then answers
+    /// the device before the allocation finishes, instead of deciding within its request.
+    fn calls_out(&self) -> bool {
+        false
+    }
 }
 
 /// Evenly weighted distribution (Azure `hashed`): weighted rendezvous hashing on the

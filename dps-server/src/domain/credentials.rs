@@ -24,7 +24,7 @@ use crate::store::{Kind, Page, Precondition, Write};
 use crate::trust::Credentials;
 
 /// The storage key of an instance's credentials version.
-const VERSION_KEY: &str = "credentials";
+pub(crate) const VERSION_KEY: &str = "credentials";
 /// Groups and certificates read per page when the index is built.
 const PAGE: usize = 500;
 
@@ -50,6 +50,16 @@ pub async fn of(state: &AppState, instance: &str) -> Result<Arc<Credentials>, Do
         .get(instance, Kind::CredentialsVersion, VERSION_KEY)
         .await?
         .map(|stored| stored.etag);
+    at_version(state, instance, version).await
+}
+
+/// The instance's credentials as of `version`, which the caller read: rebuilt when the cached
+/// index is of another version.
+pub async fn at_version(
+    state: &AppState,
+    instance: &str,
+    version: Option<String>,
+) -> Result<Arc<Credentials>, DomainError> {
     if let Some(cached) = state.credentials.current(instance, version.as_deref()) {
         return Ok(cached);
     }

@@ -78,3 +78,8 @@ pub struct RegistrationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_payload: Option<Value>,
 }
+
+/// The case-folded storage key of an operation id.
+pub fn operation_key(operation_id: &str) -> String {
+    operation_id.to_ascii_lowercase()
+}

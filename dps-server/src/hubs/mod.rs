@@ -183,6 +183,12 @@ fn connector(hub: &LinkedHub) -> &HubConnector {
     hub.connector.as_ref().unwrap_or(&HubConnector::None)
 }
 
+/// Whether creating, reading and removing identities in `hub` stays inside this process (the
+/// `none` connector): nothing to wait for.
+pub fn is_local(hub: &LinkedHub) -> bool {
+    matches!(connector(hub), HubConnector::None)
+}
+
 impl Connectors {
     /// Sends `request` to `hub` and reads the answer.
     async fn send(

@@ -217,6 +217,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Reads one document.
     async fn get(&self, ns: &str, kind: Kind, key: &str) -> Result<Option<Stored>, StoreError>;
 
+    /// Reads several documents of one namespace in one statement, in the order asked.
+    async fn get_many(
+        &self,
+        ns: &str,
+        keys: &[(Kind, &str)],
+    ) -> Result<Vec<Option<Stored>>, StoreError>;
+
     /// Lists documents of a kind in key order.
     async fn list(&self, ns: &str, kind: Kind, page: Page<'_>) -> Result<Vec<Stored>, StoreError>;
 

@@ -368,6 +368,49 @@ impl Store for SqlStore {
         .transpose())
     }
 
+    async fn get_many(
+        &self,
+        ns: &str,
+        keys: &[(Kind, &str)],
+    ) -> Result<Vec<Option<Stored>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Point reads joined with UNION ALL, so that each uses the primary key on both
+        // backends; the statement text depends only on the number of keys.
+        let sql = (0..keys.len())
+            .map(|i| {
+                format!(
+                    "SELECT kind, key, doc, etag, created_at, updated_at FROM documents \
+                     WHERE ns = $1 AND kind = ${} AND key = ${}",
+                    2 * i + 2,
+                    2 * i + 3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let rows: Vec<(String, Stored)> = on_pool!(&self.pool, p => {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ns);
+            for (kind, key) in keys {
+                query = query.bind(kind.as_str()).bind(*key);
+            }
+            query
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|row| Ok((row.try_get("kind")?, stored(row)?)))
+                .collect::<Result<_, StoreError>>()?
+        });
+        Ok(keys
+            .iter()
+            .map(|(kind, key)| {
+                rows.iter()
+                    .find(|(k, stored)| k == kind.as_str() && stored.key == *key)
+                    .map(|(_, stored)| stored.clone())
+            })
+            .collect())
+    }
+
     async fn list(&self, ns: &str, kind: Kind, page: Page<'_>) -> Result<Vec<Stored>, StoreError> {
         let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
         let sqlite = matches!(self.pool, Pool::Sqlite(_));

@@ -23,8 +23,9 @@ use dps_protocol::ids::{IdScope, RegistrationId};
 
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
+use crate::domain::records::operation_key;
 use crate::state::AppState;
-use crate::store::{Kind, Page};
+use crate::store::{Kind, Page, Stored};
 use crate::trust::{SasGroup, symmetric_keys};
 
 /// The enrollment a device proved itself against.
@@ -68,6 +69,55 @@ pub struct Attested {
     pub tpm: Option<tpm::TpmProof>,
 }
 
+/// What a device request reads of the store, in one statement: the id's individual
+/// enrollment, pending TPM challenges and registration state, the instance's credentials
+/// version, and for a poll the operation. Authentication and the registration that follows
+/// work from these, so a known device costs one read.
+#[derive(Debug, Default, Clone)]
+pub struct DeviceReads {
+    /// The individual enrollment of the id.
+    pub enrollment: Option<IndividualEnrollment>,
+    /// The id's pending TPM challenges, as stored.
+    pub challenges: Option<Stored>,
+    /// The id's registration state, as stored.
+    pub registration: Option<Stored>,
+    /// The etag of the instance's credentials version (see `domain::credentials`).
+    pub credentials_version: Option<String>,
+    /// The operation a poll names, as stored.
+    pub operation: Option<Stored>,
+}
+
+impl DeviceReads {
+    /// Reads what a request of `id` needs; `operation` is the id a poll names.
+    pub async fn read(
+        state: &AppState,
+        instance: &str,
+        id: &RegistrationId,
+        operation: Option<&str>,
+    ) -> Result<Self, DomainError> {
+        let key = id.key();
+        let operation = operation.map(operation_key);
+        let mut keys = vec![
+            (Kind::IndividualEnrollment, key.as_str()),
+            (Kind::TpmChallenge, key.as_str()),
+            (Kind::RegistrationState, key.as_str()),
+            (Kind::CredentialsVersion, credentials::VERSION_KEY),
+        ];
+        if let Some(operation) = &operation {
+            keys.push((Kind::Operation, operation.as_str()));
+        }
+        let mut found = state.store.get_many(instance, &keys).await?.into_iter();
+        let mut next = || found.next().flatten();
+        Ok(Self {
+            enrollment: next().map(|s| s.doc_json()).transpose()?,
+            challenges: next(),
+            registration: next(),
+            credentials_version: next().map(|s| s.etag),
+            operation: next(),
+        })
+    }
+}
+
 /// Which device request is being authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -80,7 +130,8 @@ pub enum Purpose {
 }
 
 /// Authenticates the `Authorization` header (or the client certificate) of a device request
-/// for `id` in `instance`.
+/// for `id` in `instance`, from what the request read.
+#[allow(clippy::too_many_arguments)]
 pub async fn authenticate(
     state: &AppState,
     instance: &str,
@@ -89,10 +140,11 @@ pub async fn authenticate(
     header: Option<&str>,
     chain: Option<&[Vec<u8>]>,
     purpose: Purpose,
+    reads: &DeviceReads,
 ) -> Result<Attested, DomainError> {
     let header = match (header, chain) {
         (Some(header), _) => header,
-        (None, Some(chain)) => return x509::authenticate(state, instance, id, chain).await,
+        (None, Some(chain)) => return x509::authenticate(state, instance, id, chain, reads).await,
         (None, None) => {
             return Err(DomainError::unauthorized(
                 "the request has no Authorization header and the device presented no client certificate",
@@ -118,7 +170,7 @@ pub async fn authenticate(
 
     // One credential per registration id: an individual enrollment admits only with its own
     // credential, and no group may claim its id (security review item 2).
-    if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
+    if let Some(enrollment) = reads.enrollment.clone() {
         return match enrollment.attestation.kind {
             AttestationType::SymmetricKey => {
                 let keys = symmetric_keys(&enrollment.attestation)
@@ -133,22 +185,23 @@ pub async fn authenticate(
                     tpm: None,
                 })
             }
-            AttestationType::Tpm => tpm::authenticate(state, instance, id, &token, purpose)
+            AttestationType::Tpm => tpm::authenticate(state, instance, &token, purpose, reads)
                 .await?
                 .ok_or_else(DomainError::device_denied),
             AttestationType::X509 | AttestationType::None => Err(DomainError::device_denied()),
         };
     }
-    if let Some(attested) = tpm::authenticate(state, instance, id, &token, purpose).await? {
+    if let Some(attested) = tpm::authenticate(state, instance, &token, purpose, reads).await? {
         return Ok(attested);
     }
 
     // Groups: the device key is HMAC-SHA256(group key, registration id as sent). The keys
     // come decoded from the instance's cached credentials: no read or parse per group. Each
     // group costs four HMACs; with many groups, a device that registered before is tried
-    // against its own group first (one read), so only first registrations and strangers
-    // try them all.
-    let credentials = credentials::of(state, instance).await?;
+    // against its own group first (its registration state was read anyway), so only first
+    // registrations and strangers try them all.
+    let credentials =
+        credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
     let admits = |member: &&SasGroup| {
         let derived = member
             .keys
@@ -157,8 +210,7 @@ pub async fn authenticate(
         token.verify_any(&derived).is_ok()
     };
     let hinted = if credentials.sas_groups.len() > HINT_ABOVE_GROUPS {
-        registered_through(state, instance, id)
-            .await?
+        registered_through(reads)?
             .and_then(|group| credentials.sas_group(&group))
             .filter(admits)
     } else {
@@ -181,16 +233,8 @@ pub async fn authenticate(
 const HINT_ABOVE_GROUPS: usize = 16;
 
 /// The group a device's registration state says it registered through.
-async fn registered_through(
-    state: &AppState,
-    instance: &str,
-    id: &RegistrationId,
-) -> Result<Option<String>, DomainError> {
-    let Some(stored) = state
-        .store
-        .get(instance, Kind::RegistrationState, &id.key())
-        .await?
-    else {
+fn registered_through(reads: &DeviceReads) -> Result<Option<String>, DomainError> {
+    let Some(stored) = &reads.registration else {
         return Ok(None);
     };
     let record: crate::domain::records::RegistrationRecord = stored.doc_json()?;

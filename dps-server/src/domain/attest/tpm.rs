@@ -30,7 +30,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
-    Attested, Purpose, Source, disabled_reason, group_disabled_reason, individual_enrollment,
+    Attested, DeviceReads, Purpose, Source, disabled_reason, group_disabled_reason,
+    individual_enrollment,
 };
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
@@ -122,12 +123,22 @@ async fn read_challenges(
     instance: &str,
     id: &RegistrationId,
 ) -> Result<(ChallengeSet, Option<String>), DomainError> {
-    match state
+    let stored = state
         .store
         .get(instance, Kind::TpmChallenge, &id.key())
-        .await?
-    {
-        Some(stored) => Ok((ChallengeSet::from_stored(&stored)?, Some(stored.etag))),
+        .await?;
+    parse_challenges(stored.as_ref())
+}
+
+/// Stored challenges (or none) with their etag.
+fn parse_challenges(
+    stored: Option<&Stored>,
+) -> Result<(ChallengeSet, Option<String>), DomainError> {
+    match stored {
+        Some(stored) => Ok((
+            ChallengeSet::from_stored(stored)?,
+            Some(stored.etag.clone()),
+        )),
         None => Ok((ChallengeSet::default(), None)),
     }
 }
@@ -167,21 +178,27 @@ pub fn lost_race(error: &StoreError) -> bool {
     )
 }
 
-/// The write that marks the challenge whose key is `key` as consumed by `operation_id`, read
-/// afresh (another challenge may have been added since the device authenticated). A 401 when
-/// it is gone or already consumed.
+/// The write that marks the challenge whose key is `key` as consumed by `operation_id`: from
+/// the challenges as the device's request read them, or (`fresh`, after another request
+/// changed them) read again. A 401 when it is gone or already consumed.
 pub async fn consumption(
     state: &AppState,
     instance: &str,
     id: &RegistrationId,
-    key: &str,
+    proof: &TpmProof,
     operation_id: &str,
+    fresh: bool,
 ) -> Result<Write, DomainError> {
-    let (mut set, etag) = read_challenges(state, instance, id).await?;
+    let key = &proof.challenge.key;
+    let (mut set, etag) = if fresh {
+        read_challenges(state, instance, id).await?
+    } else {
+        (proof.read.clone(), proof.read_etag.clone())
+    };
     let record = set
         .challenges
         .iter_mut()
-        .find(|c| c.key == key)
+        .find(|c| c.key == *key)
         .ok_or_else(|| DomainError::unauthorized(CHALLENGE_GONE))?;
     if record.operation_id.is_some() {
         return Err(DomainError::unauthorized(ALREADY_USED));
@@ -225,6 +242,9 @@ pub struct TpmProof {
     pub srk: RsaPublic,
     /// The challenge the registration consumes.
     pub challenge: ChallengeRecord,
+    /// The device's challenges as its request read them, and their etag.
+    read: ChallengeSet,
+    read_etag: Option<String>,
 }
 
 fn not_enrolled() -> DomainError {
@@ -245,6 +265,7 @@ pub async fn challenge(
     tpm: &TpmAttestation,
     payload: Option<&Value>,
     source: Option<std::net::IpAddr>,
+    reads: &DeviceReads,
 ) -> Result<TpmChallenge, DomainError> {
     let ek = RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement)
         .map_err(invalid_key("tpm.endorsementKey"))?;
@@ -258,15 +279,17 @@ pub async fn challenge(
     let srk = RsaPublic::from_base64(srk_text, KeyRole::StorageRoot)
         .map_err(invalid_key("tpm.storageRootKey"))?;
 
-    let enrollment = match individual_enrollment(state, instance, id).await? {
+    let enrollment = match &reads.enrollment {
         Some(enrolled) => {
-            if !enrolls(&enrolled, &ek) {
+            if !enrolls(enrolled, &ek) {
                 return Err(not_enrolled());
             }
-            EnrollmentRef::Individual(enrolled.registration_id)
+            EnrollmentRef::Individual(enrolled.registration_id.clone())
         }
         None => {
-            let group = tpm_group(state, instance).await?.ok_or_else(not_enrolled)?;
+            let group = tpm_group(state, instance, reads)
+                .await?
+                .ok_or_else(not_enrolled)?;
             admit_to_group(state, id, &ek, payload)?;
             EnrollmentRef::Group(group.enrollment_group_id)
         }
@@ -285,8 +308,13 @@ pub async fn challenge(
         source: source.map(|ip| ip.to_string()),
     };
     let mut stored = false;
-    for _ in 0..ATTEMPTS {
-        let (mut set, etag) = read_challenges(state, instance, id).await?;
+    for attempt in 0..ATTEMPTS {
+        // What the request read first; after a lost race, what is stored now.
+        let (mut set, etag) = if attempt == 0 {
+            parse_challenges(reads.challenges.as_ref())?
+        } else {
+            read_challenges(state, instance, id).await?
+        };
         set.add(record.clone(), now);
         match state
             .store
@@ -328,8 +356,10 @@ fn enrolls(enrolled: &IndividualEnrollment, ek: &RsaPublic) -> bool {
 async fn tpm_group(
     state: &AppState,
     instance: &str,
+    reads: &DeviceReads,
 ) -> Result<Option<EnrollmentGroup>, DomainError> {
-    let credentials = credentials::of(state, instance).await?;
+    let credentials =
+        credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
     Ok(credentials.tpm_group.as_deref().cloned())
 }
 
@@ -369,11 +399,11 @@ fn admit_to_group(
 pub async fn authenticate(
     state: &AppState,
     instance: &str,
-    id: &RegistrationId,
     token: &SasToken,
     purpose: Purpose,
+    reads: &DeviceReads,
 ) -> Result<Option<Attested>, DomainError> {
-    let (set, _) = read_challenges(state, instance, id).await?;
+    let (set, read_etag) = parse_challenges(reads.challenges.as_ref())?;
     let Some(record) = set.signed(token)?.cloned() else {
         return Ok(None);
     };
@@ -398,7 +428,7 @@ pub async fn authenticate(
     };
     let ek =
         RsaPublic::from_base64(&record.endorsement_key, KeyRole::Endorsement).map_err(corrupt)?;
-    let source = enrollment_of(state, instance, id, &record, &ek).await?;
+    let source = enrollment_of(state, instance, &record, &ek, reads).await?;
     let disabled = match &source {
         Source::Individual(e) => disabled_reason(e),
         Source::Group(g) => group_disabled_reason(g),
@@ -410,6 +440,8 @@ pub async fn authenticate(
             srk: RsaPublic::from_base64(&record.storage_root_key, KeyRole::StorageRoot)
                 .map_err(corrupt)?,
             challenge: record,
+            read: set,
+            read_etag,
         })
     } else {
         None
@@ -427,9 +459,9 @@ pub async fn authenticate(
 async fn enrollment_of(
     state: &AppState,
     instance: &str,
-    id: &RegistrationId,
     record: &ChallengeRecord,
     ek: &RsaPublic,
+    reads: &DeviceReads,
 ) -> Result<Source, DomainError> {
     let changed = || {
         DomainError::unauthorized(
@@ -438,10 +470,15 @@ async fn enrollment_of(
     };
     match &record.enrollment {
         EnrollmentRef::Individual(reg) => {
-            let id = RegistrationId::parse(reg).map_err(|_| changed())?;
-            let enrolled = individual_enrollment(state, instance, &id)
-                .await?
-                .ok_or_else(changed)?;
+            let enrolled = match &reads.enrollment {
+                Some(read) if read.registration_id.eq_ignore_ascii_case(reg) => read.clone(),
+                _ => {
+                    let id = RegistrationId::parse(reg).map_err(|_| changed())?;
+                    individual_enrollment(state, instance, &id)
+                        .await?
+                        .ok_or_else(changed)?
+                }
+            };
             if !enrolls(&enrolled, ek) {
                 return Err(changed());
             }
@@ -449,10 +486,12 @@ async fn enrollment_of(
         }
         EnrollmentRef::Group(group_id) => {
             // An individual enrollment made since the challenge takes the id from the group.
-            if individual_enrollment(state, instance, id).await?.is_some() {
+            if reads.enrollment.is_some() {
                 return Err(changed());
             }
-            let group = tpm_group(state, instance).await?.ok_or_else(changed)?;
+            let group = tpm_group(state, instance, reads)
+                .await?
+                .ok_or_else(changed)?;
             if !group.enrollment_group_id.eq_ignore_ascii_case(group_id) {
                 return Err(changed());
             }

@@ -12,7 +12,7 @@ use attestation::x509::{CertificateFacts, ParsedCache, ParsedCertificate, parse_
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 use dps_protocol::ids::RegistrationId;
 
-use super::{Attested, Source, disabled_reason, group_disabled_reason, individual_enrollment};
+use super::{Attested, DeviceReads, Source, disabled_reason, group_disabled_reason};
 use crate::domain::DomainError;
 use crate::domain::credentials;
 use crate::state::AppState;
@@ -75,6 +75,7 @@ pub(super) async fn authenticate(
     instance: &str,
     id: &RegistrationId,
     chain: &[Vec<u8>],
+    reads: &DeviceReads,
 ) -> Result<Attested, DomainError> {
     let now = crate::domain::unix_now();
     let rejected = |e: ChainError| DomainError::unauthorized(e.to_string());
@@ -82,7 +83,7 @@ pub(super) async fn authenticate(
 
     // An individually enrolled id is admitted by its own certificate only, never by a group's
     // (security review item 2).
-    if let Some(enrollment) = individual_enrollment(state, instance, id).await? {
+    if let Some(enrollment) = reads.enrollment.clone() {
         let enrolled = client_certificates(&enrollment.attestation, &state.certificates);
         if enrolled
             .iter()
@@ -98,7 +99,8 @@ pub(super) async fn authenticate(
         return Err(not_enrolled_certificate());
     }
 
-    let credentials = credentials::of(state, instance).await?;
+    let credentials =
+        credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
     let (anchors, extra) = credentials.anchors_on_the_way(&leaf, chain);
     let mut verified: Vec<Verified<'_>> = Vec::new();
     let mut first_error = None;

@@ -22,7 +22,9 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::domain::attest::{Attested, Source};
 use crate::domain::error::DomainError;
-use crate::domain::records::{EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation};
+use crate::domain::records::{
+    EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation, operation_key,
+};
 use crate::domain::to_doc;
 use crate::domain::validate::info_of;
 use crate::state::AppState;
@@ -54,18 +56,19 @@ fn new_operation_id() -> String {
     format!("5.{hex}.{}", uuid::Uuid::new_v4())
 }
 
-/// The case-folded storage key of an operation id.
-pub fn operation_key(operation_id: &str) -> String {
-    operation_id.to_ascii_lowercase()
-}
-
-/// Stores a new operation for an authenticated device and starts assigning it. A disabled
-/// enrollment ends the operation at once (`disabled`), leaving the registration state as it is.
+/// Stores a new operation for an authenticated device and assigns it. A disabled enrollment
+/// ends the operation at once (`disabled`), leaving the registration state as it is. When the
+/// assignment needs nothing outside this process (the policy calls no webhook, the hubs'
+/// connectors are `none`), it is decided first and committed with the operation in one
+/// transaction; otherwise the operation is stored `assigning` and a task assigns it.
+/// `previous` is the device's registration state as its request read it.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     state: &AppState,
     ns: &str,
     id: &RegistrationId,
     attested: &Attested,
+    previous: Option<&Stored>,
     device_payload: Option<Value>,
     source_address: Option<std::net::IpAddr>,
     metadata: std::collections::BTreeMap<String, String>,
@@ -100,6 +103,7 @@ pub async fn start(
         record.status = OperationStatus::Disabled;
         record.registration_state = Some(decide::disabled(id, reason));
     }
+    let key = operation_key(&record.operation_id);
     // Finished operations of this device older than KEEP_FINISHED_SECS go with each new attempt,
     // so storage stays bounded while a device that retries can still poll its earlier attempt.
     let older = state
@@ -114,7 +118,7 @@ pub async fn start(
             },
         )
         .await?;
-    let mut writes: Vec<Write> = older
+    let purges: Vec<Write> = older
         .into_iter()
         .filter(|old| {
             let finished = old
@@ -128,44 +132,92 @@ pub async fn start(
             key: old.key,
         })
         .collect();
-    writes.push(Write::Put {
-        ns: ns.to_owned(),
-        kind: Kind::Operation,
-        key: operation_key(&record.operation_id),
-        parent: Some(id.key()),
-        tag: None,
-        doc: to_doc(&record)?,
-        precondition: Precondition::MustNotExist,
-    });
+
+    // Decided here when nothing outside the process is involved: the operation is then
+    // written once, already finished.
+    let mut finished = None;
+    if record.status == OperationStatus::Assigning {
+        let previous_record: Option<RegistrationRecord> =
+            previous.map(|s| s.doc_json()).transpose()?;
+        let source = Some(attested.source.clone());
+        let provisioned =
+            provision::provision_locally(state, ns, id, &record, previous_record.as_ref(), source)
+                .await;
+        let outcome = match provisioned {
+            Ok(Some(assigned)) => Some((assigned, OperationStatus::Assigned)),
+            Ok(None) => None,
+            Err(failure) => Some((
+                decide::failed(id, &record, previous_record.as_ref(), failure),
+                OperationStatus::Failed,
+            )),
+        };
+        if let Some((assigned, status)) = outcome {
+            let mut op = record.clone();
+            let writes = finishing(
+                ns,
+                id,
+                &key,
+                &mut op,
+                assigned,
+                status,
+                previous,
+                Precondition::MustNotExist,
+            )?;
+            finished = Some((op, writes));
+        }
+    }
+
     // A TPM challenge's key starts one registration: consumed with the operation's creation.
-    // Another request may add a challenge meanwhile; then the consumption is read again.
+    // Another request may add a challenge meanwhile; then the challenges are read again.
+    let mut fresh_challenges = false;
     let mut attempts = 0;
     loop {
-        let mut batch = writes.clone();
+        let mut batch = purges.clone();
+        match &finished {
+            Some((_, writes)) => batch.extend(writes.iter().cloned()),
+            None => batch.push(Write::Put {
+                ns: ns.to_owned(),
+                kind: Kind::Operation,
+                key: key.clone(),
+                parent: Some(id.key()),
+                tag: None,
+                doc: to_doc(&record)?,
+                precondition: Precondition::MustNotExist,
+            }),
+        }
         if let Some(proof) = &attested.tpm {
             batch.push(
                 crate::domain::attest::tpm::consumption(
                     state,
                     ns,
                     id,
-                    &proof.challenge.key,
+                    proof,
                     &record.operation_id,
+                    fresh_challenges,
                 )
                 .await?,
             );
         }
         match state.store.write(&batch).await {
             Ok(_) => break,
-            Err(e) if crate::domain::attest::tpm::lost_race(&e) && attempts < ATTEMPTS => {
-                attempts += 1;
+            Err(e) if attempts < ATTEMPTS && crate::domain::attest::tpm::lost_race(&e) => {
+                fresh_challenges = true;
             }
+            // A concurrent registration of the device committed first: the task decides again
+            // on top of its result.
+            Err(e) if finished.is_some() && registration_changed(&e) => finished = None,
             Err(e) => return Err(e.into()),
         }
+        attempts += 1;
+    }
+    if let Some((op, _)) = finished {
+        log_finished(id, &op);
+        return Ok(op);
     }
     if record.status == OperationStatus::Assigning {
         let task = {
             let state = state.clone();
-            let (ns, key) = (ns.to_owned(), operation_key(&record.operation_id));
+            let (ns, key) = (ns.to_owned(), key.clone());
             // The enrollment authentication read: provisioning need not read it again.
             let source = attested.source.clone();
             tokio::spawn(async move {
@@ -183,13 +235,104 @@ pub async fn start(
     Ok(record)
 }
 
-/// Loads an operation of `id`, finishing it first if it has been `assigning` longer than
-/// `limits.resume_assigning_after_secs` (the server that started it may have stopped).
+/// Whether a write failed because the device's registration state changed since it was read.
+fn registration_changed(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::EtagMismatch {
+            kind: Kind::RegistrationState,
+            ..
+        } | StoreError::Exists {
+            kind: Kind::RegistrationState,
+            ..
+        } | StoreError::NotFound {
+            kind: Kind::RegistrationState,
+            ..
+        }
+    )
+}
+
+/// The writes that finish operation `op` (stored under `key`, written under `op_precondition`)
+/// with `status` and the device's new registration state `record`, conditional on the state
+/// read before (`previous`). Sets the operation's result.
+#[allow(clippy::too_many_arguments)]
+fn finishing(
+    ns: &str,
+    id: &RegistrationId,
+    key: &str,
+    op: &mut OperationRecord,
+    mut record: RegistrationRecord,
+    status: OperationStatus,
+    previous: Option<&Stored>,
+    op_precondition: Precondition,
+) -> Result<[Write; 2], DomainError> {
+    // The timestamps live in the store's bookkeeping; the device's answer shows them too.
+    let now = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    record.state.created_date_time_utc =
+        Some(previous.map_or_else(|| now.clone(), |s| s.created.clone()));
+    record.state.last_updated_date_time_utc = Some(now);
+    op.status = status;
+    op.registration_state = Some(record.state.clone());
+    let group_key = record
+        .state
+        .enrollment_group_id
+        .as_ref()
+        .map(|g| g.to_ascii_lowercase());
+    // Counted per hub while the device is assigned there.
+    let hub = record
+        .state
+        .assigned_hub
+        .as_ref()
+        .filter(|_| status == OperationStatus::Assigned)
+        .map(|h| h.to_ascii_lowercase());
+    Ok([
+        Write::Put {
+            ns: ns.to_owned(),
+            kind: Kind::RegistrationState,
+            key: id.key(),
+            parent: group_key,
+            tag: hub,
+            doc: to_doc(&record)?,
+            precondition: previous.map_or(Precondition::MustNotExist, |s| {
+                Precondition::IfMatch(s.etag.clone())
+            }),
+        },
+        Write::Put {
+            ns: ns.to_owned(),
+            kind: Kind::Operation,
+            key: key.to_owned(),
+            parent: Some(id.key()),
+            tag: None,
+            doc: to_doc(&*op)?,
+            precondition: op_precondition,
+        },
+    ])
+}
+
+fn log_finished(id: &RegistrationId, op: &OperationRecord) {
+    tracing::info!(
+        registration_id = %id,
+        status = op.status.as_str(),
+        hub = op
+            .registration_state
+            .as_ref()
+            .and_then(|s| s.assigned_hub.as_deref())
+            .unwrap_or("-"),
+        "registration finished"
+    );
+}
+
+/// The operation of `id` that the device's poll read (`stored`), finished first if it has been
+/// `assigning` longer than `limits.resume_assigning_after_secs` (the server that started it may
+/// have stopped).
 pub async fn load_operation(
     state: &AppState,
     ns: &str,
     id: &RegistrationId,
     operation_id: &str,
+    stored: Option<Stored>,
 ) -> Result<OperationRecord, DomainError> {
     let key = operation_key(operation_id);
     let not_found = || {
@@ -198,11 +341,7 @@ pub async fn load_operation(
             format!("operation '{operation_id}' does not exist for this device"),
         )
     };
-    let stored = state
-        .store
-        .get(ns, Kind::Operation, &key)
-        .await?
-        .ok_or_else(not_found)?;
+    let stored = stored.ok_or_else(not_found)?;
     let record: OperationRecord = stored.doc_json()?;
     if !record.registration_id.eq_ignore_ascii_case(id.as_str()) {
         return Err(not_found());
@@ -255,71 +394,26 @@ pub async fn assign(
 
         let provisioned =
             provision::provision(state, ns, &id, &op, previous.as_ref(), source.clone()).await;
-        let (mut record, status) = match provisioned {
+        let (record, status) = match provisioned {
             Ok(record) => (record, OperationStatus::Assigned),
             Err(failure) => (
                 decide::failed(&id, &op, previous.as_ref(), failure),
                 OperationStatus::Failed,
             ),
         };
-        // The timestamps live in the store's bookkeeping; the device's answer shows them too.
-        let now = OffsetDateTime::now_utc()
-            .format(&Rfc3339)
-            .unwrap_or_default();
-        record.state.created_date_time_utc = Some(
-            previous_stored
-                .as_ref()
-                .map_or_else(|| now.clone(), |s| s.created.clone()),
-        );
-        record.state.last_updated_date_time_utc = Some(now);
-        op.status = status;
-        op.registration_state = Some(record.state.clone());
-        let group_key = record
-            .state
-            .enrollment_group_id
-            .as_ref()
-            .map(|g| g.to_ascii_lowercase());
-        let writes = [
-            Write::Put {
-                ns: ns.to_owned(),
-                kind: Kind::RegistrationState,
-                key: id.key(),
-                parent: group_key,
-                // Counted per hub while the device is assigned there.
-                tag: (status == OperationStatus::Assigned)
-                    .then(|| {
-                        record
-                            .state
-                            .assigned_hub
-                            .as_ref()
-                            .map(|h| h.to_ascii_lowercase())
-                    })
-                    .flatten(),
-                doc: to_doc(&record)?,
-                precondition: previous_stored
-                    .as_ref()
-                    .map_or(Precondition::MustNotExist, |s| {
-                        Precondition::IfMatch(s.etag.clone())
-                    }),
-            },
-            Write::Put {
-                ns: ns.to_owned(),
-                kind: Kind::Operation,
-                key: operation_key.to_owned(),
-                parent: Some(id.key()),
-                tag: None,
-                doc: to_doc(&op)?,
-                precondition: Precondition::IfMatch(op_stored.etag.clone()),
-            },
-        ];
+        let writes = finishing(
+            ns,
+            &id,
+            operation_key,
+            &mut op,
+            record,
+            status,
+            previous_stored.as_ref(),
+            Precondition::IfMatch(op_stored.etag.clone()),
+        )?;
         match state.store.write(&writes).await {
             Ok(_) => {
-                tracing::info!(
-                    registration_id = %id,
-                    status = status.as_str(),
-                    hub = record.state.assigned_hub.as_deref().unwrap_or("-"),
-                    "registration finished"
-                );
+                log_finished(&id, &op);
                 return Ok(());
             }
             // Another task finished this operation: its answer stands.
@@ -337,20 +431,7 @@ pub async fn assign(
             }
             // A concurrent registration of the same device committed first: decide again on
             // top of its result.
-            Err(
-                StoreError::EtagMismatch {
-                    kind: Kind::RegistrationState,
-                    ..
-                }
-                | StoreError::Exists {
-                    kind: Kind::RegistrationState,
-                    ..
-                }
-                | StoreError::NotFound {
-                    kind: Kind::RegistrationState,
-                    ..
-                },
-            ) => {
+            Err(e) if registration_changed(&e) => {
                 let [byte] = attestation::keys::random_bytes::<1>().unwrap_or([7]);
                 let pause = u64::from(byte) * RETRY_JITTER_MS / 255;
                 tokio::time::sleep(std::time::Duration::from_millis(pause)).await;

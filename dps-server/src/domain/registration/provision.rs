@@ -157,6 +157,16 @@ async fn plan(
     })
 }
 
+/// What provisioning may wait on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Only this process: no webhook policy, no hub connector that calls out. When the
+    /// registration would need one, nothing is done and `provision` answers `None`.
+    Local,
+    /// Any service the enrollment's policy and hubs need.
+    Anywhere,
+}
+
 /// Provisions the device of `op` on a hub and returns its new registration state. `source`
 /// is the enrollment authentication read, when the operation was just started.
 pub async fn provision(
@@ -167,6 +177,33 @@ pub async fn provision(
     previous: Option<&RegistrationRecord>,
     source: Option<Source>,
 ) -> Result<RegistrationRecord, Failure> {
+    provision_within(state, ns, id, op, previous, source, Reach::Anywhere)
+        .await?
+        .ok_or_else(|| Failure(ErrorCode::ServiceUnavailable, decide::NO_HUB.into()))
+}
+
+/// [`provision`] when that needs nothing outside this process (no webhook policy, only hubs
+/// with the `none` connector); `None`, with nothing done, when it would.
+pub async fn provision_locally(
+    state: &AppState,
+    ns: &str,
+    id: &RegistrationId,
+    op: &OperationRecord,
+    previous: Option<&RegistrationRecord>,
+    source: Option<Source>,
+) -> Result<Option<RegistrationRecord>, Failure> {
+    provision_within(state, ns, id, op, previous, source, Reach::Local).await
+}
+
+async fn provision_within(
+    state: &AppState,
+    ns: &str,
+    id: &RegistrationId,
+    op: &OperationRecord,
+    previous: Option<&RegistrationRecord>,
+    source: Option<Source>,
+    reach: Reach,
+) -> Result<Option<RegistrationRecord>, Failure> {
     let instance = instance(state, ns).await?;
     let enrolled = Enrolled::of(state, ns, id, op, source).await?;
     let certificate = op.x509.as_ref().and_then(|x| x.certificate_info.as_ref());
@@ -198,6 +235,15 @@ pub async fn provision(
         hardware_ids: &hardware_ids,
     };
     let settings = &enrolled.settings;
+    let local = reach == Reach::Local;
+    if local
+        && state
+            .policies
+            .get(policy_name(&instance, settings))
+            .is_some_and(|(_, policy)| policy.calls_out())
+    {
+        return Ok(None);
+    }
     let plan = plan(state, ns, &instance, &device, settings, previous).await?;
     let initial = decide::initial_twin(plan.initial_twin.as_ref(), settings.initial_twin.as_ref());
     let migrate = settings
@@ -205,6 +251,9 @@ pub async fn provision(
         .as_ref()
         .is_none_or(|p| p.migrate_device_data);
     let previous_hub = plan.route.previous_hub();
+    if local && !stays_local(state, ns, &plan, previous_hub).await {
+        return Ok(None);
+    }
     let old_device = previous
         .and_then(|p| p.state.device_id.clone())
         .unwrap_or_else(|| enrolled.device_id.clone());
@@ -264,7 +313,7 @@ pub async fn provision(
     {
         tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
     }
-    Ok(decide::assigned(Assignment {
+    Ok(Some(decide::assigned(Assignment {
         id,
         op,
         hub: &hub.host_name,
@@ -272,7 +321,24 @@ pub async fn provision(
         group_id: enrolled.group_id,
         payload: plan.payload,
         decision,
-    }))
+    })))
+}
+
+/// Whether the first hub of `plan` (which then takes the device: its connector cannot fail)
+/// and the hub the device would leave are both local.
+async fn stays_local(state: &AppState, ns: &str, plan: &Plan, previous_hub: Option<&str>) -> bool {
+    let Some(first) = plan.order.first() else {
+        return true;
+    };
+    if !hubs::is_local(first) {
+        return false;
+    }
+    match previous_hub.filter(|old| !old.eq_ignore_ascii_case(&first.host_name)) {
+        Some(old) => load_hub(state, ns, old)
+            .await
+            .is_none_or(|hub| hubs::is_local(&hub)),
+        None => true,
+    }
 }
 
 /// The device's twin in its old hub, to migrate; none when it cannot be read (the initial twin

@@ -12,7 +12,7 @@ use axum::routing::{get, post, put};
 use dps_protocol::device::RegistrationOperationStatus;
 use dps_protocol::ids::{IdScope, RegistrationId};
 
-use crate::domain::attest::{self, Purpose};
+use crate::domain::attest::{self, DeviceReads, Purpose};
 use crate::domain::error::DomainError;
 use crate::http::json::Json;
 use crate::state::AppState;
@@ -199,6 +199,16 @@ async fn unauthenticated<T>(
     }
 }
 
+/// A device request that proved who it is.
+pub(super) struct Admitted {
+    /// The instance its ID scope names.
+    pub instance: String,
+    /// What it proved.
+    pub attested: attest::Attested,
+    /// What its request read (registration state, operation).
+    pub reads: DeviceReads,
+}
+
 /// What every device request goes through: the address's limits, then the device's proof
 /// (its failures charged to the address and id), then the device's own quota for `purpose`.
 pub(super) async fn admit(
@@ -206,11 +216,13 @@ pub(super) async fn admit(
     path: &DevicePath,
     caller: &Caller,
     purpose: Purpose,
-) -> Result<(String, attest::Attested), DeviceError> {
+) -> Result<Admitted, DeviceError> {
     let key = path.throttle_key();
     state.throttle.enter(&key, caller.address())?;
-    let (instance, attested) = unauthenticated(state, path, caller, async {
+    let admitted = unauthenticated(state, path, caller, async {
         let instance = crate::domain::instances::of_scope(state, &path.scope).await?;
+        let reads =
+            DeviceReads::read(state, &instance, &path.id, path.operation.as_deref()).await?;
         let attested = attest::authenticate(
             state,
             &instance,
@@ -219,9 +231,14 @@ pub(super) async fn admit(
             authorization(&caller.headers),
             caller.chain.as_ref().map(|c| c.0.as_slice()),
             purpose,
+            &reads,
         )
         .await?;
-        Ok((instance, attested))
+        Ok(Admitted {
+            instance,
+            attested,
+            reads,
+        })
     })
     .await?;
     let action = match purpose {
@@ -229,5 +246,5 @@ pub(super) async fn admit(
         Purpose::Poll | Purpose::Lookup => Action::Poll,
     };
     state.throttle.authenticated(action, &key)?;
-    Ok((instance, attested))
+    Ok(admitted)
 }

@@ -19,10 +19,16 @@ pub(super) async fn operation_status(
     path: DevicePath,
     caller: Caller,
 ) -> Result<Response, DeviceError> {
-    let (instance, _) = admit(&state, &path, &caller, Purpose::Poll).await?;
+    let admitted = admit(&state, &path, &caller, Purpose::Poll).await?;
     let operation_id = path.operation.clone().unwrap_or_default();
-    let operation =
-        registration::load_operation(&state, &instance, &path.id, &operation_id).await?;
+    let operation = registration::load_operation(
+        &state,
+        &admitted.instance,
+        &path.id,
+        &operation_id,
+        admitted.reads.operation,
+    )
+    .await?;
     if operation.status.is_terminal() {
         let answer = RegistrationOperationStatus {
             operation_id: operation.operation_id,

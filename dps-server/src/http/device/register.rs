@@ -13,7 +13,7 @@ use dps_protocol::device::{DeviceRegistration, OperationStatus, RegistrationOper
 
 use super::trusted_metadata;
 use crate::domain::DomainError;
-use crate::domain::attest::Purpose;
+use crate::domain::attest::{DeviceReads, Purpose};
 use crate::domain::instances;
 use crate::domain::registration;
 use crate::http::json::RawBody;
@@ -51,6 +51,7 @@ pub(super) async fn register(
         state.throttle.enter(&key, caller.address())?;
         state.throttle.unauthenticated(&key, caller.address())?;
         let instance = instances::of_scope(&state, &path.scope).await?;
+        let reads = DeviceReads::read(&state, &instance, &path.id, None).await?;
         let challenge = crate::domain::attest::tpm::challenge(
             &state,
             &instance,
@@ -58,18 +59,20 @@ pub(super) async fn register(
             keys,
             request.payload.as_ref(),
             caller.address(),
+            &reads,
         )
         .await?;
         return Ok(challenge_response(challenge));
     }
-    let (instance, attested) = admit(&state, &path, &caller, Purpose::Register).await?;
+    let admitted = admit(&state, &path, &caller, Purpose::Register).await?;
     let source = caller.address();
     let metadata = trusted_metadata(&state, &caller.headers);
     let operation = registration::start(
         &state,
-        &instance,
+        &admitted.instance,
         &path.id,
-        &attested,
+        &admitted.attested,
+        admitted.reads.registration.as_ref(),
         request.payload,
         source,
         metadata,
