@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use dps_server::store::{BulkDoc, Kind, Precondition, SqlStore, Store, Write};
+use dps_server::store::{BulkDoc, Columns, Kind, Precondition, SERVER_NS, SqlStore, Store, Write};
 
 const DOC: &str = r#"{"registrationId":"sensor-000123","assignedHub":"hub-a.example.com","deviceId":"sensor-000123","status":"assigned","substatus":"initialAssignment","symmetricKey":{}}"#;
 
@@ -17,8 +17,10 @@ fn put(key: String) -> Write {
         ns: "bench".into(),
         kind: Kind::RegistrationState,
         key,
-        parent: None,
-        tag: Some("hub-a.example.com".into()),
+        columns: Columns::Registration {
+            group: None,
+            hub: Some("hub-a.example.com".into()),
+        },
         doc: DOC.into(),
         precondition: Precondition::Always,
     }
@@ -27,11 +29,26 @@ fn put(key: String) -> Write {
 fn backend(c: &mut Criterion, name: &str, url: &str) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let store = runtime.block_on(SqlStore::connect(url)).unwrap();
+    // The records belong to an instance.
+    let instance = Write::Put {
+        ns: SERVER_NS.into(),
+        kind: Kind::Instance,
+        key: "bench".into(),
+        columns: Columns::Instance {
+            id_scope: "0ne00be4c40".into(),
+            host_names: Vec::new(),
+        },
+        doc: r#"{"name":"bench","idScope":"0ne00BE4C40","hostNames":[]}"#.into(),
+        precondition: Precondition::Always,
+    };
+    runtime.block_on(store.write(&[instance])).unwrap();
     let docs: Vec<BulkDoc> = (0..10_000)
         .map(|i| BulkDoc {
             key: format!("seed-{i:06}"),
-            parent: None,
-            tag: None,
+            columns: Columns::Registration {
+                group: None,
+                hub: None,
+            },
             doc: DOC.into(),
         })
         .collect();

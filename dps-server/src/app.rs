@@ -182,7 +182,7 @@ async fn hub_device_counts(
     for instance in instances {
         for (hub, devices) in state
             .store
-            .count_by_tag(&instance.key, Kind::RegistrationState)
+            .count_by(&instance.key, Kind::RegistrationState)
             .await?
         {
             counts.push((instance.key.clone(), hub, devices));

@@ -24,6 +24,9 @@ use crate::store::{SqlStore, Store};
 use crate::throttle::Throttle;
 use dps_listener::TlsMaterial;
 
+/// How often idle throttle buckets are forgotten and expired records swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Connections the metrics listener serves at once (scrapers, health checks).
 const METRICS_CONNECTIONS: usize = 64;
 
@@ -95,6 +98,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         certificates: Arc::default(),
         tpm: Arc::new(crate::trust::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
+        finished: Arc::default(),
         credentials: Arc::default(),
         server_names: vec![config.default_host_name()].into(),
     };
@@ -110,12 +114,23 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("binding {}", config.listen))?;
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
-    let (throttle, mut stopping) = (state.throttle.clone(), stopped.clone());
+    let (throttle, sweeping, mut stopping) =
+        (state.throttle.clone(), store.clone(), stopped.clone());
+    // Once a minute: forget idle throttle buckets, and delete finished operations and TPM
+    // challenges whose time ran out (on every replica; the deletes are idempotent).
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
+        let mut every = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
-                _ = every.tick() => throttle.forget_idle(),
+                _ = every.tick() => {
+                    throttle.forget_idle();
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    match sweeping.sweep(now).await {
+                        Ok(0) => {}
+                        Ok(swept) => tracing::debug!(swept, "expired operations and challenges deleted"),
+                        Err(e) => tracing::warn!(error = %e, "sweeping expired operations failed"),
+                    }
+                }
                 _ = stopping.changed() => break,
             }
         }

@@ -34,6 +34,8 @@ pub struct AppState {
     pub tpm: Arc<crate::trust::TpmTrust>,
     /// Instances and ID scopes as device requests read them.
     pub instances: Arc<crate::cache::InstanceCache>,
+    /// Operations this process finished lately, answered to polls without a read.
+    pub finished: Arc<crate::cache::FinishedOperations>,
     /// Enrollment groups and CA certificates as device authentication reads them.
     pub credentials: Arc<crate::trust::CredentialCache>,
     /// Names of this server that service tokens of every instance may name in `sr` (the

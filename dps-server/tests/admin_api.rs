@@ -4,7 +4,7 @@
 mod common;
 
 use common::{Backend, TestServer, expect_error, expect_json, token};
-use dps_server::store::{Kind, Precondition, Write};
+use dps_server::store::{Columns, Kind, Precondition, Write};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -241,8 +241,10 @@ async fn group_lifecycle_and_registrations(backend: Backend) {
                 ns: "default".into(),
                 kind: Kind::RegistrationState,
                 key: id.into(),
-                parent: Some("line-7".into()),
-                tag: None,
+                columns: Columns::Registration {
+                    group: Some("line-7".into()),
+                    hub: None,
+                },
                 doc: doc.to_string(),
                 precondition: Precondition::MustNotExist,
             }])
@@ -1281,8 +1283,9 @@ async fn concurrent_writers_cannot_both_win(backend: Backend) {
         ns: "default".into(),
         kind: Kind::IndividualEnrollment,
         key: "race".into(),
-        parent: None,
-        tag: None,
+        columns: Columns::Attestation {
+            attestation_type: "symmetricKey".into(),
+        },
         doc: json!({ "writer": n }).to_string(),
         precondition,
     };

@@ -651,8 +651,10 @@ async fn a_poll_finishes_an_operation_a_stopped_server_left_assigning(backend: B
             ns: "default".into(),
             kind: dps_server::store::Kind::Operation,
             key: "5.0000000000000000.orphaned".into(),
-            parent: Some("orphan".into()),
-            tag: None,
+            columns: dps_server::store::Columns::Operation {
+                registration: "orphan".into(),
+                expires_at: None,
+            },
             doc: operation.to_string(),
             precondition: dps_server::store::Precondition::MustNotExist,
         }])
@@ -969,6 +971,72 @@ async fn polls_check_the_token_expiry(backend: Backend) {
     expect_error(poll(stale).send().await.unwrap(), 401, 401002).await;
 }
 
+/// A poll of an operation this process just finished is answered from memory, but only to a
+/// request that proves the same credential again: another key, another device's path, or a
+/// token for another device get what they would get from the store.
+async fn a_poll_from_memory_still_needs_the_device_s_proof(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let mut keys = Vec::new();
+    for id in ["dev-a", "dev-b"] {
+        let enrollment = enroll(
+            &t,
+            json!({ "registrationId": id, "attestation": { "type": "symmetricKey" } }),
+        )
+        .await;
+        keys.push(keys_of(&enrollment));
+    }
+    let device = Device::new(&t, "dev-a");
+    let done = device
+        .register(&device_token(&device.scope, "dev-a", &keys[0].0))
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let operation = done["operationId"].as_str().unwrap();
+    let poll = |path_id: &str, token: String| {
+        t.anonymous(
+            Method::GET,
+            &format!(
+                "/{}/registrations/{path_id}/operations/{operation}",
+                device.scope
+            ),
+        )
+        .header("Authorization", token)
+        .send()
+    };
+    // The device itself, with either of its keys.
+    for key in [&keys[0].0, &keys[0].1] {
+        let answer = expect_json(
+            poll("dev-a", device_token(&device.scope, "dev-a", key))
+                .await
+                .unwrap(),
+            200,
+        )
+        .await;
+        assert_eq!(answer, done);
+    }
+    // Another device's key on dev-a's path, and dev-a's key signing for another resource.
+    let wrong = device_token(&device.scope, "dev-a", &keys[1].0);
+    expect_error(poll("dev-a", wrong).await.unwrap(), 401, 401002).await;
+    let elsewhere = device_token(&device.scope, "dev-b", &keys[0].0);
+    expect_error(poll("dev-a", elsewhere).await.unwrap(), 401, 401002).await;
+    // dev-b, properly authenticated, asking for dev-a's operation.
+    let other = device_token(&device.scope, "dev-b", &keys[1].0);
+    expect_error(poll("dev-b", other).await.unwrap(), 404, 404206).await;
+    // No token at all.
+    let anonymous = t
+        .anonymous(
+            Method::GET,
+            &format!(
+                "/{}/registrations/dev-a/operations/{operation}",
+                device.scope
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_error(anonymous, 401, 401002).await;
+}
+
 /// Security review item 9: device authentication keeps an instance's groups in memory, so a
 /// change made through another replica must count at the next request, not later.
 async fn a_replica_sees_group_changes_at_once(backend: Backend) {
@@ -1003,7 +1071,84 @@ async fn a_replica_sees_group_changes_at_once(backend: Backend) {
     expect_error(device.put(&token).send().await.unwrap(), 401, 401002).await;
 }
 
+/// Finished operations stay pollable for a while, then the sweeper deletes them; an operation
+/// still assigning is left for a poll to finish.
+async fn finished_operations_are_swept_once_they_expire(backend: Backend) {
+    use dps_server::store::{Columns, Kind, Precondition, Write};
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "dev-1", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (primary, _) = keys_of(&enrollment);
+    let device = Device::new(&t, "dev-1");
+    let token = device_token(&device.scope, "dev-1", &primary);
+    let done = device.register(&token).await;
+    let operation = done["operationId"].as_str().unwrap().to_owned();
+    let store = t.running().store();
+    let assigning = json!({ "operationId": "5.0000000000000000.pending", "registrationId": "dev-1",
+        "status": "assigning", "enrollment": { "kind": "individual", "id": "dev-1" } });
+    store
+        .write(&[Write::Put {
+            ns: "default".into(),
+            kind: Kind::Operation,
+            key: "5.0000000000000000.pending".into(),
+            columns: Columns::Operation {
+                registration: "dev-1".into(),
+                expires_at: None,
+            },
+            doc: assigning.to_string(),
+            precondition: Precondition::MustNotExist,
+        }])
+        .await
+        .unwrap();
+    let poll = || {
+        t.anonymous(
+            Method::GET,
+            &format!(
+                "/{}/registrations/dev-1/operations/{operation}",
+                device.scope
+            ),
+        )
+        .header("Authorization", &token)
+        .send()
+    };
+    let now = i64::try_from(now()).unwrap();
+    assert_eq!(store.sweep(now).await.unwrap(), 0);
+    expect_json(poll().await.unwrap(), 200).await;
+
+    // Five minutes on, the finished operation is gone and its poll is a 404 (asked of a
+    // replica: this process would still answer it from memory for a minute).
+    assert_eq!(store.sweep(now + 301).await.unwrap(), 1);
+    let replica = t.replica().await;
+    let polled = replica
+        .anonymous(
+            Method::GET,
+            &format!(
+                "/{}/registrations/dev-1/operations/{operation}",
+                device.scope
+            ),
+        )
+        .header("Authorization", &token)
+        .send()
+        .await
+        .unwrap();
+    expect_error(polled, 404, 404206).await;
+    let pending = store
+        .get("default", Kind::Operation, "5.0000000000000000.pending")
+        .await
+        .unwrap();
+    assert!(
+        pending.is_some(),
+        "an operation still assigning is never swept"
+    );
+}
+
 on_both_backends!(
+    a_poll_from_memory_still_needs_the_device_s_proof,
+    finished_operations_are_swept_once_they_expire,
     a_replica_sees_group_changes_at_once,
     a_group_key_cannot_claim_an_individually_enrolled_id,
     unauthenticated_requests_do_not_use_up_a_device_quota,

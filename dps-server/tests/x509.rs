@@ -619,7 +619,7 @@ async fn certificates_the_verifier_cannot_parse_are_refused(backend: Backend) {
 /// Stores an individual X.509 enrollment directly, past the admin API's checks (as a database
 /// written by an older version could hold it).
 async fn sneak_in_enrollment(t: &TestServer, id: &str, cert: &str) {
-    use dps_server::store::{Kind, Precondition, Write};
+    use dps_server::store::{Columns, Kind, Precondition, Write};
     let doc = json!({ "registrationId": id, "provisioningStatus": "enabled",
         "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": cert } } } } });
     t.running()
@@ -628,8 +628,9 @@ async fn sneak_in_enrollment(t: &TestServer, id: &str, cert: &str) {
             ns: "default".into(),
             kind: Kind::IndividualEnrollment,
             key: id.to_ascii_lowercase(),
-            parent: None,
-            tag: None,
+            columns: Columns::Attestation {
+                attestation_type: "x509".into(),
+            },
             doc: doc.to_string(),
             precondition: Precondition::Always,
         }])

@@ -205,11 +205,7 @@ fn serve_on_postgresql_by_flag() {
         "no SQLite file on PostgreSQL"
     );
     let tables = Command::new("psql")
-        .args([
-            &url,
-            "-tAc",
-            "SELECT count(*) FROM documents WHERE kind = 'instance'",
-        ])
+        .args([&url, "-tAc", "SELECT count(*) FROM instances"])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&tables.stdout).trim(), "1");

@@ -15,7 +15,7 @@ use super::resources::{self, Resource, load, render, with_credentials};
 use super::validate::{field_error, info_of};
 use super::{DomainError, to_doc, unix_now};
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, Write};
+use crate::store::{Columns, Kind, Page, Precondition, Write};
 
 impl Resource for CaCertificate {
     const KIND: Kind = Kind::CaCertificate;
@@ -148,8 +148,7 @@ async fn update(
         ns: ns.to_owned(),
         kind: Kind::CaCertificate,
         key: CaCertificate::key_of(name)?,
-        parent: None,
-        tag: None,
+        columns: Columns::None,
         doc: to_doc(&certificate)?,
         precondition: Precondition::IfMatch(stored.etag),
     };

@@ -20,7 +20,7 @@ use dps_protocol::enrollment::EnrollmentGroup;
 
 use crate::domain::DomainError;
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, Write};
+use crate::store::{Kind, Page, Write};
 use crate::trust::Credentials;
 
 /// The storage key of an instance's credentials version.
@@ -31,15 +31,7 @@ const PAGE: usize = 500;
 /// The write that marks an instance's groups or CA certificates as changed: part of the same
 /// transaction as the change.
 pub fn credentials_changed(ns: &str) -> Write {
-    Write::Put {
-        ns: ns.to_owned(),
-        kind: Kind::CredentialsVersion,
-        key: VERSION_KEY.to_owned(),
-        parent: None,
-        tag: None,
-        doc: "{}".to_owned(),
-        precondition: Precondition::Always,
-    }
+    Write::CredentialsChanged { ns: ns.to_owned() }
 }
 
 /// The instance's credentials as of now: one read of the version, and a rebuild when it

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::validate::{self, Scope, Validator, field_error};
 use super::{DomainError, load, normalize_etag, to_doc};
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
+use crate::store::{Columns, Kind, Page, Precondition, StoreError, Stored, Write};
 
 /// What differs between individual enrollments and enrollment groups.
 pub trait Enrollment: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
@@ -186,30 +186,17 @@ impl Enrollment for EnrollmentGroup {
     }
 }
 
-/// A TPM enrollment group needs manufacturer certificates to admit anyone, and there is at
-/// most one per instance (a device names no group: its EK certificate alone admits it).
-pub async fn check_tpm_group(state: &AppState, ns: &str, key: &str) -> Result<(), DomainError> {
+/// A TPM enrollment group needs manufacturer certificates to admit anyone. (There is at most
+/// one per instance, since a device names no group: its EK certificate alone admits it; the
+/// database refuses a second.)
+fn check_tpm_group(state: &AppState) -> Result<(), DomainError> {
     if state.tpm.manufacturer_certificates.is_empty() {
         return Err(field_error(
             "attestation.type",
             "a TPM enrollment group admits devices by their EK certificate: configure the TPM manufacturer certificates (tpm.manufacturer_certificates) first",
         ));
     }
-    let other = crate::domain::attest::find_group(state, ns, |group| {
-        (group.attestation.kind == AttestationType::Tpm
-            && !group.enrollment_group_id.eq_ignore_ascii_case(key))
-        .then_some(group.enrollment_group_id)
-    })
-    .await?;
-    match other {
-        Some(other) => Err(DomainError::new(
-            ErrorCode::Conflict,
-            format!(
-                "enrollment group '{other}' is this instance's TPM enrollment group; there can be one"
-            ),
-        )),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// The stored document with its etag and timestamps; secrets removed unless `reveal`.
@@ -246,7 +233,7 @@ pub async fn write<E: Enrollment>(
     validator.settings(enrollment.parts().1).await?;
     validator.ca_references(enrollment.parts().0).await?;
     if E::SCOPE == Scope::Group && enrollment.attestation().kind == AttestationType::Tpm {
-        check_tpm_group(state, ns, &key).await?;
+        check_tpm_group(state)?;
     }
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
@@ -270,8 +257,9 @@ pub async fn write<E: Enrollment>(
             ns: ns.to_owned(),
             kind: E::KIND,
             key: key.clone(),
-            parent: None,
-            tag: None,
+            columns: Columns::Attestation {
+                attestation_type: candidate.attestation().kind.as_str().to_owned(),
+            },
             doc: to_doc(&candidate)?,
             precondition: effective,
         }];

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use dps_protocol::ErrorCode;
 
-use crate::store::{Kind, StoreError};
+use crate::store::{Kind, StoreError, Unique};
 
 /// An error answer.
 #[derive(Debug)]
@@ -88,7 +88,23 @@ impl From<StoreError> for DomainError {
                 ErrorCode::PreconditionFailed,
                 format!("{} '{key}' has a different etag than If-Match", noun(kind)),
             ),
-            StoreError::NotFound { kind, key } => not_found(kind, &key),
+            StoreError::NotFound { kind, key } | StoreError::Missing { kind, key } => {
+                not_found(kind, &key)
+            }
+            StoreError::Taken { what, value } => Self::new(
+                ErrorCode::Conflict,
+                match what {
+                    Unique::IdScope => format!("ID scope '{value}' belongs to another instance"),
+                    Unique::HostName => format!("host name '{value}' belongs to another instance"),
+                    Unique::TpmGroup => format!(
+                        "enrollment group '{value}' cannot be a TPM group: the instance has one already, and there can be one"
+                    ),
+                },
+            ),
+            StoreError::InUse { kind, key } => Self::new(
+                ErrorCode::ConflictWithState,
+                format!("{} '{key}' is still referred to", noun(kind)),
+            ),
             StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
                 tracing::error!(error = %error, "database unavailable");
                 Self::new(ErrorCode::ServiceUnavailable, "the database is unavailable")
@@ -101,7 +117,7 @@ impl From<StoreError> for DomainError {
 /// The 404 for a missing document of `kind`.
 pub fn not_found(kind: Kind, key: &str) -> DomainError {
     let code = match kind {
-        Kind::Instance | Kind::IdScope | Kind::HostName => ErrorCode::InstanceNotFound,
+        Kind::Instance => ErrorCode::InstanceNotFound,
         Kind::AccessPolicy => ErrorCode::AccessPolicyNotFound,
         Kind::LinkedHub => ErrorCode::LinkedHubNotFound,
         Kind::IndividualEnrollment => ErrorCode::EnrollmentNotFound,
@@ -121,8 +137,6 @@ pub fn not_found(kind: Kind, key: &str) -> DomainError {
 fn noun(kind: Kind) -> &'static str {
     match kind {
         Kind::Instance => "instance",
-        Kind::IdScope => "ID scope",
-        Kind::HostName => "host name",
         Kind::AccessPolicy => "shared access policy",
         Kind::LinkedHub => "linked hub",
         Kind::IndividualEnrollment => "enrollment",

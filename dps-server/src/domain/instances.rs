@@ -13,7 +13,9 @@ use super::{DomainError, load, to_doc};
 use crate::domain::access_policies::owner_policy;
 use crate::domain::resources::{Resource, render};
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Write};
+use crate::store::{
+    Columns, Kind, Page, Precondition, SERVER_NS, Store, StoreError, Stored, Unique, Write,
+};
 
 /// A stored instance with its etag and timestamps.
 pub fn from_stored(stored: &Stored) -> Result<Instance, DomainError> {
@@ -95,44 +97,17 @@ pub async fn save(
         (Precondition::Always, None) => Precondition::MustNotExist,
         (other, _) => other.clone(),
     };
-    let name_doc = to_doc(&instance.name)?;
     let mut writes = vec![Write::Put {
         ns: SERVER_NS.to_owned(),
         kind: Kind::Instance,
         key: key.clone(),
-        parent: None,
-        tag: None,
+        columns: Columns::Instance {
+            id_scope: scope.to_ascii_lowercase(),
+            host_names: instance.host_names.clone(),
+        },
         doc: to_doc(&instance)?,
         precondition: effective,
     }];
-    let old_scope = previous
-        .as_ref()
-        .and_then(|p| p.id_scope.as_ref())
-        .map(|s| s.to_ascii_lowercase());
-    let new_scope = scope.to_ascii_lowercase();
-    if old_scope.as_deref() != Some(new_scope.as_str()) {
-        if let Some(old) = old_scope {
-            writes.push(purge(Kind::IdScope, old));
-        }
-        writes.push(claim(Kind::IdScope, new_scope, &name_doc));
-    }
-    let old_hosts = previous
-        .as_ref()
-        .map(|p| p.host_names.clone())
-        .unwrap_or_default();
-    for gone in old_hosts
-        .iter()
-        .filter(|h| !instance.host_names.contains(h))
-    {
-        writes.push(purge(Kind::HostName, gone.clone()));
-    }
-    for added in instance
-        .host_names
-        .iter()
-        .filter(|h| !old_hosts.contains(h))
-    {
-        writes.push(claim(Kind::HostName, added.clone(), &name_doc));
-    }
     let created_policy = match previous {
         None => {
             let policy = owner_policy()?;
@@ -140,8 +115,7 @@ pub async fn save(
                 ns: instance.name.clone(),
                 kind: Kind::AccessPolicy,
                 key: AccessPolicy::key_of(&policy.key_name)?,
-                parent: None,
-                tag: None,
+                columns: Columns::None,
                 doc: to_doc(&policy)?,
                 precondition: Precondition::Always,
             });
@@ -154,19 +128,19 @@ pub async fn save(
         Some(_) => None,
     };
     let written = store.write(&writes).await.map_err(|e| match e {
-        StoreError::Exists {
-            kind: Kind::IdScope,
-            key,
+        StoreError::Taken {
+            what: Unique::IdScope,
+            value,
         } => DomainError::new(
             ErrorCode::Conflict,
-            format!("ID scope '{key}' belongs to another instance"),
+            format!("ID scope '{value}' belongs to another instance"),
         ),
-        StoreError::Exists {
-            kind: Kind::HostName,
-            key,
+        StoreError::Taken {
+            what: Unique::HostName,
+            value,
         } => DomainError::new(
             ErrorCode::Conflict,
-            format!("host name '{key}' belongs to another instance"),
+            format!("host name '{value}' belongs to another instance"),
         ),
         other => other.into(),
     })?;
@@ -178,26 +152,6 @@ pub async fn save(
     let mut saved = from_stored(&stored)?;
     saved.owner_policy = created_policy;
     Ok(saved)
-}
-
-fn purge(kind: Kind, key: String) -> Write {
-    Write::Purge {
-        ns: SERVER_NS.to_owned(),
-        kind,
-        key,
-    }
-}
-
-fn claim(kind: Kind, key: String, doc: &str) -> Write {
-    Write::Put {
-        ns: SERVER_NS.to_owned(),
-        kind,
-        key,
-        parent: None,
-        tag: None,
-        doc: doc.to_owned(),
-        precondition: Precondition::MustNotExist,
-    }
 }
 
 /// The owner policy of an instance with its keys, for the start-up connection string.
@@ -227,21 +181,13 @@ pub async fn delete(
         ));
     }
     let instance = load_instance(state.store.as_ref(), name).await?;
-    let mut writes = vec![Write::Delete {
+    // Its ID scope, host names and every record in it go with it (the database cascades).
+    let writes = [Write::Delete {
         ns: SERVER_NS.to_owned(),
         kind: Kind::Instance,
         key,
         precondition,
     }];
-    if let Some(scope) = &instance.id_scope {
-        writes.push(purge(Kind::IdScope, scope.to_ascii_lowercase()));
-    }
-    for host in &instance.host_names {
-        writes.push(purge(Kind::HostName, host.clone()));
-    }
-    writes.push(Write::DeleteNamespace {
-        ns: instance.name.clone(),
-    });
     let deleted = state.store.write(&writes).await;
     state.instances.clear();
     state.credentials.forget(&instance.name);
@@ -255,12 +201,11 @@ pub async fn of_scope(state: &AppState, scope: &IdScope) -> Result<String, Domai
     let name = match state.instances.scopes.get(&key) {
         Some(name) => name,
         None => {
-            let stored = state
+            let name = state
                 .store
-                .get(SERVER_NS, Kind::IdScope, &key)
+                .instance_by_scope(&key)
                 .await?
                 .ok_or_else(DomainError::device_denied)?;
-            let name: String = stored.doc_json()?;
             state.instances.scopes.insert(key, name.clone());
             name
         }
@@ -284,8 +229,11 @@ pub async fn instance_for_host(
     if let Some(host) = &host {
         let without_port = host.rsplit_once(':').map(|(name, _)| name.to_owned());
         for candidate in std::iter::once(host.clone()).chain(without_port) {
-            if let Some(entry) = store.get(SERVER_NS, Kind::HostName, &candidate).await? {
-                return load_instance(store, &entry.doc_string()?).await;
+            if let Some(name) = store
+                .instance_by_host(&candidate.to_ascii_lowercase())
+                .await?
+            {
+                return load_instance(store, &name).await;
             }
         }
     }

@@ -109,7 +109,7 @@ impl Resource for LinkedHub {
     async fn counts(state: &AppState, ns: &str) -> Result<Counts, DomainError> {
         Ok(state
             .store
-            .count_by_tag(ns, Kind::RegistrationState)
+            .count_by(ns, Kind::RegistrationState)
             .await?
             .into_iter()
             .collect())

@@ -56,10 +56,6 @@ impl Stored {
         serde_json::from_str(&self.doc)
             .map_err(|e| DomainError::internal("a stored document is corrupt", &e))
     }
-
-    pub(crate) fn doc_string(&self) -> Result<String, DomainError> {
-        self.doc_json()
-    }
 }
 
 /// Serialises a document for storage.

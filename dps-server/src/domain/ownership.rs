@@ -21,7 +21,7 @@ use super::resources::{Counts, Resource};
 use super::validate::field_error;
 use super::{DomainError, load, to_doc};
 use crate::state::AppState;
-use crate::store::{BulkDoc, Kind, Page, Precondition, Store, Stored, Write};
+use crate::store::{BulkDoc, Columns, Kind, Page, Precondition, Store, StoreError, Stored, Write};
 
 /// How many row errors an import answer lists.
 const MAX_REPORTED_ERRORS: usize = 20;
@@ -67,7 +67,7 @@ impl Resource for Owner {
     async fn counts(state: &AppState, ns: &str) -> Result<Counts, DomainError> {
         Ok(state
             .store
-            .count_by_tag(ns, Kind::OwnershipRecord)
+            .count_by(ns, Kind::OwnershipRecord)
             .await?
             .into_iter()
             .collect())
@@ -133,8 +133,7 @@ fn record_doc(key: &DeviceKey, owner: &Owner) -> Result<BulkDoc, DomainError> {
     let owner_key = owner.name.to_ascii_lowercase();
     Ok(BulkDoc {
         key: key.storage_key(),
-        parent: Some(owner_key.clone()),
-        tag: Some(owner_key),
+        columns: Columns::Owned { owner: owner_key },
         doc: to_doc(&record)?,
     })
 }
@@ -533,8 +532,7 @@ pub async fn transfer(
                 ns: ns.to_owned(),
                 kind: Kind::OwnershipRecord,
                 key: doc.key,
-                parent: doc.parent,
-                tag: doc.tag,
+                columns: doc.columns,
                 doc: doc.doc,
                 precondition: Precondition::IfMatch(stored.etag),
             });
@@ -555,27 +553,29 @@ pub async fn delete_owner(
     precondition: Precondition,
 ) -> Result<(), DomainError> {
     let key = Owner::key_of(name)?;
-    let owned = Owner::counts(state, ns)
-        .await?
-        .get(&key)
-        .copied()
-        .unwrap_or(0);
-    if owned > 0 {
-        return Err(DomainError::new(
-            ErrorCode::ConflictWithState,
-            format!(
-                "owner '{name}' still owns {owned} device(s); transfer or delete their ownership records first"
-            ),
-        ));
-    }
     let delete = Write::Delete {
         ns: ns.to_owned(),
         kind: Kind::Owner,
-        key,
+        key: key.clone(),
         precondition,
     };
-    state.store.write(&[delete]).await?;
-    Ok(())
+    // The database refuses while ownership records name the owner.
+    match state.store.write(&[delete]).await {
+        Err(StoreError::InUse { .. }) => {
+            let owned = Owner::counts(state, ns)
+                .await?
+                .get(&key)
+                .copied()
+                .unwrap_or(0);
+            Err(DomainError::new(
+                ErrorCode::ConflictWithState,
+                format!(
+                    "owner '{name}' still owns {owned} device(s); transfer or delete their ownership records first"
+                ),
+            ))
+        }
+        done => done.map(|_| ()).map_err(Into::into),
+    }
 }
 
 #[cfg(test)]

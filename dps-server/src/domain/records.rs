@@ -3,7 +3,7 @@
 //! challenge names its enrollment; the SAS hint reads the group a device came through), so they
 //! live apart from the state machine that moves them.
 
-use dps_protocol::device::OperationStatus;
+use dps_protocol::device::{OperationStatus, RegistrationOperationStatus};
 use dps_protocol::enrollment::{DeviceRegistrationState, X509RegistrationResult};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -62,6 +62,17 @@ pub struct TpmOperation {
     pub hub_key: String,
     /// SHA-256 of the EK's TPM2B_PUBLIC, hex (ownership records may name it).
     pub ek_hash: String,
+}
+
+impl OperationRecord {
+    /// The answer to a poll of the operation once it finished.
+    pub fn answer(&self) -> RegistrationOperationStatus {
+        RegistrationOperationStatus {
+            operation_id: self.operation_id.clone(),
+            status: self.status,
+            registration_state: self.registration_state.clone(),
+        }
+    }
 }
 
 /// A device's registration state as stored: the wire state plus what reprovisioning needs.

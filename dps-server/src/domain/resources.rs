@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::{DomainError, to_doc};
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, Stored, Write};
+use crate::store::{Columns, Kind, Page, Precondition, Stored, Write};
 
 /// A configuration document of an instance.
 pub trait Resource: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
@@ -101,8 +101,7 @@ pub async fn store_resource<R: Resource>(
         ns: ns.to_owned(),
         kind: R::KIND,
         key,
-        parent: None,
-        tag: None,
+        columns: Columns::None,
         doc: to_doc(&resource)?,
         precondition: effective,
     };

@@ -1,10 +1,18 @@
 //! Storage: one trait, implemented over sqlx for SQLite (embedded default) and PostgreSQL.
 //!
-//! Every resource is a JSON document addressed by (namespace, kind, key). The namespace is an
-//! instance name, or [`SERVER_NS`] for the server's own records. Writes carry a precondition
-//! and run in one transaction, so that two writers racing on the same key cannot both win.
+//! Each kind of record has a table of its own (`schema.rs`, `migrations/*/0003_typed_tables.sql`):
+//! its identity, relations and the columns that are filtered, counted, unique or swept on are
+//! columns ([`Columns`]), the rest a JSON document. The database enforces what it can: unique ID
+//! scopes and host names, one TPM group per instance, ownership records only of existing owners,
+//! and an instance's records deleted with it. Records are addressed by (namespace, kind, key): the
+//! namespace is an instance name, or [`SERVER_NS`] for the instances themselves. Writes carry a
+//! precondition and run in one transaction, so that two writers racing on the same key cannot
+//! both win.
 
+mod schema;
+#[macro_use]
 mod sql;
+mod upgrade;
 
 use std::fmt;
 
@@ -16,12 +24,8 @@ pub const SERVER_NS: &str = "";
 /// What a document is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
-    /// An instance (in [`SERVER_NS`], keyed by name).
+    /// An instance (in [`SERVER_NS`], keyed by name), with its ID scope and host names.
     Instance,
-    /// ID scope to instance name (in [`SERVER_NS`], keyed by lower-case scope).
-    IdScope,
-    /// Host name to instance name (in [`SERVER_NS`], keyed by lower-case host name).
-    HostName,
     /// A shared access policy (keyed by key name).
     AccessPolicy,
     /// A linked hub (keyed by lower-case host name).
@@ -30,29 +34,29 @@ pub enum Kind {
     IndividualEnrollment,
     /// An enrollment group (keyed by lower-case group id).
     EnrollmentGroup,
-    /// A device's registration state (keyed by lower-case registration id, parent = group key).
+    /// A device's registration state (keyed by lower-case registration id).
     RegistrationState,
-    /// A registration attempt (keyed by lower-case operation id, parent = registration key).
+    /// A registration attempt (keyed by lower-case operation id).
     Operation,
     /// An owner of devices (keyed by lower-case name).
     Owner,
-    /// A device's owner (keyed by `<kind>:<normalised id>`, parent and tag = owner key).
+    /// A device's owner (keyed by `<kind>:<normalised id>`).
     OwnershipRecord,
     /// A CA certificate for `caReferences` (keyed by lower-case name).
     CaCertificate,
     /// A TPM device's pending challenges (keyed by lower-case registration id).
     TpmChallenge,
     /// Changes with every write to an instance's enrollment groups or CA certificates, so
-    /// that caches of them know when to read them again (one per instance).
+    /// that caches of them know when to read them again (one per instance, read as a record
+    /// whose etag is the version; written by [`Write::CredentialsChanged`]).
     CredentialsVersion,
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    /// The kind's name (in logs, and in the older `documents` table).
+    pub fn as_str(self) -> &'static str {
         match self {
             Kind::Instance => "instance",
-            Kind::IdScope => "id-scope",
-            Kind::HostName => "host-name",
             Kind::AccessPolicy => "access-policy",
             Kind::LinkedHub => "linked-hub",
             Kind::IndividualEnrollment => "enrollment",
@@ -94,10 +98,56 @@ pub enum Precondition {
     IfMatch(String),
 }
 
+/// The typed columns a record has beside its document, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Columns {
+    /// Access policies, linked hubs, CA certificates, owners.
+    #[default]
+    None,
+    /// An instance: its ID scope (unique) and host names (each unique across instances).
+    Instance {
+        /// Lower-case ID scope.
+        id_scope: String,
+        /// Lower-case host names.
+        host_names: Vec<String>,
+    },
+    /// An individual enrollment or an enrollment group: its attestation type (`tpm` groups are
+    /// one per instance).
+    Attestation {
+        /// `symmetricKey`, `x509`, `tpm` or `none`.
+        attestation_type: String,
+    },
+    /// A registration state: the group it came through (lists) and the hub it is assigned to
+    /// (counts).
+    Registration {
+        /// Lower-case group id.
+        group: Option<String>,
+        /// Lower-case host name, while assigned.
+        hub: Option<String>,
+    },
+    /// An operation: its device, and when the sweeper may delete it (finished ones).
+    Operation {
+        /// Lower-case registration id.
+        registration: String,
+        /// Unix seconds; `None` while assigning.
+        expires_at: Option<i64>,
+    },
+    /// TPM challenges: when the sweeper may delete them.
+    Expires {
+        /// Unix seconds.
+        at: i64,
+    },
+    /// An ownership record: its owner (lists, counts; must exist).
+    Owned {
+        /// Lower-case owner name.
+        owner: String,
+    },
+}
+
 /// One write of a transaction.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// Create or replace a document.
+    /// Create or replace a record.
     Put {
         /// Namespace.
         ns: String,
@@ -105,16 +155,14 @@ pub enum Write {
         kind: Kind,
         /// Key.
         key: String,
-        /// Secondary key for listing (the group of a registration state).
-        parent: Option<String>,
-        /// A value documents are counted by (the hub of an assigned registration).
-        tag: Option<String>,
+        /// Its typed columns.
+        columns: Columns,
         /// The JSON document.
         doc: String,
         /// When it may happen.
         precondition: Precondition,
     },
-    /// Delete a document.
+    /// Delete a record (an instance with everything in it).
     Delete {
         /// Namespace.
         ns: String,
@@ -125,7 +173,7 @@ pub enum Write {
         /// When it may happen.
         precondition: Precondition,
     },
-    /// Delete a document if it exists (cascades).
+    /// Delete a record if it exists.
     Purge {
         /// Namespace.
         ns: String,
@@ -134,35 +182,45 @@ pub enum Write {
         /// Key.
         key: String,
     },
-    /// Delete everything in a namespace.
-    DeleteNamespace {
-        /// Namespace.
+    /// Give instance `ns` a new credentials version.
+    CredentialsChanged {
+        /// The instance.
         ns: String,
     },
 }
 
-/// One document of a bulk upsert ([`Store::put_all`]).
+/// One record of a bulk upsert ([`Store::put_all`]).
 #[derive(Debug, Clone)]
 pub struct BulkDoc {
     /// Key.
     pub key: String,
-    /// Secondary key for listing.
-    pub parent: Option<String>,
-    /// A value documents are counted by.
-    pub tag: Option<String>,
+    /// Its typed columns.
+    pub columns: Columns,
     /// The JSON document.
     pub doc: String,
 }
 
-/// Which documents a listing returns: keys after `after`, in key order, at most `limit`.
+/// Which records a listing returns: keys after `after`, in key order, at most `limit`.
 #[derive(Debug, Clone, Default)]
 pub struct Page<'a> {
-    /// Only documents with this parent.
+    /// Only records related to this one: registration states of a group, operations of a
+    /// device, ownership records of an owner.
     pub parent: Option<&'a str>,
     /// Only keys greater than this one (keyset paging).
     pub after: Option<&'a str>,
     /// At most this many.
     pub limit: usize,
+}
+
+/// Values the database keeps unique.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unique {
+    /// An instance's ID scope.
+    IdScope,
+    /// An instance's host name.
+    HostName,
+    /// The one TPM enrollment group of an instance.
+    TpmGroup,
 }
 
 /// Why a storage call failed.
@@ -192,6 +250,33 @@ pub enum StoreError {
         /// Key of the document.
         key: String,
     },
+    /// A value that must be unique across records is another's.
+    #[error("{what:?} '{value}' is taken")]
+    Taken {
+        /// Which value.
+        what: Unique,
+        /// The value.
+        value: String,
+    },
+    /// A record names another that does not exist (an ownership record's owner).
+    #[error("{kind:?} '{key}' does not exist")]
+    Missing {
+        /// Kind of the record named.
+        kind: Kind,
+        /// Its key.
+        key: String,
+    },
+    /// A record cannot be deleted while others name it (an owner of ownership records).
+    #[error("{kind:?} '{key}' is still referred to")]
+    InUse {
+        /// Kind of the record.
+        kind: Kind,
+        /// Its key.
+        key: String,
+    },
+    /// A write that does not fit its kind (a programming error, refused instead of stored).
+    #[error("invalid write: {0}")]
+    Invalid(String),
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -227,8 +312,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Lists documents of a kind in key order.
     async fn list(&self, ns: &str, kind: Kind, page: Page<'_>) -> Result<Vec<Stored>, StoreError>;
 
-    /// How many documents of a kind carry each tag (untagged ones are not counted).
-    async fn count_by_tag(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError>;
+    /// How many records of a kind there are per value of its counted column: registration
+    /// states per assigned hub, ownership records per owner.
+    async fn count_by(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// The instance an ID scope (lower-case) names.
+    async fn instance_by_scope(&self, id_scope: &str) -> Result<Option<String>, StoreError>;
+
+    /// The instance a host name (lower-case) names.
+    async fn instance_by_host(&self, host: &str) -> Result<Option<String>, StoreError>;
+
+    /// Deletes finished operations and TPM challenges whose time ran out before `now` (Unix
+    /// seconds); returns how many.
+    async fn sweep(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Applies all writes in one transaction, or none of them. Returns, for each write, the
     /// stored document of a `Put` and `None` for deletes.

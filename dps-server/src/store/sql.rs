@@ -11,10 +11,11 @@ use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{BulkDoc, Kind, Page, Precondition, Store, StoreError, Stored, Write};
+use super::schema::{self, Table, Value};
+use super::{BulkDoc, Columns, Kind, Page, Precondition, Store, StoreError, Stored, Unique, Write};
 
-/// Rows per statement of a bulk upsert: 8 parameters each stays far below SQLite's 32,766 and
-/// PostgreSQL's 65,535 parameters per statement.
+/// Rows per statement of a bulk upsert: a handful of parameters each stays far below SQLite's
+/// 32,766 and PostgreSQL's 65,535 parameters per statement.
 const BULK_ROWS: usize = 500;
 /// How often a transaction aborted as not serialisable (SQLSTATE 40001) is run again.
 const SERIALIZATION_RETRIES: usize = 5;
@@ -30,6 +31,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "document tags",
         include_str!("../../migrations/sqlite/0002_document_tags.sql"),
     ),
+    (
+        3,
+        "typed tables",
+        include_str!("../../migrations/sqlite/0003_typed_tables.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -42,36 +48,27 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "document tags",
         include_str!("../../migrations/postgres/0002_document_tags.sql"),
     ),
+    (
+        3,
+        "typed tables",
+        include_str!("../../migrations/postgres/0003_typed_tables.sql"),
+    ),
 ];
-
-/// A parent's children, in key order. Without statistics SQLite's planner prefers the primary
-/// key (it gives the order) and reads every document of the kind to filter on the parent, which
-/// made each registration read all operations; on SQLite the parent index is named.
-const LIST_BY_PARENT: &str = "SELECT key, doc, etag, created_at, updated_at FROM documents \
-     WHERE ns = $1 AND kind = $2 AND parent = $3 ORDER BY key LIMIT $4";
-const LIST_BY_PARENT_SQLITE: &str = "SELECT key, doc, etag, created_at, updated_at \
-     FROM documents INDEXED BY documents_by_parent \
-     WHERE ns = $1 AND kind = $2 AND parent = $3 ORDER BY key LIMIT $4";
-const LIST_BY_PARENT_AFTER: &str = "SELECT key, doc, etag, created_at, updated_at FROM documents \
-     WHERE ns = $1 AND kind = $2 AND parent = $3 AND key > $4 ORDER BY key LIMIT $5";
-const LIST_BY_PARENT_AFTER_SQLITE: &str = "SELECT key, doc, etag, created_at, updated_at \
-     FROM documents INDEXED BY documents_by_parent \
-     WHERE ns = $1 AND kind = $2 AND parent = $3 AND key > $4 ORDER BY key LIMIT $5";
 
 /// SQLite or PostgreSQL through one connection pool.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
-    pool: Pool,
+    pub(super) pool: Pool,
 }
 
 #[derive(Debug, Clone)]
-enum Pool {
+pub(super) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
 
 /// A transaction of either backend.
-enum Tx {
+pub(super) enum Tx {
     Sqlite(Transaction<'static, Sqlite>),
     Postgres(Transaction<'static, Postgres>),
 }
@@ -150,10 +147,12 @@ impl SqlStore {
         // idempotent, so replicas starting together at worst retry.
         migrator.set_locking(false);
         on_pool!(&pool, p => migrator.run(p).await)?;
-        Ok(Self { pool })
+        let store = Self { pool };
+        super::upgrade::from_documents(&store).await?;
+        Ok(store)
     }
 
-    async fn begin(&self) -> Result<Tx, StoreError> {
+    pub(super) async fn begin(&self) -> Result<Tx, StoreError> {
         Ok(match &self.pool {
             Pool::Sqlite(p) => Tx::Sqlite(p.begin().await?),
             Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
@@ -162,7 +161,7 @@ impl SqlStore {
 }
 
 impl Tx {
-    async fn commit(self) -> Result<(), StoreError> {
+    pub(super) async fn commit(self) -> Result<(), StoreError> {
         on_tx!(self, t => t.commit().await)?;
         Ok(())
     }
@@ -201,29 +200,127 @@ where
     })
 }
 
+/// Binds `values` in order.
+macro_rules! bind_values {
+    ($query:expr, $values:expr) => {{
+        let mut query = $query;
+        for value in $values {
+            query = match value {
+                Value::Text(v) => query.bind(*v),
+                Value::OptText(v) => query.bind(*v),
+                Value::OptInt(v) => query.bind(*v),
+            };
+        }
+        query
+    }};
+}
+
+/// An instance's records are stored under its case-folded name, the key of its row (names are
+/// matched without regard to case; callers pass the spelling they know).
+fn instance_key(ns: &str) -> String {
+    ns.to_ascii_lowercase()
+}
+
+fn table(kind: Kind) -> Result<&'static Table, StoreError> {
+    schema::of(kind).ok_or_else(|| StoreError::Invalid(format!("{kind:?} has no table")))
+}
+
+/// The instance column's value (`ns` case-folded, see [`instance_key`]).
+fn scope<'a>(table: &Table, ns: &'a str) -> Vec<Value<'a>> {
+    if table.scoped {
+        vec![Value::Text(ns)]
+    } else {
+        Vec::new()
+    }
+}
+
+/// What a failed statement means for a write of `kind`: a taken unique value, a missing or
+/// still-referenced related record, or a database failure.
+fn constraint(kind: Kind, key: &str, columns: &Columns, e: sqlx::Error) -> StoreError {
+    let Some(db) = e.as_database_error() else {
+        return e.into();
+    };
+    match (db.kind(), kind, columns) {
+        (
+            sqlx::error::ErrorKind::UniqueViolation,
+            Kind::Instance,
+            Columns::Instance { id_scope, .. },
+        ) => StoreError::Taken {
+            what: Unique::IdScope,
+            value: id_scope.clone(),
+        },
+        (sqlx::error::ErrorKind::UniqueViolation, Kind::EnrollmentGroup, _) => StoreError::Taken {
+            what: Unique::TpmGroup,
+            value: key.to_owned(),
+        },
+        (
+            sqlx::error::ErrorKind::ForeignKeyViolation,
+            Kind::OwnershipRecord,
+            Columns::Owned { owner },
+        ) => StoreError::Missing {
+            kind: Kind::Owner,
+            key: owner.clone(),
+        },
+        (sqlx::error::ErrorKind::ForeignKeyViolation, _, Columns::None) => StoreError::InUse {
+            kind,
+            key: key.to_owned(),
+        },
+        _ => e.into(),
+    }
+}
+
 async fn exists(tx: &mut Tx, ns: &str, kind: Kind, key: &str) -> Result<bool, StoreError> {
-    let found = on_tx!(tx, t => sqlx::query("SELECT 1 FROM documents WHERE ns = $1 AND kind = $2 AND key = $3")
-        .bind(ns)
-        .bind(kind.as_str())
-        .bind(key)
+    let table = table(kind)?;
+    let mut values = scope(table, ns);
+    values.push(Value::Text(key));
+    let found = on_tx!(tx, t => bind_values!(sqlx::query(table.sql.get.as_str()), &values)
         .fetch_optional(&mut **t)
         .await?
         .is_some());
     Ok(found)
 }
 
-const UPSERT: &str = "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) \
-     ON CONFLICT (ns, kind, key) DO UPDATE SET parent = excluded.parent, \
-     doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at, \
-     tag = excluded.tag RETURNING created_at";
-const INSERT: &str = "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8) ON CONFLICT (ns, kind, key) DO NOTHING";
-const UPDATE_IF_MATCH: &str = "UPDATE documents SET parent = $4, doc = $5, etag = $6, updated_at = $7, tag = $9 \
-     WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $8 RETURNING created_at";
-const DELETE_IF_MATCH: &str =
-    "DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3 AND etag = $4";
-const DELETE: &str = "DELETE FROM documents WHERE ns = $1 AND kind = $2 AND key = $3";
+/// After a conditional write touched nothing: was the record missing, or its etag different?
+async fn missing_or_mismatch(
+    tx: &mut Tx,
+    ns: &str,
+    kind: Kind,
+    key: &str,
+) -> Result<StoreError, StoreError> {
+    let key = key.to_owned();
+    Ok(if exists(tx, ns, kind, &key).await? {
+        StoreError::EtagMismatch { kind, key }
+    } else {
+        StoreError::NotFound { kind, key }
+    })
+}
+
+/// Replaces the host names of instance `key`; a host another instance holds is refused.
+async fn set_host_names(tx: &mut Tx, key: &str, hosts: &[String]) -> Result<(), StoreError> {
+    on_tx!(tx, t => sqlx::query("DELETE FROM instance_host_names WHERE instance = $1")
+        .bind(key)
+        .execute(&mut **t)
+        .await?
+        .rows_affected());
+    for host in hosts {
+        let inserted = on_tx!(tx, t => sqlx::query(
+            "INSERT INTO instance_host_names (host, instance) VALUES ($1, $2) \
+             ON CONFLICT (host) DO NOTHING",
+        )
+        .bind(host)
+        .bind(key)
+        .execute(&mut **t)
+        .await?
+        .rows_affected());
+        if inserted == 0 {
+            return Err(StoreError::Taken {
+                what: Unique::HostName,
+                value: host.clone(),
+            });
+        }
+    }
+    Ok(())
+}
 
 async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
     match write {
@@ -231,42 +328,56 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
             ns,
             kind,
             key,
-            parent,
-            tag,
+            columns,
             doc,
             precondition,
         } => {
+            let table = table(*kind)?;
+            let ns = &instance_key(ns);
+            let typed = schema::values(table, columns).ok_or_else(|| {
+                StoreError::Invalid(format!("{columns:?} are not the columns of {kind:?}"))
+            })?;
             let (etag, at) = (new_etag(), now());
-            let (sql, expected) = match precondition {
-                Precondition::Always => (UPSERT, None),
-                Precondition::MustNotExist => (INSERT, None),
-                Precondition::IfMatch(expected) => (UPDATE_IF_MATCH, Some(expected)),
+            let mut values = scope(table, ns);
+            values.extend([
+                Value::Text(key),
+                Value::Text(doc),
+                Value::Text(&etag),
+                Value::Text(&at),
+            ]);
+            values.extend(typed);
+            let sql = match precondition {
+                Precondition::Always => table.sql.upsert.as_str(),
+                Precondition::MustNotExist => table.sql.insert.as_str(),
+                Precondition::IfMatch(expected) => {
+                    values.push(Value::Text(expected));
+                    table.sql.update_if_match.as_str()
+                }
             };
+            let inserting = matches!(precondition, Precondition::MustNotExist);
             // The upsert and the conditional update return the row's creation time; the
             // insert returns nothing and counts what it inserted.
-            let (created, touched): (Option<String>, bool) = on_tx!(tx, t => {
-                let mut query = sqlx::query(sql)
-                    .bind(ns)
-                    .bind(kind.as_str())
-                    .bind(key)
-                    .bind(parent.as_deref())
-                    .bind(doc)
-                    .bind(&etag)
-                    .bind(&at);
-                query = match expected {
-                    Some(expected) => query.bind(expected).bind(tag.as_deref()),
-                    None => query.bind(tag.as_deref()),
-                };
-                if sql == INSERT {
-                    let inserted = query.execute(&mut **t).await?.rows_affected() > 0;
-                    (None, inserted)
+            let written: Result<(Option<String>, bool), sqlx::Error> = on_tx!(tx, t => {
+                let query = bind_values!(sqlx::query(sql), &values);
+                if inserting {
+                    query
+                        .execute(&mut **t)
+                        .await
+                        .map(|done| (None, done.rows_affected() > 0))
                 } else {
-                    let row = query.fetch_optional(&mut **t).await?;
-                    let created = row.map(|row| row.try_get("created_at")).transpose()?;
-                    let touched = created.is_some();
-                    (created, touched)
+                    match query.fetch_optional(&mut **t).await {
+                        Ok(row) => row
+                            .map(|row| row.try_get::<String, _>("created_at"))
+                            .transpose()
+                            .map(|created| {
+                                let touched = created.is_some();
+                                (created, touched)
+                            }),
+                        Err(e) => Err(e),
+                    }
                 }
             });
+            let (created, touched) = written.map_err(|e| constraint(*kind, key, columns, e))?;
             match (touched, precondition) {
                 (true, _) => {}
                 (false, Precondition::MustNotExist) => {
@@ -276,6 +387,9 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
                     });
                 }
                 (false, _) => return Err(missing_or_mismatch(tx, ns, *kind, key).await?),
+            }
+            if let Columns::Instance { host_names, .. } = columns {
+                set_host_names(tx, key, host_names).await?;
             }
             Ok(Some(Stored {
                 key: key.clone(),
@@ -291,38 +405,42 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
             key,
             precondition,
         } => {
-            let deleted = on_tx!(tx, t => {
-                let query = match precondition {
-                    Precondition::IfMatch(expected) => sqlx::query(DELETE_IF_MATCH)
-                        .bind(ns)
-                        .bind(kind.as_str())
-                        .bind(key)
-                        .bind(expected),
-                    Precondition::Always | Precondition::MustNotExist => sqlx::query(DELETE)
-                        .bind(ns)
-                        .bind(kind.as_str())
-                        .bind(key),
-                };
-                query.execute(&mut **t).await?.rows_affected()
-            });
-            if deleted == 0 {
+            let table = table(*kind)?;
+            let ns = &instance_key(ns);
+            let mut values = scope(table, ns);
+            values.push(Value::Text(key));
+            let sql = match precondition {
+                Precondition::IfMatch(expected) => {
+                    values.push(Value::Text(expected));
+                    table.sql.delete_if_match.as_str()
+                }
+                Precondition::Always | Precondition::MustNotExist => table.sql.delete.as_str(),
+            };
+            let deleted: Result<u64, sqlx::Error> = on_tx!(tx, t => bind_values!(sqlx::query(sql), &values)
+                .execute(&mut **t)
+                .await
+                .map(|done| done.rows_affected()));
+            if deleted.map_err(|e| constraint(*kind, key, &Columns::None, e))? == 0 {
                 return Err(missing_or_mismatch(tx, ns, *kind, key).await?);
             }
             Ok(None)
         }
         Write::Purge { ns, kind, key } => {
-            on_tx!(tx, t => sqlx::query(DELETE)
-                .bind(ns)
-                .bind(kind.as_str())
-                .bind(key)
+            let table = table(*kind)?;
+            let ns = &instance_key(ns);
+            let mut values = scope(table, ns);
+            values.push(Value::Text(key));
+            let purged: Result<u64, sqlx::Error> = on_tx!(tx, t => bind_values!(sqlx::query(table.sql.delete.as_str()), &values)
                 .execute(&mut **t)
-                .await?
-                .rows_affected());
+                .await
+                .map(|done| done.rows_affected()));
+            purged.map_err(|e| constraint(*kind, key, &Columns::None, e))?;
             Ok(None)
         }
-        Write::DeleteNamespace { ns } => {
-            on_tx!(tx, t => sqlx::query("DELETE FROM documents WHERE ns = $1")
-                .bind(ns)
+        Write::CredentialsChanged { ns } => {
+            on_tx!(tx, t => sqlx::query("UPDATE instances SET credentials_version = $2 WHERE key = $1")
+                .bind(instance_key(ns))
+                .bind(new_etag())
                 .execute(&mut **t)
                 .await?
                 .rows_affected());
@@ -331,19 +449,38 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
     }
 }
 
-/// After a conditional write touched nothing: was the document missing, or its etag different?
-async fn missing_or_mismatch(
-    tx: &mut Tx,
-    ns: &str,
+/// The read of one record in [`Store::get_many`]: its statement part (parameters from
+/// `$first`) and the values it binds.
+fn point_read<'a>(
     kind: Kind,
-    key: &str,
-) -> Result<StoreError, StoreError> {
-    let key = key.to_owned();
-    Ok(if exists(tx, ns, kind, &key).await? {
-        StoreError::EtagMismatch { kind, key }
+    key: &'a str,
+    first: usize,
+) -> Result<(String, Vec<Value<'a>>), StoreError> {
+    let label = kind.as_str();
+    if kind == Kind::CredentialsVersion {
+        // A column of the instance: the namespace ($1) is the instance's key.
+        return Ok((
+            format!(
+                "SELECT '{label}' AS kind, 'credentials' AS key, '{{}}' AS doc, \
+                 credentials_version AS etag, created_at, updated_at FROM instances WHERE key = $1"
+            ),
+            Vec::new(),
+        ));
+    }
+    let table = table(kind)?;
+    let scope = if table.scoped {
+        "instance = $1 AND "
     } else {
-        StoreError::NotFound { kind, key }
-    })
+        ""
+    };
+    Ok((
+        format!(
+            "SELECT '{label}' AS kind, key, doc, etag, created_at, updated_at FROM {} \
+             WHERE {scope}key = ${first}",
+            table.name
+        ),
+        vec![Value::Text(key)],
+    ))
 }
 
 #[async_trait::async_trait]
@@ -354,18 +491,7 @@ impl Store for SqlStore {
     }
 
     async fn get(&self, ns: &str, kind: Kind, key: &str) -> Result<Option<Stored>, StoreError> {
-        on_pool!(&self.pool, p => sqlx::query(
-            "SELECT key, doc, etag, created_at, updated_at FROM documents \
-             WHERE ns = $1 AND kind = $2 AND key = $3",
-        )
-        .bind(ns)
-        .bind(kind.as_str())
-        .bind(key)
-        .fetch_optional(p)
-        .await?
-        .as_ref()
-        .map(stored)
-        .transpose())
+        Ok(self.get_many(ns, &[(kind, key)]).await?.pop().flatten())
     }
 
     async fn get_many(
@@ -376,25 +502,19 @@ impl Store for SqlStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        // Point reads joined with UNION ALL, so that each uses the primary key on both
-        // backends; the statement text depends only on the number of keys.
-        let sql = (0..keys.len())
-            .map(|i| {
-                format!(
-                    "SELECT kind, key, doc, etag, created_at, updated_at FROM documents \
-                     WHERE ns = $1 AND kind = ${} AND key = ${}",
-                    2 * i + 2,
-                    2 * i + 3
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
+        // Point reads joined with UNION ALL, so that each uses its table's primary key; the
+        // statement text depends only on the kinds asked for.
+        let ns = instance_key(ns);
+        let mut parts = Vec::with_capacity(keys.len());
+        let mut values = vec![Value::Text(&ns)];
+        for (kind, key) in keys {
+            let (part, bound) = point_read(*kind, key, values.len() + 1)?;
+            parts.push(part);
+            values.extend(bound);
+        }
+        let sql = parts.join(" UNION ALL ");
         let rows: Vec<(String, Stored)> = on_pool!(&self.pool, p => {
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ns);
-            for (kind, key) in keys {
-                query = query.bind(kind.as_str()).bind(*key);
-            }
-            query
+            bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
                 .fetch_all(p)
                 .await?
                 .iter()
@@ -405,39 +525,43 @@ impl Store for SqlStore {
             .iter()
             .map(|(kind, key)| {
                 rows.iter()
-                    .find(|(k, stored)| k == kind.as_str() && stored.key == *key)
+                    .find(|(k, stored)| {
+                        k == kind.as_str()
+                            && (*kind == Kind::CredentialsVersion || stored.key == *key)
+                    })
                     .map(|(_, stored)| stored.clone())
             })
             .collect())
     }
 
     async fn list(&self, ns: &str, kind: Kind, page: Page<'_>) -> Result<Vec<Stored>, StoreError> {
+        let table = table(kind)?;
         let limit = i64::try_from(page.limit).unwrap_or(i64::MAX);
         let sqlite = matches!(self.pool, Pool::Sqlite(_));
         let sql = match (page.parent, page.after, sqlite) {
-            (None, None, _) => {
-                "SELECT key, doc, etag, created_at, updated_at FROM documents \
-                 WHERE ns = $1 AND kind = $2 ORDER BY key LIMIT $3"
-            }
-            (None, Some(_), _) => {
-                "SELECT key, doc, etag, created_at, updated_at FROM documents \
-                 WHERE ns = $1 AND kind = $2 AND key > $3 ORDER BY key LIMIT $4"
-            }
-            (Some(_), None, true) => LIST_BY_PARENT_SQLITE,
-            (Some(_), None, false) => LIST_BY_PARENT,
-            (Some(_), Some(_), true) => LIST_BY_PARENT_AFTER_SQLITE,
-            (Some(_), Some(_), false) => LIST_BY_PARENT_AFTER,
+            (None, None, _) => &table.sql.list,
+            (None, Some(_), _) => &table.sql.list_after,
+            (Some(_), None, false) => &table.sql.list_parent,
+            (Some(_), Some(_), false) => &table.sql.list_parent_after,
+            (Some(_), None, true) => &table.sql.list_parent_sqlite,
+            (Some(_), Some(_), true) => &table.sql.list_parent_after_sqlite,
         };
-        on_pool!(&self.pool, p => {
-            let mut query = sqlx::query(sql).bind(ns).bind(kind.as_str());
-            if let Some(parent) = page.parent {
-                query = query.bind(parent);
-            }
-            if let Some(after) = page.after {
-                query = query.bind(after);
-            }
-            query.bind(limit).fetch_all(p).await?.iter().map(stored).collect()
-        })
+        if sql.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "{kind:?} records have no parent"
+            )));
+        }
+        let ns = instance_key(ns);
+        let mut values = scope(table, &ns);
+        values.extend(page.parent.map(Value::Text));
+        values.extend(page.after.map(Value::Text));
+        on_pool!(&self.pool, p => bind_values!(sqlx::query(sql.as_str()), &values)
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(stored)
+            .collect())
     }
 
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
@@ -455,61 +579,118 @@ impl Store for SqlStore {
     }
 
     async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError> {
+        let table = table(kind)?;
+        if !table.scoped {
+            return Err(StoreError::Invalid(format!(
+                "{kind:?} cannot be written in bulk"
+            )));
+        }
         let at = now();
+        let ns = instance_key(ns);
         let mut tx = self.begin().await?;
+        let width = 3 + table.columns.len();
         for chunk in docs.chunks(BULK_ROWS) {
+            // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
             let rows: Vec<String> = (0..chunk.len())
                 .map(|i| {
-                    let p = i * 5;
-                    format!(
-                        "($1, $2, ${}, ${}, ${}, ${}, $3, $3, ${})",
-                        p + 4,
-                        p + 5,
-                        p + 6,
-                        p + 7,
-                        p + 8
-                    )
+                    let p = |n: usize| format!("${}", 3 + i * width + n);
+                    let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
+                    row.extend((0..table.columns.len()).map(|c| p(3 + c)));
+                    format!("({})", row.join(", "))
                 })
                 .collect();
+            let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
+            names.extend(table.columns);
+            let assignments: Vec<String> = ["doc", "etag", "updated_at"]
+                .iter()
+                .chain(table.columns)
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
             let sql = format!(
-                "INSERT INTO documents (ns, kind, key, parent, doc, etag, created_at, updated_at, tag) \
-                 VALUES {} ON CONFLICT (ns, kind, key) DO UPDATE SET parent = excluded.parent, \
-                 doc = excluded.doc, etag = excluded.etag, updated_at = excluded.updated_at, \
-                 tag = excluded.tag",
-                rows.join(", ")
+                "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) DO UPDATE SET {}",
+                table.name,
+                names.join(", "),
+                rows.join(", "),
+                assignments.join(", ")
             );
-            on_tx!(&mut tx, t => {
+            let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
+            let mut values = vec![Value::Text(&ns), Value::Text(&at)];
+            for (doc, etag) in chunk.iter().zip(&etags) {
+                values.extend([
+                    Value::Text(&doc.key),
+                    Value::Text(&doc.doc),
+                    Value::Text(etag),
+                ]);
+                values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "{:?} are not the columns of {kind:?}",
+                        doc.columns
+                    ))
+                })?);
+            }
+            let written: Result<u64, sqlx::Error> = on_tx!(&mut tx, t => {
                 // The statement holds only placeholders; every value is bound.
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(ns)
-                    .bind(kind.as_str())
-                    .bind(&at);
-                for doc in chunk {
-                    query = query
-                        .bind(&doc.key)
-                        .bind(doc.parent.as_deref())
-                        .bind(&doc.doc)
-                        .bind(new_etag())
-                        .bind(doc.tag.as_deref());
-                }
-                query.execute(&mut **t).await?.rows_affected()
+                bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
+                    .execute(&mut **t)
+                    .await
+                    .map(|done| done.rows_affected())
             });
+            let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
+            written.map_err(|e| constraint(kind, "", &first, e))?;
         }
         tx.commit().await
     }
 
-    async fn count_by_tag(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError> {
-        on_pool!(&self.pool, p => sqlx::query(
-            "SELECT tag, COUNT(*) AS n FROM documents \
-             WHERE ns = $1 AND kind = $2 AND tag IS NOT NULL GROUP BY tag ORDER BY tag",
-        )
-        .bind(ns)
-        .bind(kind.as_str())
-        .fetch_all(p)
-        .await?
-        .iter()
-        .map(|row| Ok((row.try_get("tag")?, row.try_get("n")?)))
-        .collect())
+    async fn count_by(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError> {
+        let table = table(kind)?;
+        if table.sql.count_by.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "{kind:?} records are not counted"
+            )));
+        }
+        let ns = instance_key(ns);
+        let values = scope(table, &ns);
+        on_pool!(&self.pool, p => bind_values!(sqlx::query(table.sql.count_by.as_str()), &values)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("value")?, row.try_get("n")?)))
+            .collect())
+    }
+
+    async fn instance_by_scope(&self, id_scope: &str) -> Result<Option<String>, StoreError> {
+        let found = on_pool!(&self.pool, p => sqlx::query("SELECT key FROM instances WHERE id_scope = $1")
+            .bind(id_scope)
+            .fetch_optional(p)
+            .await?
+            .map(|row| row.try_get("key"))
+            .transpose()?);
+        Ok(found)
+    }
+
+    async fn instance_by_host(&self, host: &str) -> Result<Option<String>, StoreError> {
+        let found = on_pool!(&self.pool, p => sqlx::query("SELECT instance FROM instance_host_names WHERE host = $1")
+            .bind(host)
+            .fetch_optional(p)
+            .await?
+            .map(|row| row.try_get("instance"))
+            .transpose()?);
+        Ok(found)
+    }
+
+    async fn sweep(&self, now: i64) -> Result<u64, StoreError> {
+        let mut swept = 0;
+        for sql in [
+            "DELETE FROM operations WHERE expires_at < $1",
+            "DELETE FROM tpm_challenges WHERE expires_at < $1",
+        ] {
+            swept += on_pool!(&self.pool, p => sqlx::query(sql)
+                .bind(now)
+                .execute(p)
+                .await?
+                .rows_affected());
+        }
+        Ok(swept)
     }
 
     fn backend(&self) -> &'static str {
@@ -540,8 +721,8 @@ mod tests {
 
     use super::*;
 
-    /// The plans of the parent listings use the parent index, with no sort and no scan of the
-    /// kind's documents.
+    /// The listings of a parent's records (a device's operations, a group's registrations, an
+    /// owner's records) use the parent index, with no sort and no scan of the table.
     #[tokio::test]
     async fn sqlite_lists_children_through_the_parent_index() {
         let dir = tempfile::tempdir().unwrap();
@@ -550,29 +731,37 @@ mod tests {
             dir.path().join("plan.sqlite").display()
         );
         let store = SqlStore::connect(&url).await.unwrap();
-        for sql in [LIST_BY_PARENT_SQLITE, LIST_BY_PARENT_AFTER_SQLITE] {
-            let explain = format!("EXPLAIN QUERY PLAN {sql}");
-            let rows = sqlx::query(sqlx::AssertSqlSafe(explain))
-                .bind("ns")
-                .bind("operation")
-                .bind("parent")
-                .bind("key")
-                .bind(10i64)
-                .fetch_all(match &store.pool {
-                    Pool::Sqlite(p) => p,
-                    Pool::Postgres(_) => unreachable!("a SQLite URL"),
-                })
-                .await
-                .unwrap();
-            let plan: Vec<String> = rows
-                .iter()
-                .map(|r| r.try_get::<String, _>("detail").unwrap())
-                .collect();
-            assert_eq!(plan.len(), 1, "{plan:?}");
-            assert!(
-                plan[0].contains("USING INDEX documents_by_parent (ns=? AND kind=? AND parent=?"),
-                "{plan:?}"
-            );
+        let Pool::Sqlite(pool) = &store.pool else {
+            panic!("a SQLite URL");
+        };
+        for kind in [
+            Kind::Operation,
+            Kind::RegistrationState,
+            Kind::OwnershipRecord,
+        ] {
+            let table = schema::of(kind).unwrap();
+            for (sql, after) in [
+                (&table.sql.list_parent_sqlite, false),
+                (&table.sql.list_parent_after_sqlite, true),
+            ] {
+                let explain = format!("EXPLAIN QUERY PLAN {sql}");
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(explain))
+                    .bind("ns")
+                    .bind("parent");
+                if after {
+                    query = query.bind("key");
+                }
+                let rows = query.bind(10i64).fetch_all(pool).await.unwrap();
+                let plan: Vec<String> = rows
+                    .iter()
+                    .map(|r| r.try_get::<String, _>("detail").unwrap())
+                    .collect();
+                assert_eq!(plan.len(), 1, "{kind:?}: {plan:?}");
+                assert!(
+                    plan[0].contains("USING INDEX") && plan[0].contains("_by_"),
+                    "{kind:?}: {plan:?}"
+                );
+            }
         }
     }
 }

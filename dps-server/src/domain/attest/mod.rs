@@ -21,11 +21,12 @@ use dps_protocol::enrollment::{
 };
 use dps_protocol::ids::{IdScope, RegistrationId};
 
+use crate::cache::Credential;
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
 use crate::domain::records::operation_key;
 use crate::state::AppState;
-use crate::store::{Kind, Page, Stored};
+use crate::store::{Kind, Stored};
 use crate::trust::{SasGroup, symmetric_keys};
 
 /// The enrollment a device proved itself against.
@@ -67,6 +68,8 @@ pub struct Attested {
     /// TPM devices' register requests: the keys they proved, and the challenge the
     /// registration consumes.
     pub tpm: Option<tpm::TpmProof>,
+    /// What it proved itself with, for checking its polls again from memory.
+    pub credential: Credential,
 }
 
 /// What a device request reads of the store, in one statement: the id's individual
@@ -151,22 +154,7 @@ pub async fn authenticate(
             ));
         }
     };
-    let token = SasToken::parse(header).map_err(|e| DomainError::unauthorized(e.to_string()))?;
-    // Polls too: aziot reuses one 30-second token for all its polls, which the clock-skew
-    // allowance covers (security review item 14).
-    token
-        .check_expiry(
-            crate::domain::unix_now(),
-            state.limits.clock_skew_secs,
-            state.limits.max_token_lifetime_secs,
-        )
-        .map_err(|e| DomainError::unauthorized(e.to_string()))?;
-    let resource = format!("{}/registrations/{}", scope.as_str(), id.as_str());
-    if !token.resource_matches(&resource) {
-        return Err(DomainError::unauthorized(
-            "the token's resource (sr) is not {idScope}/registrations/{registrationId} of this request",
-        ));
-    }
+    let token = device_token(state, scope, id, header)?;
 
     // One credential per registration id: an individual enrollment admits only with its own
     // credential, and no group may claim its id (security review item 2).
@@ -183,6 +171,7 @@ pub async fn authenticate(
                     source: Source::Individual(Box::new(enrollment)),
                     certificate: None,
                     tpm: None,
+                    credential: Credential::Keys(keys.to_vec()),
                 })
             }
             AttestationType::Tpm => tpm::authenticate(state, instance, &token, purpose, reads)
@@ -202,13 +191,13 @@ pub async fn authenticate(
     // registrations and strangers try them all.
     let credentials =
         credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
-    let admits = |member: &&SasGroup| {
-        let derived = member
+    let derived = |member: &SasGroup| {
+        member
             .keys
             .each_ref()
-            .map(|k| k.derive_device_key(id.as_str()));
-        token.verify_any(&derived).is_ok()
+            .map(|k| k.derive_device_key(id.as_str()))
     };
+    let admits = |member: &&SasGroup| token.verify_any(&derived(member)).is_ok();
     let hinted = if credentials.sas_groups.len() > HINT_ABOVE_GROUPS {
         registered_through(reads)?
             .and_then(|group| credentials.sas_group(&group))
@@ -224,9 +213,59 @@ pub async fn authenticate(
             source: Source::Group(Box::new(group)),
             certificate: None,
             tpm: None,
+            credential: Credential::Keys(derived(member).to_vec()),
         });
     }
     Err(DomainError::device_denied())
+}
+
+/// The device's SAS token, if it is in force and names this device's resource
+/// (`{idScope}/registrations/{registrationId}`). Polls too: aziot reuses one 30-second token for
+/// all its polls, which the clock-skew allowance covers (security review item 14).
+fn device_token(
+    state: &AppState,
+    scope: &IdScope,
+    id: &RegistrationId,
+    header: &str,
+) -> Result<SasToken, DomainError> {
+    let token = SasToken::parse(header).map_err(|e| DomainError::unauthorized(e.to_string()))?;
+    token
+        .check_expiry(
+            crate::domain::unix_now(),
+            state.limits.clock_skew_secs,
+            state.limits.max_token_lifetime_secs,
+        )
+        .map_err(|e| DomainError::unauthorized(e.to_string()))?;
+    let resource = format!("{}/registrations/{}", scope.as_str(), id.as_str());
+    if !token.resource_matches(&resource) {
+        return Err(DomainError::unauthorized(
+            "the token's resource (sr) is not {idScope}/registrations/{registrationId} of this request",
+        ));
+    }
+    Ok(token)
+}
+
+/// Whether a request of `id` proves `credential` again: a SAS token in force that one of its
+/// keys signed, or the same client certificate. (A poll of an operation this process
+/// finished lately is checked so, without reading the enrollment.)
+pub fn proves(
+    state: &AppState,
+    credential: &Credential,
+    scope: &IdScope,
+    id: &RegistrationId,
+    header: Option<&str>,
+    chain: Option<&[Vec<u8>]>,
+) -> bool {
+    match (credential, header, chain) {
+        (Credential::Keys(keys), Some(header), _) => {
+            device_token(state, scope, id, header).is_ok_and(|token| token.verify_any(keys).is_ok())
+        }
+        (Credential::Certificate(thumbprint), None, Some([leaf, ..])) => {
+            attestation::x509::parse_der(leaf)
+                .is_ok_and(|parsed| parsed.facts.sha256_thumbprint == *thumbprint)
+        }
+        _ => false,
+    }
 }
 
 /// With more symmetric-key groups than this, a device's own group is looked up first.
@@ -252,39 +291,6 @@ pub(crate) async fn individual_enrollment(
         .await?
         .map(|s| s.doc_json())
         .transpose()
-}
-
-/// Pages through the instance's enrollment groups until `found` returns something.
-pub(crate) async fn find_group<T>(
-    state: &AppState,
-    instance: &str,
-    mut found: impl FnMut(EnrollmentGroup) -> Option<T>,
-) -> Result<Option<T>, DomainError> {
-    const PAGE: usize = 500;
-    let mut after: Option<String> = None;
-    loop {
-        let page = state
-            .store
-            .list(
-                instance,
-                Kind::EnrollmentGroup,
-                Page {
-                    parent: None,
-                    after: after.as_deref(),
-                    limit: PAGE,
-                },
-            )
-            .await?;
-        for stored in &page {
-            if let Some(hit) = found(stored.doc_json()?) {
-                return Ok(Some(hit));
-            }
-        }
-        match page.last() {
-            Some(last) if page.len() == PAGE => after = Some(last.key.clone()),
-            _ => return Ok(None),
-        }
-    }
 }
 
 pub(crate) fn disabled_reason(individual: &IndividualEnrollment) -> Option<String> {

@@ -33,12 +33,13 @@ use super::{
     Attested, DeviceReads, Purpose, Source, disabled_reason, group_disabled_reason,
     individual_enrollment,
 };
+use crate::cache::Credential;
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
 use crate::domain::records::EnrollmentRef;
 use crate::domain::{to_doc, unix_now};
 use crate::state::AppState;
-use crate::store::{Kind, Precondition, StoreError, Stored, Write};
+use crate::store::{Columns, Kind, Precondition, StoreError, Stored, Write};
 
 /// Where a member of a TPM enrollment group puts its EK certificate: this field of the
 /// registration payload, base64 DER (what the TPM's NV index 0x01c00002 holds).
@@ -104,6 +105,13 @@ impl ChallengeSet {
         }
     }
 
+    /// Unix seconds after which none of the challenges matters any more: not even as the
+    /// record of an operation's consumed key, which polls of that operation check.
+    fn sweepable_after(&self) -> i64 {
+        let latest = self.challenges.iter().map(|c| c.expires).max().unwrap_or(0);
+        i64::try_from(latest.saturating_add(KEEP_AFTER_EXPIRY_SECS)).unwrap_or(i64::MAX)
+    }
+
     /// The challenge whose key signed `token`.
     fn signed(&self, token: &SasToken) -> Result<Option<&ChallengeRecord>, DomainError> {
         for record in &self.challenges {
@@ -154,8 +162,10 @@ fn challenges_write(
         ns: instance.to_owned(),
         kind: Kind::TpmChallenge,
         key: id.key(),
-        parent: None,
-        tag: None,
+        // The sweeper removes them once none can start a registration any more.
+        columns: Columns::Expires {
+            at: set.sweepable_after(),
+        },
         doc: to_doc(set)?,
         precondition: etag.map_or(Precondition::MustNotExist, Precondition::IfMatch),
     })
@@ -433,6 +443,9 @@ pub async fn authenticate(
         Source::Individual(e) => disabled_reason(e),
         Source::Group(g) => group_disabled_reason(g),
     };
+    // The key its later polls sign with too.
+    let key = SymmetricKey::from_base64(&record.key)
+        .map_err(|e| DomainError::internal("a stored TPM challenge is corrupt", &e))?;
     // Only a register request needs the keys (for the hub key's blob) and the challenge.
     let tpm = if purpose == Purpose::Register {
         Some(TpmProof {
@@ -451,6 +464,7 @@ pub async fn authenticate(
         certificate: None,
         disabled,
         tpm,
+        credential: Credential::Keys(vec![key]),
     }))
 }
 

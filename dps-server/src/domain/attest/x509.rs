@@ -13,6 +13,7 @@ use dps_protocol::enrollment::{AttestationMechanism, AttestationType, Enrollment
 use dps_protocol::ids::RegistrationId;
 
 use super::{Attested, DeviceReads, Source, disabled_reason, group_disabled_reason};
+use crate::cache::Credential;
 use crate::domain::DomainError;
 use crate::domain::credentials;
 use crate::state::AppState;
@@ -92,6 +93,7 @@ pub(super) async fn authenticate(
             return Ok(Attested {
                 disabled: disabled_reason(&enrollment),
                 source: Source::Individual(Box::new(enrollment)),
+                credential: Credential::Certificate(leaf.facts.sha256_thumbprint.clone()),
                 certificate: Some((leaf.facts, None)),
                 tpm: None,
             });
@@ -150,6 +152,7 @@ pub(super) async fn authenticate(
         });
     match chosen {
         Some((verified, group)) => Ok(Attested {
+            credential: Credential::Certificate(leaf.facts.sha256_thumbprint.clone()),
             disabled: group_disabled_reason(group),
             source: Source::Group(Box::new(EnrollmentGroup::clone(group))),
             certificate: Some((leaf.facts, Some(verified.anchor.certificate.facts.clone()))),

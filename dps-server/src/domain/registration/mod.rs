@@ -20,6 +20,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::cache::{Credential, FinishedOperation};
 use crate::domain::attest::{Attested, Source};
 use crate::domain::error::DomainError;
 use crate::domain::records::{
@@ -28,7 +29,7 @@ use crate::domain::records::{
 use crate::domain::to_doc;
 use crate::domain::validate::info_of;
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition, StoreError, Stored, Write};
+use crate::store::{Columns, Kind, Precondition, StoreError, Stored, Write};
 
 /// How long a finished operation stays pollable.
 const KEEP_FINISHED_SECS: i64 = 300;
@@ -104,35 +105,6 @@ pub async fn start(
         record.registration_state = Some(decide::disabled(id, reason));
     }
     let key = operation_key(&record.operation_id);
-    // Finished operations of this device older than KEEP_FINISHED_SECS go with each new attempt,
-    // so storage stays bounded while a device that retries can still poll its earlier attempt.
-    let older = state
-        .store
-        .list(
-            ns,
-            Kind::Operation,
-            Page {
-                parent: Some(&id.key()),
-                after: None,
-                limit: 100,
-            },
-        )
-        .await?;
-    let purges: Vec<Write> = older
-        .into_iter()
-        .filter(|old| {
-            let finished = old
-                .doc_json::<OperationRecord>()
-                .is_ok_and(|op| op.status.is_terminal());
-            finished && age_secs(old) >= KEEP_FINISHED_SECS
-        })
-        .map(|old| Write::Purge {
-            ns: ns.to_owned(),
-            kind: Kind::Operation,
-            key: old.key,
-        })
-        .collect();
-
     // Decided here when nothing outside the process is involved: the operation is then
     // written once, already finished.
     let mut finished = None;
@@ -172,15 +144,17 @@ pub async fn start(
     let mut fresh_challenges = false;
     let mut attempts = 0;
     loop {
-        let mut batch = purges.clone();
+        let mut batch = Vec::new();
         match &finished {
             Some((_, writes)) => batch.extend(writes.iter().cloned()),
             None => batch.push(Write::Put {
                 ns: ns.to_owned(),
                 kind: Kind::Operation,
                 key: key.clone(),
-                parent: Some(id.key()),
-                tag: None,
+                columns: Columns::Operation {
+                    registration: id.key(),
+                    expires_at: sweepable_after(record.status),
+                },
                 doc: to_doc(&record)?,
                 precondition: Precondition::MustNotExist,
             }),
@@ -212,6 +186,7 @@ pub async fn start(
     }
     if let Some((op, _)) = finished {
         log_finished(id, &op);
+        remember(state, ns, &key, &op, attested.credential.clone());
         return Ok(op);
     }
     if record.status == OperationStatus::Assigning {
@@ -219,7 +194,7 @@ pub async fn start(
             let state = state.clone();
             let (ns, key) = (ns.to_owned(), key.clone());
             // The enrollment authentication read: provisioning need not read it again.
-            let source = attested.source.clone();
+            let source = (attested.source.clone(), attested.credential.clone());
             tokio::spawn(async move {
                 if let Err(e) = assign(&state, &ns, &key, Some(source)).await {
                     tracing::warn!(operation = %key, error = %e.message(), "assignment did not finish; the next poll retries it");
@@ -292,8 +267,10 @@ fn finishing(
             ns: ns.to_owned(),
             kind: Kind::RegistrationState,
             key: id.key(),
-            parent: group_key,
-            tag: hub,
+            columns: Columns::Registration {
+                group: group_key,
+                hub,
+            },
             doc: to_doc(&record)?,
             precondition: previous.map_or(Precondition::MustNotExist, |s| {
                 Precondition::IfMatch(s.etag.clone())
@@ -303,12 +280,27 @@ fn finishing(
             ns: ns.to_owned(),
             kind: Kind::Operation,
             key: key.to_owned(),
-            parent: Some(id.key()),
-            tag: None,
+            columns: Columns::Operation {
+                registration: id.key(),
+                expires_at: sweepable_after(status),
+            },
             doc: to_doc(&*op)?,
             precondition: op_precondition,
         },
     ])
+}
+
+/// Keeps a finished operation in memory for its device's polls.
+fn remember(state: &AppState, ns: &str, key: &str, op: &OperationRecord, credential: Credential) {
+    state.finished.insert(
+        ns,
+        key,
+        FinishedOperation {
+            registration_id: op.registration_id.to_ascii_lowercase(),
+            credential,
+            answer: op.answer(),
+        },
+    );
 }
 
 fn log_finished(id: &RegistrationId, op: &OperationRecord) {
@@ -359,6 +351,15 @@ pub async fn load_operation(
     Ok(record)
 }
 
+/// When the sweeper may delete an operation in `status`: a finished one stays pollable for
+/// `KEEP_FINISHED_SECS`, one still assigning stays until it finishes.
+fn sweepable_after(status: OperationStatus) -> Option<i64> {
+    let now = i64::try_from(crate::domain::unix_now()).unwrap_or(i64::MAX);
+    status
+        .is_terminal()
+        .then(|| now.saturating_add(KEEP_FINISHED_SECS))
+}
+
 /// Seconds since the document was last written (unreadable timestamps count as old).
 fn age_secs(stored: &Stored) -> i64 {
     OffsetDateTime::parse(&stored.updated, &Rfc3339).map_or(i64::MAX, |at| {
@@ -373,8 +374,9 @@ pub async fn assign(
     state: &AppState,
     ns: &str,
     operation_key: &str,
-    source: Option<Source>,
+    source: Option<(Source, Credential)>,
 ) -> Result<(), DomainError> {
+    let (source, credential) = source.unzip();
     for _ in 0..ATTEMPTS {
         let Some(op_stored) = state.store.get(ns, Kind::Operation, operation_key).await? else {
             return Ok(());
@@ -414,6 +416,9 @@ pub async fn assign(
         match state.store.write(&writes).await {
             Ok(_) => {
                 log_finished(&id, &op);
+                if let Some(credential) = credential {
+                    remember(state, ns, operation_key, &op, credential);
+                }
                 return Ok(());
             }
             // Another task finished this operation: its answer stands.

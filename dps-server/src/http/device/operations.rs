@@ -4,14 +4,17 @@
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
-use super::{Caller, DeviceError, DevicePath, accepted, admit};
-use crate::http::json::Json;
-use crate::state::AppState;
 use dps_protocol::device::{OperationStatus, RegistrationOperationStatus};
 use dps_protocol::enrollment::DeviceRegistrationState;
 
-use crate::domain::attest::Purpose;
-use crate::domain::registration;
+use super::{Caller, DeviceError, DevicePath, accepted, admit, authorization};
+use crate::domain::attest::{self, Purpose};
+use crate::domain::records::operation_key;
+use crate::domain::{instances, registration};
+use crate::http::json::Json;
+use crate::state::AppState;
+use crate::throttle::Action;
+
 /// `GET /{idScope}/registrations/{id}/operations/{operationId}`. The Node client sends a body
 /// (`{}`) with it; it is ignored.
 pub(super) async fn operation_status(
@@ -19,6 +22,9 @@ pub(super) async fn operation_status(
     path: DevicePath,
     caller: Caller,
 ) -> Result<Response, DeviceError> {
+    if let Some(answer) = finished_lately(&state, &path, &caller).await? {
+        return Ok(Json(answer).into_response());
+    }
     let admitted = admit(&state, &path, &caller, Purpose::Poll).await?;
     let operation_id = path.operation.clone().unwrap_or_default();
     let operation = registration::load_operation(
@@ -30,12 +36,7 @@ pub(super) async fn operation_status(
     )
     .await?;
     if operation.status.is_terminal() {
-        let answer = RegistrationOperationStatus {
-            operation_id: operation.operation_id,
-            status: operation.status,
-            registration_state: operation.registration_state,
-        };
-        return Ok(Json(answer).into_response());
+        return Ok(Json(operation.answer()).into_response());
     }
     // aziot's parser needs registrationState.registrationId even while assigning.
     Ok(accepted(
@@ -50,4 +51,40 @@ pub(super) async fn operation_status(
             }),
         },
     ))
+}
+
+/// The answer to a poll of an operation this process finished lately, from memory, when the
+/// request proves again what registered the device (the same key's token, the same
+/// certificate). Anything else goes the whole way: the store, and the failure charged.
+async fn finished_lately(
+    state: &AppState,
+    path: &DevicePath,
+    caller: &Caller,
+) -> Result<Option<RegistrationOperationStatus>, DeviceError> {
+    let Some(operation) = &path.operation else {
+        return Ok(None);
+    };
+    let Ok(instance) = instances::of_scope(state, &path.scope).await else {
+        return Ok(None);
+    };
+    let Some(done) = state.finished.get(&instance, &operation_key(operation)) else {
+        return Ok(None);
+    };
+    let chain = caller.chain.as_ref().map(|c| c.0.as_slice());
+    let proven = done.registration_id == path.id.key()
+        && attest::proves(
+            state,
+            &done.credential,
+            &path.scope,
+            &path.id,
+            authorization(&caller.headers),
+            chain,
+        );
+    if !proven {
+        return Ok(None);
+    }
+    let key = path.throttle_key();
+    state.throttle.enter(&key, caller.address())?;
+    state.throttle.authenticated(Action::Poll, &key)?;
+    Ok(Some(done.answer.clone()))
 }
