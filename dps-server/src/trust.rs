@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use attestation::SymmetricKey;
 use attestation::chain::MAX_CHAIN_CERTIFICATES;
 use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
-use dps_protocol::admin::CaCertificate;
+use dps_protocol::admin::{CaCertificate, LinkedHub};
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 
 use crate::config::TpmConfig;
@@ -68,10 +68,13 @@ pub struct Anchor {
     pub groups: Vec<Arc<EnrollmentGroup>>,
 }
 
-/// One instance's credentials, as of one version.
+/// One instance's credentials and linked hubs, as of one version: what device requests read of
+/// its configuration.
 #[derive(Debug, Default)]
 pub struct Credentials {
     version: Option<String>,
+    /// The linked hubs, in host-name order.
+    pub linked_hubs: Vec<LinkedHub>,
     /// Symmetric-key groups, in group-id order.
     pub sas_groups: Vec<SasGroup>,
     /// Positions in `sas_groups` by lower-case group id.
@@ -83,6 +86,13 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The linked hub `host` (ignoring case).
+    pub fn linked_hub(&self, host: &str) -> Option<&LinkedHub> {
+        self.linked_hubs
+            .iter()
+            .find(|hub| hub.host_name.eq_ignore_ascii_case(host))
+    }
+
     /// The symmetric-key group `id` (ignoring case).
     pub fn sas_group(&self, id: &str) -> Option<&SasGroup> {
         let at = *self.sas_by_id.get(&id.to_ascii_lowercase())?;
@@ -153,10 +163,12 @@ impl Credentials {
         version: Option<String>,
         cas: Vec<CaCertificate>,
         groups: Vec<EnrollmentGroup>,
+        linked_hubs: Vec<LinkedHub>,
         certificates: &ParsedCache,
     ) -> Self {
         let mut credentials = Self {
             version,
+            linked_hubs,
             ..Self::default()
         };
         let mut verified: HashMap<String, Arc<ParsedCertificate>> = HashMap::new();

@@ -1039,7 +1039,7 @@ async fn a_poll_from_memory_still_needs_the_device_s_proof(backend: Backend) {
 
 /// Security review item 9: device authentication keeps an instance's groups in memory, so a
 /// change made through another replica must count at the next request, not later.
-async fn a_replica_sees_group_changes_at_once(backend: Backend) {
+async fn a_replica_sees_group_and_hub_changes_at_once(backend: Backend) {
     let t = TestServer::start(backend).await;
     t.link_hub("hub-a.example.com").await;
     let replica = t.replica().await;
@@ -1053,6 +1053,25 @@ async fn a_replica_sees_group_changes_at_once(backend: Backend) {
     let token = device_token(&device.scope, "member-7", &derived);
     let done = device.register(&token).await;
     assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["assignedHub"],
+        "hub-a.example.com"
+    );
+
+    // The hubs change through the first server: the replica's next registration sees them.
+    t.link_hub("hub-b.example.com").await;
+    let unlinked = t
+        .owner(Method::DELETE, "/linkedHubs/hub-a.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unlinked.status(), 204);
+    let done = device.register(&token).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["assignedHub"],
+        "hub-b.example.com"
+    );
 
     // Disabled through the first server: the replica answers `disabled` right away.
     let mut disabled = group.clone();
@@ -1149,7 +1168,7 @@ async fn finished_operations_are_swept_once_they_expire(backend: Backend) {
 on_both_backends!(
     a_poll_from_memory_still_needs_the_device_s_proof,
     finished_operations_are_swept_once_they_expire,
-    a_replica_sees_group_changes_at_once,
+    a_replica_sees_group_and_hub_changes_at_once,
     a_group_key_cannot_claim_an_individually_enrolled_id,
     unauthenticated_requests_do_not_use_up_a_device_quota,
     polls_check_the_token_expiry,

@@ -9,10 +9,10 @@ use anyhow::Context as _;
 use dps_protocol::admin::{Instance, LinkedHub};
 use dps_protocol::enrollment::EnrollmentSettings;
 
-use super::DomainError;
 use crate::config::Config;
 use crate::state::AppState;
-use crate::store::{Kind, Page, Store};
+use crate::store::Store;
+use crate::trust::Credentials;
 
 /// The policies by name: the built-ins, `geoLatency` with the configured locations,
 /// `custom` driving webhooks and `ownership` reading the stored records, each with its
@@ -166,52 +166,27 @@ fn candidate_of(state: &AppState, hub: &LinkedHub) -> Candidate {
     }
 }
 
-pub async fn load_hub(state: &AppState, ns: &str, host: &str) -> Option<LinkedHub> {
-    let stored = state
-        .store
-        .get(ns, Kind::LinkedHub, &host.to_ascii_lowercase())
-        .await
-        .ok()??;
-    stored.doc_json().ok()
-}
-
 /// The enrollment's hubs if it names any, else every linked hub that takes part in allocation.
-pub async fn candidate_hubs(
-    state: &AppState,
-    ns: &str,
-    settings: &EnrollmentSettings,
-) -> Result<Vec<LinkedHub>, DomainError> {
+pub fn candidate_hubs(configured: &Credentials, settings: &EnrollmentSettings) -> Vec<LinkedHub> {
     let mut named: Vec<String> = settings.iot_hubs.clone().unwrap_or_default();
     if let Some(single) = &settings.iot_hub_host_name {
         named.push(single.clone());
     }
     if !named.is_empty() {
-        let mut hubs = Vec::new();
+        let mut hubs: Vec<LinkedHub> = Vec::new();
         for host in named {
-            if let Some(hub) = load_hub(state, ns, &host).await
-                && !hubs
-                    .iter()
-                    .any(|h: &LinkedHub| h.host_name == hub.host_name)
+            if let Some(hub) = configured.linked_hub(&host)
+                && !hubs.iter().any(|h| h.host_name == hub.host_name)
             {
-                hubs.push(hub);
+                hubs.push(hub.clone());
             }
         }
-        return Ok(hubs);
+        return hubs;
     }
-    let rows = state
-        .store
-        .list(
-            ns,
-            Kind::LinkedHub,
-            Page {
-                limit: usize::MAX,
-                ..Page::default()
-            },
-        )
-        .await?;
-    Ok(rows
+    configured
+        .linked_hubs
         .iter()
-        .filter_map(|row| row.doc_json::<LinkedHub>().ok())
         .filter(|hub| hub.apply_allocation_policy.unwrap_or(true))
-        .collect())
+        .cloned()
+        .collect()
 }

@@ -1,6 +1,7 @@
-//! What device authentication needs of an instance's enrollment groups and CA certificates,
-//! read and parsed once, and kept until they change: symmetric-key groups with their decoded
-//! keys, the TPM group, and X.509 anchors indexed by subject name.
+//! What device requests need of an instance's enrollment groups, CA certificates and linked
+//! hubs, read and parsed once, and kept until they change: symmetric-key groups with their
+//! decoded keys, the TPM group, X.509 anchors indexed by subject name, and the hubs a
+//! registration chooses among.
 //!
 //! Unauthenticated requests must not cost more as the instance grows (security review item
 //! 9). Without this, every SAS request for an unknown id listed and parsed every group, and
@@ -8,14 +9,14 @@
 //! certificate. Now a request costs one read (the version below) plus, for X.509, path
 //! verification against only the anchors whose subject is on the device's possible path.
 //!
-//! Every write to an instance's enrollment groups or CA certificates also writes its
-//! credentials version, in the same transaction ([`credentials_changed`]); a request reads the
-//! version and rebuilds the index when it differs, so no process (and no replica) uses stale
-//! credentials for longer than one read.
+//! Every write to an instance's enrollment groups, CA certificates or linked hubs also changes
+//! its credentials version, in the same transaction ([`credentials_changed`]); a request reads
+//! the version and rebuilds the index when it differs, so no process (and no replica) uses
+//! stale credentials or hubs for longer than one read.
 
 use std::sync::Arc;
 
-use dps_protocol::admin::CaCertificate;
+use dps_protocol::admin::{CaCertificate, LinkedHub};
 use dps_protocol::enrollment::EnrollmentGroup;
 
 use crate::domain::DomainError;
@@ -59,10 +60,12 @@ pub async fn at_version(
     // under, so a change made meanwhile shows at the next read.
     let cas = all_of::<CaCertificate>(state, instance, Kind::CaCertificate).await?;
     let groups = all_of::<EnrollmentGroup>(state, instance, Kind::EnrollmentGroup).await?;
+    let hubs = all_of::<LinkedHub>(state, instance, Kind::LinkedHub).await?;
     let fresh = Arc::new(Credentials::build(
         version,
         cas,
         groups,
+        hubs,
         &state.certificates,
     ));
     state.credentials.keep(instance, fresh.clone());

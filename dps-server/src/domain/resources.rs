@@ -125,11 +125,11 @@ pub async fn load<R: Resource>(
     super::load(state.store.as_ref(), ns, R::KIND, &R::key_of(id)?).await
 }
 
-/// `write`, and for CA certificates (which device authentication caches) the change of the
-/// instance's credentials version in the same transaction.
+/// `write`, and for CA certificates and linked hubs (which device requests cache) the change of
+/// the instance's credentials version in the same transaction.
 pub fn with_credentials<R: Resource>(ns: &str, write: Write) -> Vec<Write> {
     let mut writes = vec![write];
-    if R::KIND == Kind::CaCertificate {
+    if matches!(R::KIND, Kind::CaCertificate | Kind::LinkedHub) {
         writes.push(crate::domain::credentials::credentials_changed(ns));
     }
     writes

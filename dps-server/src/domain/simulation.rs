@@ -115,7 +115,8 @@ pub async fn simulate(
     if enrollment.is_null() {
         enrollment = Value::Object(Default::default());
     }
-    let hubs = candidate_hubs(state, ns, &settings).await?;
+    let configured = crate::domain::credentials::of(state, ns).await?;
+    let hubs = candidate_hubs(&configured, &settings);
     let mut hardware_ids = Vec::new();
     for (field, kind, value) in [
         (

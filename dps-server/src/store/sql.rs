@@ -114,12 +114,16 @@ impl SqlStore {
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
             (Pool::Sqlite(pool), SQLITE_MIGRATIONS)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            // No ping before each use: it is a round trip per statement. A connection that
+            // broke fails its statement instead (that request gets a 503) and is replaced.
             let pool = PgPoolOptions::new()
                 .max_connections(16)
+                .test_before_acquire(false)
                 .connect(url)
                 .await?;
             (Pool::Postgres(pool), POSTGRES_MIGRATIONS)

@@ -21,7 +21,8 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::cache::{Credential, FinishedOperation};
-use crate::domain::attest::{Attested, Source};
+use crate::domain::attest::{Attested, DeviceReads, Source};
+use crate::domain::credentials;
 use crate::domain::error::DomainError;
 use crate::domain::records::{
     EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation, operation_key,
@@ -62,14 +63,15 @@ fn new_operation_id() -> String {
 /// assignment needs nothing outside this process (the policy calls no webhook, the hubs'
 /// connectors are `none`), it is decided first and committed with the operation in one
 /// transaction; otherwise the operation is stored `assigning` and a task assigns it.
-/// `previous` is the device's registration state as its request read it.
+/// `reads` are what the device's request read (its registration state, the credentials
+/// version).
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     state: &AppState,
     ns: &str,
     id: &RegistrationId,
     attested: &Attested,
-    previous: Option<&Stored>,
+    reads: &DeviceReads,
     device_payload: Option<Value>,
     source_address: Option<std::net::IpAddr>,
     metadata: std::collections::BTreeMap<String, String>,
@@ -107,14 +109,24 @@ pub async fn start(
     let key = operation_key(&record.operation_id);
     // Decided here when nothing outside the process is involved: the operation is then
     // written once, already finished.
+    let previous = reads.registration.as_ref();
     let mut finished = None;
     if record.status == OperationStatus::Assigning {
+        let configured =
+            credentials::at_version(state, ns, reads.credentials_version.clone()).await?;
         let previous_record: Option<RegistrationRecord> =
             previous.map(|s| s.doc_json()).transpose()?;
         let source = Some(attested.source.clone());
-        let provisioned =
-            provision::provision_locally(state, ns, id, &record, previous_record.as_ref(), source)
-                .await;
+        let provisioned = provision::provision_locally(
+            state,
+            ns,
+            &configured,
+            id,
+            &record,
+            previous_record.as_ref(),
+            source,
+        )
+        .await;
         let outcome = match provisioned {
             Ok(Some(assigned)) => Some((assigned, OperationStatus::Assigned)),
             Ok(None) => None,
@@ -394,8 +406,17 @@ pub async fn assign(
         let previous: Option<RegistrationRecord> =
             previous_stored.as_ref().map(|s| s.doc_json()).transpose()?;
 
-        let provisioned =
-            provision::provision(state, ns, &id, &op, previous.as_ref(), source.clone()).await;
+        let configured = credentials::of(state, ns).await?;
+        let provisioned = provision::provision(
+            state,
+            ns,
+            &configured,
+            &id,
+            &op,
+            previous.as_ref(),
+            source.clone(),
+        )
+        .await;
         let (record, status) = match provisioned {
             Ok(record) => (record, OperationStatus::Assigned),
             Err(failure) => (

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::decide::{self, Assignment, Failure, Route};
-use crate::domain::allocation::{candidate_hubs, load_hub, policy_name, run_policy};
+use crate::domain::allocation::{candidate_hubs, policy_name, run_policy};
 use crate::domain::attest::Source;
 use crate::domain::instances::load_instance;
 use crate::domain::records::{EnrollmentRef, OperationRecord, RegistrationRecord};
@@ -21,6 +21,7 @@ use crate::domain::{DomainError, load};
 use crate::hubs::{self, DeviceIdentity, HubAuth};
 use crate::state::AppState;
 use crate::store::Kind;
+use crate::trust::Credentials;
 
 /// The enrollment a registration came through, as provisioning needs it.
 struct Enrolled {
@@ -116,7 +117,7 @@ struct Plan {
 
 async fn plan(
     state: &AppState,
-    ns: &str,
+    configured: &Credentials,
     instance: &Instance,
     device: &Device<'_>,
     settings: &EnrollmentSettings,
@@ -129,7 +130,7 @@ async fn plan(
     );
     let policy = policy_name(instance, settings);
     let allocation = if decide::asks_policy(&route, policy) {
-        let candidates = candidate_hubs(state, ns, settings).await?;
+        let candidates = candidate_hubs(configured, settings);
         let allocation = run_policy(state, policy, device, &candidates)
             .await
             .map_err(|message| Failure(ErrorCode::NoHubAvailable, message))?;
@@ -139,8 +140,9 @@ async fn plan(
     };
     let order = match (&route, &allocation) {
         (Route::Stay(old), _) => vec![
-            load_hub(state, ns, old)
-                .await
+            configured
+                .linked_hub(old)
+                .cloned()
                 .ok_or_else(|| decide::hub_gone(old))?,
         ],
         (_, Some((allocation, candidates))) => decide::order(&allocation.ranked, candidates)?,
@@ -168,18 +170,29 @@ enum Reach {
 }
 
 /// Provisions the device of `op` on a hub and returns its new registration state. `source`
-/// is the enrollment authentication read, when the operation was just started.
+/// is the enrollment authentication read, when the operation was just started; `configured`
+/// holds the instance's linked hubs.
 pub async fn provision(
     state: &AppState,
     ns: &str,
+    configured: &Credentials,
     id: &RegistrationId,
     op: &OperationRecord,
     previous: Option<&RegistrationRecord>,
     source: Option<Source>,
 ) -> Result<RegistrationRecord, Failure> {
-    provision_within(state, ns, id, op, previous, source, Reach::Anywhere)
-        .await?
-        .ok_or_else(|| Failure(ErrorCode::ServiceUnavailable, decide::NO_HUB.into()))
+    provision_within(
+        state,
+        ns,
+        configured,
+        id,
+        op,
+        previous,
+        source,
+        Reach::Anywhere,
+    )
+    .await?
+    .ok_or_else(|| Failure(ErrorCode::ServiceUnavailable, decide::NO_HUB.into()))
 }
 
 /// [`provision`] when that needs nothing outside this process (no webhook policy, only hubs
@@ -187,17 +200,30 @@ pub async fn provision(
 pub async fn provision_locally(
     state: &AppState,
     ns: &str,
+    configured: &Credentials,
     id: &RegistrationId,
     op: &OperationRecord,
     previous: Option<&RegistrationRecord>,
     source: Option<Source>,
 ) -> Result<Option<RegistrationRecord>, Failure> {
-    provision_within(state, ns, id, op, previous, source, Reach::Local).await
+    provision_within(
+        state,
+        ns,
+        configured,
+        id,
+        op,
+        previous,
+        source,
+        Reach::Local,
+    )
+    .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn provision_within(
     state: &AppState,
     ns: &str,
+    configured: &Credentials,
     id: &RegistrationId,
     op: &OperationRecord,
     previous: Option<&RegistrationRecord>,
@@ -244,14 +270,14 @@ async fn provision_within(
     {
         return Ok(None);
     }
-    let plan = plan(state, ns, &instance, &device, settings, previous).await?;
+    let plan = plan(state, configured, &instance, &device, settings, previous).await?;
     let initial = decide::initial_twin(plan.initial_twin.as_ref(), settings.initial_twin.as_ref());
     let migrate = settings
         .reprovision_policy
         .as_ref()
         .is_none_or(|p| p.migrate_device_data);
     let previous_hub = plan.route.previous_hub();
-    if local && !stays_local(state, ns, &plan, previous_hub).await {
+    if local && !stays_local(configured, &plan, previous_hub) {
         return Ok(None);
     }
     let old_device = previous
@@ -276,7 +302,7 @@ async fn provision_within(
             && migrated.is_none()
             && let Some(old) = previous_hub
         {
-            migrated = Some(read_twin(state, ns, old, &old_device).await);
+            migrated = Some(read_twin(state, configured, old, &old_device).await);
         }
         let identity = DeviceIdentity {
             initial_twin: decide::twin_for(
@@ -308,8 +334,8 @@ async fn provision_within(
     })?;
     let decision = decide::settle(&hub.host_name, previous_hub, previous, migrate);
     if let Some(old) = &decision.moved_from
-        && let Some(old_hub) = load_hub(state, ns, old).await
-        && let Err(e) = hubs::remove(&state.connectors, &old_hub, &old_device).await
+        && let Some(old_hub) = configured.linked_hub(old)
+        && let Err(e) = hubs::remove(&state.connectors, old_hub, &old_device).await
     {
         tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
     }
@@ -326,7 +352,7 @@ async fn provision_within(
 
 /// Whether the first hub of `plan` (which then takes the device: its connector cannot fail)
 /// and the hub the device would leave are both local.
-async fn stays_local(state: &AppState, ns: &str, plan: &Plan, previous_hub: Option<&str>) -> bool {
+fn stays_local(configured: &Credentials, plan: &Plan, previous_hub: Option<&str>) -> bool {
     let Some(first) = plan.order.first() else {
         return true;
     };
@@ -334,18 +360,21 @@ async fn stays_local(state: &AppState, ns: &str, plan: &Plan, previous_hub: Opti
         return false;
     }
     match previous_hub.filter(|old| !old.eq_ignore_ascii_case(&first.host_name)) {
-        Some(old) => load_hub(state, ns, old)
-            .await
-            .is_none_or(|hub| hubs::is_local(&hub)),
+        Some(old) => configured.linked_hub(old).is_none_or(hubs::is_local),
         None => true,
     }
 }
 
 /// The device's twin in its old hub, to migrate; none when it cannot be read (the initial twin
 /// is used then).
-async fn read_twin(state: &AppState, ns: &str, old: &str, device_id: &str) -> Option<Value> {
-    let old_hub = load_hub(state, ns, old).await?;
-    hubs::read_twin(&state.connectors, &old_hub, device_id)
+async fn read_twin(
+    state: &AppState,
+    configured: &Credentials,
+    old: &str,
+    device_id: &str,
+) -> Option<Value> {
+    let old_hub = configured.linked_hub(old)?;
+    hubs::read_twin(&state.connectors, old_hub, device_id)
         .await
         .unwrap_or_else(|e| {
             tracing::warn!(hub = %old, error = %e, "cannot read the twin to migrate; using the initial twin");

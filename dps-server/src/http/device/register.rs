@@ -72,7 +72,7 @@ pub(super) async fn register(
         &admitted.instance,
         &path.id,
         &admitted.attested,
-        admitted.reads.registration.as_ref(),
+        &admitted.reads,
         request.payload,
         source,
         metadata,
