@@ -414,6 +414,73 @@ async fn bulk_operations(backend: Backend) {
     assert_eq!(again["errors"][0]["errorCode"], 409001);
     assert_eq!(again["errors"].as_array().unwrap().len(), 2);
 
+    // One batch: an existing id, a new one, the new one again, and an invalid item. Only the
+    // bad items fail, each on its own; the existing enrollment is left as it was.
+    let before = expect_json(
+        t.owner(Method::GET, "/enrollments/b-2")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let mixed = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": [
+                symmetric_enrollment("b-2"), symmetric_enrollment("b-3"), symmetric_enrollment("B-3") ] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let failed: Vec<&str> = mixed["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["registrationId"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["b-2", "B-3"], "{mixed}");
+    let after = expect_json(
+        t.owner(Method::GET, "/enrollments/b-2")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(after, before);
+    expect_json(
+        t.owner(Method::GET, "/enrollments/b-3")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let invalid = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": [
+                { "registrationId": "b-4", "attestation": { "type": "none" } }, symmetric_enrollment("b-5") ] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(invalid["errors"].as_array().unwrap().len(), 1, "{invalid}");
+    assert_eq!(invalid["errors"][0]["registrationId"], "b-4");
+    assert_eq!(invalid["errors"][0]["errorCode"], 400004);
+    expect_error(
+        t.owner(Method::GET, "/enrollments/b-4")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        404201,
+    )
+    .await;
+
     // The Node client spells the mode updateIfMatchEtag; an item without etag fails alone.
     let read = expect_json(
         t.owner(Method::GET, "/enrollments/b-1")

@@ -15,7 +15,7 @@ use serde_json::Value;
 use super::validate::{self, Scope, Validator, field_error};
 use super::{DomainError, load, normalize_etag, to_doc};
 use crate::state::AppState;
-use crate::store::{Columns, Kind, Page, Precondition, StoreError, Stored, Write};
+use crate::store::{BulkDoc, Columns, Kind, Page, Precondition, StoreError, Stored, Write};
 
 /// What differs between individual enrollments and enrollment groups.
 pub trait Enrollment: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
@@ -218,6 +218,30 @@ pub fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, DomainE
     Ok(enrollment)
 }
 
+/// Checks what an enrollment says beyond its attestation (its own fields, settings, CA
+/// references, a TPM group's prerequisites) and returns its storage key.
+async fn check<E: Enrollment>(
+    state: &AppState,
+    validator: &mut Validator<'_>,
+    enrollment: &mut E,
+) -> Result<String, DomainError> {
+    let key = E::key_of(enrollment.id())?;
+    enrollment.check_own_fields()?;
+    validator.settings(enrollment.parts().1).await?;
+    validator.ca_references(enrollment.parts().0).await?;
+    if E::SCOPE == Scope::Group && enrollment.attestation().kind == AttestationType::Tpm {
+        check_tpm_group(state)?;
+    }
+    Ok(key)
+}
+
+/// The typed columns an enrollment is stored with.
+fn columns<E: Enrollment>(enrollment: &E) -> Columns {
+    Columns::Attestation {
+        attestation_type: enrollment.attestation().kind.as_str().to_owned(),
+    }
+}
+
 /// Validates `enrollment` and stores it under `precondition`. `*` (Always) overwrites, keeping
 /// stored keys the request omits; a concurrent writer makes it retry a few times. Returns what
 /// was stored and whether it replaced a stored version.
@@ -227,14 +251,8 @@ pub async fn write<E: Enrollment>(
     mut enrollment: E,
     precondition: Precondition,
 ) -> Result<(Stored, bool), DomainError> {
-    let key = E::key_of(enrollment.id())?;
-    enrollment.check_own_fields()?;
     let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
-    validator.settings(enrollment.parts().1).await?;
-    validator.ca_references(enrollment.parts().0).await?;
-    if E::SCOPE == Scope::Group && enrollment.attestation().kind == AttestationType::Tpm {
-        check_tpm_group(state)?;
-    }
+    let key = check(state, &mut validator, &mut enrollment).await?;
     const ATTEMPTS: usize = 3;
     for attempt in 1..=ATTEMPTS {
         let existing = match precondition {
@@ -257,9 +275,7 @@ pub async fn write<E: Enrollment>(
             ns: ns.to_owned(),
             kind: E::KIND,
             key: key.clone(),
-            columns: Columns::Attestation {
-                attestation_type: candidate.attestation().kind.as_str().to_owned(),
-            },
+            columns: columns(&candidate),
             doc: to_doc(&candidate)?,
             precondition: effective,
         }];
@@ -403,6 +419,12 @@ pub async fn bulk<E: Enrollment>(
             ),
         ));
     }
+    // Creating individual enrollments, the bulk import of a fleet, writes many rows per
+    // statement; the other modes (and groups, which device authentication caches) go item by
+    // item.
+    if mode == BulkMode::Create && E::SCOPE == Scope::Individual {
+        return create_all::<E>(state, ns, items).await;
+    }
     let mut errors = Vec::new();
     for item in items {
         let id = item
@@ -416,6 +438,71 @@ pub async fn bulk<E: Enrollment>(
     Ok(BulkResult {
         is_successful: errors.is_empty(),
         errors,
+    })
+}
+
+/// Bulk `create`: every item is checked as a single create would be, then the valid ones are
+/// written in one transaction, many rows per statement. An item whose id exists, or that the
+/// request names twice, is refused on its own.
+async fn create_all<E: Enrollment>(
+    state: &AppState,
+    ns: &str,
+    items: Vec<Value>,
+) -> Result<BulkResult, DomainError> {
+    let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
+    // Failures by item position, so that they are answered in the request's order.
+    let mut errors: Vec<(usize, BulkItemError)> = Vec::new();
+    let mut valid: Vec<(usize, Option<String>, BulkDoc)> = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::new();
+    for (at, item) in items.into_iter().enumerate() {
+        let id = item
+            .get(E::ID_FIELD)
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let prepared = async {
+            let mut enrollment: E = serde_json::from_value(item).map_err(|e| {
+                DomainError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}"))
+            })?;
+            let key = check(state, &mut validator, &mut enrollment).await?;
+            validate::attestation(E::SCOPE, enrollment.parts().0, None)?;
+            Ok::<_, DomainError>(BulkDoc {
+                columns: columns(&enrollment),
+                doc: to_doc(&enrollment)?,
+                key,
+            })
+        };
+        match prepared.await {
+            Ok(doc) if seen.insert(doc.key.clone()) => valid.push((at, id, doc)),
+            Ok(doc) => {
+                let twice = DomainError::new(
+                    ErrorCode::Conflict,
+                    format!("'{}' appears twice in the request", doc.key),
+                );
+                errors.push((at, E::bulk_error(id, &twice)));
+            }
+            Err(error) => errors.push((at, E::bulk_error(id, &error))),
+        }
+    }
+    let docs: Vec<BulkDoc> = valid.iter().map(|(_, _, doc)| doc.clone()).collect();
+    let created: std::collections::HashSet<String> = state
+        .store
+        .insert_all(ns, E::KIND, &docs)
+        .await?
+        .into_iter()
+        .collect();
+    for (at, id, doc) in valid {
+        if !created.contains(&doc.key) {
+            let exists = StoreError::Exists {
+                kind: E::KIND,
+                key: doc.key,
+            };
+            errors.push((at, E::bulk_error(id, &exists.into())));
+        }
+    }
+    errors.sort_by_key(|(at, _)| *at);
+    Ok(BulkResult {
+        is_successful: errors.is_empty(),
+        errors: errors.into_iter().map(|(_, e)| e).collect(),
     })
 }
 

@@ -334,6 +334,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// none of them: the fast path of bulk imports, many rows per statement.
     async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError>;
 
+    /// Creates every document (of one kind, keys unique) whose key is free, in one
+    /// transaction, many rows per statement; returns the keys it created (the others exist).
+    async fn insert_all(
+        &self,
+        ns: &str,
+        kind: Kind,
+        docs: &[BulkDoc],
+    ) -> Result<Vec<String>, StoreError>;
+
     /// The backend's name (`sqlite` or `postgres`), for logs and metrics.
     fn backend(&self) -> &'static str;
 }

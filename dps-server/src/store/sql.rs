@@ -583,66 +583,18 @@ impl Store for SqlStore {
     }
 
     async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError> {
-        let table = table(kind)?;
-        if !table.scoped {
-            return Err(StoreError::Invalid(format!(
-                "{kind:?} cannot be written in bulk"
-            )));
-        }
-        let at = now();
-        let ns = instance_key(ns);
-        let mut tx = self.begin().await?;
-        let width = 3 + table.columns.len();
-        for chunk in docs.chunks(BULK_ROWS) {
-            // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let p = |n: usize| format!("${}", 3 + i * width + n);
-                    let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
-                    row.extend((0..table.columns.len()).map(|c| p(3 + c)));
-                    format!("({})", row.join(", "))
-                })
-                .collect();
-            let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
-            names.extend(table.columns);
-            let assignments: Vec<String> = ["doc", "etag", "updated_at"]
-                .iter()
-                .chain(table.columns)
-                .map(|c| format!("{c} = excluded.{c}"))
-                .collect();
-            let sql = format!(
-                "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) DO UPDATE SET {}",
-                table.name,
-                names.join(", "),
-                rows.join(", "),
-                assignments.join(", ")
-            );
-            let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
-            let mut values = vec![Value::Text(&ns), Value::Text(&at)];
-            for (doc, etag) in chunk.iter().zip(&etags) {
-                values.extend([
-                    Value::Text(&doc.key),
-                    Value::Text(&doc.doc),
-                    Value::Text(etag),
-                ]);
-                values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
-                    StoreError::Invalid(format!(
-                        "{:?} are not the columns of {kind:?}",
-                        doc.columns
-                    ))
-                })?);
-            }
-            let written: Result<u64, sqlx::Error> = on_tx!(&mut tx, t => {
-                // The statement holds only placeholders; every value is bound.
-                bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
-                    .execute(&mut **t)
-                    .await
-                    .map(|done| done.rows_affected())
-            });
-            let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
-            written.map_err(|e| constraint(kind, "", &first, e))?;
-        }
-        tx.commit().await
+        self.bulk(ns, kind, docs, OnConflict::Replace)
+            .await
+            .map(|_| ())
+    }
+
+    async fn insert_all(
+        &self,
+        ns: &str,
+        kind: Kind,
+        docs: &[BulkDoc],
+    ) -> Result<Vec<String>, StoreError> {
+        self.bulk(ns, kind, docs, OnConflict::Keep).await
     }
 
     async fn count_by(&self, ns: &str, kind: Kind) -> Result<Vec<(String, i64)>, StoreError> {
@@ -705,7 +657,94 @@ impl Store for SqlStore {
     }
 }
 
+/// What a bulk write does with a key that exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnConflict {
+    Replace,
+    Keep,
+}
+
 impl SqlStore {
+    /// Writes `docs` many rows per statement in one transaction; returns the keys written.
+    async fn bulk(
+        &self,
+        ns: &str,
+        kind: Kind,
+        docs: &[BulkDoc],
+        on_conflict: OnConflict,
+    ) -> Result<Vec<String>, StoreError> {
+        let table = table(kind)?;
+        if !table.scoped {
+            return Err(StoreError::Invalid(format!(
+                "{kind:?} cannot be written in bulk"
+            )));
+        }
+        let at = now();
+        let ns = instance_key(ns);
+        let mut tx = self.begin().await?;
+        let width = 3 + table.columns.len();
+        let mut written = Vec::with_capacity(docs.len());
+        for chunk in docs.chunks(BULK_ROWS) {
+            // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = |n: usize| format!("${}", 3 + i * width + n);
+                    let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
+                    row.extend((0..table.columns.len()).map(|c| p(3 + c)));
+                    format!("({})", row.join(", "))
+                })
+                .collect();
+            let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
+            names.extend(table.columns);
+            let conflict = match on_conflict {
+                OnConflict::Replace => {
+                    let assignments: Vec<String> = ["doc", "etag", "updated_at"]
+                        .iter()
+                        .chain(table.columns)
+                        .map(|c| format!("{c} = excluded.{c}"))
+                        .collect();
+                    format!("DO UPDATE SET {}", assignments.join(", "))
+                }
+                OnConflict::Keep => "DO NOTHING".to_owned(),
+            };
+            let sql = format!(
+                "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) {conflict} RETURNING key",
+                table.name,
+                names.join(", "),
+                rows.join(", "),
+            );
+            let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
+            let mut values = vec![Value::Text(&ns), Value::Text(&at)];
+            for (doc, etag) in chunk.iter().zip(&etags) {
+                values.extend([
+                    Value::Text(&doc.key),
+                    Value::Text(&doc.doc),
+                    Value::Text(etag),
+                ]);
+                values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "{:?} are not the columns of {kind:?}",
+                        doc.columns
+                    ))
+                })?);
+            }
+            let keys: Result<Vec<String>, sqlx::Error> = on_tx!(&mut tx, t => {
+                // The statement holds only placeholders; every value is bound.
+                match bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
+                    .fetch_all(&mut **t)
+                    .await
+                {
+                    Ok(rows) => rows.iter().map(|row| row.try_get("key")).collect(),
+                    Err(e) => Err(e),
+                }
+            });
+            let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
+            written.extend(keys.map_err(|e| constraint(kind, "", &first, e))?);
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
     async fn write_once(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
         let mut tx = self.begin().await?;
         let mut results = Vec::with_capacity(writes.len());
