@@ -2,6 +2,7 @@
 //! listener (which stays readable while connections wait in the backlog), and serve again once
 //! descriptors are free. Alone in its own test binary, because it lowers the process's
 //! descriptor limit.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
