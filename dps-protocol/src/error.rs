@@ -77,6 +77,8 @@ pub enum ErrorCode {
     Conflict,
     /// The change would leave the instance unusable (for example its last owner policy).
     ConflictWithState,
+    /// The instance holds as many of these resources as a setting allows.
+    LimitReached,
     /// The `If-Match` etag does not match.
     PreconditionFailed,
     /// The request (its body) did not arrive in time.
@@ -121,6 +123,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => 405001,
             Self::Conflict => 409001,
             Self::ConflictWithState => 409002,
+            Self::LimitReached => 409003,
             Self::PreconditionFailed => 412001,
             Self::RequestTimeout => 408001,
             Self::PayloadTooLarge => 413001,

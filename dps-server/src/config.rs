@@ -261,6 +261,10 @@ pub struct Limits {
     pub default_page_size: usize,
     /// Most items in one bulk request (Azure allows 10; we allow more).
     pub max_bulk_items: usize,
+    /// Most symmetric-key enrollment groups per instance (Azure: 100). A request whose id no
+    /// individual enrollment or earlier registration names is tried against every one of them,
+    /// so this bounds what an unauthenticated request can cost.
+    pub max_symmetric_key_groups: usize,
     /// Largest ownership-record import (`POST /ownershipRecords:import`), bytes.
     pub max_import_bytes: usize,
     /// Most connections served at once; further clients wait in the listen backlog.
@@ -294,6 +298,7 @@ impl Default for Limits {
             max_page_size: 1000,
             default_page_size: 100,
             max_bulk_items: 1000,
+            max_symmetric_key_groups: 100,
             max_import_bytes: 32 * 1024 * 1024,
             max_connections: 4096,
             tls_handshake_timeout_secs: 10,

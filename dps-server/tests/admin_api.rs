@@ -1966,7 +1966,119 @@ async fn metrics_are_served_on_their_own_listener(backend: Backend) {
     assert!(text.contains("dps_http_requests_total"), "{text}");
 }
 
+/// Security review item 9: a stranger's SAS request is tried against every symmetric-key
+/// group's derived keys, so their number is bounded (`limits.max_symmetric_key_groups`, 100 by
+/// default as in Azure): past it a new symmetric-key group, by PUT, by bulk create or by
+/// turning an X.509 group into one, is refused and nothing is stored.
+async fn symmetric_key_groups_are_bounded(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.max_symmetric_key_groups = 2).await;
+    let sas_group = |id: &str| json!({ "enrollmentGroupId": id, "attestation": { "type": "symmetricKey" } });
+    for id in ["g-1", "g-2"] {
+        let response = t
+            .owner(Method::PUT, &format!("/enrollmentGroups/{id}"))
+            .json(&sas_group(id))
+            .send()
+            .await
+            .unwrap();
+        expect_json(response, 200).await;
+    }
+    let x509 = json!({
+        "enrollmentGroupId": "x-1",
+        "attestation": { "type": "x509", "x509": { "signingCertificates": {
+            "primary": { "certificate": ca_certificate_pem() } } } }
+    });
+    let response = t
+        .owner(Method::PUT, "/enrollmentGroups/x-1")
+        .json(&x509)
+        .send()
+        .await
+        .unwrap();
+    let x509_stored = expect_json(response, 200).await;
+
+    // The attacks on the bound: a third group, the same in a bulk request, and the X.509
+    // group turned into a symmetric-key one.
+    let third = t
+        .owner(Method::PUT, "/enrollmentGroups/g-3")
+        .json(&sas_group("g-3"))
+        .send()
+        .await
+        .unwrap();
+    let body = expect_error(third, 409, 409003).await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("limits.max_symmetric_key_groups"),
+        "{body}"
+    );
+    let bulk = expect_json(
+        t.owner(Method::POST, "/enrollmentGroups")
+            .json(&json!({ "mode": "create", "enrollmentGroups": [sas_group("g-4")] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(bulk["isSuccessful"], false, "{bulk}");
+    assert_eq!(bulk["errors"][0]["errorCode"], 409003, "{bulk}");
+    let turned = t
+        .owner(Method::PUT, "/enrollmentGroups/x-1")
+        .header("If-Match", x509_stored["etag"].as_str().unwrap())
+        .json(&sas_group("x-1"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(turned, 409, 409003).await;
+
+    // Nothing changed: two symmetric-key groups and the X.509 group as it was.
+    for id in ["g-3", "g-4"] {
+        let response = t
+            .owner(Method::GET, &format!("/enrollmentGroups/{id}"))
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 404, 404202).await;
+    }
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollmentGroups/x-1")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["attestation"]["type"], "x509");
+    assert_eq!(read["etag"], x509_stored["etag"]);
+
+    // Updating a group that is already counted is not a new one; after a deletion there is
+    // room again.
+    let response = t
+        .owner(Method::PUT, "/enrollmentGroups/g-1")
+        .header("If-Match", "*")
+        .json(&json!({ "enrollmentGroupId": "g-1", "attestation": { "type": "symmetricKey" },
+                       "provisioningStatus": "disabled" }))
+        .send()
+        .await
+        .unwrap();
+    expect_json(response, 200).await;
+    let response = t
+        .owner(Method::DELETE, "/enrollmentGroups/g-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    let response = t
+        .owner(Method::PUT, "/enrollmentGroups/g-3")
+        .json(&sas_group("g-3"))
+        .send()
+        .await
+        .unwrap();
+    expect_json(response, 200).await;
+}
+
 on_both_backends!(
+    symmetric_key_groups_are_bounded,
     stored_secrets_are_not_echoed_or_redirected,
     service_tokens_bind_to_the_instance_host_names,
     instance_names_are_identities_and_deletion_is_final,

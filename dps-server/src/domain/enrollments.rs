@@ -199,6 +199,27 @@ fn check_tpm_group(state: &AppState) -> Result<(), DomainError> {
     Ok(())
 }
 
+/// Refuses a new symmetric-key group once the instance has `limits.max_symmetric_key_groups`.
+/// Checked before the write: concurrent creations may pass it together, so the bound can be
+/// overshot by the number of writers racing, not more.
+async fn check_room_for_sas_group(state: &AppState, ns: &str) -> Result<(), DomainError> {
+    let max = state.limits.max_symmetric_key_groups;
+    let counts = state.store.count_by(ns, Kind::EnrollmentGroup).await?;
+    let count = counts
+        .iter()
+        .find(|(kind, _)| kind == AttestationType::SymmetricKey.as_str())
+        .map_or(0, |(_, n)| *n);
+    if usize::try_from(count).unwrap_or(usize::MAX) >= max {
+        return Err(DomainError::new(
+            ErrorCode::LimitReached,
+            format!(
+                "the instance has {count} symmetric-key enrollment groups, the most limits.max_symmetric_key_groups allows ({max}): every unauthenticated device request is tried against each of them"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The stored document with its etag and timestamps; secrets removed unless `reveal`.
 pub fn render<E: Enrollment>(stored: &Stored, reveal: bool) -> Result<E, DomainError> {
     let mut value: Value = stored.doc_json()?;
@@ -266,6 +287,15 @@ pub async fn write<E: Enrollment>(
             candidate.parts().0,
             previous.as_ref().map(E::attestation),
         )?;
+        let was_sas_group = previous
+            .as_ref()
+            .is_some_and(|p| p.attestation().kind == AttestationType::SymmetricKey);
+        if E::SCOPE == Scope::Group
+            && candidate.attestation().kind == AttestationType::SymmetricKey
+            && !was_sas_group
+        {
+            check_room_for_sas_group(state, ns).await?;
+        }
         let effective = match (&precondition, &existing) {
             (Precondition::Always, Some(found)) => Precondition::IfMatch(found.etag.clone()),
             (Precondition::Always, None) => Precondition::MustNotExist,

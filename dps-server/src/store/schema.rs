@@ -216,7 +216,13 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
         ),
         (
             Kind::EnrollmentGroup,
-            table("enrollment_groups", true, &["attestation_type"], None, None),
+            table(
+                "enrollment_groups",
+                true,
+                &["attestation_type"],
+                None,
+                Some("attestation_type"),
+            ),
         ),
         (
             Kind::RegistrationState,
