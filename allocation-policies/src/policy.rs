@@ -142,7 +142,8 @@ pub fn hash_order(
         .collect())
 }
 
-/// Azure `static`: the one hub the enrollment names.
+/// Azure `static`: the one hub the enrollment names, or, when it names none, the instance's
+/// one linked hub that applies allocation policies.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Static;
 
@@ -161,11 +162,12 @@ impl AllocationPolicy for Static {
                 initial_twin: None,
             }),
             [] => Err(PolicyError::NoHub(
-                "the enrollment's hub is not linked".into(),
+                "static allocation found no hub: the enrollment's hub is not linked, or it names none and no linked hub applies allocation policies".into(),
             )),
-            _ => Err(PolicyError::NoHub(
-                "static allocation needs exactly one hub on the enrollment".into(),
-            )),
+            many => Err(PolicyError::NoHub(format!(
+                "static allocation needs one hub: the enrollment names none and {} linked hubs apply allocation policies; name one on the enrollment (iotHubs)",
+                many.len()
+            ))),
         }
     }
 }

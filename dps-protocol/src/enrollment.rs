@@ -242,6 +242,20 @@ pub struct EnrollmentSettings {
     /// Enabled or disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provisioning_status: Option<ProvisioningStatus>,
+    /// The credential policy that issues certificates to the devices (api-version
+    /// 2025-07-01-preview).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_policy_name: Option<String>,
+    /// The Azure Device Registry namespace of the certificate policy (2026-11-02-preview; given
+    /// with `certificateAuthorityName` and `certificatePolicyName` or not at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_name: Option<String>,
+    /// The issuing certificate authority (2026-11-02-preview).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_authority_name: Option<String>,
+    /// The certificate policy (2026-11-02-preview).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_policy_name: Option<String>,
     /// Opaque version, changes on every write.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,

@@ -23,6 +23,7 @@ fn put(key: String) -> Write {
         },
         doc: DOC.into(),
         precondition: Precondition::Always,
+        etag: None,
     }
 }
 
@@ -40,6 +41,7 @@ fn backend(c: &mut Criterion, name: &str, url: &str) {
         },
         doc: r#"{"name":"bench","idScope":"0ne00BE4C40","hostNames":[]}"#.into(),
         precondition: Precondition::Always,
+        etag: None,
     };
     runtime.block_on(store.write(&[instance])).unwrap();
     let docs: Vec<BulkDoc> = (0..10_000)

@@ -278,8 +278,11 @@ pub struct Limits {
     /// How long a connection may stay open without a request in flight, seconds (HTTP/1.1
     /// keep-alive and HTTP/2 alike).
     pub idle_timeout_secs: u64,
-    /// Longest lifetime of a SAS token the service accepts, seconds.
+    /// Longest lifetime of a service (admin API) SAS token the service accepts, seconds.
     pub max_token_lifetime_secs: u64,
+    /// Longest lifetime of a device SAS token, seconds; 0 (the default) sets no bound, as
+    /// Azure does. A device token can only register its own id.
+    pub max_device_token_lifetime_secs: u64,
     /// Clock skew allowed when checking a token's expiry, seconds.
     pub clock_skew_secs: u64,
     /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
@@ -306,6 +309,7 @@ impl Default for Limits {
             request_body_timeout_secs: 30,
             idle_timeout_secs: 120,
             max_token_lifetime_secs: 30 * 24 * 3600,
+            max_device_token_lifetime_secs: 0,
             clock_skew_secs: 300,
             shutdown_grace_secs: 30,
         }

@@ -19,4 +19,5 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod throttle;
+pub mod timestamp;
 pub mod trust;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Backend, TestServer, expect_error, expect_json, token};
+use common::{Backend, TestServer, enroll, expect_error, expect_json, token};
 use dps_server::store::{Columns, Kind, Precondition, Write};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -247,6 +247,7 @@ async fn group_lifecycle_and_registrations(backend: Backend) {
                 },
                 doc: doc.to_string(),
                 precondition: Precondition::MustNotExist,
+                etag: None,
             }])
             .await
             .unwrap();
@@ -838,6 +839,8 @@ async fn bad_input_gets_clear_400s(backend: Backend) {
             "{field}: {error}"
         );
     }
+    t.link_hub("hub-a.example.com").await;
+    t.link_hub("hub-b.example.com").await;
     let settings = [
         (
             json!({ "allocationPolicy": "roundRobin" }),
@@ -848,7 +851,10 @@ async fn bad_input_gets_clear_400s(backend: Backend) {
             "not a linked hub",
         ),
         (json!({ "iotHubs": ["bad host!"] }), "iotHubs"),
-        (json!({ "allocationPolicy": "static" }), "exactly one hub"),
+        (
+            json!({ "allocationPolicy": "static", "iotHubs": ["hub-a.example.com", "hub-b.example.com"] }),
+            "at most one hub",
+        ),
         (
             json!({ "allocationPolicy": "custom" }),
             "customAllocationDefinition",
@@ -1355,6 +1361,7 @@ async fn concurrent_writers_cannot_both_win(backend: Backend) {
         },
         doc: json!({ "writer": n }).to_string(),
         precondition,
+        etag: None,
     };
     let creates = (0..16).map(|n| {
         let store = store.clone();
@@ -1972,7 +1979,8 @@ async fn metrics_are_served_on_their_own_listener(backend: Backend) {
 /// turning an X.509 group into one, is refused and nothing is stored.
 async fn symmetric_key_groups_are_bounded(backend: Backend) {
     let t = TestServer::start_with(backend, |c| c.limits.max_symmetric_key_groups = 2).await;
-    let sas_group = |id: &str| json!({ "enrollmentGroupId": id, "attestation": { "type": "symmetricKey" } });
+    let sas_group =
+        |id: &str| json!({ "enrollmentGroupId": id, "attestation": { "type": "symmetricKey" } });
     for id in ["g-1", "g-2"] {
         let response = t
             .owner(Method::PUT, &format!("/enrollmentGroups/{id}"))
@@ -2056,8 +2064,10 @@ async fn symmetric_key_groups_are_bounded(backend: Backend) {
     let response = t
         .owner(Method::PUT, "/enrollmentGroups/g-1")
         .header("If-Match", "*")
-        .json(&json!({ "enrollmentGroupId": "g-1", "attestation": { "type": "symmetricKey" },
-                       "provisioningStatus": "disabled" }))
+        .json(
+            &json!({ "enrollmentGroupId": "g-1", "attestation": { "type": "symmetricKey" },
+                       "provisioningStatus": "disabled" }),
+        )
         .send()
         .await
         .unwrap();
@@ -2077,7 +2087,169 @@ async fn symmetric_key_groups_are_bounded(backend: Backend) {
     expect_json(response, 200).await;
 }
 
+/// Wire fidelity (items 1, 5, 6, 7, 9): what Azure's admin clients send and expect.
+async fn azure_admin_wire_details(backend: Backend) {
+    let t = TestServer::start_with(backend, |c| c.limits.max_page_size = 3).await;
+    for i in 0..5 {
+        enroll(&t, symmetric_enrollment(&format!("w-{i}"))).await;
+    }
+
+    // Item 1: a page larger than the limit is clamped (`az ... --top 2000`), and the answer says so.
+    let response = t
+        .owner(Method::POST, "/enrollments/query")
+        .header("x-ms-max-item-count", "2000")
+        .json(&json!({ "query": "SELECT *" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-ms-max-item-count"], "3");
+    assert!(response.headers().contains_key("x-ms-continuation"));
+    let page = expect_json(response, 200).await;
+    assert_eq!(page.as_array().unwrap().len(), 3, "{page}");
+    let huge = t
+        .owner(Method::POST, "/enrollments/query")
+        .header("x-ms-max-item-count", "99999999999999999999999")
+        .json(&json!({ "query": "SELECT *" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.headers()["x-ms-max-item-count"], "3");
+    for bad in ["0", "-1", "ten"] {
+        let response = t
+            .owner(Method::POST, "/enrollments/query")
+            .header("x-ms-max-item-count", bad)
+            .json(&json!({ "query": "SELECT *" }))
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 400, 400009).await;
+    }
+
+    // Item 7: an enrollment that never registered shows Azure's unassigned state.
+    let read = expect_json(
+        t.owner(Method::GET, "/enrollments/w-0")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(
+        read["registrationState"],
+        json!({ "registrationId": "w-0", "status": "unassigned" })
+    );
+    // Azure's timestamps: seven fractional digits.
+    let created = read["createdDateTimeUtc"].as_str().unwrap();
+    let fraction = created.trim_end_matches('Z').rsplit_once('.').unwrap().1;
+    assert_eq!(fraction.len(), 7, "{created}");
+
+    // Item 5: the C# client quotes the wildcard; it overwrites, and deletes, whatever the etag.
+    let mut changed = symmetric_enrollment("w-0");
+    changed["provisioningStatus"] = json!("disabled");
+    let response = t
+        .owner(Method::PUT, "/enrollments/w-0")
+        .header("If-Match", "\"*\"")
+        .json(&changed)
+        .send()
+        .await
+        .unwrap();
+    let replaced = expect_json(response, 200).await;
+    assert_eq!(replaced["provisioningStatus"], "disabled");
+    let response = t
+        .owner(Method::DELETE, "/enrollments/w-0")
+        .header("If-Match", "\"*\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+
+    // Item 6: bulk delete items that carry only the id (and an etag).
+    let stale = t
+        .owner(Method::POST, "/enrollments")
+        .json(&json!({ "mode": "delete", "enrollments": [
+            { "registrationId": "w-1" },
+            { "registrationId": "w-2", "etag": "\"not-its-etag\"" },
+            { "etag": "*" } ] }))
+        .send()
+        .await
+        .unwrap();
+    let result = expect_json(stale, 200).await;
+    assert_eq!(result["isSuccessful"], false, "{result}");
+    let errors = result["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2, "{result}");
+    assert_eq!(errors[0]["registrationId"], "w-2");
+    assert_eq!(errors[0]["errorCode"], 412001);
+    assert_eq!(errors[1]["errorCode"], 400005);
+    for (id, status) in [("w-1", 404), ("w-2", 200)] {
+        let response = t
+            .owner(Method::GET, &format!("/enrollments/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{id}");
+    }
+
+    // Item 9: the certificate-policy names of newer API versions survive a GET-then-PUT.
+    let mut named = symmetric_enrollment("w-9");
+    named["credentialPolicyName"] = json!("default");
+    named["namespaceName"] = json!("adr-namespace");
+    named["certificateAuthorityName"] = json!("ca-1");
+    named["certificatePolicyName"] = json!("policy.1");
+    enroll(&t, named).await;
+    let mut read = expect_json(
+        t.owner(Method::GET, "/enrollments/w-9")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(read["credentialPolicyName"], "default");
+    assert_eq!(read["namespaceName"], "adr-namespace");
+    assert_eq!(read["certificateAuthorityName"], "ca-1");
+    assert_eq!(read["certificatePolicyName"], "policy.1");
+    read.as_object_mut().unwrap().remove("registrationState");
+    let etag = read["etag"].as_str().unwrap().to_owned();
+    let again = expect_json(
+        t.owner(Method::PUT, "/enrollments/w-9")
+            .header("If-Match", etag)
+            .json(&read)
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(again["certificatePolicyName"], "policy.1");
+    let group = json!({ "enrollmentGroupId": "wg", "attestation": { "type": "symmetricKey" },
+                        "credentialPolicyName": "default" });
+    assert_eq!(enroll(&t, group).await["credentialPolicyName"], "default");
+    // Two of the three names, or a name that is not one, are refused and nothing is stored.
+    for (field, value) in [("namespaceName", ""), ("credentialPolicyName", "a b")] {
+        let mut partial = symmetric_enrollment("w-10");
+        partial["namespaceName"] = json!("adr-namespace");
+        partial["certificateAuthorityName"] = json!("ca-1");
+        if !value.is_empty() {
+            partial[field] = json!(value);
+        }
+        let response = t
+            .owner(Method::PUT, "/enrollments/w-10")
+            .json(&partial)
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, 400, 400004).await;
+    }
+    let response = t
+        .owner(Method::GET, "/enrollments/w-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
 on_both_backends!(
+    azure_admin_wire_details,
     symmetric_key_groups_are_bounded,
     stored_secrets_are_not_echoed_or_redirected,
     service_tokens_bind_to_the_instance_host_names,

@@ -657,6 +657,7 @@ async fn a_poll_finishes_an_operation_a_stopped_server_left_assigning(backend: B
             },
             doc: operation.to_string(),
             precondition: dps_server::store::Precondition::MustNotExist,
+            etag: None,
         }])
         .await
         .unwrap();
@@ -1120,6 +1121,7 @@ async fn finished_operations_are_swept_once_they_expire(backend: Backend) {
             },
             doc: assigning.to_string(),
             precondition: Precondition::MustNotExist,
+            etag: None,
         }])
         .await
         .unwrap();
@@ -1165,7 +1167,100 @@ async fn finished_operations_are_swept_once_they_expire(backend: Backend) {
     );
 }
 
+/// Seven fractional digits, as Azure writes timestamps (`2026-12-01T11:25:54.1234567Z`).
+fn assert_azure_timestamp(value: &Value) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a timestamp: {value}"));
+    let fraction = text
+        .strip_suffix('Z')
+        .and_then(|t| t.rsplit_once('.'))
+        .map(|(_, f)| f)
+        .unwrap_or_else(|| panic!("no fraction in {text}"));
+    assert_eq!(fraction.len(), 7, "{text}");
+    assert!(fraction.bytes().all(|b| b.is_ascii_digit()), "{text}");
+}
+
+/// Wire fidelity (items 2, 3 and 8): `static` without a hub takes the instance's one linked
+/// hub; device tokens may live longer than 30 days unless a bound is set; device answers carry
+/// the registration state's etag and Azure's timestamps.
+async fn azure_device_wire_details(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "static-1", "allocationPolicy": "static",
+                "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let key = keys_of(&enrollment).0;
+    let device = Device::new(&t, "static-1");
+    // A token for a year, as some fleets flash at the factory.
+    let long_lived = sign(
+        &format!("{}/registrations/static-1", device.scope),
+        &key,
+        now() + 365 * 24 * 3600,
+        Some("registration"),
+    );
+    let done = device.register(&long_lived).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let state = &done["registrationState"];
+    assert_eq!(state["assignedHub"], "hub-a.example.com");
+    assert_azure_timestamp(&state["createdDateTimeUtc"]);
+    assert_azure_timestamp(&state["lastUpdatedDateTimeUtc"]);
+    let etag = state["etag"].as_str().unwrap().to_owned();
+    let stored = registration_state(&t, "static-1").await.unwrap();
+    assert_eq!(stored["etag"], etag.as_str(), "{stored}");
+    // The status lookup shows the same state.
+    let lookup = expect_json(
+        t.anonymous(
+            Method::POST,
+            &format!("/{}/registrations/static-1", device.scope),
+        )
+        .header("Authorization", &long_lived)
+        .json(&json!({ "registrationId": "static-1" }))
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(lookup["etag"], etag.as_str(), "{lookup}");
+
+    // With two linked hubs taking part in allocation, `static` without a hub cannot choose:
+    // the registration fails with 400208 and says why.
+    t.link_hub("hub-b.example.com").await;
+    let done = device.register(&long_lived).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["registrationState"]["errorCode"], 400208);
+    let message = done["registrationState"]["errorMessage"].as_str().unwrap();
+    assert!(message.contains("static"), "{message}");
+
+    // An operator who wants a bound on device tokens sets one.
+    let bounded = TestServer::start_with(backend, |c| {
+        c.limits.max_device_token_lifetime_secs = 30 * 24 * 3600;
+    })
+    .await;
+    bounded.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &bounded,
+        json!({ "registrationId": "dev-1", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let device = Device::new(&bounded, "dev-1");
+    let long_lived = sign(
+        &format!("{}/registrations/dev-1", device.scope),
+        &keys_of(&enrollment).0,
+        now() + 365 * 24 * 3600,
+        Some("registration"),
+    );
+    let refused = device.put(&long_lived).send().await.unwrap();
+    expect_error(refused, 401, 401002).await;
+    assert!(registration_state(&bounded, "dev-1").await.is_none());
+}
+
 on_both_backends!(
+    azure_device_wire_details,
     a_poll_from_memory_still_needs_the_device_s_proof,
     finished_operations_are_swept_once_they_expire,
     a_replica_sees_group_and_hub_changes_at_once,

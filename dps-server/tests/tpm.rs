@@ -73,14 +73,21 @@ impl<'a> TpmDevice<'a> {
     /// Asks for a challenge and opens it in the TPM: the key to sign with.
     async fn challenge(&self, payload: Option<Value>) -> SymmetricKey {
         let response = self.ask(self.body(payload)).await;
+        self.open_challenge(response).await
+    }
+
+    /// Opens the challenge `response` must carry (a 401 with a blob, no error body, as the C
+    /// SDK parses it) in the TPM: the key to sign with.
+    async fn open_challenge(&self, response: reqwest::Response) -> SymmetricKey {
         assert_eq!(response.status(), 401);
         assert_eq!(
             response.headers()["content-type"],
             "application/json; charset=utf-8"
         );
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["keyName"], "registration");
+        assert_eq!(body["keyName"], "registration", "{body}");
         assert!(body.get("status").is_none());
+        assert!(body.get("errorCode").is_none(), "{body}");
         let blob = STANDARD
             .decode(body["authenticationKey"].as_str().unwrap())
             .unwrap();
@@ -160,6 +167,19 @@ async fn enroll_tpm(t: &TestServer, id: &str, tpm: &SoftTpm) -> Value {
             "endorsementKey": STANDARD.encode(tpm.endorsement_key()) } } }),
     )
     .await
+}
+
+/// The registration state of `id` as the admin API shows it (`None` before the first).
+async fn registration_state_of(t: &TestServer, id: &str) -> Option<Value> {
+    let response = t
+        .owner(Method::GET, &format!("/registrations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    if response.status() == 404 {
+        return None;
+    }
+    Some(expect_json(response, 200).await)
 }
 
 async fn registration_exists(t: &TestServer, id: &str) -> bool {
@@ -277,12 +297,18 @@ async fn refusals_store_nothing(backend: Backend) {
         assert!(error["message"].as_str().unwrap().contains(says), "{error}");
     }
 
-    // A key no challenge gave: refused, nothing stored.
+    // A key no challenge gave: nothing stored, and the answer is a fresh challenge (wire
+    // fidelity item 4), whose key then registers.
     let response = device
         .send(&device.token(&SymmetricKey::generate().unwrap()))
         .await;
-    expect_error(response, 401, 401002).await;
+    let fresh = device.open_challenge(response).await;
     assert!(!registration_exists(&t, "tpm-dev-2").await);
+    let done = device
+        .device
+        .register_with(&device.token(&fresh), device.body(None), &[])
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
 
     // A newer challenge does not cancel an older one; each key starts one registration, and
     // replaying the same request is refused.
@@ -299,8 +325,19 @@ async fn refusals_store_nothing(backend: Backend) {
         .register_with(&token, device.body(None), &[])
         .await;
     assert_eq!(done["status"], "assigned");
+    // The replay starts nothing: it is answered with a new challenge. Without the TPM keys
+    // in the body there is nothing to challenge, and the refusal says why.
+    let before = registration_state_of(&t, "tpm-dev-2").await;
     let replay = device.send(&token).await;
-    let error = expect_error(replay, 401, 401002).await;
+    device.open_challenge(replay).await;
+    let bare = device
+        .device
+        .put(&token)
+        .json(&json!({ "registrationId": "tpm-dev-2" }))
+        .send()
+        .await
+        .unwrap();
+    let error = expect_error(bare, 401, 401002).await;
     assert!(
         error["message"]
             .as_str()
@@ -308,11 +345,7 @@ async fn refusals_store_nothing(backend: Backend) {
             .contains("already started"),
         "{error}"
     );
-
-    // The challenge's key is not the device's SAS key for anything else.
-    let group_token = device.token(&SymmetricKey::generate().unwrap());
-    let response = device.send(&group_token).await;
-    expect_error(response, 401, 401002).await;
+    assert_eq!(registration_state_of(&t, "tpm-dev-2").await, before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,17 +365,37 @@ async fn challenge_keys_expire() {
         .await;
     assert_eq!(done["status"], "assigned");
 
-    // A key used after the lifetime is refused, and so is a replay after it.
+    // A key used after the lifetime starts nothing: the device gets a fresh challenge, as
+    // on its first request, and registers with it. A replay gets a challenge too.
     let late = device.challenge(None).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
+    let before = registration_state_of(&t, "tpm-slow").await;
     let response = device.send(&device.token(&late)).await;
-    let error = expect_error(response, 401, 401002).await;
+    let fresh = device.open_challenge(response).await;
+    assert_eq!(registration_state_of(&t, "tpm-slow").await, before);
+    let replay = device.send(&token).await;
+    device.open_challenge(replay).await;
+    let done = device
+        .device
+        .register_with(&device.token(&fresh), device.body(None), &[])
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    // Without the TPM keys in the body, an expired key is refused and says so.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = device.challenge(None).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let bare = device
+        .device
+        .put(&device.token(&expired))
+        .json(&json!({ "registrationId": "tpm-slow" }))
+        .send()
+        .await
+        .unwrap();
+    let error = expect_error(bare, 401, 401002).await;
     assert!(
         error["message"].as_str().unwrap().contains("expired"),
         "{error}"
     );
-    let replay = device.send(&token).await;
-    expect_error(replay, 401, 401002).await;
 }
 
 /// A TPM manufacturer: a CA that issues EK certificates.
@@ -527,8 +580,12 @@ async fn a_stranger_asking_for_a_challenge_does_not_cancel_the_device_s(backend:
         .register_with(&device.token(&key), device.body(None), &[])
         .await;
     assert_eq!(done["status"], "assigned", "{done}");
-    // Still single-use.
-    expect_error(device.send(&device.token(&key)).await, 401, 401002).await;
+    // Still single-use: the second use starts nothing and gets a new challenge.
+    let before = registration_state_of(&t, "tpm-victim").await;
+    device
+        .open_challenge(device.send(&device.token(&key)).await)
+        .await;
+    assert_eq!(registration_state_of(&t, "tpm-victim").await, before);
 }
 
 /// The EK as the device would send it with the exponent written out (65537) instead of the

@@ -90,9 +90,23 @@ async fn every_record_survives_the_upgrade(backend: Backend) {
     // The admin instance kept its ID scope and its owner policy (the printed connection
     // string signs these requests).
     assert_eq!(t.running().admin.id_scope, expected["idScope"]);
-    for (path, answer) in expected.as_object().unwrap() {
+    // What the admin API answers for `path` today: the recorded answer, and since it was
+    // recorded, an enrollment that never registered shows Azure's unassigned state.
+    let answer_now = |path: &str| {
+        let mut answer = expected[path].clone();
+        if path.contains("/enrollments/") && answer.get("registrationState").is_none() {
+            answer["registrationState"] =
+                json!({ "registrationId": answer["registrationId"], "status": "unassigned" });
+        }
+        answer
+    };
+    for path in expected.as_object().unwrap().keys() {
         if path.starts_with('/') {
-            assert_eq!(&read(&t, path, factory_key).await, answer, "{path}");
+            assert_eq!(
+                read(&t, path, factory_key).await,
+                answer_now(path),
+                "{path}"
+            );
         }
     }
 
@@ -154,11 +168,11 @@ async fn every_record_survives_the_upgrade(backend: Backend) {
     let t = t.restart().await;
     assert_eq!(
         read(&t, "/enrollments/tpm-1", factory_key).await,
-        expected["/enrollments/tpm-1"]
+        answer_now("/enrollments/tpm-1")
     );
     assert_eq!(
         read(&t, "/instances/factory/enrollments/robot-1", factory_key).await,
-        expected["/instances/factory/enrollments/robot-1"]
+        answer_now("/instances/factory/enrollments/robot-1")
     );
 }
 

@@ -633,6 +633,7 @@ async fn sneak_in_enrollment(t: &TestServer, id: &str, cert: &str) {
             },
             doc: doc.to_string(),
             precondition: Precondition::Always,
+            etag: None,
         }])
         .await
         .unwrap();

@@ -151,6 +151,7 @@ async fn update(
         columns: Columns::None,
         doc: to_doc(&certificate)?,
         precondition: Precondition::IfMatch(stored.etag),
+        etag: None,
     };
     let written = state
         .store

@@ -5,7 +5,7 @@
 use dps_protocol::ErrorCode;
 use dps_protocol::enrollment::{
     AttestationMechanism, AttestationType, BulkItemError, BulkMode, BulkRequest, BulkResult,
-    EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
+    DeviceRegistrationState, EnrollmentGroup, EnrollmentSettings, IndividualEnrollment,
 };
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId, check_device_id};
 use serde::Serialize;
@@ -119,9 +119,17 @@ impl Enrollment for IndividualEnrollment {
 
     async fn decorate(&mut self, state: &AppState, ns: &str) -> Result<(), DomainError> {
         let key = self.registration_id.to_ascii_lowercase();
-        if let Some(stored) = state.store.get(ns, Kind::RegistrationState, &key).await? {
-            self.registration_state = Some(super::registrations::render(&stored)?);
-        }
+        self.registration_state = Some(
+            match state.store.get(ns, Kind::RegistrationState, &key).await? {
+                Some(stored) => super::registrations::render(&stored)?,
+                // As Azure answers for a device that never registered.
+                None => DeviceRegistrationState {
+                    registration_id: self.registration_id.clone(),
+                    status: Some("unassigned".to_owned()),
+                    ..DeviceRegistrationState::default()
+                },
+            },
+        );
         Ok(())
     }
 
@@ -308,6 +316,7 @@ pub async fn write<E: Enrollment>(
             columns: columns(&candidate),
             doc: to_doc(&candidate)?,
             precondition: effective,
+            etag: None,
         }];
         writes.extend(E::credentials_write(ns));
         match state.store.write(&writes).await {
@@ -561,26 +570,35 @@ async fn bulk_item<E: Enrollment>(
     item: Value,
 ) -> Result<(), DomainError> {
     let etag = item.get("etag").and_then(Value::as_str).map(normalize_etag);
-    let enrollment: E = serde_json::from_value(item)
-        .map_err(|e| DomainError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}")))?;
-    match mode {
-        BulkMode::Create => write(state, ns, enrollment, Precondition::MustNotExist).await?,
-        BulkMode::Update => write(state, ns, enrollment, Precondition::Always).await?,
-        BulkMode::UpdateIfMatchEtag => {
-            let etag = etag.ok_or_else(|| {
-                DomainError::new(
-                    ErrorCode::ArgumentNull,
-                    "updateIfMatchETag needs the item's etag",
-                )
-            })?;
-            write(state, ns, enrollment, Precondition::IfMatch(etag)).await?
-        }
+    let precondition = match mode {
+        BulkMode::Create => Precondition::MustNotExist,
+        BulkMode::Update => Precondition::Always,
+        BulkMode::UpdateIfMatchEtag => Precondition::IfMatch(etag.ok_or_else(|| {
+            DomainError::new(
+                ErrorCode::ArgumentNull,
+                "updateIfMatchETag needs the item's etag",
+            )
+        })?),
         BulkMode::Delete => {
-            let key = E::key_of(enrollment.id())?;
-            let precondition = etag.map_or(Precondition::Always, Precondition::IfMatch);
-            delete_key::<E>(state, ns, &key, precondition).await?;
-            return Ok(());
+            // A deletion names its item by id (and etag); nothing else of the item is read.
+            let id = item
+                .get(E::ID_FIELD)
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    DomainError::new(
+                        ErrorCode::ArgumentNull,
+                        format!("a delete item needs its '{}'", E::ID_FIELD),
+                    )
+                })?;
+            let precondition = match etag {
+                Some(tag) if tag != "*" => Precondition::IfMatch(tag),
+                _ => Precondition::Always,
+            };
+            return delete_key::<E>(state, ns, &E::key_of(id)?, precondition).await;
         }
     };
+    let enrollment: E = serde_json::from_value(item)
+        .map_err(|e| DomainError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}")))?;
+    write(state, ns, enrollment, precondition).await?;
     Ok(())
 }

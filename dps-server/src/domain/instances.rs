@@ -107,6 +107,7 @@ pub async fn save(
         },
         doc: to_doc(&instance)?,
         precondition: effective,
+        etag: None,
     }];
     let created_policy = match previous {
         None => {
@@ -118,6 +119,7 @@ pub async fn save(
                 columns: Columns::None,
                 doc: to_doc(&policy)?,
                 precondition: Precondition::Always,
+                etag: None,
             });
             // A new version, so that no cache of a deleted instance of the same name counts.
             writes.push(crate::domain::credentials::credentials_changed(

@@ -67,6 +67,10 @@ pub fn to_doc<T: Serialize>(value: &T) -> Result<String, DomainError> {
 pub fn normalize_etag(value: &str) -> String {
     let value = value.trim();
     let value = value.strip_prefix("W/").unwrap_or(value);
+    // The C# service client quotes every If-Match, the wildcard too.
+    if value == "\"*\"" {
+        return "*".to_owned();
+    }
     if value == "*" || (value.len() >= 2 && value.starts_with('"') && value.ends_with('"')) {
         value.to_owned()
     } else {
@@ -84,5 +88,6 @@ mod tests {
         assert_eq!(normalize_etag("\"abc\""), "\"abc\"");
         assert_eq!(normalize_etag("W/\"abc\""), "\"abc\"");
         assert_eq!(normalize_etag(" * "), "*");
+        assert_eq!(normalize_etag("\"*\""), "*");
     }
 }

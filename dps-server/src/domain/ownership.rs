@@ -535,6 +535,7 @@ pub async fn transfer(
                 columns: doc.columns,
                 doc: doc.doc,
                 precondition: Precondition::IfMatch(stored.etag),
+                etag: None,
             });
         }
     }

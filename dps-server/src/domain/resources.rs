@@ -104,6 +104,7 @@ pub async fn store_resource<R: Resource>(
         columns: Columns::None,
         doc: to_doc(&resource)?,
         precondition: effective,
+        etag: None,
     };
     let stored = state
         .store

@@ -144,13 +144,15 @@ impl<'a> Validator<'a> {
             list.dedup();
         }
 
+        // Without a hub, `static` takes the instance's one linked hub that applies allocation
+        // (as Azure does); whether there is exactly one is decided when a device registers.
         if policy.as_deref() == Some("static") {
             let distinct: std::collections::BTreeSet<String> =
                 hubs.iter().map(|h| h.to_ascii_lowercase()).collect();
-            if distinct.len() != 1 {
+            if distinct.len() > 1 {
                 return Err(field_error(
                     "iotHubs",
-                    "the static allocation policy needs exactly one hub in iotHubs or iotHubHostName",
+                    "the static allocation policy takes at most one hub in iotHubs or iotHubHostName",
                 ));
             }
         }
@@ -179,6 +181,7 @@ impl<'a> Validator<'a> {
         if let Some(twin) = &settings.initial_twin {
             check_initial_twin(twin)?;
         }
+        check_certificate_policy_names(settings)?;
         settings.provisioning_status = Some(
             settings
                 .provisioning_status
@@ -189,6 +192,45 @@ impl<'a> Validator<'a> {
         }
         Ok(())
     }
+}
+
+/// The names that link an enrollment to a certificate policy: each a short name, and the three
+/// names of the newer API version given together or not at all.
+fn check_certificate_policy_names(settings: &EnrollmentSettings) -> Result<(), DomainError> {
+    let named = [
+        ("credentialPolicyName", &settings.credential_policy_name),
+        ("namespaceName", &settings.namespace_name),
+        (
+            "certificateAuthorityName",
+            &settings.certificate_authority_name,
+        ),
+        ("certificatePolicyName", &settings.certificate_policy_name),
+    ];
+    for (field, value) in named {
+        if let Some(name) = value
+            && !is_resource_name(name)
+        {
+            return Err(field_error(
+                field,
+                format!("{field} must be 1 to 128 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+    }
+    let given = named[1..].iter().filter(|(_, v)| v.is_some()).count();
+    if given != 0 && given != 3 {
+        return Err(field_error(
+            "certificatePolicyName",
+            "namespaceName, certificateAuthorityName and certificatePolicyName are given together or not at all",
+        ));
+    }
+    Ok(())
+}
+
+fn is_resource_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Checks and normalises an attestation. Omitted symmetric keys are taken from `existing` (the

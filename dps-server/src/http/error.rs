@@ -5,8 +5,6 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use dps_protocol::{ErrorBody, ErrorCode};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::domain::DomainError;
 use crate::http::json::Json;
@@ -21,9 +19,7 @@ impl IntoResponse for DomainError {
             error_code: self.code().number(),
             tracking_id: current_request_id().unwrap_or_default(),
             message: self.message().to_owned(),
-            timestamp_utc: OffsetDateTime::now_utc()
-                .format(&Rfc3339)
-                .unwrap_or_default(),
+            timestamp_utc: crate::timestamp::now(),
             info: self.info().clone(),
         };
         let mut response = (status, Json(body)).into_response();

@@ -205,18 +205,22 @@ impl PageRequest {
     /// Reads the paging headers.
     pub fn from_headers(headers: &HeaderMap, limits: &Limits) -> Result<Self, DomainError> {
         let bad = |message: String| DomainError::new(ErrorCode::InvalidHeader, message);
+        // A larger page than the limit is clamped to it, as Azure does (`az ... --top 2000`);
+        // the answer's `x-ms-max-item-count` says what was served.
         let size = match headers.get("x-ms-max-item-count") {
             None => limits.default_page_size,
             Some(value) => value
                 .to_str()
                 .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .filter(|n| (1..=limits.max_page_size).contains(n))
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|v| v.bytes().any(|b| b != b'0'))
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_or(limits.max_page_size, |n| n.min(limits.max_page_size))
+                })
                 .ok_or_else(|| {
-                    bad(format!(
-                        "x-ms-max-item-count must be a number from 1 to {}",
-                        limits.max_page_size
-                    ))
+                    bad("x-ms-max-item-count must be a whole number of at least 1".to_owned())
                 })?,
         };
         let after = match headers.get("x-ms-continuation") {

@@ -16,7 +16,7 @@ mod upgrade;
 
 use std::fmt;
 
-pub use sql::SqlStore;
+pub use sql::{SqlStore, new_etag};
 
 /// Namespace of the server's own records (instances, ID scopes, host names).
 pub const SERVER_NS: &str = "";
@@ -161,6 +161,9 @@ pub enum Write {
         doc: String,
         /// When it may happen.
         precondition: Precondition,
+        /// The etag the record gets: one [`new_etag`] makes when it is chosen before the write
+        /// (so that the document can show it), a fresh one when `None`.
+        etag: Option<String>,
     },
     /// Delete a record (an instance with everything in it).
     Delete {

@@ -8,8 +8,6 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::schema::{self, Table, Value};
 use super::{BulkDoc, Columns, Kind, Page, Precondition, Store, StoreError, Stored, Unique, Write};
@@ -181,12 +179,11 @@ fn sqlite_file(url: &str) -> Option<&str> {
 }
 
 fn now() -> String {
-    OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"))
+    crate::timestamp::now()
 }
 
-fn new_etag() -> String {
+/// A fresh etag: a quoted UUID.
+pub fn new_etag() -> String {
     format!("\"{}\"", uuid::Uuid::new_v4())
 }
 
@@ -335,13 +332,14 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
             columns,
             doc,
             precondition,
+            etag,
         } => {
             let table = table(*kind)?;
             let ns = &instance_key(ns);
             let typed = schema::values(table, columns).ok_or_else(|| {
                 StoreError::Invalid(format!("{columns:?} are not the columns of {kind:?}"))
             })?;
-            let (etag, at) = (new_etag(), now());
+            let (etag, at) = (etag.clone().unwrap_or_else(new_etag), now());
             let mut values = scope(table, ns);
             values.extend([
                 Value::Text(key),

@@ -233,7 +233,10 @@ fn device_token(
         .check_expiry(
             crate::domain::unix_now(),
             state.limits.clock_skew_secs,
-            state.limits.max_token_lifetime_secs,
+            match state.limits.max_device_token_lifetime_secs {
+                0 => u64::MAX,
+                bound => bound,
+            },
         )
         .map_err(|e| DomainError::unauthorized(e.to_string()))?;
     let resource = format!("{}/registrations/{}", scope.as_str(), id.as_str());

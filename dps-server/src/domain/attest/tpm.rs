@@ -168,6 +168,7 @@ fn challenges_write(
         },
         doc: to_doc(set)?,
         precondition: etag.map_or(Precondition::MustNotExist, Precondition::IfMatch),
+        etag: None,
     })
 }
 

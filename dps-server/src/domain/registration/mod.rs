@@ -169,6 +169,7 @@ pub async fn start(
                 },
                 doc: to_doc(&record)?,
                 precondition: Precondition::MustNotExist,
+                etag: None,
             }),
         }
         if let Some(proof) = &attested.tpm {
@@ -254,12 +255,13 @@ fn finishing(
     op_precondition: Precondition,
 ) -> Result<[Write; 2], DomainError> {
     // The timestamps live in the store's bookkeeping; the device's answer shows them too.
-    let now = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
+    let now = crate::timestamp::now();
     record.state.created_date_time_utc =
         Some(previous.map_or_else(|| now.clone(), |s| s.created.clone()));
     record.state.last_updated_date_time_utc = Some(now);
+    // Chosen before the write, so that the device's answer shows the state's etag too.
+    let etag = crate::store::new_etag();
+    record.state.etag = Some(etag.clone());
     op.status = status;
     op.registration_state = Some(record.state.clone());
     let group_key = record
@@ -287,6 +289,7 @@ fn finishing(
             precondition: previous.map_or(Precondition::MustNotExist, |s| {
                 Precondition::IfMatch(s.etag.clone())
             }),
+            etag: Some(etag),
         },
         Write::Put {
             ns: ns.to_owned(),
@@ -298,6 +301,7 @@ fn finishing(
             },
             doc: to_doc(&*op)?,
             precondition: op_precondition,
+            etag: None,
         },
     ])
 }

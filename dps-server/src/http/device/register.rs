@@ -43,28 +43,28 @@ pub(super) async fn register(
     }
     // A TPM device's first request: no proof yet, so it gets a challenge. Issuing one is
     // unauthenticated work, charged like a failed proof.
+    let tpm_keys = request.tpm.as_ref().filter(|_| caller.chain.is_none());
     if super::authorization(&caller.headers).is_none()
-        && caller.chain.is_none()
-        && let Some(keys) = &request.tpm
+        && let Some(keys) = tpm_keys
     {
         let key = path.throttle_key();
         state.throttle.enter(&key, caller.address())?;
         state.throttle.unauthenticated(&key, caller.address())?;
-        let instance = instances::of_scope(&state, &path.scope).await?;
-        let reads = DeviceReads::read(&state, &instance, &path.id, None).await?;
-        let challenge = crate::domain::attest::tpm::challenge(
-            &state,
-            &instance,
-            &path.id,
-            keys,
-            request.payload.as_ref(),
-            caller.address(),
-            &reads,
-        )
-        .await?;
-        return Ok(challenge_response(challenge));
+        return fresh_challenge(&state, &path, &caller, keys, &request).await;
     }
-    let admitted = admit(&state, &path, &caller, Purpose::Register).await?;
+    let admitted = match (
+        admit(&state, &path, &caller, Purpose::Register).await,
+        tpm_keys,
+    ) {
+        (Ok(admitted), _) => admitted,
+        // A TPM device whose challenge expired, was used or was displaced gets a new one, as
+        // on its first request: the C SDK reads any 401 without `status` as a challenge, so
+        // an error body would break its parser. The failed proof was charged already.
+        (Err(DeviceError::Api(e)), Some(keys)) if e.code() == ErrorCode::Unauthorized => {
+            return fresh_challenge(&state, &path, &caller, keys, &request).await;
+        }
+        (Err(e), _) => return Err(e),
+    };
     let source = caller.address();
     let metadata = trusted_metadata(&state, &caller.headers);
     let operation = registration::start(
@@ -88,6 +88,29 @@ pub(super) async fn register(
             registration_state: None,
         },
     ))
+}
+
+/// A new TPM challenge for the EK and SRK the request carries (step 1 of TPM attestation).
+async fn fresh_challenge(
+    state: &AppState,
+    path: &DevicePath,
+    caller: &Caller,
+    keys: &dps_protocol::enrollment::TpmAttestation,
+    request: &DeviceRegistration,
+) -> Result<Response, DeviceError> {
+    let instance = instances::of_scope(state, &path.scope).await?;
+    let reads = DeviceReads::read(state, &instance, &path.id, None).await?;
+    let challenge = crate::domain::attest::tpm::challenge(
+        state,
+        &instance,
+        &path.id,
+        keys,
+        request.payload.as_ref(),
+        caller.address(),
+        &reads,
+    )
+    .await?;
+    Ok(challenge_response(challenge))
 }
 
 /// The answer to a challenge: 401 with `{authenticationKey, keyName}` (the C SDK reads any
