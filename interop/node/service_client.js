@@ -53,8 +53,11 @@ async function individualEnrollments() {
     registrationId: 'node-dev-1',
     attestation: { type: 'symmetricKey', symmetricKey: {} },
     initialTwin: { tags: { line: '7' }, properties: { desired: { rate: 5 } } },
+    credentialPolicyName: 'default',
   }));
   assert.equal(created.registrationId, 'node-dev-1');
+  // Azure's timestamps carry seven fractional digits.
+  assert.match(created.createdDateTimeUtc, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7}Z$/);
   assert.ok(created.attestation.symmetricKey.primaryKey, 'generated keys are returned on create');
   assert.ok(created.etag);
 
@@ -62,6 +65,9 @@ async function individualEnrollments() {
   const read = body(await client.getIndividualEnrollment('node-dev-1'));
   assert.equal(read.etag, created.etag);
   assert.equal(read.attestation.symmetricKey.primaryKey, undefined, 'keys are hidden on GET');
+  // A device that never registered: Azure's unassigned state; newer fields kept.
+  assert.deepEqual(read.registrationState, { registrationId: 'node-dev-1', status: 'unassigned' });
+  assert.equal(read.credentialPolicyName, 'default');
 
   // Update with the etag the client read (the client sends it as If-Match).
   read.provisioningStatus = 'disabled';
@@ -69,6 +75,7 @@ async function individualEnrollments() {
   const updated = body(await client.createOrUpdateIndividualEnrollment(read));
   assert.equal(updated.provisioningStatus, 'disabled');
   assert.notEqual(updated.etag, created.etag);
+  assert.equal(updated.credentialPolicyName, 'default', 'a GET-then-PUT keeps the newer fields');
 
   // A stale etag is refused; so is a create over an existing id.
   step('client.createOrUpdateIndividualEnrollment');
@@ -98,15 +105,25 @@ async function individualEnrollments() {
   const { items, pages } = await drain(client.createIndividualEnrollmentQuery({ query: 'SELECT * FROM enrollments' }, 2));
   assert.deepEqual(items.map((e) => e.registrationId), ['node-dev-1', 'node-dev-2', 'node-dev-3']);
   assert.equal(pages, 2, 'two pages of at most two');
+  // A page larger than the server's limit is clamped, not refused (az --top 2000).
+  const large = await drain(client.createIndividualEnrollmentQuery({ query: 'SELECT * FROM enrollments' }, 5000));
+  assert.equal(large.items.length, 3);
+  assert.equal(large.pages, 1);
 
   step('client.deleteIndividualEnrollment');
   await client.deleteIndividualEnrollment(updated);
   step('client.getIndividualEnrollment');
   await expectStatus(client.getIndividualEnrollment('node-dev-1'), 404);
-  step('client.deleteIndividualEnrollment');
-  await client.deleteIndividualEnrollment('node-dev-2');
-  step('client.deleteIndividualEnrollment');
-  await client.deleteIndividualEnrollment('node-dev-3');
+  // A bulk delete names its items by id only.
+  step('client.runBulkEnrollmentOperation');
+  const deleted = await new Promise((resolve, reject) => client.runBulkEnrollmentOperation({
+    mode: 'delete',
+    enrollments: [{ registrationId: 'node-dev-2' }, { registrationId: 'node-dev-3' }],
+  }, (err, result) => (err ? reject(err) : resolve(result))));
+  assert.equal(deleted.isSuccessful, true, JSON.stringify(deleted));
+  step('client.getIndividualEnrollment');
+  await expectStatus(client.getIndividualEnrollment('node-dev-2'), 404);
+  await expectStatus(client.getIndividualEnrollment('node-dev-3'), 404);
 }
 
 async function enrollmentGroups() {
