@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
 # PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, swtpm with tpm2-tools and the
-# tpm2-tss libraries, Node.js with the npm packages of the interop tests. Safe to run again.
+# tpm2-tss libraries, Node.js with the npm packages of the interop tests, and a Python virtual
+# environment with schemathesis for the admin API's fuzz test. Safe to run again.
 # Prints the exports the tests read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,9 @@ command -v swtpm >/dev/null 2>&1 || packages+=(swtpm)
 command -v swtpm_setup >/dev/null 2>&1 || packages+=(swtpm-tools)
 command -v tpm2_activatecredential >/dev/null 2>&1 || packages+=(tpm2-tools)
 pkg-config --exists tss2-esys 2>/dev/null || packages+=(libtss2-dev pkg-config)
+# Python with venv for the fuzz test's schemathesis.
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
 # The black-box tests signal the server with the kill program (not the shell builtin).
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || packages+=(procps)
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -42,6 +46,16 @@ su postgres -c "psql -qtAc \"SELECT 1 FROM pg_roles WHERE rolname = 'dps'\"" | g
 # Node packages of the interop tests (versions pinned by package-lock.json).
 if [ -f interop/node/package.json ]; then
     (cd interop/node && npm ci --no-audit --no-fund --loglevel=error) >&2
+fi
+
+# schemathesis for the admin API's fuzz test (versions pinned by requirements.txt), in its own
+# virtual environment, reinstalled when the pins change.
+venv=interop/schemathesis/.venv
+if ! cmp -s interop/schemathesis/requirements.txt "$venv/requirements.txt" 2>/dev/null; then
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check -r interop/schemathesis/requirements.txt >&2
+    cp interop/schemathesis/requirements.txt "$venv/requirements.txt"
 fi
 
 echo "export DPS_TEST_DATABASE_URL=postgres://dps:dps@127.0.0.1:5432/postgres"

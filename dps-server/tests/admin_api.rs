@@ -1476,7 +1476,7 @@ async fn health_metrics_and_openapi(backend: Backend) {
         );
         operations += 1;
     }
-    assert_eq!(operations, 47, "operations documented and probed");
+    assert_eq!(operations, 51, "operations documented and probed");
 }
 
 async fn allocation_simulation_explains_each_policy(backend: Backend) {
@@ -1556,15 +1556,13 @@ async fn allocation_simulation_explains_each_policy(backend: Backend) {
     let again = expect_json(simulate(free).send().await.unwrap(), 200).await;
     assert_eq!(first, again);
 
-    expect_error(
-        simulate(json!({ "registrationId": "bad id" }))
-            .send()
-            .await
-            .unwrap(),
-        400,
-        400004,
-    )
-    .await;
+    for bad in [
+        json!({ "registrationId": "bad id" }),
+        json!({ "registrationId": "x", "previousHub": "not a host!" }),
+        json!({ "registrationId": "x", "policies": vec!["hashed"; 17] }),
+    ] {
+        expect_error(simulate(bad).send().await.unwrap(), 400, 400004).await;
+    }
     expect_error(
         simulate(json!({ "registrationId": "x", "enrollmentGroupId": "missing" }))
             .send()
@@ -2124,6 +2122,46 @@ async fn azure_admin_wire_details(backend: Backend) {
             .unwrap();
         expect_error(response, 400, 400009).await;
     }
+
+    // Any token of the continuation alphabet is a lower bound of the next page; other text is
+    // refused.
+    for (token, status) in [
+        ("x", 200),
+        ("dy0y", 200),
+        ("w-1", 200),
+        ("!!", 400),
+        ("a b", 400),
+    ] {
+        let response = t
+            .owner(Method::POST, "/enrollments/query")
+            .header("x-ms-continuation", token)
+            .json(&json!({ "query": "SELECT *" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{token}");
+    }
+
+    // A bulk item whose JSON is not an enrollment fails the whole request; nothing is stored.
+    let malformed = t
+        .owner(Method::POST, "/enrollments")
+        .json(&json!({ "mode": "create", "enrollments": [
+            symmetric_enrollment("w-20"),
+            { "registrationId": "w-21", "attestation": { "type": "symmetricKey" }, "capabilities": "yes" } ] }))
+        .send()
+        .await
+        .unwrap();
+    let error = expect_error(malformed, 400, 400006).await;
+    assert!(
+        error["message"].as_str().unwrap().starts_with("item 2:"),
+        "{error}"
+    );
+    let response = t
+        .owner(Method::GET, "/enrollments/w-20")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
 
     // Item 7: an enrollment that never registered shows Azure's unassigned state.
     let read = expect_json(

@@ -458,6 +458,17 @@ pub async fn bulk<E: Enrollment>(
             ),
         ));
     }
+    // An item whose JSON does not have the shape of the mode fails the whole request, as a
+    // malformed body does; everything else about an item is its own failure.
+    let items = items
+        .into_iter()
+        .enumerate()
+        .map(|(at, item)| {
+            BulkItem::<E>::parse(mode, item).map_err(|e| {
+                DomainError::new(ErrorCode::InvalidFormat, format!("item {}: {e}", at + 1))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     // Creating individual enrollments, the bulk import of a fleet, writes many rows per
     // statement; the other modes (and groups, which device authentication caches) go item by
     // item.
@@ -466,10 +477,7 @@ pub async fn bulk<E: Enrollment>(
     }
     let mut errors = Vec::new();
     for item in items {
-        let id = item
-            .get(E::ID_FIELD)
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let id = item.id().map(str::to_owned);
         if let Err(error) = bulk_item::<E>(state, ns, mode, item).await {
             errors.push(E::bulk_error(id, &error));
         }
@@ -480,13 +488,55 @@ pub async fn bulk<E: Enrollment>(
     })
 }
 
+/// One item of a bulk request, as its mode reads it.
+enum BulkItem<E> {
+    /// An enrollment to create or update, with the etag it carries.
+    Write { enrollment: E, etag: Option<String> },
+    /// The id (if any) and etag of an enrollment to delete.
+    Delete {
+        id: Option<String>,
+        etag: Option<String>,
+    },
+}
+
+impl<E: Enrollment> BulkItem<E> {
+    fn parse(mode: BulkMode, item: Value) -> Result<Self, String> {
+        let etag = match item.get("etag") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(tag)) => Some(normalize_etag(tag)),
+            Some(_) => return Err("etag must be a string".to_owned()),
+        };
+        if mode != BulkMode::Delete {
+            let enrollment = serde_json::from_value(item).map_err(|e| e.to_string())?;
+            return Ok(Self::Write { enrollment, etag });
+        }
+        // A deletion names its item by id (and etag); nothing else of the item is read.
+        if !item.is_object() {
+            return Err("an item is a JSON object".to_owned());
+        }
+        let id = match item.get(E::ID_FIELD) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) => Some(id.clone()),
+            Some(_) => return Err(format!("{} must be a string", E::ID_FIELD)),
+        };
+        Ok(Self::Delete { id, etag })
+    }
+
+    fn id(&self) -> Option<&str> {
+        match self {
+            Self::Write { enrollment, .. } => Some(enrollment.id()),
+            Self::Delete { id, .. } => id.as_deref(),
+        }
+    }
+}
+
 /// Bulk `create`: every item is checked as a single create would be, then the valid ones are
 /// written in one transaction, many rows per statement. An item whose id exists, or that the
 /// request names twice, is refused on its own.
 async fn create_all<E: Enrollment>(
     state: &AppState,
     ns: &str,
-    items: Vec<Value>,
+    items: Vec<BulkItem<E>>,
 ) -> Result<BulkResult, DomainError> {
     let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
     // Failures by item position, so that they are answered in the request's order.
@@ -494,14 +544,11 @@ async fn create_all<E: Enrollment>(
     let mut valid: Vec<(usize, Option<String>, BulkDoc)> = Vec::with_capacity(items.len());
     let mut seen = std::collections::HashSet::new();
     for (at, item) in items.into_iter().enumerate() {
-        let id = item
-            .get(E::ID_FIELD)
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let id = item.id().map(str::to_owned);
+        let BulkItem::Write { mut enrollment, .. } = item else {
+            continue;
+        };
         let prepared = async {
-            let mut enrollment: E = serde_json::from_value(item).map_err(|e| {
-                DomainError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}"))
-            })?;
             let key = check(state, &mut validator, &mut enrollment).await?;
             validate::attestation(E::SCOPE, enrollment.parts().0, None)?;
             Ok::<_, DomainError>(BulkDoc {
@@ -567,38 +614,35 @@ async fn bulk_item<E: Enrollment>(
     state: &AppState,
     ns: &str,
     mode: BulkMode,
-    item: Value,
+    item: BulkItem<E>,
 ) -> Result<(), DomainError> {
-    let etag = item.get("etag").and_then(Value::as_str).map(normalize_etag);
+    let (enrollment, etag) = match item {
+        BulkItem::Write { enrollment, etag } => (enrollment, etag),
+        BulkItem::Delete { id, etag } => {
+            let id = id.ok_or_else(|| {
+                DomainError::new(
+                    ErrorCode::ArgumentNull,
+                    format!("a delete item needs its '{}'", E::ID_FIELD),
+                )
+            })?;
+            let precondition = match etag {
+                Some(tag) if tag != "*" => Precondition::IfMatch(tag),
+                _ => Precondition::Always,
+            };
+            return delete_key::<E>(state, ns, &E::key_of(&id)?, precondition).await;
+        }
+    };
     let precondition = match mode {
         BulkMode::Create => Precondition::MustNotExist,
-        BulkMode::Update => Precondition::Always,
         BulkMode::UpdateIfMatchEtag => Precondition::IfMatch(etag.ok_or_else(|| {
             DomainError::new(
                 ErrorCode::ArgumentNull,
                 "updateIfMatchETag needs the item's etag",
             )
         })?),
-        BulkMode::Delete => {
-            // A deletion names its item by id (and etag); nothing else of the item is read.
-            let id = item
-                .get(E::ID_FIELD)
-                .and_then(Value::as_str)
-                .ok_or_else(|| {
-                    DomainError::new(
-                        ErrorCode::ArgumentNull,
-                        format!("a delete item needs its '{}'", E::ID_FIELD),
-                    )
-                })?;
-            let precondition = match etag {
-                Some(tag) if tag != "*" => Precondition::IfMatch(tag),
-                _ => Precondition::Always,
-            };
-            return delete_key::<E>(state, ns, &E::key_of(id)?, precondition).await;
-        }
+        // (Delete items were answered above.)
+        BulkMode::Update | BulkMode::Delete => Precondition::Always,
     };
-    let enrollment: E = serde_json::from_value(item)
-        .map_err(|e| DomainError::new(ErrorCode::InvalidFormat, format!("invalid item: {e}")))?;
     write(state, ns, enrollment, precondition).await?;
     Ok(())
 }

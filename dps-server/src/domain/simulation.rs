@@ -11,7 +11,7 @@ use allocation_policies::device_key::{DeviceKey, DeviceKeyKind};
 use allocation_policies::policy::Device;
 use dps_protocol::admin::{Instance, Right};
 use dps_protocol::enrollment::{EnrollmentGroup, EnrollmentSettings, IndividualEnrollment};
-use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
+use dps_protocol::ids::{EnrollmentGroupId, RegistrationId, check_host_name};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -20,6 +20,9 @@ use super::validate::{field_error, hide_secrets};
 use super::{DomainError, load};
 use crate::state::AppState;
 use crate::store::Kind;
+
+/// Most names a simulation's `policies` may hold.
+const MOST_POLICY_NAMES: usize = 16;
 
 /// The device to simulate.
 #[derive(Debug, Deserialize)]
@@ -83,6 +86,9 @@ pub async fn simulate(
     let ns = instance.name.as_str();
     let id = RegistrationId::parse(&request.registration_id)
         .map_err(|e| field_error("registrationId", e.to_string()))?;
+    if let Some(hub) = &request.previous_hub {
+        check_host_name(hub).map_err(|e| field_error("previousHub", e.to_string()))?;
+    }
     let individual = state
         .store
         .get(ns, Kind::IndividualEnrollment, &id.key())
@@ -149,9 +155,16 @@ pub async fn simulate(
         Some(names) if names.is_empty() => {
             return Err(field_error("policies", "policies is empty"));
         }
+        Some(names) if names.len() > MOST_POLICY_NAMES => {
+            return Err(field_error(
+                "policies",
+                format!("policies holds at most {MOST_POLICY_NAMES} names"),
+            ));
+        }
         Some(names) => {
-            // Each policy once (by its canonical name), and no more names than there are
-            // policies: the list cannot multiply the work of one request.
+            // Each policy once (by its canonical name): the list cannot multiply the work of
+            // one request, which runs each registered policy at most once (an unknown name
+            // costs nothing but its error).
             let mut distinct: Vec<String> = Vec::new();
             for name in names {
                 let canonical = state
@@ -161,16 +174,6 @@ pub async fn simulate(
                 if !distinct.iter().any(|d| d.eq_ignore_ascii_case(&canonical)) {
                     distinct.push(canonical);
                 }
-            }
-            if distinct.len() > registered.len() {
-                return Err(field_error(
-                    "policies",
-                    format!(
-                        "at most {} policies: {}",
-                        registered.len(),
-                        registered.join(", ")
-                    ),
-                ));
             }
             distinct
         }

@@ -6,7 +6,9 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use base64::alphabet;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{Instance, Right};
 use serde::Serialize;
@@ -192,6 +194,17 @@ pub fn delete_precondition(headers: &HeaderMap) -> Result<Precondition, DomainEr
     })
 }
 
+/// How `x-ms-continuation` tokens are read: base64url without padding, as they are written,
+/// forgiving the unused bits of the last character, so that every string of the alphabet (what
+/// the OpenAPI document allows) is a token.
+const CONTINUATION: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone),
+);
+
 /// A page request: `x-ms-max-item-count` and `x-ms-continuation`.
 #[derive(Debug)]
 pub struct PageRequest {
@@ -230,8 +243,17 @@ impl PageRequest {
                     .to_str()
                     .ok()
                     .filter(|v| !v.is_empty())
-                    .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
-                    .and_then(|bytes| String::from_utf8(bytes).ok())
+                    .filter(|v| {
+                        v.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    })
+                    .and_then(|v| {
+                        // A last character alone carries no whole byte.
+                        let whole = v.len() - usize::from(v.len() % 4 == 1);
+                        CONTINUATION.decode(&v[..whole]).ok()
+                    })
+                    // A token is only a lower bound on the next page's keys: any text will do.
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
                     .ok_or_else(|| {
                         bad("x-ms-continuation is not a token this server issued".into())
                     })?,
