@@ -16,6 +16,7 @@ trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
   export DPS_THROTTLE__UNAUTHENTICATED_PER_ADDRESS_PER_MINUTE=0
   export DPS_THROTTLE__UNAUTHENTICATED_PER_DEVICE_PER_MINUTE=0
   export DPS_METRICS_LISTEN=127.0.0.1:0
+  export DPS_MQTT_LISTEN=off
   export DPS_LOG__FILTER=warn
   if [ -n "${DPS_BENCH_DATABASE_URL:-}" ]; then export DPS_DATABASE_URL="$DPS_BENCH_DATABASE_URL"; fi
   exec "$OLDPWD/target/release/dps-server" serve --listen "127.0.0.1:$port" >server.out 2>server.err

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
 # PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, swtpm with tpm2-tools and the
-# tpm2-tss libraries, Node.js with the npm packages of the interop tests, and a Python virtual
-# environment with schemathesis for the admin API's fuzz test. Safe to run again.
+# tpm2-tss libraries, Node.js with the npm packages of the interop tests, and Python virtual
+# environments with schemathesis (the admin API's fuzz test) and azure-iot-device (the Python
+# interop test). Safe to run again.
 # Prints the exports the tests read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,14 +49,19 @@ if [ -f interop/node/package.json ]; then
     (cd interop/node && npm ci --no-audit --no-fund --loglevel=error) >&2
 fi
 
-# schemathesis for the admin API's fuzz test (versions pinned by requirements.txt), in its own
-# virtual environment, reinstalled when the pins change.
-venv=interop/schemathesis/.venv
-if ! cmp -s interop/schemathesis/requirements.txt "$venv/requirements.txt" 2>/dev/null; then
-    rm -rf "$venv"
-    python3 -m venv "$venv" >&2
-    "$venv/bin/pip" install -q --disable-pip-version-check -r interop/schemathesis/requirements.txt >&2
-    cp interop/schemathesis/requirements.txt "$venv/requirements.txt"
-fi
+# Python packages of the tests, each set in its own virtual environment (versions pinned by
+# its requirements.txt), reinstalled when the pins change: schemathesis for the admin API's
+# fuzz test, azure-iot-device for the Python interop test.
+python_env() {
+    local dir="$1" venv="$1/.venv"
+    if ! cmp -s "$dir/requirements.txt" "$venv/requirements.txt" 2>/dev/null; then
+        rm -rf "$venv"
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install -q --disable-pip-version-check -r "$dir/requirements.txt" >&2
+        cp "$dir/requirements.txt" "$venv/requirements.txt"
+    fi
+}
+python_env interop/schemathesis
+python_env interop/python
 
 echo "export DPS_TEST_DATABASE_URL=postgres://dps:dps@127.0.0.1:5432/postgres"

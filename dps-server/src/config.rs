@@ -43,12 +43,28 @@ pub struct Config {
     /// Address of the plain-HTTP listener of `/metrics` (and `/healthz`, `/readyz`); loopback
     /// by default, since the metrics name tenants, hubs and device counts.
     pub metrics_listen: SocketAddr,
+    /// Address of the MQTT listener (TLS, devices only): `off` turns it off; absent, the
+    /// address of `listen` on port 8883.
+    pub mqtt_listen: Option<String>,
     /// The instance whose `ServiceConfig` policies manage all instances, and whose connection
     /// string is printed at start: the first configured instance, or `default`, when absent.
     pub admin_instance: Option<String>,
     /// Instances to create or update at start. When empty and the database holds no instance,
     /// one instance named `default` is created.
     pub instances: Vec<InstanceConfig>,
+}
+
+impl Config {
+    /// Where the MQTT listener binds: `None` when it is off.
+    pub fn mqtt_address(&self) -> anyhow::Result<Option<SocketAddr>> {
+        match self.mqtt_listen.as_deref().map(str::trim) {
+            None | Some("") => Ok(Some(SocketAddr::new(self.listen.ip(), 8883))),
+            Some(off) if off.eq_ignore_ascii_case("off") => Ok(None),
+            Some(address) => address.parse().map(Some).map_err(|_| {
+                anyhow::anyhow!("mqtt_listen '{address}' is not an address (host:port) or 'off'")
+            }),
+        }
+    }
 }
 
 impl Default for Config {
@@ -65,6 +81,7 @@ impl Default for Config {
             tpm: TpmConfig::default(),
             outbound: OutboundConfig::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            mqtt_listen: None,
             admin_instance: None,
             instances: Vec::new(),
         }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod hubs;
+pub mod mqtt;
 pub mod observability;
 pub mod server;
 pub mod state;

@@ -59,6 +59,27 @@ struct RouteLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistrationLabels {
+    transport: String,
+    status: u16,
+}
+
+/// How a device request arrived, added to its extensions by the front end that took it;
+/// HTTPS when absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport(pub &'static str);
+
+impl Transport {
+    /// The HTTPS device API.
+    pub const HTTPS: Self = Self("https");
+    /// MQTT over TLS.
+    pub const MQTT: Self = Self("mqtt");
+}
+
+/// The route of a device's register request.
+const REGISTER_ROUTE: &str = "/{scope}/registrations/{id}/register";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HubLabels {
     instance: String,
     hub: String,
@@ -76,6 +97,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RouteLabels, Histogram>,
+    registrations: Family<RegistrationLabels, Counter>,
     hub_devices: Family<HubLabels, Gauge>,
     /// When the device counts per hub were last read from the store.
     pub hub_counts_at: tokio::sync::Mutex<Option<Instant>>,
@@ -99,6 +121,12 @@ impl Metrics {
             "Time to answer an HTTP request, by route",
             durations.clone(),
         );
+        let registrations = Family::<RegistrationLabels, Counter>::default();
+        registry.register(
+            "device_registrations",
+            "Register requests of devices, by transport (https, mqtt) and answer status",
+            registrations.clone(),
+        );
         let build = Family::<BuildLabels, Gauge>::default();
         build
             .get_or_create(&BuildLabels {
@@ -117,6 +145,7 @@ impl Metrics {
             registry,
             requests,
             durations,
+            registrations,
             hub_devices,
             hub_counts_at: tokio::sync::Mutex::new(None),
         }
@@ -166,11 +195,17 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
+    let transport = req
+        .extensions()
+        .get::<Transport>()
+        .copied()
+        .unwrap_or(Transport::HTTPS);
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,
         method = %method,
         route = %route,
+        transport = transport.0,
         instance = tracing::field::Empty,
         registration_id = tracing::field::Empty,
     );
@@ -195,6 +230,15 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
             status,
         })
         .inc();
+    if route == REGISTER_ROUTE {
+        metrics
+            .registrations
+            .get_or_create(&RegistrationLabels {
+                transport: transport.0.to_owned(),
+                status,
+            })
+            .inc();
+    }
     metrics
         .durations
         .get_or_create(&RouteLabels { route })

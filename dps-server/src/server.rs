@@ -41,6 +41,8 @@ pub struct RunningServer {
     pub ca_certificate: PathBuf,
     /// The bound address of the metrics listener.
     pub metrics_addr: SocketAddr,
+    /// The bound address of the MQTT listener, when it is on.
+    pub mqtt_addr: Option<SocketAddr>,
     store: Arc<dyn Store>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -107,12 +109,23 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let host_names = all_host_names(&state).await?;
     let tls = TlsMaterial::load(&config.tls, &config.data_dir, &host_names)?;
-    let acceptor = TlsAcceptor::from(tls.server_config()?);
+    let tls_config = tls.server_config()?;
+    let acceptor = TlsAcceptor::from(tls_config.clone());
 
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let local_addr = listener.local_addr()?;
+    let mqtt_listener = match config.mqtt_address()? {
+        Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+            format!("binding mqtt_listen {address} (set mqtt_listen to another address, or off)")
+        })?),
+        None => None,
+    };
+    let mqtt_addr = mqtt_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let (stop, stopped) = watch::channel(false);
     let (throttle, sweeping, mut stopping) =
         (state.throttle.clone(), store.clone(), stopped.clone());
@@ -161,6 +174,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         max_connections: METRICS_CONNECTIONS,
         ..limits.clone()
     };
+    // MQTT over TLS, answered by the same router as HTTPS device requests. Its TLS is the
+    // HTTPS listener's without ALPN (MQTT clients offer none, or `mqtt`).
+    let mqtt = mqtt_listener.map(|mqtt_listener| {
+        let mut mqtt_tls = (*tls_config).clone();
+        mqtt_tls.alpn_protocols.clear();
+        let front = crate::mqtt::Front::new(app::router(state.clone()), &config.limits);
+        dps_listener::serve_tls(
+            mqtt_listener,
+            TlsAcceptor::from(Arc::new(mqtt_tls)),
+            limits.clone(),
+            stopped.clone(),
+            grace,
+            move |tls, peer, chain, stopped| front.clone().serve(tls, peer, chain, stopped),
+        )
+    });
     let main = serve(
         listener,
         Some(acceptor),
@@ -178,14 +206,20 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         grace,
     );
     let task = tokio::spawn(async move {
-        tokio::join!(main, metrics);
+        let mqtt = async move {
+            if let Some(mqtt) = mqtt {
+                mqtt.await;
+            }
+        };
+        tokio::join!(main, metrics, mqtt);
     });
-    tracing::info!(%local_addr, %metrics_addr, storage = store.backend(), "listening");
+    tracing::info!(%local_addr, %metrics_addr, ?mqtt_addr, storage = store.backend(), "listening");
     Ok(RunningServer {
         local_addr,
         admin,
         ca_certificate: std::fs::canonicalize(&tls.ca_certificate).unwrap_or(tls.ca_certificate),
         metrics_addr,
+        mqtt_addr,
         store,
         stop,
         task,
@@ -240,6 +274,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         server.admin.connection_string.reveal()
     );
     println!("ca-certificate: {}", server.ca_certificate.display());
+    if let Some(mqtt) = server.mqtt_addr {
+        println!("mqtt: mqtts://{mqtt}");
+    }
     println!("listening: https://{}", server.local_addr);
     println!("metrics: http://{}/metrics", server.metrics_addr);
     tokio::select! {

@@ -1,5 +1,5 @@
 // Interop test: the official Node device SDK (azure-iot-provisioning-device with the HTTP
-// transport and azure-iot-security-symmetric-key) registers devices with dps-server through
+// or MQTT transport and azure-iot-security-symmetric-key) registers devices with dps-server through
 // an individual enrollment and through an enrollment group. The group member's key is derived
 // here with Node's crypto, independently of the server.
 // Run by softhsm-tests/tests/node_device_client.rs; exits non-zero on the first failed check.
@@ -9,6 +9,17 @@ const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
+const { Mqtt } = require('azure-iot-provisioning-device-mqtt');
+
+// DPS_TRANSPORT: http (https://{host}:443) or mqtt (mqtts://{host}:8883).
+const transport = () => {
+  const name = process.env.DPS_TRANSPORT || 'http';
+  if (name === 'mqtt') {
+    return new Mqtt();
+  }
+  assert.equal(name, 'http', `unknown DPS_TRANSPORT ${name}`);
+  return new Http();
+};
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 
 const env = (name) => {
@@ -27,7 +38,7 @@ process.on('exit', (code) => {
 
 async function register(registrationId, key, payload) {
   const security = new SymmetricKeySecurityClient(registrationId, key);
-  const client = ProvisioningDeviceClient.create(env('DPS_HOST'), env('DPS_ID_SCOPE'), new Http(), security);
+  const client = ProvisioningDeviceClient.create(env('DPS_HOST'), env('DPS_ID_SCOPE'), transport(), security);
   if (payload) {
     client.setProvisioningPayload(payload);
   }

@@ -10,6 +10,17 @@ const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
+const { Mqtt } = require('azure-iot-provisioning-device-mqtt');
+
+// DPS_TRANSPORT: http (https://{host}:443) or mqtt (mqtts://{host}:8883).
+const transport = () => {
+  const name = process.env.DPS_TRANSPORT || 'http';
+  if (name === 'mqtt') {
+    return new Mqtt();
+  }
+  assert.equal(name, 'http', `unknown DPS_TRANSPORT ${name}`);
+  return new Http();
+};
 const { X509Security } = require('azure-iot-security-x509');
 
 const env = (name) => {
@@ -31,7 +42,7 @@ function register(registrationId, prefix) {
     cert: fs.readFileSync(env(`${prefix}_CERT`), 'utf8'),
     key: fs.readFileSync(env(`${prefix}_KEY`), 'utf8'),
   });
-  const client = ProvisioningDeviceClient.create(env('DPS_HOST'), env('DPS_ID_SCOPE'), new Http(), security);
+  const client = ProvisioningDeviceClient.create(env('DPS_HOST'), env('DPS_ID_SCOPE'), transport(), security);
   return client.register();
 }
 

@@ -149,7 +149,7 @@ pub async fn serve<S>(
     acceptor: Option<TlsAcceptor>,
     service: S,
     limits: ConnectionLimits,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
     grace: Duration,
 ) where
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
@@ -170,6 +170,97 @@ pub async fn serve<S>(
         .keep_alive_interval(Some(limits.idle.min(Duration::from_secs(30))))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
+    let connection_limits = limits.clone();
+    let connection_stopped = stopped.clone();
+    accept_loop(listener, limits, stopped, grace, move |tcp, peer| {
+        let connection = Connection {
+            acceptor: acceptor.clone(),
+            builder: builder.clone(),
+            service: service.clone(),
+            limits: connection_limits.clone(),
+            stopped: connection_stopped.clone(),
+        };
+        connection.run(tcp, peer)
+    })
+    .await;
+}
+
+/// A TLS connection that completed its handshake, as [`serve_tls`] hands it over.
+pub type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Serves TLS connections on `listener` with `handle` (a protocol other than HTTP: MQTT), with
+/// the same connection cap, handshake deadline and accept-error backoff as [`serve`].
+/// `handle` gets the stream, the peer's address, the client certificate chain it presented and
+/// a receiver of `stopped` (it should close the connection when that turns true); in-flight
+/// connections get up to `grace`.
+pub async fn serve_tls<H, F>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limits: ConnectionLimits,
+    stopped: watch::Receiver<bool>,
+    grace: Duration,
+    handle: H,
+) where
+    H: Fn(TlsConnection, SocketAddr, Option<ClientChain>, watch::Receiver<bool>) -> F
+        + Clone
+        + Send
+        + 'static,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handshake = limits.tls_handshake;
+    let connection_stopped = stopped.clone();
+    accept_loop(listener, limits, stopped, grace, move |tcp, peer| {
+        let (acceptor, handle) = (acceptor.clone(), handle.clone());
+        let stopped = connection_stopped.clone();
+        async move {
+            let Some((tls, chain)) = handshake_within(&acceptor, tcp, peer, handshake).await else {
+                return;
+            };
+            handle(tls, peer, chain, stopped).await;
+        }
+    })
+    .await;
+}
+
+/// The TLS handshake of `tcp` within `deadline`, and the client chain it presented.
+async fn handshake_within(
+    acceptor: &TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    deadline: Duration,
+) -> Option<(TlsConnection, Option<ClientChain>)> {
+    let tls = match tokio::time::timeout(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let chain = tls.get_ref().1.peer_certificates().map(|certs| {
+        ClientChain(Arc::new(
+            certs.iter().map(|c| c.as_ref().to_vec()).collect(),
+        ))
+    });
+    Some((tls, chain))
+}
+
+/// Accepts connections until `stopped` turns true, at most `limits.max_connections` at once
+/// (past the cap, clients wait in the kernel's backlog), backing off when `accept` fails, and
+/// runs `connection` for each on its own task; then waits up to `grace` for them to end.
+async fn accept_loop<C, F>(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    mut stopped: watch::Receiver<bool>,
+    grace: Duration,
+    connection: C,
+) where
+    C: Fn(tokio::net::TcpStream, SocketAddr) -> F,
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -202,15 +293,9 @@ pub async fn serve<S>(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "setting TCP_NODELAY");
         }
-        let connection = Connection {
-            acceptor: acceptor.clone(),
-            builder: builder.clone(),
-            service: service.clone(),
-            limits: limits.clone(),
-            stopped: stopped.clone(),
-        };
+        let served = connection(tcp, peer);
         tokio::spawn(async move {
-            connection.run(tcp, peer).await;
+            served.await;
             drop(slot);
         });
     }
@@ -250,24 +335,10 @@ where
             self.http(TokioIo::new(tcp), peer, None).await;
             return;
         };
-        let tls = match tokio::time::timeout(self.limits.tls_handshake, acceptor.accept(tcp)).await
-        {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        };
-        let chain = tls.get_ref().1.peer_certificates().map(|certs| {
-            ClientChain(Arc::new(
-                certs.iter().map(|c| c.as_ref().to_vec()).collect(),
-            ))
-        });
-        self.http(TokioIo::new(tls), peer, chain).await;
+        let handshake = self.limits.tls_handshake;
+        if let Some((tls, chain)) = handshake_within(&acceptor, tcp, peer, handshake).await {
+            self.http(TokioIo::new(tls), peer, chain).await;
+        }
     }
 
     /// Serves HTTP on `io` until the client leaves, stays idle too long, or the server stops.

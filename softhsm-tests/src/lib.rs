@@ -77,6 +77,8 @@ pub struct ServerProcess {
     pub ca_certificate: PathBuf,
     /// The printed listening URL (`https://127.0.0.1:PORT`).
     pub listening: String,
+    /// The printed MQTT address (`127.0.0.1:PORT`), when the MQTT listener is on.
+    pub mqtt: Option<String>,
     stderr: mpsc::Receiver<String>,
     seen: std::sync::Mutex<Vec<String>>,
 }
@@ -98,8 +100,10 @@ impl ServerProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info")
-            // Tests start servers side by side: each metrics listener on a port of its own.
-            .env("DPS_METRICS_LISTEN", "127.0.0.1:0");
+            // Tests start servers side by side: each metrics and MQTT listener on a port of
+            // its own.
+            .env("DPS_METRICS_LISTEN", "127.0.0.1:0")
+            .env("DPS_MQTT_LISTEN", "127.0.0.1:0");
         for (key, value) in env {
             command.env(key, value);
         }
@@ -124,6 +128,7 @@ impl ServerProcess {
         });
         let deadline = Instant::now() + START_TIMEOUT;
         let (mut id_scope, mut connection_string, mut ca_certificate) = (None, None, None);
+        let mut mqtt = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match lines.recv_timeout(left) {
@@ -140,6 +145,8 @@ impl ServerProcess {
                 connection_string = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("ca-certificate: ") {
                 ca_certificate = Some(PathBuf::from(v));
+            } else if let Some(v) = line.strip_prefix("mqtt: mqtts://") {
+                mqtt = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("listening: ") {
                 return Ok(Self {
                     child,
@@ -147,6 +154,7 @@ impl ServerProcess {
                     connection_string: connection_string.context("no connection string line")?,
                     ca_certificate: ca_certificate.context("no ca-certificate line")?,
                     listening: v.to_owned(),
+                    mqtt,
                     stderr: err_rx,
                     seen: std::sync::Mutex::new(Vec::new()),
                 });

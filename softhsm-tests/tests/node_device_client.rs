@@ -2,8 +2,10 @@
 //! `azure-iot-provisioning-device-http`, with `azure-iot-security-symmetric-key` or
 //! `azure-iot-security-x509`) registers a device through an individual enrollment and one
 //! through an enrollment group, and receives the assigned hub and device id. The SDK talks to
-//! `https://{host}:443`, so the server listens on 127.0.0.1:443 as `localhost`, and the tests
-//! of this file take turns. Enrollments are made with the admin CLI.
+//! `https://{host}:443` and `mqtts://{host}:8883`, so the server listens on 127.0.0.1:443 and
+//! 127.0.0.1:8883 as `localhost`, and the tests of this file take turns. Each test runs its
+//! script over both transports (`azure-iot-provisioning-device-http` and `-mqtt`). Enrollments
+//! are made with the admin CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -12,7 +14,7 @@ use std::sync::Mutex;
 use serde_json::Value;
 use softhsm_tests::{ServerProcess, run_node};
 
-/// Port 443 is shared by the tests of this file.
+/// Ports 443 and 8883 are shared by the tests of this file.
 static PORT_443: Mutex<()> = Mutex::new(());
 
 fn cli(server: &ServerProcess, args: &[&str]) -> Value {
@@ -23,7 +25,12 @@ fn cli(server: &ServerProcess, args: &[&str]) -> Value {
 fn node_device_sdk_registers_with_symmetric_keys() {
     let _turn = PORT_443.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &["--listen", "127.0.0.1:443"], &[]).unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--listen", "127.0.0.1:443"],
+        &[("DPS_MQTT_LISTEN", "127.0.0.1:8883")],
+    )
+    .unwrap();
 
     cli(&server, &["hub", "set", "hub-a.example.com"]);
     let enrollment = cli(
@@ -45,27 +52,30 @@ fn node_device_sdk_registers_with_symmetric_keys() {
     };
 
     let (individual_key, group_key) = (key(&enrollment), key(&group));
-    let output = run_node(
-        "device_symmetric_key.js",
-        &server,
-        &[
-            ("DPS_HOST", "localhost"),
-            ("DPS_ID_SCOPE", server.id_scope.as_str()),
-            ("DPS_EXPECTED_HUB", "hub-a.example.com"),
-            ("DPS_INDIVIDUAL_ID", "node-device-1"),
-            ("DPS_INDIVIDUAL_DEVICE_ID", "node-device-one"),
-            ("DPS_INDIVIDUAL_KEY", individual_key.as_str()),
-            ("DPS_GROUP_KEY", group_key.as_str()),
-        ],
-    )
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "node failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        server.log().join("\n")
-    );
+    for transport in ["http", "mqtt"] {
+        let output = run_node(
+            "device_symmetric_key.js",
+            &server,
+            &[
+                ("DPS_TRANSPORT", transport),
+                ("DPS_HOST", "localhost"),
+                ("DPS_ID_SCOPE", server.id_scope.as_str()),
+                ("DPS_EXPECTED_HUB", "hub-a.example.com"),
+                ("DPS_INDIVIDUAL_ID", "node-device-1"),
+                ("DPS_INDIVIDUAL_DEVICE_ID", "node-device-one"),
+                ("DPS_INDIVIDUAL_KEY", individual_key.as_str()),
+                ("DPS_GROUP_KEY", group_key.as_str()),
+            ],
+        )
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains("all checks passed"),
+            "node over {transport} failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+            server.log().join("\n")
+        );
+    }
 
     // The registrations are visible to the admin API, with the group member under its group.
     let state = cli(&server, &["registration", "show", "node-device-1"]);
@@ -123,7 +133,12 @@ fn ca_certificate(
 fn node_device_sdk_registers_with_x509_certificates() {
     let _turn = PORT_443.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &["--listen", "127.0.0.1:443"], &[]).unwrap();
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--listen", "127.0.0.1:443"],
+        &[("DPS_MQTT_LISTEN", "127.0.0.1:8883")],
+    )
+    .unwrap();
     cli(&server, &["hub", "set", "hub-a.example.com"]);
 
     let (individual_cert, individual_key) = device_certificate("node-x509-1", None);
@@ -187,14 +202,18 @@ fn node_device_sdk_registers_with_x509_certificates() {
         ("DPS_STRANGER_ID", "node-x509-stranger"),
     ];
     env.extend(files.iter().map(|(k, v)| (*k, v.as_str())));
-    let output = run_node("device_x509.js", &server, &env).unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "node failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        server.log().join("\n")
-    );
+    for transport in ["http", "mqtt"] {
+        let mut env = env.clone();
+        env.push(("DPS_TRANSPORT", transport));
+        let output = run_node("device_x509.js", &server, &env).unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains("all checks passed"),
+            "node over {transport} failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+            server.log().join("\n")
+        );
+    }
     let state = cli(&server, &["registration", "show", "node-x509-member"]);
     assert_eq!(state["enrollmentGroupId"], "node-x509-line");
     assert_eq!(state["x509"]["enrollmentGroupId"], "node-x509-line");

@@ -98,6 +98,8 @@ impl TestServer {
         // Simulated hubs and webhooks (wiremock) listen on loopback.
         config.outbound.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
         config.metrics_listen = "127.0.0.1:0".parse().unwrap();
+        // Tests run side by side: no MQTT listener unless a test asks for one (on port 0).
+        config.mqtt_listen = Some("off".into());
         adjust(&mut config);
         Self::launch(dir, config).await
     }

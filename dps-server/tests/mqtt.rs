@@ -1,0 +1,325 @@
+//! The MQTT device front end, spoken to packet by packet over TLS: registration with a
+//! symmetric key as the SDKs do it (their quirks included), the answers' topics, and the
+//! refusals: wrong SAS, TPM over MQTT, a foreign topic, a malformed packet, a connection that
+//! never sends CONNECT. Every refusal leaves the server serving the next device.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{Backend, TestServer, device_token, enroll, keys_of};
+use rumqttc::mqttbytes::v4::{Connect, Packet, Publish, Subscribe, SubscribeReasonCode};
+use rumqttc::mqttbytes::{self, QoS};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+async fn start(backend: Backend) -> TestServer {
+    let t = TestServer::start_with(backend, |c| c.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    t.link_hub("hub-a.example.com").await;
+    t
+}
+
+/// A TLS connection to the server's MQTT listener, trusting its CA.
+async fn tls(t: &TestServer) -> TlsStream<tokio::net::TcpStream> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&t.running().ca_certificate).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let address = t.running().mqtt_addr.expect("the MQTT listener is on");
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A raw MQTT client.
+struct Client {
+    tls: TlsStream<tokio::net::TcpStream>,
+    read: BytesMut,
+}
+
+impl Client {
+    async fn open(t: &TestServer) -> Self {
+        Self {
+            tls: tls(t).await,
+            read: BytesMut::new(),
+        }
+    }
+
+    async fn send(&mut self, packet: Packet) {
+        let mut out = BytesMut::new();
+        packet.write(&mut out, usize::MAX).unwrap();
+        self.tls.write_all(&out).await.unwrap();
+        self.tls.flush().await.unwrap();
+    }
+
+    /// The next packet, or `None` when the server closed the connection.
+    async fn next(&mut self) -> Option<Packet> {
+        loop {
+            match Packet::read(&mut self.read, 1 << 20) {
+                Ok(packet) => return Some(packet),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("the server sent a malformed packet: {e:?}"),
+            }
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), self.tls.read_buf(&mut self.read))
+                    .await
+                    .expect("the server answers within 10 s");
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// CONNECT as the Python client does it (CleanSession false, keep-alive 60), then the
+    /// subscription; returns the CONNACK's SessionPresent flag.
+    async fn connect(&mut self, scope: &str, id: &str, password: &str) -> bool {
+        let mut connect = Connect::new(id);
+        connect.clean_session = false;
+        connect.keep_alive = 60;
+        connect.set_login(
+            format!(
+                "{scope}/registrations/{id}/api-version=2019-03-31&ClientVersion=python%2F2.12"
+            ),
+            password,
+        );
+        self.send(Packet::Connect(connect)).await;
+        let Some(Packet::ConnAck(ack)) = self.next().await else {
+            panic!("no CONNACK");
+        };
+        assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+        self.send(Packet::Subscribe(Subscribe::new(
+            "$dps/registrations/res/#",
+            QoS::ExactlyOnce,
+        )))
+        .await;
+        let Some(Packet::SubAck(granted)) = self.next().await else {
+            panic!("no SUBACK");
+        };
+        // Asked for QoS 2, granted QoS 1.
+        assert_eq!(
+            granted.return_codes,
+            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+        );
+        ack.session_present
+    }
+
+    /// Publishes `payload` to `topic` with `qos` and returns the answer's topic and JSON body
+    /// (after the PUBACK, which comes first for QoS 1).
+    async fn request(&mut self, topic: &str, qos: QoS, payload: &[u8]) -> (String, Value) {
+        let mut publish = Publish::new(topic, qos, payload.to_vec());
+        publish.pkid = 7;
+        self.send(Packet::Publish(publish)).await;
+        if qos == QoS::AtLeastOnce {
+            match self.next().await {
+                Some(Packet::PubAck(ack)) => assert_eq!(ack.pkid, 7),
+                other => panic!("expected PUBACK first, got {other:?}"),
+            }
+        }
+        match self.next().await {
+            Some(Packet::Publish(answer)) => {
+                let body = serde_json::from_slice(&answer.payload).unwrap();
+                (answer.topic, body)
+            }
+            other => panic!("expected the answer, got {other:?}"),
+        }
+    }
+}
+
+const REGISTER: &str = "$dps/registrations/PUT/iotdps-register/?$rid=";
+
+fn poll_topic(rid: &str, operation: &str) -> String {
+    format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={operation}")
+}
+
+async fn a_device_registers_over_mqtt(backend: Backend) {
+    let t = start(backend).await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "mqtt-1", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let scope = t.running().admin.id_scope.clone();
+    let token = device_token(&scope, "mqtt-1", &keys_of(&enrollment).0);
+    let mut client = Client::open(&t).await;
+    assert!(
+        !client.connect(&scope, "mqtt-1", &token).await,
+        "SessionPresent is 0 even when CleanSession is false"
+    );
+
+    // A register payload without registrationId (the C# client), the rid echoed byte for byte.
+    let (topic, accepted) = client
+        .request(
+            &format!("{REGISTER}5d0f%2Dab"),
+            QoS::AtLeastOnce,
+            br#"{"payload":null}"#,
+        )
+        .await;
+    assert_eq!(
+        topic,
+        "$dps/registrations/res/202/?$rid=5d0f%2Dab&retry-after=1"
+    );
+    assert_eq!(accepted["status"], "assigning", "{accepted}");
+    let operation = accepted["operationId"].as_str().unwrap().to_owned();
+
+    // The poll, at QoS 0 as the C SDK sends it, with a payload that is ignored.
+    let (topic, done) = client
+        .request(&poll_topic("2", &operation), QoS::AtMostOnce, b" ")
+        .await;
+    assert_eq!(topic, "$dps/registrations/res/200/?$rid=2");
+    assert_eq!(done["status"], "assigned", "{done}");
+    assert_eq!(
+        done["registrationState"]["assignedHub"],
+        "hub-a.example.com"
+    );
+
+    // An empty register payload registers again; PINGREQ and UNSUBSCRIBE are answered.
+    let (topic, _) = client
+        .request(&format!("{REGISTER}3"), QoS::AtLeastOnce, b"")
+        .await;
+    assert!(
+        topic.starts_with("$dps/registrations/res/202/?$rid=3"),
+        "{topic}"
+    );
+    client.send(Packet::PingReq).await;
+    assert_eq!(client.next().await, Some(Packet::PingResp));
+    client
+        .send(Packet::Unsubscribe(
+            rumqttc::mqttbytes::v4::Unsubscribe::new("$dps/registrations/res/#"),
+        ))
+        .await;
+    assert!(matches!(client.next().await, Some(Packet::UnsubAck(_))));
+    client.send(Packet::Disconnect).await;
+    assert_eq!(client.next().await, None);
+
+    // The registration went through the same path as HTTPS ones, and is counted as MQTT.
+    let metrics = t.metrics().await;
+    assert!(
+        metrics.contains(r#"dps_device_registrations_total{transport="mqtt",status="202"} 2"#),
+        "{metrics}"
+    );
+}
+
+async fn refusals_are_answered_and_leave_the_server_serving(backend: Backend) {
+    let t = start(backend).await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "mqtt-2", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let scope = t.running().admin.id_scope.clone();
+
+    // A wrong key: 401 on the response topic with the error body, nothing registered.
+    let wrong = device_token(
+        &scope,
+        "mqtt-2",
+        &attestation::SymmetricKey::generate().unwrap(),
+    );
+    let mut client = Client::open(&t).await;
+    client.connect(&scope, "mqtt-2", &wrong).await;
+    let (topic, error) = client
+        .request(&format!("{REGISTER}1"), QoS::AtLeastOnce, b"{}")
+        .await;
+    assert_eq!(topic, "$dps/registrations/res/401/?$rid=1");
+    assert_eq!(error["errorCode"], 401002, "{error}");
+
+    // TPM over MQTT is refused, as DPS refuses it: no challenge is issued.
+    let (topic, error) = client
+        .request(
+            &format!("{REGISTER}2"),
+            QoS::AtLeastOnce,
+            br#"{"registrationId":"mqtt-2","tpm":{"endorsementKey":"AA=="}}"#,
+        )
+        .await;
+    assert_eq!(topic, "$dps/registrations/res/401/?$rid=2");
+    assert!(
+        error["message"].as_str().unwrap().contains("MQTT"),
+        "{error}"
+    );
+
+    // A publish to a topic that is not DPS's closes the connection.
+    client
+        .send(Packet::Publish(Publish::new(
+            "devices/mqtt-2/messages/events/",
+            QoS::AtMostOnce,
+            "hi",
+        )))
+        .await;
+    assert_eq!(client.next().await, None);
+
+    // A malformed packet closes its connection and nothing else.
+    let mut garbage = Client::open(&t).await;
+    garbage
+        .tls
+        .write_all(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01])
+        .await
+        .unwrap();
+    assert_eq!(garbage.next().await, None);
+    // A first packet that is not CONNECT, too.
+    let mut early = Client::open(&t).await;
+    early.send(Packet::PingReq).await;
+    assert_eq!(early.next().await, None);
+    // A username that names no device gets CONNACK "bad user name or password".
+    let mut nameless = Client::open(&t).await;
+    let mut connect = Connect::new("x");
+    connect.set_login("not-a-scope", "pw");
+    nameless.send(Packet::Connect(connect)).await;
+    match nameless.next().await {
+        Some(Packet::ConnAck(ack)) => assert_eq!(
+            ack.code,
+            rumqttc::mqttbytes::v4::ConnectReturnCode::BadUserNamePassword
+        ),
+        other => panic!("expected a refusing CONNACK, got {other:?}"),
+    }
+    assert_eq!(registration_of(&t, "mqtt-2").await, 404);
+
+    // The right key still registers.
+    let token = device_token(&scope, "mqtt-2", &keys_of(&enrollment).0);
+    let mut client = Client::open(&t).await;
+    client.connect(&scope, "mqtt-2", &token).await;
+    let (topic, _) = client
+        .request(&format!("{REGISTER}9"), QoS::AtLeastOnce, b"{}")
+        .await;
+    assert!(topic.starts_with("$dps/registrations/res/202/"), "{topic}");
+}
+
+async fn registration_of(t: &TestServer, id: &str) -> u16 {
+    t.owner(reqwest::Method::GET, &format!("/registrations/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// A connection that completes TLS and never sends CONNECT is closed at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_connect_is_closed() {
+    let t = TestServer::start_with(Backend::Sqlite, |c| {
+        c.mqtt_listen = Some("127.0.0.1:0".into());
+        c.limits.request_header_timeout_secs = 1;
+    })
+    .await;
+    let mut silent = Client::open(&t).await;
+    let started = std::time::Instant::now();
+    assert_eq!(silent.next().await, None);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+on_both_backends!(
+    a_device_registers_over_mqtt,
+    refusals_are_answered_and_leave_the_server_serving,
+);
