@@ -583,13 +583,15 @@ mod tests {
             .write(&mut connect, usize::MAX)
             .unwrap();
         let mut publish = BytesMut::new();
-        Packet::Publish(Publish::new(
+        let mut packet = Publish::new(
             "$dps/registrations/PUT/iotdps-register/?$rid=1",
             QoS::AtLeastOnce,
             "{}",
-        ))
-        .write(&mut publish, usize::MAX)
-        .unwrap();
+        );
+        packet.pkid = 1;
+        Packet::Publish(packet)
+            .write(&mut publish, usize::MAX)
+            .unwrap();
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = || {
             seed ^= seed << 13;
