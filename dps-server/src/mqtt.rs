@@ -17,18 +17,23 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, header};
 use bytes::{Bytes, BytesMut};
-use dps_listener::{BodyDeadline, ClientChain, PeerAddr, TlsConnection};
+use dps_listener::{BodyDeadline, ClientChain, PeerAddr};
 use dps_protocol::ids::{IdScope, RegistrationId};
 use http_body_util::BodyExt as _;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{self, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
 use crate::observability::Transport;
+
+/// What MQTT is spoken over: a TLS connection, or the bytes of a WebSocket.
+pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire for S {}
 
 /// The one topic filter devices subscribe to.
 const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
@@ -48,30 +53,33 @@ pub struct Front {
     max_packet: usize,
     /// Time for the client to send CONNECT after the handshake.
     connect_deadline: Duration,
+    /// Turns true when the server stops.
+    stopped: watch::Receiver<bool>,
     /// How long a request's body may take (what the router's handlers read).
     body_deadline: Duration,
 }
 
 impl Front {
-    /// A front end over `router` (the one the HTTPS listener serves).
-    pub fn new(router: Router, limits: &crate::config::Limits) -> Self {
+    /// A front end over `router` (the one the HTTPS listener serves), whose connections end
+    /// when `stopped` turns true.
+    pub fn new(
+        router: Router,
+        limits: &crate::config::Limits,
+        stopped: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             router,
+            stopped,
             max_packet: limits.max_device_body_bytes + PACKET_OVERHEAD,
             connect_deadline: Duration::from_secs(limits.request_header_timeout_secs.max(1)),
             body_deadline: Duration::from_secs(limits.request_body_timeout_secs.max(1)),
         }
     }
 
-    /// Serves one connection until the client leaves, breaks the protocol, stays silent past
-    /// its keep-alive, or the server stops.
-    pub async fn serve(
-        self,
-        mut tls: TlsConnection,
-        peer: SocketAddr,
-        chain: Option<ClientChain>,
-        mut stopped: watch::Receiver<bool>,
-    ) {
+    /// Serves one connection (TLS on the MQTT port, or a WebSocket's bytes) until the client
+    /// leaves, breaks the protocol, stays silent past its keep-alive, or the server stops.
+    pub async fn serve<S: Wire>(self, mut tls: S, peer: SocketAddr, chain: Option<ClientChain>) {
+        let mut stopped = self.stopped.clone();
         let mut session = match tokio::time::timeout(
             self.connect_deadline,
             Session::connect(&mut tls, self.max_packet),
@@ -239,6 +247,82 @@ impl Front {
             body,
         }
     }
+}
+
+/// MQTT over WebSockets on the HTTPS listener: `GET /$iothub/websocket` (Node, Python, C) and
+/// `GET /` (C#) upgraded with the subprotocol `mqtt`, compared without case (the C SDK sends
+/// `MQTT`). A `GET /` that is not such an upgrade is the 404 it was.
+pub fn websocket_routes(front: Front) -> Router {
+    Router::new()
+        .route("/$iothub/websocket", axum::routing::get(websocket))
+        .route("/", axum::routing::get(websocket))
+        .with_state(front)
+}
+
+async fn websocket(
+    axum::extract::State(front): axum::extract::State<Front>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::extract::FromRequestParts as _;
+    use axum::response::IntoResponse as _;
+    let (mut parts, _body) = request.into_parts();
+    let offered = parts
+        .headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find(|p| p.eq_ignore_ascii_case("mqtt"))
+        .map(str::to_owned);
+    let peer = parts.extensions.get::<PeerAddr>().copied();
+    let chain = parts.extensions.get::<ClientChain>().cloned();
+    let upgrade = axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await;
+    let (Ok(upgrade), Some(protocol), Some(PeerAddr(peer))) = (upgrade, offered, peer) else {
+        return crate::domain::DomainError::new(
+            dps_protocol::ErrorCode::RouteNotFound,
+            format!("no route for GET {}", parts.uri.path()),
+        )
+        .into_response();
+    };
+    let max_message = front.max_packet;
+    upgrade
+        .protocols([protocol])
+        .max_message_size(max_message)
+        .on_upgrade(move |socket| async move {
+            let (ours, theirs) = tokio::io::duplex(max_message);
+            tokio::join!(bridge(socket, theirs), front.serve(ours, peer, chain));
+        })
+}
+
+/// Carries the bytes of binary WebSocket messages to `pipe` and back, until either side ends.
+async fn bridge(mut socket: axum::extract::ws::WebSocket, mut pipe: tokio::io::DuplexStream) {
+    use axum::extract::ws::Message;
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            message = socket.recv() => match message {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if pipe.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                // Pings are answered by the WebSocket layer; text is not MQTT.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                _ => break,
+            },
+            read = pipe.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let bytes = Bytes::copy_from_slice(&buffer[..n]);
+                    if socket.send(Message::Binary(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
 }
 
 /// Whether a register payload carries TPM keys.
@@ -417,7 +501,7 @@ enum SessionError {
 impl Session {
     /// Reads CONNECT and answers CONNACK: accepted (SessionPresent 0, whatever CleanSession
     /// says) when the username names a device, refused otherwise.
-    async fn connect(tls: &mut TlsConnection, max_packet: usize) -> Result<Self, SessionError> {
+    async fn connect<S: Wire>(tls: &mut S, max_packet: usize) -> Result<Self, SessionError> {
         let mut read = BytesMut::with_capacity(1024);
         let mut write = BytesMut::with_capacity(1024);
         let connect = match next_packet(tls, &mut read, max_packet).await? {
@@ -449,13 +533,13 @@ impl Session {
         })
     }
 
-    async fn read(&mut self, tls: &mut TlsConnection) -> Result<Packet, SessionError> {
+    async fn read<S: Wire>(&mut self, tls: &mut S) -> Result<Packet, SessionError> {
         next_packet(tls, &mut self.read, self.max_packet).await
     }
 
-    async fn write(
+    async fn write<S: Wire>(
         &mut self,
-        tls: &mut TlsConnection,
+        tls: &mut S,
         packets: &[Packet],
     ) -> Result<(), SessionError> {
         write_packets(tls, &mut self.write, packets).await
@@ -471,8 +555,8 @@ impl Session {
 }
 
 /// Writes `packets` to `tls` through `buffer`.
-async fn write_packets(
-    tls: &mut TlsConnection,
+async fn write_packets<S: Wire>(
+    tls: &mut S,
     buffer: &mut BytesMut,
     packets: &[Packet],
 ) -> Result<(), SessionError> {
@@ -492,8 +576,8 @@ async fn write_packets(
 }
 
 /// The next whole packet of `tls`, reading into `buffer` as needed.
-async fn next_packet(
-    tls: &mut TlsConnection,
+async fn next_packet<S: Wire>(
+    tls: &mut S,
     buffer: &mut BytesMut,
     max_packet: usize,
 ) -> Result<Packet, SessionError> {

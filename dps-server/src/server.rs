@@ -174,25 +174,30 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         max_connections: METRICS_CONNECTIONS,
         ..limits.clone()
     };
-    // MQTT over TLS, answered by the same router as HTTPS device requests. Its TLS is the
-    // HTTPS listener's without ALPN (MQTT clients offer none, or `mqtt`).
+    // MQTT, over TLS on its own port and over WebSockets on the HTTPS listener, answered by
+    // the same router as HTTPS device requests. Its TLS is the HTTPS listener's without ALPN
+    // (MQTT clients offer none, or `mqtt`).
+    let front =
+        crate::mqtt::Front::new(app::router(state.clone()), &config.limits, stopped.clone());
     let mqtt = mqtt_listener.map(|mqtt_listener| {
         let mut mqtt_tls = (*tls_config).clone();
         mqtt_tls.alpn_protocols.clear();
-        let front = crate::mqtt::Front::new(app::router(state.clone()), &config.limits);
+        let front = front.clone();
         dps_listener::serve_tls(
             mqtt_listener,
             TlsAcceptor::from(Arc::new(mqtt_tls)),
             limits.clone(),
             stopped.clone(),
             grace,
-            move |tls, peer, chain, stopped| front.clone().serve(tls, peer, chain, stopped),
+            move |tls, peer, chain, _stopped| front.clone().serve(tls, peer, chain),
         )
     });
     let main = serve(
         listener,
         Some(acceptor),
-        app::router(state.clone()).map_request(app::canonicalize_path),
+        app::router(state.clone())
+            .merge(crate::mqtt::websocket_routes(front))
+            .map_request(app::canonicalize_path),
         limits,
         stopped.clone(),
         grace,

@@ -28,6 +28,11 @@ async fn start(backend: Backend) -> TestServer {
 
 /// A TLS connection to the server's MQTT listener, trusting its CA.
 async fn tls(t: &TestServer) -> TlsStream<tokio::net::TcpStream> {
+    tls_to(t, t.running().mqtt_addr.expect("the MQTT listener is on")).await
+}
+
+/// A TLS connection to `address` (a listener of the server), trusting its CA.
+async fn tls_to(t: &TestServer, address: std::net::SocketAddr) -> TlsStream<tokio::net::TcpStream> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(&t.running().ca_certificate).unwrap() {
@@ -36,7 +41,6 @@ async fn tls(t: &TestServer) -> TlsStream<tokio::net::TcpStream> {
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let address = t.running().mqtt_addr.expect("the MQTT listener is on");
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -317,6 +321,71 @@ async fn a_connection_without_connect_is_closed() {
     let started = std::time::Instant::now();
     assert_eq!(silent.next().await, None);
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// MQTT over WebSockets at `/` (where the C# client goes), with the subprotocol in capitals (as
+/// the C SDK sends it): the upgrade is accepted and CONNECT is answered inside binary frames. A
+/// `GET /` that is not such an upgrade is still a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_websockets_at_the_root() {
+    let t = start(Backend::Sqlite).await;
+    let plain = t.anonymous(reqwest::Method::GET, "/").send().await.unwrap();
+    assert_eq!(plain.status(), 404);
+    let wrong_protocol = t
+        .anonymous(reqwest::Method::GET, "/$iothub/websocket")
+        .header("Upgrade", "websocket")
+        .header("Connection", "Upgrade")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Protocol", "chat")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_protocol.status(), 404);
+
+    let mut ws = tls_to(&t, t.running().local_addr).await;
+    ws.write_all(
+        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Protocol: MQTT\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("sec-websocket-protocol: mqtt"), "{head}");
+
+    // CONNECT in one masked binary frame (client frames are masked).
+    let mut connect = Connect::new("ws-1");
+    let scope = t.running().admin.id_scope.clone();
+    connect.set_login(
+        format!("{scope}/registrations/ws-1/api-version=2019-03-31"),
+        "",
+    );
+    let mut packet = BytesMut::new();
+    Packet::Connect(connect)
+        .write(&mut packet, usize::MAX)
+        .unwrap();
+    assert!(packet.len() < 126);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x82, 0x80 | packet.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(packet.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    ws.write_all(&frame).await.unwrap();
+    // The CONNACK, in an unmasked binary frame.
+    let mut answer = [0u8; 6];
+    ws.read_exact(&mut answer).await.unwrap();
+    assert_eq!(
+        answer,
+        [0x82, 4, 0x20, 2, 0, 0],
+        "a binary frame with CONNACK 0"
+    );
 }
 
 on_both_backends!(

@@ -10,13 +10,17 @@ const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
-const { Mqtt } = require('azure-iot-provisioning-device-mqtt');
+const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
 
-// DPS_TRANSPORT: http (https://{host}:443) or mqtt (mqtts://{host}:8883).
+// DPS_TRANSPORT: http (https://{host}:443), mqtt (mqtts://{host}:8883) or mqtt-ws
+// (wss://{host}:443/$iothub/websocket).
 const transport = () => {
   const name = process.env.DPS_TRANSPORT || 'http';
   if (name === 'mqtt') {
     return new Mqtt();
+  }
+  if (name === 'mqtt-ws') {
+    return new MqttWs();
   }
   assert.equal(name, 'http', `unknown DPS_TRANSPORT ${name}`);
   return new Http();

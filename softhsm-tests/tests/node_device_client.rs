@@ -4,8 +4,8 @@
 //! through an enrollment group, and receives the assigned hub and device id. The SDK talks to
 //! `https://{host}:443` and `mqtts://{host}:8883`, so the server listens on 127.0.0.1:443 and
 //! 127.0.0.1:8883 as `localhost`, and the tests of this file take turns. Each test runs its
-//! script over both transports (`azure-iot-provisioning-device-http` and `-mqtt`). Enrollments
-//! are made with the admin CLI.
+//! script over HTTPS (`azure-iot-provisioning-device-http`), MQTT and MQTT over WebSockets
+//! (`-mqtt`'s `Mqtt` and `MqttWs`). Enrollments are made with the admin CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -52,7 +52,7 @@ fn node_device_sdk_registers_with_symmetric_keys() {
     };
 
     let (individual_key, group_key) = (key(&enrollment), key(&group));
-    for transport in ["http", "mqtt"] {
+    for transport in ["http", "mqtt", "mqtt-ws"] {
         let output = run_node(
             "device_symmetric_key.js",
             &server,
@@ -202,7 +202,7 @@ fn node_device_sdk_registers_with_x509_certificates() {
         ("DPS_STRANGER_ID", "node-x509-stranger"),
     ];
     env.extend(files.iter().map(|(k, v)| (*k, v.as_str())));
-    for transport in ["http", "mqtt"] {
+    for transport in ["http", "mqtt", "mqtt-ws"] {
         let mut env = env.clone();
         env.push(("DPS_TRANSPORT", transport));
         let output = run_node("device_x509.js", &server, &env).unwrap();

@@ -1,18 +1,19 @@
 //! Interop: the official Python device SDK (`azure-iot-device`'s `ProvisioningDeviceClient`,
 //! installed by scripts/test-deps.sh), which provisions only over MQTT, registers devices by
-//! symmetric key (an individual enrollment and a group member) and by X.509. It connects to
-//! `{host}:8883` with TLS 1.2 and checks the host name, so the server's MQTT listener takes
-//! 127.0.0.1:8883 as `localhost`.
+//! symmetric key (an individual enrollment and a group member) and by X.509, over MQTT on
+//! `{host}:8883` and over MQTT over WebSockets on `wss://{host}:443/$iothub/websocket`, with
+//! TLS 1.2 and the host name checked: the server listens on 127.0.0.1:443 and 127.0.0.1:8883
+//! as `localhost`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-use softhsm_tests::{ServerProcess, free_port};
+use softhsm_tests::ServerProcess;
 
 #[test]
-fn python_device_sdk_registers_over_mqtt() {
+fn python_device_sdk_registers_over_mqtt_and_websockets() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = root.join("interop/python/.venv/bin/python");
     assert!(
@@ -21,10 +22,9 @@ fn python_device_sdk_registers_over_mqtt() {
         python.display()
     );
     let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port().unwrap());
     let server = ServerProcess::start(
         dir.path(),
-        &["--listen", &listen],
+        &["--listen", "127.0.0.1:443"],
         &[("DPS_MQTT_LISTEN", "127.0.0.1:8883")],
     )
     .unwrap();
@@ -59,29 +59,32 @@ fn python_device_sdk_registers_over_mqtt() {
         cert_file.to_str().unwrap(),
     ]);
 
-    let output = Command::new("timeout")
-        .args(["--kill-after=5", "180"])
-        .arg(&python)
-        .arg(root.join("interop/python/device.py"))
-        .env("DPS_HOST", "localhost")
-        .env("DPS_ID_SCOPE", &server.id_scope)
-        .env("DPS_CA_CERT", &server.ca_certificate)
-        .env("DPS_EXPECTED_HUB", "hub-a.example.com")
-        .env("DPS_INDIVIDUAL_ID", "python-device-1")
-        .env("DPS_INDIVIDUAL_KEY", &individual)
-        .env("DPS_GROUP_KEY", &group)
-        .env("DPS_X509_ID", "python-x509-1")
-        .env("DPS_X509_CERT", &cert_file)
-        .env("DPS_X509_KEY", &key_file)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "python failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
-        server.log().join("\n")
-    );
+    for websockets in ["0", "1"] {
+        let output = Command::new("timeout")
+            .args(["--kill-after=5", "180"])
+            .arg(&python)
+            .arg(root.join("interop/python/device.py"))
+            .env("DPS_WEBSOCKETS", websockets)
+            .env("DPS_HOST", "localhost")
+            .env("DPS_ID_SCOPE", &server.id_scope)
+            .env("DPS_CA_CERT", &server.ca_certificate)
+            .env("DPS_EXPECTED_HUB", "hub-a.example.com")
+            .env("DPS_INDIVIDUAL_ID", "python-device-1")
+            .env("DPS_INDIVIDUAL_KEY", &individual)
+            .env("DPS_GROUP_KEY", &group)
+            .env("DPS_X509_ID", "python-x509-1")
+            .env("DPS_X509_CERT", &cert_file)
+            .env("DPS_X509_KEY", &key_file)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains("all checks passed"),
+            "python (websockets={websockets}) failed\nstdout:\n{stdout}\nstderr:\n{stderr}\nserver log:\n{}",
+            server.log().join("\n")
+        );
+    }
     let state = cli(&["registration", "show", "python-x509-1"]);
     assert_eq!(state["assignedHub"], "hub-a.example.com");
 }
