@@ -8,22 +8,7 @@
 const assert = require('node:assert/strict');
 const crypto = require('node:crypto');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
-const { Http } = require('azure-iot-provisioning-device-http');
-const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
-
-// DPS_TRANSPORT: http (https://{host}:443), mqtt (mqtts://{host}:8883) or mqtt-ws
-// (wss://{host}:443/$iothub/websocket).
-const transport = () => {
-  const name = process.env.DPS_TRANSPORT || 'http';
-  if (name === 'mqtt') {
-    return new Mqtt();
-  }
-  if (name === 'mqtt-ws') {
-    return new MqttWs();
-  }
-  assert.equal(name, 'http', `unknown DPS_TRANSPORT ${name}`);
-  return new Http();
-};
+const transport = require('./transport');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 
 const env = (name) => {

@@ -1,5 +1,5 @@
-// Interop test: the official Node device SDK (azure-iot-provisioning-device with the HTTP
-// transport and azure-iot-security-x509) registers devices with dps-server by X.509: one
+// Interop test: the official Node device SDK (azure-iot-provisioning-device over HTTP, MQTT or
+// MQTT over WebSockets (transport.js), with azure-iot-security-x509) registers devices by X.509: one
 // through an individual enrollment (a self-signed certificate), one through an enrollment
 // group anchored at an intermediate (the PEM file holds the leaf and the intermediate, and
 // Node's TLS sends both). A certificate nobody enrolled is refused.
@@ -9,22 +9,7 @@
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
-const { Http } = require('azure-iot-provisioning-device-http');
-const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
-
-// DPS_TRANSPORT: http (https://{host}:443), mqtt (mqtts://{host}:8883) or mqtt-ws
-// (wss://{host}:443/$iothub/websocket).
-const transport = () => {
-  const name = process.env.DPS_TRANSPORT || 'http';
-  if (name === 'mqtt') {
-    return new Mqtt();
-  }
-  if (name === 'mqtt-ws') {
-    return new MqttWs();
-  }
-  assert.equal(name, 'http', `unknown DPS_TRANSPORT ${name}`);
-  return new Http();
-};
+const transport = require('./transport');
 const { X509Security } = require('azure-iot-security-x509');
 
 const env = (name) => {
