@@ -11,6 +11,7 @@
 //! for byte. Packets are read with rumqttc's MQTT 3.1.1 codec (`mqttbytes::v4`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -55,6 +56,9 @@ pub struct Front {
     connect_deadline: Duration,
     /// Turns true when the server stops.
     stopped: watch::Receiver<bool>,
+    /// WebSocket sessions open at once: an upgraded connection leaves the HTTPS listener's
+    /// count, so these are capped here, at `limits.max_connections`.
+    websockets: Arc<tokio::sync::Semaphore>,
     /// How long a request's body may take (what the router's handlers read).
     body_deadline: Duration,
 }
@@ -70,6 +74,7 @@ impl Front {
         Self {
             router,
             stopped,
+            websockets: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
             max_packet: limits.max_device_body_bytes + PACKET_OVERHEAD,
             connect_deadline: Duration::from_secs(limits.request_header_timeout_secs.max(1)),
             body_deadline: Duration::from_secs(limits.request_body_timeout_secs.max(1)),
@@ -285,6 +290,13 @@ async fn websocket(
         )
         .into_response();
     };
+    let Ok(slot) = front.websockets.clone().try_acquire_owned() else {
+        return crate::domain::DomainError::new(
+            dps_protocol::ErrorCode::ServiceUnavailable,
+            "too many MQTT connections; try again later",
+        )
+        .into_response();
+    };
     let max_message = front.max_packet;
     upgrade
         .protocols([protocol])
@@ -292,6 +304,7 @@ async fn websocket(
         .on_upgrade(move |socket| async move {
             let (ours, theirs) = tokio::io::duplex(max_message);
             tokio::join!(bridge(socket, theirs), front.serve(ours, peer, chain));
+            drop(slot);
         })
 }
 

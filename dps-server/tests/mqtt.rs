@@ -323,6 +323,57 @@ async fn a_connection_without_connect_is_closed() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// Sends a WebSocket upgrade for MQTT at `path` on the HTTPS listener; returns the answer's
+/// status line and headers, lower-cased.
+async fn upgrade(ws: &mut TlsStream<tokio::net::TcpStream>, path: &str, protocol: &str) -> String {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: {protocol}\r\n\r\n"
+    );
+    ws.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+/// WebSocket sessions are capped like connections: an upgraded connection no longer counts on
+/// the HTTPS listener, so past `limits.max_connections` sessions an upgrade is a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_sessions_are_capped() {
+    let t = TestServer::start_with(Backend::Sqlite, |c| {
+        c.mqtt_listen = Some("off".into());
+        c.limits.max_connections = 1;
+    })
+    .await;
+    let mut first = tls_to(&t, t.running().local_addr).await;
+    let head = upgrade(&mut first, "/$iothub/websocket", "mqtt").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let mut second = tls_to(&t, t.running().local_addr).await;
+    let head = upgrade(&mut second, "/$iothub/websocket", "mqtt").await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    drop(second);
+    drop(first);
+    // Once the first session is gone, there is room again.
+    let mut third = None;
+    for _ in 0..50 {
+        let mut attempt = tls_to(&t, t.running().local_addr).await;
+        if upgrade(&mut attempt, "/$iothub/websocket", "mqtt")
+            .await
+            .starts_with("http/1.1 101")
+        {
+            third = Some(attempt);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(third.is_some(), "a session after the first closed");
+}
+
 /// MQTT over WebSockets at `/` (where the C# client goes), with the subprotocol in capitals (as
 /// the C SDK sends it): the upgrade is accepted and CONNECT is answered inside binary frames. A
 /// `GET /` that is not such an upgrade is still a 404.
@@ -344,20 +395,7 @@ async fn mqtt_over_websockets_at_the_root() {
     assert_eq!(wrong_protocol.status(), 404);
 
     let mut ws = tls_to(&t, t.running().local_addr).await;
-    ws.write_all(
-        b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-          Sec-WebSocket-Protocol: MQTT\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        ws.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let head = upgrade(&mut ws, "/", "MQTT").await;
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("sec-websocket-protocol: mqtt"), "{head}");
 
