@@ -1,9 +1,10 @@
-//! The device side of provisioning: first-boot registration with the service over HTTPS, with a
+//! The device side of provisioning: first-boot registration with the service over HTTPS or MQTT, with a
 //! symmetric key from a file, an environment variable or a PKCS#11 token (used in place), an
 //! individual key or a group key derived locally; or with an X.509 certificate whose private
 //! key is in a file or a PKCS#11 token.
 
 pub mod key;
+pub mod mqtt;
 pub mod pkcs11;
 pub mod register;
 pub mod state;
@@ -15,5 +16,5 @@ pub mod tpm;
 pub mod x509;
 
 pub use key::{Credential, KeySource, SasSigner};
-pub use register::{Assignment, Proof, RegisterError, Registration, register};
+pub use register::{Assignment, Proof, RegisterError, Registration, Transport, register};
 pub use x509::{ClientCertificate, PrivateKeySource};

@@ -16,7 +16,7 @@ use device_client::state::{self, DeviceState};
 use device_client::tpm::Tpm;
 use device_client::{
     ClientCertificate, Credential, KeySource, PrivateKeySource, Proof, Registration, SasSigner,
-    register,
+    Transport, register,
 };
 
 /// Registers this device with a provisioning service (Azure DPS compatible).
@@ -37,6 +37,13 @@ enum Command {
 enum Output {
     Text,
     Json,
+}
+
+/// `--transport`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    Https,
+    Mqtt,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +101,13 @@ struct RegisterArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// How to reach the service: https (the endpoint), or mqtt (MQTT over TLS at the
+    /// endpoint's host, on --mqtt-port; symmetric keys and X.509 only, as in Azure).
+    #[arg(long, value_enum, default_value = "https")]
+    transport: TransportArg,
+    /// The MQTT port, with --transport mqtt.
+    #[arg(long, default_value_t = 8883)]
+    mqtt_port: u16,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     output: Output,
@@ -210,6 +224,12 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         ca_cert: args.ca_cert.clone(),
         payload,
         timeout: Duration::from_secs(args.timeout),
+        transport: match args.transport {
+            TransportArg::Https => Transport::Https,
+            TransportArg::Mqtt => Transport::Mqtt {
+                port: args.mqtt_port,
+            },
+        },
     };
     let assignment = register(&request, &proof)
         .await

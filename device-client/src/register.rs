@@ -29,11 +29,11 @@ use crate::tpm::{HUB_KEY_HANDLE, LoadedKey, Tpm};
 use crate::x509::ClientCertificate;
 
 /// The device API version the client speaks.
-const API_VERSION: &str = "2021-06-01";
+pub(crate) const API_VERSION: &str = "2021-06-01";
 /// Lifetime of the SAS tokens the client signs.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Wait between polls when the service sends no `Retry-After`.
-const DEFAULT_POLL: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_POLL: Duration = Duration::from_secs(2);
 /// Backoff bounds for transient failures.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -67,6 +67,20 @@ pub struct Registration {
     pub payload: Option<Value>,
     /// When to give up.
     pub timeout: Duration,
+    /// How to reach the service.
+    pub transport: Transport,
+}
+
+/// How the device reaches the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTPS at the endpoint.
+    Https,
+    /// MQTT over TLS at the endpoint's host, on this port (8883 in Azure).
+    Mqtt {
+        /// The MQTT port.
+        port: u16,
+    },
 }
 
 /// Where the service assigned the device.
@@ -143,11 +157,10 @@ enum Attempt<T> {
     Retry(Transient),
 }
 
-/// TLS with a client certificate: the given CA (or the platform's roots) for the server, and
-/// the certificate for the client.
-fn tls_with_certificate(
+/// TLS trusting the given CA (or the platform's roots), with the client certificate if any.
+pub(crate) fn tls_config(
     ca_cert: Option<&PathBuf>,
-    certificate: &ClientCertificate,
+    certificate: Option<&ClientCertificate>,
 ) -> Result<rustls::ClientConfig, RegisterError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
@@ -175,7 +188,10 @@ fn tls_with_certificate(
             .with_platform_verifier()
             .map_err(|e| config(e.to_string()))?,
     };
-    Ok(builder.with_client_cert_resolver(certificate.resolver()))
+    Ok(match certificate {
+        Some(certificate) => builder.with_client_cert_resolver(certificate.resolver()),
+        None => builder.with_no_client_auth(),
+    })
 }
 
 fn http_client(
@@ -187,7 +203,7 @@ fn http_client(
         .timeout(Duration::from_secs(30))
         .user_agent(concat!("dps-device/", env!("CARGO_PKG_VERSION")));
     if let Some(certificate) = certificate {
-        builder = builder.tls_backend_preconfigured(tls_with_certificate(ca_cert, certificate)?);
+        builder = builder.tls_backend_preconfigured(tls_config(ca_cert, Some(certificate))?);
     } else if let Some(path) = ca_cert {
         let pem = std::fs::read(path)
             .map_err(|e| RegisterError::Config(format!("reading {}: {e}", path.display())))?;
@@ -254,7 +270,7 @@ async fn send_until_answered(
 }
 
 /// Capped exponential backoff with full jitter.
-fn backoff(attempt: u32) -> Duration {
+pub(crate) fn backoff(attempt: u32) -> Duration {
     let ceiling = BACKOFF_START
         .saturating_mul(2u32.saturating_pow(attempt.min(16)))
         .min(BACKOFF_CAP);
@@ -265,6 +281,9 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Registers the device and returns its assignment.
 pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignment, RegisterError> {
+    if let Transport::Mqtt { port } = request.transport {
+        return crate::mqtt::register(request, proof, port).await;
+    }
     let started = Instant::now();
     let deadline = started + request.timeout;
     let (signer, certificate, tpm) = match proof {
@@ -447,7 +466,7 @@ fn persist_hub_key(tpm: &Tpm, blob: Option<String>) -> Result<String, RegisterEr
 }
 
 /// A refusal with the service's error body, if it sent one.
-fn refusal(status: StatusCode, text: String) -> RegisterError {
+pub(crate) fn refusal(status: StatusCode, text: String) -> RegisterError {
     let (code, message) = serde_json::from_str::<ErrorBody>(&text)
         .map(|e| (e.error_code, e.message))
         .unwrap_or((0, text));
@@ -459,7 +478,7 @@ fn refusal(status: StatusCode, text: String) -> RegisterError {
 }
 
 /// The assignment, and the TPM hub-key blob when there is one.
-fn finish(text: &str) -> Result<(Assignment, Option<String>), RegisterError> {
+pub(crate) fn finish(text: &str) -> Result<(Assignment, Option<String>), RegisterError> {
     let answer: RegistrationOperationStatus = serde_json::from_str(text).map_err(|e| {
         RegisterError::Config(format!(
             "the service's answer is not a registration status: {e}"

@@ -1,6 +1,7 @@
 //! End to end: the real server and the real device client (`dps-device`), with the device's
 //! symmetric key in a file, in an environment variable, and in a SoftHSM2 token where it is used
-//! in place; through an individual enrollment and through an enrollment group.
+//! in place; through an individual enrollment and through an enrollment group; over HTTPS and
+//! over MQTT.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -295,6 +296,54 @@ fn refusals_and_disabled_enrollments_have_their_own_exit_codes() {
         !String::from_utf8_lossy(&bad_source.stderr).contains("c2VjcmV0"),
         "keys are never echoed"
     );
+}
+
+#[test]
+fn the_device_client_registers_over_mqtt() {
+    let s = setup();
+    let mqtt_port = s
+        .server
+        .mqtt
+        .as_deref()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(_, port)| port.to_owned())
+        .expect("the server prints its MQTT address");
+    let mqtt = ["--transport", "mqtt", "--mqtt-port", mqtt_port.as_str()];
+    let enrollment = cli(
+        &s.server,
+        &[
+            "enrollment",
+            "create",
+            "dev-mqtt",
+            "--device-id",
+            "device-mqtt",
+        ],
+    );
+    let key_file = s.dir.path().join("mqtt.key");
+    std::fs::write(&key_file, primary_key(&enrollment)).unwrap();
+    let key = format!("file:{}", key_file.display());
+    let done = assigned(&s.device("dev-mqtt", &["--symmetric-key", &key], &mqtt, &[]));
+    assert_eq!(done["assignedHub"], "hub-a.example.com");
+    assert_eq!(done["deviceId"], "device-mqtt");
+    let state = cli(&s.server, &["registration", "show", "dev-mqtt"]);
+    assert_eq!(state["status"], "assigned");
+
+    // A wrong key is refused with the service's error code, over MQTT too.
+    let wrong = s.dir.path().join("mqtt-wrong.key");
+    std::fs::write(&wrong, attestation_key()).unwrap();
+    let refused = s.device(
+        "dev-mqtt-2",
+        &["--symmetric-key", &format!("file:{}", wrong.display())],
+        &mqtt,
+        &[],
+    );
+    assert_eq!(
+        refused.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401002"));
 }
 
 fn attestation_key() -> String {

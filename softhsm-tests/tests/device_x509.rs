@@ -124,6 +124,11 @@ impl Fixture {
     }
 
     fn register(&self, certificate: &str, key: &str) -> (bool, Value, String) {
+        self.register_with(certificate, key, &[])
+    }
+
+    /// `register` with `extra` arguments.
+    fn register_with(&self, certificate: &str, key: &str, extra: &[&str]) -> (bool, Value, String) {
         let output = Command::new(device_binary().unwrap())
             .args([
                 "register",
@@ -153,6 +158,7 @@ impl Fixture {
                 "--timeout",
                 "30",
             ])
+            .args(extra)
             .env(self.hsm.env().0, self.hsm.env().1)
             .output()
             .unwrap();
@@ -262,6 +268,21 @@ fn a_key_in_a_pem_file_works_and_a_mismatched_one_is_refused() {
         done["registrationId"], "dev-file",
         "the id comes from the CN"
     );
+    // The same certificate over MQTT: no password, the certificate in the TLS handshake.
+    let mqtt_port = f
+        .server
+        .mqtt
+        .as_deref()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(_, port)| port.to_owned())
+        .expect("the server prints its MQTT address");
+    let (ok, done, stderr) = f.register_with(
+        &cert_file,
+        &format!("file:{key_file}"),
+        &["--force", "--transport", "mqtt", "--mqtt-port", &mqtt_port],
+    );
+    assert!(ok, "{stderr}");
+    assert_eq!(done["assignedHub"], "hub-a.example.com");
 
     let other = f.write("other.key", &KeyPair::generate().unwrap().serialize_pem());
     let (ok, _, stderr) = f.register(&cert_file, &format!("file:{other}"));

@@ -1,0 +1,349 @@
+//! One registration over MQTT (reference section 3), as the Azure SDKs that provision over MQTT
+//! do it: CONNECT with `{idScope}/registrations/{id}/api-version=...` as the user name and the
+//! SAS token as the password (none with a client certificate), a subscription to
+//! `$dps/registrations/res/#`, a register publish, then poll publishes as the answers'
+//! `retry-after` says, until the operation ends. Answers arrive on
+//! `$dps/registrations/res/{status}/?$rid={rid}`; the JSON bodies are those of HTTPS, so they
+//! are read by the same functions. TPM attestation is HTTPS only (DPS has no TPM over MQTT).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use dps_protocol::device::{DeviceRegistration, RegistrationOperationStatus};
+use reqwest::StatusCode;
+use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish, Subscribe};
+use rumqttc::mqttbytes::{self, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::client::TlsStream;
+
+use crate::register::{
+    API_VERSION, Assignment, DEFAULT_POLL, Proof, RegisterError, Registration, TOKEN_LIFETIME,
+    finish, refusal, tls_config,
+};
+
+/// Largest packet read from the service.
+const MAX_PACKET: usize = 256 * 1024;
+/// The keep-alive asked for; the session is short.
+const KEEP_ALIVE_SECS: u16 = 60;
+
+/// Registers over MQTT at the endpoint's host, on `port`.
+pub async fn register(
+    request: &Registration,
+    proof: &Proof,
+    port: u16,
+) -> Result<Assignment, RegisterError> {
+    let (password, certificate) = match proof {
+        Proof::Sas(signer) => {
+            let resource = attestation::sas::encode_uri_component(&format!(
+                "{}/registrations/{}",
+                request.id_scope, request.registration_id
+            ));
+            let token = signer
+                .token(&resource, TOKEN_LIFETIME)
+                .map_err(|e| RegisterError::Config(e.to_string()))?;
+            (token, None)
+        }
+        Proof::Certificate(certificate) => (String::new(), Some(certificate)),
+        Proof::Tpm(_) => {
+            return Err(RegisterError::Config(
+                "TPM attestation is not available over MQTT (as in Azure DPS): use --transport https"
+                    .into(),
+            ));
+        }
+    };
+    let host = host_of(&request.endpoint)?;
+    let tls = Arc::new(tls_config(request.ca_cert.as_ref(), certificate)?);
+    match tokio::time::timeout(
+        request.timeout,
+        session(request, &host, port, tls, &password),
+    )
+    .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(RegisterError::Timeout(
+            request.timeout,
+            "the registration did not end".into(),
+        )),
+    }
+}
+
+/// The host name of `https://host[:port][/...]` (or of a bare `host[:port]`).
+fn host_of(endpoint: &str) -> Result<String, RegisterError> {
+    let rest = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    if host.is_empty() {
+        return Err(RegisterError::Config(format!(
+            "--endpoint {endpoint} names no host"
+        )));
+    }
+    Ok(host.trim_matches(['[', ']']).to_owned())
+}
+
+async fn session(
+    request: &Registration,
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    password: &str,
+) -> Result<Assignment, RegisterError> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        RegisterError::Timeout(request.timeout, format!("cannot reach {host}:{port}: {e}"))
+    };
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| RegisterError::Config(format!("{host}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let mut client = Client {
+        stream,
+        read: BytesMut::new(),
+        next_rid: 0,
+    };
+
+    let mut connect = Connect::new(request.registration_id.clone());
+    connect.keep_alive = KEEP_ALIVE_SECS;
+    connect.set_login(
+        format!(
+            "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=dps-device%2F{}",
+            request.id_scope,
+            request.registration_id,
+            env!("CARGO_PKG_VERSION")
+        ),
+        password,
+    );
+    client.send(Packet::Connect(connect)).await?;
+    match client.next().await? {
+        Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
+        Packet::ConnAck(ack) => {
+            return Err(RegisterError::Rejected {
+                status: 401,
+                code: 0,
+                message: format!("the service refused the MQTT connection: {:?}", ack.code),
+            });
+        }
+        other => return Err(protocol(&other)),
+    }
+    client
+        .send(Packet::Subscribe(Subscribe::new(
+            "$dps/registrations/res/#",
+            QoS::AtLeastOnce,
+        )))
+        .await?;
+    match client.next().await? {
+        Packet::SubAck(_) => {}
+        other => return Err(protocol(&other)),
+    }
+
+    let body = serde_json::to_vec(&DeviceRegistration {
+        registration_id: Some(request.registration_id.clone()),
+        tpm: None,
+        payload: request.payload.clone(),
+    })
+    .map_err(|e| RegisterError::Config(e.to_string()))?;
+    let deadline = Instant::now() + request.timeout;
+    let accepted = loop {
+        let (status, after, text) = client
+            .request("$dps/registrations/PUT/iotdps-register/", "", &body)
+            .await?;
+        match transient(status) {
+            true => wait(after, deadline, request.timeout).await?,
+            false if status == StatusCode::ACCEPTED => break text,
+            false => return Err(refusal(status, text)),
+        }
+    };
+    let accepted: RegistrationOperationStatus = serde_json::from_str(&accepted).map_err(|e| {
+        RegisterError::Config(format!(
+            "the service's answer is not a registration status: {e}"
+        ))
+    })?;
+    let operation = attestation::sas::encode_uri_component(&accepted.operation_id);
+    let mut pause = Some(DEFAULT_POLL);
+    loop {
+        wait(pause, deadline, request.timeout).await?;
+        let (status, after, text) = client
+            .request(
+                "$dps/registrations/GET/iotdps-get-operationstatus/",
+                &format!("&operationId={operation}"),
+                b" ",
+            )
+            .await?;
+        pause = after;
+        if status == StatusCode::OK {
+            let (assignment, _) = finish(&text)?;
+            let _ = client.send(Packet::Disconnect).await;
+            return Ok(assignment);
+        }
+        if status != StatusCode::ACCEPTED && !transient(status) {
+            return Err(refusal(status, text));
+        }
+    }
+}
+
+/// 429 and 5xx answers are worth another try.
+fn transient(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// Sleeps `after` (2 s when the service named no time), unless that passes the deadline.
+async fn wait(
+    after: Option<Duration>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), RegisterError> {
+    let pause = after.unwrap_or(DEFAULT_POLL);
+    if Instant::now() + pause >= deadline {
+        return Err(RegisterError::Timeout(
+            timeout,
+            "the registration was still assigning".into(),
+        ));
+    }
+    tokio::time::sleep(pause).await;
+    Ok(())
+}
+
+fn protocol(packet: &Packet) -> RegisterError {
+    RegisterError::Config(format!(
+        "the service broke the MQTT protocol: unexpected {packet:?}"
+    ))
+}
+
+struct Client {
+    stream: TlsStream<tokio::net::TcpStream>,
+    read: BytesMut,
+    next_rid: u16,
+}
+
+impl Client {
+    async fn send(&mut self, packet: Packet) -> Result<(), RegisterError> {
+        let mut out = BytesMut::new();
+        packet
+            .write(&mut out, usize::MAX)
+            .map_err(|e| RegisterError::Config(format!("MQTT: {e:?}")))?;
+        self.stream.write_all(&out).await.map_err(lost)?;
+        self.stream.flush().await.map_err(lost)
+    }
+
+    async fn next(&mut self) -> Result<Packet, RegisterError> {
+        loop {
+            match Packet::read(&mut self.read, MAX_PACKET) {
+                Ok(packet) => return Ok(packet),
+                Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+                Err(e) => {
+                    return Err(RegisterError::Config(format!(
+                        "the service sent a malformed MQTT packet: {e:?}"
+                    )));
+                }
+            }
+            if self.stream.read_buf(&mut self.read).await.map_err(lost)? == 0 {
+                return Err(lost("the service closed the connection"));
+            }
+        }
+    }
+
+    /// Publishes `body` to `topic` with the next request id (and `query` after it), and returns
+    /// the answer's status, retry-after and body.
+    async fn request(
+        &mut self,
+        topic: &str,
+        query: &str,
+        body: &[u8],
+    ) -> Result<(StatusCode, Option<Duration>, String), RegisterError> {
+        self.next_rid = self.next_rid.wrapping_add(1).max(1);
+        let rid = self.next_rid.to_string();
+        let mut publish = Publish::new(
+            format!("{topic}?$rid={rid}{query}"),
+            QoS::AtLeastOnce,
+            body.to_vec(),
+        );
+        publish.pkid = self.next_rid;
+        self.send(Packet::Publish(publish)).await?;
+        loop {
+            let Packet::Publish(answer) = self.next().await? else {
+                // The PUBACK of our publish, and anything else that is not an answer.
+                continue;
+            };
+            let Some((status, after)) = parse_answer_topic(&answer.topic, &rid) else {
+                continue;
+            };
+            if answer.qos != QoS::AtMostOnce {
+                self.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(
+                    answer.pkid,
+                )))
+                .await?;
+            }
+            let text = String::from_utf8_lossy(&answer.payload).into_owned();
+            return Ok((status, after, text));
+        }
+    }
+}
+
+/// The status and retry-after of `$dps/registrations/res/{status}/?$rid={rid}[&retry-after=s]`
+/// when it answers `rid`.
+fn parse_answer_topic(topic: &str, rid: &str) -> Option<(StatusCode, Option<Duration>)> {
+    let rest = topic.strip_prefix("$dps/registrations/res/")?;
+    let (status, query) = rest.split_once("/?")?;
+    let status = StatusCode::from_u16(status.parse().ok()?).ok()?;
+    let mut answered = None;
+    let mut after = None;
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("$rid", value)) => answered = Some(value),
+            Some(("retry-after", value)) => {
+                after = value
+                    .parse::<u64>()
+                    .ok()
+                    .map(|s| Duration::from_secs(s.clamp(1, 300)));
+            }
+            _ => {}
+        }
+    }
+    (answered == Some(rid)).then_some((status, after))
+}
+
+fn lost(e: impl std::fmt::Display) -> RegisterError {
+    RegisterError::Rejected {
+        status: 0,
+        code: 0,
+        message: format!("the MQTT connection ended: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_topics_and_hosts_are_read() {
+        assert_eq!(
+            parse_answer_topic("$dps/registrations/res/202/?$rid=3&retry-after=2", "3"),
+            Some((StatusCode::ACCEPTED, Some(Duration::from_secs(2))))
+        );
+        assert_eq!(
+            parse_answer_topic("$dps/registrations/res/200/?$rid=3", "3"),
+            Some((StatusCode::OK, None))
+        );
+        assert_eq!(
+            parse_answer_topic("$dps/registrations/res/200/?$rid=4", "3"),
+            None
+        );
+        assert_eq!(parse_answer_topic("elsewhere", "3"), None);
+        assert_eq!(
+            host_of("https://dps.example.com:8443/x").unwrap(),
+            "dps.example.com"
+        );
+        assert_eq!(host_of("https://localhost").unwrap(), "localhost");
+        assert_eq!(host_of("mqtts://[::1]:8883").unwrap(), "::1");
+        assert!(host_of("https://").is_err());
+    }
+}
