@@ -426,7 +426,97 @@ async fn mqtt_over_websockets_at_the_root() {
     );
 }
 
+/// A client silent for longer than 1.5 times the keep-alive it asked for is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_is_dropped_after_its_keep_alive() {
+    let t = start(Backend::Sqlite).await;
+    let scope = t.running().admin.id_scope.clone();
+    let mut client = Client::open(&t).await;
+    let mut connect = Connect::new("quiet");
+    connect.keep_alive = 1;
+    connect.set_login(
+        format!("{scope}/registrations/quiet/api-version=2019-03-31"),
+        "",
+    );
+    client.send(Packet::Connect(connect)).await;
+    assert!(matches!(client.next().await, Some(Packet::ConnAck(_))));
+    let started = std::time::Instant::now();
+    assert_eq!(client.next().await, None, "closed after the keep-alive");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+}
+
+/// X.509 over MQTT: no password, the certificate in the handshake; the certificate's common
+/// name must be the id the user name gives, or the registration is refused.
+async fn x509_devices_are_who_their_certificate_says(backend: Backend) {
+    let t = start(backend).await;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mqtt-x509");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.self_signed(&key).unwrap();
+    enroll(
+        &t,
+        json!({ "registrationId": "mqtt-x509", "attestation": { "type": "x509", "x509": {
+            "clientCertificates": { "primary": { "certificate": cert.pem() } } } } }),
+    )
+    .await;
+    let enroll_other =
+        json!({ "registrationId": "someone-else", "attestation": { "type": "symmetricKey" } });
+    enroll(&t, enroll_other).await;
+    let scope = t.running().admin.id_scope.clone();
+    let with_certificate = || async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&t.running().ca_certificate).unwrap() {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            )
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(t.running().mqtt_addr.unwrap())
+            .await
+            .unwrap();
+        let tls = TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        Client {
+            tls,
+            read: BytesMut::new(),
+        }
+    };
+
+    // Its own id: registered.
+    let mut device = with_certificate().await;
+    device.connect(&scope, "mqtt-x509", "").await;
+    let (topic, _) = device
+        .request(&format!("{REGISTER}1"), QoS::AtLeastOnce, b"")
+        .await;
+    assert!(topic.starts_with("$dps/registrations/res/202/"), "{topic}");
+
+    // Another id in the user name: refused, and the other device's state is untouched.
+    let mut impostor = with_certificate().await;
+    impostor.connect(&scope, "someone-else", "").await;
+    let (topic, error) = impostor
+        .request(&format!("{REGISTER}2"), QoS::AtLeastOnce, b"")
+        .await;
+    assert_eq!(topic, "$dps/registrations/res/401/?$rid=2", "{error}");
+    assert_eq!(error["errorCode"], 401002);
+    assert_eq!(registration_of(&t, "someone-else").await, 404);
+}
+
 on_both_backends!(
+    x509_devices_are_who_their_certificate_says,
     a_device_registers_over_mqtt,
     refusals_are_answered_and_leave_the_server_serving,
 );
