@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use dps_protocol::device::{DeviceRegistration, RegistrationOperationStatus};
+use dps_protocol::mqtt::{self, RESPONSE_FILTER, UserName};
 use reqwest::StatusCode;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish, Subscribe};
 use rumqttc::mqttbytes::{self, QoS};
@@ -114,11 +115,11 @@ async fn session(
     let mut connect = Connect::new(request.registration_id.clone());
     connect.keep_alive = KEEP_ALIVE_SECS;
     connect.set_login(
-        format!(
-            "{}/registrations/{}/api-version={API_VERSION}&ClientVersion=dps-device%2F{}",
-            request.id_scope,
-            request.registration_id,
-            env!("CARGO_PKG_VERSION")
+        UserName::format(
+            &request.id_scope,
+            &request.registration_id,
+            API_VERSION,
+            concat!("dps-device%2F", env!("CARGO_PKG_VERSION")),
         ),
         password,
     );
@@ -136,7 +137,7 @@ async fn session(
     }
     client
         .send(Packet::Subscribe(Subscribe::new(
-            "$dps/registrations/res/#",
+            RESPONSE_FILTER,
             QoS::AtLeastOnce,
         )))
         .await?;
@@ -153,9 +154,7 @@ async fn session(
     .map_err(|e| RegisterError::Config(e.to_string()))?;
     let deadline = Instant::now() + request.timeout;
     let accepted = loop {
-        let (status, after, text) = client
-            .request("$dps/registrations/PUT/iotdps-register/", "", &body)
-            .await?;
+        let (status, after, text) = client.request(None, &body).await?;
         match transient(status) {
             true => wait(after, deadline, request.timeout).await?,
             false if status == StatusCode::ACCEPTED => break text,
@@ -171,13 +170,7 @@ async fn session(
     let mut pause = Some(DEFAULT_POLL);
     loop {
         wait(pause, deadline, request.timeout).await?;
-        let (status, after, text) = client
-            .request(
-                "$dps/registrations/GET/iotdps-get-operationstatus/",
-                &format!("&operationId={operation}"),
-                b" ",
-            )
-            .await?;
+        let (status, after, text) = client.request(Some(&operation), b" ").await?;
         pause = after;
         if status == StatusCode::OK {
             let (assignment, _) = finish(&text)?;
@@ -251,18 +244,17 @@ impl Client {
         }
     }
 
-    /// Publishes `body` to `topic` with the next request id (and `query` after it), and returns
-    /// the answer's status, retry-after and body.
+    /// Publishes a register (or, with an operation id, percent-encoded, a poll) with the next
+    /// request id, and returns the answer's status, retry-after and body.
     async fn request(
         &mut self,
-        topic: &str,
-        query: &str,
+        operation: Option<&str>,
         body: &[u8],
     ) -> Result<(StatusCode, Option<Duration>, String), RegisterError> {
         self.next_rid = self.next_rid.wrapping_add(1).max(1);
         let rid = self.next_rid.to_string();
         let mut publish = Publish::new(
-            format!("{topic}?$rid={rid}{query}"),
+            mqtt::Request::topic(&rid, operation),
             QoS::AtLeastOnce,
             body.to_vec(),
         );
@@ -273,7 +265,10 @@ impl Client {
                 // The PUBACK of our publish, and anything else that is not an answer.
                 continue;
             };
-            let Some((status, after)) = parse_answer_topic(&answer.topic, &rid) else {
+            let Some(topic) = mqtt::Answer::of_topic(&answer.topic).filter(|a| a.rid == rid) else {
+                continue;
+            };
+            let Ok(status) = StatusCode::from_u16(topic.status) else {
                 continue;
             };
             if answer.qos != QoS::AtMostOnce {
@@ -282,33 +277,13 @@ impl Client {
                 )))
                 .await?;
             }
+            let after = topic
+                .retry_after
+                .map(|s| Duration::from_secs(s.clamp(1, 300)));
             let text = String::from_utf8_lossy(&answer.payload).into_owned();
             return Ok((status, after, text));
         }
     }
-}
-
-/// The status and retry-after of `$dps/registrations/res/{status}/?$rid={rid}[&retry-after=s]`
-/// when it answers `rid`.
-fn parse_answer_topic(topic: &str, rid: &str) -> Option<(StatusCode, Option<Duration>)> {
-    let rest = topic.strip_prefix("$dps/registrations/res/")?;
-    let (status, query) = rest.split_once("/?")?;
-    let status = StatusCode::from_u16(status.parse().ok()?).ok()?;
-    let mut answered = None;
-    let mut after = None;
-    for pair in query.split('&') {
-        match pair.split_once('=') {
-            Some(("$rid", value)) => answered = Some(value),
-            Some(("retry-after", value)) => {
-                after = value
-                    .parse::<u64>()
-                    .ok()
-                    .map(|s| Duration::from_secs(s.clamp(1, 300)));
-            }
-            _ => {}
-        }
-    }
-    (answered == Some(rid)).then_some((status, after))
 }
 
 fn lost(e: impl std::fmt::Display) -> RegisterError {
@@ -324,20 +299,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answer_topics_and_hosts_are_read() {
-        assert_eq!(
-            parse_answer_topic("$dps/registrations/res/202/?$rid=3&retry-after=2", "3"),
-            Some((StatusCode::ACCEPTED, Some(Duration::from_secs(2))))
-        );
-        assert_eq!(
-            parse_answer_topic("$dps/registrations/res/200/?$rid=3", "3"),
-            Some((StatusCode::OK, None))
-        );
-        assert_eq!(
-            parse_answer_topic("$dps/registrations/res/200/?$rid=4", "3"),
-            None
-        );
-        assert_eq!(parse_answer_topic("elsewhere", "3"), None);
+    fn hosts_are_read_from_the_endpoint() {
         assert_eq!(
             host_of("https://dps.example.com:8443/x").unwrap(),
             "dps.example.com"

@@ -8,5 +8,6 @@ pub mod device;
 pub mod enrollment;
 pub mod error;
 pub mod ids;
+pub mod mqtt;
 
 pub use error::{ErrorBody, ErrorCode};

@@ -19,7 +19,7 @@ use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, header};
 use bytes::{Bytes, BytesMut};
 use dps_listener::{BodyDeadline, ClientChain, PeerAddr};
-use dps_protocol::ids::{IdScope, RegistrationId};
+use dps_protocol::mqtt::{self, RESPONSE_FILTER, UserName};
 use http_body_util::BodyExt as _;
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
@@ -36,10 +36,6 @@ pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire for S {}
 
-/// The one topic filter devices subscribe to.
-const RESPONSE_FILTER: &str = "$dps/registrations/res/#";
-const REGISTER_TOPIC: &str = "$dps/registrations/PUT/iotdps-register/?";
-const POLL_TOPIC: &str = "$dps/registrations/GET/iotdps-get-operationstatus/?";
 /// Room for a packet's topic and header around the largest device body.
 const PACKET_OVERHEAD: usize = 4 * 1024;
 /// Keep-alive when the client asks for none (the C SDK sends 0).
@@ -144,7 +140,7 @@ impl Front {
                 Packet::PubAck(_) => Vec::new(),
                 Packet::Disconnect => return,
                 Packet::Publish(publish) => {
-                    let Some(request) = DeviceRequest::of(&publish.topic) else {
+                    let Some(request) = mqtt::Request::of_topic(&publish.topic) else {
                         tracing::debug!(%peer, topic = %publish.topic, "publish to a topic that is not DPS's: closed");
                         return;
                     };
@@ -179,12 +175,12 @@ impl Front {
     async fn answer(
         &self,
         device: &Device,
-        request: &DeviceRequest,
+        request: &mqtt::Request,
         payload: Bytes,
         peer: SocketAddr,
         chain: Option<ClientChain>,
     ) -> Answer {
-        let base = format!("/{}/registrations/{}", device.scope, device.id);
+        let base = format!("/{}/registrations/{}", device.name.scope, device.name.id);
         let (method, path, body) = match &request.operation {
             None => {
                 // DPS takes no TPM over MQTT (its challenge needs a second round trip).
@@ -207,7 +203,7 @@ impl Front {
         };
         let mut http = Request::new(Body::from(body));
         *http.method_mut() = method;
-        *http.uri_mut() = match format!("{path}?api-version={}", device.api_version).parse() {
+        *http.uri_mut() = match format!("{path}?api-version={}", device.name.api_version).parse() {
             Ok(uri) => uri,
             Err(_) => {
                 return Answer::error(
@@ -248,7 +244,12 @@ impl Front {
             Err(_) => Bytes::new(),
         };
         Answer {
-            topic: answer_topic(status, &request.rid, retry_after),
+            topic: mqtt::Answer {
+                status,
+                rid: request.rid.clone(),
+                retry_after,
+            }
+            .topic(),
             body,
         }
     }
@@ -358,15 +359,6 @@ fn encode(segment: &str) -> String {
     out
 }
 
-/// The response topic: `$rid` first, as the Python and C# clients parse it.
-fn answer_topic(status: u16, rid: &str, retry_after: Option<u64>) -> String {
-    let mut topic = format!("$dps/registrations/res/{status}/?$rid={rid}");
-    if let Some(seconds) = retry_after {
-        topic.push_str(&format!("&retry-after={seconds}"));
-    }
-    topic
-}
-
 /// An answer to publish.
 struct Answer {
     topic: String,
@@ -382,107 +374,33 @@ impl Answer {
             "timestampUtc": crate::timestamp::now(),
         });
         Self {
-            topic: answer_topic(status, rid, None),
+            topic: mqtt::Answer {
+                status,
+                rid: rid.to_owned(),
+                retry_after: None,
+            }
+            .topic(),
             body: Bytes::from(body.to_string()),
         }
     }
 }
 
-/// A register or poll publish, from its topic.
-#[derive(Debug, PartialEq)]
-struct DeviceRequest {
-    /// The request id, exactly as sent.
-    rid: String,
-    /// The operation a poll names; none for a register.
-    operation: Option<String>,
-}
-
-impl DeviceRequest {
-    fn of(topic: &str) -> Option<Self> {
-        let (query, poll) = if let Some(query) = topic.strip_prefix(REGISTER_TOPIC) {
-            (query, false)
-        } else {
-            (topic.strip_prefix(POLL_TOPIC)?, true)
-        };
-        let mut rid = None;
-        let mut operation = None;
-        for pair in query.split('&') {
-            match pair.split_once('=') {
-                Some(("$rid", value)) => rid = Some(value.to_owned()),
-                Some(("operationId", value)) => operation = Some(percent_decode(value)?),
-                _ => {}
-            }
-        }
-        let rid = rid.filter(|r| !r.is_empty())?;
-        match (poll, operation) {
-            (false, _) => Some(Self {
-                rid,
-                operation: None,
-            }),
-            (true, Some(operation)) if !operation.is_empty() => Some(Self {
-                rid,
-                operation: Some(operation),
-            }),
-            (true, _) => None,
-        }
-    }
-}
-
-/// Percent-decoding of a topic's query value (the Python client quotes the operation id).
-fn percent_decode(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while at < bytes.len() {
-        if bytes[at] == b'%' {
-            let hex = value.get(at + 1..at + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            at += 3;
-        } else {
-            out.push(bytes[at]);
-            at += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// The device a connection is for, from its CONNECT.
 #[derive(Debug, Clone)]
 struct Device {
-    scope: IdScope,
-    id: RegistrationId,
-    api_version: String,
+    name: UserName,
     /// The SAS token, as the `Authorization` of its requests.
     password: Option<HeaderValue>,
 }
 
 impl Device {
-    /// `{idScope}/registrations/{registrationId}/api-version=...&ClientVersion=...`, read
-    /// leniently: anything after the id is optional.
     fn of(username: &str, password: &str) -> Option<Self> {
-        let mut parts = username.splitn(4, '/');
-        let scope = IdScope::parse(parts.next()?).ok()?;
-        if parts.next()? != "registrations" {
-            return None;
-        }
-        let id = RegistrationId::parse(parts.next()?).ok()?;
-        let api_version = parts
-            .next()
-            .and_then(|rest| {
-                rest.split('&')
-                    .find_map(|pair| pair.strip_prefix("api-version="))
-            })
-            .filter(|v| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-            .unwrap_or("2019-03-31")
-            .to_owned();
         let password = match password.trim() {
             "" => None,
             token => Some(HeaderValue::from_str(token).ok()?),
         };
         Some(Self {
-            scope,
-            id,
-            api_version,
+            name: UserName::parse(username)?,
             password,
         })
     }
@@ -611,63 +529,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usernames_of_every_client_name_the_device() {
-        for username in [
-            "0ne00000001/registrations/dev-1/api-version=2019-03-31&ClientVersion=azure-iot-provisioning-device%2F1.9.1",
-            "0ne00000001/registrations/dev-1/api-version=2021-06-01&ClientVersion=c%2F1.0",
+    fn passwords_are_the_authorization_of_requests() {
+        let device = Device::of(
             "0ne00000001/registrations/dev-1/api-version=2019-03-31",
-            "0ne00000001/registrations/dev-1",
-        ] {
-            let device = Device::of(username, "SharedAccessSignature sr=x&sig=y&se=1").unwrap();
-            assert_eq!(device.scope.as_str(), "0ne00000001", "{username}");
-            assert_eq!(device.id.as_str(), "dev-1", "{username}");
-            assert!(device.password.is_some());
-        }
-        let x509 =
-            Device::of("0ne00000001/registrations/dev-1/api-version=2019-03-31", "").unwrap();
+            "SharedAccessSignature sr=x&sig=y&se=1",
+        )
+        .unwrap();
+        assert!(device.password.is_some());
+        let x509 = Device::of("0ne00000001/registrations/dev-1", "").unwrap();
         assert!(x509.password.is_none());
-        for bad in [
-            "",
-            "0ne1",
-            "0ne1/devices/dev-1",
-            "0ne1/registrations/bad id",
-            "a b/registrations/x",
-        ] {
-            assert!(Device::of(bad, "").is_none(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn request_topics_keep_the_rid_as_sent() {
-        assert_eq!(
-            DeviceRequest::of("$dps/registrations/PUT/iotdps-register/?$rid=5d0f%2D1"),
-            Some(DeviceRequest {
-                rid: "5d0f%2D1".into(),
-                operation: None
-            })
-        );
-        assert_eq!(
-            DeviceRequest::of(
-                "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=7&operationId=5.abc%2Edef"
-            ),
-            Some(DeviceRequest {
-                rid: "7".into(),
-                operation: Some("5.abc.def".into())
-            })
-        );
-        for bad in [
-            "devices/x/messages/events/",
-            "$dps/registrations/PUT/iotdps-register/",
-            "$dps/registrations/PUT/iotdps-register/?$rid=",
-            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1",
-            "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=%zz",
-        ] {
-            assert_eq!(DeviceRequest::of(bad), None, "{bad}");
-        }
-        assert_eq!(
-            answer_topic(202, "a&b", Some(3)),
-            "$dps/registrations/res/202/?$rid=a&b&retry-after=3"
-        );
+        assert!(Device::of("0ne1/registrations/dev-1", "bad\ntoken").is_none());
     }
 
     #[test]
