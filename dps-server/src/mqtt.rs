@@ -1,257 +1,27 @@
-//! The MQTT front end (reference sections 3 and 10.1): MQTT 3.1.1 over TLS, for the device SDKs
-//! that provision only over MQTT (Python, embedded C, the C SDK's default).
-//!
-//! A connection names its device in CONNECT (`{idScope}/registrations/{id}/api-version=...` as
-//! the username, the SAS token as the password, none with a client certificate), subscribes to
-//! `$dps/registrations/res/#` and publishes register and poll requests. Each request is handed
-//! to the HTTPS device API's router as the request an HTTPS client would send (the same
-//! authentication, throttling, allocation and error codes: one code path), and its answer (the
-//! status, `Retry-After` and the JSON body) is published on
-//! `$dps/registrations/res/{status}/?$rid={rid}&retry-after={s}`, `$rid` first and echoed byte
-//! for byte. Packets are read with rumqttc's MQTT 3.1.1 codec (`mqttbytes::v4`).
-
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+//! The service's MQTT front end: `dps_listener::mqtt` sessions over this server's router, on
+//! the MQTT port (`server.rs`) and, upgraded from HTTPS, over WebSockets (here).
 
 use axum::Router;
-use axum::body::Body;
-use axum::http::{HeaderValue, Method, Request, header};
-use bytes::{Bytes, BytesMut};
-use dps_listener::{BodyDeadline, ClientChain, PeerAddr};
-use dps_protocol::mqtt::{self, RESPONSE_FILTER, UserName};
-use http_body_util::BodyExt as _;
-use rumqttc::mqttbytes::v4::{
-    ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, SubscribeReasonCode, UnsubAck,
-};
-use rumqttc::mqttbytes::{self, QoS};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
-use tower::ServiceExt as _;
+use axum::extract::{FromRequestParts as _, Request, State};
+use axum::http::header;
+use axum::response::{IntoResponse as _, Response};
+use dps_listener::mqtt::{Front, MqttSettings};
+use dps_listener::{ClientChain, PeerAddr};
+use dps_protocol::ErrorCode;
+use std::time::Duration;
 
-use crate::observability::Transport;
-
-/// What MQTT is spoken over: a TLS connection, or the bytes of a WebSocket.
-pub trait Wire: AsyncRead + AsyncWrite + Unpin + Send {}
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire for S {}
+use crate::domain::DomainError;
 
 /// Room for a packet's topic and header around the largest device body.
 const PACKET_OVERHEAD: usize = 4 * 1024;
-/// Keep-alive when the client asks for none (the C SDK sends 0).
-const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(240);
 
-/// What every connection of the MQTT listener shares.
-#[derive(Debug, Clone)]
-pub struct Front {
-    /// The application router: requests go through it as HTTPS requests do.
-    router: Router,
-    /// Largest packet accepted.
-    max_packet: usize,
-    /// Time for the client to send CONNECT after the handshake.
-    connect_deadline: Duration,
-    /// Turns true when the server stops.
-    stopped: watch::Receiver<bool>,
-    /// WebSocket sessions open at once: an upgraded connection leaves the HTTPS listener's
-    /// count, so these are capped here, at `limits.max_connections`.
-    websockets: Arc<tokio::sync::Semaphore>,
-    /// How long a request's body may take (what the router's handlers read).
-    body_deadline: Duration,
-}
-
-impl Front {
-    /// A front end over `router` (the one the HTTPS listener serves), whose connections end
-    /// when `stopped` turns true.
-    pub fn new(
-        router: Router,
-        limits: &crate::config::Limits,
-        stopped: watch::Receiver<bool>,
-    ) -> Self {
-        Self {
-            router,
-            stopped,
-            websockets: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
-            max_packet: limits.max_device_body_bytes + PACKET_OVERHEAD,
-            connect_deadline: Duration::from_secs(limits.request_header_timeout_secs.max(1)),
-            body_deadline: Duration::from_secs(limits.request_body_timeout_secs.max(1)),
-        }
-    }
-
-    /// Serves one connection (TLS on the MQTT port, or a WebSocket's bytes) until the client
-    /// leaves, breaks the protocol, stays silent past its keep-alive, or the server stops.
-    pub async fn serve<S: Wire>(self, mut tls: S, peer: SocketAddr, chain: Option<ClientChain>) {
-        let mut stopped = self.stopped.clone();
-        let mut session = match tokio::time::timeout(
-            self.connect_deadline,
-            Session::connect(&mut tls, self.max_packet),
-        )
-        .await
-        {
-            Ok(Ok(session)) => session,
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "MQTT connection refused");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "no MQTT CONNECT in time");
-                return;
-            }
-        };
-        let device = session.device.clone();
-        loop {
-            let packet = tokio::select! {
-                packet = tokio::time::timeout(session.keep_alive, session.read(&mut tls)) => packet,
-                _ = stopped.changed() => return,
-            };
-            let packet = match packet {
-                Ok(Ok(packet)) => packet,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "MQTT connection closed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "MQTT keep-alive expired");
-                    return;
-                }
-            };
-            let answers = match packet {
-                Packet::PingReq => vec![Packet::PingResp],
-                Packet::Subscribe(subscribe) => {
-                    let granted = subscribe
-                        .filters
-                        .iter()
-                        .map(|f| {
-                            // At most QoS 1, as DPS grants.
-                            match (f.path == RESPONSE_FILTER, f.qos) {
-                                (false, _) => SubscribeReasonCode::Failure,
-                                (true, QoS::AtMostOnce) => {
-                                    SubscribeReasonCode::Success(QoS::AtMostOnce)
-                                }
-                                (true, _) => SubscribeReasonCode::Success(QoS::AtLeastOnce),
-                            }
-                        })
-                        .collect();
-                    vec![Packet::SubAck(SubAck::new(subscribe.pkid, granted))]
-                }
-                Packet::Unsubscribe(unsubscribe) => {
-                    vec![Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid))]
-                }
-                // Our answers' acknowledgements.
-                Packet::PubAck(_) => Vec::new(),
-                Packet::Disconnect => return,
-                Packet::Publish(publish) => {
-                    let Some(request) = mqtt::Request::of_topic(&publish.topic) else {
-                        tracing::debug!(%peer, topic = %publish.topic, "publish to a topic that is not DPS's: closed");
-                        return;
-                    };
-                    // The acknowledgement comes first: the C# client expects it before the
-                    // answer.
-                    if publish.qos != QoS::AtMostOnce
-                        && let Err(e) = session
-                            .write(&mut tls, &[Packet::PubAck(PubAck::new(publish.pkid))])
-                            .await
-                    {
-                        tracing::debug!(%peer, error = %e, "MQTT write failed");
-                        return;
-                    }
-                    let answer = self
-                        .answer(&device, &request, publish.payload, peer, chain.clone())
-                        .await;
-                    vec![Packet::Publish(session.publish(answer))]
-                }
-                other => {
-                    tracing::debug!(%peer, packet = ?other, "unexpected MQTT packet: closed");
-                    return;
-                }
-            };
-            if let Err(e) = session.write(&mut tls, &answers).await {
-                tracing::debug!(%peer, error = %e, "MQTT write failed");
-                return;
-            }
-        }
-    }
-
-    /// The answer to `request` of `device`: the device API's, as it answers over HTTPS.
-    async fn answer(
-        &self,
-        device: &Device,
-        request: &mqtt::Request,
-        payload: Bytes,
-        peer: SocketAddr,
-        chain: Option<ClientChain>,
-    ) -> Answer {
-        let base = format!("/{}/registrations/{}", device.name.scope, device.name.id);
-        let (method, path, body) = match &request.operation {
-            None => {
-                // DPS takes no TPM over MQTT (its challenge needs a second round trip).
-                if registers_a_tpm(&payload) {
-                    return Answer::error(
-                        &request.rid,
-                        401,
-                        dps_protocol::ErrorCode::Unauthorized,
-                        "TPM attestation is not supported over MQTT; register over HTTPS",
-                    );
-                }
-                (Method::PUT, format!("{base}/register"), payload)
-            }
-            // A poll's payload is ignored (clients send " ", nothing, or the register body).
-            Some(operation) => (
-                Method::GET,
-                format!("{base}/operations/{}", encode(operation)),
-                Bytes::new(),
-            ),
-        };
-        let mut http = Request::new(Body::from(body));
-        *http.method_mut() = method;
-        *http.uri_mut() = match format!("{path}?api-version={}", device.name.api_version).parse() {
-            Ok(uri) => uri,
-            Err(_) => {
-                return Answer::error(
-                    &request.rid,
-                    400,
-                    dps_protocol::ErrorCode::InvalidPathParameter,
-                    "the operation id is not valid",
-                );
-            }
-        };
-        let headers = http.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        if let Some(password) = &device.password {
-            headers.insert(header::AUTHORIZATION, password.clone());
-        }
-        http.extensions_mut().insert(PeerAddr(peer));
-        http.extensions_mut().insert(Transport::MQTT);
-        http.extensions_mut()
-            .insert(BodyDeadline(self.body_deadline));
-        if let Some(chain) = chain {
-            http.extensions_mut().insert(chain);
-        }
-        let response = match self.router.clone().oneshot(http).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        };
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get(header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let body = match response.into_body().collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(_) => Bytes::new(),
-        };
-        Answer {
-            topic: mqtt::Answer {
-                status,
-                rid: request.rid.clone(),
-                retry_after,
-            }
-            .topic(),
-            body,
-        }
+/// The MQTT limits that follow from the configured ones.
+pub fn settings(limits: &crate::config::Limits) -> MqttSettings {
+    MqttSettings {
+        max_packet: limits.max_device_body_bytes + PACKET_OVERHEAD,
+        connect_deadline: Duration::from_secs(limits.request_header_timeout_secs.max(1)),
+        body_deadline: Duration::from_secs(limits.request_body_timeout_secs.max(1)),
+        max_websockets: limits.max_connections,
     }
 }
 
@@ -265,12 +35,7 @@ pub fn websocket_routes(front: Front) -> Router {
         .with_state(front)
 }
 
-async fn websocket(
-    axum::extract::State(front): axum::extract::State<Front>,
-    request: axum::extract::Request,
-) -> axum::response::Response {
-    use axum::extract::FromRequestParts as _;
-    use axum::response::IntoResponse as _;
+async fn websocket(State(front): State<Front>, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let offered = parts
         .headers
@@ -285,303 +50,26 @@ async fn websocket(
     let chain = parts.extensions.get::<ClientChain>().cloned();
     let upgrade = axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await;
     let (Ok(upgrade), Some(protocol), Some(PeerAddr(peer))) = (upgrade, offered, peer) else {
-        return crate::domain::DomainError::new(
-            dps_protocol::ErrorCode::RouteNotFound,
+        return DomainError::new(
+            ErrorCode::RouteNotFound,
             format!("no route for GET {}", parts.uri.path()),
         )
         .into_response();
     };
-    let Ok(slot) = front.websockets.clone().try_acquire_owned() else {
-        return crate::domain::DomainError::new(
-            dps_protocol::ErrorCode::ServiceUnavailable,
+    // An upgraded connection leaves the HTTPS listener's count: sessions are capped here.
+    let Some(slot) = front.websocket_slot() else {
+        return DomainError::new(
+            ErrorCode::ServiceUnavailable,
             "too many MQTT connections; try again later",
         )
         .into_response();
     };
-    let max_message = front.max_packet;
+    let max_message = front.max_packet();
     upgrade
         .protocols([protocol])
         .max_message_size(max_message)
         .on_upgrade(move |socket| async move {
-            let (ours, theirs) = tokio::io::duplex(max_message);
-            tokio::join!(bridge(socket, theirs), front.serve(ours, peer, chain));
+            front.serve_websocket(socket, peer, chain).await;
             drop(slot);
         })
-}
-
-/// Carries the bytes of binary WebSocket messages to `pipe` and back, until either side ends.
-async fn bridge(mut socket: axum::extract::ws::WebSocket, mut pipe: tokio::io::DuplexStream) {
-    use axum::extract::ws::Message;
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            message = socket.recv() => match message {
-                Some(Ok(Message::Binary(bytes))) => {
-                    if pipe.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-                // Pings are answered by the WebSocket layer; text is not MQTT.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                _ => break,
-            },
-            read = pipe.read(&mut buffer) => match read {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let bytes = Bytes::copy_from_slice(&buffer[..n]);
-                    if socket.send(Message::Binary(bytes)).await.is_err() {
-                        break;
-                    }
-                }
-            },
-        }
-    }
-    let _ = socket.send(Message::Close(None)).await;
-}
-
-/// Whether a register payload carries TPM keys.
-fn registers_a_tpm(payload: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(payload)
-        .ok()
-        .is_some_and(|v| v.get("tpm").is_some_and(|t| !t.is_null()))
-}
-
-/// Percent-encodes what goes into a path segment.
-fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// An answer to publish.
-struct Answer {
-    topic: String,
-    body: Bytes,
-}
-
-impl Answer {
-    fn error(rid: &str, status: u16, code: dps_protocol::ErrorCode, message: &str) -> Self {
-        let body = serde_json::json!({
-            "errorCode": code.number(),
-            "trackingId": "",
-            "message": message,
-            "timestampUtc": crate::timestamp::now(),
-        });
-        Self {
-            topic: mqtt::Answer {
-                status,
-                rid: rid.to_owned(),
-                retry_after: None,
-            }
-            .topic(),
-            body: Bytes::from(body.to_string()),
-        }
-    }
-}
-
-/// The device a connection is for, from its CONNECT.
-#[derive(Debug, Clone)]
-struct Device {
-    name: UserName,
-    /// The SAS token, as the `Authorization` of its requests.
-    password: Option<HeaderValue>,
-}
-
-impl Device {
-    fn of(username: &str, password: &str) -> Option<Self> {
-        let password = match password.trim() {
-            "" => None,
-            token => Some(HeaderValue::from_str(token).ok()?),
-        };
-        Some(Self {
-            name: UserName::parse(username)?,
-            password,
-        })
-    }
-}
-
-/// One connection's protocol state.
-struct Session {
-    device: Device,
-    keep_alive: Duration,
-    max_packet: usize,
-    read: BytesMut,
-    write: BytesMut,
-    next_pkid: u16,
-}
-
-/// Why a connection ended.
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("malformed packet: {0:?}")]
-    Packet(mqttbytes::Error),
-    #[error("the first packet is not CONNECT")]
-    NotConnect,
-    #[error("the client left")]
-    Closed,
-}
-
-impl Session {
-    /// Reads CONNECT and answers CONNACK: accepted (SessionPresent 0, whatever CleanSession
-    /// says) when the username names a device, refused otherwise.
-    async fn connect<S: Wire>(tls: &mut S, max_packet: usize) -> Result<Self, SessionError> {
-        let mut read = BytesMut::with_capacity(1024);
-        let mut write = BytesMut::with_capacity(1024);
-        let connect = match next_packet(tls, &mut read, max_packet).await? {
-            Packet::Connect(connect) => connect,
-            _ => return Err(SessionError::NotConnect),
-        };
-        let (username, password) = connect
-            .login
-            .as_ref()
-            .map_or(("", ""), |l| (l.username.as_str(), l.password.as_str()));
-        let Some(device) = Device::of(username, password) else {
-            let refused = ConnAck::new(ConnectReturnCode::BadUserNamePassword, false);
-            write_packets(tls, &mut write, &[Packet::ConnAck(refused)]).await?;
-            return Err(SessionError::NotConnect);
-        };
-        let accepted = ConnAck::new(ConnectReturnCode::Success, false);
-        write_packets(tls, &mut write, &[Packet::ConnAck(accepted)]).await?;
-        Ok(Self {
-            device,
-            keep_alive: match connect.keep_alive {
-                0 => DEFAULT_KEEP_ALIVE,
-                // The client pings within its keep-alive; half as long again is its grace.
-                seconds => Duration::from_secs(u64::from(seconds)) * 3 / 2,
-            },
-            max_packet,
-            read,
-            write,
-            next_pkid: 0,
-        })
-    }
-
-    async fn read<S: Wire>(&mut self, tls: &mut S) -> Result<Packet, SessionError> {
-        next_packet(tls, &mut self.read, self.max_packet).await
-    }
-
-    async fn write<S: Wire>(
-        &mut self,
-        tls: &mut S,
-        packets: &[Packet],
-    ) -> Result<(), SessionError> {
-        write_packets(tls, &mut self.write, packets).await
-    }
-
-    /// A QoS 1 publish of `answer` with the next packet id.
-    fn publish(&mut self, answer: Answer) -> Publish {
-        self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-        let mut publish = Publish::from_bytes(answer.topic, QoS::AtLeastOnce, answer.body);
-        publish.pkid = self.next_pkid;
-        publish
-    }
-}
-
-/// Writes `packets` to `tls` through `buffer`.
-async fn write_packets<S: Wire>(
-    tls: &mut S,
-    buffer: &mut BytesMut,
-    packets: &[Packet],
-) -> Result<(), SessionError> {
-    if packets.is_empty() {
-        return Ok(());
-    }
-    buffer.clear();
-    for packet in packets {
-        // Ours are small, but for answers, whose size the device API bounds.
-        packet
-            .write(buffer, usize::MAX)
-            .map_err(SessionError::Packet)?;
-    }
-    tls.write_all(buffer).await?;
-    tls.flush().await?;
-    Ok(())
-}
-
-/// The next whole packet of `tls`, reading into `buffer` as needed.
-async fn next_packet<S: Wire>(
-    tls: &mut S,
-    buffer: &mut BytesMut,
-    max_packet: usize,
-) -> Result<Packet, SessionError> {
-    loop {
-        match Packet::read(buffer, max_packet) {
-            Ok(packet) => return Ok(packet),
-            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
-            Err(e) => return Err(SessionError::Packet(e)),
-        }
-        if tls.read_buf(buffer).await? == 0 {
-            return Err(SessionError::Closed);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_the_authorization_of_requests() {
-        let device = Device::of(
-            "0ne00000001/registrations/dev-1/api-version=2019-03-31",
-            "SharedAccessSignature sr=x&sig=y&se=1",
-        )
-        .unwrap();
-        assert!(device.password.is_some());
-        let x509 = Device::of("0ne00000001/registrations/dev-1", "").unwrap();
-        assert!(x509.password.is_none());
-        assert!(Device::of("0ne1/registrations/dev-1", "bad\ntoken").is_none());
-    }
-
-    #[test]
-    fn the_decoder_never_panics_on_arbitrary_bytes() {
-        // A cheap fuzz: every prefix and many mutations of real packets, and random bytes.
-        let mut connect = BytesMut::new();
-        let mut packet = rumqttc::mqttbytes::v4::Connect::new("dev-1");
-        packet.set_login("0ne1/registrations/dev-1/api-version=1", "pw");
-        Packet::Connect(packet)
-            .write(&mut connect, usize::MAX)
-            .unwrap();
-        let mut publish = BytesMut::new();
-        let mut packet = Publish::new(
-            "$dps/registrations/PUT/iotdps-register/?$rid=1",
-            QoS::AtLeastOnce,
-            "{}",
-        );
-        packet.pkid = 1;
-        Packet::Publish(packet)
-            .write(&mut publish, usize::MAX)
-            .unwrap();
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for sample in [connect.to_vec(), publish.to_vec()] {
-            for end in 0..=sample.len() {
-                let _ = Packet::read(&mut BytesMut::from(&sample[..end]), 1024);
-            }
-            for _ in 0..20_000 {
-                let mut mutated = sample.clone();
-                let at = (next() as usize) % mutated.len();
-                mutated[at] = next() as u8;
-                let _ = Packet::read(&mut BytesMut::from(&mutated[..]), 1024);
-            }
-        }
-        for _ in 0..20_000 {
-            let len = (next() % 64) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            let _ = Packet::read(&mut BytesMut::from(&bytes[..]), 1024);
-        }
-    }
 }

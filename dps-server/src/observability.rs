@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
+use dps_listener::Transport;
 
 tokio::task_local! {
     static REQUEST_ID: String;
@@ -62,18 +63,6 @@ struct RouteLabels {
 struct RegistrationLabels {
     transport: String,
     status: u16,
-}
-
-/// How a device request arrived, added to its extensions by the front end that took it;
-/// HTTPS when absent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transport(pub &'static str);
-
-impl Transport {
-    /// The HTTPS device API.
-    pub const HTTPS: Self = Self("https");
-    /// MQTT over TLS.
-    pub const MQTT: Self = Self("mqtt");
 }
 
 /// The route of a device's register request.

@@ -177,8 +177,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // MQTT, over TLS on its own port and over WebSockets on the HTTPS listener, answered by
     // the same router as HTTPS device requests. Its TLS is the HTTPS listener's without ALPN
     // (MQTT clients offer none, or `mqtt`).
-    let front =
-        crate::mqtt::Front::new(app::router(state.clone()), &config.limits, stopped.clone());
+    let front = dps_listener::mqtt::Front::new(
+        app::router(state.clone()),
+        &crate::mqtt::settings(&config.limits),
+        stopped.clone(),
+    );
     let mqtt = mqtt_listener.map(|mqtt_listener| {
         let mut mqtt_tls = (*tls_config).clone();
         mqtt_tls.alpn_protocols.clear();

@@ -6,6 +6,7 @@
 //! deadline) reaches handlers as request extensions.
 
 pub mod files;
+pub mod mqtt;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -35,6 +36,18 @@ pub struct PeerAddr(pub SocketAddr);
 /// every request of its connection; absent when it presented none.
 #[derive(Debug, Clone)]
 pub struct ClientChain(pub Arc<Vec<Vec<u8>>>);
+
+/// How a request arrived, added to its extensions by the front end that took it (HTTPS when
+/// absent): requests that came over MQTT are handed to the same router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transport(pub &'static str);
+
+impl Transport {
+    /// HTTPS.
+    pub const HTTPS: Self = Self("https");
+    /// MQTT, over TLS or WebSockets.
+    pub const MQTT: Self = Self("mqtt");
+}
 
 /// How long a request's body may take to arrive, added to every request's extensions.
 #[derive(Debug, Clone, Copy)]

@@ -17,7 +17,7 @@ use crate::domain::error::DomainError;
 use crate::http::json::Json;
 use crate::state::AppState;
 use crate::throttle::{Action, Throttled};
-use dps_listener::{ClientChain, PeerAddr};
+use dps_listener::{ClientChain, PeerAddr, Transport};
 
 mod operations;
 mod register;
@@ -155,6 +155,8 @@ pub(super) struct Caller {
     peer: Option<PeerAddr>,
     pub(super) chain: Option<ClientChain>,
     pub(super) headers: HeaderMap,
+    /// How the request arrived.
+    pub(super) transport: Transport,
 }
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
@@ -168,6 +170,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
             peer: parts.extensions.get::<PeerAddr>().copied(),
             chain: parts.extensions.get::<ClientChain>().cloned(),
             headers: parts.headers.clone(),
+            transport: parts
+                .extensions
+                .get::<Transport>()
+                .copied()
+                .unwrap_or(Transport::HTTPS),
         })
     }
 }

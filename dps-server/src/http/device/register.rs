@@ -41,6 +41,13 @@ pub(super) async fn register(
         )
         .into());
     }
+    // DPS takes no TPM over MQTT (its SDKs have no TPM transport for it).
+    if caller.transport == dps_listener::Transport::MQTT && request.tpm.is_some() {
+        return Err(DomainError::unauthorized(
+            "TPM attestation is not supported over MQTT; register over HTTPS",
+        )
+        .into());
+    }
     // A TPM device's first request: no proof yet, so it gets a challenge. Issuing one is
     // unauthenticated work, charged like a failed proof.
     let tpm_keys = request.tpm.as_ref().filter(|_| caller.chain.is_none());
