@@ -7,13 +7,15 @@
 # Usage: scripts/bench-load.sh [DEVICES] [CONCURRENCY]   (defaults 3000 and 64)
 # Set DPS_BENCH_DATABASE_URL to measure on PostgreSQL instead of SQLite (the CPU of the machine's
 # `postgres` processes is then reported too), and DPS_BENCH_MODES to run some of the modes
-# (default: individual group x509 tpm). Needs python3 for the table.
+# (default: individual group x509 tpm individual-mqtt group-mqtt x509-mqtt; a -mqtt mode
+# registers over MQTT, against the ceiling's MQTT sessions). Needs python3 for the table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 devices="${1:-3000}"
 concurrency="${2:-64}"
 source scripts/bench-server.sh 18443
-target/release/dps-load serve-ceiling --listen 127.0.0.1:18444 --dir "$work/ceiling" >"$work/ceiling.out" &
+target/release/dps-load serve-ceiling --listen 127.0.0.1:18444 --mqtt-listen 127.0.0.1:19444 \
+  --dir "$work/ceiling" >"$work/ceiling.out" &
 ceiling=$!
 trap 'kill "$server" "$ceiling" 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 100); do grep -q '^ca-certificate:' "$work/ceiling.out" 2>/dev/null && break; sleep 0.1; done
@@ -25,14 +27,21 @@ if [ -n "${DPS_BENCH_DATABASE_URL:-}" ]; then database=(--cpu-command postgres);
 # Devices poll every 10 ms instead of the 1 s Retry-After, so that the run measures the service
 # rather than the devices' patience; polls reuse the device's connection.
 load=(--devices "$devices" --concurrency "$concurrency" --poll-ms 10 --light --output json)
-for mode in ${DPS_BENCH_MODES:-individual group x509 tpm}; do
-  target/release/dps-load ceiling --endpoint https://localhost:18444 --mode "$mode" "${load[@]}" \
-    --cpu-pid "$ceiling" >"$work/ceiling-$mode.json" 2>/dev/null
-  target/release/dps-load run "${server_args[@]}" --id-scope "$scope" --mode "$mode" "${load[@]}" \
-    --cpu-pid "$server" "${database[@]}" >"$work/service-$mode.json" 2>/dev/null
+modes=${DPS_BENCH_MODES:-individual group x509 tpm individual-mqtt group-mqtt x509-mqtt}
+for mode in $modes; do
+  attestation="${mode%-mqtt}"
+  ceiling_mqtt=() service_mqtt=()
+  if [ "$attestation" != "$mode" ]; then
+    ceiling_mqtt=(--mqtt-port 19444) service_mqtt=(--mqtt-port "$mqtt_port")
+  fi
+  target/release/dps-load ceiling --endpoint https://localhost:18444 --mode "$attestation" \
+    "${load[@]}" "${ceiling_mqtt[@]}" --cpu-pid "$ceiling" >"$work/ceiling-$mode.json" 2>/dev/null
+  target/release/dps-load run "${server_args[@]}" --id-scope "$scope" --mode "$attestation" \
+    "${load[@]}" "${service_mqtt[@]}" --cpu-pid "$server" "${database[@]}" \
+    >"$work/service-$mode.json" 2>/dev/null
 done
 echo "server peak RSS (VmHWM) after the runs: $(rss VmHWM)"
-python3 - "$work" ${DPS_BENCH_MODES:-individual group x509 tpm} <<'EOF'
+python3 - "$work" $modes <<'EOF'
 import json, sys
 work, modes = sys.argv[1], sys.argv[2:]
 print("| mode | ceiling/s | service/s | rate ratio | ceiling µs/reg | service µs/reg | CPU ratio | database µs/reg | service p50 / p99 ms | errors |")

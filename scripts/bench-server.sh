@@ -1,10 +1,12 @@
 # Sourced by the benchmark scripts: builds the release binaries, starts the server on PORT
 # (the first argument) with a fresh data directory and the throttles off (one address sends
 # every request), links one hub, and sets `server` (its PID), `scope` and `server_args` (the
-# endpoint, connection string and CA options of dps-load and the admin CLI). The server is
+# endpoint, connection string and CA options of dps-load and the admin CLI; the MQTT listener is
+# on PORT + 1000, `mqtt_port`). The server is
 # stopped and its directory removed when the script exits.
 # Set DPS_BENCH_DATABASE_URL to run it on PostgreSQL instead of SQLite.
 port="$1"
+mqtt_port=$((port + 1000))
 cargo build -j2 --release -p dps-server -p load-generator --bins
 work="$(mktemp -d)"
 trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -16,7 +18,7 @@ trap 'kill "$server" 2>/dev/null || true; rm -rf "$work"' EXIT
   export DPS_THROTTLE__UNAUTHENTICATED_PER_ADDRESS_PER_MINUTE=0
   export DPS_THROTTLE__UNAUTHENTICATED_PER_DEVICE_PER_MINUTE=0
   export DPS_METRICS_LISTEN=127.0.0.1:0
-  export DPS_MQTT_LISTEN=off
+  export DPS_MQTT_LISTEN="127.0.0.1:$((port + 1000))"
   export DPS_LOG__FILTER=warn
   if [ -n "${DPS_BENCH_DATABASE_URL:-}" ]; then export DPS_DATABASE_URL="$DPS_BENCH_DATABASE_URL"; fi
   exec "$OLDPWD/target/release/dps-server" serve --listen "127.0.0.1:$port" >server.out 2>server.err

@@ -33,8 +33,11 @@ pub struct CeilingServer {
     pub endpoint: String,
     /// The CA its certificate chains to.
     pub ca_certificate: PathBuf,
+    /// Where it serves MQTT, when it does.
+    pub mqtt: Option<std::net::SocketAddr>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    mqtt_task: Option<JoinHandle<()>>,
 }
 
 impl CeilingServer {
@@ -42,6 +45,9 @@ impl CeilingServer {
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        if let Some(task) = self.mqtt_task {
+            let _ = task.await;
+        }
     }
 }
 
@@ -112,13 +118,17 @@ async fn operation(Path((_, id, op)): Path<(String, String, String)>) -> impl In
     }))
 }
 
-/// Starts a ceiling server on `listen`, its TLS material (the CA devices trust) in `dir`.
+/// Starts a ceiling server on `listen`, its TLS material (the CA devices trust) in `dir`, and
+/// MQTT on `mqtt_listen`: the service's own MQTT sessions (`dps_listener::mqtt`) over the
+/// canned answers, so that MQTT registrations can be measured against it too.
 pub async fn start(
     listen: std::net::SocketAddr,
     dir: &std::path::Path,
+    mqtt_listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<CeilingServer> {
     let tls = TlsMaterial::load(&TlsConfig::default(), dir, &[])?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config()?);
+    let server_config = tls.server_config()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_config.clone());
     let router = Router::new()
         .route("/{scope}/registrations/{id}/register", put(register))
         .route(
@@ -129,6 +139,31 @@ pub async fn start(
     let listener = TcpListener::bind(listen).await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = watch::channel(false);
+    let (mqtt, mqtt_task) = match mqtt_listen {
+        Some(address) => {
+            let mqtt_listener = TcpListener::bind(address).await?;
+            let bound = mqtt_listener.local_addr()?;
+            let mut mqtt_tls = (*server_config).clone();
+            mqtt_tls.alpn_protocols.clear();
+            let settings = dps_listener::mqtt::MqttSettings {
+                max_packet: 100 * 1024,
+                connect_deadline: Duration::from_secs(30),
+                body_deadline: Duration::from_secs(30),
+                max_websockets: 1,
+            };
+            let front = dps_listener::mqtt::Front::new(router.clone(), &settings, stopped.clone());
+            let task = tokio::spawn(dps_listener::serve_tls(
+                mqtt_listener,
+                tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(mqtt_tls)),
+                ConnectionLimits::default(),
+                stopped.clone(),
+                Duration::from_secs(5),
+                move |tls, peer, chain, _stopped| front.clone().serve(tls, peer, chain),
+            ));
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
     let task = tokio::spawn(dps_listener::serve(
         listener,
         Some(acceptor),
@@ -140,7 +175,9 @@ pub async fn start(
     Ok(CeilingServer {
         endpoint: format!("https://localhost:{port}"),
         ca_certificate: tls.ca_certificate,
+        mqtt,
         stop,
         task,
+        mqtt_task,
     })
 }

@@ -17,13 +17,13 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 
 /// Time allowed for connecting, and for each request.
-const TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where devices connect: the address, and the name their TLS handshake asks for.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    address: SocketAddr,
-    server_name: ServerName<'static>,
+    pub(crate) address: SocketAddr,
+    pub(crate) server_name: ServerName<'static>,
     authority: String,
 }
 
@@ -50,6 +50,13 @@ impl Endpoint {
             server_name,
             authority,
         })
+    }
+
+    /// The same host on another port (the MQTT listener's).
+    pub fn on_port(&self, port: u16) -> Self {
+        let mut other = self.clone();
+        other.address.set_port(port);
+        other
     }
 }
 

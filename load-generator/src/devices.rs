@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::connection::{Connection, Endpoint};
+use crate::mqtt::MqttConnection;
 use crate::report::{Percentiles, Report};
 
 /// Most enrollments per bulk request (the server's default `limits.max_bulk_items`).
@@ -411,6 +412,7 @@ impl Fleet {
         id_scope: &str,
         concurrency: usize,
         poll: Option<Duration>,
+        mqtt_port: Option<u16>,
     ) -> anyhow::Result<Report> {
         let total = self.devices.len();
         let concurrency = concurrency.max(1);
@@ -438,7 +440,11 @@ impl Fleet {
         };
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut tasks = JoinSet::new();
-        let endpoint = Arc::new(Endpoint::resolve(endpoint).await?);
+        let endpoint = Endpoint::resolve(endpoint).await?;
+        let endpoint = Arc::new(match mqtt_port {
+            Some(port) => endpoint.on_port(port),
+            None => endpoint,
+        });
         let scope: Arc<str> = id_scope.into();
         for device in self.devices {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -455,7 +461,10 @@ impl Fleet {
                 failed.clone(),
             );
             tasks.spawn(async move {
-                let outcome = register_one(&endpoint, &scope, &device, config, poll).await;
+                let outcome = match mqtt_port {
+                    Some(_) => register_over_mqtt(&endpoint, &scope, &device, config, poll).await,
+                    None => register_one(&endpoint, &scope, &device, config, poll).await,
+                };
                 drop(permit);
                 done.fetch_add(1, Ordering::Relaxed);
                 if outcome.is_err() {
@@ -482,7 +491,10 @@ impl Fleet {
         let _ = progress.await;
         Ok(Report {
             target: target.to_owned(),
-            mode: format!("{:?}", self.mode).to_ascii_lowercase(),
+            mode: match mqtt_port {
+                Some(_) => format!("{:?}-mqtt", self.mode).to_ascii_lowercase(),
+                None => format!("{:?}", self.mode).to_ascii_lowercase(),
+            },
             devices: total,
             concurrency,
             assigned: registration.len(),
@@ -560,6 +572,50 @@ async fn register_one(
                 ));
             }
             _ => return Err(error_code("http", status, &body)),
+        }
+    }
+}
+
+/// One device's registration over MQTT (symmetric keys and X.509; DPS has no TPM over MQTT).
+async fn register_over_mqtt(
+    endpoint: &Endpoint,
+    scope: &str,
+    device: &SimDevice,
+    config: Arc<rustls::ClientConfig>,
+    poll: Option<Duration>,
+) -> Result<(Duration, Duration), String> {
+    let started = Instant::now();
+    let token = match &device.proof {
+        Proof::Sas(key) => {
+            let resource = encode_uri_component(&format!("{scope}/registrations/{}", device.id));
+            Some(sign(
+                &resource,
+                key,
+                unix_now() + 3600,
+                Some("registration"),
+            ))
+        }
+        Proof::Certificate(_) => None,
+        Proof::Tpm(_) => return Err("tpm-over-mqtt".to_owned()),
+    };
+    let mut connection =
+        MqttConnection::open(endpoint, config, scope, &device.id, token.as_deref()).await?;
+    let (status, body, after) = connection
+        .request(None, &json!({ "registrationId": device.id }))
+        .await?;
+    let first = started.elapsed();
+    if status != 202 {
+        return Err(error_code("mqtt", status, &body));
+    }
+    let operation = body["operationId"].as_str().unwrap_or_default().to_owned();
+    let mut wait = poll.or(after).unwrap_or(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(wait).await;
+        let (status, body, after) = connection.request(Some(&operation), &json!(" ")).await?;
+        match (status, body["status"].as_str()) {
+            (202, _) => wait = poll.or(after).unwrap_or(Duration::from_secs(1)),
+            (200, Some("assigned")) => return Ok((started.elapsed(), first)),
+            _ => return Err(error_code("mqtt", status, &body)),
         }
     }
 }

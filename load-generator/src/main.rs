@@ -18,6 +18,7 @@ mod ceiling;
 mod connection;
 mod cpu;
 mod devices;
+mod mqtt;
 mod report;
 
 use std::path::PathBuf;
@@ -83,6 +84,9 @@ struct ServeCeilingArgs {
     /// Directory for its TLS material (created if missing; the CA is `ca.pem` there).
     #[arg(long)]
     dir: PathBuf,
+    /// Also serve MQTT over TLS here (the service's MQTT sessions over the canned answers).
+    #[arg(long)]
+    mqtt_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +131,10 @@ struct LoadArgs {
     /// client, so that the load generator is not the bottleneck.
     #[arg(long)]
     light: bool,
+    /// Register over MQTT at the endpoint's host on this port instead of HTTPS (symmetric-key
+    /// and X.509 modes).
+    #[arg(long)]
+    mqtt_port: Option<u16>,
     /// Report the CPU this process spent during the registrations (repeatable).
     #[arg(long = "cpu-pid", value_name = "PID")]
     cpu_pids: Vec<u32>,
@@ -159,6 +167,7 @@ impl LoadArgs {
                 scope,
                 self.concurrency,
                 self.poll_ms.map(Duration::from_millis),
+                self.mqtt_port,
             )
             .await?;
         report.cpu = before.spent(report.assigned).context("reading /proc")?;
@@ -199,9 +208,12 @@ async fn serve_ceiling(args: &ServeCeilingArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
-    let server = ceiling::start(args.listen, &args.dir).await?;
+    let server = ceiling::start(args.listen, &args.dir, args.mqtt_listen).await?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "listening: {}", server.endpoint)?;
+    if let Some(mqtt) = server.mqtt {
+        writeln!(out, "mqtt: {mqtt}")?;
+    }
     writeln!(out, "ca-certificate: {}", server.ca_certificate.display())?;
     out.flush()?;
     drop(out);

@@ -26,17 +26,22 @@ struct Ceiling {
     child: std::process::Child,
     endpoint: String,
     ca_certificate: String,
+    /// The port of its MQTT sessions.
+    mqtt_port: String,
 }
 
 impl Ceiling {
     fn start(dir: &std::path::Path) -> Self {
         use std::io::BufRead as _;
         let port = free_port().unwrap();
+        let mqtt_port = free_port().unwrap().to_string();
         let mut child = Command::new(load_binary().unwrap())
             .args([
                 "serve-ceiling",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
+                "--mqtt-listen",
+                &format!("127.0.0.1:{mqtt_port}"),
                 "--dir",
             ])
             .arg(dir.join("ceiling"))
@@ -51,11 +56,13 @@ impl Ceiling {
                 .to_owned()
         };
         let endpoint = field("listening: ");
+        assert_eq!(field("mqtt: "), format!("127.0.0.1:{mqtt_port}"));
         let ca_certificate = field("ca-certificate: ");
         Self {
             child,
             endpoint,
             ca_certificate,
+            mqtt_port,
         }
     }
 }
@@ -170,6 +177,69 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
             assert!(max >= p99, "{mode}: {run}");
         }
     }
+    // The symmetric-key and X.509 modes over MQTT, against the service and the ceiling.
+    let service_mqtt = server
+        .mqtt
+        .as_deref()
+        .and_then(|a| a.rsplit_once(':'))
+        .map(|(_, port)| port.to_owned())
+        .expect("the server prints its MQTT address");
+    for mode in ["individual", "group", "x509"] {
+        let load = [
+            "--devices",
+            "12",
+            "--concurrency",
+            "4",
+            "--mode",
+            mode,
+            "--poll-ms",
+            "20",
+            "--output",
+            "json",
+        ];
+        let service = report(
+            &[
+                &[
+                    "run",
+                    "--endpoint",
+                    &endpoint,
+                    "--connection-string",
+                    &server.connection_string,
+                    "--id-scope",
+                    &server.id_scope,
+                    "--ca-cert",
+                    &ca,
+                    "--mqtt-port",
+                    &service_mqtt,
+                ][..],
+                &load,
+            ]
+            .concat(),
+        );
+        let light = report(
+            &[
+                &[
+                    "ceiling",
+                    "--endpoint",
+                    &ceiling.endpoint,
+                    "--light",
+                    "--mqtt-port",
+                    &ceiling.mqtt_port,
+                ][..],
+                &load,
+            ]
+            .concat(),
+        );
+        for run in [&service, &light] {
+            assert_eq!(run["mode"], format!("{mode}-mqtt"), "{run}");
+            assert_eq!(run["assigned"], 12, "{mode} over MQTT: {run}");
+            assert_eq!(
+                run["errors"],
+                serde_json::json!({}),
+                "{mode} over MQTT: {run}"
+            );
+        }
+    }
     // A run that cannot reach its server reports every device as failed.
     let output = Command::new(load_binary().unwrap())
         .args([
@@ -214,11 +284,12 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
         .count();
     assert_eq!(scale, 1500);
 
-    // The registrations are the server's own: 12 devices per mode on its one hub.
+    // The registrations are the server's own: 12 devices per run (four modes over HTTPS,
+    // three over MQTT) on its one hub.
     let hub = server
         .admin_json(&["hub", "show", "hub-a.example.com"])
         .unwrap();
-    assert_eq!(hub["deviceCount"], 48, "{hub}");
+    assert_eq!(hub["deviceCount"], 84, "{hub}");
     // A wrong connection string fails clearly.
     let output = Command::new(load_binary().unwrap())
         .args([
