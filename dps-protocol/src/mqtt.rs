@@ -245,4 +245,25 @@ mod tests {
         );
         assert_eq!(Answer::of_topic("elsewhere"), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_topics_and_user_names_never_panic(text in ".{0,200}") {
+            let _ = Request::of_topic(&text);
+            let _ = Answer::of_topic(&text);
+            let _ = UserName::parse(&text);
+            let _ = Request::of_topic(&format!("{REGISTER_TOPIC}{text}"));
+            let _ = Request::of_topic(&format!("{POLL_TOPIC}$rid=1&operationId={text}"));
+        }
+
+        #[test]
+        fn answers_read_back_what_was_written(
+            status in 100u16..600,
+            rid in "[A-Za-z0-9%.-]{1,24}",
+            retry_after in proptest::option::of(0u64..100_000),
+        ) {
+            let answer = Answer { status, rid, retry_after };
+            proptest::prop_assert_eq!(Answer::of_topic(&answer.topic()), Some(answer));
+        }
+    }
 }

@@ -513,4 +513,18 @@ mod tests {
             let _ = Packet::read(&mut BytesMut::from(&bytes[..]), 1024);
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let mut buffer = BytesMut::from(&bytes[..]);
+            // Read packets until the bytes run out or stop making sense, as a session does.
+            while let Ok(_packet) = Packet::read(&mut buffer, 1024) {}
+        }
+
+        #[test]
+        fn arbitrary_connect_credentials_never_panic(username in ".{0,300}", password in ".{0,300}") {
+            let _ = Device::of(&username, &password);
+        }
+    }
 }
