@@ -44,6 +44,7 @@ enum Output {
 enum TransportArg {
     Https,
     Mqtt,
+    MqttWs,
 }
 
 #[derive(Debug, Args)]
@@ -101,8 +102,9 @@ struct RegisterArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
-    /// How to reach the service: https (the endpoint), or mqtt (MQTT over TLS at the
-    /// endpoint's host, on --mqtt-port; symmetric keys and X.509 only, as in Azure).
+    /// How to reach the service: https (the endpoint), mqtt (MQTT over TLS at the endpoint's
+    /// host, on --mqtt-port) or mqtt-ws (MQTT over a WebSocket at the endpoint); MQTT takes
+    /// symmetric keys and X.509, as in Azure.
     #[arg(long, value_enum, default_value = "https")]
     transport: TransportArg,
     /// The MQTT port, with --transport mqtt.
@@ -229,6 +231,7 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
             TransportArg::Mqtt => Transport::Mqtt {
                 port: args.mqtt_port,
             },
+            TransportArg::MqttWs => Transport::MqttWebSocket,
         },
     };
     let assignment = register(&request, &proof)

@@ -13,14 +13,15 @@ use bytes::BytesMut;
 use dps_protocol::device::{DeviceRegistration, RegistrationOperationStatus};
 use dps_protocol::mqtt::{self, RESPONSE_FILTER, UserName};
 use reqwest::StatusCode;
+use reqwest::header::HeaderValue;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, Packet, Publish, Subscribe};
 use rumqttc::mqttbytes::{self, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::register::{
     API_VERSION, Assignment, DEFAULT_POLL, Proof, RegisterError, Registration, TOKEN_LIFETIME,
-    finish, refusal, tls_config,
+    Transport, finish, refusal, tls_config,
 };
 
 /// Largest packet read from the service.
@@ -28,12 +29,9 @@ const MAX_PACKET: usize = 256 * 1024;
 /// The keep-alive asked for; the session is short.
 const KEEP_ALIVE_SECS: u16 = 60;
 
-/// Registers over MQTT at the endpoint's host, on `port`.
-pub async fn register(
-    request: &Registration,
-    proof: &Proof,
-    port: u16,
-) -> Result<Assignment, RegisterError> {
+/// Registers over MQTT: over TLS at the endpoint's host on the MQTT port, or over a WebSocket
+/// at the endpoint.
+pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignment, RegisterError> {
     let (password, certificate) = match proof {
         Proof::Sas(signer) => {
             let resource = attestation::sas::encode_uri_component(&format!(
@@ -53,11 +51,11 @@ pub async fn register(
             ));
         }
     };
-    let host = host_of(&request.endpoint)?;
+    let (host, https_port) = host_of(&request.endpoint)?;
     let tls = Arc::new(tls_config(request.ca_cert.as_ref(), certificate)?);
     match tokio::time::timeout(
         request.timeout,
-        session(request, &host, port, tls, &password),
+        session(request, &host, https_port, tls, &password),
     )
     .await
     {
@@ -69,31 +67,41 @@ pub async fn register(
     }
 }
 
-/// The host name of `https://host[:port][/...]` (or of a bare `host[:port]`).
-fn host_of(endpoint: &str) -> Result<String, RegisterError> {
+/// The host name and port (443 when it names none) of `https://host[:port][/...]` (or of a
+/// bare `host[:port]`).
+fn host_of(endpoint: &str) -> Result<(String, u16), RegisterError> {
     let rest = endpoint
         .split_once("://")
         .map_or(endpoint, |(_, rest)| rest);
     let authority = rest.split('/').next().unwrap_or_default();
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
-        _ => authority,
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            let port = port.parse().map_err(|_| {
+                RegisterError::Config(format!("--endpoint {endpoint}: the port is not a port"))
+            })?;
+            (host, port)
+        }
+        _ => (authority, 443),
     };
     if host.is_empty() {
         return Err(RegisterError::Config(format!(
             "--endpoint {endpoint} names no host"
         )));
     }
-    Ok(host.trim_matches(['[', ']']).to_owned())
+    Ok((host.trim_matches(['[', ']']).to_owned(), port))
 }
 
 async fn session(
     request: &Registration,
     host: &str,
-    port: u16,
+    https_port: u16,
     tls: Arc<rustls::ClientConfig>,
     password: &str,
 ) -> Result<Assignment, RegisterError> {
+    let port = match request.transport {
+        Transport::Mqtt { port } => port,
+        Transport::MqttWebSocket | Transport::Https => https_port,
+    };
     let unreachable = |e: &dyn std::fmt::Display| {
         RegisterError::Timeout(request.timeout, format!("cannot reach {host}:{port}: {e}"))
     };
@@ -102,16 +110,75 @@ async fn session(
         .map_err(|e| unreachable(&e))?;
     let name = rustls_pki_types::ServerName::try_from(host.to_owned())
         .map_err(|e| RegisterError::Config(format!("{host}: {e}")))?;
-    let stream = tokio_rustls::TlsConnector::from(tls)
+    let tls = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
         .map_err(|e| unreachable(&e))?;
-    let mut client = Client {
-        stream,
-        read: BytesMut::new(),
-        next_rid: 0,
-    };
+    if request.transport != Transport::MqttWebSocket {
+        return exchange(request, Client::new(tls), password).await;
+    }
+    // MQTT over a WebSocket: its binary messages carry the MQTT bytes, bridged to a pipe.
+    let url = format!("wss://{host}:{port}/$iothub/websocket");
+    let mut upgrade = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| RegisterError::Config(format!("{url}: {e}")))?;
+    upgrade
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+    let (socket, _) = tokio_tungstenite::client_async(upgrade, tls)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (ours, theirs) = tokio::io::duplex(MAX_PACKET);
+    let bridge = tokio::spawn(bridge(socket, theirs));
+    let result = exchange(request, Client::new(ours), password).await;
+    bridge.abort();
+    result
+}
 
+/// Carries MQTT bytes between a WebSocket's binary messages and `pipe`.
+async fn bridge<S>(socket: tokio_tungstenite::WebSocketStream<S>, mut pipe: tokio::io::DuplexStream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut sink, mut stream) = socket.split();
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if pipe.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                _ => break,
+            },
+            read = pipe.read(&mut buffer) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let bytes = bytes::Bytes::copy_from_slice(&buffer[..n]);
+                    if sink.send(Message::Binary(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// The protocol of one registration over an MQTT connection.
+async fn exchange<S>(
+    request: &Registration,
+    mut client: Client<S>,
+    password: &str,
+) -> Result<Assignment, RegisterError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut connect = Connect::new(request.registration_id.clone());
     connect.keep_alive = KEEP_ALIVE_SECS;
     connect.set_login(
@@ -211,13 +278,21 @@ fn protocol(packet: &Packet) -> RegisterError {
     ))
 }
 
-struct Client {
-    stream: TlsStream<tokio::net::TcpStream>,
+struct Client<S> {
+    stream: S,
     read: BytesMut,
     next_rid: u16,
 }
 
-impl Client {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
+    fn new(stream: S) -> Self {
+        Self {
+            stream,
+            read: BytesMut::new(),
+            next_rid: 0,
+        }
+    }
+
     async fn send(&mut self, packet: Packet) -> Result<(), RegisterError> {
         let mut out = BytesMut::new();
         packet
@@ -302,10 +377,16 @@ mod tests {
     fn hosts_are_read_from_the_endpoint() {
         assert_eq!(
             host_of("https://dps.example.com:8443/x").unwrap(),
-            "dps.example.com"
+            ("dps.example.com".to_owned(), 8443)
         );
-        assert_eq!(host_of("https://localhost").unwrap(), "localhost");
-        assert_eq!(host_of("mqtts://[::1]:8883").unwrap(), "::1");
+        assert_eq!(
+            host_of("https://localhost").unwrap(),
+            ("localhost".to_owned(), 443)
+        );
+        assert_eq!(
+            host_of("mqtts://[::1]:8883").unwrap(),
+            ("::1".to_owned(), 8883)
+        );
         assert!(host_of("https://").is_err());
     }
 }

@@ -81,6 +81,9 @@ pub enum Transport {
         /// The MQTT port.
         port: u16,
     },
+    /// MQTT over a WebSocket at the endpoint (`wss://{host}[:port]/$iothub/websocket`), for
+    /// networks that pass only 443.
+    MqttWebSocket,
 }
 
 /// Where the service assigned the device.
@@ -281,8 +284,8 @@ pub(crate) fn backoff(attempt: u32) -> Duration {
 
 /// Registers the device and returns its assignment.
 pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignment, RegisterError> {
-    if let Transport::Mqtt { port } = request.transport {
-        return crate::mqtt::register(request, proof, port).await;
+    if request.transport != Transport::Https {
+        return crate::mqtt::register(request, proof).await;
     }
     let started = Instant::now();
     let deadline = started + request.timeout;

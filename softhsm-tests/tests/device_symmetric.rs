@@ -327,6 +327,14 @@ fn the_device_client_registers_over_mqtt() {
     assert_eq!(done["deviceId"], "device-mqtt");
     let state = cli(&s.server, &["registration", "show", "dev-mqtt"]);
     assert_eq!(state["status"], "assigned");
+    // Over a WebSocket at the HTTPS endpoint, for networks that pass only 443.
+    let again = assigned(&s.device(
+        "dev-mqtt",
+        &["--symmetric-key", &key],
+        &["--transport", "mqtt-ws", "--force"],
+        &[],
+    ));
+    assert_eq!(again["assignedHub"], "hub-a.example.com");
 
     // A wrong key is refused with the service's error code, over MQTT too.
     let wrong = s.dir.path().join("mqtt-wrong.key");
