@@ -199,7 +199,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         listener,
         Some(acceptor),
         app::router(state.clone())
-            .merge(crate::mqtt::websocket_routes(front))
+            .merge(crate::mqtt::websocket_routes(front).layer(
+                axum::middleware::from_fn_with_state(
+                    state.metrics.clone(),
+                    crate::observability::track,
+                ),
+            ))
             .map_request(app::canonicalize_path),
         limits,
         stopped.clone(),

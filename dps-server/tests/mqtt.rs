@@ -424,6 +424,12 @@ async fn mqtt_over_websockets_at_the_root() {
         [0x82, 4, 0x20, 2, 0, 0],
         "a binary frame with CONNACK 0"
     );
+    // The upgrade is logged and counted like any request.
+    let metrics = t.metrics().await;
+    assert!(
+        metrics.contains(r#"dps_http_requests_total{method="GET",route="/",status="101"} 1"#),
+        "{metrics}"
+    );
 }
 
 /// A client silent for longer than 1.5 times the keep-alive it asked for is disconnected.
