@@ -38,6 +38,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Wire for S {}
 
 /// Keep-alive when the client asks for none (the C SDK sends 0).
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(240);
+/// The longest silence allowed, whatever keep-alive the client asks for (up to 18 hours fit in
+/// the field): a silent client must not hold its connection for a day.
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(30 * 60);
 
 /// The limits of MQTT sessions.
 #[derive(Debug, Clone)]
@@ -97,7 +100,11 @@ impl Front {
         chain: Option<ClientChain>,
     ) {
         let (ours, theirs) = tokio::io::duplex(self.max_packet);
-        tokio::join!(bridge(socket, theirs), self.serve(ours, peer, chain));
+        let deadline = self.body_deadline;
+        tokio::join!(
+            bridge(socket, theirs, deadline),
+            self.serve(ours, peer, chain)
+        );
     }
 
     /// The largest packet (and WebSocket message) accepted.
@@ -111,7 +118,7 @@ impl Front {
         let mut stopped = self.stopped.clone();
         let mut session = match tokio::time::timeout(
             self.connect_deadline,
-            Session::connect(&mut tls, self.max_packet),
+            Session::connect(&mut tls, self.max_packet, self.body_deadline),
         )
         .await
         {
@@ -266,33 +273,51 @@ impl Front {
 }
 
 /// Carries the bytes of binary WebSocket messages to `pipe` and back, until either side ends.
-async fn bridge(mut socket: axum::extract::ws::WebSocket, mut pipe: tokio::io::DuplexStream) {
+/// The two directions run side by side, so that a client that floods requests without reading
+/// its answers cannot leave both waiting on each other; a send that the client does not take
+/// within `deadline` ends the session.
+async fn bridge(
+    socket: axum::extract::ws::WebSocket,
+    pipe: tokio::io::DuplexStream,
+    deadline: Duration,
+) {
     use axum::extract::ws::Message;
-    let mut buffer = vec![0u8; 16 * 1024];
-    loop {
-        tokio::select! {
-            message = socket.recv() => match message {
-                Some(Ok(Message::Binary(bytes))) => {
-                    if pipe.write_all(&bytes).await.is_err() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let (mut sink, mut stream) = socket.split();
+    let (mut from_session, mut to_session) = tokio::io::split(pipe);
+    let inbound = async {
+        while let Some(Ok(message)) = stream.next().await {
+            match message {
+                Message::Binary(bytes) => {
+                    if to_session.write_all(&bytes).await.is_err() {
                         break;
                     }
                 }
                 // Pings are answered by the WebSocket layer; text is not MQTT.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Message::Ping(_) | Message::Pong(_) => {}
                 _ => break,
-            },
-            read = pipe.read(&mut buffer) => match read {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let bytes = Bytes::copy_from_slice(&buffer[..n]);
-                    if socket.send(Message::Binary(bytes)).await.is_err() {
-                        break;
-                    }
-                }
-            },
+            }
         }
+    };
+    let outbound = async {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from_session.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let message = Message::Binary(Bytes::copy_from_slice(&buffer[..n]));
+            match tokio::time::timeout(deadline, sink.send(message)).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        let _ = tokio::time::timeout(deadline, sink.send(Message::Close(None))).await;
+    };
+    tokio::select! {
+        () = inbound => {}
+        () = outbound => {}
     }
-    let _ = socket.send(Message::Close(None)).await;
 }
 
 /// Percent-encodes what goes into a path segment.
@@ -340,6 +365,8 @@ struct Session {
     device: Device,
     keep_alive: Duration,
     max_packet: usize,
+    /// How long a write may wait for the client to take it.
+    write_deadline: Duration,
     read: BytesMut,
     write: BytesMut,
     next_pkid: u16,
@@ -361,7 +388,11 @@ enum SessionError {
 impl Session {
     /// Reads CONNECT and answers CONNACK: accepted (SessionPresent 0, whatever CleanSession
     /// says) when the username names a device, refused otherwise.
-    async fn connect<S: Wire>(tls: &mut S, max_packet: usize) -> Result<Self, SessionError> {
+    async fn connect<S: Wire>(
+        tls: &mut S,
+        max_packet: usize,
+        write_deadline: Duration,
+    ) -> Result<Self, SessionError> {
         let mut read = BytesMut::with_capacity(1024);
         let mut write = BytesMut::with_capacity(1024);
         let connect = match next_packet(tls, &mut read, max_packet).await? {
@@ -384,9 +415,10 @@ impl Session {
             keep_alive: match connect.keep_alive {
                 0 => DEFAULT_KEEP_ALIVE,
                 // The client pings within its keep-alive; half as long again is its grace.
-                seconds => Duration::from_secs(u64::from(seconds)) * 3 / 2,
+                seconds => (Duration::from_secs(u64::from(seconds)) * 3 / 2).min(MAX_KEEP_ALIVE),
             },
             max_packet,
+            write_deadline,
             read,
             write,
             next_pkid: 0,
@@ -402,7 +434,18 @@ impl Session {
         tls: &mut S,
         packets: &[Packet],
     ) -> Result<(), SessionError> {
-        write_packets(tls, &mut self.write, packets).await
+        // A client that stops reading must not hold its connection.
+        tokio::time::timeout(
+            self.write_deadline,
+            write_packets(tls, &mut self.write, packets),
+        )
+        .await
+        .map_err(|_| {
+            SessionError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took no answer in time",
+            ))
+        })?
     }
 
     /// A QoS 1 publish of `answer` with the next packet id.

@@ -56,21 +56,27 @@ impl MqttConnection {
             UserName::format(scope, id, "2019-03-31", "dps-load"),
             password.unwrap_or_default(),
         );
-        connection.send(Packet::Connect(packet)).await?;
-        match connection.next().await? {
-            Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
-            _ => return Err("mqtt-connack".to_owned()),
-        }
-        connection
-            .send(Packet::Subscribe(Subscribe::new(
-                RESPONSE_FILTER,
-                QoS::AtLeastOnce,
-            )))
-            .await?;
-        match connection.next().await? {
-            Packet::SubAck(_) => Ok(connection),
-            _ => Err("mqtt-suback".to_owned()),
-        }
+        let handshake = async {
+            connection.send(Packet::Connect(packet)).await?;
+            match connection.next().await? {
+                Packet::ConnAck(ack) if ack.code == ConnectReturnCode::Success => {}
+                _ => return Err("mqtt-connack".to_owned()),
+            }
+            connection
+                .send(Packet::Subscribe(Subscribe::new(
+                    RESPONSE_FILTER,
+                    QoS::AtLeastOnce,
+                )))
+                .await?;
+            match connection.next().await? {
+                Packet::SubAck(_) => Ok(()),
+                _ => Err("mqtt-suback".to_owned()),
+            }
+        };
+        tokio::time::timeout(TIMEOUT, handshake)
+            .await
+            .map_err(|_| "timeout".to_owned())??;
+        Ok(connection)
     }
 
     /// A register (or, with an operation id, a poll) and its answer.
@@ -105,7 +111,9 @@ impl MqttConnection {
                 return Ok((
                     topic.status,
                     body,
-                    topic.retry_after.map(Duration::from_secs),
+                    topic
+                        .retry_after
+                        .map(|s| Duration::from_secs(s.clamp(1, 300))),
                 ));
             }
         };
