@@ -2141,6 +2141,24 @@ async fn azure_admin_wire_details(backend: Backend) {
             .unwrap();
         assert_eq!(response.status(), status, "{token}");
     }
+    // "dy0y" is base64url for "w-2": the page starts after it.
+    let after_w2 = expect_json(
+        t.owner(Method::POST, "/enrollments/query")
+            .header("x-ms-continuation", "dy0y")
+            .json(&json!({ "query": "SELECT *" }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let ids: Vec<&str> = after_w2
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["registrationId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["w-3", "w-4"]);
 
     // A bulk item whose JSON is not an enrollment fails the whole request; nothing is stored.
     let malformed = t
@@ -2200,6 +2218,37 @@ async fn azure_admin_wire_details(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(response.status(), 204);
+
+    // A bulk updateIfMatchETag with the wildcard (quoted, as C# sends it) updates whatever is
+    // stored; with a stale etag it changes nothing.
+    let mut w1 = symmetric_enrollment("w-1");
+    w1["etag"] = json!("\"*\"");
+    w1["provisioningStatus"] = json!("disabled");
+    let mut w2 = symmetric_enrollment("w-2");
+    w2["etag"] = json!("\"stale\"");
+    w2["provisioningStatus"] = json!("disabled");
+    let result = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "updateIfMatchETag", "enrollments": [w1, w2] }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(result["errors"][0]["registrationId"], "w-2", "{result}");
+    assert_eq!(result["errors"].as_array().unwrap().len(), 1, "{result}");
+    for (id, status) in [("w-1", "disabled"), ("w-2", "enabled")] {
+        let read = expect_json(
+            t.owner(Method::GET, &format!("/enrollments/{id}"))
+                .send()
+                .await
+                .unwrap(),
+            200,
+        )
+        .await;
+        assert_eq!(read["provisioningStatus"], status, "{id}");
+    }
 
     // Item 6: bulk delete items that carry only the id (and an etag).
     let stale = t

@@ -163,6 +163,10 @@ async fn every_record_survives_the_upgrade(backend: Backend) {
         .await
         .unwrap();
     expect_error(owned, 409, 409002).await;
+    assert_eq!(
+        read(&t, "/owners/acme", factory_key).await,
+        answer_now("/owners/acme")
+    );
 
     // The upgrade ran once: a restart reads the same records.
     let t = t.restart().await;

@@ -634,12 +634,17 @@ async fn bulk_item<E: Enrollment>(
     };
     let precondition = match mode {
         BulkMode::Create => Precondition::MustNotExist,
-        BulkMode::UpdateIfMatchEtag => Precondition::IfMatch(etag.ok_or_else(|| {
-            DomainError::new(
-                ErrorCode::ArgumentNull,
-                "updateIfMatchETag needs the item's etag",
-            )
-        })?),
+        BulkMode::UpdateIfMatchEtag => match etag {
+            // The wildcard, as in If-Match, matches whatever is stored.
+            Some(tag) if tag == "*" => Precondition::Always,
+            Some(tag) => Precondition::IfMatch(tag),
+            None => {
+                return Err(DomainError::new(
+                    ErrorCode::ArgumentNull,
+                    "updateIfMatchETag needs the item's etag",
+                ));
+            }
+        },
         // (Delete items were answered above.)
         BulkMode::Update | BulkMode::Delete => Precondition::Always,
     };

@@ -178,7 +178,7 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
                 .map(|all| all.iter().filter_map(|c| c["expires"].as_i64()).max())
                 .unwrap_or_else(|| doc["expires"].as_i64());
             Columns::Expires {
-                at: latest.unwrap_or(now) + 3600,
+                at: latest.unwrap_or(now).saturating_add(3600),
             }
         }
         Kind::OwnershipRecord => Columns::Owned {
