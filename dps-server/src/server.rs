@@ -26,6 +26,7 @@ use dps_listener::TlsMaterial;
 
 /// How often idle throttle buckets are forgotten and expired records swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Connections the metrics listener serves at once (scrapers, health checks).
 const METRICS_CONNECTIONS: usize = 64;
@@ -130,9 +131,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (throttle, sweeping, mut stopping) =
         (state.throttle.clone(), store.clone(), stopped.clone());
     // Once a minute: forget idle throttle buckets, and delete finished operations and TPM
-    // challenges whose time ran out (on every replica; the deletes are idempotent).
+    // challenges whose time ran out (on every replica; the deletes are idempotent). Every
+    // second: SQLite's checkpoint.
     tokio::spawn(async move {
         let mut every = tokio::time::interval(SWEEP_INTERVAL);
+        let mut checkpoints = tokio::time::interval(CHECKPOINT_INTERVAL);
+        checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = every.tick() => {
@@ -142,6 +146,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                         Ok(0) => {}
                         Ok(swept) => tracing::debug!(swept, "expired operations and challenges deleted"),
                         Err(e) => tracing::warn!(error = %e, "sweeping expired operations failed"),
+                    }
+                }
+                _ = checkpoints.tick() => {
+                    if let Err(e) = sweeping.checkpoint().await {
+                        tracing::warn!(error = %e, "checkpointing the database failed");
                     }
                 }
                 _ = stopping.changed() => break,

@@ -329,6 +329,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// seconds); returns how many.
     async fn sweep(&self, now: i64) -> Result<u64, StoreError>;
 
+    /// Copies SQLite's write-ahead log back into the database (nothing on PostgreSQL): called
+    /// every second, so that no device's commit pays for it.
+    async fn checkpoint(&self) -> Result<(), StoreError>;
+
     /// Applies all writes in one transaction, or none of them. Returns, for each write, the
     /// stored document of a `Put` and `None` for deletes.
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError>;

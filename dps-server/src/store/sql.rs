@@ -15,6 +15,15 @@ use super::{BulkDoc, Columns, Kind, Page, Precondition, Store, StoreError, Store
 /// Rows per statement of a bulk upsert: a handful of parameters each stays far below SQLite's
 /// 32,766 and PostgreSQL's 65,535 parameters per statement.
 const BULK_ROWS: usize = 500;
+/// Connections that read an SQLite database (one more writes).
+const SQLITE_READERS: u32 = 4;
+/// Pages in SQLite's write-ahead log past which the writer copies them back itself, when the
+/// periodic `checkpoint` has not kept up (4 KiB pages: 40 MB).
+const WAL_BACKSTOP_PAGES: u32 = 10_000;
+/// Pages in SQLite's write-ahead log past which `checkpoint` starts it again (16 MB).
+const WAL_RESTART_FRAMES: i64 = 4_000;
+/// Bytes the write-ahead log file is cut back to after a checkpoint emptied it.
+const WAL_SIZE_LIMIT: u64 = 64 << 20;
 /// How often a transaction aborted as not serialisable (SQLSTATE 40001) is run again.
 const SERIALIZATION_RETRIES: usize = 5;
 
@@ -53,10 +62,13 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
 ];
 
-/// SQLite or PostgreSQL through one connection pool.
+/// SQLite or PostgreSQL through connection pools.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
+    /// Writes, and reads inside a write's transaction.
     pub(super) pool: Pool,
+    /// Reads outside a transaction (on PostgreSQL, the same pool).
+    pub(super) reads: Pool,
 }
 
 #[derive(Debug, Clone)]
@@ -95,7 +107,7 @@ macro_rules! on_tx {
 impl SqlStore {
     /// Connects to `url` (`sqlite://...` or `postgres://...`) and runs the migrations.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let (pool, migrations) = if url.starts_with("sqlite:") {
+        let (pool, reads, migrations) = if url.starts_with("sqlite:") {
             if let Some(path) = sqlite_file(url) {
                 dps_listener::files::private_file(std::path::Path::new(path)).map_err(|e| {
                     StoreError::Database(sqlx::Error::Configuration(
@@ -103,19 +115,41 @@ impl SqlStore {
                     ))
                 })?;
             }
-            // WAL (readers never block the writer), a busy timeout so that concurrent writers
-            // wait instead of failing, and the usual WAL durability level.
+            // WAL (readers never block the writer), a busy timeout so that a writer waits for
+            // another process instead of failing, and the usual WAL durability level.
             let options: SqliteConnectOptions = url.parse()?;
             let options = options
                 .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
                 .busy_timeout(std::time::Duration::from_secs(10))
-                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+                .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                .pragma("journal_size_limit", WAL_SIZE_LIMIT.to_string());
+            // One connection writes. SQLite lets one writer in at a time anyway; with several
+            // writing connections they wait for its lock in sleeps, and every write empties the
+            // page caches of all the others. Reads have connections of their own, so that they
+            // go on during a long write. The write-ahead log is copied back into the database
+            // by `checkpoint` (called every second, off the writer), not by the commit that
+            // happens to fill it; the writer does it only as a backstop.
             let pool = SqlitePoolOptions::new()
-                .max_connections(8)
+                .max_connections(1)
                 .test_before_acquire(false)
-                .connect_with(options)
+                .connect_with(
+                    options
+                        .clone()
+                        .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string()),
+                )
                 .await?;
-            (Pool::Sqlite(pool), SQLITE_MIGRATIONS)
+            // An in-memory database exists only on its connection.
+            let reads = match sqlite_file(url) {
+                Some(_) => {
+                    SqlitePoolOptions::new()
+                        .max_connections(SQLITE_READERS)
+                        .test_before_acquire(false)
+                        .connect_with(options)
+                        .await?
+                }
+                None => pool.clone(),
+            };
+            (Pool::Sqlite(pool), Pool::Sqlite(reads), SQLITE_MIGRATIONS)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             // No ping before each use: it is a round trip per statement. A connection that
             // broke fails its statement instead (that request gets a 503) and is replaced.
@@ -124,7 +158,11 @@ impl SqlStore {
                 .test_before_acquire(false)
                 .connect(url)
                 .await?;
-            (Pool::Postgres(pool), POSTGRES_MIGRATIONS)
+            (
+                Pool::Postgres(pool.clone()),
+                Pool::Postgres(pool),
+                POSTGRES_MIGRATIONS,
+            )
         } else {
             let scheme = url.split(':').next().unwrap_or_default();
             return Err(StoreError::Database(sqlx::Error::Configuration(
@@ -149,7 +187,7 @@ impl SqlStore {
         // idempotent, so replicas starting together at worst retry.
         migrator.set_locking(false);
         on_pool!(&pool, p => migrator.run(p).await)?;
-        let store = Self { pool };
+        let store = Self { pool, reads };
         super::upgrade::from_documents(&store).await?;
         Ok(store)
     }
@@ -515,7 +553,7 @@ impl Store for SqlStore {
             values.extend(bound);
         }
         let sql = parts.join(" UNION ALL ");
-        let rows: Vec<(String, Stored)> = on_pool!(&self.pool, p => {
+        let rows: Vec<(String, Stored)> = on_pool!(&self.reads, p => {
             bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
                 .fetch_all(p)
                 .await?
@@ -557,7 +595,7 @@ impl Store for SqlStore {
         let mut values = scope(table, &ns);
         values.extend(page.parent.map(Value::Text));
         values.extend(page.after.map(Value::Text));
-        on_pool!(&self.pool, p => bind_values!(sqlx::query(sql.as_str()), &values)
+        on_pool!(&self.reads, p => bind_values!(sqlx::query(sql.as_str()), &values)
             .bind(limit)
             .fetch_all(p)
             .await?
@@ -604,7 +642,7 @@ impl Store for SqlStore {
         }
         let ns = instance_key(ns);
         let values = scope(table, &ns);
-        on_pool!(&self.pool, p => bind_values!(sqlx::query(table.sql.count_by.as_str()), &values)
+        on_pool!(&self.reads, p => bind_values!(sqlx::query(table.sql.count_by.as_str()), &values)
             .fetch_all(p)
             .await?
             .iter()
@@ -613,7 +651,7 @@ impl Store for SqlStore {
     }
 
     async fn instance_by_scope(&self, id_scope: &str) -> Result<Option<String>, StoreError> {
-        let found = on_pool!(&self.pool, p => sqlx::query("SELECT key FROM instances WHERE id_scope = $1")
+        let found = on_pool!(&self.reads, p => sqlx::query("SELECT key FROM instances WHERE id_scope = $1")
             .bind(id_scope)
             .fetch_optional(p)
             .await?
@@ -623,7 +661,7 @@ impl Store for SqlStore {
     }
 
     async fn instance_by_host(&self, host: &str) -> Result<Option<String>, StoreError> {
-        let found = on_pool!(&self.pool, p => sqlx::query("SELECT instance FROM instance_host_names WHERE host = $1")
+        let found = on_pool!(&self.reads, p => sqlx::query("SELECT instance FROM instance_host_names WHERE host = $1")
             .bind(host)
             .fetch_optional(p)
             .await?
@@ -645,6 +683,26 @@ impl Store for SqlStore {
                 .rows_affected());
         }
         Ok(swept)
+    }
+
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        let Pool::Sqlite(p) = &self.reads else {
+            return Ok(());
+        };
+        // PASSIVE copies what no reader still needs and waits for nobody. The writer starts
+        // the log again from its beginning only while no reader is in it, which under steady
+        // load is seldom: past `WAL_RESTART_FRAMES` the log is restarted here, which waits
+        // for the readers of the moment (single statements) and holds the writer meanwhile.
+        let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(p)
+            .await?;
+        let frames: i64 = row.try_get(1)?;
+        if frames >= WAL_RESTART_FRAMES {
+            sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+                .execute(p)
+                .await?;
+        }
+        Ok(())
     }
 
     fn backend(&self) -> &'static str {
@@ -804,5 +862,96 @@ mod tests {
                 );
             }
         }
+    }
+
+    async fn sqlite_file_store(dir: &tempfile::TempDir) -> (SqlStore, String) {
+        let path = dir.path().join("dps.sqlite").display().to_string();
+        let store = SqlStore::connect(&format!("sqlite://{path}?mode=rwc"))
+            .await
+            .unwrap();
+        (store, path)
+    }
+
+    fn policy(key: &str) -> Write {
+        Write::Put {
+            ns: "one".into(),
+            kind: Kind::AccessPolicy,
+            key: key.into(),
+            columns: Columns::None,
+            doc: "{}".into(),
+            precondition: Precondition::Always,
+            etag: None,
+        }
+    }
+
+    fn instance() -> Write {
+        Write::Put {
+            ns: crate::store::SERVER_NS.into(),
+            kind: Kind::Instance,
+            key: "one".into(),
+            columns: Columns::Instance {
+                id_scope: "0ne00000001".into(),
+                host_names: Vec::new(),
+            },
+            doc: "{}".into(),
+            precondition: Precondition::Always,
+            etag: None,
+        }
+    }
+
+    /// Reads have connections of their own: a write transaction that is still open (a long
+    /// bulk write, say) holds up other writes but no read, and the reads see what was committed.
+    #[tokio::test]
+    async fn sqlite_reads_go_on_while_a_write_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = sqlite_file_store(&dir).await;
+        store.write(&[instance()]).await.unwrap();
+        let mut open = store.begin().await.unwrap();
+        apply(&mut open, &policy("pending")).await.unwrap();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            store.get("one", Kind::AccessPolicy, "pending"),
+        )
+        .await
+        .expect("a read waited for an open write");
+        assert_eq!(read.unwrap(), None, "an uncommitted write was read");
+        open.commit().await.unwrap();
+        let read = store
+            .get("one", Kind::AccessPolicy, "pending")
+            .await
+            .unwrap();
+        assert!(read.is_some(), "a committed write was not read");
+    }
+
+    /// `checkpoint` copies committed writes from the write-ahead log into the database file
+    /// (read here by a connection that ignores the log).
+    #[tokio::test]
+    async fn sqlite_checkpoint_copies_the_log_into_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path) = sqlite_file_store(&dir).await;
+        let Pool::Sqlite(writer) = &store.pool else {
+            panic!("a SQLite URL");
+        };
+        // The schema into the file, by hand.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(writer)
+            .await
+            .unwrap();
+        store.write(&[instance(), policy("logged")]).await.unwrap();
+        let in_file = || async {
+            let options: SqliteConnectOptions =
+                format!("sqlite://{path}?immutable=1").parse().unwrap();
+            let mut file_only = sqlx::ConnectOptions::connect(&options).await.unwrap();
+            let found = sqlx::query("SELECT key FROM access_policies WHERE key = 'logged'")
+                .fetch_optional(&mut file_only)
+                .await
+                .unwrap()
+                .is_some();
+            sqlx::Connection::close(file_only).await.unwrap();
+            found
+        };
+        assert!(!in_file().await, "the write skipped the log");
+        store.checkpoint().await.unwrap();
+        assert!(in_file().await, "the checkpoint left the write in the log");
     }
 }
