@@ -4,6 +4,7 @@
 
 pub mod chain;
 pub mod connection_string;
+pub mod issuance;
 pub mod keys;
 pub mod sas;
 pub mod tpm;
