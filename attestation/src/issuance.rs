@@ -518,28 +518,12 @@ fn distinguished_name(name: &x509_cert::name::Name) -> Result<DistinguishedName,
 
 fn dn_value(value: &AttributeValue) -> Result<DnValue, CaError> {
     let unusable = |e: rcgen::Error| CaError::Chain(e.to_string());
-    let text = || {
-        value
-            .value()
-            .to_vec()
-            .try_into()
-            .map_err(|_| CaError::Chain("a subject attribute is not text".into()))
-    };
+    let text = String::from_utf8(value.value().to_vec())
+        .map_err(|_| CaError::Chain("a subject attribute is not text".into()))?;
     Ok(match der::Tagged::tag(value) {
-        der::Tag::Utf8String => DnValue::Utf8String(
-            String::from_utf8(value.value().to_vec())
-                .map_err(|_| CaError::Chain("a subject attribute is not UTF-8".into()))?,
-        ),
-        der::Tag::PrintableString => {
-            let s: String = String::from_utf8(text()?)
-                .map_err(|_| CaError::Chain("a subject attribute is not text".into()))?;
-            DnValue::PrintableString(s.try_into().map_err(unusable)?)
-        }
-        der::Tag::Ia5String => {
-            let s: String = String::from_utf8(text()?)
-                .map_err(|_| CaError::Chain("a subject attribute is not text".into()))?;
-            DnValue::Ia5String(s.try_into().map_err(unusable)?)
-        }
+        der::Tag::Utf8String => DnValue::Utf8String(text),
+        der::Tag::PrintableString => DnValue::PrintableString(text.try_into().map_err(unusable)?),
+        der::Tag::Ia5String => DnValue::Ia5String(text.try_into().map_err(unusable)?),
         other => {
             return Err(CaError::Chain(format!(
                 "a subject attribute has the unsupported string type {other}"

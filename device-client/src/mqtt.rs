@@ -217,6 +217,7 @@ where
         registration_id: Some(request.registration_id.clone()),
         tpm: None,
         payload: request.payload.clone(),
+        csr: None,
     })
     .map_err(|e| RegisterError::Config(e.to_string()))?;
     let deadline = Instant::now() + request.timeout;

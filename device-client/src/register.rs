@@ -312,6 +312,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
             Some(tpm) => with_ek_certificate(request.payload.clone(), tpm),
             None => request.payload.clone(),
         },
+        csr: None,
     };
     let timeout = |last: &str| RegisterError::Timeout(request.timeout, last.to_owned());
     let mut failures = 0u32;

@@ -18,6 +18,10 @@ pub struct DeviceRegistration {
     /// Any JSON object the device wants to pass to allocation (Python sends `null`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// Base64 DER PKCS#10 request for an operational certificate (api-version
+    /// 2025-07-01-preview), its subject CN the registration id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
 /// The 401 answer to a TPM device's unauthenticated register: an activation blob whose key

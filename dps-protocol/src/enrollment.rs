@@ -350,6 +350,11 @@ pub struct DeviceRegistrationState {
     /// TPM devices: the activation blob of their hub key (device answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tpm: Option<TpmRegistrationResult>,
+    /// The certificate issued for the device's `csr`: base64 DER, the new certificate first,
+    /// then the issuing CA's chain up to its root. Only in the answer of the registration that
+    /// asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_certificate_chain: Option<Vec<String>>,
 }
 
 /// `TpmRegistrationResult`: a second activation blob, whose key the device signs hub tokens

@@ -43,6 +43,13 @@ pub enum ErrorCode {
     InvalidTpmKey,
     /// No linked hub can take the device (the C SDK maps 400208 to "hub not specified").
     NoHubAvailable,
+    /// A device's certificate signing request is malformed, too large, signed wrongly, for
+    /// another subject, or asks for a key type or extension its credential policy does not
+    /// allow (the registration fails).
+    InvalidCertificateRequest,
+    /// A device asked for a certificate that cannot be issued: its enrollment names no
+    /// credential policy, or one this server does not have (the registration fails).
+    CertificateNotIssued,
     /// No credentials, or credentials that do not verify.
     Unauthorized,
     /// The device's enrollment or group is disabled.
@@ -106,6 +113,8 @@ impl ErrorCode {
             Self::InvalidBulkOperation => 400010,
             Self::InvalidTpmKey => 400011,
             Self::NoHubAvailable => 400208,
+            Self::InvalidCertificateRequest => 400209,
+            Self::CertificateNotIssued => 400210,
             Self::Unauthorized => 401002,
             Self::EnrollmentDisabled => 403002,
             Self::Forbidden => 403001,

@@ -38,6 +38,8 @@ pub struct Config {
     pub allocation: AllocationConfig,
     /// TPM attestation settings.
     pub tpm: TpmConfig,
+    /// Operational certificates issued to devices that send a certificate signing request.
+    pub issuance: IssuanceConfig,
     /// Calls the server makes: allocation webhooks, hub connectors, latency probes.
     pub outbound: OutboundConfig,
     /// Address of the plain-HTTP listener of `/metrics` (and `/healthz`, `/readyz`); loopback
@@ -79,6 +81,7 @@ impl Default for Config {
             throttle: crate::throttle::ThrottleConfig::default(),
             allocation: AllocationConfig::default(),
             tpm: TpmConfig::default(),
+            issuance: IssuanceConfig::default(),
             outbound: OutboundConfig::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             mqtt_listen: None,
@@ -129,6 +132,55 @@ impl Default for TpmConfig {
         Self {
             manufacturer_certificates: Vec::new(),
             challenge_ttl_secs: 300,
+        }
+    }
+}
+
+/// Certificate issuance: CAs whose keys sign devices' operational certificates, and the
+/// credential policies enrollments name in `credentialPolicyName`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IssuanceConfig {
+    /// Issuing CAs by name.
+    pub certificate_authorities: std::collections::BTreeMap<String, IssuingCaConfig>,
+    /// Credential policies by name.
+    pub credential_policies: std::collections::BTreeMap<String, CredentialPolicyConfig>,
+}
+
+/// An issuing CA.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuingCaConfig {
+    /// PEM file of the CA's certificate chain: its own certificate first, its root last (the
+    /// chain devices receive after their new certificate).
+    pub certificate_chain: PathBuf,
+    /// PEM file of its private key (PKCS#8: ECDSA P-256 or P-384, or RSA), readable by the
+    /// server only.
+    pub key: PathBuf,
+}
+
+/// What a credential policy issues.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CredentialPolicyConfig {
+    /// The issuing CA's name.
+    pub certificate_authority: String,
+    /// Validity of an issued certificate, days.
+    pub validity_days: u32,
+    /// Key types a request may carry: `ecP256`, `ecP384`, `rsa2048`, `rsa3072`.
+    pub key_types: Vec<String>,
+    /// DNS names of the subject alternative name of every certificate (none: no such
+    /// extension).
+    pub dns_names: Vec<String>,
+}
+
+impl Default for CredentialPolicyConfig {
+    fn default() -> Self {
+        Self {
+            certificate_authority: String::new(),
+            validity_days: 30,
+            key_types: vec!["ecP256".into(), "ecP384".into()],
+            dns_names: Vec::new(),
         }
     }
 }

@@ -99,6 +99,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
+        issuance: Arc::new(crate::domain::issuance::Issuance::load(&config.issuance)?),
         tpm: Arc::new(crate::trust::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
         finished: Arc::default(),

@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod enrollments;
 pub mod error;
 pub mod instances;
+pub mod issuance;
 pub mod linked_hubs;
 pub mod ownership;
 pub mod records;

@@ -64,7 +64,7 @@ fn new_operation_id() -> String {
 /// connectors are `none`), it is decided first and committed with the operation in one
 /// transaction; otherwise the operation is stored `assigning` and a task assigns it.
 /// `reads` are what the device's request read (its registration state, the credentials
-/// version).
+/// version); `csr` the certificate signing request it sent, if any.
 #[allow(clippy::too_many_arguments)]
 pub async fn start(
     state: &AppState,
@@ -73,6 +73,7 @@ pub async fn start(
     attested: &Attested,
     reads: &DeviceReads,
     device_payload: Option<Value>,
+    csr: Option<String>,
     source_address: Option<std::net::IpAddr>,
     metadata: std::collections::BTreeMap<String, String>,
 ) -> Result<OperationRecord, DomainError> {
@@ -86,6 +87,7 @@ pub async fn start(
         status: OperationStatus::Assigning,
         enrollment,
         device_payload,
+        csr,
         source_address,
         metadata,
         x509: attested
@@ -263,7 +265,14 @@ fn finishing(
     let etag = crate::store::new_etag();
     record.state.etag = Some(etag.clone());
     op.status = status;
-    op.registration_state = Some(record.state.clone());
+    // An issued chain is answered once, to the registration that asked for it; the stored
+    // registration state (and the status lookup reading it) does not carry it, nor does the
+    // finished operation keep the request.
+    let issued = record.state.issued_certificate_chain.take();
+    op.csr = None;
+    let mut answered = record.state.clone();
+    answered.issued_certificate_chain = issued;
+    op.registration_state = Some(answered);
     let group_key = record
         .state
         .enrollment_group_id

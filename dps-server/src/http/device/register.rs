@@ -81,6 +81,7 @@ pub(super) async fn register(
         &admitted.attested,
         &admitted.reads,
         request.payload,
+        request.csr,
         source,
         metadata,
     )

@@ -1,0 +1,174 @@
+//! Operational certificates for devices that send a certificate signing request (`csr`): the
+//! credential policy their enrollment names (`credentialPolicyName`) picks an issuing CA, a
+//! validity and the key types it accepts. CAs and policies come from the configuration
+//! (`[issuance]`), loaded and checked at start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use attestation::issuance::{IssuingCa, KeyType, MAX_CSR_BYTES, Profile, check_csr};
+use base64::Engine;
+use dps_protocol::ErrorCode;
+use rcgen::KeyPair;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::config::IssuanceConfig;
+
+/// A credential policy, ready to issue.
+#[derive(Debug)]
+struct Policy {
+    ca: Arc<IssuingCa<KeyPair>>,
+    profile: Profile,
+    key_types: Vec<KeyType>,
+}
+
+/// The configured credential policies by name.
+#[derive(Debug, Default)]
+pub struct Issuance {
+    policies: HashMap<String, Policy>,
+}
+
+/// Why no certificate was issued: the registration fails with this code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotIssued(pub ErrorCode, pub String);
+
+impl Issuance {
+    /// Reads every CA's chain and key and checks that the key signs for the chain's first
+    /// certificate; checks every policy's CA, validity and key types.
+    pub fn load(config: &IssuanceConfig) -> anyhow::Result<Self> {
+        let mut cas = HashMap::new();
+        for (name, ca) in &config.certificate_authorities {
+            let chain = CertificateDer::pem_file_iter(&ca.certificate_chain)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| {
+                    format!(
+                        "issuance CA '{name}': reading {}",
+                        ca.certificate_chain.display()
+                    )
+                })?
+                .into_iter()
+                .map(|c| c.to_vec())
+                .collect();
+            let pem = std::fs::read_to_string(&ca.key)
+                .with_context(|| format!("issuance CA '{name}': reading {}", ca.key.display()))?;
+            // The key's text is never part of an error message.
+            let key = KeyPair::from_pem(&pem).map_err(|_| {
+                anyhow::anyhow!(
+                    "issuance CA '{name}': {} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA",
+                    ca.key.display()
+                )
+            })?;
+            let issuing =
+                IssuingCa::new(chain, key).with_context(|| format!("issuance CA '{name}'"))?;
+            cas.insert(name.clone(), Arc::new(issuing));
+        }
+        let mut policies = HashMap::new();
+        for (name, policy) in &config.credential_policies {
+            let ca = cas.get(&policy.certificate_authority).with_context(|| {
+                format!(
+                    "credential policy '{name}': no issuance CA named '{}'",
+                    policy.certificate_authority
+                )
+            })?;
+            anyhow::ensure!(
+                (1..=3650).contains(&policy.validity_days),
+                "credential policy '{name}': validity_days must be 1 to 3650"
+            );
+            let key_types = policy
+                .key_types
+                .iter()
+                .map(|k| {
+                    KeyType::parse(k).with_context(|| {
+                        format!(
+                            "credential policy '{name}': key type '{k}' is not one of ecP256, ecP384, rsa2048, rsa3072"
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            anyhow::ensure!(
+                !key_types.is_empty(),
+                "credential policy '{name}': key_types is empty"
+            );
+            policies.insert(
+                name.clone(),
+                Policy {
+                    ca: ca.clone(),
+                    profile: Profile {
+                        validity: Duration::from_secs(u64::from(policy.validity_days) * 86_400),
+                        dns_names: policy.dns_names.clone(),
+                    },
+                    key_types,
+                },
+            );
+        }
+        Ok(Self { policies })
+    }
+
+    /// Issues a certificate for `csr` (base64 DER PKCS#10) to device `registration_id` under
+    /// the credential policy `policy` its enrollment names. Returns the chain as the device
+    /// receives it: base64 DER, the new certificate first.
+    pub fn issue(
+        &self,
+        policy: Option<&str>,
+        registration_id: &str,
+        csr: &str,
+    ) -> Result<Vec<String>, NotIssued> {
+        let name = policy.ok_or_else(|| {
+            NotIssued(
+                ErrorCode::CertificateNotIssued,
+                "the device sent a csr, but its enrollment names no credentialPolicyName".into(),
+            )
+        })?;
+        let policy = self.policies.get(name).ok_or_else(|| {
+            NotIssued(
+                ErrorCode::CertificateNotIssued,
+                format!(
+                    "the enrollment's credential policy '{name}' is not configured on this server"
+                ),
+            )
+        })?;
+        let invalid = |message: String| NotIssued(ErrorCode::InvalidCertificateRequest, message);
+        // Base64 of the largest request accepted, with padding.
+        if csr.len() > MAX_CSR_BYTES.div_ceil(3) * 4 {
+            return Err(invalid(format!(
+                "the csr is larger than {MAX_CSR_BYTES} bytes"
+            )));
+        }
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(csr.trim())
+            .map_err(|_| {
+                invalid("the csr is not base64 (DER PKCS#10, without PEM armour)".into())
+            })?;
+        let checked = check_csr(&der, registration_id, &policy.key_types)
+            .map_err(|e| invalid(e.to_string()))?;
+        let issued = policy
+            .ca
+            .issue(
+                &checked,
+                registration_id,
+                &policy.profile,
+                time::OffsetDateTime::now_utc(),
+            )
+            .map_err(|e| {
+                tracing::error!(error = %e, "the issuing CA could not sign a certificate");
+                NotIssued(
+                    ErrorCode::CertificateNotIssued,
+                    "the issuing CA could not sign the certificate".into(),
+                )
+            })?;
+        tracing::info!(
+            registration_id,
+            serial = %issued.serial,
+            thumbprint = %issued.sha256_thumbprint,
+            "certificate issued"
+        );
+        Ok(issued
+            .chain
+            .iter()
+            .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
+            .collect())
+    }
+}

@@ -1,0 +1,367 @@
+//! Operational certificates from a CSR (`[issuance]` in the configuration): a device that sends
+//! `csr` with its register request gets `registrationState.issuedCertificateChain` in its
+//! final answer, signed by the CA its enrollment's credential policy names; that certificate
+//! then admits it through an X.509 group anchored at the CA. A request that cannot be served
+//! fails the registration with its error code, and nothing is issued.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use common::{Backend, Device, TestServer, device_token, enroll, expect_json, keys_of};
+use dps_server::config::{CredentialPolicyConfig, IssuingCaConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SignatureAlgorithm,
+};
+use reqwest::Method;
+use rustls_pki_types::pem::PemObject;
+use serde_json::{Value, json};
+
+struct Issuer {
+    _dir: tempfile::TempDir,
+    ca_pem: String,
+    ca_path: std::path::PathBuf,
+}
+
+/// A P-384 issuing CA, written to files the server reads.
+fn issuer() -> (Issuer, IssuingCaConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Operational CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_pem = params.self_signed(&key).unwrap().pem();
+    let ca_path = dir.path().join("ca.pem");
+    let key_path = dir.path().join("ca-key.pem");
+    std::fs::write(&ca_path, &ca_pem).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let config = IssuingCaConfig {
+        certificate_chain: ca_path.clone(),
+        key: key_path,
+    };
+    (
+        Issuer {
+            _dir: dir,
+            ca_pem,
+            ca_path,
+        },
+        config,
+    )
+}
+
+async fn server(backend: Backend) -> (TestServer, Issuer) {
+    let (issuer, ca) = issuer();
+    let t = TestServer::start_with(backend, |config| {
+        config
+            .issuance
+            .certificate_authorities
+            .insert("operational".into(), ca);
+        config.issuance.credential_policies.insert(
+            "devices".into(),
+            CredentialPolicyConfig {
+                certificate_authority: "operational".into(),
+                validity_days: 30,
+                key_types: vec!["ecP256".into(), "ecP384".into()],
+                dns_names: Vec::new(),
+            },
+        );
+        config.issuance.credential_policies.insert(
+            "p384-only".into(),
+            CredentialPolicyConfig {
+                certificate_authority: "operational".into(),
+                key_types: vec!["ecP384".into()],
+                ..CredentialPolicyConfig::default()
+            },
+        );
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    (t, issuer)
+}
+
+fn csr(cn: &str, key: &KeyPair) -> String {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    STANDARD.encode(params.serialize_request(key).unwrap().der())
+}
+
+/// Enrolls `id` with symmetric keys under `policy`; returns its device token.
+async fn enrolled(t: &TestServer, id: &str, policy: Option<&str>) -> String {
+    let mut body = json!({ "registrationId": id, "attestation": { "type": "symmetricKey" } });
+    if let Some(policy) = policy {
+        body["credentialPolicyName"] = json!(policy);
+    }
+    let enrollment = enroll(t, body).await;
+    let (primary, _) = keys_of(&enrollment);
+    device_token(&t.running().admin.id_scope, id, &primary)
+}
+
+async fn register_with_csr(t: &TestServer, id: &str, token: &str, csr: &str) -> Value {
+    Device::new(t, id)
+        .register_with(token, json!({ "registrationId": id, "csr": csr }), &[])
+        .await
+}
+
+fn openssl_verify(ca: &std::path::Path, leaf_der: &[u8]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = dir.path().join("leaf.der");
+    std::fs::write(&leaf, leaf_der).unwrap();
+    let pem = std::process::Command::new("openssl")
+        .args(["x509", "-inform", "DER", "-in"])
+        .arg(&leaf)
+        .arg("-out")
+        .arg(dir.path().join("leaf.pem"))
+        .output()
+        .unwrap();
+    assert!(pem.status.success(), "{pem:?}");
+    std::process::Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(ca)
+        .arg(dir.path().join("leaf.pem"))
+        .output()
+        .unwrap()
+}
+
+/// The chain verifies (rustls-webpki and `openssl verify`), carries the device's key and id,
+/// is answered once (not by the status lookup, not stored), and admits the device through an
+/// X.509 group anchored at the issuing CA.
+async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) {
+    let (t, issuer) = server(backend).await;
+    let id = "issued-01";
+    let token = enrolled(&t, id, Some("devices")).await;
+    let device_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let done = register_with_csr(&t, id, &token, &csr(id, &device_key)).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let chain: Vec<Vec<u8>> = done["registrationState"]["issuedCertificateChain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no chain in {done}"))
+        .iter()
+        .map(|c| STANDARD.decode(c.as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(chain.len(), 2);
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(issuer.ca_pem.as_bytes());
+    assert_eq!(chain[1], ca_der.unwrap().to_vec());
+    let now = common::now();
+    attestation::chain::verify_chain(&chain[..1], &chain[1], &[], now).unwrap();
+    attestation::chain::check_leaf(&chain, id, now).unwrap();
+    let verified = openssl_verify(&issuer.ca_path, &chain[0]);
+    assert!(verified.status.success(), "openssl verify: {verified:?}");
+    let leaf = attestation::x509::parse_der(&chain[0]).unwrap();
+    assert_eq!(leaf.facts.subject_name, format!("CN={id}"));
+    assert!(
+        chain[0]
+            .windows(device_key.public_key_raw().len())
+            .any(|w| w == device_key.public_key_raw()),
+        "the certificate does not carry the device's key"
+    );
+
+    // The status lookup and the stored registration state do not carry the chain.
+    let lookup = expect_json(
+        t.anonymous(
+            Method::POST,
+            &format!("/{}/registrations/{id}", t.running().admin.id_scope),
+        )
+        .header("Authorization", &token)
+        .json(&json!({ "registrationId": id }))
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(lookup["status"], "assigned", "{lookup}");
+    assert!(lookup.get("issuedCertificateChain").is_none(), "{lookup}");
+    let stored = expect_json(
+        t.owner(Method::GET, &format!("/registrations/{id}"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert!(stored.get("issuedCertificateChain").is_none(), "{stored}");
+
+    // A new CSR gets a new certificate.
+    let renewed = register_with_csr(&t, id, &token, &csr(id, &device_key)).await;
+    let renewed_leaf = renewed["registrationState"]["issuedCertificateChain"][0]
+        .as_str()
+        .unwrap();
+    assert_ne!(renewed_leaf, STANDARD.encode(&chain[0]));
+
+    // The issued certificate admits the device through a group anchored at the CA, once
+    // the onboarding enrollment is gone (an individual enrollment of an id keeps group
+    // certificates from claiming it).
+    let deleted = t
+        .owner(Method::DELETE, &format!("/enrollments/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "operational-devices",
+            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": issuer.ca_pem } } } } }),
+    )
+    .await;
+    let leaf_pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        renewed_leaf
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let ca = std::fs::read(&t.running().ca_certificate).unwrap();
+    let identity = format!("{leaf_pem}{}", device_key.serialize_pem());
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = |rest: &str| {
+        format!(
+            "https://localhost:{}/{}/registrations/{id}{rest}?api-version=2021-06-01",
+            t.running().local_addr.port(),
+            t.running().admin.id_scope
+        )
+    };
+    let started = expect_json(
+        client
+            .put(url("/register"))
+            .json(&json!({ "registrationId": id }))
+            .send()
+            .await
+            .unwrap(),
+        202,
+    )
+    .await;
+    let operation = started["operationId"].as_str().unwrap().to_owned();
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let polled = client
+            .get(url(&format!("/operations/{operation}")))
+            .send()
+            .await
+            .unwrap();
+        let status = polled.status().as_u16();
+        last = polled.json().await.unwrap();
+        if status != 202 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last["status"], "assigned", "{last}");
+    assert_eq!(
+        last["registrationState"]["x509"]["enrollmentGroupId"], "operational-devices",
+        "{last}"
+    );
+}
+
+/// Each bad request fails the registration with its code and a message, and no chain.
+async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) {
+    let (t, _issuer) = server(backend).await;
+    let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let good = |id: &str| csr(id, &p256);
+    let mut tampered = STANDARD.decode(good("bad-sig")).unwrap();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let cases: Vec<(&str, Option<&str>, String, u32)> = vec![
+        (
+            "bad-base64",
+            Some("devices"),
+            "not base64 at all!".into(),
+            400209,
+        ),
+        (
+            "bad-der",
+            Some("devices"),
+            STANDARD.encode(b"not a request"),
+            400209,
+        ),
+        ("bad-cn", Some("devices"), good("someone-else"), 400209),
+        (
+            "bad-sig",
+            Some("devices"),
+            STANDARD.encode(&tampered),
+            400209,
+        ),
+        ("bad-key", Some("p384-only"), good("bad-key"), 400209),
+        ("too-big", Some("devices"), "A".repeat(20_000), 400209),
+        ("no-policy", None, good("no-policy"), 400210),
+        (
+            "unknown-policy",
+            Some("nonesuch"),
+            good("unknown-policy"),
+            400210,
+        ),
+    ];
+    for (id, policy, request, code) in cases {
+        let token = enrolled(&t, id, policy).await;
+        let done = register_with_csr(&t, id, &token, &request).await;
+        assert_eq!(done["status"], "failed", "{id}: {done}");
+        let state = &done["registrationState"];
+        assert_eq!(state["errorCode"], code, "{id}: {done}");
+        assert!(
+            !state["errorMessage"]
+                .as_str()
+                .unwrap_or_default()
+                .is_empty(),
+            "{id}: {done}"
+        );
+        assert!(
+            state.get("issuedCertificateChain").is_none(),
+            "{id}: {done}"
+        );
+        assert!(state.get("assignedHub").is_none(), "{id}: {done}");
+    }
+}
+
+/// A server whose issuing CA's key is not the CA certificate's refuses to start.
+#[tokio::test]
+async fn a_ca_key_that_does_not_match_its_certificate_stops_the_start() {
+    let (issuer, mut ca) = issuer();
+    let (_other, other_ca) = issuer_with(&rcgen::PKCS_ECDSA_P256_SHA256);
+    ca.key = other_ca.key;
+    let mut config = dps_server::config::Config::default();
+    config
+        .issuance
+        .certificate_authorities
+        .insert("x".into(), ca);
+    let error = dps_server::domain::issuance::Issuance::load(&config.issuance).unwrap_err();
+    assert!(format!("{error:#}").contains("does not sign"), "{error:#}");
+    drop(issuer);
+}
+
+fn issuer_with(alg: &'static SignatureAlgorithm) -> (tempfile::TempDir, IssuingCaConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate_for(alg).unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Other CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let pem = params.self_signed(&key).unwrap().pem();
+    let chain = dir.path().join("ca.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&chain, pem).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (
+        dir,
+        IssuingCaConfig {
+            certificate_chain: chain,
+            key: key_path,
+        },
+    )
+}
+
+on_both_backends!(
+    a_csr_gets_a_certificate_that_then_admits_the_device,
+    requests_that_cannot_be_served_fail_the_registration,
+);
