@@ -1,7 +1,8 @@
 //! Hot functions of device authentication: SAS verification (individual and against a group's
 //! derived key), group key derivation, X.509 leaf checks and chain verification, and TPM:
 //! parsing the EK and SRK of a challenge and building its activation blob (the software TPM's
-//! activation, the device's side, is measured for comparison).
+//! activation, the device's side, is measured for comparison); issuing an operational
+//! certificate from a CSR.
 //! Run: `cargo bench -p attestation --bench attestation`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -86,5 +87,46 @@ fn tpm(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, sas, x509, tpm);
+/// What issuing one operational certificate costs with a software CA key: checking the
+/// device's request (its signature) and signing the certificate, for a P-384 and a P-256 CA.
+fn issuance(c: &mut Criterion) {
+    use attestation::issuance::{IssuingCa, KeyType, Profile, check_csr};
+    let device = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut request = rcgen::CertificateParams::default();
+    request
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sensor-000123");
+    let csr = request.serialize_request(&device).unwrap().der().to_vec();
+    let profile = Profile {
+        validity: std::time::Duration::from_secs(30 * 86_400),
+        dns_names: Vec::new(),
+    };
+    for (name, alg) in [
+        ("p384", &rcgen::PKCS_ECDSA_P384_SHA384),
+        ("p256", &rcgen::PKCS_ECDSA_P256_SHA256),
+    ] {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Bench Issuing CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let ca = IssuingCa::new(vec![der], key).unwrap();
+        c.bench_function(&format!("issuance/check_and_issue_{name}_ca"), |b| {
+            b.iter(|| {
+                let checked = check_csr(black_box(&csr), "sensor-000123", &KeyType::ALL).unwrap();
+                ca.issue(
+                    &checked,
+                    "sensor-000123",
+                    &profile,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .unwrap()
+            })
+        });
+    }
+}
+
+criterion_group!(benches, sas, x509, tpm, issuance);
 criterion_main!(benches);
