@@ -526,6 +526,73 @@ async fn x509_devices_are_who_their_certificate_says(backend: Backend) {
     assert_eq!(registration_of(&t, "someone-else").await, 404);
 }
 
+/// A CSR in the MQTT register payload (the C# preview client sends it only over MQTT) gets
+/// its certificate chain in the final answer, as over HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_over_mqtt_gets_its_certificate() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "MQTT issuing CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_der = ca.self_signed(&ca_key).unwrap();
+    let (chain, key) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+    std::fs::write(&chain, ca_der.pem()).unwrap();
+    std::fs::write(&key, ca_key.serialize_pem()).unwrap();
+    let t = TestServer::start_with(Backend::Sqlite, |c| {
+        c.mqtt_listen = Some("127.0.0.1:0".into());
+        c.issuance.certificate_authorities.insert(
+            "ca".into(),
+            dps_server::config::IssuingCaConfig {
+                certificate_chain: chain,
+                key,
+            },
+        );
+        c.issuance.credential_policies.insert(
+            "devices".into(),
+            dps_server::config::CredentialPolicyConfig {
+                certificate_authority: "ca".into(),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "mqtt-csr", "credentialPolicyName": "devices",
+            "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let scope = t.running().admin.id_scope.clone();
+    let token = device_token(&scope, "mqtt-csr", &keys_of(&enrollment).0);
+    let device_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut request = rcgen::CertificateParams::default();
+    request
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mqtt-csr");
+    let csr = STANDARD.encode(request.serialize_request(&device_key).unwrap().der());
+    let mut client = Client::open(&t).await;
+    client.connect(&scope, "mqtt-csr", &token).await;
+    let body = serde_json::to_vec(&json!({ "registrationId": "mqtt-csr", "csr": csr })).unwrap();
+    let (_, accepted) = client
+        .request(&format!("{REGISTER}1"), QoS::AtLeastOnce, &body)
+        .await;
+    let operation = accepted["operationId"].as_str().unwrap().to_owned();
+    let (_, done) = client
+        .request(&poll_topic("2", &operation), QoS::AtLeastOnce, b"")
+        .await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let issued = done["registrationState"]["issuedCertificateChain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no chain in {done}"));
+    let leaf = STANDARD.decode(issued[0].as_str().unwrap()).unwrap();
+    attestation::chain::verify_chain(&[leaf], ca_der.der(), &[], common::now()).unwrap();
+}
+
 on_both_backends!(
     x509_devices_are_who_their_certificate_says,
     a_device_registers_over_mqtt,
