@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_cert::Certificate;
 use x509_cert::attr::AttributeValue;
+use x509_cert::ext::pkix::name::DirectoryString;
 use x509_cert::ext::pkix::{ExtendedKeyUsage, SubjectKeyIdentifier};
 use x509_cert::request::CertReq;
 
@@ -180,7 +181,8 @@ pub fn check_csr(
     let mut names = Vec::new();
     for attribute in info.subject.iter() {
         if attribute.oid == COMMON_NAME {
-            names.push(directory_string(&attribute.value));
+            let name = attribute.value.decode_as::<DirectoryString>().ok();
+            names.push(name.map(|n| n.value().into_owned()));
         }
     }
     match names.as_slice() {
@@ -266,20 +268,6 @@ fn verifier_of(
     })
 }
 
-/// A directory string's text (UTF8String, PrintableString or IA5String).
-fn directory_string(value: &AttributeValue) -> Option<String> {
-    if let Ok(s) = value.decode_as::<String>() {
-        return Some(s);
-    }
-    if let Ok(s) = value.decode_as::<der::asn1::PrintableStringRef<'_>>() {
-        return Some(s.as_str().to_owned());
-    }
-    value
-        .decode_as::<der::asn1::Ia5StringRef<'_>>()
-        .ok()
-        .map(|s| s.as_str().to_owned())
-}
-
 fn check_requested_extensions(value: &AttributeValue) -> Result<(), CsrError> {
     let extensions: Vec<x509_cert::ext::Extension> = value
         .decode_as()
@@ -321,6 +309,17 @@ pub enum CaError {
     /// The key does not sign for the CA certificate, or signing failed.
     #[error("the CA key does not sign for the CA certificate: {0}")]
     Key(String),
+}
+
+/// Why a certificate could not be issued (the request was fine).
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// No randomness for the serial number.
+    #[error("no randomness for a serial number")]
+    Random,
+    /// The certificate could not be built or signed.
+    #[error("building or signing the certificate failed: {0}")]
+    Sign(#[from] rcgen::Error),
 }
 
 /// A certificate that was issued.
@@ -431,7 +430,7 @@ impl<K: SigningKey> IssuingCa<K> {
         registration_id: &str,
         profile: &Profile,
         now: OffsetDateTime,
-    ) -> Result<Issued, rcgen::Error> {
+    ) -> Result<Issued, IssueError> {
         self.build(registration_id, csr, profile, now)
     }
 
@@ -441,7 +440,7 @@ impl<K: SigningKey> IssuingCa<K> {
         key: &impl PublicKeyData,
         profile: &Profile,
         now: OffsetDateTime,
-    ) -> Result<Issued, rcgen::Error> {
+    ) -> Result<Issued, IssueError> {
         let mut params = CertificateParams::default();
         let mut subject = DistinguishedName::new();
         subject.push(DnType::CommonName, registration_id);
@@ -456,8 +455,7 @@ impl<K: SigningKey> IssuingCa<K> {
             .map(|name| Ok(SanType::DnsName(name.as_str().try_into()?)))
             .collect::<Result<_, rcgen::Error>>()?;
         // Positive, 16 random bytes (RFC 5280 allows 20; CA/B asks for 64 random bits).
-        let mut serial = [0u8; 16];
-        getrandom::fill(&mut serial).map_err(|_| rcgen::Error::RingUnspecified)?;
+        let mut serial: [u8; 16] = crate::keys::random_bytes().map_err(|_| IssueError::Random)?;
         serial[0] &= 0x7f;
         serial[0] |= 0x01;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
@@ -622,6 +620,28 @@ mod tests {
                     upper_hex(&Sha256::digest(&issued.chain[0]))
                 );
                 assert_eq!(upper_hex(tbs.serial_number().as_bytes()), issued.serial);
+                // AKI names the CA's SKI; the leaf has an SKI of its own, and is no CA.
+                let ca_cert = Certificate::from_der(&ca_der).unwrap();
+                let (_, ca_ski) = ca_cert
+                    .tbs_certificate()
+                    .get_extension::<SubjectKeyIdentifier>()
+                    .unwrap()
+                    .unwrap();
+                let (_, aki) = tbs
+                    .get_extension::<x509_cert::ext::pkix::AuthorityKeyIdentifier>()
+                    .unwrap()
+                    .expect("an authority key identifier");
+                assert_eq!(aki.key_identifier.unwrap(), ca_ski.0);
+                assert!(
+                    tbs.get_extension::<SubjectKeyIdentifier>()
+                        .unwrap()
+                        .is_some()
+                );
+                let (_, bc) = tbs
+                    .get_extension::<x509_cert::ext::pkix::BasicConstraints>()
+                    .unwrap()
+                    .unwrap();
+                assert!(!bc.ca);
                 assert!(serials.insert(issued.serial.clone()));
             }
         }

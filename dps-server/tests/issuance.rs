@@ -7,52 +7,28 @@
 
 mod common;
 
-use std::time::Duration;
-
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use common::{Backend, Device, TestServer, device_token, enroll, expect_json, keys_of};
-use dps_server::config::{CredentialPolicyConfig, IssuingCaConfig};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SignatureAlgorithm,
+use common::{
+    Backend, Device, TestServer, device_token, enroll, expect_json, issuing_ca_files, keys_of,
+    mtls_client, pem_of, register_over,
 };
+use dps_server::config::{CredentialPolicyConfig, IssuingCaConfig};
+use rcgen::{CertificateParams, DnType, KeyPair};
 use reqwest::Method;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 
 struct Issuer {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     ca_pem: String,
-    ca_path: std::path::PathBuf,
 }
 
-/// A P-384 issuing CA, written to files the server reads.
+/// A P-384 issuing CA, in files the server reads.
 fn issuer() -> (Issuer, IssuingCaConfig) {
     let dir = tempfile::tempdir().unwrap();
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Operational CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_pem = params.self_signed(&key).unwrap().pem();
-    let ca_path = dir.path().join("ca.pem");
-    let key_path = dir.path().join("ca-key.pem");
-    std::fs::write(&ca_path, &ca_pem).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    let config = IssuingCaConfig {
-        certificate_chain: ca_path.clone(),
-        key: key_path,
-    };
-    (
-        Issuer {
-            _dir: dir,
-            ca_pem,
-            ca_path,
-        },
-        config,
-    )
+    let (ca_pem, config) = issuing_ca_files(dir.path(), &rcgen::PKCS_ECDSA_P384_SHA384);
+    (Issuer { dir, ca_pem }, config)
 }
 
 async fn server(backend: Backend) -> (TestServer, Issuer) {
@@ -150,7 +126,7 @@ async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) 
     let now = common::now();
     attestation::chain::verify_chain(&chain[..1], &chain[1], &[], now).unwrap();
     attestation::chain::check_leaf(&chain, id, now).unwrap();
-    let verified = openssl_verify(&issuer.ca_path, &chain[0]);
+    let verified = openssl_verify(&issuer.dir.path().join("ca.pem"), &chain[0]);
     assert!(verified.status.success(), "openssl verify: {verified:?}");
     let leaf = attestation::x509::parse_der(&chain[0]).unwrap();
     assert_eq!(leaf.facts.subject_name, format!("CN={id}"));
@@ -209,54 +185,9 @@ async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) 
             "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": issuer.ca_pem } } } } }),
     )
     .await;
-    let leaf_pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        renewed_leaf
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let ca = std::fs::read(&t.running().ca_certificate).unwrap();
-    let identity = format!("{leaf_pem}{}", device_key.serialize_pem());
-    let client = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
-        .build()
-        .unwrap();
-    let url = |rest: &str| {
-        format!(
-            "https://localhost:{}/{}/registrations/{id}{rest}?api-version=2021-06-01",
-            t.running().local_addr.port(),
-            t.running().admin.id_scope
-        )
-    };
-    let started = expect_json(
-        client
-            .put(url("/register"))
-            .json(&json!({ "registrationId": id }))
-            .send()
-            .await
-            .unwrap(),
-        202,
-    )
-    .await;
-    let operation = started["operationId"].as_str().unwrap().to_owned();
-    let mut last = Value::Null;
-    for _ in 0..100 {
-        let polled = client
-            .get(url(&format!("/operations/{operation}")))
-            .send()
-            .await
-            .unwrap();
-        let status = polled.status().as_u16();
-        last = polled.json().await.unwrap();
-        if status != 202 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let leaf_pem = pem_of(&STANDARD.decode(renewed_leaf).unwrap());
+    let client = mtls_client(&t, &[&leaf_pem], &device_key.serialize_pem(), false);
+    let (_, last) = register_over(&t, &client, id).await;
     assert_eq!(last["status"], "assigned", "{last}");
     assert_eq!(
         last["registrationState"]["x509"]["enrollmentGroupId"], "operational-devices",
@@ -326,39 +257,15 @@ async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) 
 /// A server whose issuing CA's key is not the CA certificate's refuses to start.
 #[tokio::test]
 async fn a_ca_key_that_does_not_match_its_certificate_stops_the_start() {
-    let (issuer, mut ca) = issuer();
-    let (_other, other_ca) = issuer_with(&rcgen::PKCS_ECDSA_P256_SHA256);
-    ca.key = other_ca.key;
-    let mut config = dps_server::config::Config::default();
-    config
-        .issuance
-        .certificate_authorities
-        .insert("x".into(), ca);
-    let error = dps_server::domain::issuance::Issuance::load(&config.issuance).unwrap_err();
+    let (mine, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_, mut ca) = issuing_ca_files(mine.path(), &rcgen::PKCS_ECDSA_P384_SHA384);
+    ca.key = issuing_ca_files(other.path(), &rcgen::PKCS_ECDSA_P256_SHA256)
+        .1
+        .key;
+    let mut config = dps_server::config::IssuanceConfig::default();
+    config.certificate_authorities.insert("x".into(), ca);
+    let error = dps_server::domain::issuance::Issuance::load(&config).unwrap_err();
     assert!(format!("{error:#}").contains("does not sign"), "{error:#}");
-    drop(issuer);
-}
-
-fn issuer_with(alg: &'static SignatureAlgorithm) -> (tempfile::TempDir, IssuingCaConfig) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = KeyPair::generate_for(alg).unwrap();
-    let mut params = CertificateParams::default();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Other CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let pem = params.self_signed(&key).unwrap().pem();
-    let chain = dir.path().join("ca.pem");
-    let key_path = dir.path().join("key.pem");
-    std::fs::write(&chain, pem).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    (
-        dir,
-        IssuingCaConfig {
-            certificate_chain: chain,
-            key: key_path,
-        },
-    )
 }
 
 on_both_backends!(

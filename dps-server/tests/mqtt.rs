@@ -533,24 +533,10 @@ async fn a_csr_over_mqtt_gets_its_certificate() {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-    let mut ca = rcgen::CertificateParams::default();
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "MQTT issuing CA");
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_der = ca.self_signed(&ca_key).unwrap();
-    let (chain, key) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
-    std::fs::write(&chain, ca_der.pem()).unwrap();
-    std::fs::write(&key, ca_key.serialize_pem()).unwrap();
+    let (ca_pem, ca) = common::issuing_ca_files(dir.path(), &rcgen::PKCS_ECDSA_P384_SHA384);
     let t = TestServer::start_with(Backend::Sqlite, |c| {
         c.mqtt_listen = Some("127.0.0.1:0".into());
-        c.issuance.certificate_authorities.insert(
-            "ca".into(),
-            dps_server::config::IssuingCaConfig {
-                certificate_chain: chain,
-                key,
-            },
-        );
+        c.issuance.certificate_authorities.insert("ca".into(), ca);
         c.issuance.credential_policies.insert(
             "devices".into(),
             dps_server::config::CredentialPolicyConfig {
@@ -590,7 +576,8 @@ async fn a_csr_over_mqtt_gets_its_certificate() {
         .as_array()
         .unwrap_or_else(|| panic!("no chain in {done}"));
     let leaf = STANDARD.decode(issued[0].as_str().unwrap()).unwrap();
-    attestation::chain::verify_chain(&[leaf], ca_der.der(), &[], common::now()).unwrap();
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    attestation::chain::verify_chain(&[leaf], &ca_der, &[], common::now()).unwrap();
 }
 
 on_both_backends!(

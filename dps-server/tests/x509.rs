@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{Backend, TestServer, enroll, expect_json};
+use common::{Backend, TestServer, enroll, expect_json, mtls_client, pem_of, register_over};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -65,58 +63,6 @@ fn issued(params: CertificateParams, by: Option<&Ca>) -> DeviceCert {
     }
 }
 
-/// An HTTPS client presenting `chain` (leaf first) with `key`.
-fn client(t: &TestServer, chain: &[&str], key: &str, tls12: bool) -> reqwest::Client {
-    let ca = std::fs::read(&t.running().ca_certificate).unwrap();
-    let identity = format!("{}{key}", chain.concat());
-    let mut builder = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
-    if tls12 {
-        builder = builder.tls_version_max(reqwest::tls::Version::TLS_1_2);
-    }
-    builder.build().unwrap()
-}
-
-fn device_url(t: &TestServer, id: &str, rest: &str) -> String {
-    format!(
-        "https://localhost:{}/{}/registrations/{id}{rest}?api-version=2021-06-01",
-        t.running().local_addr.port(),
-        t.running().admin.id_scope
-    )
-}
-
-/// Registers `id` over `client` and polls to the end; the final status body, or the error
-/// answer of the PUT.
-async fn register(t: &TestServer, client: &reqwest::Client, id: &str) -> (u16, Value) {
-    let response = client
-        .put(device_url(t, id, "/register"))
-        .json(&json!({ "registrationId": id }))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    if status != 202 {
-        return (status, body);
-    }
-    let operation = body["operationId"].as_str().unwrap().to_owned();
-    for _ in 0..100 {
-        let polled = client
-            .get(device_url(t, id, &format!("/operations/{operation}")))
-            .send()
-            .await
-            .unwrap();
-        let status = polled.status().as_u16();
-        let body: Value = polled.json().await.unwrap();
-        if status != 202 {
-            return (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the operation did not finish");
-}
-
 async fn x509_group(t: &TestServer, id: &str, signing: &Ca) {
     enroll(
         t,
@@ -153,9 +99,9 @@ async fn individual_enrollments_match_the_certificate_thumbprint(backend: Backen
         ["sha1Thumbprint"]
         .clone();
     for tls12 in [false, true] {
-        let (status, done) = register(
+        let (status, done) = register_over(
             &t,
-            &client(&t, &[&device.cert], &device.key, tls12),
+            &mtls_client(&t, &[&device.cert], &device.key, tls12),
             "dev-x509",
         )
         .await;
@@ -171,9 +117,9 @@ async fn individual_enrollments_match_the_certificate_thumbprint(backend: Backen
     }
     // Another self-signed certificate with the same name is not the enrolled one.
     let impostor = issued(device_params("dev-x509"), None);
-    let (status, body) = register(
+    let (status, body) = register_over(
         &t,
-        &client(&t, &[&impostor.cert], &impostor.key, false),
+        &mtls_client(&t, &[&impostor.cert], &impostor.key, false),
         "dev-x509",
     )
     .await;
@@ -195,7 +141,12 @@ async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
 
     // Anchored at a verified intermediate: the device may send only its leaf.
     let first = issued(device_params("dev-l1"), Some(&line_1));
-    let (_, done) = register(&t, &client(&t, &[&first.cert], &first.key, false), "dev-l1").await;
+    let (_, done) = register_over(
+        &t,
+        &mtls_client(&t, &[&first.cert], &first.key, false),
+        "dev-l1",
+    )
+    .await;
     assert_eq!(done["status"], "assigned", "{done}");
     assert_eq!(
         done["registrationState"]["x509"]["enrollmentGroupId"],
@@ -216,12 +167,17 @@ async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
             key: key.serialize_pem(),
         }
     };
-    let (_, done) = register(&t, &client(&t, &[&p384.cert], &p384.key, false), "dev-p384").await;
+    let (_, done) = register_over(
+        &t,
+        &mtls_client(&t, &[&p384.cert], &p384.key, false),
+        "dev-p384",
+    )
+    .await;
     assert_eq!(done["status"], "assigned", "{done}");
     // The closest group wins even when the chain reaches the root's group too.
-    let (_, done) = register(
+    let (_, done) = register_over(
         &t,
-        &client(&t, &[&first.cert, &line_1.pem], &first.key, false),
+        &mtls_client(&t, &[&first.cert, &line_1.pem], &first.key, false),
         "dev-l1",
     )
     .await;
@@ -232,9 +188,9 @@ async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
 
     // Anchored at the root: the device sends its intermediate.
     let second = issued(device_params("dev-l2"), Some(&line_2));
-    let (_, done) = register(
+    let (_, done) = register_over(
         &t,
-        &client(&t, &[&second.cert, &line_2.pem], &second.key, false),
+        &mtls_client(&t, &[&second.cert, &line_2.pem], &second.key, false),
         "dev-l2",
     )
     .await;
@@ -255,9 +211,9 @@ async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
 
     // Without its intermediate the chain does not reach the root.
     let third = issued(device_params("dev-l2b"), Some(&line_2));
-    let (status, body) = register(
+    let (status, body) = register_over(
         &t,
-        &client(&t, &[&third.cert], &third.key, false),
+        &mtls_client(&t, &[&third.cert], &third.key, false),
         "dev-l2b",
     )
     .await;
@@ -272,9 +228,9 @@ async fn groups_are_matched_from_the_leaf_towards_the_root(backend: Backend) {
     )
     .await;
     let blocked = issued(device_params("dev-l1b"), Some(&line_1));
-    let (_, done) = register(
+    let (_, done) = register_over(
         &t,
-        &client(&t, &[&blocked.cert], &blocked.key, false),
+        &mtls_client(&t, &[&blocked.cert], &blocked.key, false),
         "dev-l1b",
     )
     .await;
@@ -376,7 +332,8 @@ async fn unusable_certificates_are_refused_with_401_and_store_nothing() {
     for (id, cert, extra, expected) in &cases {
         let mut chain: Vec<&str> = vec![&cert.cert];
         chain.extend(extra.iter().map(String::as_str));
-        let (status, body) = register(&t, &client(&t, &chain, &cert.key, false), id).await;
+        let (status, body) =
+            register_over(&t, &mtls_client(&t, &chain, &cert.key, false), id).await;
         assert_eq!(status, 401, "{id}: {body}");
         assert_eq!(body["errorCode"], 401002, "{id}: {body}");
         let message = body["message"].as_str().unwrap();
@@ -384,7 +341,12 @@ async fn unusable_certificates_are_refused_with_401_and_store_nothing() {
         nothing_stored(&t, id).await;
     }
 
-    let (status, body) = register(&t, &client(&t, &deep_chain, &deep.key, false), "dev-deep").await;
+    let (status, body) = register_over(
+        &t,
+        &mtls_client(&t, &deep_chain, &deep.key, false),
+        "dev-deep",
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
     assert!(
         body["message"].as_str().unwrap().contains("at most 6"),
@@ -552,20 +514,6 @@ fn version_1(cn: &str, by: &Ca) -> DeviceCert {
     }
 }
 
-fn pem_of(der: &[u8]) -> String {
-    use base64::Engine as _;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = body
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
-}
-
 /// Security review item 1: a certificate the handshake verifier cannot parse never stands for
 /// a device. Refused when an admin enrolls it, and at connection, where the handshake
 /// signature (made here with a key that is not the certificate's) must be checked.
@@ -654,7 +602,12 @@ async fn a_group_certificate_cannot_claim_an_individually_enrolled_id(backend: B
             "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": own.cert } } } } }),
     )
     .await;
-    let (_, done) = register(&t, &client(&t, &[&own.cert], &own.key, false), "dev-own").await;
+    let (_, done) = register_over(
+        &t,
+        &mtls_client(&t, &[&own.cert], &own.key, false),
+        "dev-own",
+    )
+    .await;
     assert_eq!(done["status"], "assigned", "{done}");
     let before = expect_json(
         t.owner(Method::GET, "/registrations/dev-own")
@@ -667,9 +620,9 @@ async fn a_group_certificate_cannot_claim_an_individually_enrolled_id(backend: B
 
     // A certificate from the group's CA with CN = the id: refused, the state untouched.
     let claim = issued(device_params("dev-own"), Some(&root));
-    let (status, body) = register(
+    let (status, body) = register_over(
         &t,
-        &client(&t, &[&claim.cert], &claim.key, false),
+        &mtls_client(&t, &[&claim.cert], &claim.key, false),
         "dev-own",
     )
     .await;
@@ -697,9 +650,9 @@ async fn a_group_certificate_cannot_claim_an_individually_enrolled_id(backend: B
         )
         .await;
         let member = issued(device_params("dev-sym"), Some(&root));
-        let (code, body) = register(
+        let (code, body) = register_over(
             &t,
-            &client(&t, &[&member.cert], &member.key, false),
+            &mtls_client(&t, &[&member.cert], &member.key, false),
             "dev-sym",
         )
         .await;
@@ -733,9 +686,9 @@ async fn revocation_covers_the_path_and_chain_order_chooses_nothing(backend: Bac
     )
     .await;
     let under = issued(device_params("dev-under"), Some(&line));
-    let (status, body) = register(
+    let (status, body) = register_over(
         &t,
-        &client(&t, &[&under.cert, &line.pem], &under.key, false),
+        &mtls_client(&t, &[&under.cert, &line.pem], &under.key, false),
         "dev-under",
     )
     .await;
@@ -757,9 +710,9 @@ async fn revocation_covers_the_path_and_chain_order_chooses_nothing(backend: Bac
             "revokedCertificates": { "serialNumbers": ["5a".repeat(25)] } } } }),
     )
     .await;
-    let (status, body) = register(
+    let (status, body) = register_over(
         &t,
-        &client(&t, &[&long.cert], &long.key, false),
+        &mtls_client(&t, &[&long.cert], &long.key, false),
         "dev-long-serial",
     )
     .await;
@@ -787,8 +740,12 @@ async fn revocation_covers_the_path_and_chain_order_chooses_nothing(backend: Bac
         vec![revoked.cert.as_str(), line.pem.as_str(), root.pem.as_str()],
         vec![revoked.cert.as_str(), root.pem.as_str(), line.pem.as_str()],
     ] {
-        let (status, body) =
-            register(&t, &client(&t, &chain, &revoked.key, false), "dev-order").await;
+        let (status, body) = register_over(
+            &t,
+            &mtls_client(&t, &chain, &revoked.key, false),
+            "dev-order",
+        )
+        .await;
         assert_eq!(status, 401, "chain of {}: {body}", chain.len());
         nothing_stored(&t, "dev-order").await;
     }
@@ -805,7 +762,12 @@ async fn revocation_covers_the_path_and_chain_order_chooses_nothing(backend: Bac
         vec![member.cert.as_str(), line.pem.as_str()],
         vec![member.cert.as_str(), root.pem.as_str(), line.pem.as_str()],
     ] {
-        let (_, done) = register(&t, &client(&t, &chain, &member.key, false), "dev-order-2").await;
+        let (_, done) = register_over(
+            &t,
+            &mtls_client(&t, &chain, &member.key, false),
+            "dev-order-2",
+        )
+        .await;
         assert_eq!(done["status"], "disabled", "{done}");
         nothing_stored(&t, "dev-order-2").await;
     }
@@ -868,9 +830,9 @@ async fn ca_certificates_count_after_proof_of_possession(backend: Backend) {
 
     // Unverified: the CA admits nobody.
     let device = issued(device_params("dev-ca-1"), Some(&line));
-    let (status, body) = register(
+    let (status, body) = register_over(
         &t,
-        &client(&t, &[&device.cert, &line.pem], &device.key, false),
+        &mtls_client(&t, &[&device.cert, &line.pem], &device.key, false),
         "dev-ca-1",
     )
     .await;
@@ -949,9 +911,9 @@ async fn ca_certificates_count_after_proof_of_possession(backend: Backend) {
         "{shown}"
     );
 
-    let (_, done) = register(
+    let (_, done) = register_over(
         &t,
-        &client(&t, &[&device.cert, &line.pem], &device.key, false),
+        &mtls_client(&t, &[&device.cert, &line.pem], &device.key, false),
         "dev-ca-1",
     )
     .await;
@@ -963,9 +925,9 @@ async fn ca_certificates_count_after_proof_of_possession(backend: Backend) {
 
     // A device whose TLS stack sends only its leaf verifies once the intermediate is uploaded.
     let lonely = issued(device_params("dev-ca-2"), Some(&line));
-    let (status, _) = register(
+    let (status, _) = register_over(
         &t,
-        &client(&t, &[&lonely.cert], &lonely.key, false),
+        &mtls_client(&t, &[&lonely.cert], &lonely.key, false),
         "dev-ca-2",
     )
     .await;
@@ -979,9 +941,9 @@ async fn ca_certificates_count_after_proof_of_possession(backend: Backend) {
         200,
     )
     .await;
-    let (_, done) = register(
+    let (_, done) = register_over(
         &t,
-        &client(&t, &[&lonely.cert], &lonely.key, false),
+        &mtls_client(&t, &[&lonely.cert], &lonely.key, false),
         "dev-ca-2",
     )
     .await;
@@ -1048,7 +1010,8 @@ async fn revoked_leaves_and_disabled_individual_enrollments_block_devices() {
     )
     .await;
     for (id, cert) in [("dev-r1", &by_serial), ("dev-r2", &by_thumbprint)] {
-        let (status, body) = register(&t, &client(&t, &[&cert.cert], &cert.key, false), id).await;
+        let (status, body) =
+            register_over(&t, &mtls_client(&t, &[&cert.cert], &cert.key, false), id).await;
         assert_eq!(status, 401, "{id}: {body}");
         assert!(
             body["message"].as_str().unwrap().contains("revoked"),
@@ -1056,7 +1019,12 @@ async fn revoked_leaves_and_disabled_individual_enrollments_block_devices() {
         );
         nothing_stored(&t, id).await;
     }
-    let (_, done) = register(&t, &client(&t, &[&fine.cert], &fine.key, false), "dev-r3").await;
+    let (_, done) = register_over(
+        &t,
+        &mtls_client(&t, &[&fine.cert], &fine.key, false),
+        "dev-r3",
+    )
+    .await;
     assert_eq!(done["status"], "assigned", "{done}");
 
     // A disabled individual enrollment for a certificate blocks it inside an enabled group.
@@ -1067,9 +1035,9 @@ async fn revoked_leaves_and_disabled_individual_enrollments_block_devices() {
             "attestation": { "type": "x509", "x509": { "clientCertificates": { "primary": { "certificate": blocked.cert } } } } }),
     )
     .await;
-    let (_, done) = register(
+    let (_, done) = register_over(
         &t,
-        &client(&t, &[&blocked.cert], &blocked.key, false),
+        &mtls_client(&t, &[&blocked.cert], &blocked.key, false),
         "dev-r4",
     )
     .await;

@@ -375,3 +375,100 @@ pub fn keys_of(enrollment: &Value) -> (SymmetricKey, SymmetricKey) {
         SymmetricKey::from_base64(keys["secondaryKey"].as_str().unwrap()).unwrap(),
     )
 }
+
+/// An HTTPS client presenting `chain` (leaf first) with `key`.
+pub fn mtls_client(t: &TestServer, chain: &[&str], key: &str, tls12: bool) -> reqwest::Client {
+    let ca = std::fs::read(&t.running().ca_certificate).unwrap();
+    let identity = format!("{}{key}", chain.concat());
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
+    if tls12 {
+        builder = builder.tls_version_max(reqwest::tls::Version::TLS_1_2);
+    }
+    builder.build().unwrap()
+}
+
+pub fn x509_device_url(t: &TestServer, id: &str, rest: &str) -> String {
+    format!(
+        "https://localhost:{}/{}/registrations/{id}{rest}?api-version=2021-06-01",
+        t.running().local_addr.port(),
+        t.running().admin.id_scope
+    )
+}
+
+/// Registers `id` over `client` (a device presenting its certificate) and polls to the end; the final status body, or the error
+/// answer of the PUT.
+pub async fn register_over(t: &TestServer, client: &reqwest::Client, id: &str) -> (u16, Value) {
+    let response = client
+        .put(x509_device_url(t, id, "/register"))
+        .json(&json!({ "registrationId": id }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status != 202 {
+        return (status, body);
+    }
+    let operation = body["operationId"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        let polled = client
+            .get(x509_device_url(t, id, &format!("/operations/{operation}")))
+            .send()
+            .await
+            .unwrap();
+        let status = polled.status().as_u16();
+        let body: Value = polled.json().await.unwrap();
+        if status != 202 {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the operation did not finish");
+}
+
+/// A DER certificate as PEM.
+pub fn pem_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = body
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// A self-signed issuing CA with a key of `alg`, written to PEM files in `dir` as the server's
+/// `[issuance]` configuration names them; returns its certificate (PEM) and that entry.
+pub fn issuing_ca_files(
+    dir: &std::path::Path,
+    alg: &'static rcgen::SignatureAlgorithm,
+) -> (String, dps_server::config::IssuingCaConfig) {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Operational CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let pem = params.self_signed(&key).unwrap().pem();
+    let chain = dir.join("ca.pem");
+    let key_path = dir.join("ca-key.pem");
+    std::fs::write(&chain, &pem).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (
+        pem,
+        dps_server::config::IssuingCaConfig {
+            certificate_chain: chain,
+            key: key_path,
+        },
+    )
+}
