@@ -153,14 +153,7 @@ async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) 
     .await;
     assert_eq!(lookup["status"], "assigned", "{lookup}");
     assert!(lookup.get("issuedCertificateChain").is_none(), "{lookup}");
-    let stored = expect_json(
-        t.owner(Method::GET, &format!("/registrations/{id}"))
-            .send()
-            .await
-            .unwrap(),
-        200,
-    )
-    .await;
+    let stored = stored_state(&t, id).await;
     assert!(stored.get("issuedCertificateChain").is_none(), "{stored}");
 
     // A new CSR gets a new certificate.
@@ -203,55 +196,100 @@ async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) 
     let mut tampered = STANDARD.decode(good("bad-sig")).unwrap();
     let last = tampered.len() - 1;
     tampered[last] ^= 0x01;
-    let cases: Vec<(&str, Option<&str>, String, u32)> = vec![
+    // (id, credential policy, csr, error code, a part of the message)
+    let cases: Vec<(&str, Option<&str>, String, u32, &str)> = vec![
         (
             "bad-base64",
             Some("devices"),
             "not base64 at all!".into(),
             400209,
+            "not base64",
         ),
         (
             "bad-der",
             Some("devices"),
             STANDARD.encode(b"not a request"),
             400209,
+            "not DER",
         ),
-        ("bad-cn", Some("devices"), good("someone-else"), 400209),
+        (
+            "bad-cn",
+            Some("devices"),
+            good("someone-else"),
+            400209,
+            "CN must be",
+        ),
         (
             "bad-sig",
             Some("devices"),
             STANDARD.encode(&tampered),
             400209,
+            "signature",
         ),
-        ("bad-key", Some("p384-only"), good("bad-key"), 400209),
-        ("too-big", Some("devices"), "A".repeat(20_000), 400209),
-        ("no-policy", None, good("no-policy"), 400210),
+        (
+            "bad-key",
+            Some("p384-only"),
+            good("bad-key"),
+            400209,
+            "does not allow ecP256",
+        ),
+        (
+            "too-big",
+            Some("devices"),
+            "A".repeat(20_000),
+            400209,
+            "larger than",
+        ),
+        (
+            "no-policy",
+            None,
+            good("no-policy"),
+            400210,
+            "no credentialPolicyName",
+        ),
         (
             "unknown-policy",
             Some("nonesuch"),
             good("unknown-policy"),
             400210,
+            "not configured",
         ),
     ];
-    for (id, policy, request, code) in cases {
+    for (id, policy, request, code, says) in cases {
         let token = enrolled(&t, id, policy).await;
+        // Assigned first without a csr: the refused request must leave that state as it is.
+        let first = Device::new(&t, id).register(&token).await;
+        assert_eq!(first["status"], "assigned", "{id}: {first}");
+        let before = stored_state(&t, id).await;
         let done = register_with_csr(&t, id, &token, &request).await;
         assert_eq!(done["status"], "failed", "{id}: {done}");
         let state = &done["registrationState"];
         assert_eq!(state["errorCode"], code, "{id}: {done}");
-        assert!(
-            !state["errorMessage"]
-                .as_str()
-                .unwrap_or_default()
-                .is_empty(),
-            "{id}: {done}"
-        );
+        let message = state["errorMessage"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{id}: {message}");
         assert!(
             state.get("issuedCertificateChain").is_none(),
             "{id}: {done}"
         );
         assert!(state.get("assignedHub").is_none(), "{id}: {done}");
+        assert_eq!(
+            stored_state(&t, id).await,
+            before,
+            "{id}: the refusal changed the state"
+        );
     }
+}
+
+/// The registration state the admin API shows for `id`.
+async fn stored_state(t: &TestServer, id: &str) -> Value {
+    expect_json(
+        t.owner(Method::GET, &format!("/registrations/{id}"))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await
 }
 
 /// A server whose issuing CA's key is not the CA certificate's refuses to start.

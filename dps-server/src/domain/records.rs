@@ -33,10 +33,10 @@ pub struct OperationRecord {
     /// The payload the device sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_payload: Option<Value>,
-    /// The certificate signing request the device sent (base64 DER), until the operation
-    /// finishes.
+    /// The certificate chain issued for the device's certificate signing request when the
+    /// operation started (base64 DER, the new certificate first), answered once it is assigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub csr: Option<String>,
+    pub issued_certificate_chain: Option<Vec<String>>,
     /// The address the device registered from (an input of allocation policies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_address: Option<std::net::IpAddr>,

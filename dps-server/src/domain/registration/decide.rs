@@ -309,11 +309,30 @@ pub fn failed(
 /// What an operation of a disabled enrollment answers: `disabled`, with the reason, and
 /// nothing else (the registration state is left as it is).
 pub fn disabled(id: &RegistrationId, reason: &str) -> DeviceRegistrationState {
+    ended_at_start(
+        id,
+        OperationStatus::Disabled,
+        Failure(ErrorCode::EnrollmentDisabled, reason.to_owned()),
+    )
+}
+
+/// What an operation refused before anything was assigned answers (a certificate signing
+/// request that cannot be served): `failed`, with the code and message, and nothing else (the
+/// registration state is left as it is).
+pub fn refused(id: &RegistrationId, failure: Failure) -> DeviceRegistrationState {
+    ended_at_start(id, OperationStatus::Failed, failure)
+}
+
+fn ended_at_start(
+    id: &RegistrationId,
+    status: OperationStatus,
+    Failure(code, message): Failure,
+) -> DeviceRegistrationState {
     DeviceRegistrationState {
         registration_id: id.as_str().to_owned(),
-        status: Some(OperationStatus::Disabled.as_str().to_owned()),
-        error_code: Some(i64::from(ErrorCode::EnrollmentDisabled.number())),
-        error_message: Some(reason.to_owned()),
+        status: Some(status.as_str().to_owned()),
+        error_code: Some(i64::from(code.number())),
+        error_message: Some(message),
         ..DeviceRegistrationState::default()
     }
 }

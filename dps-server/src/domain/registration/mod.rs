@@ -24,6 +24,7 @@ use crate::cache::{Credential, FinishedOperation};
 use crate::domain::attest::{Attested, DeviceReads, Source};
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
+use crate::domain::issuance::NotIssued;
 use crate::domain::records::{
     EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation, operation_key,
 };
@@ -59,7 +60,8 @@ fn new_operation_id() -> String {
 }
 
 /// Stores a new operation for an authenticated device and assigns it. A disabled enrollment
-/// ends the operation at once (`disabled`), leaving the registration state as it is. When the
+/// ends the operation at once (`disabled`), leaving the registration state as it is, and so
+/// does a `csr` that cannot be served (`failed`, 400209 or 400210). When the
 /// assignment needs nothing outside this process (the policy calls no webhook, the hubs'
 /// connectors are `none`), it is decided first and committed with the operation in one
 /// transaction; otherwise the operation is stored `assigning` and a task assigns it.
@@ -87,7 +89,7 @@ pub async fn start(
         status: OperationStatus::Assigning,
         enrollment,
         device_payload,
-        csr,
+        issued_certificate_chain: None,
         source_address,
         metadata,
         x509: attested
@@ -107,6 +109,23 @@ pub async fn start(
     if let Some(reason) = &attested.disabled {
         record.status = OperationStatus::Disabled;
         record.registration_state = Some(decide::disabled(id, reason));
+    }
+    // A certificate is issued once per operation, before any hub is touched. A request that
+    // cannot be served ends the operation at once, as a disabled enrollment does: nothing is
+    // issued or assigned, and the registration state is left as it is.
+    if let (Some(csr), OperationStatus::Assigning) = (&csr, record.status) {
+        let policy = match &attested.source {
+            Source::Individual(e) => e.settings.credential_policy_name.as_deref(),
+            Source::Group(g) => g.settings.credential_policy_name.as_deref(),
+        };
+        match state.issuance.issue(policy, id.as_str(), csr) {
+            Ok(chain) => record.issued_certificate_chain = Some(chain),
+            Err(NotIssued(code, message)) => {
+                record.status = OperationStatus::Failed;
+                record.registration_state =
+                    Some(decide::refused(id, decide::Failure(code, message)));
+            }
+        }
     }
     let key = operation_key(&record.operation_id);
     // Decided here when nothing outside the process is involved: the operation is then
@@ -265,13 +284,13 @@ fn finishing(
     let etag = crate::store::new_etag();
     record.state.etag = Some(etag.clone());
     op.status = status;
-    // An issued chain is answered once, to the registration that asked for it; the stored
-    // registration state (and the status lookup reading it) does not carry it, nor does the
-    // finished operation keep the request.
-    let issued = record.state.issued_certificate_chain.take();
-    op.csr = None;
+    // An issued chain is answered to the registration that asked for it, once assigned; the
+    // stored registration state (and the status lookup reading it) does not carry it.
     let mut answered = record.state.clone();
-    answered.issued_certificate_chain = issued;
+    answered.issued_certificate_chain = op
+        .issued_certificate_chain
+        .take()
+        .filter(|_| status == OperationStatus::Assigned);
     op.registration_state = Some(answered);
     let group_key = record
         .state

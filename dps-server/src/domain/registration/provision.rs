@@ -16,7 +16,6 @@ use super::decide::{self, Assignment, Failure, Route};
 use crate::domain::allocation::{candidate_hubs, policy_name, run_policy};
 use crate::domain::attest::Source;
 use crate::domain::instances::load_instance;
-use crate::domain::issuance::NotIssued;
 use crate::domain::records::{EnrollmentRef, OperationRecord, RegistrationRecord};
 use crate::domain::{DomainError, load};
 use crate::hubs::{self, DeviceIdentity, HubAuth};
@@ -281,18 +280,6 @@ async fn provision_within(
     if local && !stays_local(configured, &plan, previous_hub) {
         return Ok(None);
     }
-    // Issued before any hub is touched: a request that cannot be served fails the
-    // registration with nothing created.
-    let issued = op
-        .csr
-        .as_deref()
-        .map(|csr| {
-            state
-                .issuance
-                .issue(settings.credential_policy_name.as_deref(), id.as_str(), csr)
-        })
-        .transpose()
-        .map_err(|NotIssued(code, message)| Failure(code, message))?;
     let old_device = previous
         .and_then(|p| p.state.device_id.clone())
         .unwrap_or_else(|| enrolled.device_id.clone());
@@ -352,7 +339,7 @@ async fn provision_within(
     {
         tracing::warn!(hub = %old, error = %e, "could not remove the device from its previous hub");
     }
-    let mut record = decide::assigned(Assignment {
+    Ok(Some(decide::assigned(Assignment {
         id,
         op,
         hub: &hub.host_name,
@@ -360,9 +347,7 @@ async fn provision_within(
         group_id: enrolled.group_id,
         payload: plan.payload,
         decision,
-    });
-    record.state.issued_certificate_chain = issued;
-    Ok(Some(record))
+    })))
 }
 
 /// Whether the first hub of `plan` (which then takes the device: its connector cannot fail)
