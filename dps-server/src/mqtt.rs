@@ -64,9 +64,12 @@ async fn websocket(State(front): State<Front>, request: Request) -> Response {
         )
         .into_response();
     };
+    // Both limits: tungstenite reads a whole frame (16 MiB by default) before it checks the
+    // message size, so a frame's header must be refused on its own.
     let max_message = front.max_packet();
     upgrade
         .protocols([protocol])
+        .max_frame_size(max_message)
         .max_message_size(max_message)
         .on_upgrade(move |socket| async move {
             front.serve_websocket(socket, peer, chain).await;

@@ -379,6 +379,39 @@ async fn websocket_sessions_are_capped() {
     assert!(third.is_some(), "a session after the first closed");
 }
 
+/// A WebSocket frame that announces more than an MQTT packet may hold is refused when its
+/// header arrives: the session is closed at once, not left buffering up to tungstenite's
+/// 16 MiB default until a deadline (here 30 s) runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_websocket_frame_closes_the_session_at_once() {
+    let t = TestServer::start_with(Backend::Sqlite, |c| {
+        c.mqtt_listen = Some("off".into());
+        c.limits.request_header_timeout_secs = 30;
+    })
+    .await;
+    let mut ws = tls_to(&t, t.running().local_addr).await;
+    let head = upgrade(&mut ws, "/$iothub/websocket", "mqtt").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    // FIN + binary, masked, a 64-bit length of 8 MiB, the mask, then the first bytes.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(8u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 1024]);
+    ws.write_all(&frame).await.unwrap();
+    ws.flush().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut sink = vec![0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            // A close frame may come first; the connection ends after it.
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the session was still open 5 s after an 8 MiB frame header"),
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 /// MQTT over WebSockets at `/` (where the C# client goes), with the subprotocol in capitals (as
 /// the C SDK sends it): the upgrade is accepted and CONNECT is answered inside binary frames. A
 /// `GET /` that is not such an upgrade is still a 404.
