@@ -11,6 +11,9 @@ pub const REGISTER_TOPIC: &str = "$dps/registrations/PUT/iotdps-register/?";
 /// Polls: this, then `$rid={rid}&operationId={operationId}`.
 pub const POLL_TOPIC: &str = "$dps/registrations/GET/iotdps-get-operationstatus/?";
 const ANSWER_PREFIX: &str = "$dps/registrations/res/";
+/// The longest request id taken. The SDKs send a counter or a UUID; an answer's topic echoes
+/// it, and a topic must stay under MQTT's 65,535 bytes.
+pub const MAX_RID: usize = 128;
 
 /// A register or poll publish, read from its topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +41,9 @@ impl Request {
                 _ => {}
             }
         }
-        let rid = rid.filter(|r| !r.is_empty())?;
+        // Echoed in the answer's topic, where wildcards and NUL are not allowed.
+        let rid =
+            rid.filter(|r| !r.is_empty() && r.len() <= MAX_RID && !r.contains(['#', '+', '\0']))?;
         match (poll, operation) {
             (false, _) => Some(Self {
                 rid,
@@ -218,6 +223,9 @@ mod tests {
             "$dps/registrations/PUT/iotdps-register/?$rid=",
             "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1",
             "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=1&operationId=%zz",
+            "$dps/registrations/PUT/iotdps-register/?$rid=1#",
+            "$dps/registrations/PUT/iotdps-register/?$rid=+",
+            &format!("{REGISTER_TOPIC}$rid={}", "1".repeat(MAX_RID + 1)),
         ] {
             assert_eq!(Request::of_topic(bad), None, "{bad}");
         }

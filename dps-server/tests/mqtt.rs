@@ -253,6 +253,8 @@ async fn refusals_are_answered_and_leave_the_server_serving(backend: Backend) {
         error["message"].as_str().unwrap().contains("MQTT"),
         "{error}"
     );
+    assert_eq!(error["errorCode"], 401002, "{error}");
+    assert!(error.get("authenticationKey").is_none(), "{error}");
 
     // A publish to a topic that is not DPS's closes the connection.
     client
@@ -263,6 +265,24 @@ async fn refusals_are_answered_and_leave_the_server_serving(backend: Backend) {
         )))
         .await;
     assert_eq!(client.next().await, None);
+
+    // A request id too long to echo in an answer's topic (or with a wildcard in it), and a
+    // QoS 2 publish (which DPS does not take), close the connection without an answer.
+    for (rid, qos) in [
+        ("1".repeat(129), QoS::AtLeastOnce),
+        ("1#".into(), QoS::AtLeastOnce),
+        ("1+".into(), QoS::AtLeastOnce),
+        ("9".into(), QoS::ExactlyOnce),
+    ] {
+        let mut refused = Client::open(&t).await;
+        let good = device_token(&scope, "mqtt-2", &keys_of(&enrollment).0);
+        refused.connect(&scope, "mqtt-2", &good).await;
+        let mut publish = Publish::new(format!("{REGISTER}{rid}"), qos, b"{}".to_vec());
+        publish.pkid = 3;
+        refused.send(Packet::Publish(publish)).await;
+        assert_eq!(refused.next().await, None, "rid {rid:.12}..., {qos:?}");
+    }
+    assert_eq!(registration_of(&t, "mqtt-2").await, 404);
 
     // A malformed packet closes its connection and nothing else.
     let mut garbage = Client::open(&t).await;

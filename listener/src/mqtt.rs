@@ -174,6 +174,11 @@ impl Front {
                 // Our answers' acknowledgements.
                 Packet::PubAck(_) => Vec::new(),
                 Packet::Disconnect => return,
+                // DPS takes QoS 0 and 1 (the SDKs send 1); a QoS 2 exchange is not served.
+                Packet::Publish(publish) if publish.qos == QoS::ExactlyOnce => {
+                    tracing::debug!(%peer, "QoS 2 publish: closed");
+                    return;
+                }
                 Packet::Publish(publish) => {
                     let Some(request) = mqtt::Request::of_topic(&publish.topic) else {
                         tracing::debug!(%peer, topic = %publish.topic, "publish to a topic that is not DPS's: closed");
