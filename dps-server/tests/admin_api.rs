@@ -415,8 +415,9 @@ async fn bulk_operations(backend: Backend) {
     assert_eq!(again["errors"][0]["errorCode"], 409001);
     assert_eq!(again["errors"].as_array().unwrap().len(), 2);
 
-    // One batch: an existing id, a new one, the new one again, and an invalid item. Only the
-    // bad items fail, each on its own; the existing enrollment is left as it was.
+    // One batch: an existing id, a new one, and the new one again; then one of an invalid item
+    // and a good one. Only the bad items fail, each on its own; the existing enrollment is
+    // left as it was.
     let before = expect_json(
         t.owner(Method::GET, "/enrollments/b-2")
             .send()
@@ -472,6 +473,14 @@ async fn bulk_operations(backend: Backend) {
     assert_eq!(invalid["errors"].as_array().unwrap().len(), 1, "{invalid}");
     assert_eq!(invalid["errors"][0]["registrationId"], "b-4");
     assert_eq!(invalid["errors"][0]["errorCode"], 400004);
+    expect_json(
+        t.owner(Method::GET, "/enrollments/b-5")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
     expect_error(
         t.owner(Method::GET, "/enrollments/b-4")
             .send()
@@ -2311,21 +2320,34 @@ async fn azure_admin_wire_details(backend: Backend) {
     let group = json!({ "enrollmentGroupId": "wg", "attestation": { "type": "symmetricKey" },
                         "credentialPolicyName": "default" });
     assert_eq!(enroll(&t, group).await["credentialPolicyName"], "default");
-    // Two of the three names, or a name that is not one, are refused and nothing is stored.
-    for (field, value) in [("namespaceName", ""), ("credentialPolicyName", "a b")] {
-        let mut partial = symmetric_enrollment("w-10");
-        partial["namespaceName"] = json!("adr-namespace");
-        partial["certificateAuthorityName"] = json!("ca-1");
-        if !value.is_empty() {
-            partial[field] = json!(value);
-        }
+    // Two of the three names, or a name that is not one (with all three given, so that only
+    // the name is at fault), are refused and nothing is stored.
+    let mut partial = symmetric_enrollment("w-10");
+    partial["namespaceName"] = json!("adr-namespace");
+    partial["certificateAuthorityName"] = json!("ca-1");
+    let mut bad_name = symmetric_enrollment("w-10");
+    bad_name["credentialPolicyName"] = json!("a b");
+    let mut bad_adr_name = partial.clone();
+    bad_adr_name["certificatePolicyName"] = json!("a b");
+    for (body, field) in [
+        (partial, "certificatePolicyName"),
+        (bad_name, "credentialPolicyName"),
+        (bad_adr_name, "certificatePolicyName"),
+    ] {
         let response = t
             .owner(Method::PUT, "/enrollments/w-10")
-            .json(&partial)
+            .json(&body)
             .send()
             .await
             .unwrap();
-        expect_error(response, 400, 400004).await;
+        let error = expect_error(response, 400, 400004).await;
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(field),
+            "{error}"
+        );
     }
     let response = t
         .owner(Method::GET, "/enrollments/w-10")

@@ -1257,6 +1257,14 @@ async fn azure_device_wire_details(backend: Backend) {
     let refused = device.put(&long_lived).send().await.unwrap();
     expect_error(refused, 401, 401002).await;
     assert!(registration_state(&bounded, "dev-1").await.is_none());
+    // A token within the bound still registers.
+    let day = sign(
+        &format!("{}/registrations/dev-1", device.scope),
+        &keys_of(&enrollment).0,
+        now() + 24 * 3600,
+        Some("registration"),
+    );
+    assert_eq!(device.register(&day).await["status"], "assigned");
 }
 
 on_both_backends!(

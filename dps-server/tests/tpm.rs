@@ -375,6 +375,7 @@ async fn challenge_keys_expire() {
     assert_eq!(registration_state_of(&t, "tpm-slow").await, before);
     let replay = device.send(&token).await;
     device.open_challenge(replay).await;
+    assert_eq!(registration_state_of(&t, "tpm-slow").await, before);
     let done = device
         .device
         .register_with(&device.token(&fresh), device.body(None), &[])
