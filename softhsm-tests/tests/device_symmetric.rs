@@ -327,6 +327,24 @@ fn the_device_client_registers_over_mqtt() {
     assert_eq!(done["deviceId"], "device-mqtt");
     let state = cli(&s.server, &["registration", "show", "dev-mqtt"]);
     assert_eq!(state["status"], "assigned");
+    // The server saw the register request arrive over MQTT, not HTTPS.
+    let over_mqtt = |l: &str| {
+        let plain = without_colours(l);
+        [
+            "/register",
+            "transport=\"mqtt\"",
+            "registration_id=\"dev-mqtt\"",
+            "status=202",
+        ]
+        .iter()
+        .all(|part| plain.contains(part))
+    };
+    assert!(
+        s.server
+            .wait_for_log(over_mqtt, std::time::Duration::from_secs(5)),
+        "no MQTT register request in the log: {:?}",
+        s.server.log()
+    );
     // Over a WebSocket at the HTTPS endpoint, for networks that pass only 443.
     let again = assigned(&s.device(
         "dev-mqtt",
@@ -336,13 +354,16 @@ fn the_device_client_registers_over_mqtt() {
     ));
     assert_eq!(again["assignedHub"], "hub-a.example.com");
 
-    // A wrong key is refused with the service's error code, over MQTT too.
+    // A wrong key for the enrolled device is refused with the service's error code, over MQTT
+    // too, and its registration state is left as it was.
+    let before = cli(&s.server, &["registration", "show", "dev-mqtt"]);
     let wrong = s.dir.path().join("mqtt-wrong.key");
     std::fs::write(&wrong, attestation_key()).unwrap();
+    let forced: Vec<&str> = mqtt.iter().copied().chain(["--force"]).collect();
     let refused = s.device(
-        "dev-mqtt-2",
+        "dev-mqtt",
         &["--symmetric-key", &format!("file:{}", wrong.display())],
-        &mqtt,
+        &forced,
         &[],
     );
     assert_eq!(
@@ -352,6 +373,24 @@ fn the_device_client_registers_over_mqtt() {
         String::from_utf8_lossy(&refused.stderr)
     );
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401002"));
+    assert_eq!(
+        cli(&s.server, &["registration", "show", "dev-mqtt"]),
+        before
+    );
+}
+
+/// A log line without its terminal colour codes.
+fn without_colours(line: &str) -> String {
+    let mut plain = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
 }
 
 fn attestation_key() -> String {
