@@ -193,16 +193,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         stopped.clone(),
     );
     let mqtt = mqtt_listener.map(|mqtt_listener| {
-        let mut mqtt_tls = (*tls_config).clone();
-        mqtt_tls.alpn_protocols.clear();
-        let front = front.clone();
-        dps_listener::serve_tls(
+        dps_listener::mqtt::serve(
             mqtt_listener,
-            TlsAcceptor::from(Arc::new(mqtt_tls)),
+            &tls_config,
+            front.clone(),
             limits.clone(),
-            stopped.clone(),
             grace,
-            move |tls, peer, chain, _stopped| front.clone().serve(tls, peer, chain),
         )
     });
     let main = serve(

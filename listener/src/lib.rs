@@ -203,9 +203,9 @@ pub type TlsConnection = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
 /// Serves TLS connections on `listener` with `handle` (a protocol other than HTTP: MQTT), with
 /// the same connection cap, handshake deadline and accept-error backoff as [`serve`].
-/// `handle` gets the stream, the peer's address, the client certificate chain it presented and
-/// a receiver of `stopped` (it should close the connection when that turns true); in-flight
-/// connections get up to `grace`.
+/// `handle` gets the stream, the peer's address and the client certificate chain it presented,
+/// and should close the connection when `stopped` turns true; in-flight connections get up to
+/// `grace`.
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -214,22 +214,17 @@ pub async fn serve_tls<H, F>(
     grace: Duration,
     handle: H,
 ) where
-    H: Fn(TlsConnection, SocketAddr, Option<ClientChain>, watch::Receiver<bool>) -> F
-        + Clone
-        + Send
-        + 'static,
+    H: Fn(TlsConnection, SocketAddr, Option<ClientChain>) -> F + Clone + Send + 'static,
     F: std::future::Future<Output = ()> + Send + 'static,
 {
     let handshake = limits.tls_handshake;
-    let connection_stopped = stopped.clone();
     accept_loop(listener, limits, stopped, grace, move |tcp, peer| {
         let (acceptor, handle) = (acceptor.clone(), handle.clone());
-        let stopped = connection_stopped.clone();
         async move {
             let Some((tls, chain)) = handshake_within(&acceptor, tcp, peer, handshake).await else {
                 return;
             };
-            handle(tls, peer, chain, stopped).await;
+            handle(tls, peer, chain).await;
         }
     })
     .await;

@@ -55,22 +55,41 @@ pub struct MqttSettings {
     pub max_websockets: usize,
 }
 
+/// Serves MQTT over TLS on `listener` for `front`, with the server's TLS configuration
+/// `tls` (without its HTTP ALPN protocols) and the accept loop of [`crate::serve_tls`]; ends
+/// when `front`'s `stopped` turns true, giving sessions up to `grace`.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    tls: &rustls::ServerConfig,
+    front: Front,
+    limits: crate::ConnectionLimits,
+    grace: Duration,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut tls = tls.clone();
+    tls.alpn_protocols.clear();
+    let stopped = front.stopped.clone();
+    crate::serve_tls(
+        listener,
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        limits,
+        stopped,
+        grace,
+        move |tls, peer, chain| front.clone().serve(tls, peer, chain),
+    )
+}
+
 /// What every connection of the MQTT listener shares.
 #[derive(Debug, Clone)]
 pub struct Front {
     /// The application router: requests go through it as HTTPS requests do.
     router: Router,
-    /// Largest packet accepted.
-    max_packet: usize,
-    /// Time for the client to send CONNECT after the handshake.
-    connect_deadline: Duration,
+    /// The sessions' limits.
+    settings: MqttSettings,
     /// Turns true when the server stops.
     stopped: watch::Receiver<bool>,
     /// WebSocket sessions open at once: an upgraded connection leaves the HTTPS listener's
-    /// count, so these are capped here, at `limits.max_connections`.
+    /// count, so these are capped here, at `settings.max_websockets`.
     websockets: Arc<tokio::sync::Semaphore>,
-    /// How long a request's body may take (what the router's handlers read).
-    body_deadline: Duration,
 }
 
 impl Front {
@@ -81,9 +100,7 @@ impl Front {
             router,
             stopped,
             websockets: Arc::new(tokio::sync::Semaphore::new(settings.max_websockets.max(1))),
-            max_packet: settings.max_packet,
-            connect_deadline: settings.connect_deadline,
-            body_deadline: settings.body_deadline,
+            settings: settings.clone(),
         }
     }
 
@@ -99,8 +116,8 @@ impl Front {
         peer: SocketAddr,
         chain: Option<ClientChain>,
     ) {
-        let (ours, theirs) = tokio::io::duplex(self.max_packet);
-        let deadline = self.body_deadline;
+        let (ours, theirs) = tokio::io::duplex(self.settings.max_packet);
+        let deadline = self.settings.body_deadline;
         tokio::join!(
             bridge(socket, theirs, deadline),
             self.serve(ours, peer, chain)
@@ -109,7 +126,7 @@ impl Front {
 
     /// The largest packet (and WebSocket message) accepted.
     pub fn max_packet(&self) -> usize {
-        self.max_packet
+        self.settings.max_packet
     }
 
     /// Serves one connection (TLS on the MQTT port, or a WebSocket's bytes) until the client
@@ -117,8 +134,12 @@ impl Front {
     pub async fn serve<S: Wire>(self, mut tls: S, peer: SocketAddr, chain: Option<ClientChain>) {
         let mut stopped = self.stopped.clone();
         let mut session = match tokio::time::timeout(
-            self.connect_deadline,
-            Session::connect(&mut tls, self.max_packet, self.body_deadline),
+            self.settings.connect_deadline,
+            Session::connect(
+                &mut tls,
+                self.settings.max_packet,
+                self.settings.body_deadline,
+            ),
         )
         .await
         {
@@ -232,9 +253,23 @@ impl Front {
         };
         let mut http = Request::new(Body::from(body));
         *http.method_mut() = method;
-        // Every part of the path is an id that was checked, or percent-encoded.
-        if let Ok(uri) = format!("{path}?api-version={}", device.name.api_version).parse() {
-            *http.uri_mut() = uri;
+        // Every part of the path is an id that was checked, or percent-encoded, so this
+        // parses; if it did not, the device is told, rather than routed elsewhere.
+        match format!("{path}?api-version={}", device.name.api_version).parse() {
+            Ok(uri) => *http.uri_mut() = uri,
+            Err(_) => {
+                return Answer {
+                    topic: mqtt::Answer {
+                        status: 400,
+                        rid: request.rid.clone(),
+                        retry_after: None,
+                    }
+                    .topic(),
+                    body: Bytes::from_static(
+                        br#"{"errorCode":400007,"message":"the request's ids do not form a path"}"#,
+                    ),
+                };
+            }
         }
         let headers = http.headers_mut();
         headers.insert(
@@ -247,7 +282,7 @@ impl Front {
         http.extensions_mut().insert(PeerAddr(peer));
         http.extensions_mut().insert(Transport::MQTT);
         http.extensions_mut()
-            .insert(BodyDeadline(self.body_deadline));
+            .insert(BodyDeadline(self.settings.body_deadline));
         if let Some(chain) = chain {
             http.extensions_mut().insert(chain);
         }
@@ -325,17 +360,16 @@ async fn bridge(
     }
 }
 
+/// What a path segment keeps as it is (RFC 3986's unreserved characters).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes what goes into a path segment.
 fn encode(segment: &str) -> String {
-    let mut out = String::with_capacity(segment.len());
-    for b in segment.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(segment, SEGMENT).to_string()
 }
 
 /// An answer to publish.

@@ -143,8 +143,6 @@ pub async fn start(
         Some(address) => {
             let mqtt_listener = TcpListener::bind(address).await?;
             let bound = mqtt_listener.local_addr()?;
-            let mut mqtt_tls = (*server_config).clone();
-            mqtt_tls.alpn_protocols.clear();
             let settings = dps_listener::mqtt::MqttSettings {
                 max_packet: 100 * 1024,
                 connect_deadline: Duration::from_secs(30),
@@ -152,13 +150,12 @@ pub async fn start(
                 max_websockets: 1,
             };
             let front = dps_listener::mqtt::Front::new(router.clone(), &settings, stopped.clone());
-            let task = tokio::spawn(dps_listener::serve_tls(
+            let task = tokio::spawn(dps_listener::mqtt::serve(
                 mqtt_listener,
-                tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(mqtt_tls)),
+                &server_config,
+                front,
                 ConnectionLimits::default(),
-                stopped.clone(),
                 Duration::from_secs(5),
-                move |tls, peer, chain, _stopped| front.clone().serve(tls, peer, chain),
             ));
             (Some(bound), Some(task))
         }
