@@ -146,11 +146,17 @@ pub fn check_device_id(value: &str) -> Result<(), IdError> {
 /// Checks a name we choose ourselves (instances, access policies): 1 to 64 characters of
 /// `[A-Za-z0-9-_.]`, starting with a letter or digit.
 pub fn check_resource_name(kind: &'static str, value: &str) -> Result<(), IdError> {
+    check_name(kind, value, 64)
+}
+
+/// Checks a name of that alphabet of at most `max` characters (`credentialPolicyName` and the
+/// certificate names of enrollments take 128).
+pub fn check_name(kind: &'static str, value: &str, max: usize) -> Result<(), IdError> {
     if value.is_empty() {
         return Err(IdError::Empty { kind });
     }
-    if value.len() > 64 {
-        return Err(IdError::TooLong { kind, max: 64 });
+    if value.len() > max {
+        return Err(IdError::TooLong { kind, max });
     }
     let first_ok = value
         .chars()

@@ -184,11 +184,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
-    let transport = req
-        .extensions()
-        .get::<Transport>()
-        .copied()
-        .unwrap_or(Transport::HTTPS);
+    let transport = Transport::of(req.extensions());
     let span = tracing::info_span!(
         "request",
         request_id = %request_id,

@@ -292,9 +292,10 @@ async fn stored_state(t: &TestServer, id: &str) -> Value {
     .await
 }
 
-/// A server whose issuing CA's key is not the CA certificate's refuses to start.
+/// A server whose issuing CA's key is not the CA certificate's, or whose policy has a name no
+/// enrollment can give, refuses to start.
 #[tokio::test]
-async fn a_ca_key_that_does_not_match_its_certificate_stops_the_start() {
+async fn unusable_issuance_settings_stop_the_start() {
     let (mine, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (_, mut ca) = issuing_ca_files(mine.path(), &rcgen::PKCS_ECDSA_P384_SHA384);
     ca.key = issuing_ca_files(other.path(), &rcgen::PKCS_ECDSA_P256_SHA256)
@@ -304,6 +305,23 @@ async fn a_ca_key_that_does_not_match_its_certificate_stops_the_start() {
     config.certificate_authorities.insert("x".into(), ca);
     let error = dps_server::domain::issuance::Issuance::load(&config).unwrap_err();
     assert!(format!("{error:#}").contains("does not sign"), "{error:#}");
+
+    // Nor does a policy under a name no enrollment can give.
+    let (_, ca) = issuing_ca_files(mine.path(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let mut config = dps_server::config::IssuanceConfig::default();
+    config.certificate_authorities.insert("x".into(), ca);
+    config.credential_policies.insert(
+        "a b".into(),
+        CredentialPolicyConfig {
+            certificate_authority: "x".into(),
+            ..CredentialPolicyConfig::default()
+        },
+    );
+    let error = dps_server::domain::issuance::Issuance::load(&config).unwrap_err();
+    assert!(
+        format!("{error:#}").contains("credential policy 'a b'"),
+        "{error:#}"
+    );
 }
 
 on_both_backends!(

@@ -47,6 +47,11 @@ impl Transport {
     pub const HTTPS: Self = Self("https");
     /// MQTT, over TLS or WebSockets.
     pub const MQTT: Self = Self("mqtt");
+
+    /// How the request with these extensions arrived.
+    pub fn of(extensions: &axum::http::Extensions) -> Self {
+        extensions.get::<Self>().copied().unwrap_or(Self::HTTPS)
+    }
 }
 
 /// How long a request's body may take to arrive, added to every request's extensions.

@@ -625,19 +625,14 @@ async fn bulk_item<E: Enrollment>(
                     format!("a delete item needs its '{}'", E::ID_FIELD),
                 )
             })?;
-            let precondition = match etag {
-                Some(tag) if tag != "*" => Precondition::IfMatch(tag),
-                _ => Precondition::Always,
-            };
+            let precondition = Precondition::from_etag(etag, Precondition::Always);
             return delete_key::<E>(state, ns, &E::key_of(&id)?, precondition).await;
         }
     };
     let precondition = match mode {
         BulkMode::Create => Precondition::MustNotExist,
         BulkMode::UpdateIfMatchEtag => match etag {
-            // The wildcard, as in If-Match, matches whatever is stored.
-            Some(tag) if tag == "*" => Precondition::Always,
-            Some(tag) => Precondition::IfMatch(tag),
+            Some(tag) => Precondition::from_etag(Some(tag), Precondition::Always),
             None => {
                 return Err(DomainError::new(
                     ErrorCode::ArgumentNull,

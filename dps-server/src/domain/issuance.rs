@@ -67,6 +67,9 @@ impl Issuance {
         }
         let mut policies = HashMap::new();
         for (name, policy) in &config.credential_policies {
+            // The name enrollments give as credentialPolicyName, so it must be one they can.
+            dps_protocol::ids::check_name("credential policy name", name, 128)
+                .with_context(|| format!("credential policy '{name}'"))?;
             let ca = cas.get(&policy.certificate_authority).with_context(|| {
                 format!(
                     "credential policy '{name}': no issuance CA named '{}'",

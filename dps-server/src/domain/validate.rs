@@ -207,13 +207,9 @@ fn check_certificate_policy_names(settings: &EnrollmentSettings) -> Result<(), D
         ("certificatePolicyName", &settings.certificate_policy_name),
     ];
     for (field, value) in named {
-        if let Some(name) = value
-            && !is_resource_name(name)
-        {
-            return Err(field_error(
-                field,
-                format!("{field} must be 1 to 128 letters, digits, '-', '_' or '.'"),
-            ));
+        if let Some(name) = value {
+            dps_protocol::ids::check_name(field, name, 128)
+                .map_err(|e| field_error(field, e.to_string()))?;
         }
     }
     let given = named[1..].iter().filter(|(_, v)| v.is_some()).count();
@@ -224,13 +220,6 @@ fn check_certificate_policy_names(settings: &EnrollmentSettings) -> Result<(), D
         ));
     }
     Ok(())
-}
-
-fn is_resource_name(name: &str) -> bool {
-    (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// Checks and normalises an attestation. Omitted symmetric keys are taken from `existing` (the

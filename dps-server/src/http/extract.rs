@@ -178,20 +178,18 @@ fn if_match(headers: &HeaderMap) -> Result<Option<String>, DomainError> {
 /// The precondition of a PUT: no `If-Match` creates only (an existing id is a 409), `*`
 /// overwrites, an etag must match.
 pub fn put_precondition(headers: &HeaderMap) -> Result<Precondition, DomainError> {
-    Ok(match if_match(headers)? {
-        None => Precondition::MustNotExist,
-        Some(tag) if tag == "*" => Precondition::Always,
-        Some(tag) => Precondition::IfMatch(tag),
-    })
+    Ok(Precondition::from_etag(
+        if_match(headers)?,
+        Precondition::MustNotExist,
+    ))
 }
 
 /// The precondition of a DELETE: an etag must match when one is sent.
 pub fn delete_precondition(headers: &HeaderMap) -> Result<Precondition, DomainError> {
-    Ok(match if_match(headers)? {
-        None => Precondition::Always,
-        Some(tag) if tag == "*" => Precondition::Always,
-        Some(tag) => Precondition::IfMatch(tag),
-    })
+    Ok(Precondition::from_etag(
+        if_match(headers)?,
+        Precondition::Always,
+    ))
 }
 
 /// How `x-ms-continuation` tokens are read: base64url without padding, as they are written,

@@ -98,6 +98,18 @@ pub enum Precondition {
     IfMatch(String),
 }
 
+impl Precondition {
+    /// What an etag a client sent (`If-Match`, or a bulk item's) asks for: `*` matches
+    /// whatever is stored, another etag that version only; without one, `absent`.
+    pub fn from_etag(etag: Option<String>, absent: Precondition) -> Self {
+        match etag {
+            None => absent,
+            Some(tag) if tag == "*" => Precondition::Always,
+            Some(tag) => Precondition::IfMatch(tag),
+        }
+    }
+}
+
 /// The typed columns a record has beside its document, by kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Columns {

@@ -216,10 +216,6 @@ fn sqlite_file(url: &str) -> Option<&str> {
     (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
-fn now() -> String {
-    crate::timestamp::now()
-}
-
 /// A fresh etag: a quoted UUID.
 pub fn new_etag() -> String {
     format!("\"{}\"", uuid::Uuid::new_v4())
@@ -377,7 +373,10 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
             let typed = schema::values(table, columns).ok_or_else(|| {
                 StoreError::Invalid(format!("{columns:?} are not the columns of {kind:?}"))
             })?;
-            let (etag, at) = (etag.clone().unwrap_or_else(new_etag), now());
+            let (etag, at) = (
+                etag.clone().unwrap_or_else(new_etag),
+                crate::timestamp::now(),
+            );
             let mut values = scope(table, ns);
             values.extend([
                 Value::Text(key),
@@ -735,7 +734,7 @@ impl SqlStore {
                 "{kind:?} cannot be written in bulk"
             )));
         }
-        let at = now();
+        let at = crate::timestamp::now();
         let ns = instance_key(ns);
         let mut tx = self.begin().await?;
         let width = 3 + table.columns.len();

@@ -170,11 +170,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
             peer: parts.extensions.get::<PeerAddr>().copied(),
             chain: parts.extensions.get::<ClientChain>().cloned(),
             headers: parts.headers.clone(),
-            transport: parts
-                .extensions
-                .get::<Transport>()
-                .copied()
-                .unwrap_or(Transport::HTTPS),
+            transport: Transport::of(&parts.extensions),
         })
     }
 }
