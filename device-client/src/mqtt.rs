@@ -221,10 +221,17 @@ where
     })
     .map_err(|e| RegisterError::Config(e.to_string()))?;
     let deadline = Instant::now() + request.timeout;
+    // Busy answers (429, 5xx) are retried after their retry-after, or with the backoff the
+    // HTTPS transport uses.
+    let mut failures = 0u32;
     let accepted = loop {
         let (status, after, text) = client.request(None, &body).await?;
         match transient(status) {
-            true => wait(after, deadline, request.timeout).await?,
+            true => {
+                let pause = after.unwrap_or_else(|| crate::register::backoff(failures));
+                failures += 1;
+                wait(pause, deadline, request.timeout).await?;
+            }
             false if status == StatusCode::ACCEPTED => break text,
             false => return Err(refusal(status, text)),
         }
@@ -235,11 +242,18 @@ where
         ))
     })?;
     let operation = attestation::sas::encode_uri_component(&accepted.operation_id);
-    let mut pause = Some(DEFAULT_POLL);
+    let mut pause = DEFAULT_POLL;
     loop {
         wait(pause, deadline, request.timeout).await?;
         let (status, after, text) = client.request(Some(&operation), b" ").await?;
-        pause = after;
+        pause = match (after, transient(status)) {
+            (Some(after), _) => after,
+            (None, true) => {
+                failures += 1;
+                crate::register::backoff(failures)
+            }
+            (None, false) => DEFAULT_POLL,
+        };
         if status == StatusCode::OK {
             let (assignment, _) = finish(&text)?;
             let _ = client.send(Packet::Disconnect).await;
@@ -256,13 +270,8 @@ fn transient(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
-/// Sleeps `after` (2 s when the service named no time), unless that passes the deadline.
-async fn wait(
-    after: Option<Duration>,
-    deadline: Instant,
-    timeout: Duration,
-) -> Result<(), RegisterError> {
-    let pause = after.unwrap_or(DEFAULT_POLL);
+/// Sleeps `pause`, unless that passes the deadline.
+async fn wait(pause: Duration, deadline: Instant, timeout: Duration) -> Result<(), RegisterError> {
     if Instant::now() + pause >= deadline {
         return Err(RegisterError::Timeout(
             timeout,
