@@ -530,9 +530,13 @@ async fn x509_devices_are_who_their_certificate_says(backend: Backend) {
             "clientCertificates": { "primary": { "certificate": cert.pem() } } } } }),
     )
     .await;
-    let enroll_other =
-        json!({ "registrationId": "someone-else", "attestation": { "type": "symmetricKey" } });
-    enroll(&t, enroll_other).await;
+    // The other id trusts the same certificate, so only the certificate's name can refuse it.
+    enroll(
+        &t,
+        json!({ "registrationId": "someone-else", "attestation": { "type": "x509", "x509": {
+            "clientCertificates": { "primary": { "certificate": cert.pem() } } } } }),
+    )
+    .await;
     let scope = t.running().admin.id_scope.clone();
     let with_certificate = || async {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -576,6 +580,8 @@ async fn x509_devices_are_who_their_certificate_says(backend: Backend) {
         .await;
     assert_eq!(topic, "$dps/registrations/res/401/?$rid=2", "{error}");
     assert_eq!(error["errorCode"], 401002);
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(message.contains("common name"), "{message}");
     assert_eq!(registration_of(&t, "someone-else").await, 404);
 }
 

@@ -55,15 +55,6 @@ fn set_descriptor_limit(soft: &str, hard: &str) {
     assert!(status.success(), "prlimit failed: {status}");
 }
 
-fn get_root(stream: &mut TcpStream) -> String {
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_loop_backs_off_and_recovers() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -108,12 +99,30 @@ async fn out_of_descriptors_the_loop_backs_off_and_recovers() {
         "the accept loop used {spent:?} of CPU in 2 s while out of descriptors"
     );
 
+    // The loop really is out of descriptors: the last client waiting is not served.
+    let mut last = waiting.pop().unwrap();
+    last.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    last.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let unserved = last.read(&mut byte);
+    assert!(
+        matches!(&unserved, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "a client was served while the loop should have been out of descriptors: {unserved:?}"
+    );
+
     // Descriptors free again: the clients that waited are served.
     set_descriptor_limit(&soft, &hard);
-    let mut last = waiting.pop().unwrap();
-    let answer = tokio::task::spawn_blocking(move || get_root(&mut last))
-        .await
+    last.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut answer = String::new();
+        last.read_to_string(&mut answer).map(|_| answer)
+    })
+    .await
+    .unwrap()
+    .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("served"), "{answer}");
 }
