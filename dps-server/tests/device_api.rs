@@ -11,21 +11,10 @@ use attestation::SymmetricKey;
 use attestation::sas::{encode_uri_component, sign};
 use common::{
     Backend, Device, TestServer, device_token, enroll, expect_error, expect_json, keys_of, now,
+    registration_state,
 };
 use reqwest::Method;
 use serde_json::{Value, json};
-
-async fn registration_state(t: &TestServer, id: &str) -> Option<Value> {
-    let response = t
-        .owner(Method::GET, &format!("/registrations/{id}"))
-        .send()
-        .await
-        .unwrap();
-    match response.status().as_u16() {
-        404 => None,
-        _ => Some(expect_json(response, 200).await),
-    }
-}
 
 async fn individual_enrollment_registers_and_rolls_keys(backend: Backend) {
     let t = TestServer::start(backend).await;

@@ -11,7 +11,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::{
     Backend, Device, TestServer, device_token, enroll, expect_json, issuing_ca_files, keys_of,
-    mtls_client, pem_of, register_over,
+    mtls_client, pem_of, register_over, registration_state,
 };
 use dps_server::config::{CredentialPolicyConfig, IssuingCaConfig};
 use rcgen::{CertificateParams, DnType, KeyPair};
@@ -153,7 +153,7 @@ async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) 
     .await;
     assert_eq!(lookup["status"], "assigned", "{lookup}");
     assert!(lookup.get("issuedCertificateChain").is_none(), "{lookup}");
-    let stored = stored_state(&t, id).await;
+    let stored = registration_state(&t, id).await.unwrap();
     assert!(stored.get("issuedCertificateChain").is_none(), "{stored}");
 
     // A new CSR gets a new certificate.
@@ -260,7 +260,7 @@ async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) 
         // Assigned first without a csr: the refused request must leave that state as it is.
         let first = Device::new(&t, id).register(&token).await;
         assert_eq!(first["status"], "assigned", "{id}: {first}");
-        let before = stored_state(&t, id).await;
+        let before = registration_state(&t, id).await.unwrap();
         let done = register_with_csr(&t, id, &token, &request).await;
         assert_eq!(done["status"], "failed", "{id}: {done}");
         let state = &done["registrationState"];
@@ -273,23 +273,11 @@ async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) 
         );
         assert!(state.get("assignedHub").is_none(), "{id}: {done}");
         assert_eq!(
-            stored_state(&t, id).await,
+            registration_state(&t, id).await.unwrap(),
             before,
             "{id}: the refusal changed the state"
         );
     }
-}
-
-/// The registration state the admin API shows for `id`.
-async fn stored_state(t: &TestServer, id: &str) -> Value {
-    expect_json(
-        t.owner(Method::GET, &format!("/registrations/{id}"))
-            .send()
-            .await
-            .unwrap(),
-        200,
-    )
-    .await
 }
 
 /// A server whose issuing CA's key is not the CA certificate's, or whose policy has a name no

@@ -14,7 +14,9 @@ use attestation::tpm::soft::SoftTpm;
 use attestation::tpm::{KeyRole, RsaPublic, registration_id};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::{Backend, Device, TestServer, enroll, expect_error, expect_json, now};
+use common::{
+    Backend, Device, TestServer, enroll, expect_error, expect_json, now, registration_state,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     PublicKeyData, SignatureAlgorithm,
@@ -170,27 +172,6 @@ async fn enroll_tpm(t: &TestServer, id: &str, tpm: &SoftTpm) -> Value {
 }
 
 /// The registration state of `id` as the admin API shows it (`None` before the first).
-async fn registration_state_of(t: &TestServer, id: &str) -> Option<Value> {
-    let response = t
-        .owner(Method::GET, &format!("/registrations/{id}"))
-        .send()
-        .await
-        .unwrap();
-    if response.status() == 404 {
-        return None;
-    }
-    Some(expect_json(response, 200).await)
-}
-
-async fn registration_exists(t: &TestServer, id: &str) -> bool {
-    let response = t
-        .owner(Method::GET, &format!("/registrations/{id}"))
-        .send()
-        .await
-        .unwrap();
-    response.status() == 200
-}
-
 async fn individual_enrollment_end_to_end(backend: Backend) {
     let t = TestServer::start(backend).await;
     let hooks = hub(&t).await;
@@ -303,7 +284,7 @@ async fn refusals_store_nothing(backend: Backend) {
         .send(&device.token(&SymmetricKey::generate().unwrap()))
         .await;
     let fresh = device.open_challenge(response).await;
-    assert!(!registration_exists(&t, "tpm-dev-2").await);
+    assert!(registration_state(&t, "tpm-dev-2").await.is_none());
     let done = device
         .device
         .register_with(&device.token(&fresh), device.body(None), &[])
@@ -327,7 +308,7 @@ async fn refusals_store_nothing(backend: Backend) {
     assert_eq!(done["status"], "assigned");
     // The replay starts nothing: it is answered with a new challenge. Without the TPM keys
     // in the body there is nothing to challenge, and the refusal says why.
-    let before = registration_state_of(&t, "tpm-dev-2").await;
+    let before = registration_state(&t, "tpm-dev-2").await;
     let replay = device.send(&token).await;
     device.open_challenge(replay).await;
     let bare = device
@@ -345,7 +326,7 @@ async fn refusals_store_nothing(backend: Backend) {
             .contains("already started"),
         "{error}"
     );
-    assert_eq!(registration_state_of(&t, "tpm-dev-2").await, before);
+    assert_eq!(registration_state(&t, "tpm-dev-2").await, before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -369,13 +350,13 @@ async fn challenge_keys_expire() {
     // on its first request, and registers with it. A replay gets a challenge too.
     let late = device.challenge(None).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let before = registration_state_of(&t, "tpm-slow").await;
+    let before = registration_state(&t, "tpm-slow").await;
     let response = device.send(&device.token(&late)).await;
     let fresh = device.open_challenge(response).await;
-    assert_eq!(registration_state_of(&t, "tpm-slow").await, before);
+    assert_eq!(registration_state(&t, "tpm-slow").await, before);
     let replay = device.send(&token).await;
     device.open_challenge(replay).await;
-    assert_eq!(registration_state_of(&t, "tpm-slow").await, before);
+    assert_eq!(registration_state(&t, "tpm-slow").await, before);
     let done = device
         .device
         .register_with(&device.token(&fresh), device.body(None), &[])
@@ -524,8 +505,8 @@ async fn groups_admit_by_ek_certificate(backend: Backend) {
     );
     let garbage = json!({ "tpmEndorsementKeyCertificate": "***" });
     expect_error(device.ask(device.body(Some(garbage))).await, 400, 400004).await;
-    assert!(!registration_exists(&t, &derived_id(&other)).await);
-    assert!(!registration_exists(&t, "my-own-name").await);
+    assert!(registration_state(&t, &derived_id(&other)).await.is_none());
+    assert!(registration_state(&t, "my-own-name").await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,11 +563,11 @@ async fn a_stranger_asking_for_a_challenge_does_not_cancel_the_device_s(backend:
         .await;
     assert_eq!(done["status"], "assigned", "{done}");
     // Still single-use: the second use starts nothing and gets a new challenge.
-    let before = registration_state_of(&t, "tpm-victim").await;
+    let before = registration_state(&t, "tpm-victim").await;
     device
         .open_challenge(device.send(&device.token(&key)).await)
         .await;
-    assert_eq!(registration_state_of(&t, "tpm-victim").await, before);
+    assert_eq!(registration_state(&t, "tpm-victim").await, before);
 }
 
 /// The EK as the device would send it with the exponent written out (65537) instead of the
@@ -641,7 +622,7 @@ async fn an_ek_has_one_identity_whatever_its_exponent_encoding(backend: Backend)
     };
     let second = TpmDevice::new(&t, &raw_id, tpm.clone());
     expect_error(second.ask(body(&raw_id)).await, 401, 401002).await;
-    assert!(!registration_exists(&t, &raw_id).await);
+    assert!(registration_state(&t, &raw_id).await.is_none());
     let device = TpmDevice::new(&t, &canonical_id, tpm.clone());
     let response = device.ask(body(&canonical_id)).await;
     assert_eq!(response.status(), 401);

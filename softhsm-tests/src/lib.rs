@@ -89,6 +89,15 @@ impl ServerProcess {
         self.child.id()
     }
 
+    /// The port of the printed MQTT address.
+    pub fn mqtt_port(&self) -> anyhow::Result<String> {
+        self.mqtt
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(_, port)| port.to_owned())
+            .context("the server printed no MQTT address")
+    }
+
     /// Runs `dps-server serve ARGS` in `cwd` with `env`, and waits for its start-up lines.
     pub fn start(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut command = Command::new(server_binary()?);

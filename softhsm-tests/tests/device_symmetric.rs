@@ -301,13 +301,7 @@ fn refusals_and_disabled_enrollments_have_their_own_exit_codes() {
 #[test]
 fn the_device_client_registers_over_mqtt() {
     let s = setup();
-    let mqtt_port = s
-        .server
-        .mqtt
-        .as_deref()
-        .and_then(|a| a.rsplit_once(':'))
-        .map(|(_, port)| port.to_owned())
-        .expect("the server prints its MQTT address");
+    let mqtt_port = s.server.mqtt_port().unwrap();
     let mqtt = ["--transport", "mqtt", "--mqtt-port", mqtt_port.as_str()];
     let enrollment = cli(
         &s.server,

@@ -269,13 +269,7 @@ fn a_key_in_a_pem_file_works_and_a_mismatched_one_is_refused() {
         "the id comes from the CN"
     );
     // The same certificate over MQTT: no password, the certificate in the TLS handshake.
-    let mqtt_port = f
-        .server
-        .mqtt
-        .as_deref()
-        .and_then(|a| a.rsplit_once(':'))
-        .map(|(_, port)| port.to_owned())
-        .expect("the server prints its MQTT address");
+    let mqtt_port = f.server.mqtt_port().unwrap();
     let (ok, done, stderr) = f.register_with(
         &cert_file,
         &format!("file:{key_file}"),

@@ -178,12 +178,7 @@ fn every_mode_registers_against_the_service_and_the_ceiling() {
         }
     }
     // The symmetric-key and X.509 modes over MQTT, against the service and the ceiling.
-    let service_mqtt = server
-        .mqtt
-        .as_deref()
-        .and_then(|a| a.rsplit_once(':'))
-        .map(|(_, port)| port.to_owned())
-        .expect("the server prints its MQTT address");
+    let service_mqtt = server.mqtt_port().unwrap();
     for mode in ["individual", "group", "x509"] {
         let load = [
             "--devices",

@@ -470,9 +470,9 @@ pub async fn bulk<E: Enrollment>(
         })
         .collect::<Result<Vec<_>, _>>()?;
     // Creating individual enrollments, the bulk import of a fleet, writes many rows per
-    // statement; the other modes (and groups, which device authentication caches) go item by
-    // item.
-    if mode == BulkMode::Create && E::SCOPE == Scope::Individual {
+    // statement; the other modes, and kinds whose writes change the credentials version
+    // (groups, which device authentication caches), go item by item.
+    if mode == BulkMode::Create && E::credentials_write(ns).is_none() {
         return create_all::<E>(state, ns, items).await;
     }
     let mut errors = Vec::new();
@@ -530,9 +530,9 @@ impl<E: Enrollment> BulkItem<E> {
     }
 }
 
-/// Bulk `create`: every item is checked as a single create would be, then the valid ones are
-/// written in one transaction, many rows per statement. An item whose id exists, or that the
-/// request names twice, is refused on its own.
+/// Bulk `create` of a kind without a credentials write: every item is checked as a single
+/// create would be, then the valid ones are written in one transaction, many rows per
+/// statement. An item whose id exists, or that the request names twice, is refused on its own.
 async fn create_all<E: Enrollment>(
     state: &AppState,
     ns: &str,

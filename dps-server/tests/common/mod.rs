@@ -472,3 +472,16 @@ pub fn issuing_ca_files(
         },
     )
 }
+
+/// The registration state the admin API shows for `id`; none when there is none (404).
+pub async fn registration_state(t: &TestServer, id: &str) -> Option<Value> {
+    let response = t
+        .owner(Method::GET, &format!("/registrations/{id}"))
+        .send()
+        .await
+        .unwrap();
+    match response.status().as_u16() {
+        404 => None,
+        _ => Some(expect_json(response, 200).await),
+    }
+}
