@@ -73,6 +73,10 @@ pub struct CreateEnrollment {
     /// hashed, geoLatency, static or custom.
     #[arg(long)]
     pub allocation_policy: Option<String>,
+    /// The credential policy that issues operational certificates to its devices (a policy
+    /// of the server's `[issuance]` configuration).
+    #[arg(long)]
+    pub credential_policy: Option<String>,
     /// Create it disabled.
     #[arg(long)]
     pub disabled: bool,
@@ -194,6 +198,11 @@ fn enrollment_body(create: &CreateEnrollment, id_field: &str) -> anyhow::Result<
         &mut body,
         "allocationPolicy",
         create.allocation_policy.clone().map(Value::from),
+    );
+    set_opt(
+        &mut body,
+        "credentialPolicyName",
+        create.credential_policy.clone().map(Value::from),
     );
     if create.disabled {
         body["provisioningStatus"] = json!("disabled");

@@ -88,6 +88,41 @@ impl KeyType {
     }
 }
 
+/// A new key pair of `key_type` in memory, for a device's certificate request (ring makes EC
+/// keys; RSA keys come from the `rsa` crate, as ring cannot generate them).
+pub fn generate_key(key_type: KeyType) -> Result<rcgen::KeyPair, rcgen::Error> {
+    let bits = match key_type {
+        KeyType::EcP256 | KeyType::EcP384 => {
+            return rcgen::KeyPair::generate_for(key_type.algorithm());
+        }
+        KeyType::Rsa2048 => 2048,
+        KeyType::Rsa3072 => 3072,
+    };
+    use rsa::pkcs8::EncodePrivateKey;
+    let rsa = rsa::PrivateKey::new(&mut getrandom::SysRng, bits)
+        .map_err(|_| rcgen::Error::KeyGenerationUnavailable)?;
+    let der = rsa
+        .to_pkcs8_der()
+        .map_err(|_| rcgen::Error::KeyGenerationUnavailable)?;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
+    rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, key_type.algorithm())
+}
+
+/// A DER PKCS#10 request by `key` for device `registration_id`: its subject is
+/// `CN=registration id`, as [`check_csr`] wants, and it asks for no extensions (the policy
+/// decides them).
+pub fn certificate_request(
+    key: &impl SigningKey,
+    registration_id: &str,
+) -> Result<Vec<u8>, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, registration_id);
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
 /// Why a signing request is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CsrError {
@@ -534,7 +569,6 @@ fn dn_value(value: &AttributeValue) -> Result<DnValue, CaError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use rcgen::{BasicConstraints, KeyPair};
-    use rsa::pkcs8::EncodePrivateKey;
 
     use super::*;
 
@@ -542,10 +576,7 @@ mod tests {
 
     fn key(alg: &'static SignatureAlgorithm) -> KeyPair {
         if alg == &rcgen::PKCS_RSA_SHA256 {
-            let rsa = rsa::PrivateKey::new(&mut getrandom::SysRng, 3072).unwrap();
-            let der = rsa.to_pkcs8_der().unwrap();
-            let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
-            return KeyPair::from_pkcs8_der_and_sign_algo(&der, alg).unwrap();
+            return generate_key(KeyType::Rsa3072).unwrap();
         }
         KeyPair::generate_for(alg).unwrap()
     }
@@ -567,9 +598,23 @@ mod tests {
     }
 
     fn csr(cn: &str, key: &KeyPair) -> Vec<u8> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.serialize_request(key).unwrap().der().to_vec()
+        certificate_request(key, cn).unwrap()
+    }
+
+    /// A key of every type a device can ask for makes a request the service accepts, as that
+    /// type, and only for its own registration id.
+    #[test]
+    fn generated_keys_make_requests_that_pass_the_check() {
+        for key_type in KeyType::ALL {
+            let key = generate_key(key_type).unwrap();
+            let request = certificate_request(&key, ID).unwrap();
+            let checked = check_csr(&request, ID, &[key_type]).unwrap();
+            assert_eq!(checked.key_type(), key_type);
+            assert_eq!(
+                check_csr(&request, "someone-else", &[key_type]),
+                Err(CsrError::WrongSubject("someone-else".into()))
+            );
+        }
     }
 
     fn profile() -> Profile {

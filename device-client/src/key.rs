@@ -12,7 +12,7 @@ use attestation::SymmetricKey;
 use attestation::sas::{sign, sign_with};
 use base64::Engine as _;
 
-use crate::pkcs11::{PinSource, Pkcs11Error, Pkcs11Uri, TokenKey};
+use crate::pkcs11::{PinSource, Pkcs11Error, Pkcs11Uri, SecretKey};
 
 /// Why a key could not be loaded or used. Never contains key material.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,9 @@ pub enum KeyError {
     /// A private key source is not `file:` or `pkcs11:`.
     #[error("a private key source is file:PATH or a pkcs11: URI")]
     BadPrivateKeySource,
+    /// A certificate signing request could not be built.
+    #[error("cannot build the certificate signing request: {0}")]
+    Request(String),
     /// The private key does not belong to the certificate.
     #[error("the private key in {0} does not match the certificate")]
     KeyMismatch(PathBuf),
@@ -86,7 +89,7 @@ pub enum Credential {
 
 enum Loaded {
     Software(SymmetricKey),
-    Token(TokenKey),
+    Token(SecretKey),
 }
 
 impl Loaded {
@@ -101,7 +104,7 @@ impl Loaded {
                 let text = std::env::var(name).map_err(|_| KeyError::Env(name.clone()))?;
                 Ok(Loaded::Software(SymmetricKey::from_base64(text.trim())?))
             }
-            KeySource::Pkcs11(uri) => Ok(Loaded::Token(TokenKey::open(uri, pin)?)),
+            KeySource::Pkcs11(uri) => Ok(Loaded::Token(SecretKey::open(uri, pin)?)),
         }
     }
 

@@ -3,11 +3,12 @@
 //! individual key or a group key derived locally; or with an X.509 certificate whose private
 //! key is in a file or a PKCS#11 token.
 
+pub mod issue;
 pub mod key;
 pub mod mqtt;
-pub mod pkcs11;
 pub mod register;
 pub mod state;
+pub mod token_tls;
 #[cfg(feature = "tpm")]
 pub mod tpm;
 #[cfg(not(feature = "tpm"))]
@@ -15,6 +16,7 @@ pub mod tpm;
 pub mod tpm;
 pub mod x509;
 
+pub use dps_pkcs11 as pkcs11;
 pub use key::{Credential, KeySource, SasSigner};
 pub use register::{Assignment, Proof, RegisterError, Registration, Transport, register};
 pub use x509::{ClientCertificate, PrivateKeySource};

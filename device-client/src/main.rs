@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use attestation::issuance::KeyType;
 use attestation::tpm::{KeyRole, RsaPublic, registration_id};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use device_client::issue;
 use device_client::pkcs11::PinSource;
 use device_client::state::{self, DeviceState};
 use device_client::tpm::Tpm;
@@ -110,17 +112,55 @@ struct RegisterArgs {
     /// The MQTT port, with --transport mqtt.
     #[arg(long, default_value_t = 8883)]
     mqtt_port: u16,
+    /// Ask for an operational certificate for --issued-key (api-version 2025-07-01-preview;
+    /// the enrollment needs a credential policy) and write the issued chain here as PEM, the
+    /// new certificate first. Always registers, whatever the state file holds.
+    #[arg(long, value_name = "PATH", requires = "issued_key")]
+    issue_certificate: Option<PathBuf>,
+    /// The operational certificate's key: file:PATH (a PEM file, made with mode 0600 when it
+    /// does not exist) or a pkcs11: URI (generated inside the token when it holds no such key).
+    #[arg(long, value_name = "SOURCE", requires = "issue_certificate")]
+    issued_key: Option<String>,
+    /// The type of key made for --issued-key when there is none.
+    #[arg(long, value_enum, default_value = "ec-p256")]
+    issued_key_type: KeyTypeArg,
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     output: Output,
 }
 
-fn print(output: Output, state: &DeviceState, fresh: bool) {
+/// `--issued-key-type`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KeyTypeArg {
+    EcP256,
+    EcP384,
+    Rsa2048,
+    Rsa3072,
+}
+
+impl From<KeyTypeArg> for KeyType {
+    fn from(value: KeyTypeArg) -> Self {
+        match value {
+            KeyTypeArg::EcP256 => KeyType::EcP256,
+            KeyTypeArg::EcP384 => KeyType::EcP384,
+            KeyTypeArg::Rsa2048 => KeyType::Rsa2048,
+            KeyTypeArg::Rsa3072 => KeyType::Rsa3072,
+        }
+    }
+}
+
+fn print(output: Output, state: &DeviceState, fresh: bool, issued: Option<&PathBuf>) {
     match output {
         Output::Json => {
             let mut value = serde_json::to_value(state).unwrap_or_default();
             if let serde_json::Value::Object(map) = &mut value {
                 map.insert("fresh".into(), fresh.into());
+                if let Some(path) = issued {
+                    map.insert(
+                        "issuedCertificate".into(),
+                        path.display().to_string().into(),
+                    );
+                }
             }
             println!("{value}");
         }
@@ -129,6 +169,9 @@ fn print(output: Output, state: &DeviceState, fresh: bool) {
             println!("device-id: {}", state.assignment.device_id);
             if let Some(handle) = &state.assignment.hub_key_handle {
                 println!("hub-key-handle: {handle}");
+            }
+            if let Some(path) = issued {
+                println!("issued-certificate: {}", path.display());
             }
             if !fresh {
                 println!("(from the state file; use --force to register again)");
@@ -175,6 +218,7 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         (None, None, None) => return Err(misconfigured("give --registration-id".into())),
     };
     if !args.force
+        && args.issue_certificate.is_none()
         && let Some(saved) = state::load(&args.state_file)
         && saved.endpoint == args.endpoint
         && saved.id_scope == args.id_scope
@@ -183,7 +227,7 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
             .registration_id
             .eq_ignore_ascii_case(&registration_id)
     {
-        print(args.output, &saved, false);
+        print(args.output, &saved, false, None);
         return Ok(());
     }
     let proof = match (certificate, tpm) {
@@ -219,6 +263,17 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
         .map(serde_json::from_str)
         .transpose()
         .map_err(|e| misconfigured(format!("--payload is not JSON: {e}")))?;
+    let csr = match &args.issued_key {
+        Some(source) => {
+            let source = source
+                .parse::<PrivateKeySource>()
+                .map_err(|e| misconfigured(e.to_string()))?;
+            let key = issue::open_or_generate(&source, args.issued_key_type.into(), pin.as_ref())
+                .map_err(|e| misconfigured(e.to_string()))?;
+            Some(issue::request(&key, &registration_id).map_err(|e| misconfigured(e.to_string()))?)
+        }
+        None => None,
+    };
     let request = Registration {
         endpoint: args.endpoint.clone(),
         id_scope: args.id_scope.clone(),
@@ -233,10 +288,21 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
             },
             TransportArg::MqttWs => Transport::MqttWebSocket,
         },
+        csr,
     };
     let assignment = register(&request, &proof)
         .await
         .map_err(|e| (e.exit_code(), e.to_string()))?;
+    if let Some(path) = &args.issue_certificate {
+        let chain = assignment
+            .issued_certificate_chain
+            .as_deref()
+            .ok_or_else(|| {
+                misconfigured("registered, but the service issued no certificate".into())
+            })?;
+        issue::write_chain(path, chain)
+            .map_err(|e| misconfigured(format!("registered, but cannot write the chain: {e}")))?;
+    }
     let saved = DeviceState {
         endpoint: args.endpoint,
         id_scope: args.id_scope,
@@ -248,7 +314,7 @@ async fn run(args: RegisterArgs) -> Result<(), (u8, String)> {
             args.state_file.display()
         ))
     })?;
-    print(args.output, &saved, true);
+    print(args.output, &saved, true, args.issue_certificate.as_ref());
     Ok(())
 }
 

@@ -20,8 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::register::{
-    API_VERSION, Assignment, DEFAULT_POLL, Proof, RegisterError, Registration, TOKEN_LIFETIME,
-    Transport, finish, refusal, tls_config,
+    Assignment, DEFAULT_POLL, Proof, RegisterError, Registration, TOKEN_LIFETIME, Transport,
+    finish, refusal, tls_config,
 };
 
 /// Largest packet read from the service.
@@ -185,7 +185,7 @@ where
         UserName::format(
             &request.id_scope,
             &request.registration_id,
-            API_VERSION,
+            request.api_version(),
             concat!("dps-device%2F", env!("CARGO_PKG_VERSION")),
         ),
         password,
@@ -217,7 +217,7 @@ where
         registration_id: Some(request.registration_id.clone()),
         tpm: None,
         payload: request.payload.clone(),
-        csr: None,
+        csr: request.csr.clone(),
     })
     .map_err(|e| RegisterError::Config(e.to_string()))?;
     let deadline = Instant::now() + request.timeout;

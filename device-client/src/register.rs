@@ -30,6 +30,9 @@ use crate::x509::ClientCertificate;
 
 /// The device API version the client speaks.
 pub(crate) const API_VERSION: &str = "2021-06-01";
+/// The version that carries a certificate signing request (`csr`) and returns the issued
+/// chain.
+pub(crate) const ISSUANCE_API_VERSION: &str = "2025-07-01-preview";
 /// Lifetime of the SAS tokens the client signs.
 pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Wait between polls when the service sends no `Retry-After`.
@@ -69,6 +72,18 @@ pub struct Registration {
     pub timeout: Duration,
     /// How to reach the service.
     pub transport: Transport,
+    /// Base64 DER PKCS#10 request for an operational certificate, when the device wants one.
+    pub csr: Option<String>,
+}
+
+impl Registration {
+    /// The API version to speak: the preview when the request asks for a certificate.
+    pub(crate) fn api_version(&self) -> &'static str {
+        match self.csr {
+            Some(_) => ISSUANCE_API_VERSION,
+            None => API_VERSION,
+        }
+    }
 }
 
 /// How the device reaches the service.
@@ -104,6 +119,10 @@ pub struct Assignment {
     /// TPM devices: the persistent handle of the key to sign hub tokens with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub_key_handle: Option<String>,
+    /// The operational certificate issued for the request's `csr`: base64 DER, the new
+    /// certificate first, then its CA chain. Not kept in the state file.
+    #[serde(skip)]
+    pub issued_certificate_chain: Option<Vec<String>>,
 }
 
 /// Why registration did not produce an assignment.
@@ -312,8 +331,9 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
             Some(tpm) => with_ek_certificate(request.payload.clone(), tpm),
             None => request.payload.clone(),
         },
-        csr: None,
+        csr: request.csr.clone(),
     };
+    let api_version = request.api_version();
     let timeout = |last: &str| RegisterError::Timeout(request.timeout, last.to_owned());
     let mut failures = 0u32;
     let wait_until = |transient: Transient, failures: &mut u32| {
@@ -328,7 +348,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
     };
 
     let register_url =
-        format!("{base}/{scope}/registrations/{id}/register?api-version={API_VERSION}");
+        format!("{base}/{scope}/registrations/{id}/register?api-version={api_version}");
 
     // A TPM device asks for the challenge first and signs with its key from then on.
     let mut challenge: Option<(LoadedKey<'_>, String)> = None;
@@ -391,7 +411,7 @@ pub async fn register(request: &Registration, proof: &Proof) -> Result<Assignmen
     })?;
 
     let poll_url = format!(
-        "{base}/{scope}/registrations/{id}/operations/{}?api-version={API_VERSION}",
+        "{base}/{scope}/registrations/{id}/operations/{}?api-version={api_version}",
         encode(&accepted.operation_id)
     );
     let mut pause = DEFAULT_POLL;
@@ -505,6 +525,7 @@ pub(crate) fn finish(text: &str) -> Result<(Assignment, Option<String>), Registe
                     .format(&Rfc3339)
                     .unwrap_or_default(),
                 hub_key_handle: None,
+                issued_certificate_chain: state.issued_certificate_chain.clone(),
             },
             state.tpm.as_ref().map(|t| t.authentication_key.clone()),
         )),

@@ -56,6 +56,7 @@ mod tests {
                 substatus: Some("initialAssignment".into()),
                 registered_at: "2026-11-24T05:00:00Z".into(),
                 hub_key_handle: Some("0x81000100".into()),
+                issued_certificate_chain: None,
             },
         };
         save(&path, &state).unwrap();

@@ -11,7 +11,8 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::key::KeyError;
-use crate::pkcs11::{PinSource, Pkcs11Uri, TokenSigningKey};
+use crate::pkcs11::{PinSource, Pkcs11Uri};
+use crate::token_tls::TokenSigningKey;
 
 /// Where the private key lives.
 #[derive(Debug, Clone)]

@@ -154,9 +154,10 @@ pub struct IssuingCaConfig {
     /// PEM file of the CA's certificate chain: its own certificate first, its root last (the
     /// chain devices receive after their new certificate).
     pub certificate_chain: PathBuf,
-    /// PEM file of its private key (PKCS#8: ECDSA P-256 or P-384, or RSA), readable by the
-    /// server only.
-    pub key: PathBuf,
+    /// Its private key: a `pkcs11:` URI (RFC 7512: `token`, `object` or `id`, and the PIN by
+    /// `pin-source`) naming a key used in place inside the token, or the path of a PEM file
+    /// (PKCS#8: ECDSA P-256 or P-384, or RSA) readable by the server only.
+    pub key: String,
 }
 
 /// What a credential policy issues.

@@ -324,7 +324,8 @@ impl SoftHsm {
         Ok(())
     }
 
-    /// Generates a non-extractable signing key pair (`ec` for P-256, `rsa` for RSA-2048)
+    /// Generates a non-extractable signing key pair (`ec` for P-256, `ec384` for P-384, `rsa`
+    /// for RSA 2048, `rsa3072` for RSA 3072)
     /// labelled `label`; returns the public key as a certificate's SubjectPublicKeyInfo carries
     /// it (the EC point, or the PKCS#1 RSAPublicKey DER).
     pub fn generate_key(
@@ -352,11 +353,50 @@ impl SoftHsm {
             .decode(String::from_utf8_lossy(&output.stdout).trim())?)
     }
 
+    /// What the token says of the private key labelled `label`: lines `sensitive=`,
+    /// `extractable=`, `never-extractable=` and `value=refused|read`.
+    pub fn key_attributes(&self, token: &str, pin: &str, label: &str) -> anyhow::Result<String> {
+        let output = Command::new(workspace_binary(
+            "softhsm-key-attributes",
+            "SOFTHSM_KEY_ATTRIBUTES_BIN",
+        )?)
+        .args([token, pin, label])
+        .env("SOFTHSM2_CONF", &self.conf)
+        .output()?;
+        if !output.status.success() {
+            bail!(
+                "asking the token failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// A file holding `pin`, for `--pin-file` or `pin-source=`.
     pub fn pin_file(&self, pin: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join("pin");
         std::fs::write(&path, format!("{pin}\n"))?;
         Ok(path)
+    }
+}
+
+/// A public key that lives in a token, as rcgen needs it to certify the key: the bit string
+/// [`SoftHsm::generate_key`] returns, and the algorithm of its certificates.
+#[derive(Debug)]
+pub struct TokenPublicKey {
+    /// The SubjectPublicKeyInfo's bit string.
+    pub der: Vec<u8>,
+    /// The key's algorithm.
+    pub algorithm: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for TokenPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.der
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.algorithm
     }
 }
 

@@ -226,6 +226,7 @@ fn failed_registrations_leave_no_key_loaded_in_the_tpm() {
         payload: None,
         timeout: std::time::Duration::from_secs(30),
         transport: device_client::Transport::Https,
+        csr: None,
     };
     for _ in 0..4 {
         let refused = runtime.block_on(register(&request, &proof)).unwrap_err();

@@ -11,29 +11,13 @@ use std::process::Command;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SignatureAlgorithm,
+    KeyUsagePurpose,
 };
 use serde_json::Value;
-use softhsm_tests::{ServerProcess, SoftHsm, device_binary, free_port};
+use softhsm_tests::{ServerProcess, SoftHsm, TokenPublicKey, device_binary, free_port};
 
 const TOKEN: &str = "device-x509";
 const PIN: &str = "4321";
-
-/// A public key that lives in the token, as rcgen needs it to issue a certificate.
-struct TokenPublicKey {
-    der: Vec<u8>,
-    algorithm: &'static SignatureAlgorithm,
-}
-
-impl PublicKeyData for TokenPublicKey {
-    fn der_bytes(&self) -> &[u8] {
-        &self.der
-    }
-
-    fn algorithm(&self) -> &'static SignatureAlgorithm {
-        self.algorithm
-    }
-}
 
 struct Ca {
     pem: String,

@@ -1,7 +1,8 @@
 //! Operational certificates for devices that send a certificate signing request (`csr`): the
 //! credential policy their enrollment names (`credentialPolicyName`) picks an issuing CA, a
 //! validity and the key types it accepts. CAs and policies come from the configuration
-//! (`[issuance]`), loaded and checked at start.
+//! (`[issuance]`), loaded and checked at start. A CA's key is a PEM file or a key inside a
+//! PKCS#11 token, which then signs every certificate in place.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use attestation::issuance::{IssuingCa, KeyType, MAX_CSR_BYTES, Profile, check_csr};
 use base64::Engine;
+use dps_pkcs11::{Pkcs11Uri, PrivateKey, Signer};
 use dps_protocol::ErrorCode;
 use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
@@ -17,10 +19,38 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::config::IssuanceConfig;
 
+/// Opens the key an issuing CA's `key` names: a `pkcs11:` URI, else a PEM file's path.
+fn open_ca_key(name: &str, key: &str) -> anyhow::Result<Signer> {
+    if key.starts_with("pkcs11:") {
+        let uri = Pkcs11Uri::parse(key).with_context(|| format!("issuance CA '{name}'"))?;
+        // One session per core: certificates are signed on the request threads.
+        let sessions = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let key = PrivateKey::open(&uri, None, sessions)
+            .with_context(|| format!("issuance CA '{name}': opening the token key"))?;
+        if !key.is_protected().unwrap_or(false) {
+            tracing::warn!(
+                ca = name,
+                "the issuing CA's key is not marked sensitive and never-extractable in its token: it may have been, or may be, copied out"
+            );
+        }
+        return Ok(Signer::Token(key));
+    }
+    let path = key.strip_prefix("file:").unwrap_or(key);
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("issuance CA '{name}': reading {path}"))?;
+    // The key's text is never part of an error message.
+    let key = KeyPair::from_pem(&pem).map_err(|_| {
+        anyhow::anyhow!(
+            "issuance CA '{name}': {path} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA"
+        )
+    })?;
+    Ok(Signer::Memory(Box::new(key)))
+}
+
 /// A credential policy, ready to issue.
 #[derive(Debug)]
 struct Policy {
-    ca: Arc<IssuingCa<KeyPair>>,
+    ca: Arc<IssuingCa<Signer>>,
     profile: Profile,
     key_types: Vec<KeyType>,
 }
@@ -52,15 +82,7 @@ impl Issuance {
                 .into_iter()
                 .map(|c| c.to_vec())
                 .collect();
-            let pem = std::fs::read_to_string(&ca.key)
-                .with_context(|| format!("issuance CA '{name}': reading {}", ca.key.display()))?;
-            // The key's text is never part of an error message.
-            let key = KeyPair::from_pem(&pem).map_err(|_| {
-                anyhow::anyhow!(
-                    "issuance CA '{name}': {} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA",
-                    ca.key.display()
-                )
-            })?;
+            let key = open_ca_key(name, &ca.key)?;
             let issuing =
                 IssuingCa::new(chain, key).with_context(|| format!("issuance CA '{name}'"))?;
             cas.insert(name.clone(), Arc::new(issuing));

@@ -468,7 +468,7 @@ pub fn issuing_ca_files(
         pem,
         dps_server::config::IssuingCaConfig {
             certificate_chain: chain,
-            key: key_path,
+            key: key_path.display().to_string(),
         },
     )
 }
