@@ -6,6 +6,7 @@ pub mod certificates;
 pub mod enrollments;
 pub mod hubs;
 pub mod instances;
+pub mod issued;
 pub mod ownership;
 pub mod policies;
 pub mod print;
@@ -66,6 +67,9 @@ pub enum AdminCommand {
     /// CA certificates for groups' caReferences, with proof of possession.
     #[command(subcommand)]
     Certificate(certificates::CertificateCommand),
+    /// Operational certificates issued for devices' CSRs, and their revocation.
+    #[command(subcommand)]
+    IssuedCertificate(issued::IssuedCommand),
     /// Owners and their hubs (for the `ownership` allocation policy).
     #[command(subcommand)]
     Owner(ownership::OwnerCommand),
@@ -115,6 +119,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Instance(command) => instances::run(&client, output, command).await,
         AdminCommand::Policy(command) => policies::run(&client, output, command).await,
         AdminCommand::Certificate(command) => certificates::run(&client, output, command).await,
+        AdminCommand::IssuedCertificate(command) => issued::run(&client, output, command).await,
         AdminCommand::Owner(command) => ownership::owners(&client, output, command).await,
         AdminCommand::Ownership(command) => ownership::records(&client, output, command).await,
         AdminCommand::Token { lifetime } => {

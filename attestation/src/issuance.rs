@@ -366,6 +366,8 @@ pub struct Issued {
     pub serial: String,
     /// Upper-case hex SHA-256 of the new certificate.
     pub sha256_thumbprint: String,
+    /// When it starts being valid.
+    pub not_before: OffsetDateTime,
     /// When it stops being valid.
     pub not_after: OffsetDateTime,
 }
@@ -495,7 +497,8 @@ impl<K: SigningKey> IssuingCa<K> {
         serial[0] |= 0x01;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         // A minute of slack for devices whose clocks run a little behind.
-        params.not_before = now - time::Duration::minutes(1);
+        let not_before = now - time::Duration::minutes(1);
+        params.not_before = not_before;
         let not_after = now + profile.validity;
         params.not_after = not_after;
         let cert = params.signed_by(key, &self.issuer)?;
@@ -507,6 +510,7 @@ impl<K: SigningKey> IssuingCa<K> {
             chain,
             serial: upper_hex(&serial),
             sha256_thumbprint: upper_hex(&Sha256::digest(&der)),
+            not_before: not_before.replace_nanosecond(0).unwrap_or(not_before),
             not_after: not_after.replace_nanosecond(0).unwrap_or(not_after),
         })
     }

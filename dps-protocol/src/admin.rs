@@ -243,3 +243,45 @@ pub struct CaCertificate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
 }
+
+/// An operational certificate the service issued to a device for its certificate signing
+/// request (read-only; an admin can revoke it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificate {
+    /// Upper-case hex, without leading zeros.
+    pub serial_number: String,
+    /// The device it was issued to (its subject CN).
+    pub registration_id: String,
+    /// Upper-case hex SHA-256 of the certificate's DER.
+    pub sha256_thumbprint: String,
+    /// The credential policy it was issued under.
+    pub credential_policy_name: String,
+    /// The issuing CA (its name in the server's configuration).
+    pub certificate_authority_name: String,
+    /// Start of validity, RFC 3339 UTC.
+    pub not_before: String,
+    /// End of validity, RFC 3339 UTC; the record is deleted after it.
+    pub not_after: String,
+    /// When it was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_date_time_utc: Option<String>,
+    /// When it was revoked; it no longer admits its device from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_date_time_utc: Option<String>,
+    /// Why, as the admin said when revoking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_reason: Option<String>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// The body of `POST /issuedCertificates/{serialNumber}/revoke` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Revocation {
+    /// Why (at most 256 characters, kept with the record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

@@ -78,6 +78,8 @@ pub enum ErrorCode {
     OwnershipRecordNotFound,
     /// No such CA certificate.
     CertificateNotFound,
+    /// No such issued certificate.
+    IssuedCertificateNotFound,
     /// The route exists but not for this method.
     MethodNotAllowed,
     /// The resource exists and the request did not say to overwrite it.
@@ -129,6 +131,7 @@ impl ErrorCode {
             Self::OwnerNotFound => 404207,
             Self::OwnershipRecordNotFound => 404208,
             Self::CertificateNotFound => 404209,
+            Self::IssuedCertificateNotFound => 404210,
             Self::MethodNotAllowed => 405001,
             Self::Conflict => 409001,
             Self::ConflictWithState => 409002,

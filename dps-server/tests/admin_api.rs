@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Backend, TestServer, enroll, expect_error, expect_json, token};
+use common::{Backend, TestServer, enroll, expect_error, expect_json, policy_with, token};
 use dps_server::store::{Columns, Kind, Precondition, Write};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -1598,20 +1598,6 @@ async fn allocation_simulation_explains_each_policy(backend: Backend) {
         error["message"].as_str().unwrap().contains("hashed"),
         "{error}"
     );
-}
-
-/// A policy with only `rights`, and a function signing requests with it.
-async fn policy_with(t: &TestServer, name: &str, rights: &[&str]) -> String {
-    let created = expect_json(
-        t.owner(Method::PUT, &format!("/accessPolicies/{name}"))
-            .json(&json!({ "keyName": name, "rights": rights }))
-            .send()
-            .await
-            .unwrap(),
-        200,
-    )
-    .await;
-    created["primaryKey"].as_str().unwrap().to_owned()
 }
 
 /// Security review item 3: a PUT that omits a stored secret does not get it back, and the

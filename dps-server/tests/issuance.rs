@@ -10,11 +10,11 @@ mod common;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::{
-    Backend, Device, TestServer, device_token, enroll, expect_json, issuing_ca_files, keys_of,
-    mtls_client, pem_of, register_over, registration_state,
+    Backend, Device, TestServer, device_token, enroll, expect_error, expect_json, issuing_ca_files,
+    keys_of, mtls_client, pem_of, policy_with, register_over, registration_state,
 };
 use dps_server::config::{CredentialPolicyConfig, IssuingCaConfig};
-use rcgen::{CertificateParams, DnType, KeyPair};
+use rcgen::KeyPair;
 use reqwest::Method;
 use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
@@ -62,9 +62,21 @@ async fn server(backend: Backend) -> (TestServer, Issuer) {
 }
 
 fn csr(cn: &str, key: &KeyPair) -> String {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, cn);
-    STANDARD.encode(params.serialize_request(key).unwrap().der())
+    STANDARD.encode(attestation::issuance::certificate_request(key, cn).unwrap())
+}
+
+/// The issued-certificate records at `path` (a listing).
+async fn records(t: &TestServer, path: &str) -> Vec<Value> {
+    let listed = expect_json(t.owner(Method::GET, path).send().await.unwrap(), 200).await;
+    listed.as_array().unwrap().clone()
+}
+
+/// The leaf of a final answer's issued chain, DER.
+fn issued_leaf(done: &Value) -> Vec<u8> {
+    let leaf = done["registrationState"]["issuedCertificateChain"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("no chain in {done}"));
+    STANDARD.decode(leaf).unwrap()
 }
 
 /// Enrolls `id` with symmetric keys under `policy`; returns its device token.
@@ -156,12 +168,47 @@ async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) 
     let stored = registration_state(&t, id).await.unwrap();
     assert!(stored.get("issuedCertificateChain").is_none(), "{stored}");
 
+    // What was issued is recorded: serial, thumbprint, validity, device, policy and CA.
+    let facts = attestation::x509::parse_der(&chain[0]).unwrap().facts;
+    let recorded = records(&t, &format!("/registrations/{id}/issuedCertificates")).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    let record = &recorded[0];
+    assert_eq!(
+        record["serialNumber"],
+        facts.serial_number.trim_start_matches('0')
+    );
+    assert_eq!(record["sha256Thumbprint"], facts.sha256_thumbprint);
+    assert_eq!(record["registrationId"], id);
+    assert_eq!(record["credentialPolicyName"], "devices");
+    assert_eq!(record["certificateAuthorityName"], "operational");
+    assert!(record.get("revokedDateTimeUtc").is_none(), "{record}");
+    let serial = record["serialNumber"].as_str().unwrap();
+    let one = expect_json(
+        t.owner(
+            Method::GET,
+            &format!("/issuedCertificates/{}", serial.to_ascii_lowercase()),
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(one["sha256Thumbprint"], facts.sha256_thumbprint);
+
     // A new CSR gets a new certificate.
     let renewed = register_with_csr(&t, id, &token, &csr(id, &device_key)).await;
     let renewed_leaf = renewed["registrationState"]["issuedCertificateChain"][0]
         .as_str()
         .unwrap();
     assert_ne!(renewed_leaf, STANDARD.encode(&chain[0]));
+    assert_eq!(
+        records(&t, &format!("/registrations/{id}/issuedCertificates"))
+            .await
+            .len(),
+        2
+    );
+    assert_eq!(records(&t, "/issuedCertificates").await.len(), 2);
 
     // The issued certificate admits the device through a group anchored at the CA, once
     // the onboarding enrollment is gone (an individual enrollment of an id keeps group
@@ -278,6 +325,130 @@ async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) 
             "{id}: the refusal changed the state"
         );
     }
+    assert_eq!(
+        records(&t, "/issuedCertificates").await,
+        Vec::<Value>::new(),
+        "a refused request left a record"
+    );
+}
+
+/// A revoked certificate no longer admits its device (refused, nothing changed), while the
+/// device's other certificate still does; revocation takes the right to change enrollments,
+/// happens once, and refuses what is malformed or unknown.
+async fn a_revoked_certificate_no_longer_admits_its_device(backend: Backend) {
+    let (t, issuer) = server(backend).await;
+    let id = "revoked-01";
+    let token = enrolled(&t, id, Some("devices")).await;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let first = issued_leaf(&register_with_csr(&t, id, &token, &csr(id, &key)).await);
+    let second = issued_leaf(&register_with_csr(&t, id, &token, &csr(id, &key)).await);
+    let deleted = t
+        .owner(Method::DELETE, &format!("/enrollments/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "operational-devices",
+            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": issuer.ca_pem } } } } }),
+    )
+    .await;
+    let with = |leaf: &[u8]| mtls_client(&t, &[&pem_of(leaf)], &key.serialize_pem(), false);
+    let (_, admitted) = register_over(&t, &with(&first), id).await;
+    assert_eq!(admitted["status"], "assigned", "{admitted}");
+
+    let serial = attestation::x509::parse_der(&first)
+        .unwrap()
+        .facts
+        .serial_number;
+    let revoke_path = format!("/issuedCertificates/{serial}/revoke");
+    // A policy that may read registrations but not change enrollments cannot revoke.
+    let reader = policy_with(&t, "reader", &["RegistrationStatusRead", "EnrollmentRead"]).await;
+    let refused = t
+        .signed(Method::POST, &revoke_path, "reader", &reader)
+        .send()
+        .await
+        .unwrap();
+    expect_error(refused, 403, 403001).await;
+    let listed = records(&t, &format!("/registrations/{id}/issuedCertificates")).await;
+    assert!(listed.iter().all(|r| r.get("revokedDateTimeUtc").is_none()));
+    // Malformed, too long or unknown: refused, nothing changed.
+    for (path, body, status, code) in [
+        (
+            "/issuedCertificates/not-hex/revoke".to_owned(),
+            json!({}),
+            400,
+            400007,
+        ),
+        (
+            revoke_path.clone(),
+            json!({ "reason": "x".repeat(300) }),
+            400,
+            400004,
+        ),
+        (
+            revoke_path.clone(),
+            json!({ "reason": "ok", "extra": 1 }),
+            400,
+            400006,
+        ),
+        (
+            "/issuedCertificates/ABCDEF0123/revoke".to_owned(),
+            json!({}),
+            404,
+            404210,
+        ),
+    ] {
+        let response = t
+            .owner(Method::POST, &path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        expect_error(response, status, code).await;
+    }
+    assert_eq!(
+        records(&t, &format!("/registrations/{id}/issuedCertificates")).await,
+        listed,
+        "a refused revocation changed a record"
+    );
+
+    let revoked = expect_json(
+        t.owner(Method::POST, &revoke_path)
+            .json(&json!({ "reason": "key compromise" }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let when = revoked["revokedDateTimeUtc"].as_str().unwrap().to_owned();
+    assert_eq!(revoked["revocationReason"], "key compromise");
+    // Revoking again changes nothing; a body is optional.
+    let again = expect_json(
+        t.owner(Method::POST, &revoke_path).send().await.unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(again["revokedDateTimeUtc"], when.as_str());
+    assert_eq!(again["revocationReason"], "key compromise");
+
+    let before = registration_state(&t, id).await.unwrap();
+    let (status, body) = register_over(&t, &with(&first), id).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(body["errorCode"], 401002, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{body}"
+    );
+    assert_eq!(registration_state(&t, id).await.unwrap(), before);
+    // The device's other certificate still admits it.
+    let (_, admitted) = register_over(&t, &with(&second), id).await;
+    assert_eq!(admitted["status"], "assigned", "{admitted}");
 }
 
 /// A server whose issuing CA's key is not the CA certificate's, or whose policy has a name no
@@ -315,4 +486,5 @@ async fn unusable_issuance_settings_stop_the_start() {
 on_both_backends!(
     a_csr_gets_a_certificate_that_then_admits_the_device,
     requests_that_cannot_be_served_fail_the_registration,
+    a_revoked_certificate_no_longer_admits_its_device,
 );

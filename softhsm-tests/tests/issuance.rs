@@ -3,8 +3,8 @@
 //! real device client (`dps-device register --issue-certificate`) with its new key in a PEM
 //! file or generated inside its own token. The chains verify with rustls-webpki and
 //! `openssl verify`, the issued certificates then register the devices through X.509 groups
-//! anchored at the issuing CAs, and the tokens report the CA keys sensitive and never
-//! extractable.
+//! anchored at the issuing CAs until the admin CLI revokes them, and the tokens report the CA
+//! keys sensitive and never extractable.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
@@ -304,6 +304,29 @@ fn ca_keys_in_softhsm_issue_certificates_that_then_register_the_devices() {
         assert_eq!(done["registrationId"], *id);
         let state = f.cli(&["registration", "show", id]);
         assert_eq!(state["enrollmentGroupId"], format!("operational-{ca}"));
+
+        // Both certificates are on record; the first, revoked, admits the device no more.
+        let listed = f.cli(&["issued-certificate", "list", "--registration-id", id]);
+        assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+        let first = attestation::x509::parse_der(&certificates(&issued)[0]).unwrap();
+        let revoked = f.cli(&[
+            "issued-certificate",
+            "revoke",
+            &first.facts.serial_number,
+            "--reason",
+            "superseded",
+        ]);
+        assert!(revoked["revokedDateTimeUtc"].is_string(), "{revoked}");
+        let (ok, _, stderr) = f.device(&[
+            "--certificate",
+            issued.to_str().unwrap(),
+            "--private-key",
+            key,
+        ]);
+        assert!(
+            !ok && stderr.contains("401002") && stderr.contains("revoked"),
+            "{stderr}"
+        );
     }
 
     // The device's key was made in its token, and the file key with mode 0600.

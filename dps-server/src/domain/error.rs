@@ -127,6 +127,7 @@ pub fn not_found(kind: Kind, key: &str) -> DomainError {
         Kind::Owner => ErrorCode::OwnerNotFound,
         Kind::OwnershipRecord => ErrorCode::OwnershipRecordNotFound,
         Kind::CaCertificate => ErrorCode::CertificateNotFound,
+        Kind::IssuedCertificate => ErrorCode::IssuedCertificateNotFound,
         // A missing challenge means the device has not proven anything yet.
         Kind::TpmChallenge => ErrorCode::Unauthorized,
         Kind::CredentialsVersion => ErrorCode::InternalServerError,
@@ -146,6 +147,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::Owner => "owner",
         Kind::OwnershipRecord => "ownership record",
         Kind::CaCertificate => "CA certificate",
+        Kind::IssuedCertificate => "issued certificate",
         Kind::TpmChallenge => "TPM challenge",
         Kind::CredentialsVersion => "credentials version",
     }

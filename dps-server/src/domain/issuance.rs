@@ -10,14 +10,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use attestation::issuance::{IssuingCa, KeyType, MAX_CSR_BYTES, Profile, check_csr};
+use attestation::x509::parse_der;
 use base64::Engine;
 use dps_pkcs11::{Pkcs11Uri, PrivateKey, Signer};
 use dps_protocol::ErrorCode;
+use dps_protocol::admin::IssuedCertificate;
 use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use time::format_description::well_known::Rfc3339;
 
 use crate::config::IssuanceConfig;
+use crate::domain::validate::normal_serial;
 
 /// Opens the key an issuing CA's `key` names: a `pkcs11:` URI, else a PEM file's path.
 fn open_ca_key(name: &str, key: &str) -> anyhow::Result<Signer> {
@@ -50,6 +54,7 @@ fn open_ca_key(name: &str, key: &str) -> anyhow::Result<Signer> {
 /// A credential policy, ready to issue.
 #[derive(Debug)]
 struct Policy {
+    ca_name: String,
     ca: Arc<IssuingCa<Signer>>,
     profile: Profile,
     key_types: Vec<KeyType>,
@@ -59,6 +64,20 @@ struct Policy {
 #[derive(Debug, Default)]
 pub struct Issuance {
     policies: HashMap<String, Policy>,
+    /// The issuing CAs' subject names: a certificate whose issuer is one of them may be one
+    /// this server issued (and revoked).
+    ca_subjects: Vec<String>,
+}
+
+/// A certificate just issued: the chain for the device, and the record kept of it.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Base64 DER, the new certificate first, then the CA's chain.
+    pub chain: Vec<String>,
+    /// What the admin API shows of it.
+    pub record: IssuedCertificate,
+    /// Unix seconds of its notAfter.
+    pub expires_at: i64,
 }
 
 /// Why no certificate was issued: the registration fails with this code and message.
@@ -70,6 +89,7 @@ impl Issuance {
     /// certificate; checks every policy's CA, validity and key types.
     pub fn load(config: &IssuanceConfig) -> anyhow::Result<Self> {
         let mut cas = HashMap::new();
+        let mut ca_subjects = Vec::new();
         for (name, ca) in &config.certificate_authorities {
             let chain = CertificateDer::pem_file_iter(&ca.certificate_chain)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -85,6 +105,9 @@ impl Issuance {
             let key = open_ca_key(name, &ca.key)?;
             let issuing =
                 IssuingCa::new(chain, key).with_context(|| format!("issuance CA '{name}'"))?;
+            if let Some(own) = issuing.chain().first().and_then(|der| parse_der(der).ok()) {
+                ca_subjects.push(own.facts.subject_name.clone());
+            }
             cas.insert(name.clone(), Arc::new(issuing));
         }
         let mut policies = HashMap::new();
@@ -120,6 +143,7 @@ impl Issuance {
             policies.insert(
                 name.clone(),
                 Policy {
+                    ca_name: policy.certificate_authority.clone(),
                     ca: ca.clone(),
                     profile: Profile {
                         validity: Duration::from_secs(u64::from(policy.validity_days) * 86_400),
@@ -129,18 +153,26 @@ impl Issuance {
                 },
             );
         }
-        Ok(Self { policies })
+        Ok(Self {
+            policies,
+            ca_subjects,
+        })
+    }
+
+    /// Whether a certificate naming `issuer` may have been issued by this server.
+    pub fn may_have_issued(&self, issuer: &str) -> bool {
+        self.ca_subjects.iter().any(|s| s == issuer)
     }
 
     /// Issues a certificate for `csr` (base64 DER PKCS#10) to device `registration_id` under
-    /// the credential policy `policy` its enrollment names. Returns the chain as the device
-    /// receives it: base64 DER, the new certificate first.
+    /// the credential policy `policy` its enrollment names: the chain as the device receives
+    /// it, and the record to keep.
     pub fn issue(
         &self,
         policy: Option<&str>,
         registration_id: &str,
         csr: &str,
-    ) -> Result<Vec<String>, NotIssued> {
+    ) -> Result<Issued, NotIssued> {
         let name = policy.ok_or_else(|| {
             NotIssued(
                 ErrorCode::CertificateNotIssued,
@@ -190,10 +222,27 @@ impl Issuance {
             thumbprint = %issued.sha256_thumbprint,
             "certificate issued"
         );
-        Ok(issued
-            .chain
-            .iter()
-            .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
-            .collect())
+        let rfc3339 = |t: time::OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+        Ok(Issued {
+            chain: issued
+                .chain
+                .iter()
+                .map(|der| base64::engine::general_purpose::STANDARD.encode(der))
+                .collect(),
+            record: IssuedCertificate {
+                serial_number: normal_serial(&issued.serial).unwrap_or(issued.serial),
+                registration_id: registration_id.to_owned(),
+                sha256_thumbprint: issued.sha256_thumbprint,
+                credential_policy_name: name.to_owned(),
+                certificate_authority_name: policy.ca_name.clone(),
+                not_before: rfc3339(issued.not_before),
+                not_after: rfc3339(issued.not_after),
+                issued_date_time_utc: None,
+                revoked_date_time_utc: None,
+                revocation_reason: None,
+                etag: None,
+            },
+            expires_at: issued.not_after.unix_timestamp(),
+        })
     }
 }

@@ -13,6 +13,7 @@ pub mod enrollments;
 pub mod error;
 pub mod instances;
 pub mod issuance;
+pub mod issued_certificates;
 pub mod linked_hubs;
 pub mod ownership;
 pub mod records;

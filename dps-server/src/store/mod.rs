@@ -46,6 +46,8 @@ pub enum Kind {
     CaCertificate,
     /// A TPM device's pending challenges (keyed by lower-case registration id).
     TpmChallenge,
+    /// An operational certificate the service issued (keyed by lower-case hex serial).
+    IssuedCertificate,
     /// Changes with every write to an instance's enrollment groups or CA certificates, so
     /// that caches of them know when to read them again (one per instance, read as a record
     /// whose etag is the version; written by [`Write::CredentialsChanged`]).
@@ -67,6 +69,7 @@ impl Kind {
             Kind::OwnershipRecord => "ownership-record",
             Kind::CaCertificate => "ca-certificate",
             Kind::TpmChallenge => "tpm-challenge",
+            Kind::IssuedCertificate => "issued-certificate",
             Kind::CredentialsVersion => "credentials-version",
         }
     }
@@ -144,6 +147,13 @@ pub enum Columns {
         /// Unix seconds; `None` while assigning.
         expires_at: Option<i64>,
     },
+    /// An issued certificate: its device, and when it expires (then the sweeper deletes it).
+    Issued {
+        /// Lower-case registration id.
+        registration: String,
+        /// Unix seconds: the certificate's notAfter.
+        expires_at: i64,
+    },
     /// TPM challenges: when the sweeper may delete them.
     Expires {
         /// Unix seconds.
@@ -218,8 +228,8 @@ pub struct BulkDoc {
 /// Which records a listing returns: keys after `after`, in key order, at most `limit`.
 #[derive(Debug, Clone, Default)]
 pub struct Page<'a> {
-    /// Only records related to this one: registration states of a group, operations of a
-    /// device, ownership records of an owner.
+    /// Only records related to this one: registration states of a group, operations and
+    /// issued certificates of a device, ownership records of an owner.
     pub parent: Option<&'a str>,
     /// Only keys greater than this one (keyset paging).
     pub after: Option<&'a str>,
@@ -337,8 +347,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The instance a host name (lower-case) names.
     async fn instance_by_host(&self, host: &str) -> Result<Option<String>, StoreError>;
 
-    /// Deletes finished operations and TPM challenges whose time ran out before `now` (Unix
-    /// seconds); returns how many.
+    /// Deletes finished operations, TPM challenges and issued certificates whose time ran out
+    /// before `now` (Unix seconds); returns how many.
     async fn sweep(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Copies SQLite's write-ahead log back into the database (nothing on PostgreSQL): called

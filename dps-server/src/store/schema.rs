@@ -248,6 +248,16 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
             Kind::TpmChallenge,
             table("tpm_challenges", true, &["expires_at"], None, None),
         ),
+        (
+            Kind::IssuedCertificate,
+            table(
+                "issued_certificates",
+                true,
+                &["registration_id", "expires_at"],
+                Some(("registration_id", "issued_certificates_by_registration")),
+                None,
+            ),
+        ),
         (Kind::Owner, table("owners", true, &[], None, None)),
         (
             Kind::OwnershipRecord,
@@ -287,6 +297,10 @@ pub(super) fn values<'a>(table: &Table, columns: &'a Columns) -> Option<Vec<Valu
             registration,
             expires_at,
         } => vec![Value::Text(registration), Value::OptInt(*expires_at)],
+        Columns::Issued {
+            registration,
+            expires_at,
+        } => vec![Value::Text(registration), Value::OptInt(Some(*expires_at))],
         Columns::Expires { at } => vec![Value::OptInt(Some(*at))],
         Columns::Owned { owner } => vec![Value::Text(owner)],
     };

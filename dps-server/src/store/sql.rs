@@ -43,6 +43,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "typed tables",
         include_str!("../../migrations/sqlite/0003_typed_tables.sql"),
     ),
+    (
+        4,
+        "issued certificates",
+        include_str!("../../migrations/sqlite/0004_issued_certificates.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -59,6 +64,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "typed tables",
         include_str!("../../migrations/postgres/0003_typed_tables.sql"),
+    ),
+    (
+        4,
+        "issued certificates",
+        include_str!("../../migrations/postgres/0004_issued_certificates.sql"),
     ),
 ];
 
@@ -674,6 +684,7 @@ impl Store for SqlStore {
         for sql in [
             "DELETE FROM operations WHERE expires_at < $1",
             "DELETE FROM tpm_challenges WHERE expires_at < $1",
+            "DELETE FROM issued_certificates WHERE expires_at < $1",
         ] {
             swept += on_pool!(&self.pool, p => sqlx::query(sql)
                 .bind(now)

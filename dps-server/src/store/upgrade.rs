@@ -185,7 +185,8 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
             owner: document.parent.clone().or_else(|| text(&doc["owner"]))?,
         },
         Kind::AccessPolicy | Kind::LinkedHub | Kind::CaCertificate | Kind::Owner => Columns::None,
-        Kind::CredentialsVersion => return None,
+        // Newer than the documents table.
+        Kind::CredentialsVersion | Kind::IssuedCertificate => return None,
     })
 }
 

@@ -485,3 +485,18 @@ pub async fn registration_state(t: &TestServer, id: &str) -> Option<Value> {
         _ => Some(expect_json(response, 200).await),
     }
 }
+
+/// Creates a shared access policy `name` with only `rights`; returns its primary key (for
+/// [`TestServer::signed`]).
+pub async fn policy_with(t: &TestServer, name: &str, rights: &[&str]) -> String {
+    let created = expect_json(
+        t.owner(Method::PUT, &format!("/accessPolicies/{name}"))
+            .json(&json!({ "keyName": name, "rights": rights }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    created["primaryKey"].as_str().unwrap().to_owned()
+}

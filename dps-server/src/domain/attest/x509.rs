@@ -1,6 +1,7 @@
 //! X.509 attestation: the device presents its certificate (and intermediates) in the TLS
-//! handshake, which proved it holds the leaf's key. The leaf must name the registration id; then
-//! an individual enrollment whose client certificate has the leaf's thumbprint admits it, else
+//! handshake, which proved it holds the leaf's key. The leaf must name the registration id, and
+//! must not be a certificate this server issued and an admin revoked; then an individual
+//! enrollment whose client certificate has the leaf's thumbprint admits it, else
 //! the enrollment groups whose anchors verify its chain: a group that revokes a certificate of
 //! the verified path refuses, a disabled one blocks, otherwise the group closest to the leaf
 //! admits.
@@ -16,6 +17,7 @@ use super::{Attested, DeviceReads, Source, disabled_reason, group_disabled_reaso
 use crate::cache::Credential;
 use crate::domain::DomainError;
 use crate::domain::credentials;
+use crate::domain::issued_certificates;
 use crate::state::AppState;
 use crate::trust::Anchor;
 
@@ -81,6 +83,7 @@ pub(super) async fn authenticate(
     let now = crate::domain::unix_now();
     let rejected = |e: ChainError| DomainError::unauthorized(e.to_string());
     let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
+    issued_certificates::refuse_revoked(state, instance, &leaf.facts).await?;
 
     // An individually enrolled id is admitted by its own certificate only, never by a group's
     // (security review item 2).

@@ -25,6 +25,7 @@ use crate::domain::attest::{Attested, DeviceReads, Source};
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
 use crate::domain::issuance::NotIssued;
+use crate::domain::issued_certificates;
 use crate::domain::records::{
     EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation, operation_key,
 };
@@ -110,16 +111,21 @@ pub async fn start(
         record.status = OperationStatus::Disabled;
         record.registration_state = Some(decide::disabled(id, reason));
     }
-    // A certificate is issued once per operation, before any hub is touched. A request that
-    // cannot be served ends the operation at once, as a disabled enrollment does: nothing is
-    // issued or assigned, and the registration state is left as it is.
+    // A certificate is issued once per operation, before any hub is touched, and recorded in
+    // the operation's transaction. A request that cannot be served ends the operation at
+    // once, as a disabled enrollment does: nothing is issued or assigned, and the
+    // registration state is left as it is.
+    let mut issued = None;
     if let (Some(csr), OperationStatus::Assigning) = (&csr, record.status) {
         let policy = match &attested.source {
             Source::Individual(e) => e.settings.credential_policy_name.as_deref(),
             Source::Group(g) => g.settings.credential_policy_name.as_deref(),
         };
         match state.issuance.issue(policy, id.as_str(), csr) {
-            Ok(chain) => record.issued_certificate_chain = Some(chain),
+            Ok(certificate) => {
+                record.issued_certificate_chain = Some(certificate.chain.clone());
+                issued = Some(issued_certificates::record(ns, &certificate)?);
+            }
             Err(NotIssued(code, message)) => {
                 record.status = OperationStatus::Failed;
                 record.registration_state =
@@ -193,6 +199,7 @@ pub async fn start(
                 etag: None,
             }),
         }
+        batch.extend(issued.iter().cloned());
         if let Some(proof) = &attested.tpm {
             batch.push(
                 crate::domain::attest::tpm::consumption(

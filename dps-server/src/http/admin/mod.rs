@@ -1,5 +1,6 @@
 //! The admin REST API: the Azure DPS service API (enrollments, enrollment groups, registration
-//! states) and our extensions (instances, linked hubs, shared access policies).
+//! states) and our extensions (instances, linked hubs, shared access policies, issued
+//! certificates).
 //!
 //! Instance-scoped routes are served twice: at the root, where the request's Host selects the
 //! instance (or the only instance, on a server with one), and under `/instances/{instance}`.
@@ -10,6 +11,7 @@ pub mod certificates;
 mod enrollment_groups;
 mod enrollments;
 pub mod instances;
+mod issued_certificates;
 mod linked_hubs;
 pub mod ownership;
 mod registrations;
@@ -30,6 +32,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(allocations::routes())
         .merge(ownership::routes())
         .merge(certificates::routes())
+        .merge(issued_certificates::routes())
 }
 
 /// Every admin route.

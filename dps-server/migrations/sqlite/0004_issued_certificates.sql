@@ -1,0 +1,16 @@
+-- Operational certificates the service issued (keyed by lower-case hex serial number): listed
+-- per device, revoked by an admin (a revoked one no longer admits its device), and swept once
+-- expired (expires_at: the certificate's notAfter, Unix seconds).
+CREATE TABLE IF NOT EXISTS issued_certificates (
+    instance        TEXT NOT NULL REFERENCES instances (key) ON DELETE CASCADE,
+    key             TEXT NOT NULL,
+    registration_id TEXT NOT NULL,
+    expires_at      BIGINT,
+    doc             TEXT NOT NULL,
+    etag            TEXT NOT NULL,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL,
+    PRIMARY KEY (instance, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS issued_certificates_by_registration ON issued_certificates (instance, registration_id, key);
+CREATE INDEX IF NOT EXISTS issued_certificates_by_expiry ON issued_certificates (expires_at);
