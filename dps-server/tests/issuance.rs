@@ -451,6 +451,66 @@ async fn a_revoked_certificate_no_longer_admits_its_device(backend: Backend) {
     assert_eq!(admitted["status"], "assigned", "{admitted}");
 }
 
+/// The hub connector creates a device that was issued a certificate with certificate-authority
+/// authentication (it connects with that certificate), and hands it no keys; the same device
+/// registering without a csr is given its keys again.
+async fn a_device_with_an_issued_certificate_authenticates_to_its_hub_by_ca(backend: Backend) {
+    let (t, _issuer) = server(backend).await;
+    let hooks = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::method("POST"))
+        .respond_with(wiremock::ResponseTemplate::new(204))
+        .mount(&hooks)
+        .await;
+    expect_json(
+        t.owner(Method::PUT, "/linkedHubs/hub-w.example.com")
+            .json(&json!({ "hostName": "hub-w.example.com",
+                "connector": { "type": "webhook", "url": format!("{}/hub-w", hooks.uri()) } }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    let id = "hub-ca-01";
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": id, "attestation": { "type": "symmetricKey" },
+            "credentialPolicyName": "devices", "iotHubs": ["hub-w.example.com"] }),
+    )
+    .await;
+    let (primary, _) = keys_of(&enrollment);
+    let token = device_token(&t.running().admin.id_scope, id, &primary);
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let done = register_with_csr(&t, id, &token, &csr(id, &key)).await;
+    assert_eq!(
+        done["registrationState"]["assignedHub"], "hub-w.example.com",
+        "{done}"
+    );
+    let upserts = || async {
+        hooks
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|r| serde_json::from_slice::<Value>(&r.body).unwrap())
+            .filter(|b| b["operation"] == "upsert")
+            .collect::<Vec<_>>()
+    };
+    let created = upserts().await;
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(
+        created[0]["authentication"],
+        json!({ "type": "certificateAuthority" })
+    );
+    assert!(!created[0].to_string().contains(&primary.to_base64()));
+
+    let again = Device::new(&t, id).register(&token).await;
+    assert_eq!(again["status"], "assigned", "{again}");
+    let updated = upserts().await;
+    assert_eq!(updated.len(), 2, "{updated:?}");
+    assert_eq!(updated[1]["authentication"]["type"], "sas");
+}
+
 /// A server whose issuing CA's key is not the CA certificate's, or whose policy has a name no
 /// enrollment can give, refuses to start.
 #[tokio::test]
@@ -487,4 +547,5 @@ on_both_backends!(
     a_csr_gets_a_certificate_that_then_admits_the_device,
     requests_that_cannot_be_served_fail_the_registration,
     a_revoked_certificate_no_longer_admits_its_device,
+    a_device_with_an_issued_certificate_authenticates_to_its_hub_by_ca,
 );

@@ -62,7 +62,8 @@ pub enum HubAuth {
         /// Secondary thumbprint.
         secondary_thumbprint: Option<String>,
     },
-    /// A client certificate chaining to a CA the hub trusts (X.509 enrollment groups).
+    /// A client certificate chaining to a CA the hub trusts (X.509 enrollment groups, and
+    /// devices this server issued a certificate to).
     CertificateAuthority,
     /// No credentials (the hub's owner sets them).
     None,

@@ -224,9 +224,13 @@ pub fn group_hub_auth(group: &EnrollmentGroup, id: &RegistrationId) -> HubAuth {
     }
 }
 
-/// The hub credentials of a TPM device: the key its second activation blob carries, else
-/// `enrollment`'s.
-pub fn with_tpm_key(enrollment: HubAuth, op: &OperationRecord) -> HubAuth {
+/// The hub credentials of the operation's device: its issued certificate when the operation
+/// issued one (the hub trusts the issuing CA), else the key a TPM's second activation blob
+/// carries, else `enrollment`'s.
+pub fn operation_hub_auth(enrollment: HubAuth, op: &OperationRecord) -> HubAuth {
+    if op.issued_certificate_chain.is_some() {
+        return HubAuth::CertificateAuthority;
+    }
     match &op.tpm {
         Some(tpm) => HubAuth::Sas {
             primary_key: tpm.hub_key.clone(),
@@ -599,7 +603,7 @@ mod tests {
     }
 
     /// The credentials each hub is given: an individual enrollment's keys or thumbprints, a
-    /// group member's derived keys or its CA, a TPM device's hub key.
+    /// group member's derived keys or its CA, a TPM device's hub key, an issued certificate.
     #[test]
     fn hubs_get_the_device_s_credentials() {
         let keyed: IndividualEnrollment = serde_json::from_value(json!({
@@ -648,18 +652,24 @@ mod tests {
             HubAuth::CertificateAuthority
         );
         let mut op = operation();
-        assert_eq!(with_tpm_key(HubAuth::None, &op), HubAuth::None);
+        assert_eq!(operation_hub_auth(HubAuth::None, &op), HubAuth::None);
         op.tpm = Some(crate::domain::records::TpmOperation {
             authentication_key: "blob".into(),
             hub_key: "aHVi".into(),
             ek_hash: "00".into(),
         });
         assert_eq!(
-            with_tpm_key(HubAuth::None, &op),
+            operation_hub_auth(HubAuth::None, &op),
             HubAuth::Sas {
                 primary_key: "aHVi".into(),
                 secondary_key: "aHVi".into()
             }
+        );
+        // A device that was issued a certificate connects with it, whatever else it has.
+        op.issued_certificate_chain = Some(vec!["MIIB".into()]);
+        assert_eq!(
+            operation_hub_auth(individual_hub_auth(&keyed), &op),
+            HubAuth::CertificateAuthority
         );
     }
 }

@@ -285,7 +285,7 @@ async fn provision_within(
         .unwrap_or_else(|| enrolled.device_id.clone());
     let identity = DeviceIdentity {
         device_id: enrolled.device_id.clone(),
-        auth: decide::with_tpm_key(enrolled.auth.clone(), op),
+        auth: decide::operation_hub_auth(enrolled.auth.clone(), op),
         iot_edge: settings.capabilities.as_ref().is_some_and(|c| c.iot_edge),
         initial_twin: None,
     };
