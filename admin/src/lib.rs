@@ -7,6 +7,7 @@ pub mod enrollments;
 pub mod hubs;
 pub mod instances;
 pub mod issued;
+pub mod issuing;
 pub mod ownership;
 pub mod policies;
 pub mod print;
@@ -67,6 +68,12 @@ pub enum AdminCommand {
     /// CA certificates for groups' caReferences, with proof of possession.
     #[command(subcommand)]
     Certificate(certificates::CertificateCommand),
+    /// The instance's issuing CAs, for credential policies.
+    #[command(subcommand)]
+    IssuingCa(issuing::IssuingCaCommand),
+    /// The instance's credential policies, for enrollments' credentialPolicyName.
+    #[command(subcommand)]
+    CredentialPolicy(issuing::CredentialPolicyCommand),
     /// Operational certificates issued for devices' CSRs, and their revocation.
     #[command(subcommand)]
     IssuedCertificate(issued::IssuedCommand),
@@ -120,6 +127,10 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Policy(command) => policies::run(&client, output, command).await,
         AdminCommand::Certificate(command) => certificates::run(&client, output, command).await,
         AdminCommand::IssuedCertificate(command) => issued::run(&client, output, command).await,
+        AdminCommand::IssuingCa(command) => issuing::cas(&client, output, command).await,
+        AdminCommand::CredentialPolicy(command) => {
+            issuing::policies(&client, output, command).await
+        }
         AdminCommand::Owner(command) => ownership::owners(&client, output, command).await,
         AdminCommand::Ownership(command) => ownership::records(&client, output, command).await,
         AdminCommand::Token { lifetime } => {

@@ -285,3 +285,75 @@ pub struct Revocation {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// An issuing CA of an instance (`/certificateAuthorities/{name}`): a certificate chain and
+/// the key that signs for it, used in place in a PKCS#11 token or read from a file on the
+/// server. Credential policies name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateAuthority {
+    /// Unique name, used in credential policies.
+    pub name: String,
+    /// PEM: its own certificate first, then up to its root (what devices receive after their
+    /// new certificate). Absent while the CA waits for its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_chain: Option<String>,
+    /// Where its private key is.
+    pub key: CaKey,
+    /// Write-only: generate the key inside the token `key.pkcs11Uri` names, of this type
+    /// (`ecP256`, `ecP384`, `rsa2048`, `rsa3072`); refused when the token holds it already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_key: Option<String>,
+    /// Write-only: with `generateKey` and no chain, certify the new key itself (a root CA,
+    /// `CN=<name>`, ten years); without it the CA waits for its chain, and the answer carries
+    /// a `certificateSigningRequest` for the operator's CA to sign.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub self_signed: Option<bool>,
+    /// Read-only: what its certificate says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<crate::enrollment::X509CertificateInfo>,
+    /// Read-only: `active`, or `pendingCertificate` until a chain is PUT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Read-only, while pending: base64 DER PKCS#10 request of the key, `CN=<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_signing_request: Option<String>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// Where an issuing CA's private key is: exactly one of the two.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaKey {
+    /// RFC 7512 URI of a key in a PKCS#11 token (its PIN by `pin-source`; its module one the
+    /// server allows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11_uri: Option<String>,
+    /// Path of a PKCS#8 PEM file inside the server's `issuance.key_directory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+/// What an instance's credential policy issues (`/credentialPolicies/{name}`): enrollments
+/// name it in `credentialPolicyName`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialPolicy {
+    /// Unique name.
+    pub name: String,
+    /// The issuing CA (`/certificateAuthorities/{name}` of the same instance).
+    pub certificate_authority_name: String,
+    /// Validity of an issued certificate, 1 to 3650 days (30 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validity_in_days: Option<u32>,
+    /// Key types devices may ask for: `ecP256`, `ecP384`, `rsa2048`, `rsa3072`.
+    pub key_types: Vec<String>,
+    /// DNS names for every certificate's subjectAltName.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_names: Vec<String>,
+    /// Opaque version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}

@@ -80,6 +80,10 @@ pub enum ErrorCode {
     CertificateNotFound,
     /// No such issued certificate.
     IssuedCertificateNotFound,
+    /// No such issuing CA.
+    CertificateAuthorityNotFound,
+    /// No such credential policy.
+    CredentialPolicyNotFound,
     /// The route exists but not for this method.
     MethodNotAllowed,
     /// The resource exists and the request did not say to overwrite it.
@@ -132,6 +136,8 @@ impl ErrorCode {
             Self::OwnershipRecordNotFound => 404208,
             Self::CertificateNotFound => 404209,
             Self::IssuedCertificateNotFound => 404210,
+            Self::CertificateAuthorityNotFound => 404211,
+            Self::CredentialPolicyNotFound => 404212,
             Self::MethodNotAllowed => 405001,
             Self::Conflict => 409001,
             Self::ConflictWithState => 409002,

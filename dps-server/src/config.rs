@@ -138,13 +138,30 @@ impl Default for TpmConfig {
 
 /// Certificate issuance: CAs whose keys sign devices' operational certificates, and the
 /// credential policies enrollments name in `credentialPolicyName`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IssuanceConfig {
     /// Issuing CAs by name.
     pub certificate_authorities: std::collections::BTreeMap<String, IssuingCaConfig>,
     /// Credential policies by name.
     pub credential_policies: std::collections::BTreeMap<String, CredentialPolicyConfig>,
+    /// PKCS#11 modules the admin API's issuing CAs may name (`module-path`); a URI that names
+    /// none uses the first. The admin API cannot make the server load any other library.
+    pub pkcs11_modules: Vec<PathBuf>,
+    /// The directory whose PEM key files the admin API's issuing CAs may name; none: key
+    /// files cannot be named through the API (token keys only).
+    pub key_directory: Option<PathBuf>,
+}
+
+impl Default for IssuanceConfig {
+    fn default() -> Self {
+        Self {
+            certificate_authorities: Default::default(),
+            credential_policies: Default::default(),
+            pkcs11_modules: vec![PathBuf::from(dps_pkcs11::DEFAULT_MODULE)],
+            key_directory: None,
+        }
+    }
 }
 
 /// An issuing CA.

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use attestation::SymmetricKey;
 use attestation::chain::MAX_CHAIN_CERTIFICATES;
 use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
-use dps_protocol::admin::{CaCertificate, LinkedHub};
+use dps_protocol::admin::{CaCertificate, CertificateAuthority, CredentialPolicy, LinkedHub};
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 
 use crate::config::TpmConfig;
@@ -83,9 +83,49 @@ pub struct Credentials {
     pub tpm_group: Option<Arc<EnrollmentGroup>>,
     anchors: HashMap<Vec<u8>, Vec<Arc<Anchor>>>,
     uploaded: HashMap<Vec<u8>, Vec<Arc<ParsedCertificate>>>,
+    /// The instance's issuing CAs and credential policies by lower-case name.
+    certificate_authorities: HashMap<String, CertificateAuthority>,
+    credential_policies: HashMap<String, CredentialPolicy>,
+    /// The subject names of the instance's issuing CAs.
+    issuing_subjects: Vec<String>,
 }
 
 impl Credentials {
+    /// Adds the instance's issuing CAs and credential policies.
+    pub fn with_issuance(
+        mut self,
+        cas: Vec<CertificateAuthority>,
+        policies: Vec<CredentialPolicy>,
+    ) -> Self {
+        self.issuing_subjects = cas
+            .iter()
+            .filter_map(|ca| ca.info.as_ref().map(|i| i.subject_name.clone()))
+            .collect();
+        self.certificate_authorities = cas
+            .into_iter()
+            .map(|ca| (ca.name.to_ascii_lowercase(), ca))
+            .collect();
+        self.credential_policies = policies
+            .into_iter()
+            .map(|p| (p.name.to_ascii_lowercase(), p))
+            .collect();
+        self
+    }
+
+    /// The instance's issuing CA `name` (ignoring case).
+    pub fn certificate_authority(&self, name: &str) -> Option<&CertificateAuthority> {
+        self.certificate_authorities.get(&name.to_ascii_lowercase())
+    }
+
+    /// The instance's credential policy `name` (ignoring case).
+    pub fn credential_policy(&self, name: &str) -> Option<&CredentialPolicy> {
+        self.credential_policies.get(&name.to_ascii_lowercase())
+    }
+
+    /// Whether one of the instance's issuing CAs is named `subject`.
+    pub fn is_issuing_subject(&self, subject: &str) -> bool {
+        self.issuing_subjects.iter().any(|s| s == subject)
+    }
     /// The linked hub `host` (ignoring case).
     pub fn linked_hub(&self, host: &str) -> Option<&LinkedHub> {
         self.linked_hubs

@@ -11,7 +11,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::{
     Backend, Device, TestServer, device_token, enroll, expect_error, expect_json, issuing_ca_files,
-    keys_of, mtls_client, pem_of, policy_with, register_over, registration_state,
+    issuing_ca_files_named, keys_of, mtls_client, pem_of, policy_with, register_over,
+    registration_state,
 };
 use dps_server::config::{CredentialPolicyConfig, IssuingCaConfig};
 use rcgen::KeyPair;
@@ -299,7 +300,7 @@ async fn requests_that_cannot_be_served_fail_the_registration(backend: Backend) 
             Some("nonesuch"),
             good("unknown-policy"),
             400210,
-            "not configured",
+            "does not exist",
         ),
     ];
     for (id, policy, request, code, says) in cases {
@@ -511,6 +512,285 @@ async fn a_device_with_an_issued_certificate_authenticates_to_its_hub_by_ca(back
     assert_eq!(updated[1]["authentication"]["type"], "sas");
 }
 
+/// An instance's own issuing CA (a key file in the server's key directory) and credential
+/// policy, created through the admin API, issue to its devices; a certificate of that CA,
+/// revoked, admits its device no more. Each request an attacker with a ServiceConfig key (or
+/// without one) could send to reach other files, load a library of their choosing or store a
+/// PIN is refused, and nothing is stored.
+async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend) {
+    let keys = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let (ca_pem, ca_files) =
+        issuing_ca_files_named(keys.path(), &rcgen::PKCS_ECDSA_P384_SHA384, "Instance CA");
+    let (_, stranger) = issuing_ca_files(outside.path(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let configured_dir = tempfile::tempdir().unwrap();
+    let (_, configured_ca) =
+        issuing_ca_files(configured_dir.path(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let key_dir = keys.path().to_owned();
+    let t = TestServer::start_with(backend, move |config| {
+        config.issuance.key_directory = Some(key_dir);
+        config
+            .issuance
+            .certificate_authorities
+            .insert("x".into(), configured_ca);
+        config.issuance.credential_policies.insert(
+            "configured".into(),
+            CredentialPolicyConfig {
+                certificate_authority: "x".into(),
+                ..CredentialPolicyConfig::default()
+            },
+        );
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    let put = |path: String, body: Value| {
+        let t = &t;
+        async move {
+            t.owner(Method::PUT, &path)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let chain_path = ca_files.certificate_chain.display().to_string();
+    let ca_body = |key: Value| json!({ "name": "ops", "certificateChain": ca_pem, "key": key });
+
+    // Refused: each leaves nothing stored.
+    let link = keys.path().join("link.pem");
+    std::os::unix::fs::symlink(&stranger.key, &link).unwrap();
+    let refusals = [
+        (
+            ca_body(json!({ "file": stranger.key })),
+            "must be a file inside",
+        ),
+        (
+            ca_body(json!({ "file": link.display().to_string() })),
+            "must be a file inside",
+        ),
+        (ca_body(json!({ "file": chain_path })), "not a PKCS#8"),
+        (
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=k?module-path=/tmp/evil.so" })),
+            "not one of the modules",
+        ),
+        (
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=k?pin-value=1234" })),
+            "pin-source",
+        ),
+        (
+            ca_body(json!({ "file": ca_files.key, "pkcs11Uri": "pkcs11:token=t;object=k" })),
+            "exactly one",
+        ),
+        (
+            json!({ "name": "ops", "certificateChain": ca_pem, "key": { "file": ca_files.key.replace("ca-key", "nope") } }),
+            "must be a file inside",
+        ),
+        (
+            json!({ "name": "ops", "key": { "file": ca_files.key } }),
+            "certificateChain",
+        ),
+        (
+            json!({ "name": "ops", "certificateChain": "not pem", "key": { "file": ca_files.key } }),
+            "certificateChain",
+        ),
+    ];
+    for (body, says) in refusals {
+        let refused = expect_error(
+            put("/certificateAuthorities/ops".into(), body.clone()).await,
+            400,
+            400004,
+        )
+        .await;
+        let message = refused["message"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
+        assert!(!message.contains("BEGIN"), "{message}");
+    }
+    // A key that is not the certificate's.
+    let other_key = keys.path().join("other-key.pem");
+    std::fs::write(
+        &other_key,
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
+            .unwrap()
+            .serialize_pem(),
+    )
+    .unwrap();
+    let mismatched = expect_error(
+        put(
+            "/certificateAuthorities/ops".into(),
+            ca_body(json!({ "file": other_key.display().to_string() })),
+        )
+        .await,
+        400,
+        400004,
+    )
+    .await;
+    assert!(
+        mismatched["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not sign"),
+        "{mismatched}"
+    );
+    // Without ServiceConfig.
+    let reader = policy_with(&t, "reader", &["EnrollmentRead", "EnrollmentWrite"]).await;
+    let forbidden = t
+        .signed(
+            Method::PUT,
+            "/certificateAuthorities/ops",
+            "reader",
+            &reader,
+        )
+        .json(&ca_body(json!({ "file": ca_files.key })))
+        .send()
+        .await
+        .unwrap();
+    expect_error(forbidden, 403, 403001).await;
+    let missing = t
+        .owner(Method::GET, "/certificateAuthorities/ops")
+        .send()
+        .await
+        .unwrap();
+    expect_error(missing, 404, 404211).await;
+
+    let created = expect_json(
+        put(
+            "/certificateAuthorities/ops".into(),
+            ca_body(json!({ "file": ca_files.key })),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(created["status"], "active", "{created}");
+    assert_eq!(created["info"]["subjectName"], "CN=Instance CA");
+
+    // Policies: a missing CA, a configured name, bad fields: refused.
+    for (body, status, code) in [
+        (
+            json!({ "name": "ops-devices", "certificateAuthorityName": "nope", "keyTypes": ["ecP256"] }),
+            400,
+            400004,
+        ),
+        (
+            json!({ "name": "configured", "certificateAuthorityName": "ops", "keyTypes": ["ecP256"] }),
+            409,
+            409001,
+        ),
+        (
+            json!({ "name": "ops-devices", "certificateAuthorityName": "ops", "keyTypes": ["dsa"] }),
+            400,
+            400004,
+        ),
+        (
+            json!({ "name": "ops-devices", "certificateAuthorityName": "ops", "keyTypes": [] }),
+            400,
+            400004,
+        ),
+        (
+            json!({ "name": "ops-devices", "certificateAuthorityName": "ops", "keyTypes": ["ecP256"], "validityInDays": 0 }),
+            400,
+            400004,
+        ),
+        (
+            json!({ "name": "ops-devices", "certificateAuthorityName": "ops", "keyTypes": ["ecP256"], "dnsNames": ["a b"] }),
+            400,
+            400004,
+        ),
+    ] {
+        let path = format!("/credentialPolicies/{}", body["name"].as_str().unwrap());
+        expect_error(put(path, body).await, status, code).await;
+    }
+    let missing = t
+        .owner(Method::GET, "/credentialPolicies/ops-devices")
+        .send()
+        .await
+        .unwrap();
+    expect_error(missing, 404, 404212).await;
+    expect_json(
+        put(
+            "/credentialPolicies/ops-devices".into(),
+            json!({ "name": "ops-devices", "certificateAuthorityName": "ops", "keyTypes": ["ecP256"], "validityInDays": 7 }),
+        )
+        .await,
+        200,
+    )
+    .await;
+
+    // A device of the instance gets a certificate of the instance's CA, for the policy's time.
+    let id = "instance-ca-01";
+    let token = enrolled(&t, id, Some("ops-devices")).await;
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let done = register_with_csr(&t, id, &token, &csr(id, &key)).await;
+    assert_eq!(done["status"], "assigned", "{done}");
+    let leaf = issued_leaf(&done);
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    let now = common::now();
+    attestation::chain::verify_chain(std::slice::from_ref(&leaf), &ca_der, &[], now).unwrap();
+    let recorded = records(&t, &format!("/registrations/{id}/issuedCertificates")).await;
+    assert_eq!(recorded[0]["certificateAuthorityName"], "ops");
+    let not_after = time::OffsetDateTime::parse(
+        recorded[0]["notAfter"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let days = (not_after - time::OffsetDateTime::now_utc()).whole_days();
+    assert!((6..=7).contains(&days), "{days} days");
+
+    // Revoked, that certificate admits the device no more.
+    t.owner(Method::DELETE, &format!("/enrollments/{id}"))
+        .send()
+        .await
+        .unwrap();
+    enroll(
+        &t,
+        json!({ "enrollmentGroupId": "ops-operational",
+            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": ca_pem } } } } }),
+    )
+    .await;
+    let client = mtls_client(&t, &[&pem_of(&leaf)], &key.serialize_pem(), false);
+    let (_, admitted) = register_over(&t, &client, id).await;
+    assert_eq!(admitted["status"], "assigned", "{admitted}");
+    let serial = recorded[0]["serialNumber"].as_str().unwrap();
+    expect_json(
+        t.owner(
+            Method::POST,
+            &format!("/issuedCertificates/{serial}/revoke"),
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    let (status, body) = register_over(&t, &client, id).await;
+    assert_eq!(
+        (status, body["errorCode"].clone()),
+        (401, json!(401002)),
+        "{body}"
+    );
+
+    // The CA stays while a policy names it.
+    let in_use = t
+        .owner(Method::DELETE, "/certificateAuthorities/ops")
+        .send()
+        .await
+        .unwrap();
+    expect_error(in_use, 409, 409002).await;
+    let still = t
+        .owner(Method::GET, "/certificateAuthorities/ops")
+        .send()
+        .await
+        .unwrap();
+    expect_json(still, 200).await;
+    for path in [
+        "/credentialPolicies/ops-devices",
+        "/certificateAuthorities/ops",
+    ] {
+        let deleted = t.owner(Method::DELETE, path).send().await.unwrap();
+        assert_eq!(deleted.status(), 204, "{path}");
+    }
+}
+
 /// A server whose issuing CA's key is not the CA certificate's, or whose policy has a name no
 /// enrollment can give, refuses to start.
 #[tokio::test]
@@ -548,4 +828,5 @@ on_both_backends!(
     requests_that_cannot_be_served_fail_the_registration,
     a_revoked_certificate_no_longer_admits_its_device,
     a_device_with_an_issued_certificate_authenticates_to_its_hub_by_ca,
+    instance_cas_and_policies_issue_through_the_admin_api,
 );

@@ -154,6 +154,11 @@ impl Pkcs11Uri {
         Ok(parsed)
     }
 
+    /// Whether the URI carries the PIN itself (`pin-value`).
+    pub fn has_pin_value(&self) -> bool {
+        self.pin_value.is_some()
+    }
+
     /// The PIN from the URI, else from `fallback` (a file path or the value of an environment
     /// variable given on the command line).
     fn pin(&self, fallback: Option<&PinSource>) -> Result<Option<String>, Pkcs11Error> {

@@ -136,6 +136,7 @@ fn fixture() -> Fixture {
     root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     root.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let root_pem = root.self_signed(&root_key).unwrap().pem();
+    std::fs::write(dir.path().join("root-key.pem"), root_key.serialize_pem()).unwrap();
     let root = Issuer::new(root, root_key);
     std::fs::write(dir.path().join("root.pem"), &root_pem).unwrap();
 
@@ -357,4 +358,145 @@ fn ca_keys_in_softhsm_issue_certificates_that_then_register_the_devices() {
     let log = f.server.log().join("\n");
     assert!(!log.contains(PIN), "the PIN is in the server's log");
     assert!(!log.contains("not marked sensitive"), "{log}");
+}
+
+/// An instance's issuing CAs made through the admin CLI with keys generated inside the token:
+/// a self-signed root, and an intermediate that waits for the offline root to sign its
+/// request. The intermediate then issues through an instance credential policy; both keys are
+/// sensitive and never extractable, and a second generation under the same URI is refused.
+#[test]
+fn issuing_cas_generated_in_the_token_through_the_admin_api() {
+    let f = fixture();
+    let uri = |label: &str| {
+        format!(
+            "pkcs11:token={CA_TOKEN};object={label}?pin-source={}",
+            f.pin_file.display()
+        )
+    };
+    let root = f.cli(&[
+        "issuing-ca",
+        "put",
+        "api-root",
+        "--key-uri",
+        &uri("api-root"),
+        "--generate-key",
+        "ecP384",
+        "--self-signed",
+    ]);
+    assert_eq!(root["status"], "active", "{root}");
+    assert_eq!(root["info"]["subjectName"], "CN=api-root");
+    let again = softhsm_tests::admin(
+        &[
+            "issuing-ca",
+            "put",
+            "api-root",
+            "--key-uri",
+            &uri("api-root"),
+            "--generate-key",
+            "ecP384",
+            "--self-signed",
+        ],
+        &[
+            ("DPS_CONNECTION_STRING", f.server.connection_string.as_str()),
+            ("DPS_CA_CERT", f.server.ca_certificate.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    assert!(!again.0 && again.2.contains("409001"), "{again:?}");
+
+    let pending = f.cli(&[
+        "issuing-ca",
+        "put",
+        "api-inter",
+        "--key-uri",
+        &uri("api-inter"),
+        "--generate-key",
+        "rsa3072",
+    ]);
+    assert_eq!(pending["status"], "pendingCertificate", "{pending}");
+    let request = base64::engine::general_purpose::STANDARD
+        .decode(pending["certificateSigningRequest"].as_str().unwrap())
+        .unwrap();
+    // The operator's offline root signs the request.
+    std::fs::write(f.path("inter.csr"), request).unwrap();
+    std::fs::write(
+        f.path("ca.ext"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    let signed = Command::new("openssl")
+        .args(["x509", "-req", "-inform", "DER", "-in"])
+        .arg(f.path("inter.csr"))
+        .arg("-CA")
+        .arg(f.path("root.pem"))
+        .arg("-CAkey")
+        .arg(f.path("root-key.pem"))
+        .args(["-days", "30", "-extfile"])
+        .arg(f.path("ca.ext"))
+        .arg("-out")
+        .arg(f.path("inter.pem"))
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{signed:?}");
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(f.path("inter.pem")).unwrap(),
+        f.root_pem
+    );
+    std::fs::write(f.path("inter-chain.pem"), chain).unwrap();
+    // Issuing under it is refused until it has its certificate.
+    f.cli(&[
+        "credential-policy",
+        "put",
+        "api-devices",
+        "--ca",
+        "api-inter",
+        "--key-type",
+        "ecP256",
+        "--validity-days",
+        "3",
+    ]);
+    let onboarding = f.onboarding_enrollment("dev-api", "api-devices");
+    let issued = f.path("dev-api-issued.pem");
+    let ask = || {
+        f.device(&[
+            "--registration-id",
+            "dev-api",
+            "--symmetric-key",
+            &onboarding,
+            "--issue-certificate",
+            issued.to_str().unwrap(),
+            "--issued-key",
+            &format!("file:{}", f.path("dev-api-operational.pem").display()),
+        ])
+    };
+    let (ok, _, stderr) = ask();
+    assert!(
+        !ok && stderr.contains("400210") && stderr.contains("no certificate yet"),
+        "{stderr}"
+    );
+
+    let active = f.cli(&[
+        "issuing-ca",
+        "put",
+        "api-inter",
+        "--key-uri",
+        &uri("api-inter"),
+        "--chain",
+        f.path("inter-chain.pem").to_str().unwrap(),
+    ]);
+    assert_eq!(active["status"], "active", "{active}");
+    let (ok, done, stderr) = ask();
+    assert!(ok, "{stderr}\n{}", f.server.log().join("\n"));
+    assert_eq!(done["assignedHub"], "hub-a.example.com");
+    check_chain(&f, &issued, "dev-api");
+    let leaf = attestation::x509::parse_der(&certificates(&issued)[0]).unwrap();
+    assert_eq!(leaf.facts.issuer_name, "CN=api-inter");
+
+    for label in ["api-root", "api-inter"] {
+        let answer = f.hsm.key_attributes(CA_TOKEN, PIN, label).unwrap();
+        for line in ["sensitive=true", "never-extractable=true", "value=refused"] {
+            assert!(answer.lines().any(|l| l == line), "{label}: {answer}");
+        }
+    }
 }

@@ -128,6 +128,8 @@ pub fn not_found(kind: Kind, key: &str) -> DomainError {
         Kind::OwnershipRecord => ErrorCode::OwnershipRecordNotFound,
         Kind::CaCertificate => ErrorCode::CertificateNotFound,
         Kind::IssuedCertificate => ErrorCode::IssuedCertificateNotFound,
+        Kind::CertificateAuthority => ErrorCode::CertificateAuthorityNotFound,
+        Kind::CredentialPolicy => ErrorCode::CredentialPolicyNotFound,
         // A missing challenge means the device has not proven anything yet.
         Kind::TpmChallenge => ErrorCode::Unauthorized,
         Kind::CredentialsVersion => ErrorCode::InternalServerError,
@@ -148,6 +150,8 @@ fn noun(kind: Kind) -> &'static str {
         Kind::OwnershipRecord => "ownership record",
         Kind::CaCertificate => "CA certificate",
         Kind::IssuedCertificate => "issued certificate",
+        Kind::CertificateAuthority => "issuing CA",
+        Kind::CredentialPolicy => "credential policy",
         Kind::TpmChallenge => "TPM challenge",
         Kind::CredentialsVersion => "credentials version",
     }

@@ -1,11 +1,18 @@
 //! Operational certificates for devices that send a certificate signing request (`csr`): the
 //! credential policy their enrollment names (`credentialPolicyName`) picks an issuing CA, a
-//! validity and the key types it accepts. CAs and policies come from the configuration
-//! (`[issuance]`), loaded and checked at start. A CA's key is a PEM file or a key inside a
-//! PKCS#11 token, which then signs every certificate in place.
+//! validity and the key types it accepts.
+//!
+//! Policies and CAs come from two places: the configuration (`[issuance]`, loaded and checked
+//! at start, shared by every instance) and an instance's own (`/credentialPolicies`,
+//! `/certificateAuthorities`, see [`super::issuing_cas`]), found through the instance's
+//! credentials index so that every replica sees a change after one read. A configured policy
+//! wins over an instance's of the same name (an instance cannot create one). A CA's key is a
+//! PEM file or a key inside a PKCS#11 token, which then signs every certificate in place; an
+//! instance's CA is opened on first use and kept while its document stays the same.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +21,7 @@ use attestation::x509::parse_der;
 use base64::Engine;
 use dps_pkcs11::{Pkcs11Uri, PrivateKey, Signer};
 use dps_protocol::ErrorCode;
-use dps_protocol::admin::IssuedCertificate;
+use dps_protocol::admin::{CertificateAuthority, CredentialPolicy, IssuedCertificate};
 use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -22,33 +29,167 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::config::IssuanceConfig;
 use crate::domain::validate::normal_serial;
+use crate::trust::Credentials;
 
-/// Opens the key an issuing CA's `key` names: a `pkcs11:` URI, else a PEM file's path.
-fn open_ca_key(name: &str, key: &str) -> anyhow::Result<Signer> {
-    if key.starts_with("pkcs11:") {
-        let uri = Pkcs11Uri::parse(key).with_context(|| format!("issuance CA '{name}'"))?;
-        // One session per core: certificates are signed on the request threads.
-        let sessions = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let key = PrivateKey::open(&uri, None, sessions)
-            .with_context(|| format!("issuance CA '{name}': opening the token key"))?;
-        if !key.is_protected().unwrap_or(false) {
-            tracing::warn!(
-                ca = name,
-                "the issuing CA's key is not marked sensitive and never-extractable in its token: it may have been, or may be, copied out"
-            );
+/// Validity of a certificate when a policy does not say.
+pub const DEFAULT_VALIDITY_DAYS: u32 = 30;
+/// The longest validity a policy may give.
+pub const MAX_VALIDITY_DAYS: u32 = 3650;
+
+/// Why a CA key cannot be opened: said to the admin who named it, or logged at start.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRefError {
+    /// The reference itself is not usable (or not allowed on this server).
+    #[error("{0}")]
+    Refused(String),
+    /// The token or file failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What an instance's CA keys may name: PKCS#11 modules the server loads, and the directory
+/// key files must be in (set in `[issuance]`; the admin API must not make the server load any
+/// library or read any file).
+#[derive(Debug, Clone, Default)]
+pub struct KeyRules {
+    /// Modules a `pkcs11:` URI may name (`module-path`; none named means the first).
+    pub modules: Vec<PathBuf>,
+    /// The directory of key files; `None`: no key files through the admin API.
+    pub key_directory: Option<PathBuf>,
+}
+
+impl KeyRules {
+    /// Checks an instance CA's `pkcs11:` URI: parsed, its module allowed (filled in when it
+    /// names none), its PIN by `pin-source` only (a PIN in the URI would be stored in the
+    /// database).
+    pub fn token_uri(&self, text: &str) -> Result<Pkcs11Uri, KeyRefError> {
+        let mut uri = Pkcs11Uri::parse(text).map_err(|e| KeyRefError::Refused(e.to_string()))?;
+        if uri.has_pin_value() {
+            return Err(KeyRefError::Refused(
+                "the URI carries its PIN (pin-value); give it by pin-source, a file the server reads"
+                    .into(),
+            ));
         }
-        return Ok(Signer::Token(key));
+        match &uri.module_path {
+            Some(module) if !self.modules.iter().any(|m| m == module) => {
+                return Err(KeyRefError::Refused(format!(
+                    "module-path {} is not one of the modules the server allows (issuance.pkcs11_modules)",
+                    module.display()
+                )));
+            }
+            Some(_) => {}
+            None => {
+                uri.module_path = Some(self.modules.first().cloned().ok_or_else(|| {
+                    KeyRefError::Refused(
+                        "the server allows no PKCS#11 module (issuance.pkcs11_modules)".into(),
+                    )
+                })?);
+            }
+        }
+        Ok(uri)
     }
-    let path = key.strip_prefix("file:").unwrap_or(key);
+
+    /// Checks an instance CA's key file: inside the key directory, after resolving links.
+    pub fn key_file(&self, path: &str) -> Result<PathBuf, KeyRefError> {
+        let directory = self.key_directory.as_ref().ok_or_else(|| {
+            KeyRefError::Refused(
+                "this server takes no key files through the admin API (issuance.key_directory is not set); use a pkcs11Uri".into(),
+            )
+        })?;
+        let outside = || {
+            KeyRefError::Refused(format!(
+                "the key file must be a file inside {}",
+                directory.display()
+            ))
+        };
+        let directory = directory.canonicalize().map_err(|_| outside())?;
+        let file = Path::new(path).canonicalize().map_err(|_| outside())?;
+        if !file.starts_with(&directory) || !file.is_file() {
+            return Err(outside());
+        }
+        Ok(file)
+    }
+}
+
+/// Opens a token key, with one session per core (certificates are signed on the request
+/// threads); warns when the token does not keep it to itself.
+fn open_token_key(name: &str, uri: &Pkcs11Uri) -> Result<Signer, KeyRefError> {
+    let sessions = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let key = PrivateKey::open(uri, None, sessions)
+        .map_err(|e| KeyRefError::Failed(format!("opening the token key: {e}")))?;
+    if !key.is_protected().unwrap_or(false) {
+        tracing::warn!(
+            ca = name,
+            "the issuing CA's key is not marked sensitive and never-extractable in its token: it may have been, or may be, copied out"
+        );
+    }
+    Ok(Signer::Token(key))
+}
+
+/// Reads a PKCS#8 PEM key file.
+fn open_key_file(path: &Path) -> Result<Signer, KeyRefError> {
     let pem = std::fs::read_to_string(path)
-        .with_context(|| format!("issuance CA '{name}': reading {path}"))?;
+        .map_err(|e| KeyRefError::Failed(format!("reading {}: {e}", path.display())))?;
     // The key's text is never part of an error message.
     let key = KeyPair::from_pem(&pem).map_err(|_| {
-        anyhow::anyhow!(
-            "issuance CA '{name}': {path} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA"
-        )
+        KeyRefError::Failed(format!(
+            "{} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA",
+            path.display()
+        ))
     })?;
     Ok(Signer::Memory(Box::new(key)))
+}
+
+/// Opens the key a configured CA's `key` names: a `pkcs11:` URI, else a PEM file's path.
+fn open_configured_key(name: &str, key: &str) -> anyhow::Result<Signer> {
+    if key.starts_with("pkcs11:") {
+        let uri = Pkcs11Uri::parse(key).with_context(|| format!("issuance CA '{name}'"))?;
+        return open_token_key(name, &uri).with_context(|| format!("issuance CA '{name}'"));
+    }
+    let path = key.strip_prefix("file:").unwrap_or(key);
+    open_key_file(Path::new(path)).with_context(|| format!("issuance CA '{name}'"))
+}
+
+/// Opens an instance CA's key under `rules`.
+pub fn open_instance_key(
+    name: &str,
+    key: &dps_protocol::admin::CaKey,
+    rules: &KeyRules,
+) -> Result<Signer, KeyRefError> {
+    match (&key.pkcs11_uri, &key.file) {
+        (Some(uri), None) => open_token_key(name, &rules.token_uri(uri)?),
+        (None, Some(file)) => open_key_file(&rules.key_file(file)?),
+        _ => Err(KeyRefError::Refused(
+            "key: give exactly one of pkcs11Uri and file".into(),
+        )),
+    }
+}
+
+/// The DER certificates of a PEM chain.
+pub fn chain_of(pem: &str) -> Result<Vec<Vec<u8>>, String> {
+    let chain = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate chain: {e}"))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate in the chain".into());
+    }
+    Ok(chain.into_iter().map(|c| c.to_vec()).collect())
+}
+
+/// The key types of a policy, by name.
+pub fn key_types(names: &[String]) -> Result<Vec<KeyType>, String> {
+    let types = names
+        .iter()
+        .map(|k| {
+            KeyType::parse(k).ok_or_else(|| {
+                format!("key type '{k}' is not one of ecP256, ecP384, rsa2048, rsa3072")
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if types.is_empty() {
+        return Err("no key types".into());
+    }
+    Ok(types)
 }
 
 /// A credential policy, ready to issue.
@@ -60,13 +201,19 @@ struct Policy {
     key_types: Vec<KeyType>,
 }
 
-/// The configured credential policies by name.
+/// An instance's CA as last opened: kept while its document is the same.
+type OpenedCa = (CertificateAuthority, Arc<IssuingCa<Signer>>);
+
+/// The configured credential policies by name, and the instances' CAs opened so far.
 #[derive(Debug, Default)]
 pub struct Issuance {
     policies: HashMap<String, Policy>,
-    /// The issuing CAs' subject names: a certificate whose issuer is one of them may be one
-    /// this server issued (and revoked).
+    /// The configured CAs' subject names: a certificate whose issuer is one of them may be
+    /// one this server issued (and revoked).
     ca_subjects: Vec<String>,
+    /// What an instance's CA keys may name.
+    pub rules: KeyRules,
+    opened: Mutex<HashMap<(String, String), OpenedCa>>,
 }
 
 /// A certificate just issued: the chain for the device, and the record kept of it.
@@ -83,6 +230,10 @@ pub struct Issued {
 /// Why no certificate was issued: the registration fails with this code and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotIssued(pub ErrorCode, pub String);
+
+fn not_issued(message: String) -> NotIssued {
+    NotIssued(ErrorCode::CertificateNotIssued, message)
+}
 
 impl Issuance {
     /// Reads every CA's chain and key and checks that the key signs for the chain's first
@@ -102,7 +253,7 @@ impl Issuance {
                 .into_iter()
                 .map(|c| c.to_vec())
                 .collect();
-            let key = open_ca_key(name, &ca.key)?;
+            let key = open_configured_key(name, &ca.key)?;
             let issuing =
                 IssuingCa::new(chain, key).with_context(|| format!("issuance CA '{name}'"))?;
             if let Some(own) = issuing.chain().first().and_then(|der| parse_der(der).ok()) {
@@ -122,31 +273,18 @@ impl Issuance {
                 )
             })?;
             anyhow::ensure!(
-                (1..=3650).contains(&policy.validity_days),
-                "credential policy '{name}': validity_days must be 1 to 3650"
+                (1..=MAX_VALIDITY_DAYS).contains(&policy.validity_days),
+                "credential policy '{name}': validity_days must be 1 to {MAX_VALIDITY_DAYS}"
             );
-            let key_types = policy
-                .key_types
-                .iter()
-                .map(|k| {
-                    KeyType::parse(k).with_context(|| {
-                        format!(
-                            "credential policy '{name}': key type '{k}' is not one of ecP256, ecP384, rsa2048, rsa3072"
-                        )
-                    })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            anyhow::ensure!(
-                !key_types.is_empty(),
-                "credential policy '{name}': key_types is empty"
-            );
+            let key_types = key_types(&policy.key_types)
+                .map_err(|e| anyhow::anyhow!("credential policy '{name}': {e}"))?;
             policies.insert(
                 name.clone(),
                 Policy {
                     ca_name: policy.certificate_authority.clone(),
                     ca: ca.clone(),
                     profile: Profile {
-                        validity: Duration::from_secs(u64::from(policy.validity_days) * 86_400),
+                        validity: days(policy.validity_days),
                         dns_names: policy.dns_names.clone(),
                     },
                     key_types,
@@ -156,37 +294,117 @@ impl Issuance {
         Ok(Self {
             policies,
             ca_subjects,
+            rules: KeyRules {
+                modules: config.pkcs11_modules.clone(),
+                key_directory: config.key_directory.clone(),
+            },
+            opened: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Whether a certificate naming `issuer` may have been issued by this server.
+    /// Whether a policy of this name is configured (an instance cannot have its own of it).
+    pub fn is_configured(&self, policy: &str) -> bool {
+        self.policies.contains_key(policy)
+    }
+
+    /// Whether a certificate naming `issuer` may have been issued by one of the configured
+    /// CAs (an instance's CAs are in its credentials).
     pub fn may_have_issued(&self, issuer: &str) -> bool {
         self.ca_subjects.iter().any(|s| s == issuer)
     }
 
-    /// Issues a certificate for `csr` (base64 DER PKCS#10) to device `registration_id` under
-    /// the credential policy `policy` its enrollment names: the chain as the device receives
-    /// it, and the record to keep.
+    /// The instance's policy `name` (from `credentials`), with its CA opened.
+    fn instance_policy(
+        &self,
+        ns: &str,
+        credentials: &Credentials,
+        name: &str,
+    ) -> Result<Policy, NotIssued> {
+        let unknown = || {
+            not_issued(format!(
+                "the enrollment's credential policy '{name}' does not exist"
+            ))
+        };
+        let policy: &CredentialPolicy = credentials.credential_policy(name).ok_or_else(unknown)?;
+        let ca_name = &policy.certificate_authority_name;
+        let ca = credentials.certificate_authority(ca_name).ok_or_else(|| {
+            not_issued(format!(
+                "credential policy '{name}' names issuing CA '{ca_name}', which does not exist"
+            ))
+        })?;
+        let key_types = key_types(&policy.key_types)
+            .map_err(|e| not_issued(format!("credential policy '{name}': {e}")))?;
+        Ok(Policy {
+            ca_name: ca.name.clone(),
+            ca: self.open_instance_ca(ns, ca)?,
+            profile: Profile {
+                validity: days(policy.validity_in_days.unwrap_or(DEFAULT_VALIDITY_DAYS)),
+                dns_names: policy.dns_names.clone(),
+            },
+            key_types,
+        })
+    }
+
+    /// The instance's CA `ca`, opened (its key, its chain checked), or as opened before.
+    fn open_instance_ca(
+        &self,
+        ns: &str,
+        ca: &CertificateAuthority,
+    ) -> Result<Arc<IssuingCa<Signer>>, NotIssued> {
+        let slot = (ns.to_owned(), ca.name.to_ascii_lowercase());
+        if let Ok(opened) = self.opened.lock()
+            && let Some((doc, issuing)) = opened.get(&slot)
+            && doc == ca
+        {
+            return Ok(issuing.clone());
+        }
+        let unusable = |why: String| {
+            tracing::error!(ca = %ca.name, error = %why, "an issuing CA cannot be used");
+            not_issued(format!(
+                "issuing CA '{}' cannot sign now; the server log says why",
+                ca.name
+            ))
+        };
+        let Some(chain) = &ca.certificate_chain else {
+            return Err(not_issued(format!(
+                "issuing CA '{}' has no certificate yet",
+                ca.name
+            )));
+        };
+        let chain = chain_of(chain).map_err(unusable)?;
+        let key = open_instance_key(&ca.name, &ca.key, &self.rules)
+            .map_err(|e| unusable(e.to_string()))?;
+        let issuing = Arc::new(IssuingCa::new(chain, key).map_err(|e| unusable(e.to_string()))?);
+        if let Ok(mut opened) = self.opened.lock() {
+            opened.insert(slot, (ca.clone(), issuing.clone()));
+        }
+        Ok(issuing)
+    }
+
+    /// Issues a certificate for `csr` (base64 DER PKCS#10) to device `registration_id` of
+    /// instance `ns` under the credential policy `policy` its enrollment names: the chain as
+    /// the device receives it, and the record to keep.
     pub fn issue(
         &self,
+        ns: &str,
+        credentials: &Credentials,
         policy: Option<&str>,
         registration_id: &str,
         csr: &str,
     ) -> Result<Issued, NotIssued> {
         let name = policy.ok_or_else(|| {
-            NotIssued(
-                ErrorCode::CertificateNotIssued,
+            not_issued(
                 "the device sent a csr, but its enrollment names no credentialPolicyName".into(),
             )
         })?;
-        let policy = self.policies.get(name).ok_or_else(|| {
-            NotIssued(
-                ErrorCode::CertificateNotIssued,
-                format!(
-                    "the enrollment's credential policy '{name}' is not configured on this server"
-                ),
-            )
-        })?;
+        let instance_policy;
+        let policy = match self.policies.get(name) {
+            Some(configured) => configured,
+            None => {
+                instance_policy = self.instance_policy(ns, credentials, name)?;
+                &instance_policy
+            }
+        };
         let invalid = |message: String| NotIssued(ErrorCode::InvalidCertificateRequest, message);
         // Base64 of the largest request accepted, with padding.
         if csr.len() > MAX_CSR_BYTES.div_ceil(3) * 4 {
@@ -211,10 +429,7 @@ impl Issuance {
             )
             .map_err(|e| {
                 tracing::error!(error = %e, "the issuing CA could not sign a certificate");
-                NotIssued(
-                    ErrorCode::CertificateNotIssued,
-                    "the issuing CA could not sign the certificate".into(),
-                )
+                not_issued("the issuing CA could not sign the certificate".into())
             })?;
         tracing::info!(
             registration_id,
@@ -245,4 +460,8 @@ impl Issuance {
             expires_at: issued.not_after.unix_timestamp(),
         })
     }
+}
+
+fn days(n: u32) -> Duration {
+    Duration::from_secs(u64::from(n) * 86_400)
 }

@@ -14,6 +14,7 @@ use crate::domain::issuance::Issued;
 use crate::domain::validate::normal_serial;
 use crate::state::AppState;
 use crate::store::{Columns, Kind, Page, Precondition, Stored, Write};
+use crate::trust::Credentials;
 
 /// The longest revocation reason kept.
 const MAX_REASON_CHARS: usize = 256;
@@ -157,13 +158,17 @@ pub async fn revoke(
 }
 
 /// Refuses a device certificate this server issued and an admin revoked. Only certificates
-/// whose issuer is one of the issuing CAs are looked up.
+/// whose issuer is one of the issuing CAs (configured, or the instance's in `credentials`) are
+/// looked up.
 pub async fn refuse_revoked(
     state: &AppState,
     ns: &str,
+    credentials: &Credentials,
     leaf: &CertificateFacts,
 ) -> Result<(), DomainError> {
-    if !state.issuance.may_have_issued(&leaf.issuer_name) {
+    if !state.issuance.may_have_issued(&leaf.issuer_name)
+        && !credentials.is_issuing_subject(&leaf.issuer_name)
+    {
         return Ok(());
     }
     let Some(key) = normal_serial(&leaf.serial_number).map(|s| s.to_ascii_lowercase()) else {

@@ -14,6 +14,7 @@ pub mod error;
 pub mod instances;
 pub mod issuance;
 pub mod issued_certificates;
+pub mod issuing_cas;
 pub mod linked_hubs;
 pub mod ownership;
 pub mod records;

@@ -126,11 +126,15 @@ pub async fn load<R: Resource>(
     super::load(state.store.as_ref(), ns, R::KIND, &R::key_of(id)?).await
 }
 
-/// `write`, and for CA certificates and linked hubs (which device requests cache) the change of
+/// `write`, and for the kinds device requests cache (CA certificates, linked hubs, issuing CAs,
+/// credential policies) the change of
 /// the instance's credentials version in the same transaction.
 pub fn with_credentials<R: Resource>(ns: &str, write: Write) -> Vec<Write> {
     let mut writes = vec![write];
-    if matches!(R::KIND, Kind::CaCertificate | Kind::LinkedHub) {
+    if matches!(
+        R::KIND,
+        Kind::CaCertificate | Kind::LinkedHub | Kind::CertificateAuthority | Kind::CredentialPolicy
+    ) {
         writes.push(crate::domain::credentials::credentials_changed(ns));
     }
     writes

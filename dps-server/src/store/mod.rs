@@ -48,6 +48,10 @@ pub enum Kind {
     TpmChallenge,
     /// An operational certificate the service issued (keyed by lower-case hex serial).
     IssuedCertificate,
+    /// An issuing CA (keyed by lower-case name).
+    CertificateAuthority,
+    /// A credential policy (keyed by lower-case name).
+    CredentialPolicy,
     /// Changes with every write to an instance's enrollment groups or CA certificates, so
     /// that caches of them know when to read them again (one per instance, read as a record
     /// whose etag is the version; written by [`Write::CredentialsChanged`]).
@@ -70,6 +74,8 @@ impl Kind {
             Kind::CaCertificate => "ca-certificate",
             Kind::TpmChallenge => "tpm-challenge",
             Kind::IssuedCertificate => "issued-certificate",
+            Kind::CertificateAuthority => "certificate-authority",
+            Kind::CredentialPolicy => "credential-policy",
             Kind::CredentialsVersion => "credentials-version",
         }
     }
@@ -116,7 +122,7 @@ impl Precondition {
 /// The typed columns a record has beside its document, by kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Columns {
-    /// Access policies, linked hubs, CA certificates, owners.
+    /// Access policies, linked hubs, CA certificates, owners, issuing CAs, credential policies.
     #[default]
     None,
     /// An instance: its ID scope (unique) and host names (each unique across instances).

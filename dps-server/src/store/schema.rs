@@ -258,6 +258,14 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
                 None,
             ),
         ),
+        (
+            Kind::CertificateAuthority,
+            table("certificate_authorities", true, &[], None, None),
+        ),
+        (
+            Kind::CredentialPolicy,
+            table("credential_policies", true, &[], None, None),
+        ),
         (Kind::Owner, table("owners", true, &[], None, None)),
         (
             Kind::OwnershipRecord,

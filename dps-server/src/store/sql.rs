@@ -45,8 +45,8 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         4,
-        "issued certificates",
-        include_str!("../../migrations/sqlite/0004_issued_certificates.sql"),
+        "issuance",
+        include_str!("../../migrations/sqlite/0004_issuance.sql"),
     ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -67,8 +67,8 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     ),
     (
         4,
-        "issued certificates",
-        include_str!("../../migrations/postgres/0004_issued_certificates.sql"),
+        "issuance",
+        include_str!("../../migrations/postgres/0004_issuance.sql"),
     ),
 ];
 

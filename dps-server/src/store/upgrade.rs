@@ -186,7 +186,10 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
         },
         Kind::AccessPolicy | Kind::LinkedHub | Kind::CaCertificate | Kind::Owner => Columns::None,
         // Newer than the documents table.
-        Kind::CredentialsVersion | Kind::IssuedCertificate => return None,
+        Kind::CredentialsVersion
+        | Kind::IssuedCertificate
+        | Kind::CertificateAuthority
+        | Kind::CredentialPolicy => return None,
     })
 }
 

@@ -449,11 +449,20 @@ pub fn issuing_ca_files(
     dir: &std::path::Path,
     alg: &'static rcgen::SignatureAlgorithm,
 ) -> (String, dps_server::config::IssuingCaConfig) {
+    issuing_ca_files_named(dir, alg, "Operational CA")
+}
+
+/// [`issuing_ca_files`] with the common name `cn`.
+pub fn issuing_ca_files_named(
+    dir: &std::path::Path,
+    alg: &'static rcgen::SignatureAlgorithm,
+    cn: &str,
+) -> (String, dps_server::config::IssuingCaConfig) {
     let key = rcgen::KeyPair::generate_for(alg).unwrap();
     let mut params = rcgen::CertificateParams::default();
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, "Operational CA");
+        .push(rcgen::DnType::CommonName, cn);
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     params.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,

@@ -83,7 +83,9 @@ pub(super) async fn authenticate(
     let now = crate::domain::unix_now();
     let rejected = |e: ChainError| DomainError::unauthorized(e.to_string());
     let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
-    issued_certificates::refuse_revoked(state, instance, &leaf.facts).await?;
+    let credentials =
+        credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
+    issued_certificates::refuse_revoked(state, instance, &credentials, &leaf.facts).await?;
 
     // An individually enrolled id is admitted by its own certificate only, never by a group's
     // (security review item 2).
@@ -104,8 +106,6 @@ pub(super) async fn authenticate(
         return Err(not_enrolled_certificate());
     }
 
-    let credentials =
-        credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
     let (anchors, extra) = credentials.anchors_on_the_way(&leaf, chain);
     let mut verified: Vec<Verified<'_>> = Vec::new();
     let mut first_error = None;

@@ -121,7 +121,12 @@ pub async fn start(
             Source::Individual(e) => e.settings.credential_policy_name.as_deref(),
             Source::Group(g) => g.settings.credential_policy_name.as_deref(),
         };
-        match state.issuance.issue(policy, id.as_str(), csr) {
+        let configured =
+            credentials::at_version(state, ns, reads.credentials_version.clone()).await?;
+        match state
+            .issuance
+            .issue(ns, &configured, policy, id.as_str(), csr)
+        {
             Ok(certificate) => {
                 record.issued_certificate_chain = Some(certificate.chain.clone());
                 issued = Some(issued_certificates::record(ns, &certificate)?);

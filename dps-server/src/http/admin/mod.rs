@@ -1,6 +1,6 @@
 //! The admin REST API: the Azure DPS service API (enrollments, enrollment groups, registration
-//! states) and our extensions (instances, linked hubs, shared access policies, issued
-//! certificates).
+//! states) and our extensions (instances, linked hubs, shared access policies, issuing CAs,
+//! credential policies, issued certificates).
 //!
 //! Instance-scoped routes are served twice: at the root, where the request's Host selects the
 //! instance (or the only instance, on a server with one), and under `/instances/{instance}`.
@@ -12,6 +12,7 @@ mod enrollment_groups;
 mod enrollments;
 pub mod instances;
 mod issued_certificates;
+mod issuing_cas;
 mod linked_hubs;
 pub mod ownership;
 mod registrations;
@@ -33,6 +34,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(ownership::routes())
         .merge(certificates::routes())
         .merge(issued_certificates::routes())
+        .merge(issuing_cas::routes())
 }
 
 /// Every admin route.

@@ -22,21 +22,24 @@ pub async fn put_one<R: Resource>(
     headers: HeaderMap,
     JsonBody(resource): JsonBody<R>,
 ) -> Result<Json<R>, DomainError> {
-    if R::key_of(resource.id())? != R::key_of(&id)? {
-        return Err(DomainError::new(
-            ErrorCode::IdMismatch,
-            format!(
-                "the body names '{}' but the path names '{id}'",
-                resource.id()
-            ),
-        ));
-    }
+    same_id(&resource, &id)?;
     let sent = resource.clone();
     let (stored, previous) =
         store_resource(&state, admin.ns(), resource, put_precondition(&headers)?).await?;
     let mut answer: R = render(&stored, true)?;
     answer.hide_unsent_secrets(&sent, previous.as_ref());
     Ok(Json(answer))
+}
+
+/// The 400 of a body that names another resource than the path.
+pub fn same_id<R: Resource>(body: &R, path: &str) -> Result<(), DomainError> {
+    if R::key_of(body.id())? != R::key_of(path)? {
+        return Err(DomainError::new(
+            ErrorCode::IdMismatch,
+            format!("the body names '{}' but the path names '{path}'", body.id()),
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /{kind}/{id}`.

@@ -11,6 +11,27 @@ CREATE TABLE IF NOT EXISTS issued_certificates (
     created_at      TEXT NOT NULL,
     updated_at      TEXT NOT NULL,
     PRIMARY KEY (instance, key)
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS issued_certificates_by_registration ON issued_certificates (instance, registration_id, key);
 CREATE INDEX IF NOT EXISTS issued_certificates_by_expiry ON issued_certificates (expires_at);
+
+-- Issuing CAs and credential policies an instance keeps (beside those of the configuration).
+CREATE TABLE IF NOT EXISTS certificate_authorities (
+    instance   TEXT NOT NULL REFERENCES instances (key) ON DELETE CASCADE,
+    key        TEXT NOT NULL,
+    doc        TEXT NOT NULL,
+    etag       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (instance, key)
+);
+
+CREATE TABLE IF NOT EXISTS credential_policies (
+    instance   TEXT NOT NULL REFERENCES instances (key) ON DELETE CASCADE,
+    key        TEXT NOT NULL,
+    doc        TEXT NOT NULL,
+    etag       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (instance, key)
+);
