@@ -73,8 +73,8 @@ pub struct CreateEnrollment {
     /// hashed, geoLatency, static or custom.
     #[arg(long)]
     pub allocation_policy: Option<String>,
-    /// The credential policy that issues operational certificates to its devices (a policy
-    /// of the server's `[issuance]` configuration).
+    /// The credential policy that issues operational certificates to its devices (one of the
+    /// server's `[issuance]` configuration, or of the instance's `credential-policy` list).
     #[arg(long)]
     pub credential_policy: Option<String>,
     /// Create it disabled.

@@ -25,11 +25,7 @@ pub fn open_or_generate(
 ) -> Result<Signer, KeyError> {
     match source {
         PrivateKeySource::File(path) if path.exists() => {
-            let pem = std::fs::read_to_string(path)
-                .map_err(|e| KeyError::File(path.clone(), e.to_string()))?;
-            let key = rcgen::KeyPair::from_pem(&pem)
-                .map_err(|_| KeyError::File(path.clone(), "not a PKCS#8 PEM private key".into()))?;
-            Ok(Signer::Memory(Box::new(key)))
+            Signer::from_pem_file(path).map_err(|e| KeyError::File(path.clone(), e))
         }
         PrivateKeySource::File(path) => {
             let key = generate_key(key_type)

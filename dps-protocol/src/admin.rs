@@ -257,7 +257,7 @@ pub struct IssuedCertificate {
     pub sha256_thumbprint: String,
     /// The credential policy it was issued under.
     pub credential_policy_name: String,
-    /// The issuing CA (its name in the server's configuration).
+    /// The issuing CA: a configured one's name, or the instance's (`/certificateAuthorities`).
     pub certificate_authority_name: String,
     /// Start of validity, RFC 3339 UTC.
     pub not_before: String,

@@ -138,7 +138,7 @@ impl Default for TpmConfig {
 
 /// Certificate issuance: CAs whose keys sign devices' operational certificates, and the
 /// credential policies enrollments name in `credentialPolicyName`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IssuanceConfig {
     /// Issuing CAs by name.
@@ -146,22 +146,13 @@ pub struct IssuanceConfig {
     /// Credential policies by name.
     pub credential_policies: std::collections::BTreeMap<String, CredentialPolicyConfig>,
     /// PKCS#11 modules the admin API's issuing CAs may name (`module-path`); a URI that names
-    /// none uses the first. The admin API cannot make the server load any other library.
+    /// none uses the first. Empty (the default): no token keys through the admin API. The API
+    /// cannot make the server load any other library.
     pub pkcs11_modules: Vec<PathBuf>,
-    /// The directory whose PEM key files the admin API's issuing CAs may name; none: key
-    /// files cannot be named through the API (token keys only).
+    /// The directory of one directory per instance (`<key_directory>/<instance>/`) holding the
+    /// PEM key files and PIN files that instance's issuing CAs may name; none (the default):
+    /// no files through the admin API.
     pub key_directory: Option<PathBuf>,
-}
-
-impl Default for IssuanceConfig {
-    fn default() -> Self {
-        Self {
-            certificate_authorities: Default::default(),
-            credential_policies: Default::default(),
-            pkcs11_modules: vec![PathBuf::from(dps_pkcs11::DEFAULT_MODULE)],
-            key_directory: None,
-        }
-    }
 }
 
 /// An issuing CA.

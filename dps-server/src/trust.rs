@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use attestation::SymmetricKey;
 use attestation::chain::MAX_CHAIN_CERTIFICATES;
 use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
-use dps_protocol::admin::{CaCertificate, CertificateAuthority, CredentialPolicy, LinkedHub};
+use dps_protocol::admin::{
+    CaCertificate, CertificateAuthority, CredentialPolicy, IssuedCertificate, LinkedHub,
+};
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 
 use crate::config::TpmConfig;
@@ -86,21 +88,19 @@ pub struct Credentials {
     /// The instance's issuing CAs and credential policies by lower-case name.
     certificate_authorities: HashMap<String, CertificateAuthority>,
     credential_policies: HashMap<String, CredentialPolicy>,
-    /// The subject names of the instance's issuing CAs.
-    issuing_subjects: Vec<String>,
+    /// SHA-256 thumbprints of the instance's revoked issued certificates.
+    revoked: std::collections::HashSet<String>,
 }
 
 impl Credentials {
-    /// Adds the instance's issuing CAs and credential policies.
+    /// Adds the instance's issuing CAs, credential policies and revoked certificates.
     pub fn with_issuance(
         mut self,
         cas: Vec<CertificateAuthority>,
         policies: Vec<CredentialPolicy>,
+        revoked: Vec<IssuedCertificate>,
     ) -> Self {
-        self.issuing_subjects = cas
-            .iter()
-            .filter_map(|ca| ca.info.as_ref().map(|i| i.subject_name.clone()))
-            .collect();
+        self.revoked = revoked.into_iter().map(|r| r.sha256_thumbprint).collect();
         self.certificate_authorities = cas
             .into_iter()
             .map(|ca| (ca.name.to_ascii_lowercase(), ca))
@@ -122,9 +122,9 @@ impl Credentials {
         self.credential_policies.get(&name.to_ascii_lowercase())
     }
 
-    /// Whether one of the instance's issuing CAs is named `subject`.
-    pub fn is_issuing_subject(&self, subject: &str) -> bool {
-        self.issuing_subjects.iter().any(|s| s == subject)
+    /// Whether the certificate of this SHA-256 thumbprint was issued here and revoked.
+    pub fn is_revoked(&self, sha256_thumbprint: &str) -> bool {
+        self.revoked.contains(sha256_thumbprint)
     }
     /// The linked hub `host` (ignoring case).
     pub fn linked_hub(&self, host: &str) -> Option<&LinkedHub> {

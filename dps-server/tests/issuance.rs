@@ -518,11 +518,17 @@ async fn a_device_with_an_issued_certificate_authenticates_to_its_hub_by_ca(back
 /// without one) could send to reach other files, load a library of their choosing or store a
 /// PIN is refused, and nothing is stored.
 async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend) {
+    // The key directory has one directory per instance; the other instance's key is as out
+    // of reach as one outside.
     let keys = tempfile::tempdir().unwrap();
+    let (mine, theirs) = (keys.path().join("default"), keys.path().join("other"));
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::create_dir_all(&theirs).unwrap();
     let outside = tempfile::tempdir().unwrap();
     let (ca_pem, ca_files) =
-        issuing_ca_files_named(keys.path(), &rcgen::PKCS_ECDSA_P384_SHA384, "Instance CA");
+        issuing_ca_files_named(&mine, &rcgen::PKCS_ECDSA_P384_SHA384, "Instance CA");
     let (_, stranger) = issuing_ca_files(outside.path(), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (_, neighbour) = issuing_ca_files(&theirs, &rcgen::PKCS_ECDSA_P256_SHA256);
     let configured_dir = tempfile::tempdir().unwrap();
     let (_, configured_ca) =
         issuing_ca_files(configured_dir.path(), &rcgen::PKCS_ECDSA_P256_SHA256);
@@ -557,7 +563,7 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
     let ca_body = |key: Value| json!({ "name": "ops", "certificateChain": ca_pem, "key": key });
 
     // Refused: each leaves nothing stored.
-    let link = keys.path().join("link.pem");
+    let link = mine.join("link.pem");
     std::os::unix::fs::symlink(&stranger.key, &link).unwrap();
     let refusals = [
         (
@@ -570,11 +576,33 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         ),
         (ca_body(json!({ "file": chain_path })), "not a PKCS#8"),
         (
-            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=k?module-path=/tmp/evil.so" })),
+            ca_body(json!({ "file": neighbour.key })),
+            "must be a file inside",
+        ),
+        (
+            ca_body(json!({ "file": "../other/ca-key.pem" })),
+            "must be a file inside",
+        ),
+        (
+            ca_body(
+                json!({ "pkcs11Uri": "pkcs11:token=t;object=default:k?module-path=/tmp/evil.so" }),
+            ),
             "not one of the modules",
         ),
         (
-            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=k?pin-value=1234" })),
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=default:k" })),
+            "allows no PKCS#11 module",
+        ),
+        (
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=other:k" })),
+            "starts with 'default:'",
+        ),
+        (
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;id=%01" })),
+            "starts with 'default:'",
+        ),
+        (
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=default:k?pin-value=1234" })),
             "pin-source",
         ),
         (
@@ -584,10 +612,6 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         (
             json!({ "name": "ops", "certificateChain": ca_pem, "key": { "file": ca_files.key.replace("ca-key", "nope") } }),
             "must be a file inside",
-        ),
-        (
-            json!({ "name": "ops", "key": { "file": ca_files.key } }),
-            "certificateChain",
         ),
         (
             json!({ "name": "ops", "certificateChain": "not pem", "key": { "file": ca_files.key } }),
@@ -605,8 +629,31 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         assert!(message.contains(says), "{body}: {message}");
         assert!(!message.contains("BEGIN"), "{message}");
     }
+    // Without a chain, an existing key makes a CA that waits for its certificate: the answer
+    // carries the key's signing request, CN=<name>.
+    let waiting = expect_json(
+        put(
+            "/certificateAuthorities/ops".into(),
+            json!({ "name": "ops", "key": { "file": "ca-key.pem" } }),
+        )
+        .await,
+        200,
+    )
+    .await;
+    assert_eq!(waiting["status"], "pendingCertificate", "{waiting}");
+    let request = STANDARD
+        .decode(waiting["certificateSigningRequest"].as_str().unwrap())
+        .unwrap();
+    attestation::issuance::check_csr(&request, "ops", &attestation::issuance::KeyType::ALL)
+        .unwrap();
+    let deleted = t
+        .owner(Method::DELETE, "/certificateAuthorities/ops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
     // A key that is not the certificate's.
-    let other_key = keys.path().join("other-key.pem");
+    let other_key = mine.join("other-key.pem");
     std::fs::write(
         &other_key,
         KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
@@ -652,10 +699,11 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         .unwrap();
     expect_error(missing, 404, 404211).await;
 
+    // A relative path is taken from the instance's directory.
     let created = expect_json(
         put(
             "/certificateAuthorities/ops".into(),
-            ca_body(json!({ "file": ca_files.key })),
+            ca_body(json!({ "file": "ca-key.pem" })),
         )
         .await,
         200,
@@ -789,6 +837,65 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         let deleted = t.owner(Method::DELETE, path).send().await.unwrap();
         assert_eq!(deleted.status(), 204, "{path}");
     }
+    // A CA that cannot sign now (its key file gone) is the server's trouble, not the device's:
+    // 503 to retry, nothing stored; once the key is back, the same request is served.
+    std::fs::create_dir_all(mine.join("fragile")).unwrap();
+    let (_, fragile) = issuing_ca_files_named(
+        &mine.join("fragile"),
+        &rcgen::PKCS_ECDSA_P256_SHA256,
+        "Fragile CA",
+    );
+    let fragile_pem = std::fs::read_to_string(&fragile.certificate_chain).unwrap();
+    let kept = std::fs::read(&fragile.key).unwrap();
+    expect_json(
+        put(
+            "/certificateAuthorities/fragile".into(),
+            json!({ "name": "fragile", "certificateChain": fragile_pem, "key": { "file": fragile.key } }),
+        )
+        .await,
+        200,
+    )
+    .await;
+    expect_json(
+        put(
+            "/credentialPolicies/fragile-devices".into(),
+            json!({ "name": "fragile-devices", "certificateAuthorityName": "fragile", "keyTypes": ["ecP256"] }),
+        )
+        .await,
+        200,
+    )
+    .await;
+    let fragile_id = "fragile-01";
+    let fragile_token = enrolled(&t, fragile_id, Some("fragile-devices")).await;
+    std::fs::remove_file(&fragile.key).unwrap();
+    let body = json!({ "registrationId": fragile_id, "csr": csr(fragile_id, &key) });
+    let refused = Device::new(&t, fragile_id)
+        .put(&fragile_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    expect_error(refused, 503, 503001).await;
+    assert!(registration_state(&t, fragile_id).await.is_none());
+    assert_eq!(
+        records(
+            &t,
+            &format!("/registrations/{fragile_id}/issuedCertificates")
+        )
+        .await,
+        Vec::<Value>::new()
+    );
+    std::fs::write(&fragile.key, kept).unwrap();
+    let served = register_with_csr(&t, fragile_id, &fragile_token, &csr(fragile_id, &key)).await;
+    assert_eq!(served["status"], "assigned", "{served}");
+
+    // The revocation outlives the CA: the group still anchors its certificate.
+    let (status, body) = register_over(&t, &client, id).await;
+    assert_eq!(
+        (status, body["errorCode"].clone()),
+        (401, json!(401002)),
+        "{body}"
+    );
 }
 
 /// A server whose issuing CA's key is not the CA certificate's, or whose policy has a name no

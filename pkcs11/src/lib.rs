@@ -41,6 +41,9 @@ pub enum Pkcs11Error {
     /// The token holds no object the URI names.
     #[error("PKCS#11: {0}")]
     NotFound(String),
+    /// A key cannot be generated: the token holds an object of its label or id.
+    #[error("PKCS#11: {0}")]
+    Exists(String),
 }
 
 /// A parsed `pkcs11:` URI.
@@ -165,11 +168,7 @@ impl Pkcs11Uri {
         if let Some(value) = &self.pin_value {
             return Ok(Some(value.clone()));
         }
-        let from_file = |path: &PathBuf| {
-            std::fs::read_to_string(path)
-                .map(|p| p.trim_end_matches(['\n', '\r']).to_owned())
-                .map_err(|e| Pkcs11Error::Pin(format!("{}: {e}", path.display())))
-        };
+        let from_file = |path: &PathBuf| read_pin(path);
         if let Some(path) = &self.pin_source {
             return from_file(path).map(Some);
         }
@@ -181,6 +180,27 @@ impl Pkcs11Uri {
             None => Ok(None),
         }
     }
+}
+
+/// The longest PIN file read (PINs are short; a device or a huge file must not be read).
+const MAX_PIN_FILE_BYTES: u64 = 256;
+
+/// Reads a PIN file: a regular file, at most [`MAX_PIN_FILE_BYTES`], its line ending dropped.
+fn read_pin(path: &Path) -> Result<String, Pkcs11Error> {
+    use std::io::Read as _;
+    let failed = |e: String| Pkcs11Error::Pin(format!("{}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| failed(e.to_string()))?;
+    let metadata = file.metadata().map_err(|e| failed(e.to_string()))?;
+    if !metadata.is_file() || metadata.len() > MAX_PIN_FILE_BYTES {
+        return Err(failed(format!(
+            "not a regular file of at most {MAX_PIN_FILE_BYTES} bytes"
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_PIN_FILE_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// Where a PIN comes from when the URI does not say.
@@ -296,15 +316,22 @@ impl Sessions {
     }
 }
 
+/// The label and id attributes the URI gives.
+fn names(uri: &Pkcs11Uri) -> Vec<Attribute> {
+    let mut names = Vec::new();
+    if let Some(object) = &uri.object {
+        names.push(Attribute::Label(object.as_bytes().to_vec()));
+    }
+    if let Some(id) = &uri.id {
+        names.push(Attribute::Id(id.clone()));
+    }
+    names
+}
+
 /// The object template that finds what the URI names, of `class`.
 fn template(uri: &Pkcs11Uri, class: ObjectClass) -> Vec<Attribute> {
     let mut template = vec![Attribute::Class(class)];
-    if let Some(object) = &uri.object {
-        template.push(Attribute::Label(object.as_bytes().to_vec()));
-    }
-    if let Some(id) = &uri.id {
-        template.push(Attribute::Id(id.clone()));
-    }
+    template.extend(names(uri));
     template
 }
 
@@ -478,31 +505,34 @@ impl PrivateKey {
 
     /// Generates a key pair inside the token the URI names, labelled and identified as the URI
     /// says: the private half is a token object that is sensitive, not extractable and can
-    /// only sign. Refused when the token already holds a key the URI names.
+    /// only sign. Refused when the token already holds an object of the URI's label, or of its
+    /// id (a second key under either would make both ambiguous). Generations in this process
+    /// take turns, so two cannot both find the name free.
     pub fn generate(
         uri: &Pkcs11Uri,
         pin: Option<&PinSource>,
         kind: KeyKind,
         sessions: usize,
     ) -> Result<Self, Pkcs11Error> {
+        static GENERATING: Mutex<()> = Mutex::new(());
+        let _turn = GENERATING
+            .lock()
+            .map_err(|_| Pkcs11Error::Token("the generation lock is poisoned".into()))?;
         {
             let opened = open_sessions(uri, pin, Access::ReadWrite, 1)?;
             let session = opened
                 .first()
                 .ok_or_else(|| Pkcs11Error::Token("no session".into()))?;
-            if !find(session, uri, ObjectClass::PRIVATE_KEY)?.is_empty()
-                || !find(session, uri, ObjectClass::PUBLIC_KEY)?.is_empty()
-            {
-                return Err(Pkcs11Error::Token(
-                    "the token already holds a key the URI names".into(),
-                ));
-            }
-            let mut names = Vec::new();
-            if let Some(object) = &uri.object {
-                names.push(Attribute::Label(object.as_bytes().to_vec()));
-            }
-            if let Some(id) = &uri.id {
-                names.push(Attribute::Id(id.clone()));
+            let names = names(uri);
+            for name in &names {
+                let taken = session
+                    .find_objects(std::slice::from_ref(name))
+                    .map_err(token_err("finding objects"))?;
+                if !taken.is_empty() {
+                    return Err(Pkcs11Error::Exists(
+                        "the token already holds an object of the URI's label or id".into(),
+                    ));
+                }
             }
             let mut private = vec![
                 Attribute::Token(true),
@@ -539,6 +569,23 @@ impl PrivateKey {
                 .map_err(token_err("generating the key pair"))?;
         }
         Self::open(uri, pin, sessions)
+    }
+
+    /// Deletes the key pair from the token (a key generated for something that then failed).
+    pub fn destroy(self, uri: &Pkcs11Uri, pin: Option<&PinSource>) -> Result<(), Pkcs11Error> {
+        drop(self.sessions);
+        let opened = open_sessions(uri, pin, Access::ReadWrite, 1)?;
+        let session = opened
+            .first()
+            .ok_or_else(|| Pkcs11Error::Token("no session".into()))?;
+        for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+            for object in find(session, uri, class)? {
+                session
+                    .destroy_object(object)
+                    .map_err(token_err("deleting the key"))?;
+            }
+        }
+        Ok(())
     }
 
     /// What kind of key it is.
@@ -668,6 +715,22 @@ pub enum Signer {
     Memory(Box<rcgen::KeyPair>),
     /// A key inside a token.
     Token(PrivateKey),
+}
+
+impl Signer {
+    /// A PKCS#8 PEM key file, read into memory. The key's text is never part of an error.
+    pub fn from_pem_file(path: &Path) -> Result<Self, String> {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        rcgen::KeyPair::from_pem(&pem)
+            .map(|key| Signer::Memory(Box::new(key)))
+            .map_err(|_| {
+                format!(
+                    "{} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA",
+                    path.display()
+                )
+            })
+    }
 }
 
 impl rcgen::PublicKeyData for Signer {

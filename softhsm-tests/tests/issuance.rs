@@ -140,7 +140,14 @@ fn fixture() -> Fixture {
     let root = Issuer::new(root, root_key);
     std::fs::write(dir.path().join("root.pem"), &root_pem).unwrap();
 
-    let mut config = String::new();
+    // The admin API's issuing CAs may use SoftHSM2, and the instance's PIN file.
+    let instance_files = dir.path().join("instance-keys/default");
+    std::fs::create_dir_all(&instance_files).unwrap();
+    std::fs::copy(&pin_file, instance_files.join("pin")).unwrap();
+    let mut config = format!(
+        "[issuance]\npkcs11_modules = [\"/usr/lib/softhsm/libsofthsm2.so\"]\nkey_directory = \"{}\"\n",
+        dir.path().join("instance-keys").display()
+    );
     for (label, kind, policy, key_types) in [
         (
             "ca-p384",
@@ -367,12 +374,9 @@ fn ca_keys_in_softhsm_issue_certificates_that_then_register_the_devices() {
 #[test]
 fn issuing_cas_generated_in_the_token_through_the_admin_api() {
     let f = fixture();
-    let uri = |label: &str| {
-        format!(
-            "pkcs11:token={CA_TOKEN};object={label}?pin-source={}",
-            f.pin_file.display()
-        )
-    };
+    // The instance's keys are labelled `default:...`; its PIN file is in its directory.
+    let uri =
+        |label: &str| format!("pkcs11:token={CA_TOKEN};object=default:{label}?pin-source=pin");
     let root = f.cli(&[
         "issuing-ca",
         "put",
@@ -493,7 +497,7 @@ fn issuing_cas_generated_in_the_token_through_the_admin_api() {
     let leaf = attestation::x509::parse_der(&certificates(&issued)[0]).unwrap();
     assert_eq!(leaf.facts.issuer_name, "CN=api-inter");
 
-    for label in ["api-root", "api-inter"] {
+    for label in ["default:api-root", "default:api-inter"] {
         let answer = f.hsm.key_attributes(CA_TOKEN, PIN, label).unwrap();
         for line in ["sensitive=true", "never-extractable=true", "value=refused"] {
             assert!(answer.lines().any(|l| l == line), "{label}: {answer}");

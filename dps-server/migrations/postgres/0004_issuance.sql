@@ -35,3 +35,17 @@ CREATE TABLE IF NOT EXISTS credential_policies (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (instance, key)
 );
+
+-- The revoked ones among them, few, read whole into each instance's credentials index (so an
+-- X.509 request is checked against them without a read); swept once expired.
+CREATE TABLE IF NOT EXISTS revoked_certificates (
+    instance   TEXT NOT NULL REFERENCES instances (key) ON DELETE CASCADE,
+    key        TEXT NOT NULL,
+    expires_at BIGINT,
+    doc        TEXT NOT NULL,
+    etag       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (instance, key)
+);
+CREATE INDEX IF NOT EXISTS revoked_certificates_by_expiry ON revoked_certificates (expires_at);

@@ -1,7 +1,8 @@
 //! What device requests need of an instance's enrollment groups, CA certificates, linked hubs,
-//! issuing CAs and credential policies, read and parsed once, and kept until they change:
-//! symmetric-key groups with their decoded keys, the TPM group, X.509 anchors indexed by
-//! subject name, the hubs a registration chooses among, and what issues certificates.
+//! issuing CAs, credential policies and revoked certificates, read and parsed once, and kept
+//! until they change: symmetric-key groups with their decoded keys, the TPM group, X.509
+//! anchors indexed by subject name, the hubs a registration chooses among, what issues
+//! certificates, and which issued ones no longer admit.
 //!
 //! Unauthenticated requests must not cost more as the instance grows (security review item
 //! 9). Without this, every SAS request for an unknown id listed and parsed every group, and
@@ -9,8 +10,8 @@
 //! certificate. Now a request costs one read (the version below) plus, for X.509, path
 //! verification against only the anchors whose subject is on the device's possible path.
 //!
-//! Every write to an instance's enrollment groups, CA certificates, linked hubs, issuing CAs or
-//! credential policies also changes
+//! Every write to an instance's enrollment groups, CA certificates, linked hubs, issuing CAs,
+//! credential policies or revocations also changes
 //! its credentials version, in the same transaction ([`credentials_changed`]); a request reads
 //! the version and rebuilds the index when it differs, so no process (and no replica) uses
 //! stale credentials or hubs for longer than one read.
@@ -64,9 +65,10 @@ pub async fn at_version(
     let hubs = all_of::<LinkedHub>(state, instance, Kind::LinkedHub).await?;
     let issuing = all_of(state, instance, Kind::CertificateAuthority).await?;
     let policies = all_of(state, instance, Kind::CredentialPolicy).await?;
+    let revoked = all_of(state, instance, Kind::RevokedCertificate).await?;
     let fresh = Arc::new(
         Credentials::build(version, cas, groups, hubs, &state.certificates)
-            .with_issuance(issuing, policies),
+            .with_issuance(issuing, policies, revoked),
     );
     state.credentials.keep(instance, fresh.clone());
     Ok(fresh)

@@ -127,7 +127,7 @@ pub fn not_found(kind: Kind, key: &str) -> DomainError {
         Kind::Owner => ErrorCode::OwnerNotFound,
         Kind::OwnershipRecord => ErrorCode::OwnershipRecordNotFound,
         Kind::CaCertificate => ErrorCode::CertificateNotFound,
-        Kind::IssuedCertificate => ErrorCode::IssuedCertificateNotFound,
+        Kind::IssuedCertificate | Kind::RevokedCertificate => ErrorCode::IssuedCertificateNotFound,
         Kind::CertificateAuthority => ErrorCode::CertificateAuthorityNotFound,
         Kind::CredentialPolicy => ErrorCode::CredentialPolicyNotFound,
         // A missing challenge means the device has not proven anything yet.
@@ -150,6 +150,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::OwnershipRecord => "ownership record",
         Kind::CaCertificate => "CA certificate",
         Kind::IssuedCertificate => "issued certificate",
+        Kind::RevokedCertificate => "revoked certificate",
         Kind::CertificateAuthority => "issuing CA",
         Kind::CredentialPolicy => "credential policy",
         Kind::TpmChallenge => "TPM challenge",

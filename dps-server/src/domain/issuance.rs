@@ -17,12 +17,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use attestation::issuance::{IssuingCa, KeyType, MAX_CSR_BYTES, Profile, check_csr};
-use attestation::x509::parse_der;
 use base64::Engine;
 use dps_pkcs11::{Pkcs11Uri, PrivateKey, Signer};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{CertificateAuthority, CredentialPolicy, IssuedCertificate};
-use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use time::format_description::well_known::Rfc3339;
@@ -39,40 +37,53 @@ pub const MAX_VALIDITY_DAYS: u32 = 3650;
 /// Why a CA key cannot be opened: said to the admin who named it, or logged at start.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyRefError {
-    /// The reference itself is not usable (or not allowed on this server).
+    /// The reference itself is not usable, or not allowed on this server: the admin's to fix.
     #[error("{0}")]
     Refused(String),
-    /// The token or file failed.
+    /// The token or file failed (it may work again).
     #[error("{0}")]
     Failed(String),
 }
 
-/// What an instance's CA keys may name: PKCS#11 modules the server loads, and the directory
-/// key files must be in (set in `[issuance]`; the admin API must not make the server load any
-/// library or read any file).
+/// What an instance's CA keys may name, so that an instance's admin reaches only what the
+/// operator set aside for that instance: PKCS#11 modules from a list, token keys whose label
+/// starts with `<instance>:`, and key and PIN files inside `<key directory>/<instance>/`.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRules {
-    /// Modules a `pkcs11:` URI may name (`module-path`; none named means the first).
+    /// Modules a `pkcs11:` URI may name (`module-path`; none named means the first). Empty:
+    /// no token keys through the admin API.
     pub modules: Vec<PathBuf>,
-    /// The directory of key files; `None`: no key files through the admin API.
+    /// The directory of the instances' directories of key and PIN files; `None`: no files
+    /// through the admin API.
     pub key_directory: Option<PathBuf>,
 }
 
 impl KeyRules {
-    /// Checks an instance CA's `pkcs11:` URI: parsed, its module allowed (filled in when it
-    /// names none), its PIN by `pin-source` only (a PIN in the URI would be stored in the
-    /// database).
-    pub fn token_uri(&self, text: &str) -> Result<Pkcs11Uri, KeyRefError> {
-        let mut uri = Pkcs11Uri::parse(text).map_err(|e| KeyRefError::Refused(e.to_string()))?;
+    /// Checks instance `ns`'s `pkcs11:` URI: parsed, its module allowed (filled in when it
+    /// names none), its object label the instance's, its PIN only by a file of the instance's
+    /// (a PIN in the URI would be stored in the database).
+    pub fn token_uri(&self, ns: &str, text: &str) -> Result<Pkcs11Uri, KeyRefError> {
+        let refused = |m: String| KeyRefError::Refused(m);
+        let mut uri = Pkcs11Uri::parse(text).map_err(|e| refused(e.to_string()))?;
         if uri.has_pin_value() {
-            return Err(KeyRefError::Refused(
+            return Err(refused(
                 "the URI carries its PIN (pin-value); give it by pin-source, a file the server reads"
                     .into(),
             ));
         }
+        let prefix = format!("{ns}:");
+        if !uri
+            .object
+            .as_deref()
+            .is_some_and(|o| o.starts_with(&prefix))
+        {
+            return Err(refused(format!(
+                "the URI must name the key by a label (object=) that starts with '{prefix}': this instance's keys"
+            )));
+        }
         match &uri.module_path {
             Some(module) if !self.modules.iter().any(|m| m == module) => {
-                return Err(KeyRefError::Refused(format!(
+                return Err(refused(format!(
                     "module-path {} is not one of the modules the server allows (issuance.pkcs11_modules)",
                     module.display()
                 )));
@@ -80,43 +91,55 @@ impl KeyRules {
             Some(_) => {}
             None => {
                 uri.module_path = Some(self.modules.first().cloned().ok_or_else(|| {
-                    KeyRefError::Refused(
-                        "the server allows no PKCS#11 module (issuance.pkcs11_modules)".into(),
+                    refused(
+                        "the server allows no PKCS#11 module to the admin API (issuance.pkcs11_modules)"
+                            .into(),
                     )
                 })?);
             }
         }
+        if let Some(pin) = &uri.pin_source {
+            uri.pin_source = Some(self.instance_file(ns, pin, "the PIN file")?);
+        }
         Ok(uri)
     }
 
-    /// Checks an instance CA's key file: inside the key directory, after resolving links.
-    pub fn key_file(&self, path: &str) -> Result<PathBuf, KeyRefError> {
+    /// Checks instance `ns`'s key file: inside `<key directory>/<ns>/` (a relative path is
+    /// taken from there), after resolving links.
+    pub fn key_file(&self, ns: &str, path: &str) -> Result<PathBuf, KeyRefError> {
+        self.instance_file(ns, Path::new(path), "the key file")
+    }
+
+    /// A regular file inside `<key directory>/<ns>/`, links resolved.
+    fn instance_file(&self, ns: &str, path: &Path, what: &str) -> Result<PathBuf, KeyRefError> {
         let directory = self.key_directory.as_ref().ok_or_else(|| {
-            KeyRefError::Refused(
-                "this server takes no key files through the admin API (issuance.key_directory is not set); use a pkcs11Uri".into(),
-            )
+            KeyRefError::Refused(format!(
+                "this server takes no files through the admin API (issuance.key_directory is not set), so {what} cannot be used"
+            ))
         })?;
+        let directory = directory.join(ns);
         let outside = || {
             KeyRefError::Refused(format!(
-                "the key file must be a file inside {}",
+                "{what} must be a file inside {}",
                 directory.display()
             ))
         };
-        let directory = directory.canonicalize().map_err(|_| outside())?;
-        let file = Path::new(path).canonicalize().map_err(|_| outside())?;
-        if !file.starts_with(&directory) || !file.is_file() {
+        let canonical = directory.canonicalize().map_err(|_| outside())?;
+        let file = directory.join(path).canonicalize().map_err(|_| outside())?;
+        if !file.starts_with(&canonical) || !file.is_file() {
             return Err(outside());
         }
         Ok(file)
     }
 }
 
-/// Opens a token key, with one session per core (certificates are signed on the request
-/// threads); warns when the token does not keep it to itself.
-fn open_token_key(name: &str, uri: &Pkcs11Uri) -> Result<Signer, KeyRefError> {
-    let sessions = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let key = PrivateKey::open(uri, None, sessions)
-        .map_err(|e| KeyRefError::Failed(format!("opening the token key: {e}")))?;
+/// Opens a token key with `sessions` sessions; warns when the token does not keep it to
+/// itself.
+fn open_token_key(name: &str, uri: &Pkcs11Uri, sessions: usize) -> Result<Signer, KeyRefError> {
+    let key = PrivateKey::open(uri, None, sessions).map_err(|e| match e {
+        dps_pkcs11::Pkcs11Error::Uri(m) => KeyRefError::Refused(m),
+        other => KeyRefError::Failed(format!("opening the token key: {other}")),
+    })?;
     if !key.is_protected().unwrap_or(false) {
         tracing::warn!(
             ca = name,
@@ -126,39 +149,36 @@ fn open_token_key(name: &str, uri: &Pkcs11Uri) -> Result<Signer, KeyRefError> {
     Ok(Signer::Token(key))
 }
 
-/// Reads a PKCS#8 PEM key file.
-fn open_key_file(path: &Path) -> Result<Signer, KeyRefError> {
-    let pem = std::fs::read_to_string(path)
-        .map_err(|e| KeyRefError::Failed(format!("reading {}: {e}", path.display())))?;
-    // The key's text is never part of an error message.
-    let key = KeyPair::from_pem(&pem).map_err(|_| {
-        KeyRefError::Failed(format!(
-            "{} is not a PKCS#8 PEM private key of ECDSA P-256/P-384 or RSA",
-            path.display()
-        ))
-    })?;
-    Ok(Signer::Memory(Box::new(key)))
+/// Sessions of a CA key that signs certificates: one per core (they are signed on blocking
+/// threads, as many at once as there are cores).
+fn signing_sessions() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 /// Opens the key a configured CA's `key` names: a `pkcs11:` URI, else a PEM file's path.
 fn open_configured_key(name: &str, key: &str) -> anyhow::Result<Signer> {
     if key.starts_with("pkcs11:") {
         let uri = Pkcs11Uri::parse(key).with_context(|| format!("issuance CA '{name}'"))?;
-        return open_token_key(name, &uri).with_context(|| format!("issuance CA '{name}'"));
+        return open_token_key(name, &uri, signing_sessions())
+            .with_context(|| format!("issuance CA '{name}'"));
     }
     let path = key.strip_prefix("file:").unwrap_or(key);
-    open_key_file(Path::new(path)).with_context(|| format!("issuance CA '{name}'"))
+    Signer::from_pem_file(Path::new(path)).map_err(|e| anyhow::anyhow!("issuance CA '{name}': {e}"))
 }
 
-/// Opens an instance CA's key under `rules`.
+/// Opens instance `ns`'s CA key under `rules`, with `sessions` sessions for a token key.
 pub fn open_instance_key(
+    ns: &str,
     name: &str,
     key: &dps_protocol::admin::CaKey,
     rules: &KeyRules,
+    sessions: usize,
 ) -> Result<Signer, KeyRefError> {
     match (&key.pkcs11_uri, &key.file) {
-        (Some(uri), None) => open_token_key(name, &rules.token_uri(uri)?),
-        (None, Some(file)) => open_key_file(&rules.key_file(file)?),
+        (Some(uri), None) => open_token_key(name, &rules.token_uri(ns, uri)?, sessions),
+        (None, Some(file)) => {
+            Signer::from_pem_file(&rules.key_file(ns, file)?).map_err(KeyRefError::Refused)
+        }
         _ => Err(KeyRefError::Refused(
             "key: give exactly one of pkcs11Uri and file".into(),
         )),
@@ -204,13 +224,10 @@ struct Policy {
 /// An instance's CA as last opened: kept while its document is the same.
 type OpenedCa = (CertificateAuthority, Arc<IssuingCa<Signer>>);
 
-/// The configured credential policies by name, and the instances' CAs opened so far.
+/// The configured credential policies by lower-case name, and the instances' CAs opened so far.
 #[derive(Debug, Default)]
 pub struct Issuance {
     policies: HashMap<String, Policy>,
-    /// The configured CAs' subject names: a certificate whose issuer is one of them may be
-    /// one this server issued (and revoked).
-    ca_subjects: Vec<String>,
     /// What an instance's CA keys may name.
     pub rules: KeyRules,
     opened: Mutex<HashMap<(String, String), OpenedCa>>,
@@ -227,7 +244,9 @@ pub struct Issued {
     pub expires_at: i64,
 }
 
-/// Why no certificate was issued: the registration fails with this code and message.
+/// Why no certificate was issued: the registration fails with this code and message, or,
+/// with [`ErrorCode::ServiceUnavailable`] (a CA that cannot sign now: the server's fault, not
+/// the device's), the request is answered 503 for the device to retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotIssued(pub ErrorCode, pub String);
 
@@ -235,12 +254,15 @@ fn not_issued(message: String) -> NotIssued {
     NotIssued(ErrorCode::CertificateNotIssued, message)
 }
 
+fn cannot_sign_now(message: String) -> NotIssued {
+    NotIssued(ErrorCode::ServiceUnavailable, message)
+}
+
 impl Issuance {
     /// Reads every CA's chain and key and checks that the key signs for the chain's first
     /// certificate; checks every policy's CA, validity and key types.
     pub fn load(config: &IssuanceConfig) -> anyhow::Result<Self> {
         let mut cas = HashMap::new();
-        let mut ca_subjects = Vec::new();
         for (name, ca) in &config.certificate_authorities {
             let chain = CertificateDer::pem_file_iter(&ca.certificate_chain)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -256,9 +278,6 @@ impl Issuance {
             let key = open_configured_key(name, &ca.key)?;
             let issuing =
                 IssuingCa::new(chain, key).with_context(|| format!("issuance CA '{name}'"))?;
-            if let Some(own) = issuing.chain().first().and_then(|der| parse_der(der).ok()) {
-                ca_subjects.push(own.facts.subject_name.clone());
-            }
             cas.insert(name.clone(), Arc::new(issuing));
         }
         let mut policies = HashMap::new();
@@ -278,8 +297,12 @@ impl Issuance {
             );
             let key_types = key_types(&policy.key_types)
                 .map_err(|e| anyhow::anyhow!("credential policy '{name}': {e}"))?;
+            anyhow::ensure!(
+                !policies.contains_key(&name.to_ascii_lowercase()),
+                "credential policy '{name}': another policy has this name in another case (names are compared ignoring case)"
+            );
             policies.insert(
-                name.clone(),
+                name.to_ascii_lowercase(),
                 Policy {
                     ca_name: policy.certificate_authority.clone(),
                     ca: ca.clone(),
@@ -293,7 +316,6 @@ impl Issuance {
         }
         Ok(Self {
             policies,
-            ca_subjects,
             rules: KeyRules {
                 modules: config.pkcs11_modules.clone(),
                 key_directory: config.key_directory.clone(),
@@ -304,13 +326,7 @@ impl Issuance {
 
     /// Whether a policy of this name is configured (an instance cannot have its own of it).
     pub fn is_configured(&self, policy: &str) -> bool {
-        self.policies.contains_key(policy)
-    }
-
-    /// Whether a certificate naming `issuer` may have been issued by one of the configured
-    /// CAs (an instance's CAs are in its credentials).
-    pub fn may_have_issued(&self, issuer: &str) -> bool {
-        self.ca_subjects.iter().any(|s| s == issuer)
+        self.policies.contains_key(&policy.to_ascii_lowercase())
     }
 
     /// The instance's policy `name` (from `credentials`), with its CA opened.
@@ -360,7 +376,7 @@ impl Issuance {
         }
         let unusable = |why: String| {
             tracing::error!(ca = %ca.name, error = %why, "an issuing CA cannot be used");
-            not_issued(format!(
+            cannot_sign_now(format!(
                 "issuing CA '{}' cannot sign now; the server log says why",
                 ca.name
             ))
@@ -372,7 +388,7 @@ impl Issuance {
             )));
         };
         let chain = chain_of(chain).map_err(unusable)?;
-        let key = open_instance_key(&ca.name, &ca.key, &self.rules)
+        let key = open_instance_key(ns, &ca.name, &ca.key, &self.rules, signing_sessions())
             .map_err(|e| unusable(e.to_string()))?;
         let issuing = Arc::new(IssuingCa::new(chain, key).map_err(|e| unusable(e.to_string()))?);
         if let Ok(mut opened) = self.opened.lock() {
@@ -398,7 +414,7 @@ impl Issuance {
             )
         })?;
         let instance_policy;
-        let policy = match self.policies.get(name) {
+        let policy = match self.policies.get(&name.to_ascii_lowercase()) {
             Some(configured) => configured,
             None => {
                 instance_policy = self.instance_policy(ns, credentials, name)?;
@@ -429,7 +445,7 @@ impl Issuance {
             )
             .map_err(|e| {
                 tracing::error!(error = %e, "the issuing CA could not sign a certificate");
-                not_issued("the issuing CA could not sign the certificate".into())
+                cannot_sign_now("the issuing CA could not sign the certificate".into())
             })?;
         tracing::info!(
             registration_id,

@@ -10,10 +10,11 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{DomainError, load, to_doc};
+use crate::domain::credentials;
 use crate::domain::issuance::Issued;
 use crate::domain::validate::normal_serial;
 use crate::state::AppState;
-use crate::store::{Columns, Kind, Page, Precondition, Stored, Write};
+use crate::store::{Columns, Kind, Page, Precondition, StoreError, Stored, Write};
 use crate::trust::Credentials;
 
 /// The longest revocation reason kept.
@@ -97,8 +98,10 @@ pub async fn read(
 }
 
 /// Revokes the certificate of serial number `serial`: from the commit on, it admits its
-/// device no more. Revoking a revoked certificate changes nothing (the first time and reason
-/// stay).
+/// device no more, on every replica (the revocation is written with a change of the
+/// instance's credentials version, and the credentials index holds the revoked
+/// certificates). Revoking a revoked certificate changes nothing (the first time and reason
+/// stay), also when two revocations race.
 pub async fn revoke(
     state: &AppState,
     ns: &str,
@@ -128,9 +131,9 @@ pub async fn revoke(
     let expires_at = time::OffsetDateTime::parse(&record.not_after, &Rfc3339)
         .map(|t| t.unix_timestamp())
         .map_err(|e| DomainError::internal("reading a stored notAfter", &e))?;
-    let written = state
-        .store
-        .write(&[Write::Put {
+    let doc = to_doc(&record)?;
+    let writes = [
+        Write::Put {
             ns: ns.to_owned(),
             kind: Kind::IssuedCertificate,
             key: key.clone(),
@@ -138,11 +141,37 @@ pub async fn revoke(
                 registration: record.registration_id.to_ascii_lowercase(),
                 expires_at,
             },
-            doc: to_doc(&record)?,
+            doc: doc.clone(),
             precondition: Precondition::IfMatch(stored.etag.clone()),
             etag: None,
-        }])
-        .await?;
+        },
+        Write::Put {
+            ns: ns.to_owned(),
+            kind: Kind::RevokedCertificate,
+            key: key.clone(),
+            columns: Columns::Expires { at: expires_at },
+            doc,
+            precondition: Precondition::Always,
+            etag: None,
+        },
+        credentials::credentials_changed(ns),
+    ];
+    let written = match state.store.write(&writes).await {
+        Ok(written) => written,
+        // Another revocation committed first: its answer is this one's.
+        Err(StoreError::EtagMismatch { .. }) => {
+            let now = load(state.store.as_ref(), ns, Kind::IssuedCertificate, &key).await?;
+            let current: IssuedCertificate = now.doc_json()?;
+            if current.revoked_date_time_utc.is_some() {
+                return render(&now);
+            }
+            return Err(DomainError::new(
+                ErrorCode::PreconditionFailed,
+                "the record changed meanwhile; revoke again",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
     tracing::info!(
         serial = %record.serial_number,
         registration_id = %record.registration_id,
@@ -157,30 +186,13 @@ pub async fn revoke(
     }
 }
 
-/// Refuses a device certificate this server issued and an admin revoked. Only certificates
-/// whose issuer is one of the issuing CAs (configured, or the instance's in `credentials`) are
-/// looked up.
-pub async fn refuse_revoked(
-    state: &AppState,
-    ns: &str,
+/// Refuses a device certificate this server issued and an admin revoked (whatever has become
+/// of its CA since).
+pub fn refuse_revoked(
     credentials: &Credentials,
     leaf: &CertificateFacts,
 ) -> Result<(), DomainError> {
-    if !state.issuance.may_have_issued(&leaf.issuer_name)
-        && !credentials.is_issuing_subject(&leaf.issuer_name)
-    {
-        return Ok(());
-    }
-    let Some(key) = normal_serial(&leaf.serial_number).map(|s| s.to_ascii_lowercase()) else {
-        return Ok(());
-    };
-    let Some(stored) = state.store.get(ns, Kind::IssuedCertificate, &key).await? else {
-        return Ok(());
-    };
-    let record: IssuedCertificate = stored.doc_json()?;
-    // The serial could be another CA's of the same name: the thumbprint says.
-    if record.sha256_thumbprint == leaf.sha256_thumbprint && record.revoked_date_time_utc.is_some()
-    {
+    if credentials.is_revoked(&leaf.sha256_thumbprint) {
         return Err(DomainError::unauthorized(
             "the device certificate was revoked",
         ));

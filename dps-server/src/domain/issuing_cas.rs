@@ -11,7 +11,7 @@
 use attestation::issuance::{IssuingCa, KeyType, certificate_request};
 use attestation::x509::parse_der;
 use base64::Engine;
-use dps_pkcs11::{KeyKind, Pkcs11Error, PrivateKey, Signer};
+use dps_pkcs11::{KeyKind, Pkcs11Error, Pkcs11Uri, PrivateKey, Signer};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{CertificateAuthority, CredentialPolicy};
 use dps_protocol::ids::{check_host_name, check_name, check_resource_name};
@@ -24,7 +24,7 @@ use super::resources::{self, Resource, render};
 use super::validate::{field_error, info_of};
 use super::{DomainError, load};
 use crate::state::AppState;
-use crate::store::{Kind, Page, Precondition};
+use crate::store::{Kind, Page, Precondition, StoreError};
 
 /// A CA that can sign.
 const ACTIVE: &str = "active";
@@ -117,82 +117,113 @@ fn key_error(error: KeyRefError) -> DomainError {
     field_error("key", error.to_string())
 }
 
-/// Checks `ca` and opens (or generates) its key where it lives; returns the document to
-/// store: active with its certificate's facts, or pending with a signing request.
+/// Deletes a key generated for a CA that was then not stored, so that a retry finds the
+/// name free.
+fn discard(name: &str, uri: &Pkcs11Uri) {
+    let deleted = PrivateKey::open(uri, None, 1).and_then(|key| key.destroy(uri, None));
+    if let Err(e) = deleted {
+        tracing::warn!(ca = name, error = %e, "a key generated for an issuing CA that was not stored could not be deleted");
+    }
+}
+
+/// A pending CA: its key's signing request, for the operator's CA to sign.
+fn pending(
+    mut ca: CertificateAuthority,
+    key: &Signer,
+) -> Result<CertificateAuthority, DomainError> {
+    let request = certificate_request(key, &ca.name)
+        .map_err(|e| field_error("key", format!("signing the request: {e}")))?;
+    ca.certificate_chain = None;
+    ca.status = Some(PENDING.into());
+    ca.certificate_signing_request =
+        Some(base64::engine::general_purpose::STANDARD.encode(request));
+    Ok(ca)
+}
+
+/// Checks instance `ns`'s CA `ca` and opens (or generates) its key where it lives; returns
+/// the document to store, active with its certificate's facts or pending with a signing
+/// request (no chain given), and the URI of a key it generated.
 fn complete(
+    ns: &str,
     mut ca: CertificateAuthority,
     rules: &KeyRules,
-) -> Result<CertificateAuthority, DomainError> {
+) -> Result<(CertificateAuthority, Option<Pkcs11Uri>), DomainError> {
     ca.info = None;
     ca.status = None;
     ca.certificate_signing_request = None;
     let self_signed = ca.self_signed.unwrap_or(false);
-    let signer = match ca.generate_key.clone() {
-        Some(kind) => {
-            let kind = KeyType::parse(&kind).ok_or_else(|| {
-                field_error("generateKey", "one of ecP256, ecP384, rsa2048, rsa3072")
-            })?;
-            let (Some(uri), None) = (&ca.key.pkcs11_uri, &ca.key.file) else {
-                return Err(field_error(
-                    "generateKey",
-                    "a key is generated inside a token: give key.pkcs11Uri alone",
-                ));
-            };
-            if ca.certificate_chain.is_some() {
-                return Err(field_error(
-                    "certificateChain",
-                    "a chain cannot certify a key not yet generated: generate it, then PUT the chain",
-                ));
-            }
-            let uri = rules.token_uri(uri).map_err(key_error)?;
-            let kind = match kind {
-                KeyType::EcP256 => KeyKind::EcP256,
-                KeyType::EcP384 => KeyKind::EcP384,
-                KeyType::Rsa2048 => KeyKind::Rsa(2048),
-                KeyType::Rsa3072 => KeyKind::Rsa(3072),
-            };
-            let key = PrivateKey::generate(&uri, None, kind, 1).map_err(|e| match e {
-                Pkcs11Error::Token(message) if message.contains("already holds") => {
-                    DomainError::new(
-                        ErrorCode::Conflict,
-                        "the token already holds a key the URI names: PUT without generateKey to use it",
-                    )
-                }
-                other => field_error("key", other.to_string()),
-            })?;
-            tracing::info!(ca = %ca.name, "issuing CA key generated in its token");
-            let signer = Signer::Token(key);
-            if !self_signed {
-                let request = certificate_request(&signer, &ca.name)
-                    .map_err(|e| field_error("key", format!("signing the request: {e}")))?;
-                ca.status = Some(PENDING.into());
-                ca.certificate_signing_request =
-                    Some(base64::engine::general_purpose::STANDARD.encode(request));
-                return Ok(ca);
-            }
-            ca.certificate_chain = Some(self_signed_certificate(&ca.name, &signer)?);
-            signer
+    let Some(kind) = ca.generate_key.clone() else {
+        if self_signed {
+            return Err(field_error(
+                "selfSigned",
+                "only with generateKey (an existing key comes with its chain)",
+            ));
         }
-        None => {
-            if self_signed {
-                return Err(field_error(
-                    "selfSigned",
-                    "only with generateKey (an existing key comes with its chain)",
-                ));
-            }
-            if ca.certificate_chain.is_none() {
-                return Err(field_error(
-                    "certificateChain",
-                    "give the CA's certificate chain (PEM, its own certificate first), or generateKey",
-                ));
-            }
-            open_instance_key(&ca.name, &ca.key, rules).map_err(key_error)?
-        }
+        let key = open_instance_key(ns, &ca.name, &ca.key, rules, 1).map_err(key_error)?;
+        let ca = match ca.certificate_chain.is_some() {
+            true => activate(ca, key)?,
+            false => pending(ca, &key)?,
+        };
+        return Ok((ca, None));
     };
+    let kind = KeyType::parse(&kind)
+        .ok_or_else(|| field_error("generateKey", "one of ecP256, ecP384, rsa2048, rsa3072"))?;
+    let (Some(uri), None) = (&ca.key.pkcs11_uri, &ca.key.file) else {
+        return Err(field_error(
+            "generateKey",
+            "a key is generated inside a token: give key.pkcs11Uri alone",
+        ));
+    };
+    if ca.certificate_chain.is_some() {
+        return Err(field_error(
+            "certificateChain",
+            "a chain cannot certify a key not yet generated: generate it, then PUT the chain",
+        ));
+    }
+    let uri = rules.token_uri(ns, uri).map_err(key_error)?;
+    let name = ca.name.clone();
+    let kind = match kind {
+        KeyType::EcP256 => KeyKind::EcP256,
+        KeyType::EcP384 => KeyKind::EcP384,
+        KeyType::Rsa2048 => KeyKind::Rsa(2048),
+        KeyType::Rsa3072 => KeyKind::Rsa(3072),
+    };
+    let key = PrivateKey::generate(&uri, None, kind, 1).map_err(|e| match e {
+        Pkcs11Error::Exists(_) => DomainError::new(
+            ErrorCode::Conflict,
+            "the token already holds an object of the URI's label or id: PUT without generateKey to use its key",
+        ),
+        other => field_error("key", other.to_string()),
+    })?;
+    tracing::info!(ca = %ca.name, "issuing CA key generated in its token");
+    let key = Signer::Token(key);
+    let completed = if self_signed {
+        self_signed_certificate(&ca.name, &key).and_then(|chain| {
+            ca.certificate_chain = Some(chain);
+            activate(ca, key)
+        })
+    } else {
+        pending(ca, &key)
+    };
+    match completed {
+        Ok(ca) => Ok((ca, Some(uri))),
+        Err(e) => {
+            discard(&name, &uri);
+            Err(e)
+        }
+    }
+}
+
+/// An active CA: its chain checked, and its key shown to sign for the chain's first
+/// certificate.
+fn activate(
+    mut ca: CertificateAuthority,
+    key: Signer,
+) -> Result<CertificateAuthority, DomainError> {
     let chain = chain_of(ca.certificate_chain.as_deref().unwrap_or_default())
         .map_err(|e| field_error("certificateChain", e))?;
     let own = parse_der(&chain[0]).map_err(|e| field_error("certificateChain", e.to_string()))?;
-    IssuingCa::new(chain, signer).map_err(|e| field_error("certificateChain", e.to_string()))?;
+    IssuingCa::new(chain, key).map_err(|e| field_error("certificateChain", e.to_string()))?;
     ca.info = Some(info_of(own.facts));
     ca.status = Some(ACTIVE.into());
     Ok(ca)
@@ -223,14 +254,44 @@ pub async fn put_certificate_authority(
     ca: CertificateAuthority,
     precondition: Precondition,
 ) -> Result<CertificateAuthority, DomainError> {
-    CertificateAuthority::key_of(&ca.name)?;
+    let key = CertificateAuthority::key_of(&ca.name)?;
+    // The etag is checked before a key is generated for nothing (the write checks it again).
+    let existing = state
+        .store
+        .get(ns, Kind::CertificateAuthority, &key)
+        .await?;
+    let stale = match (&precondition, &existing) {
+        (Precondition::MustNotExist, Some(_)) => Some(StoreError::Exists {
+            kind: Kind::CertificateAuthority,
+            key: key.clone(),
+        }),
+        (Precondition::IfMatch(tag), found) if found.as_ref().is_none_or(|f| &f.etag != tag) => {
+            Some(StoreError::EtagMismatch {
+                kind: Kind::CertificateAuthority,
+                key: key.clone(),
+            })
+        }
+        _ => None,
+    };
+    if let Some(stale) = stale {
+        return Err(stale.into());
+    }
     let rules = state.issuance.rules.clone();
+    let owner = ns.to_owned();
     // Tokens and files block: off the request threads.
-    let ca = tokio::task::spawn_blocking(move || complete(ca, &rules))
+    let (ca, generated) = tokio::task::spawn_blocking(move || complete(&owner, ca, &rules))
         .await
         .map_err(|e| DomainError::internal("checking an issuing CA", &e))??;
-    let (stored, _) = resources::store_resource(state, ns, ca, precondition).await?;
-    render(&stored, true)
+    let name = ca.name.clone();
+    match resources::store_resource(state, ns, ca, precondition).await {
+        Ok((stored, _)) => render(&stored, true),
+        Err(e) => {
+            if let Some(uri) = generated {
+                tokio::task::spawn_blocking(move || discard(&name, &uri));
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Deletes issuing CA `name`; refused while a credential policy names it. The key stays where

@@ -48,6 +48,9 @@ pub enum Kind {
     TpmChallenge,
     /// An operational certificate the service issued (keyed by lower-case hex serial).
     IssuedCertificate,
+    /// A revoked issued certificate (keyed by lower-case hex serial; its document is the
+    /// issued certificate's record).
+    RevokedCertificate,
     /// An issuing CA (keyed by lower-case name).
     CertificateAuthority,
     /// A credential policy (keyed by lower-case name).
@@ -74,6 +77,7 @@ impl Kind {
             Kind::CaCertificate => "ca-certificate",
             Kind::TpmChallenge => "tpm-challenge",
             Kind::IssuedCertificate => "issued-certificate",
+            Kind::RevokedCertificate => "revoked-certificate",
             Kind::CertificateAuthority => "certificate-authority",
             Kind::CredentialPolicy => "credential-policy",
             Kind::CredentialsVersion => "credentials-version",
@@ -160,7 +164,7 @@ pub enum Columns {
         /// Unix seconds: the certificate's notAfter.
         expires_at: i64,
     },
-    /// TPM challenges: when the sweeper may delete them.
+    /// TPM challenges and revoked certificates: when the sweeper may delete them.
     Expires {
         /// Unix seconds.
         at: i64,

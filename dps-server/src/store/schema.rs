@@ -259,6 +259,10 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
             ),
         ),
         (
+            Kind::RevokedCertificate,
+            table("revoked_certificates", true, &["expires_at"], None, None),
+        ),
+        (
             Kind::CertificateAuthority,
             table("certificate_authorities", true, &[], None, None),
         ),

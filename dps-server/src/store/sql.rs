@@ -685,6 +685,7 @@ impl Store for SqlStore {
             "DELETE FROM operations WHERE expires_at < $1",
             "DELETE FROM tpm_challenges WHERE expires_at < $1",
             "DELETE FROM issued_certificates WHERE expires_at < $1",
+            "DELETE FROM revoked_certificates WHERE expires_at < $1",
         ] {
             swept += on_pool!(&self.pool, p => sqlx::query(sql)
                 .bind(now)

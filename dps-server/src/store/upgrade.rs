@@ -188,6 +188,7 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
         // Newer than the documents table.
         Kind::CredentialsVersion
         | Kind::IssuedCertificate
+        | Kind::RevokedCertificate
         | Kind::CertificateAuthority
         | Kind::CredentialPolicy => return None,
     })

@@ -85,7 +85,7 @@ pub(super) async fn authenticate(
     let leaf = check_leaf(chain, id.as_str(), now).map_err(rejected)?;
     let credentials =
         credentials::at_version(state, instance, reads.credentials_version.clone()).await?;
-    issued_certificates::refuse_revoked(state, instance, &credentials, &leaf.facts).await?;
+    issued_certificates::refuse_revoked(&credentials, &leaf.facts)?;
 
     // An individually enrolled id is admitted by its own certificate only, never by a group's
     // (security review item 2).

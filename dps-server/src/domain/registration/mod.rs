@@ -123,13 +123,26 @@ pub async fn start(
         };
         let configured =
             credentials::at_version(state, ns, reads.credentials_version.clone()).await?;
-        match state
-            .issuance
-            .issue(ns, &configured, policy, id.as_str(), csr)
-        {
+        // A token signs on a blocking thread (an HSM may take milliseconds, or longer to open).
+        let (issuance, ns_owned, device, policy, csr) = (
+            state.issuance.clone(),
+            ns.to_owned(),
+            id.as_str().to_owned(),
+            policy.map(str::to_owned),
+            csr.clone(),
+        );
+        let outcome = tokio::task::spawn_blocking(move || {
+            issuance.issue(&ns_owned, &configured, policy.as_deref(), &device, &csr)
+        })
+        .await
+        .map_err(|e| DomainError::internal("issuing a certificate", &e))?;
+        match outcome {
             Ok(certificate) => {
                 record.issued_certificate_chain = Some(certificate.chain.clone());
                 issued = Some(issued_certificates::record(ns, &certificate)?);
+            }
+            Err(NotIssued(ErrorCode::ServiceUnavailable, message)) => {
+                return Err(DomainError::new(ErrorCode::ServiceUnavailable, message));
             }
             Err(NotIssued(code, message)) => {
                 record.status = OperationStatus::Failed;
