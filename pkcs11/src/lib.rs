@@ -839,6 +839,25 @@ fn public_key(
 mod tests {
     use super::*;
 
+    /// A PIN file is read only when it is a small regular file: a directory, a device or a
+    /// huge file (which would hang or exhaust the server) is refused.
+    #[test]
+    fn pin_files_are_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "1234\n").unwrap();
+        assert_eq!(read_pin(&pin).unwrap(), "1234");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'1'; 4096]).unwrap();
+        for refused in [big.as_path(), dir.path(), Path::new("/dev/zero")] {
+            assert!(
+                matches!(read_pin(refused), Err(Pkcs11Error::Pin(_))),
+                "{}",
+                refused.display()
+            );
+        }
+    }
+
     #[test]
     fn uris_parse_and_bad_ones_are_refused() {
         let uri = Pkcs11Uri::parse(
