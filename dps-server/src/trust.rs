@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use attestation::SymmetricKey;
 use attestation::chain::MAX_CHAIN_CERTIFICATES;
 use attestation::x509::{ParsedCache, ParsedCertificate, parse_der};
-use dps_protocol::admin::{
-    CaCertificate, CertificateAuthority, CredentialPolicy, IssuedCertificate, LinkedHub,
-};
+use dps_protocol::admin::{CaCertificate, CertificateAuthority, CredentialPolicy, LinkedHub};
 use dps_protocol::enrollment::{AttestationMechanism, AttestationType, EnrollmentGroup};
 
 use crate::config::TpmConfig;
@@ -88,19 +86,22 @@ pub struct Credentials {
     /// The instance's issuing CAs and credential policies by lower-case name.
     certificate_authorities: HashMap<String, CertificateAuthority>,
     credential_policies: HashMap<String, CredentialPolicy>,
-    /// SHA-256 thumbprints of the instance's revoked issued certificates.
+    /// Serial numbers (lower-case hex, no leading zeros) of the instance's revoked issued
+    /// certificates: the serial is under the CA's signature, where a thumbprint is not (an
+    /// ECDSA signature has a second valid form, which changes the certificate's hash).
     revoked: std::collections::HashSet<String>,
 }
 
 impl Credentials {
-    /// Adds the instance's issuing CAs, credential policies and revoked certificates.
+    /// Adds the instance's issuing CAs, credential policies and the serial numbers of its
+    /// revoked certificates (normalised, lower case).
     pub fn with_issuance(
         mut self,
         cas: Vec<CertificateAuthority>,
         policies: Vec<CredentialPolicy>,
-        revoked: Vec<IssuedCertificate>,
+        revoked: std::collections::HashSet<String>,
     ) -> Self {
-        self.revoked = revoked.into_iter().map(|r| r.sha256_thumbprint).collect();
+        self.revoked = revoked;
         self.certificate_authorities = cas
             .into_iter()
             .map(|ca| (ca.name.to_ascii_lowercase(), ca))
@@ -122,9 +123,10 @@ impl Credentials {
         self.credential_policies.get(&name.to_ascii_lowercase())
     }
 
-    /// Whether the certificate of this SHA-256 thumbprint was issued here and revoked.
-    pub fn is_revoked(&self, sha256_thumbprint: &str) -> bool {
-        self.revoked.contains(sha256_thumbprint)
+    /// Whether the certificate of this serial number (normalised, lower case) was issued here
+    /// and revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.contains(serial)
     }
     /// The linked hub `host` (ignoring case).
     pub fn linked_hub(&self, host: &str) -> Option<&LinkedHub> {

@@ -72,6 +72,62 @@ async fn records(t: &TestServer, path: &str) -> Vec<Value> {
     listed.as_array().unwrap().clone()
 }
 
+/// A certificate as DER sees it: the signed part, the algorithm, the signature.
+#[derive(der::Sequence)]
+struct RawCertificate<'a> {
+    tbs: der::asn1::AnyRef<'a>,
+    algorithm: der::asn1::AnyRef<'a>,
+    signature: der::asn1::BitStringRef<'a>,
+}
+
+#[derive(der::Sequence)]
+struct EcdsaSignature<'a> {
+    r: der::asn1::UintRef<'a>,
+    s: der::asn1::UintRef<'a>,
+}
+
+/// The same P-384-signed certificate with its signature's other valid form (s replaced by
+/// n - s): the signed part and the key are the same, the DER (and its thumbprint) is not.
+fn with_other_signature(certificate: &[u8]) -> Vec<u8> {
+    use der::{Decode, Encode};
+    const N: [u8; 48] = [
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xC7, 0x63, 0x4D, 0x81, 0xF4, 0x37,
+        0x2D, 0xDF, 0x58, 0x1A, 0x0D, 0xB2, 0x48, 0xB0, 0xA7, 0x7A, 0xEC, 0xEC, 0x19, 0x6A, 0xCC,
+        0xC5, 0x29, 0x73,
+    ];
+    let raw = RawCertificate::from_der(certificate).unwrap();
+    let signature = EcdsaSignature::from_der(raw.signature.raw_bytes()).unwrap();
+    let s = signature.s.as_bytes();
+    let mut padded = [0u8; 48];
+    padded[48 - s.len()..].copy_from_slice(s);
+    let mut other = [0u8; 48];
+    let mut borrow = 0i16;
+    for i in (0..48).rev() {
+        let mut digit = i16::from(N[i]) - i16::from(padded[i]) - borrow;
+        borrow = i16::from(digit < 0);
+        if digit < 0 {
+            digit += 256;
+        }
+        other[i] = u8::try_from(digit).unwrap();
+    }
+    let resigned = EcdsaSignature {
+        r: signature.r,
+        s: der::asn1::UintRef::new(&other).unwrap(),
+    }
+    .to_der()
+    .unwrap();
+    let copy = RawCertificate {
+        tbs: raw.tbs,
+        algorithm: raw.algorithm,
+        signature: der::asn1::BitStringRef::from_bytes(&resigned).unwrap(),
+    }
+    .to_der()
+    .unwrap();
+    assert_ne!(copy, certificate);
+    copy
+}
+
 /// The leaf of a final answer's issued chain, DER.
 fn issued_leaf(done: &Value) -> Vec<u8> {
     let leaf = done["registrationState"]["issuedCertificateChain"][0]
@@ -447,8 +503,23 @@ async fn a_revoked_certificate_no_longer_admits_its_device(backend: Backend) {
         "{body}"
     );
     assert_eq!(registration_state(&t, id).await.unwrap(), before);
-    // The device's other certificate still admits it.
+    // Nor does the same certificate with its signature re-encoded (still valid, another
+    // thumbprint): revocation goes by what the CA signed.
+    let (status, body) = register_over(&t, &with(&with_other_signature(&first)), id).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("revoked"),
+        "{body}"
+    );
+    assert_eq!(registration_state(&t, id).await.unwrap(), before);
+    // The device's other certificate still admits it, and so does its re-encoded copy: the
+    // copy is a valid certificate, refused above only for its revocation.
     let (_, admitted) = register_over(&t, &with(&second), id).await;
+    assert_eq!(admitted["status"], "assigned", "{admitted}");
+    let (_, admitted) = register_over(&t, &with(&with_other_signature(&second)), id).await;
     assert_eq!(admitted["status"], "assigned", "{admitted}");
 }
 
@@ -585,24 +656,28 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         ),
         (
             ca_body(
-                json!({ "pkcs11Uri": "pkcs11:token=t;object=default:k?module-path=/tmp/evil.so" }),
+                json!({ "pkcs11Uri": "pkcs11:token=default;object=k?module-path=/tmp/evil.so" }),
             ),
             "not one of the modules",
         ),
         (
-            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=default:k" })),
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=default;object=k" })),
             "allows no PKCS#11 module",
         ),
         (
-            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=other:k" })),
-            "starts with 'default:'",
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=other;object=k" })),
+            "a token of this instance",
         ),
         (
-            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;id=%01" })),
-            "starts with 'default:'",
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=defaultish;object=k" })),
+            "a token of this instance",
         ),
         (
-            ca_body(json!({ "pkcs11Uri": "pkcs11:token=t;object=default:k?pin-value=1234" })),
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=other:default;object=k" })),
+            "a token of this instance",
+        ),
+        (
+            ca_body(json!({ "pkcs11Uri": "pkcs11:token=default;object=k?pin-value=1234" })),
             "pin-source",
         ),
         (
@@ -611,6 +686,11 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         ),
         (
             json!({ "name": "ops", "certificateChain": ca_pem, "key": { "file": ca_files.key.replace("ca-key", "nope") } }),
+            "does not exist",
+        ),
+        // Whether a file exists elsewhere is not said.
+        (
+            ca_body(json!({ "file": "/nonexistent/ca-key.pem" })),
             "must be a file inside",
         ),
         (

@@ -19,6 +19,8 @@ use softhsm_tests::{ServerProcess, SoftHsm, TokenPublicKey, device_binary, free_
 
 const CA_TOKEN: &str = "issuing-cas";
 const DEVICE_TOKEN: &str = "device-keys";
+/// The default instance's own token: its issuing CAs may use no other.
+const INSTANCE_TOKEN: &str = "default";
 /// Distinctive, so that the test can look for it in the server's log.
 const PIN: &str = "pin-73951";
 
@@ -127,6 +129,7 @@ fn fixture() -> Fixture {
     let hsm = SoftHsm::new().unwrap();
     hsm.init_token(CA_TOKEN, PIN).unwrap();
     hsm.init_token(DEVICE_TOKEN, PIN).unwrap();
+    hsm.init_token(INSTANCE_TOKEN, PIN).unwrap();
     let pin_file = hsm.pin_file(PIN).unwrap();
 
     let root_key = KeyPair::generate().unwrap();
@@ -374,9 +377,8 @@ fn ca_keys_in_softhsm_issue_certificates_that_then_register_the_devices() {
 #[test]
 fn issuing_cas_generated_in_the_token_through_the_admin_api() {
     let f = fixture();
-    // The instance's keys are labelled `default:...`; its PIN file is in its directory.
-    let uri =
-        |label: &str| format!("pkcs11:token={CA_TOKEN};object=default:{label}?pin-source=pin");
+    // The instance's keys are in its own token; its PIN file is in its directory.
+    let uri = |label: &str| format!("pkcs11:token={INSTANCE_TOKEN};object={label}?pin-source=pin");
     let root = f.cli(&[
         "issuing-ca",
         "put",
@@ -497,8 +499,8 @@ fn issuing_cas_generated_in_the_token_through_the_admin_api() {
     let leaf = attestation::x509::parse_der(&certificates(&issued)[0]).unwrap();
     assert_eq!(leaf.facts.issuer_name, "CN=api-inter");
 
-    for label in ["default:api-root", "default:api-inter"] {
-        let answer = f.hsm.key_attributes(CA_TOKEN, PIN, label).unwrap();
+    for label in ["api-root", "api-inter"] {
+        let answer = f.hsm.key_attributes(INSTANCE_TOKEN, PIN, label).unwrap();
         for line in ["sensitive=true", "never-extractable=true", "value=refused"] {
             assert!(answer.lines().any(|l| l == line), "{label}: {answer}");
         }

@@ -65,7 +65,12 @@ pub async fn at_version(
     let hubs = all_of::<LinkedHub>(state, instance, Kind::LinkedHub).await?;
     let issuing = all_of(state, instance, Kind::CertificateAuthority).await?;
     let policies = all_of(state, instance, Kind::CredentialPolicy).await?;
-    let revoked = all_of(state, instance, Kind::RevokedCertificate).await?;
+    let revoked =
+        all_of::<dps_protocol::admin::IssuedCertificate>(state, instance, Kind::RevokedCertificate)
+            .await?
+            .iter()
+            .filter_map(|r| crate::domain::issued_certificates::serial_key(&r.serial_number).ok())
+            .collect();
     let fresh = Arc::new(
         Credentials::build(version, cas, groups, hubs, &state.certificates)
             .with_issuance(issuing, policies, revoked),

@@ -46,8 +46,11 @@ pub enum KeyRefError {
 }
 
 /// What an instance's CA keys may name, so that an instance's admin reaches only what the
-/// operator set aside for that instance: PKCS#11 modules from a list, token keys whose label
-/// starts with `<instance>:`, and key and PIN files inside `<key directory>/<instance>/`.
+/// operator set aside for that instance: PKCS#11 modules from a list, tokens labelled
+/// `<instance>` or `<instance>:<anything>` (a PKCS#11 login holds for the whole process, so a
+/// key in a token another CA logged in to would be reachable without its PIN: the token, not
+/// the key's label, is the boundary), and key and PIN files inside
+/// `<key directory>/<instance>/`.
 #[derive(Debug, Clone, Default)]
 pub struct KeyRules {
     /// Modules a `pkcs11:` URI may name (`module-path`; none named means the first). Empty:
@@ -60,8 +63,8 @@ pub struct KeyRules {
 
 impl KeyRules {
     /// Checks instance `ns`'s `pkcs11:` URI: parsed, its module allowed (filled in when it
-    /// names none), its object label the instance's, its PIN only by a file of the instance's
-    /// (a PIN in the URI would be stored in the database).
+    /// names none), its token the instance's, its PIN only by a file of the instance's (a PIN
+    /// in the URI would be stored in the database).
     pub fn token_uri(&self, ns: &str, text: &str) -> Result<Pkcs11Uri, KeyRefError> {
         let refused = |m: String| KeyRefError::Refused(m);
         let mut uri = Pkcs11Uri::parse(text).map_err(|e| refused(e.to_string()))?;
@@ -73,12 +76,12 @@ impl KeyRules {
         }
         let prefix = format!("{ns}:");
         if !uri
-            .object
+            .token
             .as_deref()
-            .is_some_and(|o| o.starts_with(&prefix))
+            .is_some_and(|t| t == ns || t.starts_with(&prefix))
         {
             return Err(refused(format!(
-                "the URI must name the key by a label (object=) that starts with '{prefix}': this instance's keys"
+                "the URI must name a token of this instance: labelled '{ns}' or '{prefix}...'"
             )));
         }
         match &uri.module_path {
@@ -125,7 +128,20 @@ impl KeyRules {
             ))
         };
         let canonical = directory.canonicalize().map_err(|_| outside())?;
-        let file = directory.join(path).canonicalize().map_err(|_| outside())?;
+        let joined = directory.join(path);
+        let lexically_inside = joined.starts_with(&directory)
+            && !joined
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir));
+        let file = joined.canonicalize().map_err(|_| {
+            // Gone from where it is allowed to be (it may come back): said as such; about
+            // other places nothing is said.
+            if lexically_inside {
+                KeyRefError::Failed(format!("{what} {} does not exist", joined.display()))
+            } else {
+                outside()
+            }
+        })?;
         if !file.starts_with(&canonical) || !file.is_file() {
             return Err(outside());
         }
@@ -177,7 +193,7 @@ pub fn open_instance_key(
     match (&key.pkcs11_uri, &key.file) {
         (Some(uri), None) => open_token_key(name, &rules.token_uri(ns, uri)?, sessions),
         (None, Some(file)) => {
-            Signer::from_pem_file(&rules.key_file(ns, file)?).map_err(KeyRefError::Refused)
+            Signer::from_pem_file(&rules.key_file(ns, file)?).map_err(KeyRefError::Failed)
         }
         _ => Err(KeyRefError::Refused(
             "key: give exactly one of pkcs11Uri and file".into(),
@@ -352,7 +368,7 @@ impl Issuance {
             .map_err(|e| not_issued(format!("credential policy '{name}': {e}")))?;
         Ok(Policy {
             ca_name: ca.name.clone(),
-            ca: self.open_instance_ca(ns, ca)?,
+            ca: self.open_instance_ca(ns, credentials, ca)?,
             profile: Profile {
                 validity: days(policy.validity_in_days.unwrap_or(DEFAULT_VALIDITY_DAYS)),
                 dns_names: policy.dns_names.clone(),
@@ -362,9 +378,14 @@ impl Issuance {
     }
 
     /// The instance's CA `ca`, opened (its key, its chain checked), or as opened before.
+    /// Opening fails for good (a key reference the rules refuse, a chain that does not
+    /// parse, a key that does not sign for it: 400210, the admin's to fix) or for now (the
+    /// token or file failed: 503). CAs the instance no longer has are let go when another is
+    /// opened.
     fn open_instance_ca(
         &self,
         ns: &str,
+        credentials: &Credentials,
         ca: &CertificateAuthority,
     ) -> Result<Arc<IssuingCa<Signer>>, NotIssued> {
         let slot = (ns.to_owned(), ca.name.to_ascii_lowercase());
@@ -376,8 +397,8 @@ impl Issuance {
         }
         let unusable = |why: String| {
             tracing::error!(ca = %ca.name, error = %why, "an issuing CA cannot be used");
-            cannot_sign_now(format!(
-                "issuing CA '{}' cannot sign now; the server log says why",
+            not_issued(format!(
+                "issuing CA '{}' cannot be used; the server log says why",
                 ca.name
             ))
         };
@@ -389,9 +410,21 @@ impl Issuance {
         };
         let chain = chain_of(chain).map_err(unusable)?;
         let key = open_instance_key(ns, &ca.name, &ca.key, &self.rules, signing_sessions())
-            .map_err(|e| unusable(e.to_string()))?;
+            .map_err(|e| match e {
+                KeyRefError::Refused(why) => unusable(why),
+                KeyRefError::Failed(why) => {
+                    tracing::error!(ca = %ca.name, error = %why, "an issuing CA cannot sign now");
+                    cannot_sign_now(format!(
+                        "issuing CA '{}' cannot sign now; the server log says why",
+                        ca.name
+                    ))
+                }
+            })?;
         let issuing = Arc::new(IssuingCa::new(chain, key).map_err(|e| unusable(e.to_string()))?);
         if let Ok(mut opened) = self.opened.lock() {
+            opened.retain(|(instance, name), _| {
+                instance != ns || credentials.certificate_authority(name).is_some()
+            });
             opened.insert(slot, (ca.clone(), issuing.clone()));
         }
         Ok(issuing)

@@ -30,7 +30,7 @@ pub fn render(stored: &Stored) -> Result<IssuedCertificate, DomainError> {
 
 /// The key of a serial number as an admin or a certificate writes it (hex, any case, with or
 /// without colons and leading zeros).
-fn serial_key(serial: &str) -> Result<String, DomainError> {
+pub fn serial_key(serial: &str) -> Result<String, DomainError> {
     normal_serial(serial)
         .map(|s| s.to_ascii_lowercase())
         .ok_or_else(|| {
@@ -187,12 +187,15 @@ pub async fn revoke(
 }
 
 /// Refuses a device certificate this server issued and an admin revoked (whatever has become
-/// of its CA since).
+/// of its CA since), by its serial number: a re-encoded signature changes the certificate's
+/// thumbprint, not its serial. (A certificate of another CA with the same 128-bit random serial
+/// would be refused too: a chance not worth a lookup.)
 pub fn refuse_revoked(
     credentials: &Credentials,
     leaf: &CertificateFacts,
 ) -> Result<(), DomainError> {
-    if credentials.is_revoked(&leaf.sha256_thumbprint) {
+    let serial = serial_key(&leaf.serial_number).unwrap_or_default();
+    if credentials.is_revoked(&serial) {
         return Err(DomainError::unauthorized(
             "the device certificate was revoked",
         ));

@@ -286,7 +286,13 @@ pub async fn put_certificate_authority(
     match resources::store_resource(state, ns, ca, precondition).await {
         Ok((stored, _)) => render(&stored, true),
         Err(e) => {
-            if let Some(uri) = generated {
+            // Only when the write surely did not happen (a commit whose answer was lost may
+            // have stored the CA with this key).
+            let refused = matches!(
+                e.code(),
+                ErrorCode::Conflict | ErrorCode::PreconditionFailed
+            );
+            if let (Some(uri), true) = (generated, refused) {
                 tokio::task::spawn_blocking(move || discard(&name, &uri));
             }
             Err(e)
