@@ -172,7 +172,12 @@ impl Client {
 
     fn url(&self, path: &str, scoped: bool) -> String {
         let prefix = if scoped { self.prefix.as_str() } else { "" };
-        format!("{}{prefix}{path}?api-version={API_VERSION}", self.base)
+        // `path` may carry a query of its own (the filters of `/events`).
+        let joiner = if path.contains('?') { '&' } else { '?' };
+        format!(
+            "{}{prefix}{path}{joiner}api-version={API_VERSION}",
+            self.base
+        )
     }
 
     /// A request to `path`: instance-scoped (under `/instances/{name}` when the client was

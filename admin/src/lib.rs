@@ -4,6 +4,7 @@
 
 pub mod certificates;
 pub mod enrollments;
+pub mod events;
 pub mod hubs;
 pub mod instances;
 pub mod issued;
@@ -44,6 +45,13 @@ pub struct AdminArgs {
     pub command: AdminCommand,
 }
 
+/// `event ...`.
+#[derive(Debug, Subcommand)]
+pub enum EventCommand {
+    /// List the events that match the filters.
+    List(events::EventFilters),
+}
+
 /// Admin commands.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -74,6 +82,9 @@ pub enum AdminCommand {
     /// The instance's credential policies, for enrollments' credentialPolicyName.
     #[command(subcommand)]
     CredentialPolicy(issuing::CredentialPolicyCommand),
+    /// Registration events (outcomes), oldest first.
+    #[command(subcommand)]
+    Event(EventCommand),
     /// Operational certificates issued for devices' CSRs, and their revocation.
     #[command(subcommand)]
     IssuedCertificate(issued::IssuedCommand),
@@ -127,6 +138,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Policy(command) => policies::run(&client, output, command).await,
         AdminCommand::Certificate(command) => certificates::run(&client, output, command).await,
         AdminCommand::IssuedCertificate(command) => issued::run(&client, output, command).await,
+        AdminCommand::Event(EventCommand::List(filters)) => {
+            events::list(&client, output, filters).await
+        }
         AdminCommand::IssuingCa(command) => issuing::cas(&client, output, command).await,
         AdminCommand::CredentialPolicy(command) => {
             issuing::policies(&client, output, command).await

@@ -357,3 +357,50 @@ pub struct CredentialPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
 }
+
+/// Something that happened to a device (`GET /events`): a registration's outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    /// Unique, in time order (the paging key).
+    #[serde(default)]
+    pub id: String,
+    /// `registration.assigned`, `registration.moved`, `registration.failed` or
+    /// `registration.disabled`.
+    pub kind: String,
+    /// When it happened, RFC 3339 UTC.
+    #[serde(default)]
+    pub time: String,
+    /// The device.
+    pub registration_id: String,
+    /// The operation that ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
+    /// The individual enrollment it came through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_id: Option<String>,
+    /// The enrollment group it came through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_group_id: Option<String>,
+    /// `symmetricKey`, `x509` or `tpm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation_type: Option<String>,
+    /// `https`, or `mqtt` (over TLS or a WebSocket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    /// The hub it is assigned to (assigned, moved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned_hub: Option<String>,
+    /// The hub it was assigned to before (moved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_hub: Option<String>,
+    /// `initialAssignment`, `deviceDataMigrated`, ... (assigned, moved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<String>,
+    /// Why it failed or was disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i64>,
+    /// Why it failed or was disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+}

@@ -40,6 +40,8 @@ pub struct Config {
     pub tpm: TpmConfig,
     /// Operational certificates issued to devices that send a certificate signing request.
     pub issuance: IssuanceConfig,
+    /// Registration events (`GET /events`).
+    pub events: EventsConfig,
     /// Calls the server makes: allocation webhooks, hub connectors, latency probes.
     pub outbound: OutboundConfig,
     /// Address of the plain-HTTP listener of `/metrics` (and `/healthz`, `/readyz`); loopback
@@ -82,6 +84,7 @@ impl Default for Config {
             allocation: AllocationConfig::default(),
             tpm: TpmConfig::default(),
             issuance: IssuanceConfig::default(),
+            events: EventsConfig::default(),
             outbound: OutboundConfig::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             mqtt_listen: None,
@@ -133,6 +136,20 @@ impl Default for TpmConfig {
             manufacturer_certificates: Vec::new(),
             challenge_ttl_secs: 300,
         }
+    }
+}
+
+/// Registration events: every outcome is kept this long, then swept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Days an event is kept; 0: no events are written.
+    pub retention_days: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self { retention_days: 7 }
     }
 }
 

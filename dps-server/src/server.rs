@@ -99,6 +99,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
+        event_retention: (config.events.retention_days > 0)
+            .then(|| i64::from(config.events.retention_days) * 86_400),
         issuance: Arc::new(crate::domain::issuance::Issuance::load(&config.issuance)?),
         tpm: Arc::new(crate::trust::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),

@@ -30,6 +30,8 @@ pub struct AppState {
     pub trusted_location_headers: Arc<crate::config::GeoConfig>,
     /// Enrollment and CA certificates already parsed (X.509 registrations read them all).
     pub certificates: Arc<attestation::x509::ParsedCache>,
+    /// How long registration events are kept (seconds); `None`: none are written.
+    pub event_retention: Option<i64>,
     /// Credential policies and their issuing CAs.
     pub issuance: Arc<crate::domain::issuance::Issuance>,
     /// TPM manufacturer certificates and the challenge lifetime.

@@ -113,6 +113,13 @@ impl ServerProcess {
             // its own.
             .env("DPS_METRICS_LISTEN", "127.0.0.1:0")
             .env("DPS_MQTT_LISTEN", "127.0.0.1:0");
+        // The tests' own knobs (`DPS_FUZZ_SEED`, ...) are not the server's configuration, which
+        // refuses unknown `DPS_` variables.
+        for (name, _) in std::env::vars() {
+            if name.starts_with("DPS_FUZZ_") {
+                command.env_remove(name);
+            }
+        }
         for (key, value) in env {
             command.env(key, value);
         }

@@ -276,6 +276,19 @@ fn ca_keys_in_softhsm_issue_certificates_that_then_register_the_devices() {
         assert_eq!(done["assignedHub"], "hub-a.example.com");
         assert_eq!(done["issuedCertificate"], issued.to_str().unwrap());
         check_chain(&f, &issued, id);
+        // The registration is an event the admin CLI finds by its filters.
+        let seen = f.cli(&[
+            "event",
+            "list",
+            "--registration-id",
+            id,
+            "--kind",
+            "registration.assigned",
+            "--from",
+            "2000-01-01T00:00:00+00:00",
+        ]);
+        assert_eq!(seen.as_array().map(Vec::len), Some(1), "{seen}");
+        assert_eq!(seen[0]["assignedHub"], "hub-a.example.com");
         let issuer = attestation::x509::parse_der(&certificates(&issued)[0]).unwrap();
         assert_eq!(issuer.facts.issuer_name, format!("CN=Operational CA {ca}"));
 

@@ -117,6 +117,46 @@ fn key_error(error: KeyRefError) -> DomainError {
     field_error("key", error.to_string())
 }
 
+/// Refuses what the request itself gets wrong, or the server's rules do not allow, before any
+/// lookup: a key type that does not exist, `generateKey` without a token URI alone or with a
+/// chain, `selfSigned` without `generateKey`, a key reference outside what the instance may
+/// name.
+fn check_request(ns: &str, ca: &CertificateAuthority, rules: &KeyRules) -> Result<(), DomainError> {
+    if let Some(kind) = &ca.generate_key {
+        if KeyType::parse(kind).is_none() {
+            return Err(field_error(
+                "generateKey",
+                "one of ecP256, ecP384, rsa2048, rsa3072",
+            ));
+        }
+        if ca.key.pkcs11_uri.is_none() || ca.key.file.is_some() {
+            return Err(field_error(
+                "generateKey",
+                "a key is generated inside a token: give key.pkcs11Uri alone",
+            ));
+        }
+        if ca.certificate_chain.is_some() {
+            return Err(field_error(
+                "certificateChain",
+                "a chain cannot certify a key not yet generated: generate it, then PUT the chain",
+            ));
+        }
+    } else if ca.self_signed == Some(true) {
+        return Err(field_error(
+            "selfSigned",
+            "only with generateKey (an existing key comes with its chain)",
+        ));
+    }
+    match (&ca.key.pkcs11_uri, &ca.key.file) {
+        (Some(uri), None) => rules.token_uri(ns, uri).map(|_| ()),
+        (None, Some(file)) => rules.key_file(ns, file).map(|_| ()),
+        _ => Err(KeyRefError::Refused(
+            "key: give exactly one of pkcs11Uri and file".into(),
+        )),
+    }
+    .map_err(key_error)
+}
+
 /// Deletes a key generated for a CA that was then not stored, so that a retry finds the
 /// name free.
 fn discard(name: &str, uri: &Pkcs11Uri) {
@@ -153,12 +193,6 @@ fn complete(
     ca.certificate_signing_request = None;
     let self_signed = ca.self_signed.unwrap_or(false);
     let Some(kind) = ca.generate_key.clone() else {
-        if self_signed {
-            return Err(field_error(
-                "selfSigned",
-                "only with generateKey (an existing key comes with its chain)",
-            ));
-        }
         let key = open_instance_key(ns, &ca.name, &ca.key, rules, 1).map_err(key_error)?;
         let ca = match ca.certificate_chain.is_some() {
             true => activate(ca, key)?,
@@ -166,20 +200,10 @@ fn complete(
         };
         return Ok((ca, None));
     };
-    let kind = KeyType::parse(&kind)
-        .ok_or_else(|| field_error("generateKey", "one of ecP256, ecP384, rsa2048, rsa3072"))?;
-    let (Some(uri), None) = (&ca.key.pkcs11_uri, &ca.key.file) else {
-        return Err(field_error(
-            "generateKey",
-            "a key is generated inside a token: give key.pkcs11Uri alone",
-        ));
+    // `check_request` saw to the rest.
+    let (Some(kind), Some(uri)) = (KeyType::parse(&kind), &ca.key.pkcs11_uri) else {
+        return Err(field_error("generateKey", "a key type and key.pkcs11Uri"));
     };
-    if ca.certificate_chain.is_some() {
-        return Err(field_error(
-            "certificateChain",
-            "a chain cannot certify a key not yet generated: generate it, then PUT the chain",
-        ));
-    }
     let uri = rules.token_uri(ns, uri).map_err(key_error)?;
     let name = ca.name.clone();
     let kind = match kind {
@@ -255,6 +279,8 @@ pub async fn put_certificate_authority(
     precondition: Precondition,
 ) -> Result<CertificateAuthority, DomainError> {
     let key = CertificateAuthority::key_of(&ca.name)?;
+    // What the body and the rules alone refuse is refused before anything is looked up.
+    check_request(ns, &ca, &state.issuance.rules)?;
     // The etag is checked before a key is generated for nothing (the write checks it again).
     let existing = state
         .store

@@ -11,6 +11,7 @@ pub mod certificates;
 pub mod credentials;
 pub mod enrollments;
 pub mod error;
+pub mod events;
 pub mod instances;
 pub mod issuance;
 pub mod issued_certificates;

@@ -40,6 +40,10 @@ pub struct OperationRecord {
     /// The address the device registered from (an input of allocation policies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_address: Option<std::net::IpAddr>,
+    /// How the device reached the service (`https`, or `mqtt` over TLS or a WebSocket), for
+    /// its events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
     /// Trusted request metadata (location headers of a trusted edge).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub metadata: std::collections::BTreeMap<String, String>,

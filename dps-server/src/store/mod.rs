@@ -53,6 +53,8 @@ pub enum Kind {
     RevokedCertificate,
     /// An issuing CA (keyed by lower-case name).
     CertificateAuthority,
+    /// An event (keyed by its time in milliseconds, zero-padded, and a random suffix).
+    Event,
     /// A credential policy (keyed by lower-case name).
     CredentialPolicy,
     /// Changes with every write to an instance's enrollment groups or CA certificates, so
@@ -79,6 +81,7 @@ impl Kind {
             Kind::IssuedCertificate => "issued-certificate",
             Kind::RevokedCertificate => "revoked-certificate",
             Kind::CertificateAuthority => "certificate-authority",
+            Kind::Event => "event",
             Kind::CredentialPolicy => "credential-policy",
             Kind::CredentialsVersion => "credentials-version",
         }
@@ -164,6 +167,17 @@ pub enum Columns {
         /// Unix seconds: the certificate's notAfter.
         expires_at: i64,
     },
+    /// An event: what it is about, and when the sweeper may delete it.
+    Event {
+        /// Its kind (`registration.assigned`, ...).
+        kind: String,
+        /// Lower-case registration id.
+        registration: Option<String>,
+        /// `enrollment:<id>` or `group:<id>`, lower-case.
+        enrollment: Option<String>,
+        /// Unix seconds.
+        expires_at: i64,
+    },
     /// TPM challenges and revoked certificates: when the sweeper may delete them.
     Expires {
         /// Unix seconds.
@@ -245,6 +259,26 @@ pub struct Page<'a> {
     pub after: Option<&'a str>,
     /// At most this many.
     pub limit: usize,
+}
+
+/// Which events a listing returns ([`Store::list_events`]): every filter given must match.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// The kind.
+    pub kind: Option<String>,
+    /// The device (lower-case registration id).
+    pub registration: Option<String>,
+    /// The enrollment (`enrollment:<id>` or `group:<id>`, lower-case).
+    pub enrollment: Option<String>,
+    /// Only keys at or after this one (a time: [`event_key_at`]).
+    pub from: Option<String>,
+    /// Only keys before this one.
+    pub to: Option<String>,
+}
+
+/// The key of the first event of Unix millisecond `ms` (event keys sort as their times).
+pub fn event_key_at(ms: i64) -> String {
+    format!("{:013}", ms.max(0))
 }
 
 /// Values the database keeps unique.
@@ -381,6 +415,15 @@ pub trait Store: Send + Sync + fmt::Debug {
         kind: Kind,
         docs: &[BulkDoc],
     ) -> Result<Vec<String>, StoreError>;
+
+    /// Events of `ns` matching `filter`, in key (time) order, after `after`, at most `limit`.
+    async fn list_events(
+        &self,
+        ns: &str,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError>;
 
     /// The backend's name (`sqlite` or `postgres`), for logs and metrics.
     fn backend(&self) -> &'static str;

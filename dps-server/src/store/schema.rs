@@ -270,6 +270,16 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
             Kind::CredentialPolicy,
             table("credential_policies", true, &[], None, None),
         ),
+        (
+            Kind::Event,
+            table(
+                "events",
+                true,
+                &["kind", "registration_id", "enrollment", "expires_at"],
+                Some(("registration_id", "events_by_registration")),
+                None,
+            ),
+        ),
         (Kind::Owner, table("owners", true, &[], None, None)),
         (
             Kind::OwnershipRecord,
@@ -313,6 +323,17 @@ pub(super) fn values<'a>(table: &Table, columns: &'a Columns) -> Option<Vec<Valu
             registration,
             expires_at,
         } => vec![Value::Text(registration), Value::OptInt(Some(*expires_at))],
+        Columns::Event {
+            kind,
+            registration,
+            enrollment,
+            expires_at,
+        } => vec![
+            Value::Text(kind),
+            Value::OptText(registration.as_deref()),
+            Value::OptText(enrollment.as_deref()),
+            Value::OptInt(Some(*expires_at)),
+        ],
         Columns::Expires { at } => vec![Value::OptInt(Some(*at))],
         Columns::Owned { owner } => vec![Value::Text(owner)],
     };

@@ -10,7 +10,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
 
 use super::schema::{self, Table, Value};
-use super::{BulkDoc, Columns, Kind, Page, Precondition, Store, StoreError, Stored, Unique, Write};
+use super::{
+    BulkDoc, Columns, EventFilter, Kind, Page, Precondition, Store, StoreError, Stored, Unique,
+    Write,
+};
 
 /// Rows per statement of a bulk upsert: a handful of parameters each stays far below SQLite's
 /// 32,766 and PostgreSQL's 65,535 parameters per statement.
@@ -48,6 +51,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "issuance",
         include_str!("../../migrations/sqlite/0004_issuance.sql"),
     ),
+    (
+        5,
+        "events",
+        include_str!("../../migrations/sqlite/0005_events.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -69,6 +77,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "issuance",
         include_str!("../../migrations/postgres/0004_issuance.sql"),
+    ),
+    (
+        5,
+        "events",
+        include_str!("../../migrations/postgres/0005_events.sql"),
     ),
 ];
 
@@ -613,6 +626,44 @@ impl Store for SqlStore {
             .collect())
     }
 
+    async fn list_events(
+        &self,
+        ns: &str,
+        filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let ns = instance_key(ns);
+        let mut values = vec![Value::Text(&ns)];
+        let mut sql = String::from(
+            "SELECT key, doc, etag, created_at, updated_at FROM events WHERE instance = $1",
+        );
+        let conditions = [
+            ("kind =", filter.kind.as_deref()),
+            ("registration_id =", filter.registration.as_deref()),
+            ("enrollment =", filter.enrollment.as_deref()),
+            ("key >=", filter.from.as_deref()),
+            ("key <", filter.to.as_deref()),
+            ("key >", after),
+        ];
+        for (test, value) in conditions {
+            if let Some(value) = value {
+                values.push(Value::Text(value));
+                sql.push_str(&format!(" AND {test} ${}", values.len()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY key LIMIT ${}", values.len() + 1));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Only fixed fragments are spliced in; every value is bound.
+        on_pool!(&self.reads, p => bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(stored)
+            .collect())
+    }
+
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
         let mut attempt = 0;
         loop {
@@ -686,6 +737,7 @@ impl Store for SqlStore {
             "DELETE FROM tpm_challenges WHERE expires_at < $1",
             "DELETE FROM issued_certificates WHERE expires_at < $1",
             "DELETE FROM revoked_certificates WHERE expires_at < $1",
+            "DELETE FROM events WHERE expires_at < $1",
         ] {
             swept += on_pool!(&self.pool, p => sqlx::query(sql)
                 .bind(now)

@@ -189,6 +189,7 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
         Kind::CredentialsVersion
         | Kind::IssuedCertificate
         | Kind::RevokedCertificate
+        | Kind::Event
         | Kind::CertificateAuthority
         | Kind::CredentialPolicy => return None,
     })

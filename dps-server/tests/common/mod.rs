@@ -160,11 +160,12 @@ impl TestServer {
         client_of(self.running(), Some(local))
     }
 
-    /// A request without credentials.
+    /// A request without credentials (`path` may carry a query of its own).
     pub fn anonymous(&self, method: Method, path: &str) -> RequestBuilder {
+        let joiner = if path.contains('?') { '&' } else { '?' };
         self.http.request(
             method,
-            format!("{}{path}?api-version=2021-10-01", self.base),
+            format!("{}{path}{joiner}api-version=2021-10-01", self.base),
         )
     }
 

@@ -25,12 +25,12 @@ use crate::domain::attest::{Attested, DeviceReads, Source};
 use crate::domain::credentials;
 use crate::domain::error::DomainError;
 use crate::domain::issuance::NotIssued;
-use crate::domain::issued_certificates;
 use crate::domain::records::{
     EnrollmentRef, OperationRecord, RegistrationRecord, TpmOperation, operation_key,
 };
 use crate::domain::to_doc;
 use crate::domain::validate::info_of;
+use crate::domain::{events, issued_certificates};
 use crate::state::AppState;
 use crate::store::{Columns, Kind, Precondition, StoreError, Stored, Write};
 
@@ -79,6 +79,7 @@ pub async fn start(
     csr: Option<String>,
     source_address: Option<std::net::IpAddr>,
     metadata: std::collections::BTreeMap<String, String>,
+    transport: &str,
 ) -> Result<OperationRecord, DomainError> {
     let enrollment = match &attested.source {
         Source::Individual(e) => EnrollmentRef::Individual(e.registration_id.clone()),
@@ -92,6 +93,7 @@ pub async fn start(
         device_payload,
         issued_certificate_chain: None,
         source_address,
+        transport: Some(transport.to_owned()),
         metadata,
         x509: attested
             .certificate
@@ -183,13 +185,14 @@ pub async fn start(
         if let Some((assigned, status)) = outcome {
             let mut op = record.clone();
             let writes = finishing(
+                state.event_retention,
                 ns,
                 id,
                 &key,
                 &mut op,
                 assigned,
                 status,
-                previous,
+                previous.zip(previous_record.as_ref()),
                 Precondition::MustNotExist,
             )?;
             finished = Some((op, writes));
@@ -216,6 +219,15 @@ pub async fn start(
                 precondition: Precondition::MustNotExist,
                 etag: None,
             }),
+        }
+        // Ended at once (disabled, or a csr refused): its event goes with the operation.
+        if finished.is_none() {
+            batch.extend(events::of_outcome(
+                state.event_retention,
+                ns,
+                &record,
+                None,
+            )?);
         }
         batch.extend(issued.iter().cloned());
         if let Some(proof) = &attested.tpm {
@@ -291,15 +303,18 @@ fn registration_changed(error: &StoreError) -> bool {
 /// read before (`previous`). Sets the operation's result.
 #[allow(clippy::too_many_arguments)]
 fn finishing(
+    events: Option<i64>,
     ns: &str,
     id: &RegistrationId,
     key: &str,
     op: &mut OperationRecord,
     mut record: RegistrationRecord,
     status: OperationStatus,
-    previous: Option<&Stored>,
+    previous: Option<(&Stored, &RegistrationRecord)>,
     op_precondition: Precondition,
-) -> Result<[Write; 2], DomainError> {
+) -> Result<Vec<Write>, DomainError> {
+    let previous_hub = previous.and_then(|(_, r)| r.state.assigned_hub.clone());
+    let previous = previous.map(|(stored, _)| stored);
     // The timestamps live in the store's bookkeeping; the device's answer shows them too.
     let now = crate::timestamp::now();
     record.state.created_date_time_utc =
@@ -329,7 +344,7 @@ fn finishing(
         .as_ref()
         .filter(|_| status == OperationStatus::Assigned)
         .map(|h| h.to_ascii_lowercase());
-    Ok([
+    let mut writes = vec![
         Write::Put {
             ns: ns.to_owned(),
             kind: Kind::RegistrationState,
@@ -356,7 +371,9 @@ fn finishing(
             precondition: op_precondition,
             etag: None,
         },
-    ])
+    ];
+    writes.extend(events::of_outcome(events, ns, op, previous_hub.as_deref())?);
+    Ok(writes)
 }
 
 /// Keeps a finished operation in memory for its device's polls.
@@ -482,13 +499,14 @@ pub async fn assign(
             ),
         };
         let writes = finishing(
+            state.event_retention,
             ns,
             &id,
             operation_key,
             &mut op,
             record,
             status,
-            previous_stored.as_ref(),
+            previous_stored.as_ref().zip(previous.as_ref()),
             Precondition::IfMatch(op_stored.etag.clone()),
         )?;
         match state.store.write(&writes).await {

@@ -1,6 +1,6 @@
 //! The admin REST API: the Azure DPS service API (enrollments, enrollment groups, registration
 //! states) and our extensions (instances, linked hubs, shared access policies, issuing CAs,
-//! credential policies, issued certificates).
+//! credential policies, issued certificates, events).
 //!
 //! Instance-scoped routes are served twice: at the root, where the request's Host selects the
 //! instance (or the only instance, on a server with one), and under `/instances/{instance}`.
@@ -10,6 +10,7 @@ mod allocations;
 pub mod certificates;
 mod enrollment_groups;
 mod enrollments;
+mod events;
 pub mod instances;
 mod issued_certificates;
 mod issuing_cas;
@@ -35,6 +36,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(certificates::routes())
         .merge(issued_certificates::routes())
         .merge(issuing_cas::routes())
+        .merge(events::routes())
 }
 
 /// Every admin route.

@@ -84,6 +84,7 @@ pub(super) async fn register(
         request.csr,
         source,
         metadata,
+        caller.transport.0,
     )
     .await?;
     // Always 202 `assigning`: aziot requires exactly 202, and the terminal state (even

@@ -1,0 +1,207 @@
+//! Registration events: each outcome of a registration (assigned, moved to another hub,
+//! failed, disabled) becomes an event, written in the transaction that records the outcome, so
+//! that there is no event of an outcome that rolled back and no outcome without its event.
+//! Admins read them with filters (`GET /events`); they are swept after
+//! `events.retention_days`.
+
+use dps_protocol::ErrorCode;
+use dps_protocol::admin::Event;
+use dps_protocol::device::OperationStatus;
+use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::records::{EnrollmentRef, OperationRecord};
+use super::{DomainError, to_doc};
+use crate::state::AppState;
+use crate::store::{Columns, EventFilter, Kind, Precondition, Stored, Write, event_key_at};
+
+/// The storage form of an enrollment an event names.
+fn enrollment_column(enrollment: &EnrollmentRef) -> String {
+    match enrollment {
+        EnrollmentRef::Individual(id) => format!("enrollment:{}", id.to_ascii_lowercase()),
+        EnrollmentRef::Group(id) => format!("group:{}", id.to_ascii_lowercase()),
+    }
+}
+
+/// The event of operation `op`'s outcome, for the transaction that records it; `None` when
+/// events are off or the operation has not ended. `previous_hub` is where the device was
+/// assigned before.
+pub fn of_outcome(
+    retention: Option<i64>,
+    ns: &str,
+    op: &OperationRecord,
+    previous_hub: Option<&str>,
+) -> Result<Option<Write>, DomainError> {
+    let Some(retention) = retention else {
+        return Ok(None);
+    };
+    let state = op.registration_state.clone().unwrap_or_default();
+    let moved = match (previous_hub, state.assigned_hub.as_deref()) {
+        (Some(before), Some(now)) => !before.eq_ignore_ascii_case(now),
+        _ => false,
+    };
+    let kind = match op.status {
+        OperationStatus::Assigned if moved => "registration.moved",
+        OperationStatus::Assigned => "registration.assigned",
+        OperationStatus::Failed => "registration.failed",
+        OperationStatus::Disabled => "registration.disabled",
+        _ => return Ok(None),
+    };
+    let now = OffsetDateTime::now_utc();
+    let random: [u8; 6] = attestation::keys::random_bytes().unwrap_or_default();
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    let key = format!("{}-{suffix}", event_key_at(millis));
+    let (enrollment_id, enrollment_group_id) = match &op.enrollment {
+        EnrollmentRef::Individual(id) => (Some(id.clone()), None),
+        EnrollmentRef::Group(id) => (None, Some(id.clone())),
+    };
+    let assigned = op.status == OperationStatus::Assigned;
+    let event = Event {
+        id: key.clone(),
+        kind: kind.to_owned(),
+        time: now.format(&Rfc3339).unwrap_or_default(),
+        registration_id: op.registration_id.clone(),
+        operation_id: Some(op.operation_id.clone()),
+        enrollment_id,
+        enrollment_group_id,
+        attestation_type: Some(
+            match (&op.tpm, &op.x509) {
+                (Some(_), _) => "tpm",
+                (None, Some(_)) => "x509",
+                (None, None) => "symmetricKey",
+            }
+            .to_owned(),
+        ),
+        transport: op.transport.clone(),
+        assigned_hub: state.assigned_hub.clone().filter(|_| assigned),
+        previous_hub: previous_hub.filter(|_| moved).map(str::to_owned),
+        substatus: state.substatus.clone().filter(|_| assigned),
+        error_code: state.error_code.filter(|_| !assigned),
+        error_message: state.error_message.clone().filter(|_| !assigned),
+    };
+    Ok(Some(Write::Put {
+        ns: ns.to_owned(),
+        kind: Kind::Event,
+        key,
+        columns: Columns::Event {
+            kind: kind.to_owned(),
+            registration: Some(op.registration_id.to_ascii_lowercase()),
+            enrollment: Some(enrollment_column(&op.enrollment)),
+            expires_at: now.unix_timestamp().saturating_add(retention),
+        },
+        doc: to_doc(&event)?,
+        precondition: Precondition::MustNotExist,
+        etag: None,
+    }))
+}
+
+/// What an admin filters events by (each given one must match): the query parameters of
+/// `GET /events`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Query {
+    /// The event kind.
+    pub kind: Option<String>,
+    /// The device.
+    pub registration_id: Option<String>,
+    /// The individual enrollment.
+    pub enrollment_id: Option<String>,
+    /// The enrollment group.
+    pub enrollment_group_id: Option<String>,
+    /// From this time on (RFC 3339).
+    pub from: Option<String>,
+    /// Before this time (RFC 3339).
+    pub to: Option<String>,
+    /// Sent by Azure's clients with every request; ignored.
+    #[serde(default, rename = "api-version")]
+    pub api_version: Option<String>,
+}
+
+/// The kinds of events.
+pub const KINDS: [&str; 4] = [
+    "registration.assigned",
+    "registration.moved",
+    "registration.failed",
+    "registration.disabled",
+];
+
+fn bad(field: &str, message: impl Into<String>) -> DomainError {
+    DomainError::new(
+        ErrorCode::ArgumentInvalid,
+        format!("{field}: {}", message.into()),
+    )
+    .with_info("field", field)
+}
+
+/// The start of the millisecond `text` (RFC 3339) names, as an event key.
+fn time_key(field: &str, text: &str) -> Result<String, DomainError> {
+    let time = OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|_| bad(field, "an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"))?;
+    let millis = i64::try_from(time.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| bad(field, "out of range"))?;
+    Ok(event_key_at(millis))
+}
+
+/// A page of the events of instance `ns` that match `query`, after `after`.
+pub async fn list(
+    state: &AppState,
+    ns: &str,
+    query: &Query,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Stored>, DomainError> {
+    if let Some(kind) = &query.kind
+        && !KINDS.contains(&kind.as_str())
+    {
+        return Err(bad("kind", format!("one of {}", KINDS.join(", "))));
+    }
+    let registration = query
+        .registration_id
+        .as_deref()
+        .map(|id| {
+            RegistrationId::parse(id)
+                .map(|r| r.key())
+                .map_err(|e| bad("registrationId", e.to_string()))
+        })
+        .transpose()?;
+    let enrollment = match (&query.enrollment_id, &query.enrollment_group_id) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "enrollmentId",
+                "give enrollmentId or enrollmentGroupId, not both",
+            ));
+        }
+        (Some(id), None) => Some(enrollment_column(&EnrollmentRef::Individual(
+            RegistrationId::parse(id)
+                .map_err(|e| bad("enrollmentId", e.to_string()))?
+                .as_str()
+                .to_owned(),
+        ))),
+        (None, Some(id)) => Some(enrollment_column(&EnrollmentRef::Group(
+            EnrollmentGroupId::parse(id)
+                .map_err(|e| bad("enrollmentGroupId", e.to_string()))?
+                .as_str()
+                .to_owned(),
+        ))),
+        (None, None) => None,
+    };
+    let filter = EventFilter {
+        kind: query.kind.clone(),
+        registration,
+        enrollment,
+        from: query
+            .from
+            .as_deref()
+            .map(|t| time_key("from", t))
+            .transpose()?,
+        to: query.to.as_deref().map(|t| time_key("to", t)).transpose()?,
+    };
+    Ok(state.store.list_events(ns, &filter, after, limit).await?)
+}
+
+/// A stored event.
+pub fn render(stored: &Stored) -> Result<Event, DomainError> {
+    stored.doc_json()
+}

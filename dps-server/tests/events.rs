@@ -1,0 +1,225 @@
+//! Registration events (`GET /events`): every outcome of a registration is an event, written
+//! with the outcome, filtered by kind, device, enrollment and time, paged, and readable only
+//! with a read right.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{
+    Backend, Device, TestServer, device_token, enroll, expect_error, expect_json, keys_of,
+    policy_with,
+};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// The events at `query` (a path with its query string), every page of `size`.
+async fn events(t: &TestServer, query: &str, size: usize) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut continuation: Option<String> = None;
+    loop {
+        let mut request = t
+            .owner(Method::GET, query)
+            .header("x-ms-max-item-count", size.to_string());
+        if let Some(token) = &continuation {
+            request = request.header("x-ms-continuation", token);
+        }
+        let response = request.send().await.unwrap();
+        continuation = response
+            .headers()
+            .get("x-ms-continuation")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let page = expect_json(response, 200).await;
+        let items = page.as_array().unwrap();
+        assert!(items.len() <= size);
+        all.extend(items.iter().cloned());
+        if continuation.is_none() {
+            return all;
+        }
+    }
+}
+
+/// Assigned, moved, disabled and failed: each registration's outcome is one event, with what
+/// an operator asks about it; the filters and paging find them.
+async fn each_outcome_is_an_event(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    t.link_hub("hub-b.example.com").await;
+    let mut body = json!({ "registrationId": "dev-e", "attestation": { "type": "symmetricKey" },
+        "iotHubs": ["hub-a.example.com"] });
+    let enrollment = enroll(&t, body.clone()).await;
+    let (primary, _) = keys_of(&enrollment);
+    let device = Device::new(&t, "dev-e");
+    let token = device_token(&device.scope, "dev-e", &primary);
+    let first = device.register(&token).await;
+    assert_eq!(first["status"], "assigned");
+
+    let seen = events(&t, "/events?registrationId=dev-e", 10).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let assigned = &seen[0];
+    assert_eq!(assigned["kind"], "registration.assigned");
+    assert_eq!(assigned["registrationId"], "dev-e");
+    assert_eq!(assigned["operationId"], first["operationId"]);
+    assert_eq!(assigned["enrollmentId"], "dev-e");
+    assert_eq!(assigned["attestationType"], "symmetricKey");
+    assert_eq!(assigned["transport"], "https");
+    assert_eq!(assigned["assignedHub"], "hub-a.example.com");
+    assert_eq!(assigned["substatus"], "initialAssignment");
+    assert!(assigned.get("errorCode").is_none(), "{assigned}");
+
+    // Moved to another hub.
+    body["iotHubs"] = json!(["hub-b.example.com"]);
+    body["attestation"] = enrollment["attestation"].clone();
+    enroll(&t, body.clone()).await;
+    assert_eq!(
+        device.register(&token).await["registrationState"]["assignedHub"],
+        "hub-b.example.com"
+    );
+    // Disabled.
+    body["provisioningStatus"] = json!("disabled");
+    enroll(&t, body.clone()).await;
+    assert_eq!(device.register(&token).await["status"], "disabled");
+    // Failed: a csr without a credential policy.
+    body["provisioningStatus"] = json!("enabled");
+    enroll(&t, body).await;
+    let failed = device
+        .register_with(
+            &token,
+            json!({ "registrationId": "dev-e", "csr": "MIIB" }),
+            &[],
+        )
+        .await;
+    assert_eq!(failed["status"], "failed");
+
+    let all = events(&t, "/events?registrationId=dev-e", 1).await;
+    let kinds: Vec<&str> = all.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "registration.assigned",
+            "registration.moved",
+            "registration.disabled",
+            "registration.failed"
+        ],
+        "in time order, page by page"
+    );
+    let moved = &all[1];
+    assert_eq!(moved["previousHub"], "hub-a.example.com");
+    assert_eq!(moved["assignedHub"], "hub-b.example.com");
+    assert_eq!(all[2]["errorCode"], 403002);
+    assert_eq!(all[3]["errorCode"], 400210);
+    assert!(
+        all[3]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("credentialPolicyName")
+    );
+
+    // A group member's event names its group; filters combine.
+    let group = enroll(
+        &t,
+        json!({ "enrollmentGroupId": "fleet", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (group_key, _) = keys_of(&group);
+    let member = Device::new(&t, "member-1");
+    let member_token = device_token(
+        &member.scope,
+        "member-1",
+        &group_key.derive_device_key("member-1"),
+    );
+    assert_eq!(member.register(&member_token).await["status"], "assigned");
+    let of_group = events(&t, "/events?enrollmentGroupId=fleet", 10).await;
+    assert_eq!(of_group.len(), 1, "{of_group:?}");
+    assert_eq!(of_group[0]["registrationId"], "member-1");
+    assert_eq!(of_group[0]["enrollmentGroupId"], "fleet");
+    assert_eq!(events(&t, "/events", 2).await.len(), 5);
+    assert_eq!(
+        events(&t, "/events?kind=registration.moved", 10)
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(
+        events(
+            &t,
+            "/events?kind=registration.assigned&enrollmentId=dev-e",
+            10
+        )
+        .await
+        .len(),
+        1
+    );
+    assert_eq!(
+        events(&t, "/events?from=2999-01-01T00:00:00Z", 10)
+            .await
+            .len(),
+        0
+    );
+    assert_eq!(
+        events(&t, "/events?to=2000-01-01T00:00:00Z", 10)
+            .await
+            .len(),
+        0
+    );
+    assert_eq!(
+        events(
+            &t,
+            "/events?from=2000-01-01T00:00:00Z&to=2999-01-01T00:00:00Z",
+            10
+        )
+        .await
+        .len(),
+        5
+    );
+
+    // Bad filters are a 400 that says which.
+    for (query, code, says) in [
+        ("/events?kind=registration.exploded", 400004, "kind"),
+        ("/events?from=yesterday", 400004, "from"),
+        ("/events?registrationId=a%20b", 400004, "registrationId"),
+        (
+            "/events?enrollmentId=a&enrollmentGroupId=b",
+            400004,
+            "not both",
+        ),
+        ("/events?colour=red", 400006, "colour"),
+    ] {
+        let response = t.owner(Method::GET, query).send().await.unwrap();
+        let refused = expect_error(response, 400, code).await;
+        assert!(
+            refused["message"].as_str().unwrap().contains(says),
+            "{query}: {refused}"
+        );
+    }
+    // Reading them takes RegistrationStatusRead.
+    let key = policy_with(
+        &t,
+        "enrollments-only",
+        &["EnrollmentRead", "EnrollmentWrite"],
+    )
+    .await;
+    let response = t
+        .signed(Method::GET, "/events", "enrollments-only", &key)
+        .send()
+        .await
+        .unwrap();
+    expect_error(response, 403, 403001).await;
+}
+
+/// With `events.retention_days = 0`, no events are written.
+async fn events_can_be_turned_off(backend: Backend) {
+    let t = TestServer::start_with(backend, |config| config.events.retention_days = 0).await;
+    t.link_hub("hub-a.example.com").await;
+    let enrollment = enroll(
+        &t,
+        json!({ "registrationId": "quiet", "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (primary, _) = keys_of(&enrollment);
+    let device = Device::new(&t, "quiet");
+    let token = device_token(&device.scope, "quiet", &primary);
+    assert_eq!(device.register(&token).await["status"], "assigned");
+    assert_eq!(events(&t, "/events", 10).await, Vec::<Value>::new());
+}
+
+on_both_backends!(each_outcome_is_an_event, events_can_be_turned_off);
