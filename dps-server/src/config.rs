@@ -338,6 +338,8 @@ pub enum LogFormat {
 pub struct Limits {
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
+    /// Live event streams (`GET /events/stream`) open at once on this server; more are 503.
+    pub max_event_streams: usize,
     /// Largest body of a device request, bytes (Azure: 96 KB).
     pub max_device_body_bytes: usize,
     /// `Retry-After` sent with 202 answers to devices, seconds (1 to 300).
@@ -388,6 +390,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 4 * 1024 * 1024,
+            max_event_streams: 64,
             max_device_body_bytes: 96 * 1024,
             retry_after_secs: 1,
             resume_assigning_after_secs: 10,

@@ -99,6 +99,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
+        event_streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_event_streams)),
         event_retention: (config.events.retention_days > 0)
             .then(|| i64::from(config.events.retention_days) * 86_400),
         issuance: Arc::new(crate::domain::issuance::Issuance::load(&config.issuance)?),

@@ -32,6 +32,8 @@ pub struct AppState {
     pub certificates: Arc<attestation::x509::ParsedCache>,
     /// How long registration events are kept (seconds); `None`: none are written.
     pub event_retention: Option<i64>,
+    /// Places for live event streams (`limits.max_event_streams`).
+    pub event_streams: Arc<tokio::sync::Semaphore>,
     /// Credential policies and their issuing CAs.
     pub issuance: Arc<crate::domain::issuance::Issuance>,
     /// TPM manufacturer certificates and the challenge lifetime.

@@ -206,6 +206,94 @@ async fn each_outcome_is_an_event(backend: Backend) {
     expect_error(response, 403, 403001).await;
 }
 
+/// Reads a Server-Sent Events stream until its text holds `wanted` (10 s at most); returns the
+/// text read.
+async fn read_until(response: &mut reqwest::Response, wanted: &str) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !text.contains(wanted) {
+        let chunk = tokio::time::timeout_at(deadline, response.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no {wanted:?} in the stream; it said: {text}"))
+            .unwrap()
+            .unwrap_or_else(|| panic!("the stream ended; it said: {text}"));
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// Registers `id` through a new individual enrollment.
+async fn registered(t: &TestServer, id: &str) -> Value {
+    let enrollment = enroll(
+        t,
+        json!({ "registrationId": id, "attestation": { "type": "symmetricKey" } }),
+    )
+    .await;
+    let (primary, _) = keys_of(&enrollment);
+    let device = Device::new(t, id);
+    let token = device_token(&device.scope, id, &primary);
+    device.register(&token).await
+}
+
+/// The live stream sends each new event that matches its filters as it is written; a client
+/// that reconnects with the last id it saw gets what came after, not again what it saw; the
+/// streams open at once are capped, and a closed one frees its place.
+async fn events_stream_live(backend: Backend) {
+    let t = TestServer::start_with(backend, |config| config.limits.max_event_streams = 1).await;
+    t.link_hub("hub-a.example.com").await;
+    let mut live = t
+        .owner(Method::GET, "/events/stream?kind=registration.assigned")
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+    assert!(
+        live.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    // The cap: a second stream is refused while the first is open.
+    let refused = t.owner(Method::GET, "/events/stream").send().await.unwrap();
+    expect_error(refused, 503, 503001).await;
+
+    let done = registered(&t, "live-1").await;
+    let text = read_until(&mut live, "live-1").await;
+    assert!(text.contains("event: registration.assigned"), "{text}");
+    assert!(
+        text.contains(done["operationId"].as_str().unwrap()),
+        "{text}"
+    );
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .unwrap()
+        .to_owned();
+    drop(live);
+
+    // Reconnecting after that event: the next one, and not that one again. (The closed
+    // stream's place is free again once the server sees it closed.)
+    registered(&t, "live-2").await;
+    let mut again = None;
+    for _ in 0..50 {
+        let response = t
+            .owner(Method::GET, "/events/stream")
+            .header("Last-Event-ID", &id)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            again = Some(response);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut again = again.expect("the closed stream's place was never freed");
+    let text = read_until(&mut again, "live-2").await;
+    assert!(!text.contains("live-1"), "{text}");
+}
+
 /// With `events.retention_days = 0`, no events are written.
 async fn events_can_be_turned_off(backend: Backend) {
     let t = TestServer::start_with(backend, |config| config.events.retention_days = 0).await;
@@ -222,4 +310,8 @@ async fn events_can_be_turned_off(backend: Backend) {
     assert_eq!(events(&t, "/events", 10).await, Vec::<Value>::new());
 }
 
-on_both_backends!(each_outcome_is_an_event, events_can_be_turned_off);
+on_both_backends!(
+    each_outcome_is_an_event,
+    events_stream_live,
+    events_can_be_turned_off
+);

@@ -152,6 +152,12 @@ pub async fn list(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Stored>, DomainError> {
+    let filter = filter_of(query)?;
+    Ok(state.store.list_events(ns, &filter, after, limit).await?)
+}
+
+/// The storage filter of `query`, its values checked.
+pub fn filter_of(query: &Query) -> Result<EventFilter, DomainError> {
     if let Some(kind) = &query.kind
         && !KINDS.contains(&kind.as_str())
     {
@@ -187,7 +193,7 @@ pub async fn list(
         ))),
         (None, None) => None,
     };
-    let filter = EventFilter {
+    Ok(EventFilter {
         kind: query.kind.clone(),
         registration,
         enrollment,
@@ -197,8 +203,22 @@ pub async fn list(
             .map(|t| time_key("from", t))
             .transpose()?,
         to: query.to.as_deref().map(|t| time_key("to", t)).transpose()?,
-    };
-    Ok(state.store.list_events(ns, &filter, after, limit).await?)
+    })
+}
+
+/// The key after which a live stream starts: the event a reconnecting client saw last
+/// (`Last-Event-ID`), else the filter's `from`, else now (only new events).
+pub fn stream_start(last_seen: Option<&str>, filter: &EventFilter) -> String {
+    match (last_seen, &filter.from) {
+        (Some(id), _) => id.to_owned(),
+        // Every key of `from`'s millisecond sorts after this one.
+        (None, Some(from)) => from.clone(),
+        (None, None) => {
+            let now = OffsetDateTime::now_utc();
+            let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+            event_key_at(millis)
+        }
+    }
 }
 
 /// A stored event.
