@@ -145,11 +145,20 @@ impl Default for TpmConfig {
 pub struct EventsConfig {
     /// Days an event is kept; 0: no events are written.
     pub retention_days: u32,
+    /// An HTTP(S) endpoint that receives every event this server commits, as a CloudEvent
+    /// (signed with `allocation.webhook_signing_key` when set); none by default.
+    pub webhook_url: Option<String>,
+    /// Events waiting for the webhook at most; past it the oldest are dropped (and counted).
+    pub webhook_queue: usize,
 }
 
 impl Default for EventsConfig {
     fn default() -> Self {
-        Self { retention_days: 7 }
+        Self {
+            retention_days: 7,
+            webhook_url: None,
+            webhook_queue: 10_000,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod event_webhook;
 pub mod http;
 pub mod hubs;
 pub mod mqtt;

@@ -77,6 +77,11 @@ struct HubLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
     backend: String,
@@ -90,6 +95,7 @@ pub struct Metrics {
     durations: Family<RouteLabels, Histogram>,
     registrations: Family<RegistrationLabels, Counter>,
     hub_devices: Family<HubLabels, Gauge>,
+    event_webhook: Family<OutcomeLabels, Counter>,
     /// When the device counts per hub were last read from the store.
     pub hub_counts_at: tokio::sync::Mutex<Option<Instant>>,
 }
@@ -132,14 +138,44 @@ impl Metrics {
             "Devices assigned to each linked hub, by instance (read from the store at most every 30 seconds)",
             hub_devices.clone(),
         );
+        let event_webhook = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "event_webhook",
+            "Events handed to events.webhook_url, by outcome (delivered, failed after retries, dropped from a full queue)",
+            event_webhook.clone(),
+        );
         Self {
             registry,
             requests,
             durations,
             registrations,
             hub_devices,
+            event_webhook,
             hub_counts_at: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// An event the webhook took.
+    pub fn event_webhook_delivered(&self) {
+        self.event_webhook_outcome("delivered");
+    }
+
+    /// An event the webhook did not take after every attempt.
+    pub fn event_webhook_failed(&self) {
+        self.event_webhook_outcome("failed");
+    }
+
+    /// An event dropped from the full queue.
+    pub fn event_webhook_dropped(&self) {
+        self.event_webhook_outcome("dropped");
+    }
+
+    fn event_webhook_outcome(&self, outcome: &str) {
+        self.event_webhook
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// Replaces the per-hub device counts (hubs without devices disappear).

@@ -81,11 +81,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         signer: crate::domain::allocation::webhook_signer(&config)?,
     };
     let measured = Arc::new(allocation_policies::geo::MeasuredLatency::default());
+    let metrics = Arc::new(Metrics::new(store.backend()));
+    let event_webhook = match &config.events.webhook_url {
+        Some(url) => Some(crate::event_webhook::EventWebhook::start(
+            crate::domain::events::webhook_url(url)?,
+            config.events.webhook_queue,
+            connectors.outbound.clone(),
+            connectors.signer.clone(),
+            metrics.clone(),
+        )),
+        None => None,
+    };
     let state = AppState {
         store: store.clone(),
         limits: Arc::new(config.limits.clone()),
         admin_instance: config.admin_instance().into(),
-        metrics: Arc::new(Metrics::new(store.backend())),
+        metrics: metrics.clone(),
         throttle: Arc::new(Throttle::new(&config.throttle)),
         policies: Arc::new(crate::domain::allocation::registry(
             &config,
@@ -99,6 +110,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         ))),
         trusted_location_headers: Arc::new(config.allocation.geo.clone()),
         certificates: Arc::default(),
+        event_webhook,
         event_streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_event_streams)),
         event_retention: (config.events.retention_days > 0)
             .then(|| i64::from(config.events.retention_days) * 86_400),

@@ -294,6 +294,106 @@ async fn events_stream_live(backend: Backend) {
     assert!(!text.contains("live-1"), "{text}");
 }
 
+/// The webhook gets each event this server commits as a CloudEvent, signed; a webhook that
+/// fails is tried again; a full queue drops the oldest and counts it.
+async fn events_reach_the_webhook_as_cloud_events(backend: Backend) {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    const KEY: &str = "c2lnbmluZy1rZXktZm9yLWV2ZW50LXdlYmhvb2tzIQ==";
+    let hook = MockServer::start().await;
+    // Fails once, then takes every event.
+    Mock::given(method("POST"))
+        .and(path("/events"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&hook)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/events"))
+        .respond_with(ResponseTemplate::new(204))
+        .with_priority(2)
+        .mount(&hook)
+        .await;
+    let url = format!("{}/events", hook.uri());
+    let t = TestServer::start_with(backend, move |config| {
+        config.events.webhook_url = Some(url);
+        config.allocation.webhook_signing_key = Some(KEY.into());
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    let done = registered(&t, "hooked-1").await;
+    let mut received = Vec::new();
+    for _ in 0..100 {
+        received = hook.received_requests().await.unwrap_or_default();
+        if received.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(received.len(), 2, "one failed attempt, then the delivery");
+    let delivered = &received[1];
+    assert_eq!(received[0].body, delivered.body, "the same event again");
+    assert_eq!(
+        delivered.headers["content-type"],
+        "application/cloudevents+json"
+    );
+    let body: Value = serde_json::from_slice(&delivered.body).unwrap();
+    assert_eq!(body["specversion"], "1.0");
+    assert_eq!(body["type"], "dps.registration.assigned");
+    assert_eq!(body["subject"], "hooked-1");
+    assert_eq!(body["source"], "/instances/default");
+    assert_eq!(body["data"]["operationId"], done["operationId"]);
+    assert_eq!(body["id"], body["data"]["id"]);
+    let timestamp: u64 = delivered.headers["x-dps-timestamp"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let key = attestation::SymmetricKey::from_base64(KEY).unwrap();
+    let signer = dps_outbound::WebhookSigner::new(key.as_bytes().to_vec());
+    assert_eq!(
+        delivered.headers["x-dps-signature"].to_str().unwrap(),
+        signer.signature(timestamp, &delivered.body)
+    );
+    let metrics = t.metrics().await;
+    assert!(
+        metrics.contains(r#"dps_event_webhook_total{outcome="delivered"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// A webhook slower than the events: the queue keeps the newest, drops the oldest, and says
+/// how many.
+async fn a_slow_webhook_drops_the_oldest_events(backend: Backend) {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let hook = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204).set_delay(std::time::Duration::from_secs(2)))
+        .mount(&hook)
+        .await;
+    let url = hook.uri();
+    let t = TestServer::start_with(backend, move |config| {
+        config.events.webhook_url = Some(url);
+        config.events.webhook_queue = 1;
+    })
+    .await;
+    t.link_hub("hub-a.example.com").await;
+    for id in ["slow-1", "slow-2", "slow-3", "slow-4"] {
+        registered(&t, id).await;
+    }
+    let metrics = t.metrics().await;
+    let dropped = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"dps_event_webhook_total{outcome="dropped"} "#))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 1, "{metrics}");
+    // The events themselves are all stored.
+    assert_eq!(events(&t, "/events", 10).await.len(), 4);
+}
+
 /// With `events.retention_days = 0`, no events are written.
 async fn events_can_be_turned_off(backend: Backend) {
     let t = TestServer::start_with(backend, |config| config.events.retention_days = 0).await;
@@ -313,5 +413,7 @@ async fn events_can_be_turned_off(backend: Backend) {
 on_both_backends!(
     each_outcome_is_an_event,
     events_stream_live,
+    events_reach_the_webhook_as_cloud_events,
+    a_slow_webhook_drops_the_oldest_events,
     events_can_be_turned_off
 );

@@ -225,3 +225,19 @@ pub fn stream_start(last_seen: Option<&str>, filter: &EventFilter) -> String {
 pub fn render(stored: &Stored) -> Result<Event, DomainError> {
     stored.doc_json()
 }
+
+/// Checks `events.webhook_url`: an absolute http or https URL.
+pub fn webhook_url(url: &str) -> anyhow::Result<String> {
+    anyhow::ensure!(
+        url.starts_with("https://") || url.starts_with("http://"),
+        "events.webhook_url must be an http(s) URL"
+    );
+    Ok(url.to_owned())
+}
+
+/// Hands the events among `writes`, a transaction that committed, to the webhook.
+pub fn committed(state: &AppState, writes: &[Write]) {
+    if let Some(webhook) = &state.event_webhook {
+        webhook.committed(writes);
+    }
+}

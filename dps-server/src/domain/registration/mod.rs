@@ -244,7 +244,10 @@ pub async fn start(
             );
         }
         match state.store.write(&batch).await {
-            Ok(_) => break,
+            Ok(_) => {
+                events::committed(state, &batch);
+                break;
+            }
             Err(e) if attempts < ATTEMPTS && crate::domain::attest::tpm::lost_race(&e) => {
                 fresh_challenges = true;
             }
@@ -511,6 +514,7 @@ pub async fn assign(
         )?;
         match state.store.write(&writes).await {
             Ok(_) => {
+                events::committed(state, &writes);
                 log_finished(&id, &op);
                 if let Some(credential) = credential {
                     remember(state, ns, operation_key, &op, credential);
