@@ -128,6 +128,14 @@ impl EventWebhook {
                     self.metrics.event_webhook_delivered();
                     return;
                 }
+                // Refused for what it is: sending it again will not help.
+                Ok(answer)
+                    if answer.status.is_client_error()
+                        && !matches!(answer.status.as_u16(), 408 | 429) =>
+                {
+                    tracing::warn!(status = %answer.status, "the event webhook refused an event for good");
+                    break;
+                }
                 Ok(answer) => {
                     tracing::warn!(status = %answer.status, attempt, "the event webhook refused an event");
                 }

@@ -150,7 +150,7 @@ async fn each_outcome_is_an_event(backend: Backend) {
         1
     );
     assert_eq!(
-        events(&t, "/events?from=2999-01-01T00:00:00Z", 10)
+        events(&t, "/events?from=2200-01-01T00:00:00Z", 10)
             .await
             .len(),
         0
@@ -164,7 +164,7 @@ async fn each_outcome_is_an_event(backend: Backend) {
     assert_eq!(
         events(
             &t,
-            "/events?from=2000-01-01T00:00:00Z&to=2999-01-01T00:00:00Z",
+            "/events?from=2000-01-01T00:00:00Z&to=2200-01-01T00:00:00Z",
             10
         )
         .await
@@ -176,6 +176,7 @@ async fn each_outcome_is_an_event(backend: Backend) {
     for (query, code, says) in [
         ("/events?kind=registration.exploded", 400004, "kind"),
         ("/events?from=yesterday", 400004, "from"),
+        ("/events?from=2300-01-01T00:00:00Z", 400004, "2286"),
         ("/events?registrationId=a%20b", 400004, "registrationId"),
         (
             "/events?enrollmentId=a&enrollmentGroupId=b",
@@ -235,12 +236,38 @@ async fn registered(t: &TestServer, id: &str) -> Value {
     device.register(&token).await
 }
 
-/// The live stream sends each new event that matches its filters as it is written; a client
-/// that reconnects with the last id it saw gets what came after, not again what it saw; the
-/// streams open at once are capped, and a closed one frees its place.
+/// The live stream sends each new event that matches its filters once it has settled (a few
+/// seconds); it outlives the idle timeout; a client that reconnects with the last id it saw
+/// gets what came after, not again what it saw; the streams open at once are capped, and a
+/// closed one frees its place; a stream past its `to` ends.
 async fn events_stream_live(backend: Backend) {
-    let t = TestServer::start_with(backend, |config| config.limits.max_event_streams = 1).await;
+    // Connections idle for 2 s are closed: a stream waiting longer for its event is not idle.
+    let t = TestServer::start_with(backend, |config| {
+        config.limits.max_event_streams = 1;
+        config.limits.idle_timeout_secs = 2;
+    })
+    .await;
     t.link_hub("hub-a.example.com").await;
+    // A stream whose `to` has passed sends what there was and ends; a Last-Event-ID that is
+    // not an event id is refused.
+    let ended = t
+        .owner(Method::GET, "/events/stream?to=2000-01-01T00:00:00Z")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ended.status(), 200);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(10), ended.text())
+        .await
+        .expect("a stream past its end did not end")
+        .unwrap();
+    assert!(!body.contains("data:"), "{body}");
+    let refused = t
+        .owner(Method::GET, "/events/stream")
+        .header("Last-Event-ID", "'; DROP TABLE events; --")
+        .send()
+        .await
+        .unwrap();
+    expect_error(refused, 400, 400009).await;
     let mut live = t
         .owner(Method::GET, "/events/stream?kind=registration.assigned")
         .header("Accept", "text/event-stream")
@@ -258,6 +285,8 @@ async fn events_stream_live(backend: Backend) {
     let refused = t.owner(Method::GET, "/events/stream").send().await.unwrap();
     expect_error(refused, 503, 503001).await;
 
+    // Longer than the idle timeout before anything happens.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let done = registered(&t, "live-1").await;
     let text = read_until(&mut live, "live-1").await;
     assert!(text.contains("event: registration.assigned"), "{text}");

@@ -54,6 +54,11 @@ impl Transport {
     }
 }
 
+/// Marks a response whose body goes on (a live stream): its connection counts as busy, and is
+/// not closed as idle, until the body ends.
+#[derive(Debug, Clone, Copy)]
+pub struct LongLived;
+
 /// How long a request's body may take to arrive, added to every request's extensions.
 #[derive(Debug, Clone, Copy)]
 pub struct BodyDeadline(pub Duration);
@@ -372,9 +377,21 @@ where
                 }
                 let answer = inner.clone().oneshot(req.map(axum::body::Body::new));
                 async move {
-                    let response = answer.await;
-                    drop(in_flight);
-                    response
+                    let mut response = answer.await?;
+                    // A response marked long-lived (a live stream) keeps its connection busy
+                    // until its body ends; any other is done once its head is produced.
+                    if response.extensions_mut().remove::<LongLived>().is_some() {
+                        use http_body_util::BodyExt as _;
+                        response = response.map(|body| {
+                            axum::body::Body::new(body.map_frame(move |frame| {
+                                let _busy = &in_flight;
+                                frame
+                            }))
+                        });
+                    } else {
+                        drop(in_flight);
+                    }
+                    Ok::<_, Infallible>(response)
                 }
             })
         };

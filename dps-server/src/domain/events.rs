@@ -36,7 +36,9 @@ pub fn of_outcome(
     let Some(retention) = retention else {
         return Ok(None);
     };
-    let state = op.registration_state.clone().unwrap_or_default();
+    let empty = Default::default();
+    let state: &dps_protocol::enrollment::DeviceRegistrationState =
+        op.registration_state.as_ref().unwrap_or(&empty);
     let moved = match (previous_hub, state.assigned_hub.as_deref()) {
         (Some(before), Some(now)) => !before.eq_ignore_ascii_case(now),
         _ => false,
@@ -66,14 +68,7 @@ pub fn of_outcome(
         operation_id: Some(op.operation_id.clone()),
         enrollment_id,
         enrollment_group_id,
-        attestation_type: Some(
-            match (&op.tpm, &op.x509) {
-                (Some(_), _) => "tpm",
-                (None, Some(_)) => "x509",
-                (None, None) => "symmetricKey",
-            }
-            .to_owned(),
-        ),
+        attestation_type: op.attestation.clone(),
         transport: op.transport.clone(),
         assigned_hub: state.assigned_hub.clone().filter(|_| assigned),
         previous_hub: previous_hub.filter(|_| moved).map(str::to_owned),
@@ -139,8 +134,11 @@ fn bad(field: &str, message: impl Into<String>) -> DomainError {
 fn time_key(field: &str, text: &str) -> Result<String, DomainError> {
     let time = OffsetDateTime::parse(text, &Rfc3339)
         .map_err(|_| bad(field, "an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"))?;
+    // Keys are 13 digits of milliseconds: up to the year 2286.
     let millis = i64::try_from(time.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_| bad(field, "out of range"))?;
+        .ok()
+        .filter(|ms| (0..=9_999_999_999_999).contains(ms))
+        .ok_or_else(|| bad(field, "a time between 1970 and 2286"))?;
     Ok(event_key_at(millis))
 }
 
@@ -206,6 +204,24 @@ pub fn filter_of(query: &Query) -> Result<EventFilter, DomainError> {
     })
 }
 
+/// Whether `id` has the shape of an event id (13 digits of milliseconds, `-`, 12 hex digits).
+pub fn is_event_id(id: &str) -> bool {
+    let (millis, suffix) = id.split_once('-').unwrap_or((id, ""));
+    millis.len() == 13
+        && millis.bytes().all(|b| b.is_ascii_digit())
+        && suffix.len() == 12
+        && suffix
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The key of the millisecond `delay` before now.
+pub fn key_before_now(delay: std::time::Duration) -> String {
+    let now = OffsetDateTime::now_utc() - delay;
+    let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    event_key_at(millis)
+}
+
 /// The key after which a live stream starts: the event a reconnecting client saw last
 /// (`Last-Event-ID`), else the filter's `from`, else now (only new events).
 pub fn stream_start(last_seen: Option<&str>, filter: &EventFilter) -> String {
@@ -213,11 +229,7 @@ pub fn stream_start(last_seen: Option<&str>, filter: &EventFilter) -> String {
         (Some(id), _) => id.to_owned(),
         // Every key of `from`'s millisecond sorts after this one.
         (None, Some(from)) => from.clone(),
-        (None, None) => {
-            let now = OffsetDateTime::now_utc();
-            let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-            event_key_at(millis)
-        }
+        (None, None) => key_before_now(std::time::Duration::ZERO),
     }
 }
 

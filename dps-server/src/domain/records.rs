@@ -40,6 +40,9 @@ pub struct OperationRecord {
     /// The address the device registered from (an input of allocation policies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_address: Option<std::net::IpAddr>,
+    /// How the device proved who it is (`symmetricKey`, `x509`, `tpm`), for its events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<String>,
     /// How the device reached the service (`https`, or `mqtt` over TLS or a WebSocket), for
     /// its events.
     #[serde(default, skip_serializing_if = "Option::is_none")]

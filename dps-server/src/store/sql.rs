@@ -635,8 +635,23 @@ impl Store for SqlStore {
     ) -> Result<Vec<Stored>, StoreError> {
         let ns = instance_key(ns);
         let mut values = vec![Value::Text(&ns)];
-        let mut sql = String::from(
-            "SELECT key, doc, etag, created_at, updated_at FROM events WHERE instance = $1",
+        // Without statistics SQLite's planner walks the primary key (it gives the order) and
+        // filters every event of the instance: it is told the index of the most selective
+        // filter.
+        let index = match (
+            matches!(self.reads, Pool::Sqlite(_)),
+            &filter.registration,
+            &filter.enrollment,
+            &filter.kind,
+        ) {
+            (false, ..) => "",
+            (true, Some(_), ..) => " INDEXED BY events_by_registration",
+            (true, None, Some(_), _) => " INDEXED BY events_by_enrollment",
+            (true, None, None, Some(_)) => " INDEXED BY events_by_kind",
+            (true, None, None, None) => "",
+        };
+        let mut sql = format!(
+            "SELECT key, doc, etag, created_at, updated_at FROM events{index} WHERE instance = $1"
         );
         let conditions = [
             ("kind =", filter.kind.as_deref()),

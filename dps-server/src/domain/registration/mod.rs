@@ -94,6 +94,14 @@ pub async fn start(
         issued_certificate_chain: None,
         source_address,
         transport: Some(transport.to_owned()),
+        attestation: Some(
+            match (&attested.tpm, &attested.certificate) {
+                (Some(_), _) => "tpm",
+                (None, Some(_)) => "x509",
+                (None, None) => "symmetricKey",
+            }
+            .to_owned(),
+        ),
         metadata,
         x509: attested
             .certificate

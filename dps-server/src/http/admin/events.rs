@@ -28,8 +28,14 @@ pub fn routes() -> Router<AppState> {
 const STREAM_POLL: Duration = Duration::from_secs(1);
 /// Events a stream reads at once.
 const STREAM_PAGE: usize = 100;
-/// The longest `Last-Event-ID` taken (event ids are about 30 characters).
-const MAX_LAST_EVENT_ID: usize = 64;
+/// How old an event must be before a stream sends it. An event's id is its server's clock
+/// when it was written, not when it committed: a transaction that commits late (a lock, a
+/// retry), or a replica whose clock is a little behind, writes an id older than ones already
+/// sent. Waiting this long lets those land first, so that none is skipped.
+const SETTLE: Duration = Duration::from_secs(3);
+/// A stream ends after this long (the client reconnects with `Last-Event-ID`, and so shows
+/// its credentials again).
+const MAX_STREAM: Duration = Duration::from_secs(3600);
 
 /// The 400 of a query that is not the filters'.
 fn bad_query(e: &QueryRejection) -> DomainError {
@@ -53,12 +59,14 @@ async fn stream(
 ) -> Result<Response, DomainError> {
     let Query(query) = query.map_err(|e| bad_query(&e))?;
     let filter = events::filter_of(&query)?;
+    // An empty one (a client that saw nothing yet) is none.
     let last_seen = headers
         .get("last-event-id")
+        .filter(|v| !v.is_empty())
         .map(|v| {
             v.to_str()
                 .ok()
-                .filter(|id| id.len() <= MAX_LAST_EVENT_ID)
+                .filter(|id| events::is_event_id(id))
                 .ok_or_else(|| {
                     DomainError::new(ErrorCode::InvalidHeader, "Last-Event-ID: not an event id")
                 })
@@ -77,24 +85,40 @@ async fn stream(
     let after = events::stream_start(last_seen, &filter);
     let ns = admin.ns().to_owned();
     let pending: VecDeque<sse::Event> = VecDeque::new();
+    let ends = tokio::time::Instant::now() + MAX_STREAM;
     let stream = futures_util::stream::unfold(
-        (state, ns, filter, after, pending, permit, true),
-        |(state, ns, filter, mut after, mut pending, permit, mut first)| async move {
+        (state, ns, filter, after, pending, permit, true, false),
+        move |(state, ns, filter, mut after, mut pending, permit, mut first, mut last)| async move {
             loop {
                 if let Some(event) = pending.pop_front() {
                     return Some((
                         Ok::<_, std::convert::Infallible>(event),
-                        (state, ns, filter, after, pending, permit, first),
+                        (state, ns, filter, after, pending, permit, first, last),
                     ));
+                }
+                if last {
+                    return None;
                 }
                 if !first {
                     tokio::time::sleep(STREAM_POLL).await;
                 }
                 first = false;
+                // Only settled events (see SETTLE), and none past the filter's end: a stream
+                // whose `to` has settled is done.
+                let settled = events::key_before_now(SETTLE);
+                let done = filter.to.as_ref().is_some_and(|to| *to <= settled);
+                if tokio::time::Instant::now() >= ends {
+                    return None;
+                }
+                let mut window = filter.clone();
+                window.to = Some(match &filter.to {
+                    Some(to) if *to < settled => to.clone(),
+                    _ => settled,
+                });
                 // A failed read is tried again at the next poll; the stream stays open.
                 let Ok(rows) = state
                     .store
-                    .list_events(&ns, &filter, Some(&after), STREAM_PAGE)
+                    .list_events(&ns, &window, Some(&after), STREAM_PAGE)
                     .await
                 else {
                     continue;
@@ -115,14 +139,18 @@ async fn stream(
                             .data(data),
                     );
                 }
-                // A full page: the next one without waiting.
+                // A full page: the next one without waiting. Past the filter's end, the last.
                 first = full;
+                last = done && !full;
             }
         },
     );
-    Ok(Sse::new(stream)
+    let mut response = Sse::new(stream)
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response();
+    // Not an idle connection while the stream goes on.
+    response.extensions_mut().insert(dps_listener::LongLived);
+    Ok(response)
 }
 
 async fn list(
