@@ -323,6 +323,30 @@ async fn events_stream_live(backend: Backend) {
     assert!(!text.contains("live-1"), "{text}");
 }
 
+/// A stream whose policy is deleted while it is open ends (its credentials are checked again
+/// every 10 s), and nothing more reaches it.
+async fn a_stream_ends_when_its_credentials_do(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let key = policy_with(&t, "watcher", &["RegistrationStatusRead"]).await;
+    let stream = t
+        .signed(Method::GET, "/events/stream", "watcher", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let deleted = t
+        .owner(Method::DELETE, "/accessPolicies/watcher")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let body = tokio::time::timeout(std::time::Duration::from_secs(20), stream.text())
+        .await
+        .expect("the stream of a deleted policy went on")
+        .unwrap();
+    assert!(!body.contains("data:"), "{body}");
+}
+
 /// The webhook gets each event this server commits as a CloudEvent, signed; a webhook that
 /// fails is tried again; a full queue drops the oldest and counts it.
 async fn events_reach_the_webhook_as_cloud_events(backend: Backend) {
@@ -442,6 +466,7 @@ async fn events_can_be_turned_off(backend: Backend) {
 on_both_backends!(
     each_outcome_is_an_event,
     events_stream_live,
+    a_stream_ends_when_its_credentials_do,
     events_reach_the_webhook_as_cloud_events,
     a_slow_webhook_drops_the_oldest_events,
     events_can_be_turned_off
