@@ -3,8 +3,9 @@
 //!
 //! Each server delivers the events it committed itself (so that replicas do not deliver one
 //! event twice), from a bounded queue: when the webhook falls behind, the oldest events are
-//! dropped first and counted (`dps_event_webhook_dropped_total`). A delivery is tried a few
-//! times with growing pauses, then counted as failed; it is never retried forever.
+//! dropped first and counted (`dps_event_webhook_total{outcome="dropped"}`). A few deliveries
+//! run at once; each is tried a few times with growing pauses, then counted as failed; it is
+//! never retried forever.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,9 @@ use crate::store::{Kind, Write};
 
 /// Attempts per event.
 const ATTEMPTS: u32 = 4;
+/// Deliveries under way at once (so that one slow answer does not hold up the others; events
+/// may therefore arrive out of order: their `id` and `time` say the order).
+const DELIVERIES: usize = 4;
 /// The pause after the first failed attempt; doubled after each.
 const FIRST_PAUSE: Duration = Duration::from_millis(500);
 
@@ -54,20 +58,27 @@ impl EventWebhook {
             ready: Notify::new(),
             metrics,
         });
-        let worker = webhook.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = worker.queue.lock().ok().and_then(|mut q| q.pop_front());
-                match next {
-                    Some(outgoing) => {
-                        worker
-                            .deliver(&url, &outbound, signer.as_ref(), outgoing)
-                            .await;
+        for _ in 0..DELIVERIES {
+            let (worker, url, outbound, signer) = (
+                webhook.clone(),
+                url.clone(),
+                outbound.clone(),
+                signer.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    let next = worker.queue.lock().ok().and_then(|mut q| q.pop_front());
+                    match next {
+                        Some(outgoing) => {
+                            worker
+                                .deliver(&url, &outbound, signer.as_ref(), outgoing)
+                                .await;
+                        }
+                        None => worker.ready.notified().await,
                     }
-                    None => worker.ready.notified().await,
                 }
-            }
-        });
+            });
+        }
         webhook
     }
 
@@ -97,8 +108,10 @@ impl EventWebhook {
                 instance: ns.clone(),
                 event,
             });
+            drop(queue);
+            // One wake-up per event, kept when no delivery is waiting yet.
+            self.ready.notify_one();
         }
-        self.ready.notify_one();
     }
 
     /// Posts one event, trying again after a pause while the webhook fails.

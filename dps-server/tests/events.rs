@@ -423,7 +423,7 @@ async fn a_slow_webhook_drops_the_oldest_events(backend: Backend) {
     use wiremock::{Mock, MockServer, ResponseTemplate};
     let hook = MockServer::start().await;
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(204).set_delay(std::time::Duration::from_secs(2)))
+        .respond_with(ResponseTemplate::new(204).set_delay(std::time::Duration::from_secs(5)))
         .mount(&hook)
         .await;
     let url = hook.uri();
@@ -433,7 +433,9 @@ async fn a_slow_webhook_drops_the_oldest_events(backend: Backend) {
     })
     .await;
     t.link_hub("hub-a.example.com").await;
-    for id in ["slow-1", "slow-2", "slow-3", "slow-4"] {
+    // Four deliveries at a time, each held 5 s, and room for one more: of eight, some drop.
+    let ids: Vec<String> = (1..=8).map(|n| format!("slow-{n}")).collect();
+    for id in &ids {
         registered(&t, id).await;
     }
     let metrics = t.metrics().await;
@@ -444,7 +446,7 @@ async fn a_slow_webhook_drops_the_oldest_events(backend: Backend) {
         .unwrap_or(0);
     assert!(dropped >= 1, "{metrics}");
     // The events themselves are all stored.
-    assert_eq!(events(&t, "/events", 10).await.len(), 4);
+    assert_eq!(events(&t, "/events", 10).await.len(), 8);
 }
 
 /// With `events.retention_days = 0`, no events are written.
