@@ -14,6 +14,8 @@ command -v node >/dev/null 2>&1 || packages+=(nodejs)
 command -v npm >/dev/null 2>&1 || packages+=(npm)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v softhsm2-util >/dev/null 2>&1 || packages+=(softhsm2)
+# The issuance tests verify chains with `openssl verify` too.
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 # TPM: swtpm (and swtpm_setup for EK certificates), tpm2-tools for the compatibility test, and
 # the tpm2-tss libraries that tss-esapi links against.
 command -v swtpm >/dev/null 2>&1 || packages+=(swtpm)
