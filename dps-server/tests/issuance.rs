@@ -957,6 +957,9 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
         .unwrap();
     expect_error(refused, 503, 503001).await;
     assert!(registration_state(&t, fragile_id).await.is_none());
+    // A request the policy refuses is refused as such, before the CA is opened at all.
+    let bad = register_with_csr(&t, fragile_id, &fragile_token, "not base64!").await;
+    assert_eq!(bad["registrationState"]["errorCode"], 400209, "{bad}");
     assert_eq!(
         records(
             &t,
@@ -1008,6 +1011,19 @@ async fn unusable_issuance_settings_stop_the_start() {
         format!("{error:#}").contains("credential policy 'a b'"),
         "{error:#}"
     );
+
+    // Nor a DNS name no certificate could carry (it would fail every issuance instead).
+    config.credential_policies.clear();
+    config.credential_policies.insert(
+        "bad-san".into(),
+        CredentialPolicyConfig {
+            certificate_authority: "x".into(),
+            dns_names: vec!["not a host".into()],
+            ..CredentialPolicyConfig::default()
+        },
+    );
+    let error = dps_server::domain::issuance::Issuance::load(&config).unwrap_err();
+    assert!(format!("{error:#}").contains("dns_names"), "{error:#}");
 }
 
 on_both_backends!(

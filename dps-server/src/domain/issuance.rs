@@ -280,17 +280,11 @@ impl Issuance {
     pub fn load(config: &IssuanceConfig) -> anyhow::Result<Self> {
         let mut cas = HashMap::new();
         for (name, ca) in &config.certificate_authorities {
-            let chain = CertificateDer::pem_file_iter(&ca.certificate_chain)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .with_context(|| {
-                    format!(
-                        "issuance CA '{name}': reading {}",
-                        ca.certificate_chain.display()
-                    )
-                })?
-                .into_iter()
-                .map(|c| c.to_vec())
-                .collect();
+            let path = ca.certificate_chain.display();
+            let chain = std::fs::read_to_string(&ca.certificate_chain)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| chain_of(&pem))
+                .map_err(|e| anyhow::anyhow!("issuance CA '{name}': {path}: {e}"))?;
             let key = open_configured_key(name, &ca.key)?;
             let issuing =
                 IssuingCa::new(chain, key).with_context(|| format!("issuance CA '{name}'"))?;
@@ -313,6 +307,10 @@ impl Issuance {
             );
             let key_types = key_types(&policy.key_types)
                 .map_err(|e| anyhow::anyhow!("credential policy '{name}': {e}"))?;
+            for dns in &policy.dns_names {
+                dps_protocol::ids::check_host_name(dns)
+                    .map_err(|e| anyhow::anyhow!("credential policy '{name}': dns_names: {e}"))?;
+            }
             anyhow::ensure!(
                 !policies.contains_key(&name.to_ascii_lowercase()),
                 "credential policy '{name}': another policy has this name in another case (names are compared ignoring case)"
@@ -345,19 +343,16 @@ impl Issuance {
         self.policies.contains_key(&policy.to_ascii_lowercase())
     }
 
-    /// The instance's policy `name` (from `credentials`), with its CA opened.
-    fn instance_policy(
-        &self,
-        ns: &str,
-        credentials: &Credentials,
+    /// The instance's policy `name` (from `credentials`) and its CA's document, unopened.
+    fn instance_policy<'c>(
+        credentials: &'c Credentials,
         name: &str,
-    ) -> Result<Policy, NotIssued> {
-        let unknown = || {
+    ) -> Result<(&'c CredentialPolicy, &'c CertificateAuthority, Vec<KeyType>), NotIssued> {
+        let policy = credentials.credential_policy(name).ok_or_else(|| {
             not_issued(format!(
                 "the enrollment's credential policy '{name}' does not exist"
             ))
-        };
-        let policy: &CredentialPolicy = credentials.credential_policy(name).ok_or_else(unknown)?;
+        })?;
         let ca_name = &policy.certificate_authority_name;
         let ca = credentials.certificate_authority(ca_name).ok_or_else(|| {
             not_issued(format!(
@@ -366,15 +361,7 @@ impl Issuance {
         })?;
         let key_types = key_types(&policy.key_types)
             .map_err(|e| not_issued(format!("credential policy '{name}': {e}")))?;
-        Ok(Policy {
-            ca_name: ca.name.clone(),
-            ca: self.open_instance_ca(ns, credentials, ca)?,
-            profile: Profile {
-                validity: days(policy.validity_in_days.unwrap_or(DEFAULT_VALIDITY_DAYS)),
-                dns_names: policy.dns_names.clone(),
-            },
-            key_types,
-        })
+        Ok((policy, ca, key_types))
     }
 
     /// The instance's CA `ca`, opened (its key, its chain checked), or as opened before.
@@ -446,13 +433,17 @@ impl Issuance {
                 "the device sent a csr, but its enrollment names no credentialPolicyName".into(),
             )
         })?;
-        let instance_policy;
-        let policy = match self.policies.get(&name.to_ascii_lowercase()) {
-            Some(configured) => configured,
-            None => {
-                instance_policy = self.instance_policy(ns, credentials, name)?;
-                &instance_policy
-            }
+        // What the policy allows is known without opening its CA: the request is checked first,
+        // so that no token is touched for one that is refused.
+        let configured = self.policies.get(&name.to_ascii_lowercase());
+        let instance = match configured {
+            Some(_) => None,
+            None => Some(Self::instance_policy(credentials, name)?),
+        };
+        let allowed = match (configured, &instance) {
+            (Some(policy), _) => policy.key_types.as_slice(),
+            (None, Some((_, _, key_types))) => key_types.as_slice(),
+            (None, None) => &[],
         };
         let invalid = |message: String| NotIssued(ErrorCode::InvalidCertificateRequest, message);
         // Base64 of the largest request accepted, with padding.
@@ -466,14 +457,29 @@ impl Issuance {
             .map_err(|_| {
                 invalid("the csr is not base64 (DER PKCS#10, without PEM armour)".into())
             })?;
-        let checked = check_csr(&der, registration_id, &policy.key_types)
-            .map_err(|e| invalid(e.to_string()))?;
-        let issued = policy
-            .ca
+        let checked =
+            check_csr(&der, registration_id, allowed).map_err(|e| invalid(e.to_string()))?;
+        let (ca_name, ca, profile) = match (configured, instance) {
+            (Some(policy), _) => (
+                policy.ca_name.clone(),
+                policy.ca.clone(),
+                policy.profile.clone(),
+            ),
+            (None, Some((policy, ca, _))) => (
+                ca.name.clone(),
+                self.open_instance_ca(ns, credentials, ca)?,
+                Profile {
+                    validity: days(policy.validity_in_days.unwrap_or(DEFAULT_VALIDITY_DAYS)),
+                    dns_names: policy.dns_names.clone(),
+                },
+            ),
+            (None, None) => return Err(not_issued(format!("no credential policy '{name}'"))),
+        };
+        let issued = ca
             .issue(
                 &checked,
                 registration_id,
-                &policy.profile,
+                &profile,
                 time::OffsetDateTime::now_utc(),
             )
             .map_err(|e| {
@@ -498,7 +504,7 @@ impl Issuance {
                 registration_id: registration_id.to_owned(),
                 sha256_thumbprint: issued.sha256_thumbprint,
                 credential_policy_name: name.to_owned(),
-                certificate_authority_name: policy.ca_name.clone(),
+                certificate_authority_name: ca_name,
                 not_before: rfc3339(issued.not_before),
                 not_after: rfc3339(issued.not_after),
                 issued_date_time_utc: None,

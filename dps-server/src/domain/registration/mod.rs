@@ -125,14 +125,21 @@ pub async fn start(
     // the operation's transaction. A request that cannot be served ends the operation at
     // once, as a disabled enrollment does: nothing is issued or assigned, and the
     // registration state is left as it is.
+    // The instance's credentials, as of the version the request read: for issuance and for
+    // the assignment below, read (or found in memory) once.
+    let configured = match record.status {
+        OperationStatus::Assigning => {
+            Some(credentials::at_version(state, ns, reads.credentials_version.clone()).await?)
+        }
+        _ => None,
+    };
     let mut issued = None;
-    if let (Some(csr), OperationStatus::Assigning) = (&csr, record.status) {
+    if let (Some(csr), Some(configured)) = (&csr, &configured) {
         let policy = match &attested.source {
             Source::Individual(e) => e.settings.credential_policy_name.as_deref(),
             Source::Group(g) => g.settings.credential_policy_name.as_deref(),
         };
-        let configured =
-            credentials::at_version(state, ns, reads.credentials_version.clone()).await?;
+        let configured = configured.clone();
         // A token signs on a blocking thread (an HSM may take milliseconds, or longer to open).
         let (issuance, ns_owned, device, policy, csr) = (
             state.issuance.clone(),
@@ -166,16 +173,14 @@ pub async fn start(
     // written once, already finished.
     let previous = reads.registration.as_ref();
     let mut finished = None;
-    if record.status == OperationStatus::Assigning {
-        let configured =
-            credentials::at_version(state, ns, reads.credentials_version.clone()).await?;
+    if let (OperationStatus::Assigning, Some(configured)) = (record.status, &configured) {
         let previous_record: Option<RegistrationRecord> =
             previous.map(|s| s.doc_json()).transpose()?;
         let source = Some(attested.source.clone());
         let provisioned = provision::provision_locally(
             state,
             ns,
-            &configured,
+            configured,
             id,
             &record,
             previous_record.as_ref(),
