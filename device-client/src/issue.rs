@@ -12,7 +12,7 @@ use std::path::Path;
 use attestation::issuance::{KeyType, certificate_request, generate_key};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use dps_pkcs11::{KeyKind, PinSource, Pkcs11Error, PrivateKey, Signer};
+use dps_pkcs11::{PinSource, Pkcs11Error, PrivateKey, Signer};
 
 use crate::key::KeyError;
 use crate::x509::PrivateKeySource;
@@ -36,15 +36,12 @@ pub fn open_or_generate(
         }
         PrivateKeySource::Pkcs11(uri) => match PrivateKey::open(uri, pin, 1) {
             Ok(key) => Ok(Signer::Token(key)),
-            Err(Pkcs11Error::NotFound(_)) => {
-                let kind = match key_type {
-                    KeyType::EcP256 => KeyKind::EcP256,
-                    KeyType::EcP384 => KeyKind::EcP384,
-                    KeyType::Rsa2048 => KeyKind::Rsa(2048),
-                    KeyType::Rsa3072 => KeyKind::Rsa(3072),
-                };
-                Ok(Signer::Token(PrivateKey::generate(uri, pin, kind, 1)?))
-            }
+            Err(Pkcs11Error::NotFound(_)) => Ok(Signer::Token(PrivateKey::generate(
+                uri,
+                pin,
+                key_type.into(),
+                1,
+            )?)),
             Err(e) => Err(e.into()),
         },
     }

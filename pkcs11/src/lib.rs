@@ -412,6 +412,18 @@ pub enum KeyKind {
     Rsa(u32),
 }
 
+impl From<attestation::issuance::KeyType> for KeyKind {
+    fn from(key_type: attestation::issuance::KeyType) -> Self {
+        use attestation::issuance::KeyType;
+        match key_type {
+            KeyType::EcP256 => KeyKind::EcP256,
+            KeyType::EcP384 => KeyKind::EcP384,
+            KeyType::Rsa2048 => KeyKind::Rsa(2048),
+            KeyType::Rsa3072 => KeyKind::Rsa(3072),
+        }
+    }
+}
+
 impl KeyKind {
     /// The curve's field size in bytes (an ECDSA signature is twice this), or `None` for RSA.
     fn field_bytes(self) -> Option<usize> {

@@ -11,7 +11,7 @@
 use attestation::issuance::{IssuingCa, KeyType, certificate_request};
 use attestation::x509::parse_der;
 use base64::Engine;
-use dps_pkcs11::{KeyKind, Pkcs11Error, Pkcs11Uri, PrivateKey, Signer};
+use dps_pkcs11::{Pkcs11Error, Pkcs11Uri, PrivateKey, Signer};
 use dps_protocol::ErrorCode;
 use dps_protocol::admin::{CertificateAuthority, CredentialPolicy};
 use dps_protocol::ids::{check_host_name, check_name, check_resource_name};
@@ -206,13 +206,7 @@ fn complete(
     };
     let uri = rules.token_uri(ns, uri).map_err(key_error)?;
     let name = ca.name.clone();
-    let kind = match kind {
-        KeyType::EcP256 => KeyKind::EcP256,
-        KeyType::EcP384 => KeyKind::EcP384,
-        KeyType::Rsa2048 => KeyKind::Rsa(2048),
-        KeyType::Rsa3072 => KeyKind::Rsa(3072),
-    };
-    let key = PrivateKey::generate(&uri, None, kind, 1).map_err(|e| match e {
+    let key = PrivateKey::generate(&uri, None, kind.into(), 1).map_err(|e| match e {
         Pkcs11Error::Exists(_) => DomainError::new(
             ErrorCode::Conflict,
             "the token already holds an object of the URI's label or id: PUT without generateKey to use its key",
