@@ -416,6 +416,38 @@ async fn events_reach_the_webhook_as_cloud_events(backend: Backend) {
     );
 }
 
+/// A webhook that refuses an event for what it is (400) is not sent it again; the event is
+/// counted as failed.
+async fn a_refused_event_is_not_sent_again(backend: Backend) {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let hook = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400))
+        .mount(&hook)
+        .await;
+    let url = hook.uri();
+    let t =
+        TestServer::start_with(backend, move |config| config.events.webhook_url = Some(url)).await;
+    t.link_hub("hub-a.example.com").await;
+    registered(&t, "refused-1").await;
+    let mut failed = false;
+    for _ in 0..100 {
+        failed = t
+            .metrics()
+            .await
+            .contains(r#"dps_event_webhook_total{outcome="failed"} 1"#);
+        if failed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(failed, "the refusal was not counted");
+    // Longer than the first pause between attempts: no second one came.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(hook.received_requests().await.unwrap_or_default().len(), 1);
+}
+
 /// A webhook slower than the events: the queue keeps the newest, drops the oldest, and says
 /// how many.
 async fn a_slow_webhook_drops_the_oldest_events(backend: Backend) {
@@ -470,6 +502,7 @@ on_both_backends!(
     events_stream_live,
     a_stream_ends_when_its_credentials_do,
     events_reach_the_webhook_as_cloud_events,
+    a_refused_event_is_not_sent_again,
     a_slow_webhook_drops_the_oldest_events,
     events_can_be_turned_off
 );

@@ -128,6 +128,24 @@ fn with_other_signature(certificate: &[u8]) -> Vec<u8> {
     copy
 }
 
+/// Deletes `id`'s onboarding enrollment and enrolls group `group`, anchored at the issuing
+/// CA `ca_pem`: from then on the device's issued certificates admit it (an individual
+/// enrollment of an id keeps group certificates from claiming it).
+async fn onboarded_to_ca_group(t: &TestServer, id: &str, group: &str, ca_pem: &str) {
+    let deleted = t
+        .owner(Method::DELETE, &format!("/enrollments/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    enroll(
+        t,
+        json!({ "enrollmentGroupId": group,
+            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": ca_pem } } } } }),
+    )
+    .await;
+}
+
 /// The leaf of a final answer's issued chain, DER.
 fn issued_leaf(done: &Value) -> Vec<u8> {
     let leaf = done["registrationState"]["issuedCertificateChain"][0]
@@ -270,18 +288,7 @@ async fn a_csr_gets_a_certificate_that_then_admits_the_device(backend: Backend) 
     // The issued certificate admits the device through a group anchored at the CA, once
     // the onboarding enrollment is gone (an individual enrollment of an id keeps group
     // certificates from claiming it).
-    let deleted = t
-        .owner(Method::DELETE, &format!("/enrollments/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 204);
-    enroll(
-        &t,
-        json!({ "enrollmentGroupId": "operational-devices",
-            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": issuer.ca_pem } } } } }),
-    )
-    .await;
+    onboarded_to_ca_group(&t, id, "operational-devices", &issuer.ca_pem).await;
     let leaf_pem = pem_of(&STANDARD.decode(renewed_leaf).unwrap());
     let client = mtls_client(&t, &[&leaf_pem], &device_key.serialize_pem(), false);
     let (_, last) = register_over(&t, &client, id).await;
@@ -399,18 +406,7 @@ async fn a_revoked_certificate_no_longer_admits_its_device(backend: Backend) {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let first = issued_leaf(&register_with_csr(&t, id, &token, &csr(id, &key)).await);
     let second = issued_leaf(&register_with_csr(&t, id, &token, &csr(id, &key)).await);
-    let deleted = t
-        .owner(Method::DELETE, &format!("/enrollments/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), 204);
-    enroll(
-        &t,
-        json!({ "enrollmentGroupId": "operational-devices",
-            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": issuer.ca_pem } } } } }),
-    )
-    .await;
+    onboarded_to_ca_group(&t, id, "operational-devices", &issuer.ca_pem).await;
     let with = |leaf: &[u8]| mtls_client(&t, &[&pem_of(leaf)], &key.serialize_pem(), false);
     let (_, admitted) = register_over(&t, &with(&first), id).await;
     assert_eq!(admitted["status"], "assigned", "{admitted}");
@@ -804,6 +800,12 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
             409,
             409001,
         ),
+        // Names are compared ignoring case: another spelling is the same policy.
+        (
+            json!({ "name": "CONFIGURED", "certificateAuthorityName": "ops", "keyTypes": ["ecP256"] }),
+            409,
+            409001,
+        ),
         (
             json!({ "name": "ops-devices", "certificateAuthorityName": "ops", "keyTypes": ["dsa"] }),
             400,
@@ -865,16 +867,7 @@ async fn instance_cas_and_policies_issue_through_the_admin_api(backend: Backend)
     assert!((6..=7).contains(&days), "{days} days");
 
     // Revoked, that certificate admits the device no more.
-    t.owner(Method::DELETE, &format!("/enrollments/{id}"))
-        .send()
-        .await
-        .unwrap();
-    enroll(
-        &t,
-        json!({ "enrollmentGroupId": "ops-operational",
-            "attestation": { "type": "x509", "x509": { "signingCertificates": { "primary": { "certificate": ca_pem } } } } }),
-    )
-    .await;
+    onboarded_to_ca_group(&t, id, "ops-operational", &ca_pem).await;
     let client = mtls_client(&t, &[&pem_of(&leaf)], &key.serialize_pem(), false);
     let (_, admitted) = register_over(&t, &client, id).await;
     assert_eq!(admitted["status"], "assigned", "{admitted}");
