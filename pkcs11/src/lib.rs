@@ -305,7 +305,8 @@ impl Sessions {
     ) -> Result<T, Pkcs11Error> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.sessions.len();
-        let free = (0..count).find_map(|i| self.sessions[(start + i) % count].try_lock().ok());
+        let free =
+            (0..count).find_map(|i| self.sessions[start.wrapping_add(i) % count].try_lock().ok());
         let session = match free {
             Some(session) => session,
             None => self.sessions[start % count]

@@ -422,6 +422,35 @@ fn issuing_cas_generated_in_the_token_through_the_admin_api() {
     )
     .unwrap();
     assert!(!again.0 && again.2.contains("409001"), "{again:?}");
+    // Nor under a label of its own but an id another key has: both would become ambiguous.
+    let with_id =
+        |label: &str| format!("pkcs11:token={INSTANCE_TOKEN};object={label};id=%07?pin-source=pin");
+    let admin_env = [
+        ("DPS_CONNECTION_STRING", f.server.connection_string.as_str()),
+        ("DPS_CA_CERT", f.server.ca_certificate.to_str().unwrap()),
+    ];
+    let generate = |name: &str| {
+        softhsm_tests::admin(
+            &[
+                "issuing-ca",
+                "put",
+                name,
+                "--key-uri",
+                &with_id(name),
+                "--generate-key",
+                "ecP256",
+                "--self-signed",
+            ],
+            &admin_env,
+        )
+        .unwrap()
+    };
+    let first = generate("id-a");
+    assert!(first.0, "{first:?}");
+    let clash = generate("id-b");
+    assert!(!clash.0 && clash.2.contains("409001"), "{clash:?}");
+    let stored = softhsm_tests::admin(&["issuing-ca", "show", "id-b"], &admin_env).unwrap();
+    assert!(!stored.0 && stored.2.contains("404211"), "{stored:?}");
 
     let pending = f.cli(&[
         "issuing-ca",
