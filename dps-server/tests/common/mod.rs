@@ -57,14 +57,46 @@ pub async fn fresh_database(backend: Backend, dir: &TempDir) -> String {
         ),
         Backend::Postgres => {
             let admin = postgres_admin_url();
-            let name = format!("dps_test_{}", uuid::Uuid::new_v4().simple());
+            let pid = std::process::id();
+            let name = format!("dps_test_{pid}_{}", uuid::Uuid::new_v4().simple());
             let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+            REAPED
+                .get_or_init(|| drop_abandoned_databases(&mut conn))
+                .await;
             sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
                 .execute(&mut conn)
                 .await
                 .unwrap();
             let base = admin.rsplit_once('/').unwrap().0;
             format!("{base}/{name}")
+        }
+    }
+}
+
+/// Set once this process has dropped the databases of test processes that ended.
+static REAPED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+
+/// Drops the test databases whose process (the pid in their name) is no longer running: a
+/// test cannot drop its own database when it ends (no async drop), so each test process
+/// drops those of the ones before it, and a long-lived machine does not fill its disk.
+async fn drop_abandoned_databases(conn: &mut sqlx::PgConnection) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'dps\\_test\\_%'")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    for name in names {
+        let pid = name
+            .strip_prefix("dps_test_")
+            .and_then(|rest| rest.split_once('_'))
+            .map(|(pid, _)| pid);
+        let running = pid.is_some_and(|pid| std::path::Path::new("/proc").join(pid).exists());
+        let safe = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !running && safe {
+            // Another process may be dropping it too, or a server still connected: skip.
+            let _ = sqlx::raw_sql(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+                .execute(&mut *conn)
+                .await;
         }
     }
 }
