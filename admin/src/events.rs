@@ -1,7 +1,7 @@
 //! `event list`: registration outcomes, filtered.
 
 use clap::Args;
-use dps_admin_client::{Client, Method, segment};
+use dps_admin_client::{Client, Method};
 
 use crate::print::{self, Output};
 
@@ -30,21 +30,17 @@ pub struct EventFilters {
 
 /// Lists the events that match `filters`, oldest first.
 pub async fn list(client: &Client, output: Output, filters: &EventFilters) -> anyhow::Result<()> {
-    let query: Vec<String> = [
-        ("kind", &filters.kind),
-        ("registrationId", &filters.registration_id),
-        ("enrollmentId", &filters.enrollment),
-        ("enrollmentGroupId", &filters.group),
-        ("from", &filters.from),
-        ("to", &filters.to),
-    ]
-    .into_iter()
-    .filter_map(|(name, value)| value.as_deref().map(|v| format!("{name}={}", segment(v))))
-    .collect();
-    let path = match query.is_empty() {
-        true => "/events".to_owned(),
-        false => format!("/events?{}", query.join("&")),
-    };
+    let path = print::with_query(
+        "/events",
+        &[
+            ("kind", &filters.kind),
+            ("registrationId", &filters.registration_id),
+            ("enrollmentId", &filters.enrollment),
+            ("enrollmentGroupId", &filters.group),
+            ("from", &filters.from),
+            ("to", &filters.to),
+        ],
+    );
     let columns = [
         "time",
         "kind",

@@ -2,6 +2,7 @@
 //! from a connection string (never printing the key), prints tables for people and
 //! `--output json` for scripts. Run as `dps-admin ...` or as `dps-server admin ...`.
 
+pub mod audit;
 pub mod certificates;
 pub mod enrollments;
 pub mod events;
@@ -52,6 +53,13 @@ pub enum EventCommand {
     List(events::EventFilters),
 }
 
+/// `audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List the entries that match the filters.
+    List(audit::AuditFilters),
+}
+
 /// Admin commands.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
@@ -85,6 +93,9 @@ pub enum AdminCommand {
     /// Registration events (outcomes), oldest first.
     #[command(subcommand)]
     Event(EventCommand),
+    /// The audit log: admin writes and key reads, oldest first (needs ServiceConfig).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Operational certificates issued for devices' CSRs, and their revocation.
     #[command(subcommand)]
     IssuedCertificate(issued::IssuedCommand),
@@ -140,6 +151,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::IssuedCertificate(command) => issued::run(&client, output, command).await,
         AdminCommand::Event(EventCommand::List(filters)) => {
             events::list(&client, output, filters).await
+        }
+        AdminCommand::Audit(AuditCommand::List(filters)) => {
+            audit::list(&client, output, filters).await
         }
         AdminCommand::IssuingCa(command) => issuing::cas(&client, output, command).await,
         AdminCommand::CredentialPolicy(command) => {

@@ -2,7 +2,7 @@
 //! the calls that fetch and print in one step.
 
 use clap::ValueEnum;
-use dps_admin_client::{Client, Method};
+use dps_admin_client::{Client, Method, segment};
 use serde_json::{Value, json};
 
 /// How results are printed.
@@ -60,6 +60,18 @@ pub async fn list(
     let items: Vec<Value> = client.pages(method, path, scoped).await?;
     table(output, &items, columns);
     Ok(())
+}
+
+/// `path` with the query of the `(name, value)` pairs that have a value, percent-encoded.
+pub fn with_query(path: &str, pairs: &[(&str, &Option<String>)]) -> String {
+    let query: Vec<String> = pairs
+        .iter()
+        .filter_map(|(name, value)| value.as_deref().map(|v| format!("{name}={}", segment(v))))
+        .collect();
+    match query.is_empty() {
+        true => path.to_owned(),
+        false => format!("{path}?{}", query.join("&")),
+    }
 }
 
 /// Sets `key` in a JSON object when there is a value.

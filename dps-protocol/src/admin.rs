@@ -404,3 +404,46 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_message: Option<String>,
 }
+
+/// One admin write or key read (`GET /auditLog`), recorded in the transaction of the change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    /// Unique, in time order (the paging key).
+    #[serde(default)]
+    pub id: String,
+    /// When, RFC 3339 UTC.
+    #[serde(default)]
+    pub time: String,
+    /// `create`, `update`, `delete` or `readKeys`.
+    pub action: String,
+    /// What was changed: `enrollment`, `enrollment-group`, `registration`, `access-policy`,
+    /// `linked-hub`, `instance`, ...
+    pub resource_kind: String,
+    /// Its id (case-folded as it is stored).
+    pub resource_id: String,
+    /// The shared access policy whose key signed the request.
+    pub policy: String,
+    /// The instance that policy belongs to (the admin instance for server-wide routes).
+    pub policy_instance: String,
+    /// The request's id (`x-ms-request-id` of its answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// What changed, field by field (dotted paths); secrets are shown as `***`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<AuditChange>,
+}
+
+/// One field an admin write changed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditChange {
+    /// Dotted path of the field (`attestation.symmetricKey.primaryKey`, `iotHubs`).
+    pub field: String,
+    /// Its value before; absent when it had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<serde_json::Value>,
+    /// Its value after; absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<serde_json::Value>,
+}

@@ -91,7 +91,7 @@ pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let device_body_limit = state.limits.max_device_body_bytes;
     Router::new()
-        .merge(admin::routes())
+        .merge(admin::routes().layer(axum::middleware::from_fn(audited)))
         .merge(device::routes().layer(DefaultBodyLimit::max(device_body_limit)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -104,6 +104,12 @@ pub fn router(state: AppState) -> Router {
             observability::track,
         ))
         .with_state(state)
+}
+
+/// Serves an admin request able to name its caller, so that the writes it makes are audited
+/// ([`crate::store::audit`]).
+async fn audited(req: Request, next: axum::middleware::Next) -> Response {
+    crate::store::audit::serving(next.run(req)).await
 }
 
 /// The router of the metrics listener: `/metrics`, and the health checks beside it. It is not

@@ -42,6 +42,8 @@ pub struct Config {
     pub issuance: IssuanceConfig,
     /// Registration events (`GET /events`).
     pub events: EventsConfig,
+    /// The audit log of admin writes (`GET /auditLog`).
+    pub audit: AuditConfig,
     /// Calls the server makes: allocation webhooks, hub connectors, latency probes.
     pub outbound: OutboundConfig,
     /// Address of the plain-HTTP listener of `/metrics` (and `/healthz`, `/readyz`); loopback
@@ -85,6 +87,7 @@ impl Default for Config {
             tpm: TpmConfig::default(),
             issuance: IssuanceConfig::default(),
             events: EventsConfig::default(),
+            audit: AuditConfig::default(),
             outbound: OutboundConfig::default(),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             mqtt_listen: None,
@@ -158,6 +161,26 @@ impl Default for EventsConfig {
             retention_days: 7,
             webhook_url: None,
             webhook_queue: 10_000,
+        }
+    }
+}
+
+/// The audit log: every admin write and key read is an entry, kept this long and at most this
+/// many per instance (the oldest go first).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Days an entry is kept (at least 1).
+    pub retention_days: u32,
+    /// Entries kept per instance (at least 1); past it the oldest are swept.
+    pub max_entries: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 365,
+            max_entries: 1_000_000,
         }
     }
 }

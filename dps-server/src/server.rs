@@ -64,6 +64,10 @@ impl RunningServer {
 
 /// Connects storage, applies the configuration, prepares TLS and starts listening.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    anyhow::ensure!(
+        config.audit.retention_days >= 1 && config.audit.max_entries >= 1,
+        "audit.retention_days and audit.max_entries must be at least 1 (every admin write is recorded)"
+    );
     dps_listener::files::private_dir(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
@@ -114,6 +118,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         event_streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_event_streams)),
         event_retention: (config.events.retention_days > 0)
             .then(|| i64::from(config.events.retention_days) * 86_400),
+        audit_retention: i64::from(config.audit.retention_days) * 86_400,
         issuance: Arc::new(crate::domain::issuance::Issuance::load(&config.issuance)?),
         tpm: Arc::new(crate::trust::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
@@ -146,9 +151,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (stop, stopped) = watch::channel(false);
     let (throttle, sweeping, mut stopping) =
         (state.throttle.clone(), store.clone(), stopped.clone());
-    // Once a minute: forget idle throttle buckets, and delete finished operations and TPM
-    // challenges whose time ran out (on every replica; the deletes are idempotent). Every
-    // second: SQLite's checkpoint.
+    let max_audit_entries = config.audit.max_entries;
+    // Once a minute: forget idle throttle buckets, delete finished operations, TPM challenges,
+    // events and audit entries whose time ran out, and audit entries past the count kept (on
+    // every replica; the deletes are idempotent). Every second: SQLite's checkpoint.
     tokio::spawn(async move {
         let mut every = tokio::time::interval(SWEEP_INTERVAL);
         let mut checkpoints = tokio::time::interval(CHECKPOINT_INTERVAL);
@@ -162,6 +168,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                         Ok(0) => {}
                         Ok(swept) => tracing::debug!(swept, "expired operations and challenges deleted"),
                         Err(e) => tracing::warn!(error = %e, "sweeping expired operations failed"),
+                    }
+                    match sweeping.trim_audit(max_audit_entries).await {
+                        Ok(0) => {}
+                        Ok(trimmed) => tracing::debug!(trimmed, "oldest audit entries past audit.max_entries deleted"),
+                        Err(e) => tracing::warn!(error = %e, "trimming the audit log failed"),
                     }
                 }
                 _ = checkpoints.tick() => {

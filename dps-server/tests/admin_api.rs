@@ -1485,7 +1485,7 @@ async fn health_metrics_and_openapi(backend: Backend) {
         );
         operations += 1;
     }
-    assert_eq!(operations, 65, "operations documented and probed");
+    assert_eq!(operations, 66, "operations documented and probed");
 }
 
 async fn allocation_simulation_explains_each_policy(backend: Backend) {

@@ -415,6 +415,38 @@ fn admin_cli_manages_enrollments_hubs_policies_and_instances() {
     cli_json(&server, &["enrollment", "delete", "dev-1"]);
     let (ok, _, err) = cli(&server, &["enrollment", "show", "dev-1"]);
     assert!(!ok && err.contains("404201"), "{err}");
+    // Who did what to the enrollment: the audit log.
+    let audit = cli_json(
+        &server,
+        &[
+            "audit",
+            "list",
+            "--resource-kind",
+            "enrollment",
+            "--resource-id",
+            "dev-1",
+        ],
+    );
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["create", "update", "readKeys", "delete"],
+        "{audit}"
+    );
+    assert!(audit[0]["policy"] == "provisioningserviceowner", "{audit}");
+    let (ok, table, _) = cli(
+        &server,
+        &["audit", "list", "--policy", "provisioningserviceowner"],
+    );
+    assert!(
+        ok && table.lines().next().unwrap().starts_with("TIME"),
+        "{table}"
+    );
     cli_json(&server, &["instance", "delete", "factory"]);
     cli_json(&server, &["hub", "delete", "hub-a.example.com"]);
 

@@ -11,13 +11,22 @@ use crate::domain::unix_now;
 use crate::state::AppState;
 use crate::store::Kind;
 
+/// Who signed an admin request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The shared access policy's key name, as stored.
+    pub policy: String,
+    /// Its rights.
+    pub rights: BTreeSet<Right>,
+}
+
 /// Verifies the `Authorization` SAS token against the instance's shared access policies and
-/// returns the rights of the policy that signed it.
-pub async fn rights(
+/// returns the policy that signed it.
+pub async fn caller(
     state: &AppState,
     instance: &Instance,
     authorization: Option<&str>,
-) -> Result<BTreeSet<Right>, DomainError> {
+) -> Result<Caller, DomainError> {
     let header = authorization.ok_or_else(|| {
         DomainError::unauthorized("the request has no ASCII Authorization header")
     })?;
@@ -62,11 +71,25 @@ pub async fn rights(
         .filter_map(|k| SymmetricKey::from_base64(k).ok())
         .collect::<Vec<_>>();
     token.verify_any(&keys).map_err(|_| failed())?;
-    Ok(policy
-        .rights
-        .iter()
-        .filter_map(|r| Right::parse(r))
-        .collect())
+    Ok(Caller {
+        rights: policy
+            .rights
+            .iter()
+            .filter_map(|r| Right::parse(r))
+            .collect(),
+        policy: policy.key_name,
+    })
+}
+
+/// Names `caller` of `instance` as the author of the writes the request makes from now on (its
+/// audit entries).
+pub fn identify(state: &AppState, instance: &Instance, caller: &Caller) {
+    crate::store::audit::identify(crate::store::audit::Actor {
+        instance: instance.name.clone(),
+        policy: caller.policy.clone(),
+        request_id: crate::observability::current_request_id(),
+        retention_secs: state.audit_retention,
+    });
 }
 
 /// The refusal of a caller whose policy lacks `right`.

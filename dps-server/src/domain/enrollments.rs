@@ -391,8 +391,10 @@ pub async fn attestation<E: Enrollment>(
     ns: &str,
     id: &str,
 ) -> Result<AttestationMechanism, DomainError> {
-    let stored = load(state.store.as_ref(), ns, E::KIND, &E::key_of(id)?).await?;
+    let key = E::key_of(id)?;
+    let stored = load(state.store.as_ref(), ns, E::KIND, &key).await?;
     let enrollment: E = render(&stored, true)?;
+    super::audit::keys_read(state, ns, E::KIND, &key).await?;
     Ok(enrollment.attestation().clone())
 }
 

@@ -129,7 +129,7 @@ pub fn not_found(kind: Kind, key: &str) -> DomainError {
         Kind::CaCertificate => ErrorCode::CertificateNotFound,
         Kind::IssuedCertificate | Kind::RevokedCertificate => ErrorCode::IssuedCertificateNotFound,
         Kind::CertificateAuthority => ErrorCode::CertificateAuthorityNotFound,
-        Kind::Event => ErrorCode::RouteNotFound,
+        Kind::Event | Kind::AuditEntry => ErrorCode::RouteNotFound,
         Kind::CredentialPolicy => ErrorCode::CredentialPolicyNotFound,
         // A missing challenge means the device has not proven anything yet.
         Kind::TpmChallenge => ErrorCode::Unauthorized,
@@ -154,6 +154,7 @@ fn noun(kind: Kind) -> &'static str {
         Kind::RevokedCertificate => "revoked certificate",
         Kind::CertificateAuthority => "issuing CA",
         Kind::Event => "event",
+        Kind::AuditEntry => "audit entry",
         Kind::CredentialPolicy => "credential policy",
         Kind::TpmChallenge => "TPM challenge",
         Kind::CredentialsVersion => "credentials version",

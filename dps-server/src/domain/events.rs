@@ -14,7 +14,9 @@ use time::format_description::well_known::Rfc3339;
 use super::records::{EnrollmentRef, OperationRecord};
 use super::{DomainError, to_doc};
 use crate::state::AppState;
-use crate::store::{Columns, EventFilter, Kind, Precondition, Stored, Write, event_key_at};
+use crate::store::{
+    Columns, EventFilter, Kind, Precondition, Stored, Write, event_key_at, new_log_key,
+};
 
 /// The storage form of an enrollment an event names.
 fn enrollment_column(enrollment: &EnrollmentRef) -> String {
@@ -51,10 +53,7 @@ pub fn of_outcome(
         _ => return Ok(None),
     };
     let now = OffsetDateTime::now_utc();
-    let random: [u8; 6] = attestation::keys::random_bytes().unwrap_or_default();
-    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-    let key = format!("{}-{suffix}", event_key_at(millis));
+    let key = new_log_key(now);
     let (enrollment_id, enrollment_group_id) = match &op.enrollment {
         EnrollmentRef::Individual(id) => (Some(id.clone()), None),
         EnrollmentRef::Group(id) => (None, Some(id.clone())),
@@ -131,7 +130,7 @@ fn bad(field: &str, message: impl Into<String>) -> DomainError {
 }
 
 /// The start of the millisecond `text` (RFC 3339) names, as an event key.
-fn time_key(field: &str, text: &str) -> Result<String, DomainError> {
+pub fn time_key(field: &str, text: &str) -> Result<String, DomainError> {
     let time = OffsetDateTime::parse(text, &Rfc3339)
         .map_err(|_| bad(field, "an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"))?;
     // Keys are 13 digits of milliseconds: up to the year 2286.

@@ -7,6 +7,7 @@ pub mod access;
 pub mod access_policies;
 pub mod allocation;
 pub mod attest;
+pub mod audit;
 pub mod certificates;
 pub mod credentials;
 pub mod enrollments;

@@ -93,13 +93,14 @@ impl<N: needs::Needs> FromRequestParts<AppState> for Admin<N> {
             None => instances::instance_for_host(state.store.as_ref(), request_host(parts)).await?,
         };
         tracing::Span::current().record("instance", instance.name.as_str());
-        let rights = access::rights(state, &instance, authorization(parts)).await?;
-        if !rights.contains(&N::RIGHT) {
+        let caller = access::caller(state, &instance, authorization(parts)).await?;
+        if !caller.rights.contains(&N::RIGHT) {
             return Err(lacks(N::RIGHT));
         }
+        access::identify(state, &instance, &caller);
         Ok(Admin {
             instance,
-            rights,
+            rights: caller.rights,
             needs: std::marker::PhantomData,
         })
     }
@@ -136,10 +137,11 @@ impl FromRequestParts<AppState> for ServerAdmin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, DomainError> {
         let instance =
             instances::load_instance(state.store.as_ref(), &state.admin_instance).await?;
-        let rights = access::rights(state, &instance, authorization(parts)).await?;
-        if !rights.contains(&Right::ServiceConfig) {
+        let caller = access::caller(state, &instance, authorization(parts)).await?;
+        if !caller.rights.contains(&Right::ServiceConfig) {
             return Err(lacks(Right::ServiceConfig));
         }
+        access::identify(state, &instance, &caller);
         Ok(ServerAdmin)
     }
 }

@@ -9,6 +9,7 @@
 //! precondition and run in one transaction, so that two writers racing on the same key cannot
 //! both win.
 
+pub mod audit;
 mod schema;
 #[macro_use]
 mod sql;
@@ -57,6 +58,9 @@ pub enum Kind {
     Event,
     /// A credential policy (keyed by lower-case name).
     CredentialPolicy,
+    /// An entry of the audit log (keyed like an event). Written only by the store itself,
+    /// for the writes it makes under an [`audit::Actor`]: a [`Write`] of this kind is refused.
+    AuditEntry,
     /// Changes with every write to an instance's enrollment groups or CA certificates, so
     /// that caches of them know when to read them again (one per instance, read as a record
     /// whose etag is the version; written by [`Write::CredentialsChanged`]).
@@ -83,6 +87,7 @@ impl Kind {
             Kind::CertificateAuthority => "certificate-authority",
             Kind::Event => "event",
             Kind::CredentialPolicy => "credential-policy",
+            Kind::AuditEntry => "audit-entry",
             Kind::CredentialsVersion => "credentials-version",
         }
     }
@@ -178,6 +183,17 @@ pub enum Columns {
         /// Unix seconds.
         expires_at: i64,
     },
+    /// An audit entry: what it is about, and when the sweeper may delete it.
+    Audit {
+        /// The kind of the record written ([`Kind::as_str`]).
+        resource_kind: String,
+        /// Its key.
+        resource_id: String,
+        /// The access policy that wrote it.
+        policy: String,
+        /// Unix seconds.
+        expires_at: i64,
+    },
     /// TPM challenges and revoked certificates: when the sweeper may delete them.
     Expires {
         /// Unix seconds.
@@ -236,6 +252,16 @@ pub enum Write {
         /// The instance.
         ns: String,
     },
+    /// Nothing changes, but the admin read the record's keys: an audit entry only (refused
+    /// outside an [`audit::Actor`]'s request).
+    KeysRead {
+        /// Namespace.
+        ns: String,
+        /// Kind.
+        kind: Kind,
+        /// Key.
+        key: String,
+    },
 }
 
 /// One record of a bulk upsert ([`Store::put_all`]).
@@ -261,6 +287,22 @@ pub struct Page<'a> {
     pub limit: usize,
 }
 
+/// Which audit entries a listing returns ([`Store::list_audit`]): every filter given must
+/// match.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// The kind of record ([`Kind::as_str`]).
+    pub resource_kind: Option<String>,
+    /// Its key.
+    pub resource_id: Option<String>,
+    /// The access policy.
+    pub policy: Option<String>,
+    /// Only keys at or after this one (a time: [`event_key_at`]).
+    pub from: Option<String>,
+    /// Only keys before this one.
+    pub to: Option<String>,
+}
+
 /// Which events a listing returns ([`Store::list_events`]): every filter given must match.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilter {
@@ -279,6 +321,15 @@ pub struct EventFilter {
 /// The key of the first event of Unix millisecond `ms` (event keys sort as their times).
 pub fn event_key_at(ms: i64) -> String {
     format!("{:013}", ms.max(0))
+}
+
+/// A new key for an event or audit entry written at `now`: its millisecond, so that key order
+/// is time order, and a random suffix, so that keys written in the same millisecond differ.
+pub fn new_log_key(now: time::OffsetDateTime) -> String {
+    let random: [u8; 6] = attestation::keys::random_bytes().unwrap_or_default();
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+    format!("{}-{suffix}", event_key_at(millis))
 }
 
 /// Values the database keeps unique.
@@ -395,6 +446,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// before `now` (Unix seconds); returns how many.
     async fn sweep(&self, now: i64) -> Result<u64, StoreError>;
 
+    /// Deletes the oldest audit entries of every instance that has more than `max`; returns
+    /// how many.
+    async fn trim_audit(&self, max: u64) -> Result<u64, StoreError>;
+
     /// Copies SQLite's write-ahead log back into the database (nothing on PostgreSQL): called
     /// every second, so that no device's commit pays for it.
     async fn checkpoint(&self) -> Result<(), StoreError>;
@@ -421,6 +476,16 @@ pub trait Store: Send + Sync + fmt::Debug {
         &self,
         ns: &str,
         filter: &EventFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError>;
+
+    /// Audit entries of `ns` matching `filter`, in key (time) order, after `after`, at most
+    /// `limit`.
+    async fn list_audit(
+        &self,
+        ns: &str,
+        filter: &AuditFilter,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Stored>, StoreError>;

@@ -280,6 +280,16 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
                 None,
             ),
         ),
+        (
+            Kind::AuditEntry,
+            table(
+                "audit_log",
+                true,
+                &["resource_kind", "resource_id", "policy", "expires_at"],
+                None,
+                None,
+            ),
+        ),
         (Kind::Owner, table("owners", true, &[], None, None)),
         (
             Kind::OwnershipRecord,
@@ -332,6 +342,17 @@ pub(super) fn values<'a>(table: &Table, columns: &'a Columns) -> Option<Vec<Valu
             Value::Text(kind),
             Value::OptText(registration.as_deref()),
             Value::OptText(enrollment.as_deref()),
+            Value::OptInt(Some(*expires_at)),
+        ],
+        Columns::Audit {
+            resource_kind,
+            resource_id,
+            policy,
+            expires_at,
+        } => vec![
+            Value::Text(resource_kind),
+            Value::Text(resource_id),
+            Value::Text(policy),
             Value::OptInt(Some(*expires_at)),
         ],
         Columns::Expires { at } => vec![Value::OptInt(Some(*at))],

@@ -9,10 +9,11 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
 
+use super::audit::{self, Action, Actor};
 use super::schema::{self, Table, Value};
 use super::{
-    BulkDoc, Columns, EventFilter, Kind, Page, Precondition, Store, StoreError, Stored, Unique,
-    Write,
+    AuditFilter, BulkDoc, Columns, EventFilter, Kind, Page, Precondition, Store, StoreError,
+    Stored, Unique, Write,
 };
 
 /// Rows per statement of a bulk upsert: a handful of parameters each stays far below SQLite's
@@ -56,6 +57,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "events",
         include_str!("../../migrations/sqlite/0005_events.sql"),
     ),
+    (
+        6,
+        "audit log",
+        include_str!("../../migrations/sqlite/0006_audit_log.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -82,6 +88,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "events",
         include_str!("../../migrations/postgres/0005_events.sql"),
+    ),
+    (
+        6,
+        "audit log",
+        include_str!("../../migrations/postgres/0006_audit_log.sql"),
     ),
 ];
 
@@ -327,15 +338,83 @@ fn constraint(kind: Kind, key: &str, columns: &Columns, e: sqlx::Error) -> Store
     }
 }
 
-async fn exists(tx: &mut Tx, ns: &str, kind: Kind, key: &str) -> Result<bool, StoreError> {
+/// The document of a record, read inside the transaction (`ns` case-folded).
+async fn read_doc(
+    tx: &mut Tx,
+    ns: &str,
+    kind: Kind,
+    key: &str,
+) -> Result<Option<String>, StoreError> {
     let table = table(kind)?;
     let mut values = scope(table, ns);
     values.push(Value::Text(key));
-    let found = on_tx!(tx, t => bind_values!(sqlx::query(table.sql.get.as_str()), &values)
+    let doc = on_tx!(tx, t => bind_values!(sqlx::query(table.sql.get.as_str()), &values)
         .fetch_optional(&mut **t)
         .await?
-        .is_some());
-    Ok(found)
+        .map(|row| row.try_get::<String, _>("doc"))
+        .transpose()?);
+    Ok(doc)
+}
+
+async fn exists(tx: &mut Tx, ns: &str, kind: Kind, key: &str) -> Result<bool, StoreError> {
+    Ok(read_doc(tx, ns, kind, key).await?.is_some())
+}
+
+/// Applies `write` made by `actor` and adds its audit entry to the transaction.
+async fn apply_audited(
+    tx: &mut Tx,
+    actor: &Actor,
+    write: &Write,
+) -> Result<Option<Stored>, StoreError> {
+    let (ns, kind, key, new) = match write {
+        Write::Put {
+            ns, kind, key, doc, ..
+        } => (ns, *kind, key, Some(doc.as_str())),
+        Write::Delete { ns, kind, key, .. } | Write::Purge { ns, kind, key } => {
+            (ns, *kind, key, None)
+        }
+        Write::KeysRead { ns, kind, key } => {
+            let row = audit::entry(actor, ns, *kind, key, Action::ReadKeys, None, None);
+            insert_entry(tx, row).await?;
+            return Ok(None);
+        }
+        Write::CredentialsChanged { .. } => return apply(tx, write).await,
+    };
+    let old = read_doc(tx, &instance_key(ns), kind, key).await?;
+    let result = apply(tx, write).await?;
+    if let Some(action) = Action::of(old.as_deref(), new) {
+        let row = audit::entry(actor, ns, kind, key, action, old.as_deref(), new);
+        insert_entry(tx, row).await?;
+    }
+    Ok(result)
+}
+
+async fn insert_entry(tx: &mut Tx, row: audit::Row) -> Result<(), StoreError> {
+    apply(
+        tx,
+        &Write::Put {
+            ns: row.ns,
+            kind: Kind::AuditEntry,
+            key: row.key,
+            columns: row.columns,
+            doc: row.doc,
+            precondition: Precondition::MustNotExist,
+            etag: None,
+        },
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The kind a write is of (`None` for the credentials version).
+fn kind_of(write: &Write) -> Option<Kind> {
+    match write {
+        Write::Put { kind, .. }
+        | Write::Delete { kind, .. }
+        | Write::Purge { kind, .. }
+        | Write::KeysRead { kind, .. } => Some(*kind),
+        Write::CredentialsChanged { .. } => None,
+    }
 }
 
 /// After a conditional write touched nothing: was the record missing, or its etag different?
@@ -499,6 +578,9 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
             purged.map_err(|e| constraint(*kind, key, &Columns::None, e))?;
             Ok(None)
         }
+        Write::KeysRead { .. } => Err(StoreError::Invalid(
+            "a key read is recorded only for an identified admin".into(),
+        )),
         Write::CredentialsChanged { ns } => {
             on_tx!(tx, t => sqlx::query("UPDATE instances SET credentials_version = $2 WHERE key = $1")
                 .bind(instance_key(ns))
@@ -633,26 +715,15 @@ impl Store for SqlStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Stored>, StoreError> {
-        let ns = instance_key(ns);
-        let mut values = vec![Value::Text(&ns)];
         // Without statistics SQLite's planner walks the primary key (it gives the order) and
         // filters every event of the instance: it is told the index of the most selective
         // filter.
-        let index = match (
-            matches!(self.reads, Pool::Sqlite(_)),
-            &filter.registration,
-            &filter.enrollment,
-            &filter.kind,
-        ) {
-            (false, ..) => "",
-            (true, Some(_), ..) => " INDEXED BY events_by_registration",
-            (true, None, Some(_), _) => " INDEXED BY events_by_enrollment",
-            (true, None, None, Some(_)) => " INDEXED BY events_by_kind",
-            (true, None, None, None) => "",
+        let index = match (&filter.registration, &filter.enrollment, &filter.kind) {
+            (Some(_), ..) => Some("events_by_registration"),
+            (None, Some(_), _) => Some("events_by_enrollment"),
+            (None, None, Some(_)) => Some("events_by_kind"),
+            (None, None, None) => None,
         };
-        let mut sql = format!(
-            "SELECT key, doc, etag, created_at, updated_at FROM events{index} WHERE instance = $1"
-        );
         let conditions = [
             ("kind =", filter.kind.as_deref()),
             ("registration_id =", filter.registration.as_deref()),
@@ -661,22 +732,31 @@ impl Store for SqlStore {
             ("key <", filter.to.as_deref()),
             ("key >", after),
         ];
-        for (test, value) in conditions {
-            if let Some(value) = value {
-                values.push(Value::Text(value));
-                sql.push_str(&format!(" AND {test} ${}", values.len()));
-            }
-        }
-        sql.push_str(&format!(" ORDER BY key LIMIT ${}", values.len() + 1));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        // Only fixed fragments are spliced in; every value is bound.
-        on_pool!(&self.reads, p => bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
-            .bind(limit)
-            .fetch_all(p)
-            .await?
-            .iter()
-            .map(stored)
-            .collect())
+        self.list_log("events", index, ns, &conditions, limit).await
+    }
+
+    async fn list_audit(
+        &self,
+        ns: &str,
+        filter: &AuditFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let index = match (&filter.resource_kind, &filter.policy) {
+            (Some(_), _) => Some("audit_log_by_resource"),
+            (None, Some(_)) => Some("audit_log_by_policy"),
+            (None, None) => None,
+        };
+        let conditions = [
+            ("resource_kind =", filter.resource_kind.as_deref()),
+            ("resource_id =", filter.resource_id.as_deref()),
+            ("policy =", filter.policy.as_deref()),
+            ("key >=", filter.from.as_deref()),
+            ("key <", filter.to.as_deref()),
+            ("key >", after),
+        ];
+        self.list_log("audit_log", index, ns, &conditions, limit)
+            .await
     }
 
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
@@ -753,6 +833,7 @@ impl Store for SqlStore {
             "DELETE FROM issued_certificates WHERE expires_at < $1",
             "DELETE FROM revoked_certificates WHERE expires_at < $1",
             "DELETE FROM events WHERE expires_at < $1",
+            "DELETE FROM audit_log WHERE expires_at < $1",
         ] {
             swept += on_pool!(&self.pool, p => sqlx::query(sql)
                 .bind(now)
@@ -761,6 +842,36 @@ impl Store for SqlStore {
                 .rows_affected());
         }
         Ok(swept)
+    }
+
+    async fn trim_audit(&self, max: u64) -> Result<u64, StoreError> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let instances: Vec<String> = on_pool!(&self.reads, p => sqlx::query_scalar("SELECT key FROM instances")
+            .fetch_all(p)
+            .await?);
+        let mut trimmed = 0;
+        for instance in instances {
+            // The newest entry past the ones kept, found by a reader, so that the writer is
+            // held only for the delete.
+            let cutoff: Option<String> = on_pool!(&self.reads, p => sqlx::query_scalar(
+                "SELECT key FROM audit_log WHERE instance = $1 ORDER BY key DESC LIMIT 1 OFFSET $2",
+            )
+            .bind(&instance)
+            .bind(max)
+            .fetch_optional(p)
+            .await?);
+            if let Some(cutoff) = cutoff {
+                trimmed += on_pool!(&self.pool, p => sqlx::query(
+                    "DELETE FROM audit_log WHERE instance = $1 AND key <= $2",
+                )
+                .bind(&instance)
+                .bind(&cutoff)
+                .execute(p)
+                .await?
+                .rows_affected());
+            }
+        }
+        Ok(trimmed)
     }
 
     async fn checkpoint(&self) -> Result<(), StoreError> {
@@ -799,7 +910,46 @@ enum OnConflict {
 }
 
 impl SqlStore {
-    /// Writes `docs` many rows per statement in one transaction; returns the keys written.
+    /// The rows of log `table` (events, the audit log) of `ns` that pass every condition
+    /// with a value (`column op`, value), in key order, at most `limit`; on SQLite through
+    /// `index` when one is named.
+    async fn list_log(
+        &self,
+        table: &str,
+        index: Option<&str>,
+        ns: &str,
+        conditions: &[(&str, Option<&str>)],
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let ns = instance_key(ns);
+        let mut values = vec![Value::Text(&ns)];
+        let index = match (&self.reads, index) {
+            (Pool::Sqlite(_), Some(index)) => format!(" INDEXED BY {index}"),
+            _ => String::new(),
+        };
+        let mut sql = format!(
+            "SELECT key, doc, etag, created_at, updated_at FROM {table}{index} WHERE instance = $1"
+        );
+        for (test, value) in conditions {
+            if let Some(value) = value {
+                values.push(Value::Text(value));
+                sql.push_str(&format!(" AND {test} ${}", values.len()));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY key LIMIT ${}", values.len() + 1));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Only fixed fragments are spliced in; every value is bound.
+        on_pool!(&self.reads, p => bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(stored)
+            .collect())
+    }
+
+    /// Writes `docs` many rows per statement in one transaction, with their audit entries
+    /// when an admin writes them; returns the keys written.
     async fn bulk(
         &self,
         ns: &str,
@@ -807,88 +957,141 @@ impl SqlStore {
         docs: &[BulkDoc],
         on_conflict: OnConflict,
     ) -> Result<Vec<String>, StoreError> {
-        let table = table(kind)?;
-        if !table.scoped {
+        let target = table(kind)?;
+        if !target.scoped || kind == Kind::AuditEntry {
             return Err(StoreError::Invalid(format!(
                 "{kind:?} cannot be written in bulk"
             )));
         }
-        let at = crate::timestamp::now();
         let ns = instance_key(ns);
         let mut tx = self.begin().await?;
-        let width = 3 + table.columns.len();
-        let mut written = Vec::with_capacity(docs.len());
-        for chunk in docs.chunks(BULK_ROWS) {
-            // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    let p = |n: usize| format!("${}", 3 + i * width + n);
-                    let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
-                    row.extend((0..table.columns.len()).map(|c| p(3 + c)));
-                    format!("({})", row.join(", "))
+        let written = bulk_rows(&mut tx, target, kind, &ns, docs, on_conflict).await?;
+        if let Some(actor) = audit::actor() {
+            // Created (only free keys are written), or created or replaced: what a key held
+            // before is not read, so as not to slow imports down.
+            let action = match on_conflict {
+                OnConflict::Keep => Action::Create,
+                OnConflict::Replace => Action::Import,
+            };
+            let by_key: std::collections::HashMap<&str, &str> = docs
+                .iter()
+                .map(|d| (d.key.as_str(), d.doc.as_str()))
+                .collect();
+            let entries: Vec<BulkDoc> = written
+                .iter()
+                .map(|key| {
+                    let new = by_key.get(key.as_str()).copied();
+                    let row = audit::entry(&actor, &ns, kind, key, action, None, new);
+                    BulkDoc {
+                        key: row.key,
+                        columns: row.columns,
+                        doc: row.doc,
+                    }
                 })
                 .collect();
-            let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
-            names.extend(table.columns);
-            let conflict = match on_conflict {
-                OnConflict::Replace => {
-                    let assignments: Vec<String> = ["doc", "etag", "updated_at"]
-                        .iter()
-                        .chain(table.columns)
-                        .map(|c| format!("{c} = excluded.{c}"))
-                        .collect();
-                    format!("DO UPDATE SET {}", assignments.join(", "))
-                }
-                OnConflict::Keep => "DO NOTHING".to_owned(),
-            };
-            let sql = format!(
-                "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) {conflict} RETURNING key",
-                table.name,
-                names.join(", "),
-                rows.join(", "),
-            );
-            let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
-            let mut values = vec![Value::Text(&ns), Value::Text(&at)];
-            for (doc, etag) in chunk.iter().zip(&etags) {
-                values.extend([
-                    Value::Text(&doc.key),
-                    Value::Text(&doc.doc),
-                    Value::Text(etag),
-                ]);
-                values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
-                    StoreError::Invalid(format!(
-                        "{:?} are not the columns of {kind:?}",
-                        doc.columns
-                    ))
-                })?);
-            }
-            let keys: Result<Vec<String>, sqlx::Error> = on_tx!(&mut tx, t => {
-                // The statement holds only placeholders; every value is bound.
-                match bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
-                    .fetch_all(&mut **t)
-                    .await
-                {
-                    Ok(rows) => rows.iter().map(|row| row.try_get("key")).collect(),
-                    Err(e) => Err(e),
-                }
-            });
-            let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
-            written.extend(keys.map_err(|e| constraint(kind, "", &first, e))?);
+            bulk_rows(
+                &mut tx,
+                table(Kind::AuditEntry)?,
+                Kind::AuditEntry,
+                &ns,
+                &entries,
+                OnConflict::Keep,
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(written)
     }
 
     async fn write_once(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
+        if writes.iter().any(|w| kind_of(w) == Some(Kind::AuditEntry)) {
+            return Err(StoreError::Invalid(
+                "the audit log is written only by the store".into(),
+            ));
+        }
+        let actor = audit::actor();
         let mut tx = self.begin().await?;
         let mut results = Vec::with_capacity(writes.len());
         for write in writes {
             // An early return drops the transaction, which rolls it back.
-            results.push(apply(&mut tx, write).await?);
+            results.push(match &actor {
+                Some(actor) => apply_audited(&mut tx, actor, write).await?,
+                None => apply(&mut tx, write).await?,
+            });
         }
         tx.commit().await?;
         Ok(results)
     }
+}
+
+/// Writes `docs` (of `kind`, in `table`) in `tx`, many rows per statement; returns the keys
+/// written.
+async fn bulk_rows(
+    tx: &mut Tx,
+    table: &Table,
+    kind: Kind,
+    ns: &str,
+    docs: &[BulkDoc],
+    on_conflict: OnConflict,
+) -> Result<Vec<String>, StoreError> {
+    let at = crate::timestamp::now();
+    let width = 3 + table.columns.len();
+    let mut written = Vec::with_capacity(docs.len());
+    for chunk in docs.chunks(BULK_ROWS) {
+        // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let p = |n: usize| format!("${}", 3 + i * width + n);
+                let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
+                row.extend((0..table.columns.len()).map(|c| p(3 + c)));
+                format!("({})", row.join(", "))
+            })
+            .collect();
+        let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
+        names.extend(table.columns);
+        let conflict = match on_conflict {
+            OnConflict::Replace => {
+                let assignments: Vec<String> = ["doc", "etag", "updated_at"]
+                    .iter()
+                    .chain(table.columns)
+                    .map(|c| format!("{c} = excluded.{c}"))
+                    .collect();
+                format!("DO UPDATE SET {}", assignments.join(", "))
+            }
+            OnConflict::Keep => "DO NOTHING".to_owned(),
+        };
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) {conflict} RETURNING key",
+            table.name,
+            names.join(", "),
+            rows.join(", "),
+        );
+        let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
+        let mut values = vec![Value::Text(ns), Value::Text(&at)];
+        for (doc, etag) in chunk.iter().zip(&etags) {
+            values.extend([
+                Value::Text(&doc.key),
+                Value::Text(&doc.doc),
+                Value::Text(etag),
+            ]);
+            values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
+                StoreError::Invalid(format!("{:?} are not the columns of {kind:?}", doc.columns))
+            })?);
+        }
+        let keys: Result<Vec<String>, sqlx::Error> = on_tx!(tx, t => {
+            // The statement holds only placeholders; every value is bound.
+            match bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
+                .fetch_all(&mut **t)
+                .await
+            {
+                Ok(rows) => rows.iter().map(|row| row.try_get("key")).collect(),
+                Err(e) => Err(e),
+            }
+        });
+        let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
+        written.extend(keys.map_err(|e| constraint(kind, "", &first, e))?);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -975,6 +1178,137 @@ mod tests {
             precondition: Precondition::Always,
             etag: None,
         }
+    }
+
+    fn actor() -> audit::Actor {
+        audit::Actor {
+            instance: "one".into(),
+            policy: "Owner".into(),
+            request_id: Some("r-1".into()),
+            retention_secs: 60,
+        }
+    }
+
+    async fn audit_log(store: &SqlStore) -> Vec<Stored> {
+        store
+            .list_audit("one", &AuditFilter::default(), None, 100)
+            .await
+            .unwrap()
+    }
+
+    /// An entry is part of its change's transaction: a transaction that fails after an audited
+    /// write leaves neither the write nor its entry; writes outside an identified request are
+    /// not audited; nothing writes the log but the store.
+    #[tokio::test]
+    async fn audit_entries_commit_and_roll_back_with_their_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = sqlite_file_store(&dir).await;
+        store.write(&[instance()]).await.unwrap();
+        let mut taken = policy("taken");
+        if let Write::Put { precondition, .. } = &mut taken {
+            *precondition = Precondition::MustNotExist;
+        }
+        store.write(&[taken.clone()]).await.unwrap();
+        assert!(audit_log(&store).await.is_empty(), "no actor, no entry");
+
+        audit::serving(async {
+            audit::identify(actor());
+            // The first write succeeds and adds its entry; the second finds its key taken.
+            let failed = store.write(&[policy("fresh"), taken.clone()]).await;
+            assert!(
+                matches!(failed, Err(StoreError::Exists { .. })),
+                "{failed:?}"
+            );
+            assert!(audit_log(&store).await.is_empty());
+            assert!(
+                store
+                    .get("one", Kind::AccessPolicy, "fresh")
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+
+            store.write(&[policy("fresh")]).await.unwrap();
+            let forged = Write::Put {
+                ns: "one".into(),
+                kind: Kind::AuditEntry,
+                key: "0000000000000-000000000000".into(),
+                columns: Columns::None,
+                doc: "{}".into(),
+                precondition: Precondition::Always,
+                etag: None,
+            };
+            assert!(matches!(
+                store.write(&[forged]).await,
+                Err(StoreError::Invalid(_))
+            ));
+            let purge = Write::Purge {
+                ns: "one".into(),
+                kind: Kind::AuditEntry,
+                key: "x".into(),
+            };
+            assert!(matches!(
+                store.write(&[purge]).await,
+                Err(StoreError::Invalid(_))
+            ));
+            assert!(matches!(
+                store.put_all("one", Kind::AuditEntry, &[]).await,
+                Err(StoreError::Invalid(_))
+            ));
+        })
+        .await;
+        let log = audit_log(&store).await;
+        assert_eq!(log.len(), 1);
+        let entry: dps_protocol::admin::AuditEntry = serde_json::from_str(&log[0].doc).unwrap();
+        assert_eq!(
+            (
+                entry.action.as_str(),
+                entry.resource_id.as_str(),
+                entry.policy.as_str()
+            ),
+            ("create", "fresh", "Owner")
+        );
+        assert_eq!(entry.request_id.as_deref(), Some("r-1"));
+        // A key read outside an identified request is refused, not recorded anonymously.
+        let read = Write::KeysRead {
+            ns: "one".into(),
+            kind: Kind::AccessPolicy,
+            key: "fresh".into(),
+        };
+        assert!(matches!(
+            store.write(&[read]).await,
+            Err(StoreError::Invalid(_))
+        ));
+    }
+
+    /// Past the count kept, the oldest entries of an instance go.
+    #[tokio::test]
+    async fn trimming_keeps_the_newest_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = sqlite_file_store(&dir).await;
+        store.write(&[instance()]).await.unwrap();
+        audit::serving(async {
+            audit::identify(actor());
+            for key in ["a", "b", "c", "d"] {
+                store.write(&[policy(key)]).await.unwrap();
+                // Keys are per millisecond: keep them in write order.
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert_eq!(store.trim_audit(10).await.unwrap(), 0);
+        assert_eq!(store.trim_audit(2).await.unwrap(), 2);
+        let kept: Vec<String> = audit_log(&store)
+            .await
+            .iter()
+            .map(|s| {
+                serde_json::from_str::<serde_json::Value>(&s.doc).unwrap()["resourceId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(kept, ["c", "d"]);
     }
 
     /// Reads have connections of their own: a write transaction that is still open (a long

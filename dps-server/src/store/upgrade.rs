@@ -190,6 +190,7 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
         | Kind::IssuedCertificate
         | Kind::RevokedCertificate
         | Kind::Event
+        | Kind::AuditEntry
         | Kind::CertificateAuthority
         | Kind::CredentialPolicy => return None,
     })

@@ -8,11 +8,13 @@ use axum::routing::{get, post};
 use dps_protocol::admin::AccessPolicy;
 
 use super::resource::{delete_one, get_one, list, put_one};
+use crate::domain::audit;
 use crate::domain::error::DomainError;
 use crate::domain::resources::{load, render};
 use crate::http::extract::{Admin, Id, needs};
 use crate::http::json::Json;
 use crate::state::AppState;
+use crate::store::Kind;
 
 /// `POST /accessPolicies/{keyName}/listKeys`: the policy with its keys.
 async fn list_keys(
@@ -21,7 +23,9 @@ async fn list_keys(
     Id(id): Id,
 ) -> Result<Json<AccessPolicy>, DomainError> {
     let stored = load::<AccessPolicy>(&state, admin.ns(), &id).await?;
-    Ok(Json(render(&stored, true)?))
+    let policy = render(&stored, true)?;
+    audit::keys_read(&state, admin.ns(), Kind::AccessPolicy, &stored.key).await?;
+    Ok(Json(policy))
 }
 
 /// Routes of `/accessPolicies`.

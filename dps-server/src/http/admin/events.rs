@@ -154,9 +154,9 @@ impl Live {
             self.first = false;
             if self.checked.elapsed() >= CREDENTIALS_CHECK {
                 self.checked = tokio::time::Instant::now();
-                let rights =
-                    access::rights(&self.state, &self.instance, Some(&self.authorization)).await;
-                if !rights.is_ok_and(|r| r.contains(&Right::RegistrationStatusRead)) {
+                let caller =
+                    access::caller(&self.state, &self.instance, Some(&self.authorization)).await;
+                if !caller.is_ok_and(|c| c.rights.contains(&Right::RegistrationStatusRead)) {
                     return None;
                 }
             }

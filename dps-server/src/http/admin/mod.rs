@@ -1,12 +1,13 @@
 //! The admin REST API: the Azure DPS service API (enrollments, enrollment groups, registration
 //! states) and our extensions (instances, linked hubs, shared access policies, issuing CAs,
-//! credential policies, issued certificates, events).
+//! credential policies, issued certificates, events, the audit log).
 //!
 //! Instance-scoped routes are served twice: at the root, where the request's Host selects the
 //! instance (or the only instance, on a server with one), and under `/instances/{instance}`.
 
 mod access_policies;
 mod allocations;
+mod audit;
 pub mod certificates;
 mod enrollment_groups;
 mod enrollments;
@@ -37,6 +38,7 @@ pub fn instance_routes() -> Router<AppState> {
         .merge(issued_certificates::routes())
         .merge(issuing_cas::routes())
         .merge(events::routes())
+        .merge(audit::routes())
 }
 
 /// Every admin route.
