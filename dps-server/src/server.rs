@@ -118,7 +118,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         event_streams: Arc::new(tokio::sync::Semaphore::new(config.limits.max_event_streams)),
         event_retention: (config.events.retention_days > 0)
             .then(|| i64::from(config.events.retention_days) * 86_400),
-        audit_retention: i64::from(config.audit.retention_days) * 86_400,
         issuance: Arc::new(crate::domain::issuance::Issuance::load(&config.issuance)?),
         tpm: Arc::new(crate::trust::TpmTrust::load(&config.tpm)?),
         instances: Arc::default(),
@@ -151,7 +150,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let (stop, stopped) = watch::channel(false);
     let (throttle, sweeping, mut stopping) =
         (state.throttle.clone(), store.clone(), stopped.clone());
-    let max_audit_entries = config.audit.max_entries;
+    let (audit_retention, max_audit_entries) = (
+        i64::from(config.audit.retention_days) * 86_400,
+        config.audit.max_entries,
+    );
     // Once a minute: forget idle throttle buckets, delete finished operations, TPM challenges,
     // events and audit entries whose time ran out, and audit entries past the count kept (on
     // every replica; the deletes are idempotent). Every second: SQLite's checkpoint.
@@ -169,9 +171,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                         Ok(swept) => tracing::debug!(swept, "expired operations and challenges deleted"),
                         Err(e) => tracing::warn!(error = %e, "sweeping expired operations failed"),
                     }
-                    match sweeping.trim_audit(max_audit_entries).await {
+                    let before = crate::store::event_key_at((now - audit_retention).saturating_mul(1000));
+                    match sweeping.sweep_audit(&before, max_audit_entries).await {
                         Ok(0) => {}
-                        Ok(trimmed) => tracing::debug!(trimmed, "oldest audit entries past audit.max_entries deleted"),
+                        Ok(trimmed) => tracing::debug!(trimmed, "audit entries past the retention or the count deleted"),
                         Err(e) => tracing::warn!(error = %e, "trimming the audit log failed"),
                     }
                 }

@@ -32,8 +32,6 @@ pub struct AppState {
     pub certificates: Arc<attestation::x509::ParsedCache>,
     /// How long registration events are kept (seconds); `None`: none are written.
     pub event_retention: Option<i64>,
-    /// How long audit entries are kept (seconds).
-    pub audit_retention: i64,
     /// Where committed events are delivered, when `events.webhook_url` is set.
     pub event_webhook: Option<Arc<crate::event_webhook::EventWebhook>>,
     /// Places for live event streams (`limits.max_event_streams`).

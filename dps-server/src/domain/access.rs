@@ -83,12 +83,11 @@ pub async fn caller(
 
 /// Names `caller` of `instance` as the author of the writes the request makes from now on (its
 /// audit entries).
-pub fn identify(state: &AppState, instance: &Instance, caller: &Caller) {
+pub fn identify(instance: &Instance, caller: &Caller) {
     crate::store::audit::identify(crate::store::audit::Actor {
         instance: instance.name.clone(),
         policy: caller.policy.clone(),
         request_id: crate::observability::current_request_id(),
-        retention_secs: state.audit_retention,
     });
 }
 

@@ -97,7 +97,7 @@ impl<N: needs::Needs> FromRequestParts<AppState> for Admin<N> {
         if !caller.rights.contains(&N::RIGHT) {
             return Err(lacks(N::RIGHT));
         }
-        access::identify(state, &instance, &caller);
+        access::identify(&instance, &caller);
         Ok(Admin {
             instance,
             rights: caller.rights,
@@ -141,7 +141,7 @@ impl FromRequestParts<AppState> for ServerAdmin {
         if !caller.rights.contains(&Right::ServiceConfig) {
             return Err(lacks(Right::ServiceConfig));
         }
-        access::identify(state, &instance, &caller);
+        access::identify(&instance, &caller);
         Ok(ServerAdmin)
     }
 }

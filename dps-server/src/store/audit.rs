@@ -44,8 +44,6 @@ pub struct Actor {
     pub policy: String,
     /// The request's id.
     pub request_id: Option<String>,
-    /// How long its entries are kept, seconds.
-    pub retention_secs: i64,
 }
 
 tokio::task_local! {
@@ -146,7 +144,6 @@ pub(super) fn entry(
             resource_kind: kind.as_str().to_owned(),
             resource_id: key.to_owned(),
             policy: actor.policy.to_ascii_lowercase(),
-            expires_at: now.unix_timestamp().saturating_add(actor.retention_secs),
         },
         // Serialising plain strings and JSON values cannot fail.
         doc: serde_json::to_string(&doc).unwrap_or_default(),

@@ -189,10 +189,8 @@ pub enum Columns {
         resource_kind: String,
         /// Its key.
         resource_id: String,
-        /// The access policy that wrote it.
+        /// The access policy that wrote it (lower-case).
         policy: String,
-        /// Unix seconds.
-        expires_at: i64,
     },
     /// TPM challenges and revoked certificates: when the sweeper may delete them.
     Expires {
@@ -446,9 +444,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// before `now` (Unix seconds); returns how many.
     async fn sweep(&self, now: i64) -> Result<u64, StoreError>;
 
-    /// Deletes the oldest audit entries of every instance that has more than `max`; returns
-    /// how many.
-    async fn trim_audit(&self, max: u64) -> Result<u64, StoreError>;
+    /// Deletes the audit entries keyed before `before` (a time: [`event_key_at`]), and the
+    /// oldest of every instance that has more than `max`; returns how many.
+    async fn sweep_audit(&self, before: &str, max: u64) -> Result<u64, StoreError>;
 
     /// Copies SQLite's write-ahead log back into the database (nothing on PostgreSQL): called
     /// every second, so that no device's commit pays for it.

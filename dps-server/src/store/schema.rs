@@ -285,7 +285,7 @@ static TABLES: LazyLock<Vec<(Kind, Table)>> = LazyLock::new(|| {
             table(
                 "audit_log",
                 true,
-                &["resource_kind", "resource_id", "policy", "expires_at"],
+                &["resource_kind", "resource_id", "policy"],
                 None,
                 None,
             ),
@@ -348,12 +348,10 @@ pub(super) fn values<'a>(table: &Table, columns: &'a Columns) -> Option<Vec<Valu
             resource_kind,
             resource_id,
             policy,
-            expires_at,
         } => vec![
             Value::Text(resource_kind),
             Value::Text(resource_id),
             Value::Text(policy),
-            Value::OptInt(Some(*expires_at)),
         ],
         Columns::Expires { at } => vec![Value::OptInt(Some(*at))],
         Columns::Owned { owner } => vec![Value::Text(owner)],

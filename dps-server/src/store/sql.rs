@@ -16,9 +16,11 @@ use super::{
     Stored, Unique, Write,
 };
 
-/// Rows per statement of a bulk upsert: a handful of parameters each stays far below SQLite's
-/// 32,766 and PostgreSQL's 65,535 parameters per statement.
-const BULK_ROWS: usize = 500;
+/// Parameters per statement of a bulk write, about: far below SQLite's 32,766 and PostgreSQL's
+/// 65,535, and few enough that binding stays cheap (sqlx's SQLite driver looks each parameter
+/// up among all of a statement's: the cost of a row grows with the rows per statement; 500
+/// rows of six parameters spent a third of an import's CPU there).
+const BULK_PARAMETERS: usize = 512;
 /// Connections that read an SQLite database (one more writes).
 const SQLITE_READERS: u32 = 4;
 /// Pages in SQLite's write-ahead log past which the writer copies them back itself, when the
@@ -833,7 +835,6 @@ impl Store for SqlStore {
             "DELETE FROM issued_certificates WHERE expires_at < $1",
             "DELETE FROM revoked_certificates WHERE expires_at < $1",
             "DELETE FROM events WHERE expires_at < $1",
-            "DELETE FROM audit_log WHERE expires_at < $1",
         ] {
             swept += on_pool!(&self.pool, p => sqlx::query(sql)
                 .bind(now)
@@ -844,13 +845,22 @@ impl Store for SqlStore {
         Ok(swept)
     }
 
-    async fn trim_audit(&self, max: u64) -> Result<u64, StoreError> {
+    async fn sweep_audit(&self, before: &str, max: u64) -> Result<u64, StoreError> {
         let max = i64::try_from(max).unwrap_or(i64::MAX);
         let instances: Vec<String> = on_pool!(&self.reads, p => sqlx::query_scalar("SELECT key FROM instances")
             .fetch_all(p)
             .await?);
         let mut trimmed = 0;
         for instance in instances {
+            // Through the primary key (instance, key): keys are times.
+            trimmed += on_pool!(&self.pool, p => sqlx::query(
+                "DELETE FROM audit_log WHERE instance = $1 AND key < $2",
+            )
+            .bind(&instance)
+            .bind(before)
+            .execute(p)
+            .await?
+            .rows_affected());
             // The newest entry past the ones kept, found by a reader, so that the writer is
             // held only for the delete.
             let cutoff: Option<String> = on_pool!(&self.reads, p => sqlx::query_scalar(
@@ -967,21 +977,17 @@ impl SqlStore {
         let mut tx = self.begin().await?;
         let written = bulk_rows(&mut tx, target, kind, &ns, docs, on_conflict).await?;
         if let Some(actor) = audit::actor() {
-            // Created (only free keys are written), or created or replaced: what a key held
-            // before is not read, so as not to slow imports down.
+            // An entry per record, created (only free keys are written) or imported (created
+            // or replaced: what a key held before is not read), without its fields: a record's
+            // diff costs more than writing it, and bulk writes are the fast path of imports.
             let action = match on_conflict {
                 OnConflict::Keep => Action::Create,
                 OnConflict::Replace => Action::Import,
             };
-            let by_key: std::collections::HashMap<&str, &str> = docs
-                .iter()
-                .map(|d| (d.key.as_str(), d.doc.as_str()))
-                .collect();
             let entries: Vec<BulkDoc> = written
                 .iter()
                 .map(|key| {
-                    let new = by_key.get(key.as_str()).copied();
-                    let row = audit::entry(&actor, &ns, kind, key, action, None, new);
+                    let row = audit::entry(&actor, &ns, kind, key, action, None, None);
                     BulkDoc {
                         key: row.key,
                         columns: row.columns,
@@ -1037,7 +1043,7 @@ async fn bulk_rows(
     let at = crate::timestamp::now();
     let width = 3 + table.columns.len();
     let mut written = Vec::with_capacity(docs.len());
-    for chunk in docs.chunks(BULK_ROWS) {
+    for chunk in docs.chunks((BULK_PARAMETERS / width).max(1)) {
         // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
@@ -1185,7 +1191,6 @@ mod tests {
             instance: "one".into(),
             policy: "Owner".into(),
             request_id: Some("r-1".into()),
-            retention_secs: 60,
         }
     }
 
@@ -1281,9 +1286,9 @@ mod tests {
         ));
     }
 
-    /// Past the count kept, the oldest entries of an instance go.
+    /// Past the count kept, the oldest entries of an instance go; past the retention, all.
     #[tokio::test]
-    async fn trimming_keeps_the_newest_entries() {
+    async fn sweeping_keeps_the_newest_entries() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = sqlite_file_store(&dir).await;
         store.write(&[instance()]).await.unwrap();
@@ -1296,8 +1301,8 @@ mod tests {
             }
         })
         .await;
-        assert_eq!(store.trim_audit(10).await.unwrap(), 0);
-        assert_eq!(store.trim_audit(2).await.unwrap(), 2);
+        assert_eq!(store.sweep_audit("0", 10).await.unwrap(), 0);
+        assert_eq!(store.sweep_audit("0", 2).await.unwrap(), 2);
         let kept: Vec<String> = audit_log(&store)
             .await
             .iter()
@@ -1309,6 +1314,9 @@ mod tests {
             })
             .collect();
         assert_eq!(kept, ["c", "d"]);
+        let later = crate::store::event_key_at(i64::MAX / 4);
+        assert_eq!(store.sweep_audit(&later, 10).await.unwrap(), 2);
+        assert!(audit_log(&store).await.is_empty());
     }
 
     /// Reads have connections of their own: a write transaction that is still open (a long
