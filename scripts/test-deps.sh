@@ -2,8 +2,9 @@
 # Installs and starts what the test suite needs on a fresh Debian 12 machine with Rust:
 # PostgreSQL (a local cluster with a `dps` superuser), SoftHSM2, swtpm with tpm2-tools and the
 # tpm2-tss libraries, Node.js with the npm packages of the interop tests, and Python virtual
-# environments with schemathesis (the admin API's fuzz test) and azure-iot-device (the Python
-# interop test). Safe to run again.
+# environments with schemathesis (the admin API's fuzz test), azure-iot-device (the Python
+# interop test) and selenium (the console's browser test, with Chromium and chromium-driver).
+# Safe to run again.
 # Prints the exports the tests read.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,10 @@ pkg-config --exists tss2-esys 2>/dev/null || packages+=(libtss2-dev pkg-config)
 # Python with venv for the fuzz test's schemathesis.
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+# The console's browser test: headless Chromium and its WebDriver (and a font to render with).
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+[ -d /usr/share/fonts/truetype/dejavu ] || packages+=(fonts-dejavu-core)
 # The black-box tests signal the server with the kill program (not the shell builtin).
 [ -x /bin/kill ] || [ -x /usr/bin/kill ] || packages+=(procps)
 if [ "${#packages[@]}" -gt 0 ]; then
@@ -53,7 +58,8 @@ fi
 
 # Python packages of the tests, each set in its own virtual environment (versions pinned by
 # its requirements.txt), reinstalled when the pins change: schemathesis for the admin API's
-# fuzz test, azure-iot-device for the Python interop test.
+# fuzz test, azure-iot-device for the Python interop test, selenium for the console's browser
+# test.
 python_env() {
     local dir="$1" venv="$1/.venv"
     if ! cmp -s "$dir/requirements.txt" "$venv/requirements.txt" 2>/dev/null; then
@@ -65,5 +71,6 @@ python_env() {
 }
 python_env interop/schemathesis
 python_env interop/python
+python_env interop/console
 
 echo "export DPS_TEST_DATABASE_URL=postgres://dps:dps@127.0.0.1:5432/postgres"

@@ -90,8 +90,13 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.limits.max_body_bytes;
     let metrics = state.metrics.clone();
     let device_body_limit = state.limits.max_device_body_bytes;
+    // The console calls the admin API in process, through the same routes and layers.
+    let api = admin::routes()
+        .layer(axum::middleware::from_fn(audited))
+        .with_state(state.clone());
     Router::new()
         .merge(admin::routes().layer(axum::middleware::from_fn(audited)))
+        .nest_service("/console", crate::http::console::routes(state.clone(), api))
         .merge(device::routes().layer(DefaultBodyLimit::max(device_body_limit)))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
