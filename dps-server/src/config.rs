@@ -165,14 +165,16 @@ impl Default for EventsConfig {
     }
 }
 
-/// The audit log: every admin write and key read is an entry, kept this long and at most this
-/// many per instance (the oldest go first).
+/// The audit log: every admin write and key read is an entry, kept this long, and at most this
+/// many per instance when a count is set (the oldest go first).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuditConfig {
     /// Days an entry is kept (at least 1).
     pub retention_days: u32,
-    /// Entries kept per instance (at least 1); past it the oldest are swept.
+    /// Entries kept per instance, past which the oldest are swept; 0 (the default): no count
+    /// limit. A count lets a policy that writes in bulk push older entries (its own among
+    /// them) out of the log.
     pub max_entries: u64,
 }
 
@@ -180,7 +182,7 @@ impl Default for AuditConfig {
     fn default() -> Self {
         Self {
             retention_days: 365,
-            max_entries: 1_000_000,
+            max_entries: 0,
         }
     }
 }

@@ -65,8 +65,8 @@ impl RunningServer {
 /// Connects storage, applies the configuration, prepares TLS and starts listening.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     anyhow::ensure!(
-        config.audit.retention_days >= 1 && config.audit.max_entries >= 1,
-        "audit.retention_days and audit.max_entries must be at least 1 (every admin write is recorded)"
+        config.audit.retention_days >= 1,
+        "audit.retention_days must be at least 1 (every admin write is recorded)"
     );
     dps_listener::files::private_dir(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
@@ -291,6 +291,17 @@ async fn all_host_names(state: &AppState) -> anyhow::Result<Vec<String>> {
         let instance = load_instance(state.store.as_ref(), &row.key)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        if let Some(scope) = instance
+            .id_scope
+            .as_deref()
+            .filter(|s| crate::domain::instances::is_reserved_scope(s))
+        {
+            tracing::warn!(
+                instance = %instance.name,
+                %scope,
+                "the instance's ID scope is the first segment of a server route: its devices cannot register; give it another"
+            );
+        }
         names.extend(instance.host_names);
     }
     Ok(names)

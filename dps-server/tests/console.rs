@@ -344,7 +344,18 @@ async fn forms_without_their_token_are_refused(backend: Backend) {
         "only its creation: {audit}"
     );
 
-    // With its token the same form works (and is one audited write).
+    // With its token the same form works: one audited write, the keys kept.
+    let keys = || async {
+        expect_json(
+            t.owner(Method::POST, "/enrollments/dev-csrf/attestationmechanism")
+                .send()
+                .await
+                .unwrap(),
+            200,
+        )
+        .await
+    };
+    let keys_before = keys().await;
     let disabled = post(
         &t,
         &session,
@@ -361,6 +372,33 @@ async fn forms_without_their_token_are_refused(backend: Backend) {
         disabled.body.contains("id=\"status\">disabled<"),
         "{}",
         disabled.body
+    );
+    assert_eq!(keys().await, keys_before);
+    let audit = expect_json(
+        t.owner(
+            Method::GET,
+            "/auditLog?resourceKind=enrollment&resourceId=dev-csrf",
+        )
+        .send()
+        .await
+        .unwrap(),
+        200,
+    )
+    .await;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["create", "readKeys", "update", "readKeys"],
+        "{audit}"
+    );
+    assert_eq!(
+        audit[2]["changes"][0]["field"], "provisioningStatus",
+        "{audit}"
     );
 }
 
@@ -403,6 +441,24 @@ async fn a_cookie_opens_only_its_own_instance(backend: Backend) {
     let default_session = owner_session(&t).await;
     let swapped = default_session.replace("dps_console=default~", "dps_console=factory~");
     assert_eq!(get(&t, &swapped, "/console/overview").await.status, 303);
+
+    // An ID scope that is the console's path (or another route's) would make its devices'
+    // `/{idScope}/registrations/...` reach that route: refused, nothing stored.
+    for scope in ["console", "Console", "auditLog"] {
+        let refused = t
+            .owner(Method::PUT, "/instances/clash")
+            .json(&json!({ "name": "clash", "idScope": scope }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 400, "{scope}");
+    }
+    let absent = t
+        .owner(Method::GET, "/instances/clash")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(absent.status(), 404);
 }
 
 /// A policy with EnrollmentRead only sees no write forms; its writes are refused by the API,
@@ -525,7 +581,89 @@ async fn a_read_only_policy_cannot_write(backend: Backend) {
     assert_eq!(actions, ["create", "readKeys"], "{audit}");
 }
 
+/// The proof-of-possession flow through the console's forms: upload a CA certificate, get a
+/// verification code, upload a certificate of that name signed by the CA's key: verified.
+async fn ca_certificates_are_verified_through_the_forms(backend: Backend) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let t = TestServer::start(backend).await;
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Console Root");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let root = params.self_signed(&key).unwrap().pem();
+    let issuer = Issuer::new(params, key);
+    let session = owner_session(&t).await;
+    let token = csrf(&get(&t, &session, "/console/certificates").await.body);
+    let uploaded = post(
+        &t,
+        &session,
+        "/console/certificates",
+        &[
+            ("csrf", &token),
+            ("name", "console-root"),
+            ("certificate", &root),
+        ],
+    )
+    .await;
+    assert!(
+        uploaded.body.contains("Uploaded console-root."),
+        "{}",
+        uploaded.body
+    );
+    let stored = expect_json(
+        t.owner(Method::GET, "/certificates/console-root")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(stored["isVerified"], false);
+    let coded = post(
+        &t,
+        &session,
+        "/console/certificates/console-root/code",
+        &[("csrf", &token), ("etag", stored["etag"].as_str().unwrap())],
+    )
+    .await;
+    let start = coded.body.find("<code>CN=").unwrap() + 9;
+    let code = &coded.body[start..start + 32];
+    let etag_at = coded.body.rfind("name=\"etag\" value=\"").unwrap() + 20;
+    let etag_end = coded.body[etag_at..].find('"').unwrap() + etag_at;
+    let etag = coded.body[etag_at..etag_end].replace("&#34;", "\"");
+    let mut proof = CertificateParams::default();
+    proof.distinguished_name.push(DnType::CommonName, code);
+    let proof = proof
+        .signed_by(&KeyPair::generate().unwrap(), &issuer)
+        .unwrap()
+        .pem();
+    let verified = post(
+        &t,
+        &session,
+        "/console/certificates/console-root/verify",
+        &[("csrf", &token), ("etag", &etag), ("certificate", &proof)],
+    )
+    .await;
+    assert!(
+        verified.body.contains("console-root is verified."),
+        "{}",
+        verified.body
+    );
+    let stored = expect_json(
+        t.owner(Method::GET, "/certificates/console-root")
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(stored["isVerified"], true);
+}
+
 on_both_backends!(
+    ca_certificates_are_verified_through_the_forms,
     sessions_are_strict_cookies_that_a_wrong_key_never_gets,
     attacker_text_renders_inert,
     forms_without_their_token_are_refused,

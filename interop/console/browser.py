@@ -123,8 +123,7 @@ def main():
         shot("enrollments")
 
         go("/console/events")
-        wait.until(lambda d: d.find_elements(By.ID, "events"))
-        time.sleep(1)  # the page's EventSource connects
+        wait.until(lambda d: d.find_element(By.ID, "events").get_attribute("data-state") == "open")
         operation = register(args.base, args.id_scope, DEVICE, primary, args.ca)
         expect(operation["status"] == "assigned", f"the device is assigned: {operation}")
         wait.until(lambda d: any(DEVICE in row.text and "registration.assigned" in row.text

@@ -12,6 +12,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const table = document.querySelector("table[data-stream]");
   if (!table) return;
   const stream = new EventSource(table.dataset.stream);
+  stream.addEventListener("open", () => { table.dataset.state = "open"; });
   const kinds = ["registration.assigned", "registration.moved", "registration.failed", "registration.disabled"];
   for (const kind of kinds) {
     stream.addEventListener(kind, (message) => {

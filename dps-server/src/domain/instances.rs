@@ -33,6 +33,36 @@ pub fn instance_key(name: &str) -> Result<String, DomainError> {
 }
 
 /// A new ID scope in the Azure shape: `0ne` and eight upper-case hex digits.
+/// First path segments of the server's own routes: a device's `/{idScope}/registrations/...`
+/// under one of them would reach that route instead.
+const RESERVED_SCOPES: [&str; 18] = [
+    "console",
+    "instances",
+    "enrollments",
+    "enrollmentgroups",
+    "registrations",
+    "linkedhubs",
+    "accesspolicies",
+    "healthz",
+    "readyz",
+    "metrics",
+    "owners",
+    "ownershiprecords",
+    "certificates",
+    "certificateauthorities",
+    "credentialpolicies",
+    "issuedcertificates",
+    "events",
+    "auditlog",
+];
+
+/// Whether `scope` names one of the server's routes (see [`RESERVED_SCOPES`]).
+pub fn is_reserved_scope(scope: &str) -> bool {
+    RESERVED_SCOPES
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(scope))
+}
+
 fn generate_id_scope() -> Result<String, DomainError> {
     let bytes: [u8; 4] = attestation::keys::random_bytes()
         .map_err(|e| DomainError::internal("generating an ID scope", &e))?;
@@ -58,6 +88,12 @@ pub async fn save(
     }
 
     let scope = match (&instance.id_scope, &previous) {
+        (Some(scope), _) if is_reserved_scope(scope) => {
+            return Err(field_error(
+                "idScope",
+                format!("'{scope}' is the first segment of a server route (reserved)"),
+            ));
+        }
         (Some(scope), _) => IdScope::parse(scope)
             .map_err(|e| field_error("idScope", e.to_string()))?
             .as_str()

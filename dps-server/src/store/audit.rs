@@ -215,14 +215,26 @@ fn shown(path: &str, value: Value) -> Value {
     }
     match value {
         Value::String(text) => Value::String(shown_text(&text)),
+        // Each element masked as a value of the same field; then a long list by its hash.
         Value::Array(items) => {
-            let text = Value::Array(items).to_string();
-            if text.len() > LONGEST_VALUE || carries_secret(&text) {
+            let items: Vec<Value> = items.into_iter().map(|item| shown(path, item)).collect();
+            let text = Value::Array(items.clone()).to_string();
+            if text.len() > LONGEST_VALUE {
                 Value::String(long_value(&text))
             } else {
-                serde_json::from_str(&text).unwrap_or(Value::Null)
+                Value::Array(items)
             }
         }
+        // Objects inside lists (leaves of the diff): their fields masked by name.
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(name, v)| {
+                    let shown = shown(&format!("{path}.{name}"), v);
+                    (name, shown)
+                })
+                .collect(),
+        ),
         other => other,
     }
 }
@@ -315,6 +327,18 @@ mod tests {
             Some(Value::String("https://***@f.example.com/api/y?***".into()))
         );
         assert_eq!(changes[3].old, Some(serde_json::json!(["a.example.com"])));
+    }
+
+    #[test]
+    fn lists_are_masked_element_by_element() {
+        let new = r#"{"urls":["https://f.example.com/api?code=KEY1"],
+            "hooks":[{"name":"a","secret":"KEY2","url":"https://u:KEY3@h.example.com/"}],
+            "notes":["HostName=h;SharedAccessKey=KEY4"]}"#;
+        let text = serde_json::to_string(&changes(None, Some(new))).unwrap();
+        for secret in ["KEY1", "KEY2", "KEY3", "KEY4"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("https://f.example.com/api?***"), "{text}");
     }
 
     #[test]

@@ -444,8 +444,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// before `now` (Unix seconds); returns how many.
     async fn sweep(&self, now: i64) -> Result<u64, StoreError>;
 
-    /// Deletes the audit entries keyed before `before` (a time: [`event_key_at`]), and the
-    /// oldest of every instance that has more than `max`; returns how many.
+    /// Deletes the audit entries keyed before `before` (a time: [`event_key_at`]), and, when
+    /// `max` is not 0, the oldest of every instance that has more than `max`; returns how many.
     async fn sweep_audit(&self, before: &str, max: u64) -> Result<u64, StoreError>;
 
     /// Copies SQLite's write-ahead log back into the database (nothing on PostgreSQL): called

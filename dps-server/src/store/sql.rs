@@ -350,7 +350,13 @@ async fn read_doc(
     let table = table(kind)?;
     let mut values = scope(table, ns);
     values.push(Value::Text(key));
-    let doc = on_tx!(tx, t => bind_values!(sqlx::query(table.sql.get.as_str()), &values)
+    // On PostgreSQL the row is locked until the commit, so that what an audit entry says was
+    // there is what the write replaced (SQLite has one writer).
+    let sql = match tx {
+        Tx::Sqlite(_) => Cow::Borrowed(table.sql.get.as_str()),
+        Tx::Postgres(_) => Cow::Owned(format!("{} FOR UPDATE", table.sql.get)),
+    };
+    let doc = on_tx!(tx, t => bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql.as_ref())), &values)
         .fetch_optional(&mut **t)
         .await?
         .map(|row| row.try_get::<String, _>("doc"))
@@ -861,6 +867,9 @@ impl Store for SqlStore {
             .execute(p)
             .await?
             .rows_affected());
+            if max == 0 {
+                continue;
+            }
             // The newest entry past the ones kept, found by a reader, so that the writer is
             // held only for the delete.
             let cutoff: Option<String> = on_pool!(&self.reads, p => sqlx::query_scalar(
@@ -995,7 +1004,7 @@ impl SqlStore {
                     }
                 })
                 .collect();
-            bulk_rows(
+            let recorded = bulk_rows(
                 &mut tx,
                 table(Kind::AuditEntry)?,
                 Kind::AuditEntry,
@@ -1004,6 +1013,12 @@ impl SqlStore {
                 OnConflict::Keep,
             )
             .await?;
+            // A key taken twice would drop an entry: the write does not happen without all.
+            if recorded.len() != entries.len() {
+                return Err(StoreError::Invalid(
+                    "audit entries collided; nothing was written".into(),
+                ));
+            }
         }
         tx.commit().await?;
         Ok(written)
@@ -1301,6 +1316,11 @@ mod tests {
             }
         })
         .await;
+        assert_eq!(
+            store.sweep_audit("0", 0).await.unwrap(),
+            0,
+            "0: no count limit"
+        );
         assert_eq!(store.sweep_audit("0", 10).await.unwrap(), 0);
         assert_eq!(store.sweep_audit("0", 2).await.unwrap(), 2);
         let kept: Vec<String> = audit_log(&store)

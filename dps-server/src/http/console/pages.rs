@@ -544,11 +544,12 @@ pub async fn enrollment_status(
     let current = console.call(&session, Method::GET, &path, &[], None).await;
     if chrome.check(&current) {
         let mut document = current.json;
-        document["provisioningStatus"] = json!(if form.status == "disabled" {
+        let status = if form.status == "disabled" {
             "disabled"
         } else {
             "enabled"
-        });
+        };
+        document["provisioningStatus"] = json!(status);
         let saved = console
             .call(
                 &session,
@@ -559,7 +560,7 @@ pub async fn enrollment_status(
             )
             .await;
         if chrome.check(&saved) {
-            chrome.messages.push(format!("Now {}.", form.status));
+            chrome.messages.push(format!("Now {status}."));
         }
     }
     enrollment_view(&console, &session, kind, &id, chrome, None).await
@@ -858,6 +859,7 @@ pub async fn certificates(State(console): State<Console>, session: Session) -> R
 pub struct UploadForm {
     #[serde(default)]
     csrf: String,
+    #[serde(default)]
     name: String,
     certificate: String,
     #[serde(default)]

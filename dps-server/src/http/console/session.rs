@@ -42,15 +42,21 @@ pub struct Session {
     pub csrf: String,
 }
 
-/// A request the console refuses before any page: to the sign-in page.
-pub struct SignInFirst;
+/// A request the console refuses before any page: to the sign-in page, forgetting the cookie
+/// it sent, if any (a request without one, such as a cross-site navigation, which a strict
+/// cookie does not go with, leaves the browser's session alone).
+pub struct SignInFirst {
+    forget: bool,
+}
 
 impl IntoResponse for SignInFirst {
     fn into_response(self) -> Response {
         let mut response = Redirect::to("/console").into_response();
-        response
-            .headers_mut()
-            .insert(header::SET_COOKIE, expired(COOKIE));
+        if self.forget {
+            response
+                .headers_mut()
+                .insert(header::SET_COOKIE, expired(COOKIE));
+        }
         response
     }
 }
@@ -116,22 +122,23 @@ impl FromRequestParts<Console> for Session {
 impl Session {
     /// The session of a request's cookie, checked against its instance's policies.
     async fn of(console: &Console, headers: &HeaderMap) -> Result<Self, SignInFirst> {
-        let value = cookie(headers, COOKIE).ok_or(SignInFirst)?;
+        let value = cookie(headers, COOKIE).ok_or(SignInFirst { forget: false })?;
+        let refused = || SignInFirst { forget: true };
         // `<instance>~<nonce>~<token>`: the nonce makes two sessions of one policy in one
         // second two sessions (and two form tokens).
-        let (instance, rest) = value.split_once('~').ok_or(SignInFirst)?;
-        let (_, encoded) = rest.split_once('~').ok_or(SignInFirst)?;
+        let (instance, rest) = value.split_once('~').ok_or_else(refused)?;
+        let (_, encoded) = rest.split_once('~').ok_or_else(refused)?;
         let token =
             base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, encoded)
                 .ok()
                 .and_then(|bytes| String::from_utf8(bytes).ok())
-                .ok_or(SignInFirst)?;
+                .ok_or_else(refused)?;
         let found = instances::load_instance(console.state.store.as_ref(), instance)
             .await
-            .map_err(|_| SignInFirst)?;
+            .map_err(|_| refused())?;
         let caller = access::caller(&console.state, &found, Some(&token))
             .await
-            .map_err(|_| SignInFirst)?;
+            .map_err(|_| refused())?;
         Ok(Session {
             instance: found.name,
             token,
@@ -217,6 +224,7 @@ pub struct SignInForm {
 /// `POST /console/sign-in`: checks the policy's key against the instance and starts a session.
 pub async fn sign_in(
     State(console): State<Console>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     axum::Form(form): axum::Form<SignInForm>,
 ) -> Response {
@@ -232,10 +240,13 @@ pub async fn sign_in(
     };
     let state = &console.state;
     let (host, policy, key) = if form.connection_string.trim().is_empty() {
+        // HTTP/2 clients name the host in the URI, not in a Host header.
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(str::to_ascii_lowercase);
+            .map(str::to_owned)
+            .or_else(|| uri.authority().map(|a| a.to_string()))
+            .map(|h| h.to_ascii_lowercase());
         let Ok(key) = SymmetricKey::from_base64(form.key.trim()) else {
             return failed();
         };
@@ -259,7 +270,8 @@ pub async fn sign_in(
         .cloned()
         .or_else(|| state.server_names.first().cloned())
         .unwrap_or_default();
-    let expiry = crate::domain::unix_now().saturating_add(SESSION_SECS);
+    let lifetime = SESSION_SECS.min(state.limits.max_token_lifetime_secs);
+    let expiry = crate::domain::unix_now().saturating_add(lifetime);
     let token = attestation::sas::sign(&audience, &key, expiry, Some(&policy));
     if access::caller(state, &instance, Some(&token))
         .await
@@ -275,7 +287,7 @@ pub async fn sign_in(
         set_cookie(
             COOKIE,
             &format!("{}~{}~{encoded}", instance.name, random_hex()),
-            SESSION_SECS,
+            lifetime,
         ),
     );
     headers.append(header::SET_COOKIE, expired(SIGN_IN_COOKIE));
