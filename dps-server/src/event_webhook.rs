@@ -5,9 +5,10 @@
 //! event twice), from a bounded queue: when the webhook falls behind, the oldest events are
 //! dropped first and counted (`dps_event_webhook_total{outcome="dropped"}`). A few deliveries
 //! run at once; each is tried a few times with growing pauses, then counted as failed; it is
-//! never retried forever.
+//! never retried forever. A shutdown waits for the queue (up to its grace period).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ struct Outgoing {
 #[derive(Debug)]
 pub struct EventWebhook {
     queue: Mutex<VecDeque<Outgoing>>,
+    /// Deliveries under way (taken off the queue under its lock, so that an empty queue and
+    /// none under way mean nothing is left).
+    in_flight: AtomicUsize,
     capacity: usize,
     ready: Notify,
     metrics: Arc<Metrics>,
@@ -54,6 +58,7 @@ impl EventWebhook {
     ) -> Arc<Self> {
         let webhook = Arc::new(Self {
             queue: Mutex::new(VecDeque::new()),
+            in_flight: AtomicUsize::new(0),
             capacity: capacity.max(1),
             ready: Notify::new(),
             metrics,
@@ -67,12 +72,19 @@ impl EventWebhook {
             );
             tokio::spawn(async move {
                 loop {
-                    let next = worker.queue.lock().ok().and_then(|mut q| q.pop_front());
+                    let next = worker.queue.lock().ok().and_then(|mut q| {
+                        let next = q.pop_front();
+                        if next.is_some() {
+                            worker.in_flight.fetch_add(1, Ordering::SeqCst);
+                        }
+                        next
+                    });
                     match next {
                         Some(outgoing) => {
                             worker
                                 .deliver(&url, &outbound, signer.as_ref(), outgoing)
                                 .await;
+                            worker.in_flight.fetch_sub(1, Ordering::SeqCst);
                         }
                         None => worker.ready.notified().await,
                     }
@@ -112,6 +124,20 @@ impl EventWebhook {
             // One wake-up per event, kept when no delivery is waiting yet.
             self.ready.notify_one();
         }
+    }
+
+    /// Waits until every queued event has been delivered (or given up on), at most `within`;
+    /// returns how many were still queued or under way then.
+    pub async fn drain(&self, within: Duration) -> usize {
+        let left = || {
+            let queued = self.queue.lock().map_or(0, |q| q.len());
+            queued + self.in_flight.load(Ordering::SeqCst)
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        while left() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        left()
     }
 
     /// Posts one event, trying again after a pause while the webhook fails.

@@ -245,6 +245,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         stopped.clone(),
         grace,
     );
+    let webhook = state.event_webhook.clone();
     let metrics = serve(
         metrics_listener,
         None,
@@ -260,6 +261,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             }
         };
         tokio::join!(main, metrics, mqtt);
+        // What was committed but not yet delivered to the event webhook (a restart would lose
+        // it; it stays readable through GET /events).
+        if let Some(webhook) = webhook {
+            let left = webhook.drain(grace).await;
+            if left > 0 {
+                tracing::warn!(
+                    left,
+                    "events not delivered to the webhook before the shutdown"
+                );
+            }
+        }
     });
     tracing::info!(%local_addr, %metrics_addr, ?mqtt_addr, storage = store.backend(), "listening");
     Ok(RunningServer {

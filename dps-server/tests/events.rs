@@ -497,7 +497,48 @@ async fn events_can_be_turned_off(backend: Backend) {
     assert_eq!(events(&t, "/events", 10).await, Vec::<Value>::new());
 }
 
+/// A shutdown waits (up to the grace period) for the events still on their way to the
+/// webhook: one that failed its first attempt is tried again before the server stops.
+async fn a_shutdown_delivers_the_events_still_queued(backend: Backend) {
+    use wiremock::matchers::method;
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let hook = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(503))
+        .up_to_n_times(1)
+        .mount(&hook)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&hook)
+        .await;
+    let url = hook.uri();
+    let mut t =
+        TestServer::start_with(backend, move |config| config.events.webhook_url = Some(url)).await;
+    t.link_hub("hub-a.example.com").await;
+    registered(&t, "last-words").await;
+    // The first attempt has been answered 503; the next comes after a pause.
+    for _ in 0..100 {
+        if !hook
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .is_empty()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    t.server.take().unwrap().shutdown().await;
+    assert_eq!(
+        hook.received_requests().await.unwrap_or_default().len(),
+        2,
+        "the retry was made before the shutdown returned"
+    );
+}
+
 on_both_backends!(
+    a_shutdown_delivers_the_events_still_queued,
     each_outcome_is_an_event,
     events_stream_live,
     a_stream_ends_when_its_credentials_do,
