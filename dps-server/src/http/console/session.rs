@@ -1,6 +1,7 @@
 //! Console sessions: sign-in turns a shared access policy into a SAS token of
-//! [`SESSION_SECS`], kept in the `dps_console` cookie (HttpOnly, Secure, SameSite=Strict) with
-//! the instance's name. Every request checks the token against that instance's policies, as
+//! [`SESSION_SECS`] (or `limits.max_token_lifetime_secs`, when shorter), kept in the
+//! `dps_console` cookie (HttpOnly, Secure, SameSite=Strict) with the instance's name and a
+//! random nonce. Every request checks the token against that instance's policies, as
 //! the admin API does, so a cookie opens only the instance whose policy signed it, a changed
 //! key ends every session made with the old one, and any replica serves any session. Forms
 //! carry a token derived from the cookie ([`Session::csrf`]); the sign-in form one from a
