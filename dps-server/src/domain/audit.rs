@@ -3,11 +3,11 @@
 //! before the keys are answered. Entries are read with filters and paging, and swept after
 //! `audit.retention_days` or past `audit.max_entries` per instance.
 
-use dps_protocol::ErrorCode;
 use dps_protocol::admin::AuditEntry;
 
 use super::DomainError;
 use super::events::time_key;
+use super::validate::field_error;
 use crate::state::AppState;
 use crate::store::{AuditFilter, Kind, Stored, Write};
 
@@ -52,21 +52,13 @@ pub const RESOURCE_KINDS: [Kind; 14] = [
 /// The longest `resourceId` or `policy` a filter takes (ids and key names are shorter).
 const LONGEST_FILTER: usize = 256;
 
-fn bad(field: &str, message: impl Into<String>) -> DomainError {
-    DomainError::new(
-        ErrorCode::ArgumentInvalid,
-        format!("{field}: {}", message.into()),
-    )
-    .with_info("field", field)
-}
-
 /// A text filter, case-folded as records are stored.
 fn text_filter(field: &str, value: Option<&str>) -> Result<Option<String>, DomainError> {
     value
         .map(|v| {
             if v.is_empty() || v.chars().count() > LONGEST_FILTER || v.chars().any(char::is_control)
             {
-                Err(bad(
+                Err(field_error(
                     field,
                     format!("1 to {LONGEST_FILTER} characters, no control characters"),
                 ))
@@ -88,14 +80,17 @@ pub fn filter_of(query: &Query) -> Result<AuditFilter, DomainError> {
                 .find(|k| *k == kind)
                 .ok_or_else(|| {
                     let names: Vec<&str> = RESOURCE_KINDS.iter().map(|k| k.as_str()).collect();
-                    bad("resourceKind", format!("one of {}", names.join(", ")))
+                    field_error("resourceKind", format!("one of {}", names.join(", ")))
                 })?
                 .to_owned(),
         ),
     };
     let resource_id = text_filter("resourceId", query.resource_id.as_deref())?;
     if resource_id.is_some() && resource_kind.is_none() {
-        return Err(bad("resourceId", "give resourceKind with resourceId"));
+        return Err(field_error(
+            "resourceId",
+            "give resourceKind with resourceId",
+        ));
     }
     Ok(AuditFilter {
         resource_kind,

@@ -4,7 +4,6 @@
 //! Admins read them with filters (`GET /events`); they are swept after
 //! `events.retention_days`.
 
-use dps_protocol::ErrorCode;
 use dps_protocol::admin::Event;
 use dps_protocol::device::OperationStatus;
 use dps_protocol::ids::{EnrollmentGroupId, RegistrationId};
@@ -12,6 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::records::{EnrollmentRef, OperationRecord};
+use super::validate::field_error;
 use super::{DomainError, to_doc};
 use crate::state::AppState;
 use crate::store::{
@@ -121,23 +121,15 @@ pub const KINDS: [&str; 4] = [
     "registration.disabled",
 ];
 
-fn bad(field: &str, message: impl Into<String>) -> DomainError {
-    DomainError::new(
-        ErrorCode::ArgumentInvalid,
-        format!("{field}: {}", message.into()),
-    )
-    .with_info("field", field)
-}
-
 /// The start of the millisecond `text` (RFC 3339) names, as an event key.
 pub fn time_key(field: &str, text: &str) -> Result<String, DomainError> {
     let time = OffsetDateTime::parse(text, &Rfc3339)
-        .map_err(|_| bad(field, "an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"))?;
+        .map_err(|_| field_error(field, "an RFC 3339 time, e.g. 2026-12-01T12:00:00Z"))?;
     // Keys are 13 digits of milliseconds: up to the year 2286.
     let millis = i64::try_from(time.unix_timestamp_nanos() / 1_000_000)
         .ok()
         .filter(|ms| (0..=9_999_999_999_999).contains(ms))
-        .ok_or_else(|| bad(field, "a time between 1970 and 2286"))?;
+        .ok_or_else(|| field_error(field, "a time between 1970 and 2286"))?;
     Ok(event_key_at(millis))
 }
 
@@ -158,7 +150,7 @@ pub fn filter_of(query: &Query) -> Result<EventFilter, DomainError> {
     if let Some(kind) = &query.kind
         && !KINDS.contains(&kind.as_str())
     {
-        return Err(bad("kind", format!("one of {}", KINDS.join(", "))));
+        return Err(field_error("kind", format!("one of {}", KINDS.join(", "))));
     }
     let registration = query
         .registration_id
@@ -166,25 +158,25 @@ pub fn filter_of(query: &Query) -> Result<EventFilter, DomainError> {
         .map(|id| {
             RegistrationId::parse(id)
                 .map(|r| r.key())
-                .map_err(|e| bad("registrationId", e.to_string()))
+                .map_err(|e| field_error("registrationId", e.to_string()))
         })
         .transpose()?;
     let enrollment = match (&query.enrollment_id, &query.enrollment_group_id) {
         (Some(_), Some(_)) => {
-            return Err(bad(
+            return Err(field_error(
                 "enrollmentId",
                 "give enrollmentId or enrollmentGroupId, not both",
             ));
         }
         (Some(id), None) => Some(enrollment_column(&EnrollmentRef::Individual(
             RegistrationId::parse(id)
-                .map_err(|e| bad("enrollmentId", e.to_string()))?
+                .map_err(|e| field_error("enrollmentId", e.to_string()))?
                 .as_str()
                 .to_owned(),
         ))),
         (None, Some(id)) => Some(enrollment_column(&EnrollmentRef::Group(
             EnrollmentGroupId::parse(id)
-                .map_err(|e| bad("enrollmentGroupId", e.to_string()))?
+                .map_err(|e| field_error("enrollmentGroupId", e.to_string()))?
                 .as_str()
                 .to_owned(),
         ))),
