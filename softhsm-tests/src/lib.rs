@@ -460,3 +460,42 @@ pub fn run_node(
     }
     command.output().context("running node")
 }
+
+/// A PostgreSQL database of its own for a black-box test, named `prefix_<pid>` (dropped
+/// first if an earlier run left it) on the server of `DPS_TEST_DATABASE_URL`; its URL.
+pub fn fresh_postgres_database(prefix: &str) -> anyhow::Result<String> {
+    let admin_url = std::env::var("DPS_TEST_DATABASE_URL")
+        .context("DPS_TEST_DATABASE_URL is not set: run scripts/test.sh")?;
+    let name = format!("{prefix}_{}", std::process::id());
+    let created = Command::new("psql")
+        .args([
+            admin_url.as_str(),
+            "-qc",
+            &format!("DROP DATABASE IF EXISTS {name}"),
+            "-qc",
+            &format!("CREATE DATABASE {name}"),
+        ])
+        .status()
+        .context("running psql")?;
+    anyhow::ensure!(created.success(), "psql could not create {name}");
+    let base = admin_url
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .context("DPS_TEST_DATABASE_URL has no database part")?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// Drops a database [`fresh_postgres_database`] made (its URL), if it can.
+pub fn drop_postgres_database(url: &str) {
+    if let (Ok(admin_url), Some((_, name))) =
+        (std::env::var("DPS_TEST_DATABASE_URL"), url.rsplit_once('/'))
+    {
+        let _ = Command::new("psql")
+            .args([
+                admin_url.as_str(),
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {name}"),
+            ])
+            .status();
+    }
+}

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use softhsm_tests::{ServerProcess, free_port, load_binary};
+use softhsm_tests::{
+    ServerProcess, drop_postgres_database, free_port, fresh_postgres_database, load_binary,
+};
 
 fn ids(items: &Value, field: &str) -> BTreeSet<String> {
     items
@@ -146,27 +148,7 @@ fn sqlite_killed_mid_write_keeps_changes_with_their_records() {
 
 #[test]
 fn postgres_killed_mid_write_keeps_changes_with_their_records() {
-    let admin_url = std::env::var("DPS_TEST_DATABASE_URL")
-        .expect("DPS_TEST_DATABASE_URL is not set: run scripts/test.sh");
-    let name = format!("dps_crash_{}", std::process::id());
-    let created = Command::new("psql")
-        .args([
-            admin_url.as_str(),
-            "-qc",
-            &format!("DROP DATABASE IF EXISTS {name}"),
-            "-qc",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .status()
-        .unwrap();
-    assert!(created.success());
-    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+    let url = fresh_postgres_database("dps_crash").unwrap();
     killed_mid_write_keeps_changes_with_their_records(&["--database-url", &url]);
-    let _ = Command::new("psql")
-        .args([
-            admin_url.as_str(),
-            "-qc",
-            &format!("DROP DATABASE IF EXISTS {name}"),
-        ])
-        .status();
+    drop_postgres_database(&url);
 }

@@ -177,21 +177,7 @@ fn a_bad_configuration_is_refused_with_a_clear_message() {
 
 #[test]
 fn serve_on_postgresql_by_flag() {
-    let admin_url = std::env::var("DPS_TEST_DATABASE_URL")
-        .expect("DPS_TEST_DATABASE_URL is not set: run scripts/test.sh");
-    let name = format!("dps_cli_{}", std::process::id());
-    let created = Command::new("psql")
-        .args([
-            admin_url.as_str(),
-            "-qc",
-            &format!("DROP DATABASE IF EXISTS {name}"),
-            "-qc",
-            &format!("CREATE DATABASE {name}"),
-        ])
-        .status()
-        .unwrap();
-    assert!(created.success());
-    let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+    let url = softhsm_tests::fresh_postgres_database("dps_cli").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port().unwrap());
     let server = ServerProcess::start(
