@@ -92,6 +92,13 @@ fn cookie_of(page: &Page, name: &str) -> Option<String> {
         .find(|pair| pair.starts_with(&format!("{name}=")) && pair.len() > name.len() + 1)
 }
 
+/// Whether the page clears the session cookie.
+fn clears_session(page: &Page) -> bool {
+    cookies(page)
+        .iter()
+        .any(|c| c.starts_with("dps_console=;") && c.contains("Max-Age=0"))
+}
+
 /// The form token in a page.
 fn csrf(body: &str) -> String {
     let start = body.find("name=\"csrf\" value=\"").unwrap() + 19;
@@ -220,6 +227,9 @@ async fn sessions_are_strict_cookies_that_a_wrong_key_never_gets(backend: Backen
         assert_eq!(refused.status, 303, "{cookie}");
         assert_eq!(refused.headers[LOCATION], "/console", "{cookie}");
         assert!(!refused.body.contains("Enrollments"));
+        // Only a cookie that was sent is forgotten: a request without one (a cross-site
+        // navigation, which a strict cookie does not go with) leaves the browser's session.
+        assert_eq!(clears_session(&refused), !cookie.is_empty(), "{cookie}");
     }
 }
 
@@ -662,7 +672,57 @@ async fn ca_certificates_are_verified_through_the_forms(backend: Backend) {
     assert_eq!(stored["isVerified"], true);
 }
 
+/// The enrollment list reads one page at a time: a prefix search starts at its first match and
+/// stops at its last, and a long list pages through `next` links.
+async fn lists_search_by_prefix_and_page(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    let items: Vec<Value> = ["alpha-1", "beta-1", "beta-2", "gamma-1"]
+        .iter()
+        .map(|id| json!({ "registrationId": id, "attestation": { "type": "symmetricKey" } }))
+        .chain((0..55).map(|i| {
+            json!({ "registrationId": format!("page-{i:02}"), "attestation": { "type": "symmetricKey" } })
+        }))
+        .collect();
+    let created = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": items }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(created["isSuccessful"], true, "{created}");
+    let session = owner_session(&t).await;
+    let found = get(&t, &session, "/console/enrollments?q=BETA").await;
+    for (id, shown) in [
+        ("alpha-1", false),
+        ("beta-1", true),
+        ("beta-2", true),
+        ("gamma-1", false),
+    ] {
+        assert_eq!(
+            found.body.contains(&format!(">{id}</a>")),
+            shown,
+            "{id}: {}",
+            found.body
+        );
+    }
+    assert!(!found.body.contains("id=\"next\""), "one page of matches");
+
+    let first = get(&t, &session, "/console/enrollments?q=page-").await;
+    assert_eq!(first.body.matches(">page-").count(), 50, "{}", first.body);
+    let start = first.body.find("id=\"next\" href=\"").unwrap() + 16;
+    let end = first.body[start..].find('"').unwrap() + start;
+    let next = first.body[start..end].replace("&amp;", "&");
+    let second = get(&t, &session, &next).await;
+    assert_eq!(second.body.matches(">page-").count(), 5, "{}", second.body);
+    assert!(second.body.contains(">page-54</a>") && !second.body.contains(">page-49</a>"));
+    assert!(!second.body.contains("id=\"next\""));
+}
+
 on_both_backends!(
+    lists_search_by_prefix_and_page,
     ca_certificates_are_verified_through_the_forms,
     sessions_are_strict_cookies_that_a_wrong_key_never_gets,
     attacker_text_renders_inert,
