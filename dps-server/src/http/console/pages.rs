@@ -5,7 +5,7 @@
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::session::{Session, TokenOnly};
+use super::session::{Checked, Session, TokenOnly, WithToken};
 use super::{Answer, Console, encode};
 use crate::domain::instances;
 
@@ -109,6 +109,18 @@ fn time_ago(seconds: i64) -> String {
         .format(&Rfc3339)
         .unwrap_or_default()
 }
+
+/// The page forms: each carries its token in `csrf`.
+macro_rules! with_token {
+    ($($form:ty),*) => {
+        $(impl WithToken for $form {
+            fn csrf(&self) -> &str {
+                &self.csrf
+            }
+        })*
+    };
+}
+with_token!(CreateForm, VersionedForm, UploadForm, SimulateForm);
 
 // ---- overview ---------------------------------------------------------------------------
 
@@ -382,14 +394,9 @@ pub struct CreateForm {
 /// `POST /console/{kind}`: a new symmetric-key enrollment or group (keys generated).
 pub async fn enrollment_create(
     State(console): State<Console>,
-    session: Session,
     Path(kind): Path<String>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<CreateForm>,
+    Checked { session, form }: Checked<CreateForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let Some(kind) = kind_of(&kind) else {
         return no_such_page();
     };
@@ -528,14 +535,9 @@ pub struct VersionedForm {
 /// still be the stored one).
 pub async fn enrollment_status(
     State(console): State<Console>,
-    session: Session,
     Path((kind, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<VersionedForm>,
+    Checked { session, form }: Checked<VersionedForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let Some(kind) = kind_of(&kind) else {
         return no_such_page();
     };
@@ -570,14 +572,9 @@ pub async fn enrollment_status(
 /// the page showed.
 pub async fn enrollment_edit(
     State(console): State<Console>,
-    session: Session,
     Path((kind, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<VersionedForm>,
+    Checked { session, form }: Checked<VersionedForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let Some(kind) = kind_of(&kind) else {
         return no_such_page();
     };
@@ -606,14 +603,9 @@ pub async fn enrollment_edit(
 /// the audit log).
 pub async fn enrollment_keys(
     State(console): State<Console>,
-    session: Session,
     Path((kind, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenOnly>,
+    Checked { session, .. }: Checked<TokenOnly>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let Some(kind) = kind_of(&kind) else {
         return no_such_page();
     };
@@ -634,14 +626,9 @@ pub async fn enrollment_keys(
 /// `POST /console/{kind}/{id}/delete`: deletes it, at the version the page showed.
 pub async fn enrollment_delete(
     State(console): State<Console>,
-    session: Session,
     Path((kind, id)): Path<(String, String)>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<VersionedForm>,
+    Checked { session, form }: Checked<VersionedForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let Some(kind) = kind_of(&kind) else {
         return no_such_page();
     };
@@ -869,13 +856,8 @@ pub struct UploadForm {
 /// `POST /console/certificates`: uploads a CA certificate (it starts unverified).
 pub async fn certificate_upload(
     State(console): State<Console>,
-    session: Session,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<UploadForm>,
+    Checked { session, form }: Checked<UploadForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let mut chrome = Chrome::new(&session, "CA certificates");
     let name = form.name.trim();
     let answer = console
@@ -896,14 +878,9 @@ pub async fn certificate_upload(
 /// `POST /console/certificates/{name}/code`: a verification code for proof of possession.
 pub async fn certificate_code(
     State(console): State<Console>,
-    session: Session,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<VersionedForm>,
+    Checked { session, form }: Checked<VersionedForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let mut chrome = Chrome::new(&session, "CA certificates");
     let answer = console
         .call(
@@ -927,14 +904,9 @@ pub async fn certificate_code(
 /// subject is the code, signed by the CA's key.
 pub async fn certificate_verify(
     State(console): State<Console>,
-    session: Session,
     Path(name): Path<String>,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<UploadForm>,
+    Checked { session, form }: Checked<UploadForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let mut chrome = Chrome::new(&session, "CA certificates");
     let answer = console
         .call(
@@ -986,13 +958,8 @@ pub struct SimulateForm {
 /// `POST /console/simulate`: which hub each policy would choose for the device, and why.
 pub async fn simulate(
     State(console): State<Console>,
-    session: Session,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<SimulateForm>,
+    Checked { session, form }: Checked<SimulateForm>,
 ) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
-    }
     let mut chrome = Chrome::new(&session, "Allocation dry-run");
     let mut body = json!({ "registrationId": form.registration_id.trim() });
     if !form.enrollment_group_id.trim().is_empty() {

@@ -150,12 +150,73 @@ impl Session {
     }
 
     /// Checks a form's token (and that the browser does not call it cross-site).
-    pub fn check_form(&self, headers: &HeaderMap, sent: &str) -> Result<(), FormRefused> {
+    fn check_form(&self, headers: &HeaderMap, sent: &str) -> Result<(), FormRefused> {
         let value = cookie(headers, COOKIE).unwrap_or_default();
         if cross_site(headers) || !form_token_matches(value, sent) {
             return Err(FormRefused);
         }
         Ok(())
+    }
+}
+
+/// A form that carries the session's token (field `csrf`).
+pub trait WithToken {
+    /// The token it carries.
+    fn csrf(&self) -> &str;
+}
+
+/// A signed-in admin's form whose token was checked: the only way a page handler gets a
+/// form, so that none can forget the check.
+pub struct Checked<T> {
+    /// Who sent it.
+    pub session: Session,
+    /// What it says.
+    pub form: T,
+}
+
+/// Why a form was not taken.
+pub enum FormRefusal {
+    /// No session.
+    SignIn(SignInFirst),
+    /// Its token is missing or wrong.
+    Token(FormRefused),
+    /// Not a form of this page.
+    Body(axum::extract::rejection::FormRejection),
+}
+
+impl IntoResponse for FormRefusal {
+    fn into_response(self) -> Response {
+        match self {
+            FormRefusal::SignIn(refused) => refused.into_response(),
+            FormRefusal::Token(refused) => refused.into_response(),
+            FormRefusal::Body(refused) => refused.into_response(),
+        }
+    }
+}
+
+impl<T> axum::extract::FromRequest<Console> for Checked<T>
+where
+    T: serde::de::DeserializeOwned + WithToken + Send,
+{
+    type Rejection = FormRefusal;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        console: &Console,
+    ) -> Result<Self, FormRefusal> {
+        let (parts, body) = request.into_parts();
+        let session = Session::of(console, &parts.headers)
+            .await
+            .map_err(FormRefusal::SignIn)?;
+        let headers = parts.headers.clone();
+        let request = axum::extract::Request::from_parts(parts, body);
+        let axum::Form(form) = axum::Form::<T>::from_request(request, console)
+            .await
+            .map_err(FormRefusal::Body)?;
+        session
+            .check_form(&headers, form.csrf())
+            .map_err(FormRefusal::Token)?;
+        Ok(Checked { session, form })
     }
 }
 
@@ -303,15 +364,14 @@ pub struct TokenOnly {
     pub csrf: String,
 }
 
-/// `POST /console/sign-out`: forgets the session's cookie.
-pub async fn sign_out(
-    session: Session,
-    headers: HeaderMap,
-    axum::Form(form): axum::Form<TokenOnly>,
-) -> Response {
-    if let Err(refused) = session.check_form(&headers, &form.csrf) {
-        return refused.into_response();
+impl WithToken for TokenOnly {
+    fn csrf(&self) -> &str {
+        &self.csrf
     }
+}
+
+/// `POST /console/sign-out`: forgets the session's cookie.
+pub async fn sign_out(_: Checked<TokenOnly>) -> Response {
     let mut response = Redirect::to("/console").into_response();
     response
         .headers_mut()
