@@ -467,6 +467,163 @@ async fn set_host_names(tx: &mut Tx, key: &str, hosts: &[String]) -> Result<(), 
     Ok(())
 }
 
+/// The statement of put `write` (into instance `ns`, case-folded) and the values it binds, for
+/// the record to get `etag` at time `at`.
+fn put_statement<'a>(
+    write: &'a Write,
+    ns: &'a str,
+    etag: &'a str,
+    at: &'a str,
+) -> Result<(&'static str, Vec<Value<'a>>), StoreError> {
+    let Write::Put {
+        kind,
+        key,
+        columns,
+        doc,
+        precondition,
+        ..
+    } = write
+    else {
+        return Err(StoreError::Invalid("only a put has a put statement".into()));
+    };
+    let table = table(*kind)?;
+    let typed = schema::values(table, columns).ok_or_else(|| {
+        StoreError::Invalid(format!("{columns:?} are not the columns of {kind:?}"))
+    })?;
+    let mut values = scope(table, ns);
+    values.extend([
+        Value::Text(key),
+        Value::Text(doc),
+        Value::Text(etag),
+        Value::Text(at),
+    ]);
+    values.extend(typed);
+    let sql = match precondition {
+        Precondition::Always => table.sql.upsert.as_str(),
+        Precondition::MustNotExist => table.sql.insert.as_str(),
+        Precondition::IfMatch(expected) => {
+            values.push(Value::Text(expected));
+            table.sql.update_if_match.as_str()
+        }
+    };
+    Ok((sql, values))
+}
+
+/// On PostgreSQL, puts into distinct tables that no admin makes (a registration's operation,
+/// state and event) are one statement, a writable CTE: a single round trip and an implicit
+/// transaction in place of BEGIN, a statement per write and COMMIT. A write whose
+/// precondition fails makes the statement divide by zero, which aborts it with nothing
+/// written; then, as for a constraint the statement broke, `None` asks the caller to run the
+/// writes one by one in a transaction, which says which write failed and why. `None` too for
+/// writes this does not fit (deletes, instances with their host names, two writes of a table).
+async fn write_in_one_statement(
+    pool: &PgPool,
+    writes: &[Write],
+) -> Result<Option<Vec<Option<Stored>>>, StoreError> {
+    let mut planned = Vec::with_capacity(writes.len());
+    let mut tables = Vec::with_capacity(writes.len());
+    for write in writes {
+        let Write::Put {
+            ns,
+            kind,
+            columns,
+            etag,
+            ..
+        } = write
+        else {
+            return Ok(None);
+        };
+        let name = table(*kind)?.name;
+        if matches!(columns, Columns::Instance { .. }) || tables.contains(&name) {
+            return Ok(None);
+        }
+        tables.push(name);
+        planned.push((instance_key(ns), etag.clone().unwrap_or_else(new_etag)));
+    }
+    let at = crate::timestamp::now();
+    let mut values = Vec::new();
+    let mut parts = Vec::with_capacity(writes.len());
+    for (write, (ns, etag)) in writes.iter().zip(&planned) {
+        let (statement, bound) = put_statement(write, ns, etag, &at)?;
+        // The insert alone does not return the row: here every part must, to be counted.
+        let returning = match write {
+            Write::Put {
+                precondition: Precondition::MustNotExist,
+                ..
+            } => " RETURNING created_at",
+            _ => "",
+        };
+        parts.push(format!(
+            "w{} AS ({}{returning})",
+            parts.len(),
+            shifted(statement, values.len())
+        ));
+        values.extend(bound);
+    }
+    let all_written = (0..parts.len())
+        .map(|i| format!("EXISTS (SELECT 1 FROM w{i})"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let created = (0..parts.len())
+        .map(|i| format!("(SELECT created_at FROM w{i}) AS c{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "WITH {} SELECT 1 / (CASE WHEN {all_written} THEN 1 ELSE 0 END) AS complete, {created}",
+        parts.join(", ")
+    );
+    // Only the tables' statements and fixed fragments are spliced in; every value is bound.
+    let row = match bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
+        .fetch_one(pool)
+        .await
+    {
+        Ok(row) => row,
+        Err(e) if aborted_for_a_reason_of_its_own(&e) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut written = Vec::with_capacity(writes.len());
+    for (i, (write, (_, etag))) in writes.iter().zip(planned).enumerate() {
+        let Write::Put { key, doc, .. } = write else {
+            return Ok(None);
+        };
+        written.push(Some(Stored {
+            key: key.clone(),
+            doc: doc.clone(),
+            etag,
+            created: row.try_get(format!("c{i}").as_str())?,
+            updated: at.clone(),
+        }));
+    }
+    Ok(Some(written))
+}
+
+/// Whether the one-statement write failed on one of its writes' preconditions (the division
+/// by zero) or on a constraint (SQLSTATE class 23): a failure the writes run one by one name.
+fn aborted_for_a_reason_of_its_own(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|db| db.code())
+        .is_some_and(|code| code == "22012" || code.starts_with("23"))
+}
+
+/// `sql` with each parameter `$n` renumbered `$(n + by)`.
+fn shifted(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut rest = sql;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..=at]);
+        rest = &rest[at + 1..];
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if let Ok(n) = rest[..digits].parse::<usize>() {
+            out.push_str(&(n + by).to_string());
+        }
+        rest = &rest[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
 async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
     match write {
         Write::Put {
@@ -478,31 +635,12 @@ async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError>
             precondition,
             etag,
         } => {
-            let table = table(*kind)?;
             let ns = &instance_key(ns);
-            let typed = schema::values(table, columns).ok_or_else(|| {
-                StoreError::Invalid(format!("{columns:?} are not the columns of {kind:?}"))
-            })?;
             let (etag, at) = (
                 etag.clone().unwrap_or_else(new_etag),
                 crate::timestamp::now(),
             );
-            let mut values = scope(table, ns);
-            values.extend([
-                Value::Text(key),
-                Value::Text(doc),
-                Value::Text(&etag),
-                Value::Text(&at),
-            ]);
-            values.extend(typed);
-            let sql = match precondition {
-                Precondition::Always => table.sql.upsert.as_str(),
-                Precondition::MustNotExist => table.sql.insert.as_str(),
-                Precondition::IfMatch(expected) => {
-                    values.push(Value::Text(expected));
-                    table.sql.update_if_match.as_str()
-                }
-            };
+            let (sql, values) = put_statement(write, ns, &etag, &at)?;
             let inserting = matches!(precondition, Precondition::MustNotExist);
             // The upsert and the conditional update return the row's creation time; the
             // insert returns nothing and counts what it inserted.
@@ -1031,6 +1169,11 @@ impl SqlStore {
             ));
         }
         let actor = audit::actor();
+        if let (None, Pool::Postgres(pool)) = (&actor, &self.pool)
+            && let Some(written) = write_in_one_statement(pool, writes).await?
+        {
+            return Ok(written);
+        }
         let mut tx = self.begin().await?;
         let mut results = Vec::with_capacity(writes.len());
         for write in writes {
@@ -1121,6 +1264,15 @@ mod tests {
     use sqlx::Row;
 
     use super::*;
+
+    #[test]
+    fn shifted_renumbers_every_parameter() {
+        assert_eq!(
+            shifted("UPDATE t SET doc = $2 WHERE instance = $1 AND etag = $10", 7),
+            "UPDATE t SET doc = $9 WHERE instance = $8 AND etag = $17"
+        );
+        assert_eq!(shifted("SELECT $", 3), "SELECT $");
+    }
 
     /// The listings of a parent's records (a device's operations, a group's registrations, an
     /// owner's records) use the parent index, with no sort and no scan of the table.
