@@ -46,6 +46,9 @@ pub(super) struct Statements {
     pub list_parent_after_sqlite: String,
     pub upsert: String,
     pub insert: String,
+    /// The insert that fails on a taken key (instead of writing nothing) and returns the
+    /// row's creation time: for a statement that must abort whole.
+    pub insert_or_fail: String,
     pub update_if_match: String,
     pub delete: String,
     pub delete_if_match: String,
@@ -75,6 +78,7 @@ const fn table(
             list_parent_after_sqlite: String::new(),
             upsert: String::new(),
             insert: String::new(),
+            insert_or_fail: String::new(),
             update_if_match: String::new(),
             delete: String::new(),
             delete_if_match: String::new(),
@@ -167,6 +171,7 @@ impl Table {
             assignments.join(", ")
         );
         s.insert = format!("{insert} ON CONFLICT {conflict} DO NOTHING");
+        s.insert_or_fail = format!("{insert} RETURNING created_at");
         s.update_if_match = format!(
             "UPDATE {t} SET {} WHERE {scope}key = {} AND etag = {expected} RETURNING created_at",
             updates.join(", "),

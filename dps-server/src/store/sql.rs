@@ -17,9 +17,7 @@ use super::{
 };
 
 /// Parameters per statement of a bulk write, about: far below SQLite's 32,766 and PostgreSQL's
-/// 65,535, and few enough that binding stays cheap (sqlx's SQLite driver looks each parameter
-/// up among all of a statement's: the cost of a row grows with the rows per statement; 500
-/// rows of six parameters spent a third of an import's CPU there).
+/// 65,535. Since SQLite's are anonymous (see [`bulk_rows`]), 2,048 imported no faster.
 const BULK_PARAMETERS: usize = 512;
 /// Connections that read an SQLite database (one more writes).
 const SQLITE_READERS: u32 = 4;
@@ -511,11 +509,12 @@ fn put_statement<'a>(
 
 /// On PostgreSQL, puts into distinct tables that no admin makes (a registration's operation,
 /// state and event) are one statement, a writable CTE: a single round trip and an implicit
-/// transaction in place of BEGIN, a statement per write and COMMIT. A write whose
-/// precondition fails makes the statement divide by zero, which aborts it with nothing
-/// written; then, as for a constraint the statement broke, `None` asks the caller to run the
-/// writes one by one in a transaction, which says which write failed and why. `None` too for
-/// writes this does not fit (deletes, instances with their host names, two writes of a table).
+/// transaction in place of BEGIN, a statement per write and COMMIT. A conditional update that
+/// finds another etag (or no record) makes the statement divide by zero, and a new record's
+/// taken key breaks the primary key; either aborts the statement with nothing written, and
+/// then (as for any constraint it broke) `None` asks the caller to run the writes one by one in
+/// a transaction, which says which write failed and why. `None` too for writes this does not
+/// fit (deletes, instances with their host names, two writes of a table).
 async fn write_in_one_statement(
     pool: &PgPool,
     writes: &[Write],
@@ -545,16 +544,18 @@ async fn write_in_one_statement(
     let mut parts = Vec::with_capacity(writes.len());
     for (write, (ns, etag)) in writes.iter().zip(&planned) {
         let (statement, bound) = put_statement(write, ns, etag, &at)?;
-        // The insert alone does not return the row: here every part must, to be counted.
-        let returning = match write {
+        // A taken key fails the statement (with nothing written) rather than being skipped;
+        // the same values are bound.
+        let statement = match write {
             Write::Put {
+                kind,
                 precondition: Precondition::MustNotExist,
                 ..
-            } => " RETURNING created_at",
-            _ => "",
+            } => table(*kind)?.sql.insert_or_fail.as_str(),
+            _ => statement,
         };
         parts.push(format!(
-            "w{} AS ({}{returning})",
+            "w{} AS ({})",
             parts.len(),
             shifted(statement, values.len())
         ));
@@ -1199,15 +1200,26 @@ async fn bulk_rows(
     on_conflict: OnConflict,
 ) -> Result<Vec<String>, StoreError> {
     let at = crate::timestamp::now();
-    let width = 3 + table.columns.len();
+    // On SQLite every parameter is an anonymous `?`, bound in order, so the instance and the
+    // time are bound on every row: sqlx's SQLite driver asks each parameter's name, which SQLite
+    // finds by walking the statement's named ones (a cost per row that grows with the rows per
+    // statement), while an anonymous parameter has no name to find. On PostgreSQL they are
+    // bound once ($1 instance, $2 time).
+    let anonymous = matches!(tx, Tx::Sqlite(_));
+    let width = if anonymous { 6 } else { 3 } + table.columns.len();
     let mut written = Vec::with_capacity(docs.len());
     for chunk in docs.chunks((BULK_PARAMETERS / width).max(1)) {
-        // ($1 instance, $2 time) shared; per row: key, doc, etag, columns.
         let rows: Vec<String> = (0..chunk.len())
             .map(|i| {
-                let p = |n: usize| format!("${}", 3 + i * width + n);
-                let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
-                row.extend((0..table.columns.len()).map(|c| p(3 + c)));
+                let row: Vec<String> = if anonymous {
+                    vec!["?".to_owned(); width]
+                } else {
+                    // Per row: key, doc, etag, columns.
+                    let p = |n: usize| format!("${}", 3 + i * width + n);
+                    let mut row = vec!["$1".to_owned(), p(0), p(1), p(2), "$2".into(), "$2".into()];
+                    row.extend((0..table.columns.len()).map(|c| p(3 + c)));
+                    row
+                };
                 format!("({})", row.join(", "))
             })
             .collect();
@@ -1231,13 +1243,27 @@ async fn bulk_rows(
             rows.join(", "),
         );
         let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
-        let mut values = vec![Value::Text(ns), Value::Text(&at)];
+        let mut values = Vec::with_capacity(chunk.len() * width + 2);
+        if !anonymous {
+            values.extend([Value::Text(ns), Value::Text(&at)]);
+        }
         for (doc, etag) in chunk.iter().zip(&etags) {
-            values.extend([
-                Value::Text(&doc.key),
-                Value::Text(&doc.doc),
-                Value::Text(etag),
-            ]);
+            if anonymous {
+                values.extend([
+                    Value::Text(ns),
+                    Value::Text(&doc.key),
+                    Value::Text(&doc.doc),
+                    Value::Text(etag),
+                    Value::Text(&at),
+                    Value::Text(&at),
+                ]);
+            } else {
+                values.extend([
+                    Value::Text(&doc.key),
+                    Value::Text(&doc.doc),
+                    Value::Text(etag),
+                ]);
+            }
             values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
                 StoreError::Invalid(format!("{:?} are not the columns of {kind:?}", doc.columns))
             })?);
@@ -1268,7 +1294,10 @@ mod tests {
     #[test]
     fn shifted_renumbers_every_parameter() {
         assert_eq!(
-            shifted("UPDATE t SET doc = $2 WHERE instance = $1 AND etag = $10", 7),
+            shifted(
+                "UPDATE t SET doc = $2 WHERE instance = $1 AND etag = $10",
+                7
+            ),
             "UPDATE t SET doc = $9 WHERE instance = $8 AND etag = $17"
         );
         assert_eq!(shifted("SELECT $", 3), "SELECT $");
