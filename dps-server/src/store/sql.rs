@@ -519,6 +519,9 @@ async fn write_in_one_statement(
     pool: &PgPool,
     writes: &[Write],
 ) -> Result<Option<Vec<Option<Stored>>>, StoreError> {
+    if writes.is_empty() {
+        return Ok(None);
+    }
     let mut planned = Vec::with_capacity(writes.len());
     let mut tables = Vec::with_capacity(writes.len());
     for write in writes {
@@ -1290,6 +1293,150 @@ mod tests {
     use sqlx::Row;
 
     use super::*;
+
+    /// A store on a fresh PostgreSQL database (the suite sets `DPS_TEST_DATABASE_URL`; the
+    /// black-box tests' harness drops the databases of ended test processes, by the pid in the
+    /// name).
+    async fn postgres_store() -> SqlStore {
+        use sqlx::Connection;
+        let admin = std::env::var("DPS_TEST_DATABASE_URL")
+            .expect("DPS_TEST_DATABASE_URL is not set: run the suite with scripts/test.sh");
+        let name = format!(
+            "dps_test_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let base = admin.rsplit_once('/').unwrap().0;
+        SqlStore::connect(&format!("{base}/{name}")).await.unwrap()
+    }
+
+    fn with(write: Write, precondition: Precondition) -> Write {
+        match write {
+            Write::Put {
+                ns,
+                kind,
+                key,
+                columns,
+                doc,
+                etag,
+                ..
+            } => Write::Put {
+                ns,
+                kind,
+                key,
+                columns,
+                doc,
+                precondition,
+                etag,
+            },
+            other => other,
+        }
+    }
+
+    fn operation(key: &str) -> Write {
+        Write::Put {
+            ns: "one".into(),
+            kind: Kind::Operation,
+            key: key.into(),
+            columns: Columns::Operation {
+                registration: "device".into(),
+                expires_at: None,
+            },
+            doc: "{}".into(),
+            precondition: Precondition::MustNotExist,
+            etag: None,
+        }
+    }
+
+    /// Which batches PostgreSQL writes in one statement, and that one whose precondition fails
+    /// is left to the transaction (`None`) with nothing of it written.
+    #[tokio::test]
+    async fn postgres_writes_puts_into_distinct_tables_in_one_statement() {
+        let store = postgres_store().await;
+        store.write(&[instance()]).await.unwrap();
+        let Pool::Postgres(pool) = &store.pool else {
+            panic!("not PostgreSQL")
+        };
+        let one = |writes: Vec<Write>| {
+            let pool = pool.clone();
+            async move { write_in_one_statement(&pool, &writes).await.unwrap() }
+        };
+
+        let written = one(vec![policy("a"), operation("op-1")]).await;
+        let written = written.expect("new records in two tables are one statement");
+        let stored = store
+            .get("one", Kind::AccessPolicy, "a")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.etag, written[0].as_ref().unwrap().etag);
+
+        // A taken key, a stale etag, a missing record: aborted, nothing of the batch kept.
+        let taken = one(vec![policy("b"), operation("op-1")]).await;
+        assert!(taken.is_none());
+        let stale = one(vec![
+            operation("op-2"),
+            with(policy("a"), Precondition::IfMatch("\"stale\"".into())),
+        ])
+        .await;
+        assert!(stale.is_none());
+        let missing = one(vec![
+            operation("op-3"),
+            with(policy("nobody"), Precondition::IfMatch("\"any\"".into())),
+        ])
+        .await;
+        assert!(missing.is_none());
+        for (kind, key) in [
+            (Kind::AccessPolicy, "b"),
+            (Kind::Operation, "op-2"),
+            (Kind::Operation, "op-3"),
+        ] {
+            assert!(
+                store.get("one", kind, key).await.unwrap().is_none(),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            store
+                .get("one", Kind::AccessPolicy, "a")
+                .await
+                .unwrap()
+                .unwrap()
+                .etag,
+            stored.etag
+        );
+
+        // Not for one statement: two writes of a table, an instance, a delete, nothing.
+        assert!(one(vec![policy("c"), policy("d")]).await.is_none());
+        assert!(one(vec![instance()]).await.is_none());
+        let delete = Write::Delete {
+            ns: "one".into(),
+            kind: Kind::AccessPolicy,
+            key: "a".into(),
+            precondition: Precondition::Always,
+        };
+        assert!(one(vec![delete]).await.is_none());
+        assert!(one(Vec::new()).await.is_none());
+        assert!(
+            store
+                .get("one", Kind::AccessPolicy, "c")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .get("one", Kind::AccessPolicy, "a")
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
 
     #[test]
     fn shifted_renumbers_every_parameter() {
