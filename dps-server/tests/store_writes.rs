@@ -17,21 +17,7 @@ async fn store(backend: Backend, dir: &tempfile::TempDir) -> SqlStore {
     let store = SqlStore::connect(&fresh_database(backend, dir).await)
         .await
         .unwrap();
-    store
-        .write(&[Write::Put {
-            ns: SERVER_NS.into(),
-            kind: Kind::Instance,
-            key: NS.into(),
-            columns: Columns::Instance {
-                id_scope: "0ne00000f1e".into(),
-                host_names: Vec::new(),
-            },
-            doc: "{}".into(),
-            precondition: Precondition::MustNotExist,
-            etag: None,
-        }])
-        .await
-        .unwrap();
+    store.write(&[instance()]).await.unwrap();
     store
 }
 
@@ -230,3 +216,92 @@ async fn a_batch_is_all_or_nothing(backend: Backend) {
 }
 
 on_both_backends!(a_batch_is_all_or_nothing);
+
+/// A write PostgreSQL aborts to break a deadlock (SQLSTATE 40P01) had no effect, so it is run
+/// again rather than failed: here another session holds one of the two records the write
+/// changes and then asks for the other, which the write holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_aborted_by_a_deadlock_is_run_again() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database(Backend::Postgres, &dir).await;
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.write(&[instance()]).await.unwrap();
+    let policy = |key: &str, doc: &str| Write::Put {
+        ns: NS.into(),
+        kind: Kind::AccessPolicy,
+        key: key.into(),
+        columns: Columns::None,
+        doc: doc.into(),
+        precondition: Precondition::Always,
+        etag: None,
+    };
+    store
+        .write(&[policy("a", "{}"), policy("b", "{}")])
+        .await
+        .unwrap();
+
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN; UPDATE access_policies SET doc = '{\"by\":\"other\"}' WHERE key = 'b'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let write = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(&[
+                    policy("a", r#"{"by":"store"}"#),
+                    policy("b", r#"{"by":"store"}"#),
+                ])
+                .await
+        })
+    };
+    // Once the write holds a and waits for b, asking for a closes the cycle, and PostgreSQL
+    // aborts the one that has waited past its deadlock timeout first: the write.
+    let mut watcher = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut waiting = 0;
+    for _ in 0..100 {
+        waiting = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(waiting, 1, "the write did not come to wait for b");
+    sqlx::raw_sql("UPDATE access_policies SET doc = '{\"by\":\"other\"}' WHERE key = 'a'; COMMIT")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let written = write.await.unwrap();
+    assert!(written.is_ok(), "{written:?}");
+    for key in ["a", "b"] {
+        let stored = store
+            .get(NS, Kind::AccessPolicy, key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.doc, r#"{"by":"store"}"#, "{key}");
+    }
+}
+
+fn instance() -> Write {
+    Write::Put {
+        ns: SERVER_NS.into(),
+        kind: Kind::Instance,
+        key: NS.into(),
+        columns: Columns::Instance {
+            id_scope: "0ne00000f1e".into(),
+            host_names: Vec::new(),
+        },
+        doc: "{}".into(),
+        precondition: Precondition::MustNotExist,
+        etag: None,
+    }
+}

@@ -404,10 +404,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A transaction the database aborted because it could not be serialised (SQLSTATE
-    /// 40001): retrying it is safe.
-    pub fn is_serialization_failure(&self) -> bool {
-        matches!(self, StoreError::Database(sqlx::Error::Database(e)) if e.code().as_deref() == Some("40001"))
+    /// A transaction the database aborted with no effect, because it could not be serialised
+    /// (SQLSTATE 40001) or to break a deadlock with another (40P01): running it again is safe.
+    pub fn is_worth_retrying(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(e))
+            if matches!(e.code().as_deref(), Some("40001" | "40P01")))
     }
 }
 

@@ -28,7 +28,8 @@ const WAL_BACKSTOP_PAGES: u32 = 10_000;
 const WAL_RESTART_FRAMES: i64 = 4_000;
 /// Bytes the write-ahead log file is cut back to after a checkpoint emptied it.
 const WAL_SIZE_LIMIT: u64 = 64 << 20;
-/// How often a transaction aborted as not serialisable (SQLSTATE 40001) is run again.
+/// How often a transaction aborted as not serialisable or deadlocked (SQLSTATE 40001, 40P01)
+/// is run again.
 const SERIALIZATION_RETRIES: usize = 5;
 
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -914,8 +915,9 @@ impl Store for SqlStore {
         loop {
             match self.write_once(writes).await {
                 // Distributed PostgreSQL-compatible engines abort a transaction that would not
-                // serialise; it holds no effect, so it is run again.
-                Err(e) if e.is_serialization_failure() && attempt < SERIALIZATION_RETRIES => {
+                // serialise, and PostgreSQL one of two that wait for each other's rows; it
+                // holds no effect, so it is run again.
+                Err(e) if e.is_worth_retrying() && attempt < SERIALIZATION_RETRIES => {
                     attempt += 1;
                 }
                 result => return result,
