@@ -10,6 +10,7 @@
 //! both win.
 
 pub mod audit;
+mod group_commit;
 mod schema;
 #[macro_use]
 mod sql;

@@ -10,6 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
 use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
 
 use super::audit::{self, Action, Actor};
+use super::group_commit::GroupWriter;
 use super::schema::{self, Table, Value};
 use super::{
     AuditFilter, BulkDoc, Columns, EventFilter, Kind, Page, Precondition, Store, StoreError,
@@ -109,6 +110,8 @@ pub struct SqlStore {
     pub(super) pool: Pool,
     /// Reads outside a transaction (on PostgreSQL, the same pool).
     pub(super) reads: Pool,
+    /// On SQLite, the task that makes the unaudited writes, in groups.
+    writer: Option<GroupWriter>,
 }
 
 #[derive(Debug, Clone)]
@@ -227,7 +230,15 @@ impl SqlStore {
         // idempotent, so replicas starting together at worst retry.
         migrator.set_locking(false);
         on_pool!(&pool, p => migrator.run(p).await)?;
-        let store = Self { pool, reads };
+        let writer = match &pool {
+            Pool::Sqlite(p) => Some(GroupWriter::start(p.clone())),
+            Pool::Postgres(_) => None,
+        };
+        let store = Self {
+            pool,
+            reads,
+            writer,
+        };
         super::upgrade::from_documents(&store).await?;
         Ok(store)
     }
@@ -634,7 +645,7 @@ fn shifted(sql: &str, by: usize) -> String {
     out
 }
 
-async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
+pub(super) async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
     match write {
         Write::Put {
             ns,
@@ -1180,10 +1191,15 @@ impl SqlStore {
             ));
         }
         let actor = audit::actor();
-        if let (None, Pool::Postgres(pool)) = (&actor, &self.pool)
-            && let Some(written) = write_in_one_statement(pool, writes).await?
-        {
-            return Ok(written);
+        if actor.is_none() {
+            if let Some(writer) = &self.writer {
+                return writer.write(writes).await;
+            }
+            if let Pool::Postgres(pool) = &self.pool
+                && let Some(written) = write_in_one_statement(pool, writes).await?
+            {
+                return Ok(written);
+            }
         }
         let mut tx = self.begin().await?;
         let mut results = Vec::with_capacity(writes.len());
