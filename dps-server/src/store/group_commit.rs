@@ -45,20 +45,23 @@ impl GroupWriter {
     }
 
     /// Writes `writes` in one transaction (perhaps with other requests' writes) and returns
-    /// what each wrote. The writes happen even when the caller stops waiting.
-    pub(super) async fn write(&self, writes: &[Write]) -> Written {
+    /// what each wrote; `None` when the writer task is gone (its runtime ended) and did not
+    /// take them, so that the caller writes them itself. The writes happen even when the
+    /// caller stops waiting.
+    pub(super) async fn write(&self, writes: &[Write]) -> Option<Written> {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             writes: writes.to_vec(),
             reply,
         };
-        self.jobs.send(job).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.jobs.send(job).await.ok()?;
+        // Taken but not answered: the task ended in the middle, and its transaction with it.
+        Some(
+            answer
+                .await
+                .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed))),
+        )
     }
-}
-
-fn stopped() -> StoreError {
-    StoreError::Database(sqlx::Error::PoolClosed)
 }
 
 async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>) {
@@ -255,5 +258,29 @@ mod tests {
             }
         }
         assert_eq!(written, 8);
+    }
+
+    #[test]
+    fn a_store_whose_writer_task_ended_with_its_runtime_still_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (store, _) = runtime().block_on(store(&dir));
+        // The first runtime is gone, and the writer task with it.
+        let later = runtime();
+        later.block_on(async {
+            store.write(&[new_policy("after")]).await.unwrap();
+            assert!(
+                store
+                    .get("one", Kind::AccessPolicy, "after")
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        });
     }
 }

@@ -1192,8 +1192,10 @@ impl SqlStore {
         }
         let actor = audit::actor();
         if actor.is_none() {
-            if let Some(writer) = &self.writer {
-                return writer.write(writes).await;
+            if let Some(writer) = &self.writer
+                && let Some(written) = writer.write(writes).await
+            {
+                return written;
             }
             if let Pool::Postgres(pool) = &self.pool
                 && let Some(written) = write_in_one_statement(pool, writes).await?
