@@ -4,10 +4,13 @@
 //! group rather than once per request. Each request still gets its own answer, after the
 //! commit that holds its writes.
 //!
-//! A group that fails as a whole (a write's precondition, a constraint, the database) is
-//! rolled back and each of its requests' writes run again in a transaction of their own, as
-//! if they had come alone: a request never fails because of another's writes, and its error
-//! is the one its own transaction gives.
+//! When one request's writes fail in a group (a precondition, a constraint), the group is
+//! rolled back and written again with each request's writes in a savepoint of their own: the
+//! failing request gets its error with nothing of it written, and the others are written.
+//! Requests are applied in the order they came, so a request sees what those before it in
+//! its group wrote, as it would had they committed just before it. When the transaction
+//! itself fails (it cannot start, or the commit fails), nothing is written and every request
+//! of the group gets that error.
 
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
@@ -55,7 +58,8 @@ impl GroupWriter {
             reply,
         };
         self.jobs.send(job).await.ok()?;
-        // Taken but not answered: the task ended in the middle, and its transaction with it.
+        // Taken but not answered: the task ended (its runtime stopped) while writing; whether
+        // the writes were committed is not known.
         Some(
             answer
                 .await
@@ -71,44 +75,114 @@ async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>) {
     }
 }
 
-/// Writes `group` in one transaction, or (when that fails) each job's writes in one of its
-/// own, and answers every job.
-async fn commit_group(pool: &SqlitePool, group: Vec<Job>) {
-    if group.len() > 1 {
-        let writes: Vec<&[Write]> = group.iter().map(|job| job.writes.as_slice()).collect();
-        if let Ok(results) = in_one_transaction(pool, &writes).await {
-            for (job, written) in group.into_iter().zip(results) {
-                // A caller that stopped waiting has nobody to tell.
-                let _ = job.reply.send(Ok(written));
-            }
-            return;
+/// How a group was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// In one transaction, as it came (or its one request failed).
+    Together,
+    /// A request failed in it: again, a savepoint per request.
+    InSavepoints,
+    /// The transaction failed: nothing was written.
+    Failed,
+}
+
+/// What one transaction of the group's writes, without savepoints, came to.
+enum Attempt {
+    Committed(Vec<Vec<Option<Stored>>>),
+    /// A request's writes failed (with this error); the transaction was rolled back.
+    RequestFailed(StoreError),
+    /// The transaction could not start or commit.
+    Failed(StoreError),
+}
+
+/// Writes `group` and answers every job.
+async fn commit_group(pool: &SqlitePool, group: Vec<Job>) -> Outcome {
+    let writes: Vec<&[Write]> = group.iter().map(|job| job.writes.as_slice()).collect();
+    let (outcome, answers): (Outcome, Vec<Written>) = match together(pool, &writes).await {
+        Attempt::Committed(results) => (Outcome::Together, results.into_iter().map(Ok).collect()),
+        Attempt::RequestFailed(e) if group.len() == 1 => (Outcome::Together, vec![Err(e)]),
+        Attempt::RequestFailed(_) => match in_savepoints(pool, &writes).await {
+            Ok(answers) => (Outcome::InSavepoints, answers),
+            Err(e) => (Outcome::Failed, copies(&e, group.len())),
+        },
+        Attempt::Failed(e) => (Outcome::Failed, copies(&e, group.len())),
+    };
+    for (job, answer) in group.into_iter().zip(answers) {
+        // A caller that stopped waiting has nobody to tell.
+        let _ = job.reply.send(answer);
+    }
+    outcome
+}
+
+/// Every request's writes in one transaction, in order.
+async fn together(pool: &SqlitePool, jobs: &[&[Write]]) -> Attempt {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => Tx::Sqlite(tx),
+        Err(e) => return Attempt::Failed(e.into()),
+    };
+    let mut results = Vec::with_capacity(jobs.len());
+    for writes in jobs {
+        match apply_all(&mut tx, writes).await {
+            Ok(written) => results.push(written),
+            // Dropping the transaction rolls it back.
+            Err(e) => return Attempt::RequestFailed(e),
         }
     }
-    for job in group {
-        let written = in_one_transaction(pool, &[&job.writes])
-            .await
-            .map(|mut results| results.pop().unwrap_or_default());
-        let _ = job.reply.send(written);
+    match tx.commit().await {
+        Ok(()) => Attempt::Committed(results),
+        Err(e) => Attempt::Failed(e),
     }
 }
 
-/// Every job's writes in one transaction, in order: what each job's writes wrote.
-async fn in_one_transaction(
-    pool: &SqlitePool,
-    jobs: &[&[Write]],
-) -> Result<Vec<Vec<Option<Stored>>>, StoreError> {
+/// Every request's writes in one transaction, each request's in a savepoint that its failure
+/// rolls back: each request's answer, or the transaction's error (nothing written).
+async fn in_savepoints(pool: &SqlitePool, jobs: &[&[Write]]) -> Result<Vec<Written>, StoreError> {
     let mut tx = Tx::Sqlite(pool.begin().await?);
-    let mut results = Vec::with_capacity(jobs.len());
+    let mut answers = Vec::with_capacity(jobs.len());
     for writes in jobs {
-        let mut written = Vec::with_capacity(writes.len());
-        for write in *writes {
-            // An early return drops the transaction, which rolls it back.
-            written.push(apply(&mut tx, write).await?);
+        execute(&mut tx, "SAVEPOINT request").await?;
+        let written = apply_all(&mut tx, writes).await;
+        if written.is_err() {
+            execute(&mut tx, "ROLLBACK TO request").await?;
         }
-        results.push(written);
+        execute(&mut tx, "RELEASE request").await?;
+        answers.push(written);
     }
     tx.commit().await?;
-    Ok(results)
+    Ok(answers)
+}
+
+async fn apply_all(tx: &mut Tx, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
+    let mut written = Vec::with_capacity(writes.len());
+    for write in writes {
+        written.push(apply(tx, write).await?);
+    }
+    Ok(written)
+}
+
+async fn execute(tx: &mut Tx, sql: &'static str) -> Result<(), StoreError> {
+    let Tx::Sqlite(t) = tx else {
+        return Err(StoreError::Invalid("group commit is for SQLite".into()));
+    };
+    sqlx::query(sql).execute(&mut **t).await?;
+    Ok(())
+}
+
+/// `n` answers of the transaction's failure `e` (a database error cannot be cloned; the
+/// copies keep what callers tell apart: an unavailable database from a failed one).
+fn copies(e: &StoreError, n: usize) -> Vec<Written> {
+    (0..n)
+        .map(|_| {
+            Err(StoreError::Database(match e {
+                StoreError::Database(sqlx::Error::PoolTimedOut) => sqlx::Error::PoolTimedOut,
+                StoreError::Database(sqlx::Error::PoolClosed) => sqlx::Error::PoolClosed,
+                StoreError::Database(sqlx::Error::Io(io)) => {
+                    sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string()))
+                }
+                other => sqlx::Error::Protocol(other.to_string()),
+            }))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -163,8 +237,8 @@ mod tests {
         (store, pool)
     }
 
-    /// Runs `writes` of each job as one group and returns each job's answer.
-    async fn group(pool: &SqlitePool, jobs: Vec<Vec<Write>>) -> Vec<Written> {
+    /// Runs `writes` of each job as one group: how, and each job's answer.
+    async fn group(pool: &SqlitePool, jobs: Vec<Vec<Write>>) -> (Outcome, Vec<Written>) {
         let mut answers = Vec::new();
         let mut group = Vec::new();
         for writes in jobs {
@@ -172,19 +246,19 @@ mod tests {
             group.push(Job { writes, reply });
             answers.push(answer);
         }
-        commit_group(pool, group).await;
+        let outcome = commit_group(pool, group).await;
         let mut out = Vec::new();
         for answer in answers {
             out.push(answer.await.unwrap());
         }
-        out
+        (outcome, out)
     }
 
     #[tokio::test]
     async fn a_group_commits_every_job_and_answers_each_with_its_own_records() {
         let dir = tempfile::tempdir().unwrap();
         let (store, pool) = store(&dir).await;
-        let answers = group(
+        let (outcome, answers) = group(
             &pool,
             vec![
                 vec![new_policy("a")],
@@ -192,6 +266,7 @@ mod tests {
             ],
         )
         .await;
+        assert_eq!(outcome, Outcome::Together);
         let keys: Vec<Vec<String>> = answers
             .into_iter()
             .map(|a| a.unwrap().into_iter().map(|s| s.unwrap().key).collect())
@@ -214,7 +289,7 @@ mod tests {
         let (store, pool) = store(&dir).await;
         store.write(&[new_policy("taken")]).await.unwrap();
         let before = store.get("one", Kind::AccessPolicy, "taken").await.unwrap();
-        let answers = group(
+        let (outcome, answers) = group(
             &pool,
             vec![
                 vec![new_policy("first")],
@@ -224,6 +299,7 @@ mod tests {
             ],
         )
         .await;
+        assert_eq!(outcome, Outcome::InSavepoints);
         assert!(answers[0].is_ok() && answers[2].is_ok(), "{answers:?}");
         assert!(
             matches!(&answers[1], Err(StoreError::Exists { key, .. }) if key == "taken"),
@@ -238,6 +314,85 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_sees_the_writes_of_those_before_it_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, pool) = store(&dir).await;
+        let written = store.write(&[new_policy("shared")]).await.unwrap();
+        let etag = written[0].as_ref().unwrap().etag.clone();
+        let update = || {
+            put(
+                "one",
+                Kind::AccessPolicy,
+                "shared",
+                Columns::None,
+                Precondition::IfMatch(etag.clone()),
+            )
+        };
+        // Both updates expect the etag read before; the first changes it.
+        let (outcome, answers) = group(&pool, vec![vec![update()], vec![update()]]).await;
+        assert_eq!(outcome, Outcome::InSavepoints);
+        let first = answers[0].as_ref().unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .etag
+            .clone();
+        assert!(
+            matches!(&answers[1], Err(StoreError::EtagMismatch { key, .. }) if key == "shared"),
+            "{answers:?}"
+        );
+        let stored = store
+            .get("one", Kind::AccessPolicy, "shared")
+            .await
+            .unwrap();
+        assert_eq!(stored.map(|s| s.etag), Some(first));
+    }
+
+    #[tokio::test]
+    async fn a_group_that_cannot_begin_answers_every_request_with_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, pool) = store(&dir).await;
+        pool.close().await;
+        let (outcome, answers) =
+            group(&pool, vec![vec![new_policy("a")], vec![new_policy("b")]]).await;
+        assert_eq!(outcome, Outcome::Failed);
+        assert!(
+            answers
+                .iter()
+                .all(|a| matches!(a, Err(StoreError::Database(sqlx::Error::PoolClosed)))),
+            "{answers:?}"
+        );
+        drop(store);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_are_answered_each_as_if_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = store(&dir).await;
+        let mut tasks = Vec::new();
+        for n in 0..256 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.write(&[new_policy(&format!("distinct-{n}"))]).await
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        let listed = store
+            .list(
+                "one",
+                Kind::AccessPolicy,
+                crate::store::Page {
+                    limit: 1_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 256);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_of_one_key_get_one_success_and_the_others_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = store(&dir).await;

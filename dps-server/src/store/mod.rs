@@ -455,7 +455,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn checkpoint(&self) -> Result<(), StoreError>;
 
     /// Applies all writes in one transaction, or none of them. Returns, for each write, the
-    /// stored document of a `Put` and `None` for deletes.
+    /// stored document of a `Put` and `None` for deletes. A caller that stops waiting may or
+    /// may not have written: on SQLite the writes of a request without an admin are made by
+    /// the writer task (group commit) whether or not anyone still waits for the answer; other
+    /// writes are rolled back when dropped before their commit.
     async fn write(&self, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError>;
 
     /// Creates or replaces every document (of one kind, keys unique) in one transaction, or
