@@ -19,7 +19,7 @@ use super::sql::{Tx, apply};
 use super::{StoreError, Stored, Write};
 
 /// Requests' writes in one transaction at most. A group's requests wait for its commit, so
-/// this bounds the latency a large group adds (about 130 µs of database work a request).
+/// this bounds the latency a large group adds (80 to 150 µs of database work a request).
 const MAX_GROUP: usize = 32;
 /// Requests waiting for the writer, beyond which a request waits to be queued.
 const QUEUE: usize = 1_024;
