@@ -15,7 +15,7 @@
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::sql::{Tx, apply};
+use super::sql::{Tx, apply_all};
 use super::{StoreError, Stored, Write};
 
 /// Requests' writes in one transaction at most. A group's requests wait for its commit, so
@@ -152,14 +152,6 @@ async fn in_savepoints(pool: &SqlitePool, jobs: &[&[Write]]) -> Result<Vec<Writt
     Ok(answers)
 }
 
-async fn apply_all(tx: &mut Tx, writes: &[Write]) -> Result<Vec<Option<Stored>>, StoreError> {
-    let mut written = Vec::with_capacity(writes.len());
-    for write in writes {
-        written.push(apply(tx, write).await?);
-    }
-    Ok(written)
-}
-
 async fn execute(tx: &mut Tx, sql: &'static str) -> Result<(), StoreError> {
     let Tx::Sqlite(t) = tx else {
         return Err(StoreError::Invalid("group commit is for SQLite".into()));
@@ -188,49 +180,17 @@ fn copies(e: &StoreError, n: usize) -> Vec<Written> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::sql::tests::{instance, policy, sqlite_file_store, with};
     use crate::store::sql::{Pool, SqlStore};
-    use crate::store::{Columns, Kind, Precondition, SERVER_NS, Store};
-
-    fn put(ns: &str, kind: Kind, key: &str, columns: Columns, precondition: Precondition) -> Write {
-        Write::Put {
-            ns: ns.into(),
-            kind,
-            key: key.into(),
-            columns,
-            doc: "{}".into(),
-            precondition,
-            etag: None,
-        }
-    }
+    use crate::store::{Kind, Precondition, Store};
 
     fn new_policy(key: &str) -> Write {
-        put(
-            "one",
-            Kind::AccessPolicy,
-            key,
-            Columns::None,
-            Precondition::MustNotExist,
-        )
+        with(policy(key), Precondition::MustNotExist)
     }
 
     async fn store(dir: &tempfile::TempDir) -> (SqlStore, SqlitePool) {
-        let path = dir.path().join("dps.sqlite").display().to_string();
-        let store = SqlStore::connect(&format!("sqlite://{path}?mode=rwc"))
-            .await
-            .unwrap();
-        store
-            .write(&[put(
-                SERVER_NS,
-                Kind::Instance,
-                "one",
-                Columns::Instance {
-                    id_scope: "0ne00000001".into(),
-                    host_names: Vec::new(),
-                },
-                Precondition::Always,
-            )])
-            .await
-            .unwrap();
+        let (store, _) = sqlite_file_store(dir).await;
+        store.write(&[instance()]).await.unwrap();
         let Pool::Sqlite(pool) = store.pool.clone() else {
             unreachable!("an SQLite URL")
         };
@@ -319,15 +279,7 @@ mod tests {
         let (store, pool) = store(&dir).await;
         let written = store.write(&[new_policy("shared")]).await.unwrap();
         let etag = written[0].as_ref().unwrap().etag.clone();
-        let update = || {
-            put(
-                "one",
-                Kind::AccessPolicy,
-                "shared",
-                Columns::None,
-                Precondition::IfMatch(etag.clone()),
-            )
-        };
+        let update = || with(policy("shared"), Precondition::IfMatch(etag.clone()));
         // Both updates expect the etag read before; the first changes it.
         let (outcome, answers) = group(&pool, vec![vec![update()], vec![update()]]).await;
         assert_eq!(outcome, Outcome::InSavepoints);

@@ -645,7 +645,19 @@ fn shifted(sql: &str, by: usize) -> String {
     out
 }
 
-pub(super) async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
+/// Each of `writes` in `tx`, in order; the first that fails ends it with its error.
+pub(super) async fn apply_all(
+    tx: &mut Tx,
+    writes: &[Write],
+) -> Result<Vec<Option<Stored>>, StoreError> {
+    let mut written = Vec::with_capacity(writes.len());
+    for write in writes {
+        written.push(apply(tx, write).await?);
+    }
+    Ok(written)
+}
+
+async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
     match write {
         Write::Put {
             ns,
@@ -1204,14 +1216,17 @@ impl SqlStore {
             }
         }
         let mut tx = self.begin().await?;
-        let mut results = Vec::with_capacity(writes.len());
-        for write in writes {
-            // An early return drops the transaction, which rolls it back.
-            results.push(match &actor {
-                Some(actor) => apply_audited(&mut tx, actor, write).await?,
-                None => apply(&mut tx, write).await?,
-            });
-        }
+        // An early return drops the transaction, which rolls it back.
+        let results = match &actor {
+            Some(actor) => {
+                let mut results = Vec::with_capacity(writes.len());
+                for write in writes {
+                    results.push(apply_audited(&mut tx, actor, write).await?);
+                }
+                results
+            }
+            None => apply_all(&mut tx, writes).await?,
+        };
         tx.commit().await?;
         Ok(results)
     }
@@ -1318,7 +1333,7 @@ async fn bulk_rows(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use sqlx::Row;
 
@@ -1345,7 +1360,7 @@ mod tests {
         SqlStore::connect(&format!("{base}/{name}")).await.unwrap()
     }
 
-    fn with(write: Write, precondition: Precondition) -> Write {
+    pub(in crate::store) fn with(write: Write, precondition: Precondition) -> Write {
         match write {
             Write::Put {
                 ns,
@@ -1524,7 +1539,7 @@ mod tests {
         }
     }
 
-    async fn sqlite_file_store(dir: &tempfile::TempDir) -> (SqlStore, String) {
+    pub(in crate::store) async fn sqlite_file_store(dir: &tempfile::TempDir) -> (SqlStore, String) {
         let path = dir.path().join("dps.sqlite").display().to_string();
         let store = SqlStore::connect(&format!("sqlite://{path}?mode=rwc"))
             .await
@@ -1532,7 +1547,7 @@ mod tests {
         (store, path)
     }
 
-    fn policy(key: &str) -> Write {
+    pub(in crate::store) fn policy(key: &str) -> Write {
         Write::Put {
             ns: "one".into(),
             kind: Kind::AccessPolicy,
@@ -1544,7 +1559,7 @@ mod tests {
         }
     }
 
-    fn instance() -> Write {
+    pub(in crate::store) fn instance() -> Write {
         Write::Put {
             ns: crate::store::SERVER_NS.into(),
             kind: Kind::Instance,
