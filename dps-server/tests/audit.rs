@@ -448,6 +448,35 @@ async fn bulk_writes_and_imports_are_entries(backend: Backend) {
     assert_eq!(seen.len(), 4, "{seen:?}");
     assert!(!text.contains(KEY_1) && !text.contains(KEY_2), "{text}");
 
+    // A create of ids some of which exist writes, and audits, only the free ones.
+    let mut again = items.clone();
+    again.push(
+        json!({ "registrationId": "bulk-3", "attestation": { "type": "symmetricKey",
+        "symmetricKey": { "primaryKey": KEY_1, "secondaryKey": KEY_2 } } }),
+    );
+    let partly = expect_json(
+        t.owner(Method::POST, "/enrollments")
+            .json(&json!({ "mode": "create", "enrollments": again }))
+            .send()
+            .await
+            .unwrap(),
+        200,
+    )
+    .await;
+    assert_eq!(partly["isSuccessful"], false, "{partly}");
+    let log = entries(&t, "/auditLog?resourceKind=enrollment").await;
+    let mut created: Vec<&str> = log
+        .iter()
+        .filter(|e| e["action"] == "create")
+        .map(|e| e["resourceId"].as_str().unwrap())
+        .collect();
+    created.sort_unstable();
+    assert_eq!(
+        created,
+        ["bulk-0", "bulk-1", "bulk-1", "bulk-2", "bulk-3"],
+        "{log:?}"
+    );
+
     t.link_hub("hub-a.example.com").await;
     expect_json(
         t.owner(Method::PUT, "/owners/acme")

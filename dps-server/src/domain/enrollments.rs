@@ -543,7 +543,9 @@ async fn create_all<E: Enrollment>(
     let mut validator = Validator::new(state.store.as_ref(), &state.policies, ns);
     // Failures by item position, so that they are answered in the request's order.
     let mut errors: Vec<(usize, BulkItemError)> = Vec::new();
-    let mut valid: Vec<(usize, Option<String>, BulkDoc)> = Vec::with_capacity(items.len());
+    // The valid items' positions, ids and keys, and their documents in the same order.
+    let mut valid: Vec<(usize, Option<String>, String)> = Vec::with_capacity(items.len());
+    let mut docs: Vec<BulkDoc> = Vec::with_capacity(items.len());
     let mut seen = std::collections::HashSet::new();
     for (at, item) in items.into_iter().enumerate() {
         let id = item.id().map(str::to_owned);
@@ -560,7 +562,10 @@ async fn create_all<E: Enrollment>(
             })
         };
         match prepared.await {
-            Ok(doc) if seen.insert(doc.key.clone()) => valid.push((at, id, doc)),
+            Ok(doc) if seen.insert(doc.key.clone()) => {
+                valid.push((at, id, doc.key.clone()));
+                docs.push(doc);
+            }
             Ok(doc) => {
                 let twice = DomainError::new(
                     ErrorCode::Conflict,
@@ -571,19 +576,15 @@ async fn create_all<E: Enrollment>(
             Err(error) => errors.push((at, E::bulk_error(id, &error))),
         }
     }
-    let docs: Vec<BulkDoc> = valid.iter().map(|(_, _, doc)| doc.clone()).collect();
     let created: std::collections::HashSet<String> = state
         .store
-        .insert_all(ns, E::KIND, &docs)
+        .insert_all(ns, E::KIND, docs)
         .await?
         .into_iter()
         .collect();
-    for (at, id, doc) in valid {
-        if !created.contains(&doc.key) {
-            let exists = StoreError::Exists {
-                kind: E::KIND,
-                key: doc.key,
-            };
+    for (at, id, key) in valid {
+        if !created.contains(&key) {
+            let exists = StoreError::Exists { kind: E::KIND, key };
             errors.push((at, E::bulk_error(id, &exists.into())));
         }
     }

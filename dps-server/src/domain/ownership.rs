@@ -478,18 +478,12 @@ pub async fn import(
             }
         )));
     }
-    state
-        .store
-        .put_all(ns, Kind::OwnershipRecord, &docs)
-        .await?;
-    tracing::info!(
-        rows = rows.len(),
-        records = docs.len(),
-        "ownership records imported"
-    );
+    let records = docs.len();
+    state.store.put_all(ns, Kind::OwnershipRecord, docs).await?;
+    tracing::info!(rows = rows.len(), records, "ownership records imported");
     Ok(ImportResult {
         rows: rows.len(),
-        records: docs.len(),
+        records,
     })
 }
 

@@ -463,7 +463,7 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Creates or replaces every document (of one kind, keys unique) in one transaction, or
     /// none of them: the fast path of bulk imports, many rows per statement.
-    async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError>;
+    async fn put_all(&self, ns: &str, kind: Kind, docs: Vec<BulkDoc>) -> Result<(), StoreError>;
 
     /// Creates every document (of one kind, keys unique) whose key is free, in one
     /// transaction, many rows per statement; returns the keys it created (the others exist).
@@ -471,7 +471,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         &self,
         ns: &str,
         kind: Kind,
-        docs: &[BulkDoc],
+        docs: Vec<BulkDoc>,
     ) -> Result<Vec<String>, StoreError>;
 
     /// Events of `ns` matching `filter`, in key (time) order, after `after`, at most `limit`.

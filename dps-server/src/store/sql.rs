@@ -18,7 +18,7 @@ use super::{
 };
 
 /// Parameters per statement of a bulk write on SQLite, about (its limit is 32,766). Since
-/// they are anonymous (see [`bulk_rows`]), 2,048 imported no faster.
+/// they are anonymous (see [`bulk_statements`]), 2,048 imported no faster.
 const SQLITE_BULK_PARAMETERS: usize = 512;
 /// The same on PostgreSQL (its limit is 65,535): few statements, because each one waits a
 /// round trip and sqlx leaves Nagle's algorithm on, so a large statement's last packet can wait
@@ -953,7 +953,7 @@ impl Store for SqlStore {
         }
     }
 
-    async fn put_all(&self, ns: &str, kind: Kind, docs: &[BulkDoc]) -> Result<(), StoreError> {
+    async fn put_all(&self, ns: &str, kind: Kind, docs: Vec<BulkDoc>) -> Result<(), StoreError> {
         self.bulk(ns, kind, docs, OnConflict::Replace)
             .await
             .map(|_| ())
@@ -963,7 +963,7 @@ impl Store for SqlStore {
         &self,
         ns: &str,
         kind: Kind,
-        docs: &[BulkDoc],
+        docs: Vec<BulkDoc>,
     ) -> Result<Vec<String>, StoreError> {
         self.bulk(ns, kind, docs, OnConflict::Keep).await
     }
@@ -1140,12 +1140,14 @@ impl SqlStore {
     }
 
     /// Writes `docs` many rows per statement in one transaction, with their audit entries
-    /// when an admin writes them; returns the keys written.
+    /// when an admin writes them; returns the keys written. The statements, their values and
+    /// the entries are made before the transaction begins: on SQLite it holds the one writer,
+    /// so only the statements' execution waits for other writes.
     async fn bulk(
         &self,
         ns: &str,
         kind: Kind,
-        docs: &[BulkDoc],
+        docs: Vec<BulkDoc>,
         on_conflict: OnConflict,
     ) -> Result<Vec<String>, StoreError> {
         let target = table(kind)?;
@@ -1155,20 +1157,26 @@ impl SqlStore {
             )));
         }
         let ns = instance_key(ns);
-        let mut tx = self.begin().await?;
-        let written = bulk_rows(&mut tx, target, kind, &ns, docs, on_conflict).await?;
-        if let Some(actor) = audit::actor() {
-            // An entry per record, created (only free keys are written) or imported (created
-            // or replaced: what a key held before is not read), without its fields: a record's
-            // diff costs more than writing it, and bulk writes are the fast path of imports.
-            let action = match on_conflict {
-                OnConflict::Keep => Action::Create,
-                OnConflict::Replace => Action::Import,
+        let anonymous = matches!(self.pool, Pool::Sqlite(_));
+        let answer = match on_conflict {
+            OnConflict::Keep => Answer::Written,
+            OnConflict::Replace => Answer::Replaced,
+        };
+        // An entry per record, created (only free keys are written) or imported (created or
+        // replaced: what a key held before is not read), without its fields: a record's diff
+        // costs more than writing it, and bulk writes are the fast path of imports.
+        let action = match on_conflict {
+            OnConflict::Keep => Action::Create,
+            OnConflict::Replace => Action::Import,
+        };
+        let actor = audit::actor();
+        let entries = |keys: &mut dyn Iterator<Item = &str>| {
+            let Some(actor) = &actor else {
+                return Ok(None);
             };
-            let entries: Vec<BulkDoc> = written
-                .iter()
+            let entries: Vec<BulkDoc> = keys
                 .map(|key| {
-                    let row = audit::entry(&actor, &ns, kind, key, action, None, None);
+                    let row = audit::entry(actor, &ns, kind, key, action, None, None);
                     BulkDoc {
                         key: row.key,
                         columns: row.columns,
@@ -1176,21 +1184,29 @@ impl SqlStore {
                     }
                 })
                 .collect();
-            let recorded = bulk_rows(
-                &mut tx,
-                table(Kind::AuditEntry)?,
+            // Every entry or none: a key taken twice fails the write instead of dropping one.
+            let audit = table(Kind::AuditEntry)?;
+            bulk_statements(
+                audit,
                 Kind::AuditEntry,
                 &ns,
-                &entries,
-                OnConflict::Keep,
+                entries,
+                Answer::All,
+                anonymous,
             )
-            .await?;
-            // A key taken twice would drop an entry: the write does not happen without all.
-            if recorded.len() != entries.len() {
-                return Err(StoreError::Invalid(
-                    "audit entries collided; nothing was written".into(),
-                ));
-            }
+            .map(Some)
+        };
+        // Made for every record, and again for those written when some were not.
+        let mut audited = entries(&mut docs.iter().map(|d| d.key.as_str()))?;
+        let (sent, first) = (docs.len(), docs.first().map(|d| d.columns.clone()));
+        let records = bulk_statements(target, kind, &ns, docs, answer, anonymous)?;
+        let mut tx = self.begin().await?;
+        let written = run_bulk(&mut tx, kind, records, first.unwrap_or_default()).await?;
+        if audited.is_some() && written.len() != sent {
+            audited = entries(&mut written.iter().map(String::as_str))?;
+        }
+        if let Some(statements) = audited {
+            run_bulk(&mut tx, Kind::AuditEntry, statements, Columns::None).await?;
         }
         tx.commit().await?;
         Ok(written)
@@ -1232,32 +1248,81 @@ impl SqlStore {
     }
 }
 
-/// Writes `docs` (of `kind`, in `table`) in `tx`, many rows per statement; returns the keys
-/// written.
-async fn bulk_rows(
-    tx: &mut Tx,
+/// A statement of a bulk write and the values it binds, owned so that binding moves them
+/// instead of copying them.
+struct BulkStatement {
+    sql: String,
+    values: Vec<Owned>,
+    answer: Answer,
+    /// The keys of its rows.
+    keys: Vec<String>,
+}
+
+/// What a bulk statement does with keys that exist, and what it tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Replaces them: every row is written.
+    Replaced,
+    /// Keeps them, and answers with the keys it wrote.
+    Written,
+    /// Keeps them, and fails unless it wrote every row.
+    All,
+}
+
+/// A [`Value`] that owns its text.
+enum Owned {
+    Text(String),
+    OptText(Option<String>),
+    OptInt(Option<i64>),
+}
+
+impl From<Value<'_>> for Owned {
+    fn from(value: Value<'_>) -> Self {
+        match value {
+            Value::Text(v) => Owned::Text(v.to_owned()),
+            Value::OptText(v) => Owned::OptText(v.map(str::to_owned)),
+            Value::OptInt(v) => Owned::OptInt(v),
+        }
+    }
+}
+
+/// The statements that write `docs` (of `kind`, in `table`) many rows per statement.
+fn bulk_statements(
     table: &Table,
     kind: Kind,
     ns: &str,
-    docs: &[BulkDoc],
-    on_conflict: OnConflict,
-) -> Result<Vec<String>, StoreError> {
+    docs: Vec<BulkDoc>,
+    answer: Answer,
+    anonymous: bool,
+) -> Result<Vec<BulkStatement>, StoreError> {
     let at = crate::timestamp::now();
-    // On SQLite every parameter is an anonymous `?`, bound in order, so the instance and the
-    // time are bound on every row: sqlx's SQLite driver asks each parameter's name, which SQLite
-    // finds by walking the statement's named ones (a cost per row that grows with the rows per
-    // statement), while an anonymous parameter has no name to find. On PostgreSQL they are
-    // bound once ($1 instance, $2 time).
-    let anonymous = matches!(tx, Tx::Sqlite(_));
+    // On SQLite (`anonymous`) every parameter is an anonymous `?`, bound in order, so the
+    // instance and the time are bound on every row: sqlx's SQLite driver asks each parameter's
+    // name, which SQLite finds by walking the statement's named ones (a cost per row that grows
+    // with the rows per statement), while an anonymous parameter has no name to find. On
+    // PostgreSQL they are bound once ($1 instance, $2 time).
     let width = if anonymous { 6 } else { 3 } + table.columns.len();
-    let mut written = Vec::with_capacity(docs.len());
     let per_statement = if anonymous {
         SQLITE_BULK_PARAMETERS
     } else {
         POSTGRES_BULK_PARAMETERS
     };
-    for chunk in docs.chunks((per_statement / width).max(1)) {
-        let rows: Vec<String> = (0..chunk.len())
+    let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
+    names.extend(table.columns);
+    let conflict = match answer {
+        Answer::Replaced => {
+            let assignments: Vec<String> = ["doc", "etag", "updated_at"]
+                .iter()
+                .chain(table.columns)
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
+            format!("DO UPDATE SET {}", assignments.join(", "))
+        }
+        Answer::Written => "DO NOTHING RETURNING key".to_owned(),
+        Answer::All => "DO NOTHING".to_owned(),
+    };
+    let text = |rows: usize| {
+        let rows: Vec<String> = (0..rows)
             .map(|i| {
                 let row: Vec<String> = if anonymous {
                     vec!["?".to_owned(); width]
@@ -1271,63 +1336,113 @@ async fn bulk_rows(
                 format!("({})", row.join(", "))
             })
             .collect();
-        let mut names = vec!["instance", "key", "doc", "etag", "created_at", "updated_at"];
-        names.extend(table.columns);
-        let conflict = match on_conflict {
-            OnConflict::Replace => {
-                let assignments: Vec<String> = ["doc", "etag", "updated_at"]
-                    .iter()
-                    .chain(table.columns)
-                    .map(|c| format!("{c} = excluded.{c}"))
-                    .collect();
-                format!("DO UPDATE SET {}", assignments.join(", "))
-            }
-            OnConflict::Keep => "DO NOTHING".to_owned(),
-        };
-        let sql = format!(
-            "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) {conflict} RETURNING key",
+        format!(
+            "INSERT INTO {} ({}) VALUES {} ON CONFLICT (instance, key) {conflict}",
             table.name,
             names.join(", "),
             rows.join(", "),
-        );
-        let etags: Vec<String> = chunk.iter().map(|_| new_etag()).collect();
+        )
+    };
+    let per_chunk = (per_statement / width).max(1);
+    // Every chunk but the last has the same statement.
+    let full = (docs.len() >= per_chunk).then(|| text(per_chunk));
+    let mut statements = Vec::new();
+    let mut docs = docs.into_iter().peekable();
+    while docs.peek().is_some() {
+        let chunk: Vec<BulkDoc> = docs.by_ref().take(per_chunk).collect();
+        let sql = match &full {
+            Some(full) if chunk.len() == per_chunk => full.clone(),
+            _ => text(chunk.len()),
+        };
+        let keys = chunk.iter().map(|d| d.key.clone()).collect();
         let mut values = Vec::with_capacity(chunk.len() * width + 2);
         if !anonymous {
-            values.extend([Value::Text(ns), Value::Text(&at)]);
+            values.extend([Owned::Text(ns.to_owned()), Owned::Text(at.clone())]);
         }
-        for (doc, etag) in chunk.iter().zip(&etags) {
+        for doc in chunk {
             if anonymous {
-                values.extend([
-                    Value::Text(ns),
-                    Value::Text(&doc.key),
-                    Value::Text(&doc.doc),
-                    Value::Text(etag),
-                    Value::Text(&at),
-                    Value::Text(&at),
-                ]);
-            } else {
-                values.extend([
-                    Value::Text(&doc.key),
-                    Value::Text(&doc.doc),
-                    Value::Text(etag),
-                ]);
+                values.push(Owned::Text(ns.to_owned()));
             }
-            values.extend(schema::values(table, &doc.columns).ok_or_else(|| {
-                StoreError::Invalid(format!("{:?} are not the columns of {kind:?}", doc.columns))
-            })?);
+            let columns = schema::values(table, &doc.columns)
+                .ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "{:?} are not the columns of {kind:?}",
+                        doc.columns
+                    ))
+                })?
+                .into_iter()
+                .map(Owned::from)
+                .collect::<Vec<_>>();
+            values.extend([
+                Owned::Text(doc.key),
+                Owned::Text(doc.doc),
+                Owned::Text(new_etag()),
+            ]);
+            if anonymous {
+                values.extend([Owned::Text(at.clone()), Owned::Text(at.clone())]);
+            }
+            values.extend(columns);
         }
-        let keys: Result<Vec<String>, sqlx::Error> = on_tx!(tx, t => {
+        statements.push(BulkStatement {
+            sql,
+            values,
+            answer,
+            keys,
+        });
+    }
+    Ok(statements)
+}
+
+/// Runs `statements` (writing records of `kind`, `first` the first's columns, for errors) in
+/// `tx`; returns the keys written.
+async fn run_bulk(
+    tx: &mut Tx,
+    kind: Kind,
+    statements: Vec<BulkStatement>,
+    first: Columns,
+) -> Result<Vec<String>, StoreError> {
+    let mut written = Vec::new();
+    for statement in statements {
+        let BulkStatement {
+            sql,
+            values,
+            answer,
+            keys,
+        } = statement;
+        // The keys written when the statement returns them, otherwise the rows it wrote.
+        let done: Result<(Option<Vec<String>>, u64), sqlx::Error> = on_tx!(tx, t => {
             // The statement holds only placeholders; every value is bound.
-            match bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
-                .fetch_all(&mut **t)
-                .await
-            {
-                Ok(rows) => rows.iter().map(|row| row.try_get("key")).collect(),
-                Err(e) => Err(e),
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for value in values {
+                query = match value {
+                    Owned::Text(v) => query.bind(v),
+                    Owned::OptText(v) => query.bind(v),
+                    Owned::OptInt(v) => query.bind(v),
+                };
+            }
+            if answer == Answer::Written {
+                match query.fetch_all(&mut **t).await {
+                    Ok(rows) => rows
+                        .iter()
+                        .map(|row| row.try_get("key"))
+                        .collect::<Result<_, _>>()
+                        .map(|keys| (Some(keys), 0)),
+                    Err(e) => Err(e),
+                }
+            } else {
+                query.execute(&mut **t).await.map(|done| (None, done.rows_affected()))
             }
         });
-        let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
-        written.extend(keys.map_err(|e| constraint(kind, "", &first, e))?);
+        match done.map_err(|e| constraint(kind, "", &first, e))? {
+            (Some(returned), _) => written.extend(returned),
+            (None, rows) if answer == Answer::All && rows != keys.len() as u64 => {
+                return Err(StoreError::Invalid(format!(
+                    "{kind:?} keys collided: {rows} of {} rows could be written; nothing was",
+                    keys.len()
+                )));
+            }
+            (None, _) => written.extend(keys),
+        }
     }
     Ok(written)
 }
@@ -1645,7 +1760,7 @@ pub(super) mod tests {
                 Err(StoreError::Invalid(_))
             ));
             assert!(matches!(
-                store.put_all("one", Kind::AuditEntry, &[]).await,
+                store.put_all("one", Kind::AuditEntry, Vec::new()).await,
                 Err(StoreError::Invalid(_))
             ));
         })
@@ -1672,6 +1787,67 @@ pub(super) mod tests {
             store.write(&[read]).await,
             Err(StoreError::Invalid(_))
         ));
+    }
+
+    /// A bulk statement that must write every row (audit entries) fails when a key is taken,
+    /// and its transaction writes nothing; one that keeps taken keys answers with the others.
+    #[tokio::test]
+    async fn bulk_statements_that_must_write_all_fail_on_a_taken_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sqlite, _) = sqlite_file_store(&dir).await;
+        let mut stores = vec![sqlite];
+        if std::env::var("DPS_TEST_DATABASE_URL").is_ok() {
+            stores.push(postgres_store().await);
+        }
+        for store in stores {
+            store.write(&[instance()]).await.unwrap();
+            store.write(&[policy("taken")]).await.unwrap();
+            let table = table(Kind::AccessPolicy).unwrap();
+            let anonymous = matches!(store.pool, Pool::Sqlite(_));
+            let docs = || {
+                ["free", "taken"].map(|key| BulkDoc {
+                    key: key.into(),
+                    columns: Columns::None,
+                    doc: r#"{"new":true}"#.into(),
+                })
+            };
+            let run = |answer| {
+                let statements = bulk_statements(
+                    table,
+                    Kind::AccessPolicy,
+                    "one",
+                    docs().to_vec(),
+                    answer,
+                    anonymous,
+                )
+                .unwrap();
+                let store = store.clone();
+                async move {
+                    let mut tx = store.begin().await.unwrap();
+                    let written =
+                        run_bulk(&mut tx, Kind::AccessPolicy, statements, Columns::None).await?;
+                    tx.commit().await?;
+                    Ok::<_, StoreError>(written)
+                }
+            };
+            let failed = run(Answer::All).await;
+            assert!(matches!(failed, Err(StoreError::Invalid(_))), "{failed:?}");
+            assert!(
+                store
+                    .get("one", Kind::AccessPolicy, "free")
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            let taken = store.get("one", Kind::AccessPolicy, "taken").await.unwrap();
+            assert_eq!(taken.unwrap().doc, "{}");
+
+            assert_eq!(run(Answer::Written).await.unwrap(), ["free"]);
+            let replaced = run(Answer::Replaced).await.unwrap();
+            assert_eq!(replaced, ["free", "taken"]);
+            let taken = store.get("one", Kind::AccessPolicy, "taken").await.unwrap();
+            assert_eq!(taken.unwrap().doc, r#"{"new":true}"#);
+        }
     }
 
     /// Past the count kept, the oldest entries of an instance go; past the retention, all.
