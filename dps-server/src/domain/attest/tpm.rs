@@ -353,14 +353,18 @@ pub async fn challenge(
 }
 
 /// Whether `enrolled` is a TPM enrollment of this very EK (however its exponent is spelled).
+/// The enrolled key is parsed only when its bytes differ from the device's: they are the same
+/// key then only if the exponent is spelled differently.
 fn enrolls(enrolled: &IndividualEnrollment, ek: &RsaPublic) -> bool {
+    let Some(tpm) = enrolled.attestation.tpm.as_ref() else {
+        return false;
+    };
     enrolled.attestation.kind == AttestationType::Tpm
-        && enrolled
-            .attestation
-            .tpm
-            .as_ref()
-            .and_then(|t| RsaPublic::from_base64(&t.endorsement_key, KeyRole::Endorsement).ok())
-            .is_some_and(|enrolled| enrolled.same_key(ek))
+        && (STANDARD
+            .decode(tpm.endorsement_key.trim().as_bytes())
+            .is_ok_and(|bytes| bytes == ek.tpm2b())
+            || RsaPublic::from_base64(&tpm.endorsement_key, KeyRole::Endorsement)
+                .is_ok_and(|enrolled| enrolled.same_key(ek)))
 }
 
 /// The instance's TPM enrollment group (there is at most one).
