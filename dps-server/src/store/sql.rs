@@ -1140,9 +1140,8 @@ impl SqlStore {
     }
 
     /// Writes `docs` many rows per statement in one transaction, with their audit entries
-    /// when an admin writes them; returns the keys written. The statements, their values and
-    /// the entries are made before the transaction begins: on SQLite it holds the one writer,
-    /// so only the statements' execution waits for other writes.
+    /// when an admin writes them; returns the keys written. The records' statements and their
+    /// values are made before the transaction begins: on SQLite it holds the one writer.
     async fn bulk(
         &self,
         ns: &str,
@@ -1169,14 +1168,17 @@ impl SqlStore {
             OnConflict::Keep => Action::Create,
             OnConflict::Replace => Action::Import,
         };
-        let actor = audit::actor();
-        let entries = |keys: &mut dyn Iterator<Item = &str>| {
-            let Some(actor) = &actor else {
-                return Ok(None);
-            };
-            let entries: Vec<BulkDoc> = keys
+        let records = bulk_statements(target, kind, &ns, docs, answer, anonymous)?;
+        let mut tx = self.begin().await?;
+        let written = run_bulk(&mut tx, kind, records).await?;
+        if let Some(actor) = audit::actor() {
+            // Made inside the transaction, so that on SQLite (one writer) the entries' keys,
+            // which carry their time, follow the order of the commits: a reader paging the log
+            // after its last key misses none.
+            let entries: Vec<BulkDoc> = written
+                .iter()
                 .map(|key| {
-                    let row = audit::entry(actor, &ns, kind, key, action, None, None);
+                    let row = audit::entry(&actor, &ns, kind, key, action, None, None);
                     BulkDoc {
                         key: row.key,
                         columns: row.columns,
@@ -1186,27 +1188,15 @@ impl SqlStore {
                 .collect();
             // Every entry or none: a key taken twice fails the write instead of dropping one.
             let audit = table(Kind::AuditEntry)?;
-            bulk_statements(
+            let statements = bulk_statements(
                 audit,
                 Kind::AuditEntry,
                 &ns,
                 entries,
                 Answer::All,
                 anonymous,
-            )
-            .map(Some)
-        };
-        // Made for every record, and again for those written when some were not.
-        let mut audited = entries(&mut docs.iter().map(|d| d.key.as_str()))?;
-        let (sent, first) = (docs.len(), docs.first().map(|d| d.columns.clone()));
-        let records = bulk_statements(target, kind, &ns, docs, answer, anonymous)?;
-        let mut tx = self.begin().await?;
-        let written = run_bulk(&mut tx, kind, records, first.unwrap_or_default()).await?;
-        if audited.is_some() && written.len() != sent {
-            audited = entries(&mut written.iter().map(String::as_str))?;
-        }
-        if let Some(statements) = audited {
-            run_bulk(&mut tx, Kind::AuditEntry, statements, Columns::None).await?;
+            )?;
+            run_bulk(&mut tx, Kind::AuditEntry, statements).await?;
         }
         tx.commit().await?;
         Ok(written)
@@ -1256,6 +1246,8 @@ struct BulkStatement {
     answer: Answer,
     /// The keys of its rows.
     keys: Vec<String>,
+    /// The typed columns of its first row, which name what a failed statement refers to.
+    first: Columns,
 }
 
 /// What a bulk statement does with keys that exist, and what it tells.
@@ -1355,6 +1347,7 @@ fn bulk_statements(
             _ => text(chunk.len()),
         };
         let keys = chunk.iter().map(|d| d.key.clone()).collect();
+        let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
         let mut values = Vec::with_capacity(chunk.len() * width + 2);
         if !anonymous {
             values.extend([Owned::Text(ns.to_owned()), Owned::Text(at.clone())]);
@@ -1388,18 +1381,17 @@ fn bulk_statements(
             values,
             answer,
             keys,
+            first,
         });
     }
     Ok(statements)
 }
 
-/// Runs `statements` (writing records of `kind`, `first` the first's columns, for errors) in
-/// `tx`; returns the keys written.
+/// Runs `statements` (writing records of `kind`) in `tx`; returns the keys written.
 async fn run_bulk(
     tx: &mut Tx,
     kind: Kind,
     statements: Vec<BulkStatement>,
-    first: Columns,
 ) -> Result<Vec<String>, StoreError> {
     let mut written = Vec::new();
     for statement in statements {
@@ -1408,6 +1400,7 @@ async fn run_bulk(
             values,
             answer,
             keys,
+            first,
         } = statement;
         // The keys written when the statement returns them, otherwise the rows it wrote.
         let done: Result<(Option<Vec<String>>, u64), sqlx::Error> = on_tx!(tx, t => {
@@ -1824,8 +1817,7 @@ pub(super) mod tests {
                 let store = store.clone();
                 async move {
                     let mut tx = store.begin().await.unwrap();
-                    let written =
-                        run_bulk(&mut tx, Kind::AccessPolicy, statements, Columns::None).await?;
+                    let written = run_bulk(&mut tx, Kind::AccessPolicy, statements).await?;
                     tx.commit().await?;
                     Ok::<_, StoreError>(written)
                 }
