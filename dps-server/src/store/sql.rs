@@ -1356,16 +1356,6 @@ fn bulk_statements(
             if anonymous {
                 values.push(Owned::Text(ns.to_owned()));
             }
-            let columns = schema::values(table, &doc.columns)
-                .ok_or_else(|| {
-                    StoreError::Invalid(format!(
-                        "{:?} are not the columns of {kind:?}",
-                        doc.columns
-                    ))
-                })?
-                .into_iter()
-                .map(Owned::from)
-                .collect::<Vec<_>>();
             values.extend([
                 Owned::Text(doc.key),
                 Owned::Text(doc.doc),
@@ -1374,7 +1364,10 @@ fn bulk_statements(
             if anonymous {
                 values.extend([Owned::Text(at.clone()), Owned::Text(at.clone())]);
             }
-            values.extend(columns);
+            let columns = schema::values(table, &doc.columns).ok_or_else(|| {
+                StoreError::Invalid(format!("{:?} are not the columns of {kind:?}", doc.columns))
+            })?;
+            values.extend(columns.into_iter().map(Owned::from));
         }
         statements.push(BulkStatement {
             sql,
