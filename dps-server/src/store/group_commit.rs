@@ -12,9 +12,12 @@
 //! itself fails (it cannot start, or the commit fails), nothing is written and every request
 //! of the group gets that error.
 
-use sqlx::sqlite::SqlitePool;
+use std::sync::Arc;
+
+use sqlx::{Connection, Sqlite};
 use tokio::sync::{mpsc, oneshot};
 
+use super::kept::Kept;
 use super::sql::{Tx, apply_all};
 use super::{StoreError, Stored, Write};
 
@@ -41,7 +44,7 @@ pub(super) struct GroupWriter {
 
 impl GroupWriter {
     /// Starts the writer task on `pool` (the pool of the one writing connection).
-    pub(super) fn start(pool: SqlitePool) -> Self {
+    pub(super) fn start(pool: Arc<Kept<Sqlite>>) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE);
         tokio::spawn(run(pool, queue));
         Self { jobs }
@@ -68,7 +71,7 @@ impl GroupWriter {
     }
 }
 
-async fn run(pool: SqlitePool, mut queue: mpsc::Receiver<Job>) {
+async fn run(pool: Arc<Kept<Sqlite>>, mut queue: mpsc::Receiver<Job>) {
     let mut group = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         commit_group(&pool, std::mem::take(&mut group)).await;
@@ -96,7 +99,7 @@ enum Attempt {
 }
 
 /// Writes `group` and answers every job.
-async fn commit_group(pool: &SqlitePool, group: Vec<Job>) -> Outcome {
+async fn commit_group(pool: &Kept<Sqlite>, group: Vec<Job>) -> Outcome {
     let writes: Vec<&[Write]> = group.iter().map(|job| job.writes.as_slice()).collect();
     let (outcome, answers): (Outcome, Vec<Written>) = match together(pool, &writes).await {
         Attempt::Committed(results) => (Outcome::Together, results.into_iter().map(Ok).collect()),
@@ -114,10 +117,15 @@ async fn commit_group(pool: &SqlitePool, group: Vec<Job>) -> Outcome {
     outcome
 }
 
-/// Every request's writes in one transaction, in order.
-async fn together(pool: &SqlitePool, jobs: &[&[Write]]) -> Attempt {
-    let mut tx = match pool.begin().await {
-        Ok(tx) => Tx::Sqlite(tx),
+/// Every request's writes in one transaction, in order. The connection is kept for the next
+/// group when the transaction commits.
+async fn together(pool: &Kept<Sqlite>, jobs: &[&[Write]]) -> Attempt {
+    let mut lease = match pool.lease().await {
+        Ok(lease) => lease,
+        Err(e) => return Attempt::Failed(e.into()),
+    };
+    let mut tx = match lease.connection().begin().await {
+        Ok(tx) => Tx::Sqlite(tx, None),
         Err(e) => return Attempt::Failed(e.into()),
     };
     let mut results = Vec::with_capacity(jobs.len());
@@ -129,15 +137,19 @@ async fn together(pool: &SqlitePool, jobs: &[&[Write]]) -> Attempt {
         }
     }
     match tx.commit().await {
-        Ok(()) => Attempt::Committed(results),
+        Ok(()) => {
+            lease.keep();
+            Attempt::Committed(results)
+        }
         Err(e) => Attempt::Failed(e),
     }
 }
 
 /// Every request's writes in one transaction, each request's in a savepoint that its failure
 /// rolls back: each request's answer, or the transaction's error (nothing written).
-async fn in_savepoints(pool: &SqlitePool, jobs: &[&[Write]]) -> Result<Vec<Written>, StoreError> {
-    let mut tx = Tx::Sqlite(pool.begin().await?);
+async fn in_savepoints(pool: &Kept<Sqlite>, jobs: &[&[Write]]) -> Result<Vec<Written>, StoreError> {
+    let (tx, place) = pool.begin().await?;
+    let mut tx = Tx::Sqlite(tx, Some(place));
     let mut answers = Vec::with_capacity(jobs.len());
     for writes in jobs {
         execute(&mut tx, "SAVEPOINT request").await?;
@@ -152,8 +164,8 @@ async fn in_savepoints(pool: &SqlitePool, jobs: &[&[Write]]) -> Result<Vec<Writt
     Ok(answers)
 }
 
-async fn execute(tx: &mut Tx, sql: &'static str) -> Result<(), StoreError> {
-    let Tx::Sqlite(t) = tx else {
+async fn execute(tx: &mut Tx<'_>, sql: &'static str) -> Result<(), StoreError> {
+    let Tx::Sqlite(t, _) = tx else {
         return Err(StoreError::Invalid("group commit is for SQLite".into()));
     };
     sqlx::query(sql).execute(&mut **t).await?;
@@ -188,7 +200,7 @@ mod tests {
         with(policy(key), Precondition::MustNotExist)
     }
 
-    async fn store(dir: &tempfile::TempDir) -> (SqlStore, SqlitePool) {
+    async fn store(dir: &tempfile::TempDir) -> (SqlStore, Arc<Kept<Sqlite>>) {
         let (store, _) = sqlite_file_store(dir).await;
         store.write(&[instance()]).await.unwrap();
         let Pool::Sqlite(pool) = store.pool.clone() else {
@@ -198,7 +210,7 @@ mod tests {
     }
 
     /// Runs `writes` of each job as one group: how, and each job's answer.
-    async fn group(pool: &SqlitePool, jobs: Vec<Vec<Write>>) -> (Outcome, Vec<Written>) {
+    async fn group(pool: &Kept<Sqlite>, jobs: Vec<Vec<Write>>) -> (Outcome, Vec<Written>) {
         let mut answers = Vec::new();
         let mut group = Vec::new();
         for writes in jobs {

@@ -11,6 +11,7 @@
 
 pub mod audit;
 mod group_commit;
+mod kept;
 mod schema;
 #[macro_use]
 mod sql;

@@ -3,14 +3,16 @@
 //! keeps its prepared statements, and each backend has its own migrations.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 use sqlx::{Postgres, Row, SqlSafeStr, Sqlite, Transaction};
 
 use super::audit::{self, Action, Actor};
 use super::group_commit::GroupWriter;
+use super::kept::{Kept, Place};
 use super::schema::{self, Table, Value};
 use super::{
     AuditFilter, BulkDoc, Columns, EventFilter, Kind, Page, Precondition, Store, StoreError,
@@ -114,35 +116,53 @@ pub struct SqlStore {
     writer: Option<GroupWriter>,
 }
 
+/// A backend's pool and the connections kept from it between statements.
 #[derive(Debug, Clone)]
 pub(super) enum Pool {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
+    Sqlite(Arc<Kept<Sqlite>>),
+    Postgres(Arc<Kept<Postgres>>),
 }
 
-/// A transaction of either backend.
-pub(super) enum Tx {
-    Sqlite(Transaction<'static, Sqlite>),
-    Postgres(Transaction<'static, Postgres>),
+/// A transaction of either backend, with its place among the pool's connections when it has
+/// one of its own (not a lease's).
+pub(super) enum Tx<'c> {
+    Sqlite(
+        Transaction<'c, Sqlite>,
+        #[expect(dead_code, reason = "held until the transaction ends")] Option<Place>,
+    ),
+    Postgres(
+        Transaction<'c, Postgres>,
+        #[expect(dead_code, reason = "held until the transaction ends")] Option<Place>,
+    ),
 }
 
-/// Runs `$body` with `$p` bound to the backend's pool: the code is written once and compiled
-/// for each backend's types.
+/// Runs `$body` with `$c` bound to a connection of the backend's pool: the code is written
+/// once and compiled for each backend's types. The connection is kept for the next statement
+/// when `$body` gets to its end; a `?` in it drops the connection back to the pool.
 macro_rules! on_pool {
-    ($pool:expr, $p:ident => $body:expr) => {
+    ($pool:expr, $c:ident => $body:expr) => {
         match $pool {
-            Pool::Sqlite($p) => $body,
-            Pool::Postgres($p) => $body,
+            Pool::Sqlite(kept) => on_pool!(@leased kept, $c => $body),
+            Pool::Postgres(kept) => on_pool!(@leased kept, $c => $body),
         }
     };
+    (@leased $kept:ident, $c:ident => $body:expr) => {{
+        let mut lease = $kept.lease().await?;
+        let value = {
+            let $c = lease.connection();
+            $body
+        };
+        lease.keep();
+        value
+    }};
 }
 
 /// [`on_pool!`] for a transaction: `$t` is the backend's open transaction.
 macro_rules! on_tx {
     ($tx:expr, $t:ident => $body:expr) => {
         match $tx {
-            Tx::Sqlite($t) => $body,
-            Tx::Postgres($t) => $body,
+            Tx::Sqlite($t, _) => $body,
+            Tx::Postgres($t, _) => $body,
         }
     };
 }
@@ -181,15 +201,16 @@ impl SqlStore {
                         .pragma("wal_autocheckpoint", WAL_BACKSTOP_PAGES.to_string()),
                 )
                 .await?;
+            let pool = Arc::new(Kept::new(pool));
             // An in-memory database exists only on its connection.
             let reads = match sqlite_file(url) {
-                Some(_) => {
+                Some(_) => Arc::new(Kept::new(
                     SqlitePoolOptions::new()
                         .max_connections(SQLITE_READERS)
                         .test_before_acquire(false)
                         .connect_with(options)
-                        .await?
-                }
+                        .await?,
+                )),
                 None => pool.clone(),
             };
             (Pool::Sqlite(pool), Pool::Sqlite(reads), SQLITE_MIGRATIONS)
@@ -201,6 +222,7 @@ impl SqlStore {
                 .test_before_acquire(false)
                 .connect(url)
                 .await?;
+            let pool = Arc::new(Kept::new(pool));
             (
                 Pool::Postgres(pool.clone()),
                 Pool::Postgres(pool),
@@ -229,7 +251,7 @@ impl SqlStore {
         // No advisory locks (CockroachDB and YugabyteDB lack them); the migrations are
         // idempotent, so replicas starting together at worst retry.
         migrator.set_locking(false);
-        on_pool!(&pool, p => migrator.run(p).await)?;
+        on_pool!(&pool, c => migrator.run(c).await?);
         let writer = match &pool {
             Pool::Sqlite(p) => Some(GroupWriter::start(p.clone())),
             Pool::Postgres(_) => None,
@@ -243,15 +265,21 @@ impl SqlStore {
         Ok(store)
     }
 
-    pub(super) async fn begin(&self) -> Result<Tx, StoreError> {
+    pub(super) async fn begin(&self) -> Result<Tx<'static>, StoreError> {
         Ok(match &self.pool {
-            Pool::Sqlite(p) => Tx::Sqlite(p.begin().await?),
-            Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
+            Pool::Sqlite(p) => {
+                let (tx, place) = p.begin().await?;
+                Tx::Sqlite(tx, Some(place))
+            }
+            Pool::Postgres(p) => {
+                let (tx, place) = p.begin().await?;
+                Tx::Postgres(tx, Some(place))
+            }
         })
     }
 }
 
-impl Tx {
+impl Tx<'_> {
     pub(super) async fn commit(self) -> Result<(), StoreError> {
         on_tx!(self, t => t.commit().await)?;
         Ok(())
@@ -357,7 +385,7 @@ fn constraint(kind: Kind, key: &str, columns: &Columns, e: sqlx::Error) -> Store
 
 /// The document of a record, read inside the transaction (`ns` case-folded).
 async fn read_doc(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     ns: &str,
     kind: Kind,
     key: &str,
@@ -368,8 +396,8 @@ async fn read_doc(
     // On PostgreSQL the row is locked until the commit, so that what an audit entry says was
     // there is what the write replaced (SQLite has one writer).
     let sql = match tx {
-        Tx::Sqlite(_) => Cow::Borrowed(table.sql.get.as_str()),
-        Tx::Postgres(_) => Cow::Owned(format!("{} FOR UPDATE", table.sql.get)),
+        Tx::Sqlite(..) => Cow::Borrowed(table.sql.get.as_str()),
+        Tx::Postgres(..) => Cow::Owned(format!("{} FOR UPDATE", table.sql.get)),
     };
     let doc = on_tx!(tx, t => bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql.as_ref())), &values)
         .fetch_optional(&mut **t)
@@ -379,13 +407,13 @@ async fn read_doc(
     Ok(doc)
 }
 
-async fn exists(tx: &mut Tx, ns: &str, kind: Kind, key: &str) -> Result<bool, StoreError> {
+async fn exists(tx: &mut Tx<'_>, ns: &str, kind: Kind, key: &str) -> Result<bool, StoreError> {
     Ok(read_doc(tx, ns, kind, key).await?.is_some())
 }
 
 /// Applies `write` made by `actor` and adds its audit entry to the transaction.
 async fn apply_audited(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     actor: &Actor,
     write: &Write,
 ) -> Result<Option<Stored>, StoreError> {
@@ -412,7 +440,7 @@ async fn apply_audited(
     Ok(result)
 }
 
-async fn insert_entry(tx: &mut Tx, row: audit::Row) -> Result<(), StoreError> {
+async fn insert_entry(tx: &mut Tx<'_>, row: audit::Row) -> Result<(), StoreError> {
     apply(
         tx,
         &Write::Put {
@@ -442,7 +470,7 @@ fn kind_of(write: &Write) -> Option<Kind> {
 
 /// After a conditional write touched nothing: was the record missing, or its etag different?
 async fn missing_or_mismatch(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     ns: &str,
     kind: Kind,
     key: &str,
@@ -456,7 +484,7 @@ async fn missing_or_mismatch(
 }
 
 /// Replaces the host names of instance `key`; a host another instance holds is refused.
-async fn set_host_names(tx: &mut Tx, key: &str, hosts: &[String]) -> Result<(), StoreError> {
+async fn set_host_names(tx: &mut Tx<'_>, key: &str, hosts: &[String]) -> Result<(), StoreError> {
     on_tx!(tx, t => sqlx::query("DELETE FROM instance_host_names WHERE instance = $1")
         .bind(key)
         .execute(&mut **t)
@@ -533,7 +561,7 @@ fn put_statement<'a>(
 /// a transaction, which says which write failed and why. `None` too for writes this does not
 /// fit (deletes, instances with their host names, two writes of a table).
 async fn write_in_one_statement(
-    pool: &PgPool,
+    kept: &Kept<Postgres>,
     writes: &[Write],
 ) -> Result<Option<Vec<Option<Stored>>>, StoreError> {
     if writes.is_empty() {
@@ -594,14 +622,16 @@ async fn write_in_one_statement(
         parts.join(", ")
     );
     // Only the tables' statements and fixed fragments are spliced in; every value is bound.
+    let mut lease = kept.lease().await?;
     let row = match bind_values!(sqlx::query(sqlx::AssertSqlSafe(sql)), &values)
-        .fetch_one(pool)
+        .fetch_one(lease.connection())
         .await
     {
         Ok(row) => row,
         Err(e) if aborted_for_a_reason_of_its_own(&e) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    lease.keep();
     let mut written = Vec::with_capacity(writes.len());
     for (i, (write, (_, etag))) in writes.iter().zip(planned).enumerate() {
         let Write::Put { key, doc, .. } = write else {
@@ -647,7 +677,7 @@ fn shifted(sql: &str, by: usize) -> String {
 
 /// Each of `writes` in `tx`, in order; the first that fails ends it with its error.
 pub(super) async fn apply_all(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     writes: &[Write],
 ) -> Result<Vec<Option<Stored>>, StoreError> {
     let mut written = Vec::with_capacity(writes.len());
@@ -657,7 +687,7 @@ pub(super) async fn apply_all(
     Ok(written)
 }
 
-async fn apply(tx: &mut Tx, write: &Write) -> Result<Option<Stored>, StoreError> {
+async fn apply(tx: &mut Tx<'_>, write: &Write) -> Result<Option<Stored>, StoreError> {
     match write {
         Write::Put {
             ns,
@@ -1066,22 +1096,24 @@ impl Store for SqlStore {
     }
 
     async fn checkpoint(&self) -> Result<(), StoreError> {
-        let Pool::Sqlite(p) = &self.reads else {
+        let Pool::Sqlite(kept) = &self.reads else {
             return Ok(());
         };
         // PASSIVE copies what no reader still needs and waits for nobody. The writer starts
         // the log again from its beginning only while no reader is in it, which under steady
         // load is seldom: past `WAL_RESTART_FRAMES` the log is restarted here, which waits
         // for the readers of the moment (single statements) and holds the writer meanwhile.
+        let mut lease = kept.lease().await?;
         let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(p)
+            .fetch_one(lease.connection())
             .await?;
         let frames: i64 = row.try_get(1)?;
         if frames >= WAL_RESTART_FRAMES {
             sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                .execute(p)
+                .execute(lease.connection())
                 .await?;
         }
+        lease.keep();
         Ok(())
     }
 
@@ -1382,7 +1414,7 @@ fn bulk_statements(
 
 /// Runs `statements` (writing records of `kind`) in `tx`; returns the keys written.
 async fn run_bulk(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     kind: Kind,
     statements: Vec<BulkStatement>,
 ) -> Result<Vec<String>, StoreError> {
@@ -1609,6 +1641,7 @@ pub(super) mod tests {
         let Pool::Sqlite(pool) = &store.pool else {
             panic!("a SQLite URL");
         };
+        let mut lease = pool.lease().await.unwrap();
         for kind in [
             Kind::Operation,
             Kind::RegistrationState,
@@ -1626,7 +1659,11 @@ pub(super) mod tests {
                 if after {
                     query = query.bind("key");
                 }
-                let rows = query.bind(10i64).fetch_all(pool).await.unwrap();
+                let rows = query
+                    .bind(10i64)
+                    .fetch_all(lease.connection())
+                    .await
+                    .unwrap();
                 let plan: Vec<String> = rows
                     .iter()
                     .map(|r| r.try_get::<String, _>("detail").unwrap())
@@ -1907,10 +1944,12 @@ pub(super) mod tests {
             panic!("a SQLite URL");
         };
         // The schema into the file, by hand.
+        let mut lease = writer.lease().await.unwrap();
         sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(writer)
+            .execute(lease.connection())
             .await
             .unwrap();
+        lease.keep();
         store.write(&[instance(), policy("logged")]).await.unwrap();
         let in_file = || async {
             let options: SqliteConnectOptions =

@@ -111,7 +111,7 @@ pub(super) async fn from_documents(store: &SqlStore) -> Result<(), StoreError> {
 }
 
 async fn read_page(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     kind: &str,
     after: &(String, String),
 ) -> Result<Vec<Document>, StoreError> {
@@ -198,7 +198,7 @@ fn columns(kind: Kind, document: &Document, now: i64) -> Option<Columns> {
 
 /// Inserts an older document with its etag and timestamps.
 async fn insert(
-    tx: &mut Tx,
+    tx: &mut Tx<'_>,
     kind: Kind,
     document: &Document,
     columns: &Columns,

@@ -1,0 +1,244 @@
+//! Connections kept between statements instead of going back to sqlx's pool.
+//!
+//! sqlx's pool checks every connection it is given back: it spawns a task that pings the
+//! connection (on SQLite a round trip to the connection's thread, on PostgreSQL one to the
+//! server) before anyone else may have it. A registration's read and its write each paid that
+//! once more, and on SQLite the one writing connection was out of use until its ping came
+//! back. `Kept` takes connections from the pool and, when a statement or transaction has
+//! finished, keeps them for the next one, unless somebody is waiting for the pool: then the
+//! connection goes back to the pool, which hands it on. A statement that fails, or whose
+//! future is dropped, drops its connection instead, so the pool checks it as before (and
+//! closes it if it broke).
+
+use std::sync::{Arc, Mutex};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Database, Transaction};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+
+/// A pool, the connections taken from it that are free, and the places: one per connection
+/// the pool may open, taken by each lease and each transaction while it lasts, so that a
+/// caller waits here (in turn) rather than for the pool, and whoever holds a place finds a
+/// connection among the free ones or in the pool.
+#[derive(Debug)]
+pub(super) struct Kept<DB: Database> {
+    pool: sqlx::Pool<DB>,
+    free: Mutex<Vec<PoolConnection<DB>>>,
+    places: Arc<Semaphore>,
+}
+
+/// A connection taken for a statement or a transaction: [`Lease::keep`] keeps it for the
+/// next; dropped, it goes back to the pool.
+pub(super) struct Lease<'a, DB: Database> {
+    connection: PoolConnection<DB>,
+    kept: &'a Kept<DB>,
+    _place: SemaphorePermit<'a>,
+}
+
+/// A transaction's place among the connections, held until it ends.
+pub(super) type Place = OwnedSemaphorePermit;
+
+impl<DB: Database> Kept<DB> {
+    /// Keeps connections of `pool`: a place for each it may open.
+    pub(super) fn new(pool: sqlx::Pool<DB>) -> Self {
+        let size = pool.options().get_max_connections() as usize;
+        Self {
+            pool,
+            free: Mutex::new(Vec::new()),
+            places: Arc::new(Semaphore::new(size)),
+        }
+    }
+
+    /// A free kept connection, or one from the pool.
+    pub(super) async fn lease(&self) -> Result<Lease<'_, DB>, sqlx::Error> {
+        let place = self
+            .places
+            .acquire()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let free = self.free().pop();
+        let connection = match free {
+            Some(connection) => connection,
+            None => self.pool.acquire().await?,
+        };
+        Ok(Lease {
+            connection,
+            kept: self,
+            _place: place,
+        })
+    }
+
+    /// A transaction on a connection of the pool's, which goes back to the pool when the
+    /// transaction ends, and its place. One free connection is given back to the pool first:
+    /// with every connection the pool may open kept, it has one to give.
+    pub(super) async fn begin(&self) -> Result<(Transaction<'static, DB>, Place), sqlx::Error> {
+        let place = self
+            .places
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        let given_back = self.free().pop();
+        drop(given_back);
+        Ok((self.pool.begin().await?, place))
+    }
+
+    /// Closes the pool, with the connections kept from it; leases fail from then on.
+    #[cfg(test)]
+    pub(super) async fn close(&self) {
+        self.places.close();
+        let kept = std::mem::take(&mut *self.free());
+        drop(kept);
+        self.pool.close().await;
+    }
+
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<PoolConnection<DB>>> {
+        // The lock guards a list: a panic elsewhere while it was held left it whole.
+        self.free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<DB: Database> Lease<'_, DB> {
+    pub(super) fn connection(&mut self) -> &mut DB::Connection {
+        &mut self.connection
+    }
+
+    /// Keeps the connection for the next lease (its place is given up after).
+    pub(super) fn keep(self) {
+        if self.kept.places.is_closed() {
+            return;
+        }
+        self.kept.free().push(self.connection);
+    }
+}
+
+impl<DB: Database> Drop for Kept<DB> {
+    /// The pool goes with the kept connections: they are closed here rather than given back
+    /// (which takes a task, and the runtime may be gone).
+    fn drop(&mut self) {
+        for connection in std::mem::take(&mut *self.free()) {
+            drop(connection.detach());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::SqlitePoolOptions;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    const SOON: Duration = Duration::from_secs(10);
+
+    /// A pool of `size` connections to a database file, and how many times the pool got one
+    /// back.
+    async fn kept(
+        dir: &tempfile::TempDir,
+        size: u32,
+    ) -> (Arc<Kept<sqlx::Sqlite>>, Arc<AtomicUsize>) {
+        let released = Arc::new(AtomicUsize::new(0));
+        let counter = released.clone();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("kept.sqlite").display()
+        );
+        let pool = SqlitePoolOptions::new()
+            .max_connections(size)
+            .after_release(move |_, _| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Box::pin(async { Ok(true) })
+            })
+            .connect(&url)
+            .await
+            .unwrap();
+        (Arc::new(Kept::new(pool)), released)
+    }
+
+    async fn select(kept: &Kept<sqlx::Sqlite>) {
+        let mut lease = kept.lease().await.unwrap();
+        sqlx::query("SELECT 1")
+            .execute(lease.connection())
+            .await
+            .unwrap();
+        lease.keep();
+    }
+
+    #[tokio::test]
+    async fn leases_waiting_in_turn_get_the_kept_connection_without_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, released) = kept(&dir, 1).await;
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let kept = kept.clone();
+                tokio::spawn(async move { select(&kept).await })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(SOON, task).await.unwrap().unwrap();
+        }
+        assert_eq!(
+            released.load(Ordering::SeqCst),
+            0,
+            "a connection went to the pool"
+        );
+        assert_eq!(kept.free().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_gets_a_connection_when_every_one_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, _) = kept(&dir, 1).await;
+        select(&kept).await;
+        let (tx, place) = tokio::time::timeout(SOON, kept.begin())
+            .await
+            .expect("the kept connection was given to the pool")
+            .unwrap();
+        tx.commit().await.unwrap();
+        drop(place);
+        tokio::time::timeout(SOON, select(&kept)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lease_dropped_unkept_goes_back_to_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, released) = kept(&dir, 1).await;
+        drop(kept.lease().await.unwrap());
+        assert!(kept.free().is_empty());
+        // The pool has it (after its check): the next lease gets it from there.
+        tokio::time::timeout(SOON, select(&kept)).await.unwrap();
+        assert_eq!(released.load(Ordering::SeqCst), 1);
+        assert_eq!(kept.free().len(), 1);
+    }
+
+    /// Leases and transactions mixed, more at once than there are connections: each gets
+    /// one in turn, and none waits for ever.
+    #[tokio::test]
+    async fn leases_and_transactions_together_all_finish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, _) = kept(&dir, 2).await;
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    if i % 3 == 0 {
+                        let (tx, _place) = kept.begin().await.unwrap();
+                        tokio::task::yield_now().await;
+                        tx.commit().await.unwrap();
+                    } else {
+                        select(&kept).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(SOON, task)
+                .await
+                .expect("a caller waited for ever")
+                .unwrap();
+        }
+        assert!(kept.free().len() <= 2);
+    }
+}
