@@ -8,13 +8,22 @@
 //! finished, keeps them for the next one, unless somebody is waiting for the pool: then the
 //! connection goes back to the pool, which hands it on. A statement that fails, or whose
 //! future is dropped, drops its connection instead, so the pool checks it as before (and
-//! closes it if it broke).
+//! closes it if it broke). A connection also goes back to the pool once it has been kept
+//! for `HANDED_BACK_AFTER`, so that the pool's own checks (its ping, the connections' maximum
+//! lifetime) still come round.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Database, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+
+/// How long a connection is kept before it goes back to the pool (and is checked there).
+const HANDED_BACK_AFTER: Duration = Duration::from_secs(300);
+
+/// A connection taken from the pool, and when.
+type Taken<DB> = (PoolConnection<DB>, Instant);
 
 /// A pool, the connections taken from it that are free, and the places: one per connection
 /// the pool may open, taken by each lease and each transaction while it lasts, so that a
@@ -23,14 +32,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 #[derive(Debug)]
 pub(super) struct Kept<DB: Database> {
     pool: sqlx::Pool<DB>,
-    free: Mutex<Vec<PoolConnection<DB>>>,
+    free: Mutex<Vec<Taken<DB>>>,
     places: Arc<Semaphore>,
+    handed_back_after: Duration,
 }
 
 /// A connection taken for a statement or a transaction: [`Lease::keep`] keeps it for the
 /// next; dropped, it goes back to the pool.
 pub(super) struct Lease<'a, DB: Database> {
     connection: PoolConnection<DB>,
+    taken: Instant,
     kept: &'a Kept<DB>,
     _place: SemaphorePermit<'a>,
 }
@@ -46,6 +57,7 @@ impl<DB: Database> Kept<DB> {
             pool,
             free: Mutex::new(Vec::new()),
             places: Arc::new(Semaphore::new(size)),
+            handed_back_after: HANDED_BACK_AFTER,
         }
     }
 
@@ -57,12 +69,13 @@ impl<DB: Database> Kept<DB> {
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
         let free = self.free().pop();
-        let connection = match free {
-            Some(connection) => connection,
-            None => self.pool.acquire().await?,
+        let (connection, taken) = match free {
+            Some(free) => free,
+            None => (self.pool.acquire().await?, Instant::now()),
         };
         Ok(Lease {
             connection,
+            taken,
             kept: self,
             _place: place,
         })
@@ -92,7 +105,7 @@ impl<DB: Database> Kept<DB> {
         self.pool.close().await;
     }
 
-    fn free(&self) -> std::sync::MutexGuard<'_, Vec<PoolConnection<DB>>> {
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<Taken<DB>>> {
         // The lock guards a list: a panic elsewhere while it was held left it whole.
         self.free
             .lock()
@@ -105,12 +118,13 @@ impl<DB: Database> Lease<'_, DB> {
         &mut self.connection
     }
 
-    /// Keeps the connection for the next lease (its place is given up after).
+    /// Keeps the connection for the next lease (its place is given up after), or gives it
+    /// back to the pool if it was kept long enough.
     pub(super) fn keep(self) {
-        if self.kept.places.is_closed() {
+        if self.kept.places.is_closed() || self.taken.elapsed() >= self.kept.handed_back_after {
             return;
         }
-        self.kept.free().push(self.connection);
+        self.kept.free().push((self.connection, self.taken));
     }
 }
 
@@ -118,7 +132,7 @@ impl<DB: Database> Drop for Kept<DB> {
     /// The pool goes with the kept connections: they are closed here rather than given back
     /// (which takes a task, and the runtime may be gone).
     fn drop(&mut self) {
-        for connection in std::mem::take(&mut *self.free()) {
+        for (connection, _) in std::mem::take(&mut *self.free()) {
             drop(connection.detach());
         }
     }
@@ -208,6 +222,24 @@ mod tests {
         drop(kept.lease().await.unwrap());
         assert!(kept.free().is_empty());
         // The pool has it (after its check): the next lease gets it from there.
+        tokio::time::timeout(SOON, select(&kept)).await.unwrap();
+        assert_eq!(released.load(Ordering::SeqCst), 1);
+        assert_eq!(kept.free().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_kept_long_enough_goes_back_to_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, released) = kept(&dir, 1).await;
+        let mut kept = Arc::into_inner(kept).unwrap();
+        kept.handed_back_after = Duration::from_millis(50);
+        select(&kept).await;
+        select(&kept).await;
+        assert_eq!(released.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        select(&kept).await;
+        assert!(kept.free().is_empty(), "not given back");
+        // Taken from the pool again (once the pool has it back), and kept from then on.
         tokio::time::timeout(SOON, select(&kept)).await.unwrap();
         assert_eq!(released.load(Ordering::SeqCst), 1);
         assert_eq!(kept.free().len(), 1);
