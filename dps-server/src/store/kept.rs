@@ -5,12 +5,12 @@
 //! server) before anyone else may have it. A registration's read and its write each paid that
 //! once more, and on SQLite the one writing connection was out of use until its ping came
 //! back. `Kept` takes connections from the pool and, when a statement or transaction has
-//! finished, keeps them for the next one, unless somebody is waiting for the pool: then the
-//! connection goes back to the pool, which hands it on. A statement that fails, or whose
-//! future is dropped, drops its connection instead, so the pool checks it as before (and
-//! closes it if it broke). A connection also goes back to the pool once it has been kept
-//! for `HANDED_BACK_AFTER`, so that the pool's own checks (its ping, the connections' maximum
-//! lifetime) still come round.
+//! finished, keeps them for the next caller, who waits for a place in turn. A statement that
+//! fails, or whose future is dropped, drops its connection instead, so the pool checks it as
+//! before (and closes it if it broke). A connection kept for `HANDED_BACK_AFTER` goes back to
+//! the pool too, when it is next used or when another caller finds it free, so that the pool's
+//! own checks (its ping, the connections' maximum lifetime) still come round. Waiting for a
+//! place times out like waiting for the pool (its acquire timeout).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -63,12 +63,8 @@ impl<DB: Database> Kept<DB> {
 
     /// A free kept connection, or one from the pool.
     pub(super) async fn lease(&self) -> Result<Lease<'_, DB>, sqlx::Error> {
-        let place = self
-            .places
-            .acquire()
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let free = self.free().pop();
+        let place = self.in_time(self.places.acquire()).await?;
+        let free = self.free_connection();
         let (connection, taken) = match free {
             Some(free) => free,
             None => (self.pool.acquire().await?, Instant::now()),
@@ -85,13 +81,8 @@ impl<DB: Database> Kept<DB> {
     /// transaction ends, and its place. One free connection is given back to the pool first:
     /// with every connection the pool may open kept, it has one to give.
     pub(super) async fn begin(&self) -> Result<(Transaction<'static, DB>, Place), sqlx::Error> {
-        let place = self
-            .places
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| sqlx::Error::PoolClosed)?;
-        let given_back = self.free().pop();
+        let place = self.in_time(self.places.clone().acquire_owned()).await?;
+        let given_back = self.free_connection();
         drop(given_back);
         Ok((self.pool.begin().await?, place))
     }
@@ -103,6 +94,33 @@ impl<DB: Database> Kept<DB> {
         let kept = std::mem::take(&mut *self.free());
         drop(kept);
         self.pool.close().await;
+    }
+
+    /// A place, waited for no longer than the pool's acquire timeout.
+    async fn in_time<P>(
+        &self,
+        place: impl Future<Output = Result<P, tokio::sync::AcquireError>>,
+    ) -> Result<P, sqlx::Error> {
+        match tokio::time::timeout(self.pool.options().get_acquire_timeout(), place).await {
+            Ok(Ok(place)) => Ok(place),
+            Ok(Err(_)) => Err(sqlx::Error::PoolClosed),
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+
+    /// The connection kept last, if any; connections kept too long are given back to the
+    /// pool on the way.
+    fn free_connection(&self) -> Option<Taken<DB>> {
+        let (found, stale) = {
+            let mut free = self.free();
+            let (stale, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut *free)
+                .into_iter()
+                .partition(|(_, taken)| taken.elapsed() >= self.handed_back_after);
+            *free = fresh;
+            (free.pop(), stale)
+        };
+        drop(stale);
+        found
     }
 
     fn free(&self) -> std::sync::MutexGuard<'_, Vec<Taken<DB>>> {
@@ -153,6 +171,15 @@ mod tests {
         dir: &tempfile::TempDir,
         size: u32,
     ) -> (Arc<Kept<sqlx::Sqlite>>, Arc<AtomicUsize>) {
+        kept_waiting(dir, size, Duration::from_secs(30)).await
+    }
+
+    /// The same, whose callers wait for a connection at most `wait`.
+    async fn kept_waiting(
+        dir: &tempfile::TempDir,
+        size: u32,
+        wait: Duration,
+    ) -> (Arc<Kept<sqlx::Sqlite>>, Arc<AtomicUsize>) {
         let released = Arc::new(AtomicUsize::new(0));
         let counter = released.clone();
         let url = format!(
@@ -161,6 +188,7 @@ mod tests {
         );
         let pool = SqlitePoolOptions::new()
             .max_connections(size)
+            .acquire_timeout(wait)
             .after_release(move |_, _| {
                 counter.fetch_add(1, Ordering::SeqCst);
                 Box::pin(async { Ok(true) })
@@ -236,13 +264,65 @@ mod tests {
         select(&kept).await;
         select(&kept).await;
         assert_eq!(released.load(Ordering::SeqCst), 0);
+        // Its time runs out while it is leased: kept, it goes back instead.
+        let lease = kept.lease().await.unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
-        select(&kept).await;
+        lease.keep();
         assert!(kept.free().is_empty(), "not given back");
         // Taken from the pool again (once the pool has it back), and kept from then on.
         tokio::time::timeout(SOON, select(&kept)).await.unwrap();
         assert_eq!(released.load(Ordering::SeqCst), 1);
         assert_eq!(kept.free().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_kept_too_long_are_given_back_when_another_is_leased() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, released) = kept(&dir, 2).await;
+        let mut kept = Arc::into_inner(kept).unwrap();
+        kept.handed_back_after = Duration::from_millis(50);
+        let (mut a, mut b) = (kept.lease().await.unwrap(), kept.lease().await.unwrap());
+        for lease in [&mut a, &mut b] {
+            sqlx::query("SELECT 1")
+                .execute(lease.connection())
+                .await
+                .unwrap();
+        }
+        a.keep();
+        b.keep();
+        assert_eq!(kept.free().len(), 2);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Both were kept too long: this lease gives both back and takes one from the pool.
+        let lease = tokio::time::timeout(SOON, kept.lease())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(kept.free().is_empty());
+        drop(lease);
+        tokio::time::timeout(SOON, select(&kept)).await.unwrap();
+        assert!(released.load(Ordering::SeqCst) >= 2);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_place_times_out_like_waiting_for_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, _) = kept_waiting(&dir, 1, Duration::from_millis(200)).await;
+        let (held, place) = kept.begin().await.unwrap();
+        let waited = tokio::time::timeout(SOON, kept.lease())
+            .await
+            .expect("the wait had no end");
+        assert!(
+            matches!(waited, Err(sqlx::Error::PoolTimedOut)),
+            "{:?}",
+            waited.err()
+        );
+        let waited = tokio::time::timeout(SOON, kept.begin())
+            .await
+            .expect("the wait had no end");
+        assert!(matches!(waited, Err(sqlx::Error::PoolTimedOut)));
+        held.commit().await.unwrap();
+        drop(place);
+        tokio::time::timeout(SOON, select(&kept)).await.unwrap();
     }
 
     /// Leases and transactions mixed, more at once than there are connections: each gets

@@ -839,7 +839,10 @@ fn point_read<'a>(
 #[async_trait::async_trait]
 impl Store for SqlStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        on_pool!(&self.pool, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))?;
+        // A failed ping drops its connection (the `?`), which the pool then closes.
+        on_pool!(&self.pool, p => {
+            sqlx::query("SELECT 1").execute(p).await?;
+        });
         Ok(())
     }
 
