@@ -111,12 +111,18 @@ impl<DB: Database> Kept<DB> {
     /// The connection kept last, if any; connections kept too long are given back to the
     /// pool on the way.
     fn free_connection(&self) -> Option<Taken<DB>> {
+        let stale = |(_, taken): &Taken<DB>| taken.elapsed() >= self.handed_back_after;
         let (found, stale) = {
             let mut free = self.free();
-            let (stale, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut *free)
-                .into_iter()
-                .partition(|(_, taken)| taken.elapsed() >= self.handed_back_after);
-            *free = fresh;
+            // Seldom any: the list is taken apart only then.
+            let stale = if free.iter().any(stale) {
+                let (stale, fresh): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut *free).into_iter().partition(stale);
+                *free = fresh;
+                stale
+            } else {
+                Vec::new()
+            };
             (free.pop(), stale)
         };
         drop(stale);
