@@ -1496,6 +1496,36 @@ pub(super) mod tests {
         SqlStore::connect(&format!("{base}/{name}")).await.unwrap()
     }
 
+    /// A connection whose statement failed is not kept: after PostgreSQL ends the store's
+    /// sessions (as a restart would), a ping fails once on each kept connection, then succeeds
+    /// on a new one.
+    #[tokio::test]
+    async fn postgres_a_connection_that_failed_is_not_kept() -> Result<(), StoreError> {
+        let store = postgres_store().await;
+        store.ping().await?;
+        let database: String = on_pool!(&store.pool, c => {
+            sqlx::query_scalar("SELECT current_database()").fetch_one(c).await?
+        });
+        let admin = std::env::var("DPS_TEST_DATABASE_URL").unwrap();
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+        )
+        .bind(&database)
+        .fetch_all(&mut conn)
+        .await?;
+        assert!(!ended.is_empty() && ended.iter().all(|e| *e), "{ended:?}");
+        assert!(store.ping().await.is_err(), "the ended session answered");
+        // Each ended session fails once at most; one kept after failing would fail again and
+        // again.
+        let mut failures = 1;
+        while store.ping().await.is_err() {
+            failures += 1;
+            assert!(failures <= ended.len(), "a failed connection was kept");
+        }
+        Ok(())
+    }
+
     pub(in crate::store) fn with(write: Write, precondition: Precondition) -> Write {
         match write {
             Write::Put {
