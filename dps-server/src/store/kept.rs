@@ -205,12 +205,28 @@ mod tests {
         (Arc::new(Kept::new(pool)), released)
     }
 
-    async fn select(kept: &Kept<sqlx::Sqlite>) {
-        let mut lease = kept.lease().await.unwrap();
+    /// The same, whose connections are given back after 50 ms.
+    async fn kept_briefly(
+        dir: &tempfile::TempDir,
+        size: u32,
+    ) -> (Kept<sqlx::Sqlite>, Arc<AtomicUsize>) {
+        let (kept, released) = kept(dir, size).await;
+        let mut kept = Arc::into_inner(kept).unwrap();
+        kept.handed_back_after = Duration::from_millis(50);
+        (kept, released)
+    }
+
+    /// Runs a statement on `lease`'s connection.
+    async fn run(lease: &mut Lease<'_, sqlx::Sqlite>) {
         sqlx::query("SELECT 1")
             .execute(lease.connection())
             .await
             .unwrap();
+    }
+
+    async fn select(kept: &Kept<sqlx::Sqlite>) {
+        let mut lease = kept.lease().await.unwrap();
+        run(&mut lease).await;
         lease.keep();
     }
 
@@ -264,9 +280,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_kept_long_enough_goes_back_to_the_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let (kept, released) = kept(&dir, 1).await;
-        let mut kept = Arc::into_inner(kept).unwrap();
-        kept.handed_back_after = Duration::from_millis(50);
+        let (kept, released) = kept_briefly(&dir, 1).await;
         select(&kept).await;
         select(&kept).await;
         assert_eq!(released.load(Ordering::SeqCst), 0);
@@ -284,16 +298,10 @@ mod tests {
     #[tokio::test]
     async fn connections_kept_too_long_are_given_back_when_another_is_leased() {
         let dir = tempfile::tempdir().unwrap();
-        let (kept, released) = kept(&dir, 2).await;
-        let mut kept = Arc::into_inner(kept).unwrap();
-        kept.handed_back_after = Duration::from_millis(50);
+        let (kept, released) = kept_briefly(&dir, 2).await;
         let (mut a, mut b) = (kept.lease().await.unwrap(), kept.lease().await.unwrap());
-        for lease in [&mut a, &mut b] {
-            sqlx::query("SELECT 1")
-                .execute(lease.connection())
-                .await
-                .unwrap();
-        }
+        run(&mut a).await;
+        run(&mut b).await;
         a.keep();
         b.keep();
         assert_eq!(kept.free().len(), 2);
