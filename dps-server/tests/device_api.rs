@@ -1080,6 +1080,86 @@ async fn a_replica_sees_group_and_hub_changes_at_once(backend: Backend) {
     expect_error(device.put(&token).send().await.unwrap(), 401, 401002).await;
 }
 
+/// Keys rolled through one server (a group's and an individual enrollment's, both replaced)
+/// are refused by a replica at its next request, with the device's state left as it was; the
+/// new keys work there at once.
+async fn a_replica_refuses_rolled_keys_at_once(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let replica = t.replica().await;
+    let group_keys = |primary, secondary| {
+        json!({ "enrollmentGroupId": "fleet", "attestation": { "type": "symmetricKey",
+            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary } } })
+    };
+    let solo_keys = |primary, secondary| {
+        json!({ "registrationId": "solo", "attestation": { "type": "symmetricKey",
+            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary } } })
+    };
+    let old_group = keys_of(&enroll(&t, group_keys(KEY_A, KEY_B)).await);
+    let old_solo = keys_of(&enroll(&t, solo_keys(KEY_A, KEY_B)).await);
+    let member = Device::new(&replica, "member-1");
+    let solo = Device::new(&replica, "solo");
+    let member_token = |key: &SymmetricKey| {
+        device_token(
+            &member.scope,
+            "member-1",
+            &key.derive_device_key("member-1"),
+        )
+    };
+    let solo_token = |key: &SymmetricKey| device_token(&solo.scope, "solo", key);
+    assert_eq!(
+        member.register(&member_token(&old_group.0)).await["status"],
+        "assigned"
+    );
+    assert_eq!(
+        solo.register(&solo_token(&old_solo.0)).await["status"],
+        "assigned"
+    );
+    let before = (
+        registration_state(&t, "member-1").await,
+        registration_state(&t, "solo").await,
+    );
+
+    // Both keys of each replaced through the first server.
+    let new_group = keys_of(&enroll(&t, group_keys(KEY_C, KEY_D)).await);
+    let new_solo = keys_of(&enroll(&t, solo_keys(KEY_C, KEY_D)).await);
+    for old in [&old_group.0, &old_group.1] {
+        expect_error(
+            member.put(&member_token(old)).send().await.unwrap(),
+            401,
+            401002,
+        )
+        .await;
+    }
+    for old in [&old_solo.0, &old_solo.1] {
+        expect_error(
+            solo.put(&solo_token(old)).send().await.unwrap(),
+            401,
+            401002,
+        )
+        .await;
+    }
+    let after = (
+        registration_state(&t, "member-1").await,
+        registration_state(&t, "solo").await,
+    );
+    assert_eq!(after, before);
+    assert_eq!(
+        member.register(&member_token(&new_group.1)).await["status"],
+        "assigned"
+    );
+    assert_eq!(
+        solo.register(&solo_token(&new_solo.1)).await["status"],
+        "assigned"
+    );
+}
+
+/// Symmetric keys (base64 of 32 bytes) for tests that set them.
+const KEY_A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
+const KEY_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
+const KEY_C: &str = "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0M=";
+const KEY_D: &str = "REREREREREREREREREREREREREREREREREREREREREQ=";
+
 /// Finished operations stay pollable for a while, then the sweeper deletes them; an operation
 /// still assigning is left for a poll to finish.
 async fn finished_operations_are_swept_once_they_expire(backend: Backend) {
@@ -1261,6 +1341,7 @@ on_both_backends!(
     a_poll_from_memory_still_needs_the_device_s_proof,
     finished_operations_are_swept_once_they_expire,
     a_replica_sees_group_and_hub_changes_at_once,
+    a_replica_refuses_rolled_keys_at_once,
     a_group_key_cannot_claim_an_individually_enrolled_id,
     unauthenticated_requests_do_not_use_up_a_device_quota,
     polls_check_the_token_expiry,

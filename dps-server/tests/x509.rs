@@ -1080,8 +1080,64 @@ async fn revoked_leaves_and_disabled_individual_enrollments_block_devices() {
     );
 }
 
+/// Device authentication keeps an instance's X.509 anchors in memory: a group's signing
+/// certificate replaced or the group deleted through another replica counts at the next
+/// request, and the device it no longer admits is refused with nothing stored.
+async fn a_replica_refuses_a_replaced_anchor_at_once(backend: Backend) {
+    let t = TestServer::start(backend).await;
+    t.link_hub("hub-a.example.com").await;
+    let replica = t.replica().await;
+    let (old_root, new_root) = (ca("old root", None), ca("new root", None));
+    x509_group(&t, "fleet", &old_root).await;
+    let old_device = issued(device_params("dev-old"), Some(&old_root));
+    let new_device = issued(device_params("dev-new"), Some(&new_root));
+    let register = |device: &DeviceCert, id: &'static str| {
+        let client = mtls_client(&replica, &[&device.cert], &device.key, false);
+        let replica = &replica;
+        async move { register_over(replica, &client, id).await }
+    };
+    let (status, done) = register(&old_device, "dev-old").await;
+    assert_eq!(
+        (status, &done["status"]),
+        (200, &json!("assigned")),
+        "{done}"
+    );
+
+    // The group now trusts the new root only, changed through the first server.
+    let before = registration_state(&t, "dev-old").await;
+    x509_group(&t, "fleet", &new_root).await;
+    let (status, body) = register(&old_device, "dev-old").await;
+    assert_eq!(
+        (status, &body["errorCode"]),
+        (401, &json!(401002)),
+        "{body}"
+    );
+    assert_eq!(registration_state(&t, "dev-old").await, before);
+    let (status, done) = register(&new_device, "dev-new").await;
+    assert_eq!(
+        (status, &done["status"]),
+        (200, &json!("assigned")),
+        "{done}"
+    );
+
+    // Deleted through the first server: the replica admits no device of it.
+    let gone = t
+        .owner(Method::DELETE, "/enrollmentGroups/fleet")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    let (status, body) = register(&new_device, "dev-new").await;
+    assert_eq!(
+        (status, &body["errorCode"]),
+        (401, &json!(401002)),
+        "{body}"
+    );
+}
+
 on_both_backends!(
     individual_enrollments_match_the_certificate_thumbprint,
+    a_replica_refuses_a_replaced_anchor_at_once,
     groups_are_matched_from_the_leaf_towards_the_root,
     ca_certificates_count_after_proof_of_possession,
     certificates_the_verifier_cannot_parse_are_refused,
