@@ -1121,6 +1121,7 @@ async fn a_replica_refuses_a_replaced_anchor_at_once(backend: Backend) {
     );
 
     // Deleted through the first server: the replica admits no device of it.
+    let before = registration_state(&t, "dev-new").await;
     let gone = t
         .owner(Method::DELETE, "/enrollmentGroups/fleet")
         .send()
@@ -1133,6 +1134,7 @@ async fn a_replica_refuses_a_replaced_anchor_at_once(backend: Backend) {
         (401, &json!(401002)),
         "{body}"
     );
+    assert_eq!(registration_state(&t, "dev-new").await, before);
 }
 
 on_both_backends!(
