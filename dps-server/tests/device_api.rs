@@ -1087,78 +1087,79 @@ async fn a_replica_refuses_rolled_keys_at_once(backend: Backend) {
     let t = TestServer::start(backend).await;
     t.link_hub("hub-a.example.com").await;
     let replica = t.replica().await;
-    let group_keys = |primary, secondary| {
-        json!({ "enrollmentGroupId": "fleet", "attestation": { "type": "symmetricKey",
-            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary } } })
-    };
-    let solo_keys = |primary, secondary| {
-        json!({ "registrationId": "solo", "attestation": { "type": "symmetricKey",
-            "symmetricKey": { "primaryKey": primary, "secondaryKey": secondary } } })
-    };
-    let old_group = keys_of(&enroll(&t, group_keys(KEY_A, KEY_B)).await);
-    let old_solo = keys_of(&enroll(&t, solo_keys(KEY_A, KEY_B)).await);
+    // Each enrollment (its keys are set in it), the device that uses it on the replica, and
+    // how that device's key follows from the enrollment's.
     let member = Device::new(&replica, "member-1");
     let solo = Device::new(&replica, "solo");
-    let member_token = |key: &SymmetricKey| {
-        device_token(
-            &member.scope,
-            "member-1",
-            &key.derive_device_key("member-1"),
-        )
+    let cases = [
+        (
+            json!({ "enrollmentGroupId": "fleet" }),
+            &member,
+            (|key: &SymmetricKey| key.derive_device_key("member-1")) as fn(&SymmetricKey) -> _,
+        ),
+        (
+            json!({ "registrationId": "solo" }),
+            &solo,
+            SymmetricKey::clone,
+        ),
+    ];
+    let enroll_with_new_keys = |body: &Value| {
+        let mut body = body.clone();
+        body["attestation"] = json!({ "type": "symmetricKey", "symmetricKey": {
+            "primaryKey": SymmetricKey::generate().unwrap().to_base64(),
+            "secondaryKey": SymmetricKey::generate().unwrap().to_base64() } });
+        let t = &t;
+        async move { keys_of(&enroll(t, body).await) }
     };
-    let solo_token = |key: &SymmetricKey| device_token(&solo.scope, "solo", key);
-    assert_eq!(
-        member.register(&member_token(&old_group.0)).await["status"],
-        "assigned"
-    );
-    assert_eq!(
-        solo.register(&solo_token(&old_solo.0)).await["status"],
-        "assigned"
-    );
+    let token = |device: &Device, key: SymmetricKey| device_token(&device.scope, &device.id, &key);
+
+    let mut old_keys = Vec::new();
+    for (body, device, signing) in &cases {
+        let (primary, secondary) = enroll_with_new_keys(body).await;
+        assert_eq!(
+            device.register(&token(device, signing(&primary))).await["status"],
+            "assigned"
+        );
+        old_keys.push([primary, secondary]);
+    }
     let before = (
         registration_state(&t, "member-1").await,
         registration_state(&t, "solo").await,
     );
 
     // Both keys of each replaced through the first server.
-    let new_group = keys_of(&enroll(&t, group_keys(KEY_C, KEY_D)).await);
-    let new_solo = keys_of(&enroll(&t, solo_keys(KEY_C, KEY_D)).await);
-    for old in [&old_group.0, &old_group.1] {
-        expect_error(
-            member.put(&member_token(old)).send().await.unwrap(),
-            401,
-            401002,
-        )
-        .await;
+    let mut new_keys = Vec::new();
+    for (body, _, _) in &cases {
+        new_keys.push(enroll_with_new_keys(body).await);
     }
-    for old in [&old_solo.0, &old_solo.1] {
-        expect_error(
-            solo.put(&solo_token(old)).send().await.unwrap(),
-            401,
-            401002,
-        )
-        .await;
+    for ((_, device, signing), old) in cases.iter().zip(&old_keys) {
+        for key in old {
+            expect_error(
+                device
+                    .put(&token(device, signing(key)))
+                    .send()
+                    .await
+                    .unwrap(),
+                401,
+                401002,
+            )
+            .await;
+        }
     }
     let after = (
         registration_state(&t, "member-1").await,
         registration_state(&t, "solo").await,
     );
     assert_eq!(after, before);
-    assert_eq!(
-        member.register(&member_token(&new_group.1)).await["status"],
-        "assigned"
-    );
-    assert_eq!(
-        solo.register(&solo_token(&new_solo.1)).await["status"],
-        "assigned"
-    );
+    for ((_, device, signing), (_, new_secondary)) in cases.iter().zip(&new_keys) {
+        assert_eq!(
+            device
+                .register(&token(device, signing(new_secondary)))
+                .await["status"],
+            "assigned"
+        );
+    }
 }
-
-/// Symmetric keys (base64 of 32 bytes) for tests that set them.
-const KEY_A: &str = "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUE=";
-const KEY_B: &str = "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkI=";
-const KEY_C: &str = "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0M=";
-const KEY_D: &str = "REREREREREREREREREREREREREREREREREREREREREQ=";
 
 /// Finished operations stay pollable for a while, then the sweeper deletes them; an operation
 /// still assigning is left for a poll to finish.

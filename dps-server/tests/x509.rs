@@ -1096,29 +1096,14 @@ async fn a_replica_refuses_a_replaced_anchor_at_once(backend: Backend) {
         let replica = &replica;
         async move { register_over(replica, &client, id).await }
     };
-    let (status, done) = register(&old_device, "dev-old").await;
-    assert_eq!(
-        (status, &done["status"]),
-        (200, &json!("assigned")),
-        "{done}"
-    );
+    assert_assigned(register(&old_device, "dev-old").await);
 
     // The group now trusts the new root only, changed through the first server.
     let before = registration_state(&t, "dev-old").await;
     x509_group(&t, "fleet", &new_root).await;
-    let (status, body) = register(&old_device, "dev-old").await;
-    assert_eq!(
-        (status, &body["errorCode"]),
-        (401, &json!(401002)),
-        "{body}"
-    );
+    assert_refused(register(&old_device, "dev-old").await);
     assert_eq!(registration_state(&t, "dev-old").await, before);
-    let (status, done) = register(&new_device, "dev-new").await;
-    assert_eq!(
-        (status, &done["status"]),
-        (200, &json!("assigned")),
-        "{done}"
-    );
+    assert_assigned(register(&new_device, "dev-new").await);
 
     // Deleted through the first server: the replica admits no device of it.
     let before = registration_state(&t, "dev-new").await;
@@ -1128,13 +1113,25 @@ async fn a_replica_refuses_a_replaced_anchor_at_once(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(gone.status(), 204);
-    let (status, body) = register(&new_device, "dev-new").await;
+    assert_refused(register(&new_device, "dev-new").await);
+    assert_eq!(registration_state(&t, "dev-new").await, before);
+}
+
+fn assert_assigned((status, done): (u16, Value)) {
+    assert_eq!(
+        (status, &done["status"]),
+        (200, &json!("assigned")),
+        "{done}"
+    );
+}
+
+/// 401 401002, the refusal of a device that proves nothing the service trusts.
+fn assert_refused((status, body): (u16, Value)) {
     assert_eq!(
         (status, &body["errorCode"]),
         (401, &json!(401002)),
         "{body}"
     );
-    assert_eq!(registration_state(&t, "dev-new").await, before);
 }
 
 on_both_backends!(
