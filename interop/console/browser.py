@@ -24,6 +24,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.ui import WebDriverWait
 
 DEVICE = "console-dev-1"
@@ -79,7 +80,9 @@ def main():
         options.add_argument(flag)
     options.accept_insecure_certs = True
     driver = webdriver.Chrome(service=Service(args.chromedriver), options=options)
-    wait = WebDriverWait(driver, 30)
+    # A click that submits a form loads a new page: an element found just before it is then
+    # stale, and the next poll finds it again on the new page.
+    wait = WebDriverWait(driver, 30, ignored_exceptions=(StaleElementReferenceException,))
     shots = []
 
     def shot(name):
