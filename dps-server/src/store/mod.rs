@@ -325,11 +325,13 @@ pub fn event_key_at(ms: i64) -> String {
 
 /// A new key for an event or audit entry written at `now`: its millisecond, so that key order
 /// is time order, and a random suffix, so that keys written in the same millisecond differ.
+/// The suffix must differ, not stay secret: it is the first 12 hex digits (6 random bytes) of a
+/// version 4 UUID, drawn from the thread's generator rather than a system call per key.
 pub fn new_log_key(now: time::OffsetDateTime) -> String {
-    let random: [u8; 6] = attestation::keys::random_bytes().unwrap_or_default();
-    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let mut hex = uuid::Uuid::encode_buffer();
+    let random = uuid::Uuid::new_v4().simple().encode_lower(&mut hex);
     let millis = i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
-    format!("{}-{suffix}", event_key_at(millis))
+    format!("{}-{}", event_key_at(millis), &random[..12])
 }
 
 /// Values the database keeps unique.
