@@ -3,6 +3,7 @@
 //! keeps its prepared statements, and each backend has its own migrations.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
@@ -19,9 +20,10 @@ use super::{
     Stored, Unique, Write,
 };
 
-/// Parameters per statement of a bulk write on SQLite, about (its limit is 32,766). Since
-/// they are anonymous (see [`bulk_statements`]), 2,048 imported no faster.
-const SQLITE_BULK_PARAMETERS: usize = 512;
+/// Parameters per statement of a bulk write on SQLite, about (its limit is 32,766). Each
+/// statement is a round trip to sqlx's SQLite thread while the one write transaction is held:
+/// 4,096 imported about a fifth faster than 512 (16,384: the same as 4,096).
+const SQLITE_BULK_PARAMETERS: usize = 4_096;
 /// The same on PostgreSQL (its limit is 65,535): few statements, because each one waits a
 /// round trip and sqlx leaves Nagle's algorithm on, so a large statement's last packet can wait
 /// for the database's delayed acknowledgement (tens of milliseconds): statements of 512
@@ -1205,7 +1207,7 @@ impl SqlStore {
         };
         let records = bulk_statements(target, kind, &ns, docs, answer, anonymous)?;
         let mut tx = self.begin().await?;
-        let written = run_bulk(&mut tx, kind, records).await?;
+        let written = run_bulk(&mut tx, kind, &ns, records).await?;
         if let Some(actor) = audit::actor() {
             // Made inside the transaction, so that on SQLite (one writer) the entries' keys,
             // which carry their time, follow the order of the commits: a reader paging the log
@@ -1231,7 +1233,7 @@ impl SqlStore {
                 Answer::All,
                 anonymous,
             )?;
-            run_bulk(&mut tx, Kind::AuditEntry, statements).await?;
+            run_bulk(&mut tx, Kind::AuditEntry, &ns, statements).await?;
         }
         tx.commit().await?;
         Ok(written)
@@ -1279,8 +1281,12 @@ struct BulkStatement {
     sql: String,
     values: Vec<Owned>,
     answer: Answer,
+    /// The table it writes.
+    table: &'static str,
     /// The keys of its rows.
     keys: Vec<String>,
+    /// For [`Answer::Written`], the etags its rows are written with, in the order of `keys`.
+    etags: Vec<String>,
     /// The typed columns of its first row, which name what a failed statement refers to.
     first: Columns,
 }
@@ -1290,7 +1296,9 @@ struct BulkStatement {
 enum Answer {
     /// Replaces them: every row is written.
     Replaced,
-    /// Keeps them, and answers with the keys it wrote.
+    /// Keeps them, and answers with the keys it wrote. The statement returns nothing (on
+    /// SQLite each returned row is a hand-off between threads); when it writes fewer rows than
+    /// it holds, the keys whose rows carry the etags it wrote are read back.
     Written,
     /// Keeps them, and fails unless it wrote every row.
     All,
@@ -1345,8 +1353,7 @@ fn bulk_statements(
                 .collect();
             format!("DO UPDATE SET {}", assignments.join(", "))
         }
-        Answer::Written => "DO NOTHING RETURNING key".to_owned(),
-        Answer::All => "DO NOTHING".to_owned(),
+        Answer::Written | Answer::All => "DO NOTHING".to_owned(),
     };
     let text = |rows: usize| {
         let rows: Vec<String> = (0..rows)
@@ -1382,6 +1389,7 @@ fn bulk_statements(
             _ => text(chunk.len()),
         };
         let keys = chunk.iter().map(|d| d.key.clone()).collect();
+        let mut etags = Vec::new();
         let first = chunk.first().map(|d| d.columns.clone()).unwrap_or_default();
         let mut values = Vec::with_capacity(chunk.len() * width + 2);
         if !anonymous {
@@ -1391,10 +1399,14 @@ fn bulk_statements(
             if anonymous {
                 values.push(Owned::Text(ns.to_owned()));
             }
+            let etag = new_etag();
+            if answer == Answer::Written {
+                etags.push(etag.clone());
+            }
             values.extend([
                 Owned::Text(doc.key),
                 Owned::Text(doc.doc),
-                Owned::Text(new_etag()),
+                Owned::Text(etag),
             ]);
             if anonymous {
                 values.extend([Owned::Text(at.clone()), Owned::Text(at.clone())]);
@@ -1408,17 +1420,21 @@ fn bulk_statements(
             sql,
             values,
             answer,
+            table: table.name,
             keys,
+            etags,
             first,
         });
     }
     Ok(statements)
 }
 
-/// Runs `statements` (writing records of `kind`) in `tx`; returns the keys written.
+/// Runs `statements` (writing records of `kind` for instance `ns`) in `tx`; returns the keys
+/// written.
 async fn run_bulk(
     tx: &mut Tx<'_>,
     kind: Kind,
+    ns: &str,
     statements: Vec<BulkStatement>,
 ) -> Result<Vec<String>, StoreError> {
     let mut written = Vec::new();
@@ -1427,11 +1443,12 @@ async fn run_bulk(
             sql,
             values,
             answer,
+            table,
             keys,
+            etags,
             first,
         } = statement;
-        // The keys written when the statement returns them, otherwise the rows it wrote.
-        let done: Result<(Option<Vec<String>>, u64), sqlx::Error> = on_tx!(tx, t => {
+        let done = on_tx!(tx, t => {
             // The statement holds only placeholders; every value is bound.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for value in values {
@@ -1441,31 +1458,60 @@ async fn run_bulk(
                     Owned::OptInt(v) => query.bind(v),
                 };
             }
-            if answer == Answer::Written {
-                match query.fetch_all(&mut **t).await {
-                    Ok(rows) => rows
-                        .iter()
-                        .map(|row| row.try_get("key"))
-                        .collect::<Result<_, _>>()
-                        .map(|keys| (Some(keys), 0)),
-                    Err(e) => Err(e),
-                }
-            } else {
-                query.execute(&mut **t).await.map(|done| (None, done.rows_affected()))
-            }
+            query.execute(&mut **t).await.map(|done| done.rows_affected())
         });
-        match done.map_err(|e| constraint(kind, "", &first, e))? {
-            (Some(returned), _) => written.extend(returned),
-            (None, rows) if answer == Answer::All && rows != keys.len() as u64 => {
+        let rows = done.map_err(|e| constraint(kind, "", &first, e))?;
+        if rows == keys.len() as u64 {
+            written.extend(keys);
+            continue;
+        }
+        match answer {
+            Answer::All => {
                 return Err(StoreError::Invalid(format!(
                     "{kind:?} keys collided: {rows} of {} rows could be written; nothing was",
                     keys.len()
                 )));
             }
-            (None, _) => written.extend(keys),
+            Answer::Written => written.extend(ours(tx, table, ns, keys, etags).await?),
+            Answer::Replaced => written.extend(keys),
         }
     }
     Ok(written)
+}
+
+/// Which of `keys` (of instance `ns`, in `table`) hold the etag this transaction wrote them
+/// with, the one at the same position of `etags`: the rows a bulk insert wrote rather than
+/// found.
+async fn ours(
+    tx: &mut Tx<'_>,
+    table: &str,
+    ns: &str,
+    keys: Vec<String>,
+    etags: Vec<String>,
+) -> Result<Vec<String>, StoreError> {
+    let placeholders: Vec<String> = (0..keys.len()).map(|i| format!("${}", i + 2)).collect();
+    let sql = format!(
+        "SELECT key, etag FROM {table} WHERE instance = $1 AND key IN ({})",
+        placeholders.join(", ")
+    );
+    let stored: HashMap<String, String> = on_tx!(tx, t => {
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(ns);
+        for key in &keys {
+            query = query.bind(key);
+        }
+        query
+            .fetch_all(&mut **t)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("key")?, row.try_get("etag")?)))
+            .collect::<Result<_, sqlx::Error>>()?
+    });
+    Ok(keys
+        .into_iter()
+        .zip(etags)
+        .filter(|(key, etag)| stored.get(key) == Some(etag))
+        .map(|(key, _)| key)
+        .collect())
 }
 
 #[cfg(test)]
@@ -1880,7 +1926,7 @@ pub(super) mod tests {
                 let store = store.clone();
                 async move {
                     let mut tx = store.begin().await.unwrap();
-                    let written = run_bulk(&mut tx, Kind::AccessPolicy, statements).await?;
+                    let written = run_bulk(&mut tx, Kind::AccessPolicy, "one", statements).await?;
                     tx.commit().await?;
                     Ok::<_, StoreError>(written)
                 }
