@@ -45,16 +45,7 @@ ca=$(sed -n 's/^ca-certificate: //p' "$work/server.out")
 echo "1 group:"
 run
 junk
-# Filler groups whose ids sort before the load generator's, so the devices' group is the last.
-token=$(target/release/dps-server admin "${server_args[@]}" token)
-for ((start = 0; start < groups - 1; start += 500)); do
-  end=$((start + 500 < groups - 1 ? start + 500 : groups - 1))
-  body=$(seq "$start" $((end - 1)) | awk 'BEGIN { printf "{\"mode\":\"create\",\"enrollmentGroups\":[" }
-    { printf "%s{\"enrollmentGroupId\":\"aaa-filler-%05d\",\"attestation\":{\"type\":\"symmetricKey\"}}", (NR > 1 ? "," : ""), $1 }
-    END { printf "]}" }')
-  curl -sf --cacert "$ca" -H "Authorization: $token" -H 'Content-Type: application/json' \
-    -d "$body" "https://localhost:18444/enrollmentGroups?api-version=2021-10-01" >/dev/null
-done
+add_filler_groups $((groups - 1))
 echo "$groups groups:"
 run
 junk

@@ -35,3 +35,19 @@ server_args=(--endpoint "https://localhost:$port"
   --connection-string "$(sed -n 's/^service-connection-string: //p' "$work/server.out")"
   --ca-cert "$(sed -n 's/^ca-certificate: //p' "$work/server.out")")
 target/release/dps-server admin "${server_args[@]}" hub set hub-a.example.com >/dev/null
+# add_filler_groups N: adds N symmetric-key enrollment groups (500 per bulk request) whose ids
+# sort before the load generator's, so that a group device's group is tried last. The server
+# must allow them (DPS_LIMITS__MAX_SYMMETRIC_KEY_GROUPS, set before sourcing this script).
+add_filler_groups() {
+  local token ca body start end
+  token=$(target/release/dps-server admin "${server_args[@]}" token)
+  ca=$(sed -n 's/^ca-certificate: //p' "$work/server.out")
+  for ((start = 0; start < $1; start += 500)); do
+    end=$((start + 500 < $1 ? start + 500 : $1))
+    body=$(seq "$start" $((end - 1)) | awk 'BEGIN { printf "{\"mode\":\"create\",\"enrollmentGroups\":[" }
+      { printf "%s{\"enrollmentGroupId\":\"aaa-filler-%05d\",\"attestation\":{\"type\":\"symmetricKey\"}}", (NR > 1 ? "," : ""), $1 }
+      END { printf "]}" }')
+    curl -sf --cacert "$ca" -H "Authorization: $token" -H 'Content-Type: application/json' \
+      -d "$body" "https://localhost:$port/enrollmentGroups?api-version=2021-10-01" >/dev/null
+  done
+}

@@ -314,6 +314,8 @@ fn group_anchors(
 #[derive(Debug, Default)]
 pub struct CredentialCache {
     by_instance: Mutex<HashMap<String, Arc<Credentials>>>,
+    /// Per instance, held while its credentials are being built.
+    builds: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl CredentialCache {
@@ -325,21 +327,57 @@ impl CredentialCache {
     }
 
     /// The instance's credentials if they were built as of `version`.
-    pub fn current(&self, instance: &str, version: Option<&str>) -> Option<Arc<Credentials>> {
+    fn current(&self, instance: &str, version: Option<&str>) -> Option<Arc<Credentials>> {
         self.entries()
             .get(instance)
             .filter(|cached| cached.version.as_deref() == version)
             .cloned()
     }
 
-    /// Keeps `credentials` for `instance`.
-    pub fn keep(&self, instance: &str, credentials: Arc<Credentials>) {
-        self.entries().insert(instance.to_owned(), credentials);
+    /// The instance's credentials as of `version`: the kept ones, or what `build` makes (then
+    /// kept). One caller at a time builds an instance's credentials; the others wait and take
+    /// what it built when it is of their version, so that a change which many requests see at
+    /// once is read and parsed once, not once per request (with 1,000 groups, 64 requests
+    /// rebuilding at once held each of them about a third of a second).
+    pub async fn get_or_build<E, F>(
+        &self,
+        instance: &str,
+        version: Option<String>,
+        build: impl FnOnce(Option<String>) -> F,
+    ) -> Result<Arc<Credentials>, E>
+    where
+        F: Future<Output = Result<Credentials, E>>,
+    {
+        if let Some(kept) = self.current(instance, version.as_deref()) {
+            return Ok(kept);
+        }
+        let lock = self.build_lock(instance);
+        let _building = lock.lock().await;
+        if let Some(kept) = self.current(instance, version.as_deref()) {
+            return Ok(kept);
+        }
+        let built = Arc::new(build(version).await?);
+        self.entries().insert(instance.to_owned(), built.clone());
+        Ok(built)
+    }
+
+    fn build_lock(&self, instance: &str) -> Arc<tokio::sync::Mutex<()>> {
+        // A poisoned map still holds usable locks.
+        self.builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(instance.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Forgets an instance (it was deleted).
     pub fn forget(&self, instance: &str) {
         self.entries().remove(instance);
+        self.builds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(instance);
     }
 }
 
@@ -441,5 +479,41 @@ mod tests {
                 .0
                 .is_empty()
         );
+    }
+
+    /// Requests that find the credentials changed at once build them once and share what was
+    /// built; a request of another version builds its own.
+    #[tokio::test]
+    async fn requests_that_miss_at_once_build_once() {
+        let cache = CredentialCache::default();
+        let certificates = ParsedCache::default();
+        let builds = std::sync::atomic::AtomicUsize::new(0);
+        let build = |version| async {
+            builds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // As the store's reads do, so that the other requests run meanwhile.
+            tokio::task::yield_now().await;
+            Ok::<_, ()>(Credentials::build(
+                version,
+                vec![],
+                vec![],
+                vec![],
+                &certificates,
+            ))
+        };
+        let got = futures_util::future::join_all(
+            (0..16).map(|_| cache.get_or_build("one", Some("v1".to_owned()), build)),
+        )
+        .await;
+        assert_eq!(builds.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let first = got[0].as_ref().unwrap();
+        assert_eq!(first.version.as_deref(), Some("v1"));
+        assert!(got.iter().all(|c| Arc::ptr_eq(c.as_ref().unwrap(), first)));
+
+        let newer = cache
+            .get_or_build("one", Some("v2".to_owned()), build)
+            .await
+            .unwrap();
+        assert_eq!(builds.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(newer.version.as_deref(), Some("v2"));
     }
 }

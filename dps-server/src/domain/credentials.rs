@@ -55,9 +55,18 @@ pub async fn at_version(
     instance: &str,
     version: Option<String>,
 ) -> Result<Arc<Credentials>, DomainError> {
-    if let Some(cached) = state.credentials.current(instance, version.as_deref()) {
-        return Ok(cached);
-    }
+    state
+        .credentials
+        .get_or_build(instance, version, |version| build(state, instance, version))
+        .await
+}
+
+/// Reads and parses the instance's credentials, to be kept under `version`.
+async fn build(
+    state: &AppState,
+    instance: &str,
+    version: Option<String>,
+) -> Result<Credentials, DomainError> {
     // Read after the version: what is loaded is at least as new as the version it is kept
     // under, so a change made meanwhile shows at the next read.
     let cas = all_of::<CaCertificate>(state, instance, Kind::CaCertificate).await?;
@@ -71,12 +80,10 @@ pub async fn at_version(
             .iter()
             .filter_map(|r| crate::domain::issued_certificates::serial_key(&r.serial_number).ok())
             .collect();
-    let fresh = Arc::new(
+    Ok(
         Credentials::build(version, cas, groups, hubs, &state.certificates)
             .with_issuance(issuing, policies, revoked),
-    );
-    state.credentials.keep(instance, fresh.clone());
-    Ok(fresh)
+    )
 }
 
 /// Every document of `kind` in `instance`, parsed.
